@@ -1,0 +1,48 @@
+# ENBD CSI — entry points. `make demo` and `make test` are the README's two set-up commands:
+# each installs what it needs (e2e/setup-host.sh is idempotent) and then runs.
+SHELL := /bin/bash
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: setup demo test test-unit test-vm test-chart build release fuzz-smoke bench
+
+setup:
+	./e2e/setup-host.sh
+
+build: setup
+	$(CARGO) build --workspace --all-targets
+
+release: setup
+	$(CARGO) build --release --workspace --bins
+
+# The main job without Kubernetes: an enbd-server on an embedded default data directory
+# with a demo volume, reachable as nbd://localhost/demo.
+demo: release
+	./target/release/enbd-server --demo
+
+# The whole default suite: unit + interop tests on the host, chart/manifest checks,
+# the CSI controller conformance suite, and the VM suite (ublk devices, node CSI).
+test: setup
+	$(MAKE) test-unit
+	$(MAKE) test-chart
+	$(MAKE) test-vm
+
+# Unit, golden-byte, interop (qemu-img, nbdinfo, nbdcopy, fio, nbdkit) and fault tests.
+test-unit:
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+# Helm lint/template and strict validation of every rendered object.
+test-chart:
+	./e2e/chart/check.sh
+
+# Real ublk devices on a real kernel, in a TCG VM (KERNEL=trixie|sid).
+test-vm:
+	./e2e/vm/run.sh --kernel $${KERNEL:-trixie}
+
+# A short run of every fuzz target (needs the nightly toolchain).
+fuzz-smoke:
+	./proto/fuzz/smoke.sh
+
+# enbd-server and the client engine vs qemu-nbd, nbdkit, nbd-server and libnbd.
+bench: release
+	./e2e/bench/run.sh

@@ -1,0 +1,1 @@
+//! End-to-end and deployment checks for ENBD CSI.

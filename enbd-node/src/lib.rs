@@ -1,0 +1,1 @@
+//! enbd-node library.

@@ -1,0 +1,1 @@
+//! enbd-server library.

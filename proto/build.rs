@@ -1,0 +1,15 @@
+//! Compiles `csi.proto` and `enbd.proto` with a vendored `protoc`, so a fresh
+//! machine needs no system protobuf compiler.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+    println!("cargo:rerun-if-changed=csi.proto");
+    println!("cargo:rerun-if-changed=enbd.proto");
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&["csi.proto", "enbd.proto"], &["."])?;
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! Protocols shared by every ENBD CSI binary: the CSI gRPC API, the enbd-server
+//! management API, and the NBD wire codec (pure functions, no IO).
+
+/// The Container Storage Interface, package `csi.v1`, as the CSI spec defines it.
+pub mod csi {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("csi.v1");
+}
+
+/// The enbd-server management API, package `enbd.v1`.
+pub mod enbd {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("enbd.v1");
+}
+
+pub mod wire;
