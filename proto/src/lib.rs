@@ -13,4 +13,6 @@ pub mod enbd {
     tonic::include_proto!("enbd.v1");
 }
 
+pub mod ids;
+pub mod params;
 pub mod wire;

@@ -2,6 +2,7 @@
 //! implemented as a tonic server (trivial bodies), served on a real unix socket,
 //! and reached through the generated clients with one RPC per service. A missing
 //! message, field or RPC in `csi.proto` fails to compile here.
+#![allow(clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 
@@ -28,7 +29,10 @@ struct Plugin;
 
 #[tonic::async_trait]
 impl Identity for Plugin {
-    async fn get_plugin_info(&self, _: Request<GetPluginInfoRequest>) -> Rpc<GetPluginInfoResponse> {
+    async fn get_plugin_info(
+        &self,
+        _: Request<GetPluginInfoRequest>,
+    ) -> Rpc<GetPluginInfoResponse> {
         Ok(Response::new(GetPluginInfoResponse {
             name: "csi.example.test".into(),
             vendor_version: "0.0.1".into(),
@@ -97,10 +101,16 @@ impl Controller for Plugin {
     ) -> Rpc<ControllerGetCapabilitiesResponse> {
         Ok(Response::new(ControllerGetCapabilitiesResponse::default()))
     }
-    async fn create_snapshot(&self, _: Request<CreateSnapshotRequest>) -> Rpc<CreateSnapshotResponse> {
+    async fn create_snapshot(
+        &self,
+        _: Request<CreateSnapshotRequest>,
+    ) -> Rpc<CreateSnapshotResponse> {
         Ok(Response::new(CreateSnapshotResponse::default()))
     }
-    async fn delete_snapshot(&self, _: Request<DeleteSnapshotRequest>) -> Rpc<DeleteSnapshotResponse> {
+    async fn delete_snapshot(
+        &self,
+        _: Request<DeleteSnapshotRequest>,
+    ) -> Rpc<DeleteSnapshotResponse> {
         Ok(Response::new(DeleteSnapshotResponse {}))
     }
     async fn list_snapshots(&self, _: Request<ListSnapshotsRequest>) -> Rpc<ListSnapshotsResponse> {
@@ -178,7 +188,10 @@ impl SnapshotMetadata for Plugin {
         let item = GetMetadataAllocatedResponse {
             block_metadata_type: BlockMetadataType::FixedLength as i32,
             volume_capacity_bytes: 1 << 20,
-            block_metadata: vec![BlockMetadata { byte_offset: 0, size_bytes: 4096 }],
+            block_metadata: vec![BlockMetadata {
+                byte_offset: 0,
+                size_bytes: 4096,
+            }],
         };
         Ok(Response::new(tokio_stream::iter(vec![Ok(item)])))
     }
@@ -193,7 +206,10 @@ impl SnapshotMetadata for Plugin {
 
 #[tonic::async_trait]
 impl Node for Plugin {
-    async fn node_stage_volume(&self, _: Request<NodeStageVolumeRequest>) -> Rpc<NodeStageVolumeResponse> {
+    async fn node_stage_volume(
+        &self,
+        _: Request<NodeStageVolumeRequest>,
+    ) -> Rpc<NodeStageVolumeResponse> {
         Ok(Response::new(NodeStageVolumeResponse {}))
     }
     async fn node_unstage_volume(
@@ -286,7 +302,10 @@ async fn every_csi_service_serves_on_a_unix_socket() {
     let created = ControllerClient::new(channel.clone())
         .create_volume(CreateVolumeRequest {
             name: "pvc-1".into(),
-            capacity_range: Some(CapacityRange { required_bytes: 1 << 30, limit_bytes: 0 }),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 1 << 30,
+                limit_bytes: 0,
+            }),
             parameters: [("fsType".to_string(), "xfs".to_string())].into(),
             ..Default::default()
         })
@@ -297,7 +316,10 @@ async fn every_csi_service_serves_on_a_unix_socket() {
         .expect("volume in response");
     assert_eq!(created.volume_id, "srv/pvc-1");
     assert_eq!(created.capacity_bytes, 1 << 30);
-    assert_eq!(created.volume_context.get("fsType").map(String::as_str), Some("xfs"));
+    assert_eq!(
+        created.volume_context.get("fsType").map(String::as_str),
+        Some("xfs")
+    );
 
     let caps = GroupControllerClient::new(channel.clone())
         .group_controller_get_capabilities(GroupControllerGetCapabilitiesRequest {})
@@ -314,7 +336,11 @@ async fn every_csi_service_serves_on_a_unix_socket() {
         .await
         .expect("GetMetadataAllocated")
         .into_inner();
-    let first = stream.message().await.expect("stream item").expect("one item");
+    let first = stream
+        .message()
+        .await
+        .expect("stream item")
+        .expect("one item");
     assert_eq!(first.volume_capacity_bytes, 1 << 20);
     assert_eq!(first.block_metadata.len(), 1);
     assert!(stream.message().await.expect("stream end").is_none());
@@ -328,7 +354,10 @@ async fn every_csi_service_serves_on_a_unix_socket() {
     assert_eq!(node.max_volumes_per_node, 8);
 
     stop_tx.send(()).expect("server still running");
-    server.await.expect("server task").expect("server exits cleanly");
+    server
+        .await
+        .expect("server task")
+        .expect("server exits cleanly");
 }
 
 /// Field numbers are the spec's: a message encoded here decodes the same way in
@@ -337,23 +366,36 @@ async fn every_csi_service_serves_on_a_unix_socket() {
 fn wire_tags_match_the_spec() {
     use prost::Message;
     // CreateVolumeRequest.name = 1 (string, wire type 2).
-    let bytes = CreateVolumeRequest { name: "a".into(), ..Default::default() }.encode_to_vec();
+    let bytes = CreateVolumeRequest {
+        name: "a".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
     assert_eq!(bytes, [0x0a, 0x01, b'a']);
     // NodeStageVolumeRequest.staging_target_path = 3.
-    let bytes = NodeStageVolumeRequest { staging_target_path: "/s".into(), ..Default::default() }
-        .encode_to_vec();
+    let bytes = NodeStageVolumeRequest {
+        staging_target_path: "/s".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
     assert_eq!(bytes, [0x1a, 0x02, b'/', b's']);
     // ProbeResponse.ready is google.protobuf.BoolValue at field 1: an embedded
     // message whose own field 1 is the bool.
     let bytes = ProbeResponse { ready: Some(true) }.encode_to_vec();
     assert_eq!(bytes, [0x0a, 0x02, 0x08, 0x01]);
     // ControllerExpandVolumeResponse.node_expansion_required = 2 (varint).
-    let bytes = ControllerExpandVolumeResponse { capacity_bytes: 0, node_expansion_required: true }
-        .encode_to_vec();
+    let bytes = ControllerExpandVolumeResponse {
+        capacity_bytes: 0,
+        node_expansion_required: true,
+    }
+    .encode_to_vec();
     assert_eq!(bytes, [0x10, 0x01]);
     // Snapshot.creation_time = 4 is a google.protobuf.Timestamp.
     let bytes = Snapshot {
-        creation_time: Some(prost_types::Timestamp { seconds: 1, nanos: 0 }),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: 1,
+            nanos: 0,
+        }),
         ..Default::default()
     }
     .encode_to_vec();
