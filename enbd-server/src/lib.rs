@@ -1,1 +1,10 @@
-//! enbd-server library.
+//! enbd-server: an NBD server over volumes kept as sparse files, with a management gRPC API.
+//!
+//! Layers, dependencies pointing one way: `enbd_proto::wire` (codec) → [`export`] /
+//! [`store`] (backends and the volume store) → [`session`] (one NBD connection) →
+//! [`server`] (listeners, limits, shutdown) and [`mgmt`] (gRPC) → `main.rs`.
+
+pub mod cli;
+pub mod export;
+pub mod store;
+mod sys;

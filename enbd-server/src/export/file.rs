@@ -1,0 +1,206 @@
+//! The file backend: a volume is one sparse file; IO is pread/pwrite on a shared descriptor.
+//!
+//! Invariants: TRIM and WRITE_ZEROES without NO_HOLE punch holes (reads return zeroes after);
+//! NO_HOLE zeroing keeps blocks allocated. Writes hold the snapshot gate shared, so
+//! [`FileBackend::freeze`] gives a snapshot a point at which no write is half-applied.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{RwLock, RwLockWriteGuard};
+
+use super::{Backend, ExportError, Extent};
+use crate::sys;
+
+pub struct FileBackend {
+    file: File,
+    read_only: bool,
+    gate: RwLock<()>,
+}
+
+impl FileBackend {
+    pub fn new(file: File, read_only: bool) -> Self {
+        Self { file, read_only, gate: RwLock::new(()) }
+    }
+
+    pub fn inner_file(&self) -> &File {
+        &self.file
+    }
+
+    /// Blocks new writes and waits for running ones; held while a snapshot is copied.
+    pub fn freeze(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn writable(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, ExportError> {
+        if self.read_only {
+            return Err(ExportError::ReadOnly);
+        }
+        Ok(self.gate.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn write_zero_buffers(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        let end = offset + len;
+        while offset < end {
+            let n = CHUNK.min(end - offset) as usize;
+            self.file.write_all_at(&zeroes[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS))
+}
+
+impl Backend for FileBackend {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                // Past the file's end (a shorter file than the export) reads as zeroes.
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), ExportError> {
+        let _gate = self.writable()?;
+        self.file.write_all_at(data, offset)?;
+        if fua {
+            sys::fdatasync(&self.file)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), ExportError> {
+        if self.read_only {
+            return Ok(());
+        }
+        Ok(sys::fdatasync(&self.file)?)
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        let _gate = self.writable()?;
+        match sys::punch_hole(&self.file, offset, len) {
+            // TRIM is advisory: a filesystem without hole punching just keeps the data.
+            Err(e) if unsupported(&e) => Ok(()),
+            r => Ok(r?),
+        }
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        keep_allocated: bool,
+        fast_only: bool,
+    ) -> Result<(), ExportError> {
+        let _gate = self.writable()?;
+        let fast = if keep_allocated {
+            sys::zero_range(&self.file, offset, len)
+        } else {
+            sys::punch_hole(&self.file, offset, len)
+        };
+        match fast {
+            Ok(()) => Ok(()),
+            Err(e) if unsupported(&e) && fast_only => Err(ExportError::NotFast("write zeroes")),
+            Err(e) if unsupported(&e) => Ok(self.write_zero_buffers(offset, len)?),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        Ok(sys::will_need(&self.file, offset, len)?)
+    }
+
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>, ExportError> {
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < max_extents.max(1) {
+            let data = sys::seek_data(&self.file, pos)?.unwrap_or(end).min(end);
+            if data > pos {
+                out.push(Extent { length: data - pos, hole: true });
+                pos = data;
+                continue;
+            }
+            let hole = sys::seek_hole(&self.file, pos)?.unwrap_or(end).min(end);
+            // SEEK_HOLE never returns pos itself when pos is in data; guard anyway.
+            let hole = if hole <= pos { end } else { hole };
+            out.push(Extent { length: hole - pos, hole: false });
+            pos = hole;
+        }
+        Ok(out)
+    }
+
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(size: u64) -> (tempfile::TempDir, FileBackend) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::options().read(true).write(true).create(true).open(dir.path().join("v")).unwrap();
+        f.set_len(size).unwrap();
+        (dir, FileBackend::new(f, false))
+    }
+
+    #[test]
+    fn allocation_map_shows_holes_and_data() {
+        let (_d, b) = backend(1 << 20);
+        b.write_at(&[1u8; 8192], 65536, false).unwrap();
+        let map = b.block_status(0, 1 << 20, 16).unwrap();
+        assert_eq!(
+            map,
+            vec![
+                Extent { length: 65536, hole: true },
+                Extent { length: 8192, hole: false },
+                Extent { length: (1 << 20) - 65536 - 8192, hole: true },
+            ]
+        );
+        assert_eq!(b.block_status(0, 1 << 20, 1).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn zeroes_with_and_without_holes() {
+        let (_d, b) = backend(1 << 20);
+        b.write_at(&[5u8; 65536], 0, false).unwrap();
+        b.write_zeroes(0, 8192, false, true).unwrap();
+        b.write_zeroes(8192, 8192, true, true).unwrap();
+        let mut buf = vec![9u8; 16384];
+        b.read_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&x| x == 0));
+        let map = b.block_status(0, 65536, 8).unwrap();
+        assert_eq!(map[0], Extent { length: 8192, hole: true });
+        assert!(!map[1].hole, "NO_HOLE range must stay allocated: {map:?}");
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let (_d, b) = backend(4096);
+        let ro = FileBackend::new(b.file.try_clone().unwrap(), true);
+        assert!(matches!(ro.write_at(&[0; 512], 0, false), Err(ExportError::ReadOnly)));
+        assert!(matches!(ro.trim(0, 512), Err(ExportError::ReadOnly)));
+        assert_eq!(ExportError::ReadOnly.nbd_errno(), 1);
+    }
+}

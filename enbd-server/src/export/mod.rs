@@ -1,0 +1,142 @@
+//! Exports: what an NBD session serves. A [`Backend`] does positional IO on one volume;
+//! an [`ExportProvider`] (the volume store, or a test fixture) lists and opens exports.
+//!
+//! Invariants: the session checks every range against the size negotiated at open before it
+//! calls a backend, so backends may assume `offset + len <= size`. Every connection to the same
+//! volume shares one backend (one open file), so a FLUSH on any connection makes every write
+//! completed on any connection durable — the multi-conn guarantee NBD_FLAG_CAN_MULTI_CONN
+//! promises.
+
+use std::any::Any;
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+pub mod file;
+pub mod memory;
+
+pub use file::FileBackend;
+pub use memory::MemoryBackend;
+
+/// Errors a backend operation can end in; the session maps them onto NBD error codes.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("export is read-only")]
+    ReadOnly,
+    #[error("{0} cannot be done fast on this export")]
+    NotFast(&'static str),
+}
+
+impl ExportError {
+    /// The errno to put in the NBD reply (the NBD spec's subset of Linux errno values).
+    pub fn nbd_errno(&self) -> u32 {
+        const EPERM: u32 = 1;
+        const EIO: u32 = 5;
+        const ENOMEM: u32 = 12;
+        const EINVAL: u32 = 22;
+        const ENOSPC: u32 = 28;
+        const EOVERFLOW: u32 = 75;
+        const ENOTSUP: u32 = 95;
+        match self {
+            Self::ReadOnly => EPERM,
+            Self::NotFast(_) => ENOTSUP,
+            Self::Io(e) => match e.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => ENOSPC,
+                Some(libc::ENOMEM) => ENOMEM,
+                Some(libc::EINVAL) => EINVAL,
+                Some(libc::EOVERFLOW) | Some(libc::EFBIG) => EOVERFLOW,
+                Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => EPERM,
+                Some(libc::EOPNOTSUPP) => ENOTSUP,
+                _ => EIO,
+            },
+        }
+    }
+}
+
+/// One run of the `base:allocation` map: `length` bytes that are all holes (read as zeroes)
+/// or all data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    pub hole: bool,
+}
+
+/// Positional IO on one volume. Methods block (they are file syscalls); the session runs them
+/// off the async runtime.
+pub trait Backend: Send + Sync + 'static {
+    /// Fills `buf` from `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError>;
+    /// Writes `data` at `offset`; with `fua` it is durable before this returns.
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), ExportError>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<(), ExportError>;
+    /// Discards a range; it may read back as anything until rewritten (we make it zeroes).
+    fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError>;
+    /// Zeroes a range. `keep_allocated` (NO_HOLE) forbids punching holes; `fast_only`
+    /// (FAST_ZERO) fails with [`ExportError::NotFast`] instead of writing zeroes slowly.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        keep_allocated: bool,
+        fast_only: bool,
+    ) -> Result<(), ExportError>;
+    /// Prefetches a range (NBD_CMD_CACHE).
+    fn cache(&self, offset: u64, len: u64) -> Result<(), ExportError>;
+    /// The allocation map of `[offset, offset+len)`, at most `max_extents` runs, together
+    /// covering a prefix of the range (at least one byte when `len > 0`).
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>, ExportError>;
+    /// The open file, for IO engines that submit to the kernel directly (io_uring).
+    fn file(&self) -> Option<&File> {
+        None
+    }
+}
+
+/// An opened export as a session sees it. Dropping it releases the connection's claim on
+/// the volume (the store counts open connections through `lease`).
+pub struct Export {
+    pub name: String,
+    pub size: u64,
+    pub read_only: bool,
+    pub backend: Arc<dyn Backend>,
+    /// Cancelled when the volume is force-deleted: sessions serving it close.
+    pub closed: CancellationToken,
+    pub lease: Option<Box<dyn Any + Send + Sync>>,
+}
+
+/// Listing entry for NBD_OPT_LIST.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportEntry {
+    pub name: String,
+    pub description: String,
+}
+
+/// Why an export could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no export named {0:?}")]
+    NotFound(String),
+    #[error("export {0:?} is being deleted")]
+    Unavailable(String),
+    #[error("opening export {name:?}: {source}")]
+    Io { name: String, source: io::Error },
+}
+
+/// Where sessions find exports by name.
+pub trait ExportProvider: Send + Sync + 'static {
+    fn list(&self) -> Vec<ExportEntry>;
+    fn open(&self, name: &str) -> Result<Export, OpenError>;
+    /// The export served to clients that ask for the empty name, if any.
+    fn default_export(&self) -> Option<String> {
+        None
+    }
+}

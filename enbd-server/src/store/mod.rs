@@ -1,0 +1,643 @@
+//! The volume store: volumes and snapshots as sparse files in a data directory, and the
+//! registry of volumes open over NBD.
+//!
+//! Layout: `DATA/volumes/<name>/{data,meta.json}`, `DATA/snapshots/<name>/{data,meta.json}`,
+//! `DATA/staging/` (work in progress). Invariants:
+//! - An entry exists iff its directory was renamed into `volumes/` or `snapshots/`; that
+//!   rename, followed by an fsync of the parent, is the commit point of a create. Everything
+//!   is built and fsynced in `staging/` first, and a delete renames the entry back into
+//!   `staging/` before removing it. So kill -9 at any instant leaves each entry either fully
+//!   there or absent, and the start-up scan only has to empty `staging/`.
+//! - A volume's size is its data file's length, always a multiple of 4 KiB.
+//! - Every name is a [`VolumeName`], so no path built here leaves the data directory.
+//! - One management operation at a time per name (others get [`StoreError::Busy`]); opening
+//!   and deleting serialize on the open-volume registry, so a delete never races a new
+//!   connection.
+
+pub mod meta;
+pub mod name;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::export::{Backend, Export, ExportEntry, ExportProvider, FileBackend, OpenError};
+use crate::sys;
+pub use meta::ContentSource;
+use meta::{SnapshotMeta, VolumeMeta};
+pub use name::{NameError, VolumeName};
+
+/// Volume sizes are rounded up to this.
+pub const SIZE_ALIGN: u64 = 4096;
+/// Export-name prefix under which snapshots are served read-only.
+pub const SNAPSHOT_EXPORT_PREFIX: &str = "snapshot/";
+
+const DATA_FILE: &str = "data";
+const META_FILE: &str = "meta.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid name {name:?}: {source}")]
+    InvalidName { name: String, source: NameError },
+    #[error("invalid size: {0}")]
+    InvalidSize(String),
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{kind} {name:?} already exists with different parameters")]
+    AlreadyExists { kind: &'static str, name: String },
+    #[error("volume {name:?} has {connections} open NBD connection(s); delete with force to close them")]
+    InUse { name: String, connections: u64 },
+    #[error("volume {name:?} is {current} bytes; cannot shrink to {requested}")]
+    Shrink { name: String, current: u64, requested: u64 },
+    #[error("size {requested} is smaller than the source's {source_size} bytes")]
+    SmallerThanSource { requested: u64, source_size: u64 },
+    #[error("another operation on {0:?} is in progress")]
+    Busy(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
+    move |source| StoreError::Io { context: context.into(), source }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub size_bytes: u64,
+    pub source: Option<ContentSource>,
+    pub created_at_unix: i64,
+    pub export_name: String,
+    pub open_connections: u64,
+    pub allocated_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub source_volume: String,
+    pub size_bytes: u64,
+    pub created_at_unix: i64,
+    pub export_name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub provisioned_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Volume,
+    Snapshot,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Volume => "volume",
+            Kind::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// A volume or snapshot open over NBD: one backend shared by all its connections.
+struct OpenVolume {
+    backend: Arc<FileBackend>,
+    closed: CancellationToken,
+    leases: AtomicU64,
+}
+
+struct Inner {
+    root: PathBuf,
+    busy: Mutex<HashSet<(Kind, String)>>,
+    open: Mutex<HashMap<(Kind, String), Arc<OpenVolume>>>,
+    default_export: Option<String>,
+    staging_seq: AtomicU64,
+}
+
+/// Handle on the store; cheap to clone.
+#[derive(Clone)]
+pub struct VolumeStore {
+    inner: Arc<Inner>,
+}
+
+/// Releases one claim on an open volume when dropped (one per NBD connection).
+struct Lease {
+    inner: Arc<Inner>,
+    key: (Kind, String),
+    vol: Arc<OpenVolume>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut open = lock(&self.inner.open);
+        if self.vol.leases.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Only forget the entry if it is still ours (a force delete may have replaced it).
+            if open.get(&self.key).is_some_and(|v| Arc::ptr_eq(v, &self.vol)) {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Marks one name busy for the duration of a management operation.
+struct BusyGuard {
+    inner: Arc<Inner>,
+    key: (Kind, String),
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        lock(&self.inner.busy).remove(&self.key);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn parse_name(name: &str) -> Result<VolumeName, StoreError> {
+    VolumeName::parse(name).map_err(|source| StoreError::InvalidName { name: name.to_owned(), source })
+}
+
+/// Rounds a requested size up to [`SIZE_ALIGN`].
+pub fn round_size(size: u64) -> Result<u64, StoreError> {
+    if size == 0 {
+        return Err(StoreError::InvalidSize("size must be greater than zero".into()));
+    }
+    size.checked_next_multiple_of(SIZE_ALIGN)
+        .filter(|s| *s <= i64::MAX as u64)
+        .ok_or_else(|| StoreError::InvalidSize(format!("{size} bytes is too large")))
+}
+
+impl VolumeStore {
+    /// Opens (creating if needed) the store in `root` and empties its staging area: whatever
+    /// is there is an interrupted create or delete.
+    pub fn open(root: &Path, default_export: Option<String>) -> Result<Self, StoreError> {
+        for sub in ["volumes", "snapshots", "staging"] {
+            fs::create_dir_all(root.join(sub)).map_err(io_err(format!("creating {}", root.join(sub).display())))?;
+        }
+        let root = fs::canonicalize(root).map_err(io_err(format!("resolving {}", root.display())))?;
+        let staging = root.join("staging");
+        let mut cleaned = 0;
+        for entry in fs::read_dir(&staging).map_err(io_err("scanning staging"))? {
+            let path = entry.map_err(io_err("scanning staging"))?.path();
+            let r = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            r.map_err(io_err(format!("removing leftover {}", path.display())))?;
+            cleaned += 1;
+        }
+        if cleaned > 0 {
+            meta::fsync_dir(&staging).map_err(io_err("syncing staging"))?;
+            tracing::info!(cleaned, "removed leftovers of interrupted operations");
+        }
+        let store = Self {
+            inner: Arc::new(Inner {
+                root,
+                busy: Mutex::new(HashSet::new()),
+                open: Mutex::new(HashMap::new()),
+                default_export,
+                staging_seq: AtomicU64::new(0),
+            }),
+        };
+        for kind in [Kind::Volume, Kind::Snapshot] {
+            for name in store.names(kind)? {
+                if let Err(e) = store.check_entry(kind, &name) {
+                    tracing::warn!(kind = kind.label(), name = %name, error = %e, "skipping damaged entry");
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    fn dir_of(&self, kind: Kind) -> PathBuf {
+        self.inner.root.join(match kind {
+            Kind::Volume => "volumes",
+            Kind::Snapshot => "snapshots",
+        })
+    }
+
+    fn entry_dir(&self, kind: Kind, name: &VolumeName) -> PathBuf {
+        self.dir_of(kind).join(name.as_str())
+    }
+
+    fn staging_path(&self, what: &str, name: &VolumeName) -> PathBuf {
+        let seq = self.inner.staging_seq.fetch_add(1, Ordering::Relaxed);
+        self.inner.root.join("staging").join(format!("{what}-{name}-{}-{seq}", std::process::id()))
+    }
+
+    fn claim(&self, kind: Kind, name: &VolumeName) -> Result<BusyGuard, StoreError> {
+        let key = (kind, name.to_string());
+        if !lock(&self.inner.busy).insert(key.clone()) {
+            return Err(StoreError::Busy(name.to_string()));
+        }
+        Ok(BusyGuard { inner: self.inner.clone(), key })
+    }
+
+    fn names(&self, kind: Kind) -> Result<Vec<VolumeName>, StoreError> {
+        let dir = self.dir_of(kind);
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err(format!("listing {}", dir.display())))? {
+            let entry = entry.map_err(io_err(format!("listing {}", dir.display())))?;
+            if let Some(name) = entry.file_name().to_str().and_then(|n| VolumeName::parse(n).ok()) {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn check_entry(&self, kind: Kind, name: &VolumeName) -> Result<(), StoreError> {
+        match kind {
+            Kind::Volume => self.volume_info(name).map(|_| ()),
+            Kind::Snapshot => self.snapshot_info(name).map(|_| ()),
+        }
+    }
+
+    fn open_connections(&self, kind: Kind, name: &VolumeName) -> u64 {
+        lock(&self.inner.open)
+            .get(&(kind, name.to_string()))
+            .map_or(0, |v| v.leases.load(Ordering::Acquire))
+    }
+
+    fn data_stat(&self, kind: Kind, name: &VolumeName) -> Result<fs::Metadata, StoreError> {
+        let path = self.entry_dir(kind, name).join(DATA_FILE);
+        fs::metadata(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::NotFound { kind: kind.label(), name: name.to_string() },
+            _ => StoreError::Io { context: format!("stat {}", path.display()), source: e },
+        })
+    }
+
+    fn volume_info(&self, name: &VolumeName) -> Result<VolumeInfo, StoreError> {
+        let st = self.data_stat(Kind::Volume, name)?;
+        let path = self.entry_dir(Kind::Volume, name).join(META_FILE);
+        let m: VolumeMeta = meta::read_json(&path).map_err(io_err(format!("reading {}", path.display())))?;
+        Ok(VolumeInfo {
+            name: name.to_string(),
+            size_bytes: st.len(),
+            source: m.source,
+            created_at_unix: m.created_at_unix,
+            export_name: name.to_string(),
+            open_connections: self.open_connections(Kind::Volume, name),
+            allocated_bytes: st.blocks() * 512,
+        })
+    }
+
+    fn snapshot_info(&self, name: &VolumeName) -> Result<SnapshotInfo, StoreError> {
+        let st = self.data_stat(Kind::Snapshot, name)?;
+        let path = self.entry_dir(Kind::Snapshot, name).join(META_FILE);
+        let m: SnapshotMeta = meta::read_json(&path).map_err(io_err(format!("reading {}", path.display())))?;
+        Ok(SnapshotInfo {
+            name: name.to_string(),
+            source_volume: m.source_volume,
+            size_bytes: st.len(),
+            created_at_unix: m.created_at_unix,
+            export_name: format!("{SNAPSHOT_EXPORT_PREFIX}{name}"),
+        })
+    }
+
+    pub fn get_volume(&self, name: &str) -> Result<VolumeInfo, StoreError> {
+        self.volume_info(&parse_name(name)?)
+    }
+
+    pub fn get_snapshot(&self, name: &str) -> Result<SnapshotInfo, StoreError> {
+        self.snapshot_info(&parse_name(name)?)
+    }
+
+    /// All volumes, sorted by name. Damaged entries are logged and left out.
+    pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>, StoreError> {
+        Ok(self.names(Kind::Volume)?.iter().filter_map(|n| self.volume_info(n).ok()).collect())
+    }
+
+    /// All snapshots, sorted by name.
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
+        Ok(self.names(Kind::Snapshot)?.iter().filter_map(|n| self.snapshot_info(n).ok()).collect())
+    }
+
+    pub fn capacity(&self) -> Result<Capacity, StoreError> {
+        let (total_bytes, available_bytes) =
+            sys::statvfs(&self.inner.root).map_err(io_err("statvfs on the data directory"))?;
+        let provisioned_bytes = self.list_volumes()?.iter().map(|v| v.size_bytes).sum();
+        Ok(Capacity { total_bytes, available_bytes, provisioned_bytes })
+    }
+
+    /// Creates a volume, or returns the existing one if it has the same size and source
+    /// (idempotent retry). `size == 0` with a source means "the source's size".
+    /// Returns the volume and whether this call created it.
+    pub fn create_volume(
+        &self,
+        name: &str,
+        size: u64,
+        source: Option<ContentSource>,
+    ) -> Result<(VolumeInfo, bool), StoreError> {
+        let name = parse_name(name)?;
+        let source_ref = match &source {
+            None => None,
+            Some(ContentSource::Snapshot(s)) => Some((Kind::Snapshot, parse_name(s)?)),
+            Some(ContentSource::Volume(v)) => Some((Kind::Volume, parse_name(v)?)),
+        };
+        let requested = if size == 0 && source_ref.is_some() { None } else { Some(round_size(size)?) };
+        let _busy = self.claim(Kind::Volume, &name)?;
+
+        match self.volume_info(&name) {
+            Ok(existing) => {
+                let same_size = requested.is_none_or(|r| r == existing.size_bytes);
+                return if same_size && existing.source == source {
+                    Ok((existing, false))
+                } else {
+                    Err(StoreError::AlreadyExists { kind: "volume", name: name.to_string() })
+                };
+            }
+            Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+
+        let stage = self.staging_path("create", &name);
+        fs::create_dir(&stage).map_err(io_err("creating staging directory"))?;
+        let result = self.build_volume(&stage, &name, requested, source_ref.as_ref(), source.clone());
+        if let Err(e) = result {
+            let _ = fs::remove_dir_all(&stage);
+            return Err(e);
+        }
+        self.commit(&stage, Kind::Volume, &name)?;
+        tracing::info!(volume = %name, "volume created");
+        Ok((self.volume_info(&name)?, true))
+    }
+
+    fn build_volume(
+        &self,
+        stage: &Path,
+        name: &VolumeName,
+        requested: Option<u64>,
+        source_ref: Option<&(Kind, VolumeName)>,
+        source: Option<ContentSource>,
+    ) -> Result<(), StoreError> {
+        let data_path = stage.join(DATA_FILE);
+        let data = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&data_path)
+            .map_err(io_err("creating data file"))?;
+        let size = match source_ref {
+            None => {
+                let size = requested.unwrap_or(SIZE_ALIGN);
+                data.set_len(size).map_err(io_err("sizing data file"))?;
+                size
+            }
+            Some((kind, src)) => {
+                let copied = self.copy_entry(*kind, src, &data)?;
+                let size = requested.unwrap_or(copied);
+                if size < copied {
+                    return Err(StoreError::SmallerThanSource { requested: size, source_size: copied });
+                }
+                data.set_len(size).map_err(io_err("sizing data file"))?;
+                size
+            }
+        };
+        data.sync_all().map_err(io_err("syncing data file"))?;
+        let m = VolumeMeta { format: meta::FORMAT, source, created_at_unix: meta::now_unix() };
+        meta::write_json(&stage.join(META_FILE), &m).map_err(io_err("writing volume metadata"))?;
+        meta::fsync_dir(stage).map_err(io_err("syncing staging directory"))?;
+        tracing::debug!(volume = %name, size, "volume built in staging");
+        Ok(())
+    }
+
+    /// Copies a volume or snapshot's content into `dst` (reflink if the filesystem can,
+    /// else a sparse copy). A volume open over NBD has its writes paused for the copy, so the
+    /// copy is a point in time with respect to acknowledged writes. Returns the source size.
+    fn copy_entry(&self, kind: Kind, src: &VolumeName, dst: &File) -> Result<u64, StoreError> {
+        // Holding a lease keeps every connection (including ones opened meanwhile) on the
+        // backend we freeze.
+        let lease = self.lease_entry(kind, src).map_err(|e| match e {
+            OpenError::NotFound(_) => StoreError::NotFound { kind: kind.label(), name: src.to_string() },
+            OpenError::Unavailable(n) => StoreError::Busy(n),
+            OpenError::Io { name, source } => StoreError::Io { context: format!("opening {name}"), source },
+        })?;
+        let _frozen = lease.vol.backend.freeze();
+        let src_file = lease.vol.backend.inner_file();
+        let size = src_file.metadata().map_err(io_err("stat source"))?.len();
+        match sys::reflink(src_file, dst) {
+            Ok(()) => tracing::debug!(source = %src, "reflinked"),
+            Err(e) => {
+                tracing::debug!(source = %src, error = %e, "reflink unavailable, sparse copy");
+                sys::copy_sparse(src_file, dst, size).map_err(io_err(format!("copying {src}")))?;
+            }
+        }
+        Ok(size)
+    }
+
+    /// Moves a fully built staging directory into place: the commit point.
+    fn commit(&self, stage: &Path, kind: Kind, name: &VolumeName) -> Result<(), StoreError> {
+        let dst = self.entry_dir(kind, name);
+        fs::rename(stage, &dst).map_err(io_err(format!("committing {}", dst.display())))?;
+        meta::fsync_dir(&self.dir_of(kind)).map_err(io_err("syncing directory"))?;
+        Ok(())
+    }
+
+    /// Moves an entry out of sight (into staging), durably, then removes it. Holding the open
+    /// registry lock while moving makes the check-then-delete atomic against new connections.
+    fn remove_entry(&self, kind: Kind, name: &VolumeName, force: bool) -> Result<(), StoreError> {
+        let key = (kind, name.to_string());
+        let trash = self.staging_path("delete", name);
+        {
+            let mut open = lock(&self.inner.open);
+            if let Some(vol) = open.get(&key) {
+                let connections = vol.leases.load(Ordering::Acquire);
+                if connections > 0 && !force {
+                    return Err(StoreError::InUse { name: name.to_string(), connections });
+                }
+                vol.closed.cancel();
+                open.remove(&key);
+            }
+            match fs::rename(self.entry_dir(kind, name), &trash) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(StoreError::Io { context: format!("deleting {name}"), source: e }),
+            }
+            meta::fsync_dir(&self.dir_of(kind)).map_err(io_err("syncing directory"))?;
+        }
+        fs::remove_dir_all(&trash).map_err(io_err(format!("removing {}", trash.display())))?;
+        Ok(())
+    }
+
+    /// Deletes a volume; a missing volume is success. Open connections block it unless
+    /// `force`, which closes them.
+    pub fn delete_volume(&self, name: &str, force: bool) -> Result<(), StoreError> {
+        let name = parse_name(name)?;
+        let _busy = self.claim(Kind::Volume, &name)?;
+        self.remove_entry(Kind::Volume, &name, force)?;
+        tracing::info!(volume = %name, force, "volume deleted");
+        Ok(())
+    }
+
+    /// Grows a volume (rounded up to 4 KiB). The same or a smaller-rounded-to-same size is a
+    /// no-op; shrinking is refused. Connections see the new size when they reconnect.
+    pub fn expand_volume(&self, name: &str, size: u64) -> Result<VolumeInfo, StoreError> {
+        let name = parse_name(name)?;
+        let size = round_size(size)?;
+        let _busy = self.claim(Kind::Volume, &name)?;
+        let current = self.volume_info(&name)?;
+        if size < current.size_bytes {
+            return Err(StoreError::Shrink { name: name.to_string(), current: current.size_bytes, requested: size });
+        }
+        if size > current.size_bytes {
+            let path = self.entry_dir(Kind::Volume, &name).join(DATA_FILE);
+            let f = File::options().write(true).open(&path).map_err(io_err("opening data file"))?;
+            f.set_len(size).map_err(io_err("growing data file"))?;
+            f.sync_all().map_err(io_err("syncing data file"))?;
+            tracing::info!(volume = %name, size, "volume expanded");
+        }
+        self.volume_info(&name)
+    }
+
+    /// Takes a read-only point-in-time copy of a volume; idempotent for the same source.
+    pub fn create_snapshot(&self, name: &str, source_volume: &str) -> Result<(SnapshotInfo, bool), StoreError> {
+        let name = parse_name(name)?;
+        let source = parse_name(source_volume)?;
+        let _busy = self.claim(Kind::Snapshot, &name)?;
+        match self.snapshot_info(&name) {
+            Ok(existing) if existing.source_volume == source.as_str() => return Ok((existing, false)),
+            Ok(_) => return Err(StoreError::AlreadyExists { kind: "snapshot", name: name.to_string() }),
+            Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        self.volume_info(&source)?;
+        let stage = self.staging_path("snapshot", &name);
+        fs::create_dir(&stage).map_err(io_err("creating staging directory"))?;
+        let built = (|| {
+            let data = File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(stage.join(DATA_FILE))
+                .map_err(io_err("creating snapshot file"))?;
+            self.copy_entry(Kind::Volume, &source, &data)?;
+            data.sync_all().map_err(io_err("syncing snapshot file"))?;
+            let m = SnapshotMeta {
+                format: meta::FORMAT,
+                source_volume: source.to_string(),
+                created_at_unix: meta::now_unix(),
+            };
+            meta::write_json(&stage.join(META_FILE), &m).map_err(io_err("writing snapshot metadata"))?;
+            meta::fsync_dir(&stage).map_err(io_err("syncing staging directory"))
+        })();
+        if let Err(e) = built {
+            let _ = fs::remove_dir_all(&stage);
+            return Err(e);
+        }
+        self.commit(&stage, Kind::Snapshot, &name)?;
+        tracing::info!(snapshot = %name, volume = %source, "snapshot created");
+        Ok((self.snapshot_info(&name)?, true))
+    }
+
+    /// Deletes a snapshot; missing is success; refused while NBD clients read it.
+    pub fn delete_snapshot(&self, name: &str) -> Result<(), StoreError> {
+        let name = parse_name(name)?;
+        let _busy = self.claim(Kind::Snapshot, &name)?;
+        self.remove_entry(Kind::Snapshot, &name, false)?;
+        tracing::info!(snapshot = %name, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Registers one more user of a volume or snapshot, opening its file if nobody has it open.
+    fn lease_entry(&self, kind: Kind, name: &VolumeName) -> Result<Lease, OpenError> {
+        let key = (kind, name.to_string());
+        let mut open = lock(&self.inner.open);
+        let vol = match open.get(&key) {
+            Some(v) => v.clone(),
+            None => {
+                let path = self.entry_dir(kind, name).join(DATA_FILE);
+                let read_only = kind == Kind::Snapshot;
+                let file = File::options().read(true).write(!read_only).open(&path).map_err(|e| {
+                    if e.kind() == io::ErrorKind::NotFound {
+                        OpenError::NotFound(name.to_string())
+                    } else {
+                        OpenError::Io { name: name.to_string(), source: e }
+                    }
+                })?;
+                let vol = Arc::new(OpenVolume {
+                    backend: Arc::new(FileBackend::new(file, read_only)),
+                    closed: CancellationToken::new(),
+                    leases: AtomicU64::new(0),
+                });
+                open.insert(key.clone(), vol.clone());
+                vol
+            }
+        };
+        vol.leases.fetch_add(1, Ordering::AcqRel);
+        Ok(Lease { inner: self.inner.clone(), key, vol })
+    }
+
+    fn open_entry(&self, kind: Kind, name: &VolumeName) -> Result<Export, OpenError> {
+        let lease = self.lease_entry(kind, name)?;
+        let vol = lease.vol.clone();
+        let size = vol
+            .backend
+            .inner_file()
+            .metadata()
+            .map_err(|e| OpenError::Io { name: name.to_string(), source: e })?
+            .len();
+        let export_name = match kind {
+            Kind::Volume => name.to_string(),
+            Kind::Snapshot => format!("{SNAPSHOT_EXPORT_PREFIX}{name}"),
+        };
+        Ok(Export {
+            name: export_name,
+            size,
+            read_only: kind == Kind::Snapshot,
+            backend: vol.backend.clone() as Arc<dyn Backend>,
+            closed: vol.closed.child_token(),
+            lease: Some(Box::new(lease)),
+        })
+    }
+}
+
+impl ExportProvider for VolumeStore {
+    fn list(&self) -> Vec<ExportEntry> {
+        let mut out = Vec::new();
+        for v in self.list_volumes().unwrap_or_default() {
+            out.push(ExportEntry { name: v.export_name, description: format!("volume {}", v.name) });
+        }
+        for s in self.list_snapshots().unwrap_or_default() {
+            out.push(ExportEntry {
+                name: s.export_name,
+                description: format!("snapshot {} of {} (read-only)", s.name, s.source_volume),
+            });
+        }
+        out
+    }
+
+    fn open(&self, export: &str) -> Result<Export, OpenError> {
+        let export = if export.is_empty() {
+            self.inner.default_export.clone().ok_or_else(|| OpenError::NotFound(String::new()))?
+        } else {
+            export.to_owned()
+        };
+        let (kind, name) = match export.strip_prefix(SNAPSHOT_EXPORT_PREFIX) {
+            Some(s) => (Kind::Snapshot, s),
+            None => (Kind::Volume, export.as_str()),
+        };
+        let name = VolumeName::parse(name).map_err(|_| OpenError::NotFound(export.clone()))?;
+        self.open_entry(kind, &name)
+    }
+
+    fn default_export(&self) -> Option<String> {
+        self.inner.default_export.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,170 @@
+//! Thin safe wrappers over the Linux file calls the standard library lacks: hole punching,
+//! zeroing, SEEK_DATA/SEEK_HOLE, reflink, copy_file_range, fdatasync-by-fd, statvfs.
+//!
+//! Invariant: every wrapper takes a borrowed, open descriptor and returns `io::Error` from
+//! `errno`; none keeps a descriptor beyond the call.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+fn off(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+/// Deallocates `[offset, offset+len)`; reads of it return zeroes afterwards. Size unchanged.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate only reads its integer arguments; the fd is open for the call's duration.
+    check(unsafe { libc::fallocate(file.as_raw_fd(), mode, off(offset)?, off(len)?) })
+}
+
+/// Zeroes `[offset, offset+len)` keeping it allocated (no hole), without writing data blocks.
+pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: as in `punch_hole`.
+    check(unsafe { libc::fallocate(file.as_raw_fd(), mode, off(offset)?, off(len)?) })
+}
+
+/// Where the next data (`SEEK_DATA`) or hole (`SEEK_HOLE`) starts at or after `from`;
+/// `None` when there is no data at or after `from` (ENXIO).
+fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    // SAFETY: lseek on an open fd has no memory-safety requirements.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off(from)?, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+    }
+    Ok(Some(r as u64))
+}
+
+pub fn seek_data(file: &File, from: u64) -> io::Result<Option<u64>> {
+    seek(file, from, libc::SEEK_DATA)
+}
+
+pub fn seek_hole(file: &File, from: u64) -> io::Result<Option<u64>> {
+    seek(file, from, libc::SEEK_HOLE)
+}
+
+/// Durability of the file's data (and the metadata needed to read it back).
+pub fn fdatasync(file: &File) -> io::Result<()> {
+    file.sync_data()
+}
+
+/// Makes `dst` share `src`'s blocks (copy-on-write). Fails with EOPNOTSUPP/EXDEV/EINVAL on
+/// filesystems without reflink (ext4, tmpfs); callers fall back to [`copy_sparse`].
+pub fn reflink(src: &File, dst: &File) -> io::Result<()> {
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: FICLONE takes the source fd as its integer argument and touches no user memory.
+    check(unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) })
+}
+
+/// Copies the data extents of `src` (found with SEEK_DATA/SEEK_HOLE) into `dst` at the same
+/// offsets, then sets `dst`'s length to `len`. Holes stay holes. Returns bytes copied.
+pub fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<u64> {
+    dst.set_len(len)?;
+    let mut pos = 0u64;
+    let mut copied = 0u64;
+    while pos < len {
+        let Some(data) = seek_data(src, pos)? else { break };
+        if data >= len {
+            break;
+        }
+        let hole = seek_hole(src, data)?.unwrap_or(len).min(len);
+        copy_range(src, dst, data, hole - data)?;
+        copied += hole - data;
+        pos = hole;
+    }
+    Ok(copied)
+}
+
+fn copy_range(src: &File, dst: &File, start: u64, mut len: u64) -> io::Result<()> {
+    let mut src_off = off(start)?;
+    let mut dst_off = src_off;
+    while len > 0 {
+        let chunk = len.min(1 << 30) as usize;
+        // SAFETY: both offsets point at live locals; the kernel copies between the two fds.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut src_off,
+                dst.as_raw_fd(),
+                &mut dst_off,
+                chunk,
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "source shrank during copy"));
+        }
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+/// Filesystem totals for the data directory: (total bytes, bytes available to us).
+pub fn statvfs(path: &Path) -> io::Result<(u64, u64)> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: zeroed statvfs is a valid out-parameter; `c` is NUL-terminated and outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
+    let frsize = st.f_frsize as u64;
+    Ok((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
+}
+
+/// Hints the kernel to read `[offset, offset+len)` into the page cache (NBD_CMD_CACHE).
+pub fn will_need(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: posix_fadvise reads only its integer arguments.
+    let r = unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), off(offset)?, off(len)?, libc::POSIX_FADV_WILLNEED)
+    };
+    if r != 0 { Err(io::Error::from_raw_os_error(r)) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn sparse_copy_keeps_holes_and_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = File::options().read(true).write(true).create(true).open(dir.path().join("s")).unwrap();
+        src.set_len(8 << 20).unwrap();
+        src.write_all_at(&[7u8; 4096], 1 << 20).unwrap();
+        src.write_all_at(&[9u8; 4096], 6 << 20).unwrap();
+        let dst = File::options().read(true).write(true).create(true).open(dir.path().join("d")).unwrap();
+        let copied = copy_sparse(&src, &dst, 8 << 20).unwrap();
+        assert!(copied >= 8192 && copied < (8 << 20), "copied {copied}");
+        let mut b = [0u8; 4096];
+        dst.read_exact_at(&mut b, 1 << 20).unwrap();
+        assert_eq!(b, [7u8; 4096]);
+        dst.read_exact_at(&mut b, 6 << 20).unwrap();
+        assert_eq!(b, [9u8; 4096]);
+        assert_eq!(seek_data(&dst, 0).unwrap().map(|d| d >= 1 << 20), Some(true));
+        assert_eq!(dst.metadata().unwrap().len(), 8 << 20);
+    }
+
+    #[test]
+    fn punch_hole_reads_back_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::options().read(true).write(true).create(true).open(dir.path().join("f")).unwrap();
+        f.write_all_at(&[1u8; 65536], 0).unwrap();
+        punch_hole(&f, 4096, 8192).unwrap();
+        let mut b = [1u8; 8192];
+        f.read_exact_at(&mut b, 4096).unwrap();
+        assert_eq!(b, [0u8; 8192]);
+        assert_eq!(seek_hole(&f, 0).unwrap(), Some(4096));
+    }
+}
