@@ -1,1 +1,2 @@
 //! enbd-node library.
+pub mod mount;
