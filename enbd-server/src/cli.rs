@@ -1,1 +1,202 @@
-//! x
+//! Command line of `enbd-server` (every flag also an `ENBD_<FLAG>` environment variable) and
+//! its validation into a plain [`Config`] that is passed down explicitly.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use enbd_proto::ids::ServerId;
+
+/// Where `--demo` keeps its volumes when `--data-dir` is not given.
+const DEMO_SUBDIR: &str = "enbd-server/demo";
+/// The demo volume's name and size.
+pub const DEMO_VOLUME: &str = "demo";
+pub const DEMO_VOLUME_BYTES: u64 = 1 << 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How file IO is issued: a positional-IO thread pool or io_uring (see `session::io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IoEngineKind {
+    Pool,
+    Uring,
+}
+
+/// NBD volume server with a management gRPC API.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "enbd-server", version, about)]
+pub struct Cli {
+    /// Directory holding the volumes (created if missing). Required unless --demo.
+    #[arg(long, env = "ENBD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// NBD listen address [default: 0.0.0.0:10809; 127.0.0.1:10809 with --demo].
+    #[arg(long, env = "ENBD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Management gRPC listen address [default: 0.0.0.0:10810; 127.0.0.1:10810 with --demo].
+    #[arg(long, env = "ENBD_MGMT_LISTEN")]
+    pub mgmt_listen: Option<SocketAddr>,
+    /// Stable identity of this server (volume ids are <server-id>/<name>) [default: hostname].
+    #[arg(long, env = "ENBD_SERVER_ID")]
+    pub server_id: Option<String>,
+    /// NBD address clients should dial, HOST:PORT [default: the listen address].
+    #[arg(long, env = "ENBD_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+    /// Most NBD connections served at once; more wait in the accept queue.
+    #[arg(long, env = "ENBD_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Largest READ/WRITE payload accepted; bigger requests get EINVAL (or EOVERFLOW).
+    #[arg(long, env = "ENBD_MAX_REQUEST_BYTES", default_value_t = 32 << 20)]
+    pub max_request_bytes: u32,
+    /// Prometheus metrics listen address [default: 0.0.0.0:9810; 127.0.0.1:9810 with --demo].
+    #[arg(long, env = "ENBD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    #[arg(long, env = "ENBD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Serve a 1 GiB volume `demo` from an embedded default data directory on localhost.
+    #[arg(long, env = "ENBD_DEMO")]
+    pub demo: bool,
+    /// File IO engine (chosen by measurement; see the README's benchmarks).
+    #[arg(long, env = "ENBD_IO_ENGINE", value_enum, default_value_t = IoEngineKind::Pool)]
+    pub io_engine: IoEngineKind,
+    /// Seconds to let in-flight requests finish on SIGTERM/SIGINT before closing connections.
+    #[arg(long, env = "ENBD_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--data-dir is required (or use --demo)")]
+    NoDataDir,
+    #[error("--demo needs $XDG_DATA_HOME or $HOME to place its data directory")]
+    NoHome,
+    #[error("invalid --server-id: {0}")]
+    ServerId(#[from] enbd_proto::ids::IdError),
+    #[error("cannot read the hostname for the default --server-id: {0}")]
+    Hostname(std::io::Error),
+    #[error("--max-connections must be at least 1")]
+    NoConnections,
+    #[error("--max-request-bytes must be between 4096 and 1 GiB, got {0}")]
+    RequestBytes(u32),
+    #[error("--advertise-address {0:?} is not HOST:PORT")]
+    Advertise(String),
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub mgmt_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub server_id: ServerId,
+    /// `None` means "whatever address the NBD listener actually bound".
+    pub advertise_address: Option<String>,
+    pub max_connections: usize,
+    pub max_request_bytes: u32,
+    pub log_format: LogFormat,
+    pub io_engine: IoEngineKind,
+    pub shutdown_grace: std::time::Duration,
+    /// With --demo: the volume to create if missing (name, bytes); also the default export.
+    pub demo_volume: Option<(String, u64)>,
+}
+
+fn demo_data_dir() -> Result<PathBuf, ConfigError> {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(x).join(DEMO_SUBDIR));
+    }
+    let home = std::env::var_os("HOME").filter(|v| !v.is_empty()).ok_or(ConfigError::NoHome)?;
+    Ok(PathBuf::from(home).join(".local/share").join(DEMO_SUBDIR))
+}
+
+fn hostname() -> Result<String, ConfigError> {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").map_err(ConfigError::Hostname)?;
+    Ok(raw.trim().to_ascii_lowercase())
+}
+
+impl Cli {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let host = if self.demo { [127, 0, 0, 1] } else { [0, 0, 0, 0] };
+        let data_dir = match (self.data_dir, self.demo) {
+            (Some(d), _) => d,
+            (None, true) => demo_data_dir()?,
+            (None, false) => return Err(ConfigError::NoDataDir),
+        };
+        let server_id = ServerId::parse(&match self.server_id {
+            Some(id) => id,
+            None => hostname()?,
+        })?;
+        if self.max_connections == 0 {
+            return Err(ConfigError::NoConnections);
+        }
+        if !(4096..=1 << 30).contains(&self.max_request_bytes) {
+            return Err(ConfigError::RequestBytes(self.max_request_bytes));
+        }
+        if let Some(a) = &self.advertise_address {
+            let ok = a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return Err(ConfigError::Advertise(a.clone()));
+            }
+        }
+        Ok(Config {
+            data_dir,
+            listen: self.listen.unwrap_or((host, 10809).into()),
+            mgmt_listen: self.mgmt_listen.unwrap_or((host, 10810).into()),
+            metrics_listen: self.metrics_listen.unwrap_or((host, 9810).into()),
+            server_id,
+            advertise_address: self.advertise_address,
+            max_connections: self.max_connections,
+            max_request_bytes: self.max_request_bytes,
+            log_format: self.log_format,
+            io_engine: self.io_engine,
+            shutdown_grace: std::time::Duration::from_secs(self.shutdown_grace_secs),
+            demo_volume: self.demo.then(|| (DEMO_VOLUME.to_owned(), DEMO_VOLUME_BYTES)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_into_config() {
+        let cli = Cli::try_parse_from([
+            "enbd-server",
+            "--data-dir=/var/lib/enbd",
+            "--listen=0.0.0.0:10809",
+            "--mgmt-listen=0.0.0.0:10810",
+            "--server-id=enbd-server-0",
+            "--advertise-address=enbd-server-0.enbd.default.svc:10809",
+            "--max-connections=64",
+            "--max-request-bytes=33554432",
+            "--metrics-listen=0.0.0.0:9810",
+            "--log-format=json",
+        ])
+        .unwrap();
+        let c = cli.into_config().unwrap();
+        assert_eq!(c.server_id.as_str(), "enbd-server-0");
+        assert_eq!(c.max_connections, 64);
+        assert!(c.demo_volume.is_none());
+    }
+
+    #[test]
+    fn demo_listens_on_localhost_and_bad_values_are_refused() {
+        let c = Cli::try_parse_from(["x", "--demo", "--data-dir=/tmp/d", "--server-id=a"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:10809");
+        assert_eq!(c.mgmt_listen.to_string(), "127.0.0.1:10810");
+        assert_eq!(c.demo_volume, Some(("demo".into(), 1 << 30)));
+        let bad = |args: &[&str]| Cli::try_parse_from(args).unwrap().into_config().is_err();
+        assert!(bad(&["x", "--server-id=a"]));
+        assert!(bad(&["x", "--data-dir=/d", "--server-id=UPPER"]));
+        assert!(bad(&["x", "--data-dir=/d", "--server-id=a", "--max-connections=0"]));
+        assert!(bad(&["x", "--data-dir=/d", "--server-id=a", "--advertise-address=nope"]));
+        assert!(bad(&["x", "--data-dir=/d", "--server-id=a", "--max-request-bytes=10"]));
+    }
+}

@@ -8,3 +8,7 @@ pub mod cli;
 pub mod export;
 pub mod store;
 mod sys;
+pub mod mgmt;
+pub mod metrics;
+pub mod session;
+pub mod server;

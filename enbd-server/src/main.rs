@@ -1,3 +1,61 @@
+//! `enbd-server`: parse flags, set up logging, install signal handlers, run the server.
+
+use anyhow::Context;
+use clap::Parser;
+use enbd_server::cli::{Cli, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    Ok(())
+    let cli = Cli::parse();
+    let demo = cli.demo;
+    let cfg = cli.into_config().context("invalid configuration")?;
+    init_tracing(cfg.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("enbd-server")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received, shutting down");
+            signals.cancel();
+        });
+        enbd_server::server::run(cfg, shutdown, |b| {
+            // One machine-readable line on stdout: scripts and tests wait for it.
+            println!("enbd-server ready nbd={} mgmt={} metrics={}", b.nbd, b.mgmt, b.metrics);
+            if demo {
+                let port = b.nbd.port();
+                let host = if port == 10809 { "localhost".to_owned() } else { format!("localhost:{port}") };
+                println!("demo volume: nbd://{host}/demo   (try: nbdinfo nbd://{host}/demo)");
+                println!("management API: grpc://{}   (enbd.v1.VolumeService)", b.mgmt);
+            }
+        })
+        .await
+        .context("server failed")
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }

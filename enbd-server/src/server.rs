@@ -1,0 +1,164 @@
+//! The running server: the NBD listener with its connection limit, the management gRPC
+//! listener, the metrics listener, and graceful shutdown.
+//!
+//! Invariants: at most `max_connections` sessions run at once (a semaphore permit is taken
+//! before `accept`, so excess clients wait in the kernel's accept queue); every session task is
+//! tracked; on shutdown the listeners stop, each session stops reading and finishes the
+//! requests it already started, and `run` returns once all sessions are done or the grace
+//! period has passed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use enbd_proto::enbd::volume_service_server::VolumeServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cli::{Config, IoEngineKind};
+use crate::export::ExportProvider;
+use crate::metrics::{self, Metrics};
+use crate::mgmt::Mgmt;
+use crate::session::{self, IoEngine, SessionConfig, SessionError};
+use crate::store::{StoreError, VolumeStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("volume store: {0}")]
+    Store(#[from] StoreError),
+    #[error("binding {what} on {addr}: {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("starting the io_uring engine: {0}")]
+    Uring(std::io::Error),
+    #[error("management server: {0}")]
+    Mgmt(#[from] tonic::transport::Error),
+}
+
+/// Addresses actually bound (port 0 resolved), reported once the server is ready.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub nbd: SocketAddr,
+    pub mgmt: SocketAddr,
+    pub metrics: SocketAddr,
+    pub data_address: String,
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { what, addr, source })
+}
+
+fn io_engine(kind: IoEngineKind) -> Result<IoEngine, ServerError> {
+    Ok(match kind {
+        IoEngineKind::Pool => IoEngine::Pool,
+        IoEngineKind::Uring => return Err(ServerError::Uring(std::io::Error::other("io_uring engine not built yet"))),
+    })
+}
+
+/// Runs the server until `shutdown` is cancelled. `ready` is called once every listener is
+/// bound and the store is open.
+pub async fn run(cfg: Config, shutdown: CancellationToken, ready: impl FnOnce(&Bound)) -> Result<(), ServerError> {
+    let default_export = cfg.demo_volume.as_ref().map(|(name, _)| name.clone());
+    let store = VolumeStore::open(&cfg.data_dir, default_export)?;
+    if let Some((name, size)) = &cfg.demo_volume {
+        match store.create_volume(name, *size, None) {
+            Ok((v, created)) => tracing::info!(volume = %v.name, size = v.size_bytes, created, "demo volume"),
+            // Someone resized the demo volume: keep it as it is.
+            Err(StoreError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let nbd = bind("NBD", cfg.listen).await?;
+    let mgmt = bind("management gRPC", cfg.mgmt_listen).await?;
+    let metrics_listener = bind("metrics", cfg.metrics_listen).await?;
+    let nbd_addr = nbd.local_addr().map_err(|source| ServerError::Bind { what: "NBD", addr: cfg.listen, source })?;
+    let bound = Bound {
+        nbd: nbd_addr,
+        mgmt: mgmt.local_addr().map_err(|source| ServerError::Bind { what: "mgmt", addr: cfg.mgmt_listen, source })?,
+        metrics: metrics_listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind { what: "metrics", addr: cfg.metrics_listen, source })?,
+        data_address: cfg.advertise_address.clone().unwrap_or_else(|| nbd_addr.to_string()),
+    };
+
+    let metrics = Arc::new(Metrics::default());
+    let session_cfg = Arc::new(SessionConfig {
+        max_request_bytes: cfg.max_request_bytes,
+        io: io_engine(cfg.io_engine)?,
+        metrics: metrics.clone(),
+    });
+    let mgmt_service = Mgmt::new(store.clone(), cfg.server_id.as_str().to_owned(), bound.data_address.clone());
+    let mgmt_stop = shutdown.clone();
+    let mgmt_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(VolumeServiceServer::new(mgmt_service))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(mgmt), async move { mgmt_stop.cancelled().await }),
+    );
+    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics.clone(), shutdown.clone()));
+
+    tracing::info!(
+        nbd = %bound.nbd, mgmt = %bound.mgmt, metrics = %bound.metrics, server_id = %cfg.server_id.as_str(),
+        data_dir = %store.root().display(), io_engine = ?cfg.io_engine, "enbd-server ready"
+    );
+    ready(&bound);
+
+    let provider: Arc<dyn ExportProvider> = Arc::new(store);
+    let sessions = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let (sock, peer) = tokio::select! {
+            r = nbd.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = sock.set_nodelay(true);
+        let provider = provider.clone();
+        let cfg = session_cfg.clone();
+        let stop = shutdown.child_token();
+        let metrics = metrics.clone();
+        sessions.spawn(async move {
+            metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+            metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+            let (rd, wr) = sock.into_split();
+            let result = session::serve(rd, wr, provider, cfg, stop).await;
+            metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
+            match result {
+                Ok(()) | Err(SessionError::Closed) => tracing::debug!(%peer, "connection closed"),
+                Err(e) => {
+                    metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%peer, error = %e, "connection ended");
+                }
+            }
+            drop(permit);
+        });
+    }
+    drop(nbd);
+    sessions.close();
+    tracing::info!(sessions = sessions.len(), grace = ?cfg.shutdown_grace, "shutting down: draining sessions");
+    if tokio::time::timeout(cfg.shutdown_grace, sessions.wait()).await.is_err() {
+        tracing::warn!(left = sessions.len(), "grace period over; closing remaining sessions");
+    }
+    let _ = metrics_task.await;
+    match mgmt_task.await {
+        Ok(r) => r?,
+        Err(e) => tracing::warn!(error = %e, "management task failed"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

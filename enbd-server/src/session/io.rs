@@ -1,0 +1,87 @@
+//! How a session's requests reach the backend: an [`Op`] runs off the async runtime and its
+//! result comes back through a callback, so many requests of one connection run at once and
+//! finish in any order.
+//!
+//! Two engines, chosen with `--io-engine` (the default picked by measurement, see the README):
+//! - `pool`: each op runs as a blocking task (positional pread/pwrite on a thread pool);
+//! - `uring`: READ/WRITE/FLUSH on file backends go to an io_uring ring owned by one thread
+//!   ([`super::uring`]); everything else takes the pool path.
+//!
+//! Invariant: `done` is called exactly once per submitted op.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::export::{Backend, ExportError, Extent};
+
+/// One backend operation, ranges already checked against the export size.
+#[derive(Debug)]
+pub enum Op {
+    Read { offset: u64, len: usize },
+    Write { offset: u64, data: Bytes, fua: bool },
+    Flush,
+    Trim { offset: u64, len: u64, fua: bool },
+    WriteZeroes { offset: u64, len: u64, keep_allocated: bool, fast_only: bool, fua: bool },
+    Cache { offset: u64, len: u64 },
+    BlockStatus { offset: u64, len: u64, max_extents: usize },
+}
+
+/// What a successful op produced.
+#[derive(Debug)]
+pub enum Output {
+    None,
+    Data(Bytes),
+    Extents(Vec<Extent>),
+}
+
+pub type OpResult = Result<Output, ExportError>;
+
+/// Runs an op synchronously on the calling thread.
+pub fn run_blocking(backend: &dyn Backend, op: Op) -> OpResult {
+    match op {
+        Op::Read { offset, len } => {
+            let mut buf = BytesMut::zeroed(len);
+            backend.read_at(&mut buf, offset)?;
+            Ok(Output::Data(buf.freeze()))
+        }
+        Op::Write { offset, data, fua } => backend.write_at(&data, offset, fua).map(|_| Output::None),
+        Op::Flush => backend.flush().map(|_| Output::None),
+        Op::Trim { offset, len, fua } => {
+            backend.trim(offset, len)?;
+            if fua {
+                backend.flush()?;
+            }
+            Ok(Output::None)
+        }
+        Op::WriteZeroes { offset, len, keep_allocated, fast_only, fua } => {
+            backend.write_zeroes(offset, len, keep_allocated, fast_only)?;
+            if fua {
+                backend.flush()?;
+            }
+            Ok(Output::None)
+        }
+        Op::Cache { offset, len } => backend.cache(offset, len).map(|_| Output::None),
+        Op::BlockStatus { offset, len, max_extents } => {
+            backend.block_status(offset, len, max_extents).map(Output::Extents)
+        }
+    }
+}
+
+/// The engine a server's sessions submit to; cheap to clone.
+#[derive(Clone)]
+pub enum IoEngine {
+    Pool,
+}
+
+impl IoEngine {
+    /// Starts `op`; `done` receives its result on some thread. Must be called within a Tokio
+    /// runtime.
+    pub fn submit<F>(&self, backend: &Arc<dyn Backend>, op: Op, done: F)
+    where
+        F: FnOnce(OpResult) + Send + 'static,
+    {
+        let backend = backend.clone();
+        tokio::task::spawn_blocking(move || done(run_blocking(&*backend, op)));
+    }
+}

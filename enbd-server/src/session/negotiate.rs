@@ -1,0 +1,303 @@
+//! The fixed-newstyle handshake, server side: greeting, client flags, then options until the
+//! client picks an export (NBD_OPT_GO or NBD_OPT_EXPORT_NAME) or leaves.
+//!
+//! Invariants: every option gets exactly one final reply (ACK or an error); option data is
+//! bounded (`MAX_OPTION_DATA`) before it is buffered; malformed option data is answered with
+//! NBD_REP_ERR_INVALID and the session goes on; only framing errors (bad magic, unknown client
+//! flags, hostile lengths) end the connection.
+
+use bytes::{Buf, BytesMut};
+use enbd_proto::wire::{
+    BASE_ALLOCATION, BlockSizeInfo, ClientFlags, ExportInfo, Greeting, HandshakeFlags, HeaderStyle, InfoReply,
+    InfoRequest, InfoType, MetaContextRequest, OptionCode, OptionError, OptionHeader, OptionReply, OptionReplyBody,
+    OptionRequest, TransmissionFlags, WireError,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::SessionError;
+use crate::export::{Export, ExportProvider, OpenError};
+
+/// Largest option payload we buffer (export names are at most 4 KiB; queries add a little).
+pub const MAX_OPTION_DATA: u32 = 64 * 1024;
+/// Option payloads up to this size are read and dropped with NBD_REP_ERR_TOO_BIG; bigger
+/// ones end the connection, since skipping them would cost more than the client is worth.
+const MAX_SKIPPABLE_OPTION: u32 = 1 << 20;
+/// Id of the one metadata context we serve.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// What the handshake settled on.
+pub struct Negotiated {
+    pub export: Export,
+    pub style: HeaderStyle,
+    pub structured: bool,
+    pub base_allocation: bool,
+    pub flags: TransmissionFlags,
+}
+
+/// Options that change how transmission will look.
+#[derive(Default)]
+struct State {
+    structured: bool,
+    extended: bool,
+    /// Export the meta context was set for, and whether base:allocation was selected.
+    meta: Option<(String, bool)>,
+}
+
+impl State {
+    fn style(&self) -> HeaderStyle {
+        if self.extended { HeaderStyle::Extended } else { HeaderStyle::Compact }
+    }
+}
+
+/// Reads bytes into `buf` until `decode` yields a value.
+pub(crate) async fn read_frame<R, T>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    decode: impl Fn(&[u8]) -> Result<Option<(T, usize)>, WireError>,
+) -> Result<T, SessionError>
+where
+    R: AsyncRead + Unpin,
+{
+    loop {
+        if let Some((v, n)) = decode(buf)? {
+            buf.advance(n);
+            return Ok(v);
+        }
+        buf.reserve(4096);
+        if r.read_buf(buf).await? == 0 {
+            return Err(SessionError::Closed);
+        }
+    }
+}
+
+async fn discard<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, mut n: usize) -> Result<(), SessionError> {
+    loop {
+        let take = n.min(buf.len());
+        buf.advance(take);
+        n -= take;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.reserve(n.min(65536));
+        if r.read_buf(buf).await? == 0 {
+            return Err(SessionError::Closed);
+        }
+    }
+}
+
+async fn send<W: AsyncWrite + Unpin>(w: &mut W, replies: &[OptionReply]) -> Result<(), SessionError> {
+    let mut out = Vec::new();
+    for r in replies {
+        r.encode(&mut out)?;
+    }
+    w.write_all(&out).await?;
+    Ok(())
+}
+
+fn transmission_flags(export: &Export, st: &State) -> TransmissionFlags {
+    let mut f = TransmissionFlags::HAS_FLAGS
+        | TransmissionFlags::SEND_FLUSH
+        | TransmissionFlags::SEND_FUA
+        | TransmissionFlags::SEND_TRIM
+        | TransmissionFlags::SEND_WRITE_ZEROES
+        | TransmissionFlags::SEND_FAST_ZERO
+        | TransmissionFlags::SEND_CACHE
+        | TransmissionFlags::CAN_MULTI_CONN;
+    if export.read_only {
+        f = f | TransmissionFlags::READ_ONLY;
+    }
+    if st.structured {
+        // We always answer a READ with one chunk, so "don't fragment" holds for free.
+        f = f | TransmissionFlags::SEND_DF;
+    }
+    f
+}
+
+fn open_error(option: OptionCode, e: &OpenError) -> OptionReply {
+    let code = match e {
+        OpenError::NotFound(_) => OptionError::UnknownExport,
+        OpenError::Unavailable(_) => OptionError::Shutdown,
+        OpenError::Io { .. } => OptionError::Platform,
+    };
+    OptionReply::error(option, code, e.to_string())
+}
+
+fn info_replies(
+    option: OptionCode,
+    req: &InfoRequest,
+    export: &Export,
+    st: &State,
+    max_request: u32,
+    provider: &dyn ExportProvider,
+) -> Vec<OptionReply> {
+    let info = |i| OptionReply { option, body: OptionReplyBody::Info(i) };
+    let mut out = vec![info(InfoReply::Export(ExportInfo { size: export.size, flags: transmission_flags(export, st) }))];
+    for t in &req.requests {
+        match t {
+            InfoType::Name => out.push(info(InfoReply::Name(export.name.clone()))),
+            InfoType::Description => {
+                let d = provider.list().into_iter().find(|e| e.name == export.name).map(|e| e.description);
+                if let Some(d) = d {
+                    out.push(info(InfoReply::Description(d)));
+                }
+            }
+            _ => {}
+        }
+    }
+    // Sent even when not asked for: clients that do not ask still benefit, and the spec
+    // allows it.
+    out.push(info(InfoReply::BlockSize(BlockSizeInfo { minimum: 1, preferred: 4096, maximum: max_request })));
+    out.push(OptionReply::ack(option));
+    out
+}
+
+fn meta_replies(
+    option: OptionCode,
+    req: &MetaContextRequest,
+    st: &mut State,
+    provider: &dyn ExportProvider,
+) -> Vec<OptionReply> {
+    if !st.structured {
+        return vec![OptionReply::error(option, OptionError::Invalid, "negotiate structured replies first")];
+    }
+    if let Err(e) = provider.open(&req.export) {
+        return vec![open_error(option, &e)];
+    }
+    let set = option == OptionCode::SetMetaContext;
+    let wanted = if req.queries.is_empty() {
+        !set // LIST with no query lists everything; SET with none selects nothing.
+    } else {
+        req.queries.iter().any(|q| q == BASE_ALLOCATION || q == "base:")
+    };
+    let mut out = Vec::new();
+    if wanted {
+        let id = if set { BASE_ALLOCATION_ID } else { 0 };
+        out.push(OptionReply { option, body: OptionReplyBody::MetaContext { id, name: BASE_ALLOCATION.into() } });
+    }
+    if set {
+        st.meta = Some((req.export.clone(), wanted));
+    }
+    out.push(OptionReply::ack(option));
+    out
+}
+
+/// Runs the handshake. `Ok(None)` means the client left cleanly (NBD_OPT_ABORT).
+pub async fn negotiate<S>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    provider: &dyn ExportProvider,
+    max_request: u32,
+) -> Result<Option<Negotiated>, SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut greeting = Vec::with_capacity(18);
+    Greeting { flags: HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES }.encode(&mut greeting);
+    io.write_all(&greeting).await?;
+    let client = read_frame(io, buf, ClientFlags::decode).await?;
+    let no_zeroes = client.contains(ClientFlags::NO_ZEROES);
+    let mut st = State::default();
+
+    loop {
+        let header = read_frame(io, buf, |b| OptionHeader::decode(b, u32::MAX)).await?;
+        if header.length > MAX_OPTION_DATA {
+            if header.length > MAX_SKIPPABLE_OPTION {
+                return Err(SessionError::Protocol(WireError::TooLong {
+                    what: "option data",
+                    len: header.length.into(),
+                    limit: MAX_SKIPPABLE_OPTION.into(),
+                }));
+            }
+            discard(io, buf, header.length as usize).await?;
+            send(io, &[OptionReply::error(header.option, OptionError::TooBig, "option data too long")]).await?;
+            continue;
+        }
+        // Put the header back in front of its data and decode the whole option at once.
+        let data = read_frame(io, buf, |b| {
+            Ok((b.len() >= header.length as usize).then(|| (b[..header.length as usize].to_vec(), header.length as usize)))
+        })
+        .await?;
+        let request = match OptionRequest::parse(header.option, &data) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(option = ?header.option, error = %e, "malformed option");
+                send(io, &[OptionReply::error(header.option, OptionError::Invalid, e.to_string())]).await?;
+                continue;
+            }
+        };
+        let option = header.option;
+        match request {
+            OptionRequest::Abort => {
+                // The client may already have closed; a failed ACK does not matter.
+                let _ = send(io, &[OptionReply::ack(option)]).await;
+                return Ok(None);
+            }
+            OptionRequest::List => {
+                let mut replies: Vec<OptionReply> = provider
+                    .list()
+                    .into_iter()
+                    .map(|e| OptionReply { option, body: OptionReplyBody::Server { name: e.name, details: e.description } })
+                    .collect();
+                replies.push(OptionReply::ack(option));
+                send(io, &replies).await?;
+            }
+            OptionRequest::StartTls => {
+                send(io, &[OptionReply::error(option, OptionError::Unsupported, "TLS is not enabled on this server")]).await?;
+            }
+            OptionRequest::StructuredReply => {
+                if st.extended {
+                    send(io, &[OptionReply::error(option, OptionError::Invalid, "extended headers already negotiated")]).await?;
+                } else {
+                    st.structured = true;
+                    st.meta = None;
+                    send(io, &[OptionReply::ack(option)]).await?;
+                }
+            }
+            OptionRequest::ExtendedHeaders => {
+                st.extended = true;
+                st.structured = true;
+                st.meta = None;
+                send(io, &[OptionReply::ack(option)]).await?;
+            }
+            OptionRequest::ListMetaContext(req) | OptionRequest::SetMetaContext(req) => {
+                let replies = meta_replies(option, &req, &mut st, provider);
+                send(io, &replies).await?;
+            }
+            OptionRequest::Info(req) | OptionRequest::Go(req) => {
+                let export = match provider.open(&req.export) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        send(io, &[open_error(option, &e)]).await?;
+                        continue;
+                    }
+                };
+                let replies = info_replies(option, &req, &export, &st, max_request, provider);
+                send(io, &replies).await?;
+                if option == OptionCode::Go {
+                    let flags = transmission_flags(&export, &st);
+                    let base_allocation = matches!(&st.meta, Some((name, true)) if *name == req.export);
+                    return Ok(Some(Negotiated {
+                        export,
+                        style: st.style(),
+                        structured: st.structured,
+                        base_allocation,
+                        flags,
+                    }));
+                }
+            }
+            OptionRequest::ExportName(name) => {
+                // No error reply exists for EXPORT_NAME: an unknown export ends the connection.
+                let export = provider.open(&name).map_err(SessionError::Open)?;
+                let flags = transmission_flags(&export, &st);
+                let mut out = Vec::new();
+                ExportInfo { size: export.size, flags }.encode_export_name_reply(no_zeroes, &mut out);
+                io.write_all(&out).await?;
+                let base_allocation = matches!(&st.meta, Some((n, true)) if *n == name);
+                return Ok(Some(Negotiated { export, style: st.style(), structured: st.structured, base_allocation, flags }));
+            }
+            OptionRequest::Unknown { option: raw, .. } => {
+                send(io, &[OptionReply::error(option, OptionError::Unsupported, format!("option {raw} is not supported"))]).await?;
+            }
+        }
+    }
+}
