@@ -53,7 +53,7 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Serve
 fn io_engine(kind: IoEngineKind) -> Result<IoEngine, ServerError> {
     Ok(match kind {
         IoEngineKind::Pool => IoEngine::Pool,
-        IoEngineKind::Uring => return Err(ServerError::Uring(std::io::Error::other("io_uring engine not built yet"))),
+        IoEngineKind::Uring => IoEngine::uring().map_err(ServerError::Uring)?,
     })
 }
 

@@ -3,11 +3,12 @@
 //! Invariants: TRIM and WRITE_ZEROES without NO_HOLE punch holes (reads return zeroes after);
 //! NO_HOLE zeroing keeps blocks allocated. Writes hold the snapshot gate shared, so
 //! [`FileBackend::freeze`] gives a snapshot a point at which no write is half-applied.
+//! The io_uring engine enters the same gate around the writes it submits.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::{RwLock, RwLockWriteGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use super::{Backend, ExportError, Extent};
 use crate::sys;
@@ -15,12 +16,97 @@ use crate::sys;
 pub struct FileBackend {
     file: File,
     read_only: bool,
-    gate: RwLock<()>,
+    gate: Gate,
+}
+
+/// Lets writes run concurrently while a snapshot is not being taken, and makes a snapshot
+/// wait for the writes already running. Unlike a `RwLock` its "read side" can be entered
+/// on one thread and left on another (io_uring completes writes on its own thread).
+#[derive(Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    frozen: bool,
+    writers: usize,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Enters as a writer, waiting while frozen.
+    pub fn enter(&self) -> WriteToken<'_> {
+        let mut st = self.lock();
+        while st.frozen {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.writers += 1;
+        WriteToken { gate: self }
+    }
+
+    /// Enters as a writer unless frozen; never blocks. The caller must call [`Gate::leave`].
+    pub fn try_enter_detached(&self) -> bool {
+        let mut st = self.lock();
+        if st.frozen {
+            return false;
+        }
+        st.writers += 1;
+        true
+    }
+
+    /// Leaves after [`Gate::try_enter_detached`].
+    pub fn leave(&self) {
+        let mut st = self.lock();
+        st.writers -= 1;
+        if st.writers == 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    fn freeze(&self) -> Frozen<'_> {
+        let mut st = self.lock();
+        while st.frozen {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.frozen = true;
+        while st.writers > 0 {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        Frozen { gate: self }
+    }
+}
+
+/// One write in progress (see [`Gate::enter`]).
+pub struct WriteToken<'a> {
+    gate: &'a Gate,
+}
+
+impl Drop for WriteToken<'_> {
+    fn drop(&mut self) {
+        self.gate.leave();
+    }
+}
+
+/// Writes are paused while this lives.
+pub struct Frozen<'a> {
+    gate: &'a Gate,
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.gate.lock().frozen = false;
+        self.gate.changed.notify_all();
+    }
 }
 
 impl FileBackend {
     pub fn new(file: File, read_only: bool) -> Self {
-        Self { file, read_only, gate: RwLock::new(()) }
+        Self { file, read_only, gate: Gate::default() }
     }
 
     pub fn inner_file(&self) -> &File {
@@ -28,15 +114,15 @@ impl FileBackend {
     }
 
     /// Blocks new writes and waits for running ones; held while a snapshot is copied.
-    pub fn freeze(&self) -> RwLockWriteGuard<'_, ()> {
-        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    pub fn freeze(&self) -> Frozen<'_> {
+        self.gate.freeze()
     }
 
-    fn writable(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, ExportError> {
+    fn writable(&self) -> Result<WriteToken<'_>, ExportError> {
         if self.read_only {
             return Err(ExportError::ReadOnly);
         }
-        Ok(self.gate.read().unwrap_or_else(|p| p.into_inner()))
+        Ok(self.gate.enter())
     }
 
     fn write_zero_buffers(&self, mut offset: u64, len: u64) -> io::Result<()> {
@@ -151,6 +237,10 @@ impl Backend for FileBackend {
 
     fn file(&self) -> Option<&File> {
         Some(&self.file)
+    }
+
+    fn write_gate(&self) -> Option<&Gate> {
+        Some(&self.gate)
     }
 }
 

@@ -99,6 +99,11 @@ pub trait Backend: Send + Sync + 'static {
     fn file(&self) -> Option<&File> {
         None
     }
+    /// The gate writes submitted outside [`Backend::write_at`] must hold (see
+    /// [`file::Gate`]); `None` when [`Backend::file`] is `None`.
+    fn write_gate(&self) -> Option<&file::Gate> {
+        None
+    }
 }
 
 /// An opened export as a session sees it. Dropping it releases the connection's claim on

@@ -72,15 +72,28 @@ pub fn run_blocking(backend: &dyn Backend, op: Op) -> OpResult {
 #[derive(Clone)]
 pub enum IoEngine {
     Pool,
+    Uring(Arc<super::uring::Uring>),
 }
 
 impl IoEngine {
+    /// Starts the io_uring engine's thread.
+    pub fn uring() -> std::io::Result<Self> {
+        Ok(IoEngine::Uring(super::uring::Uring::start()?))
+    }
+
     /// Starts `op`; `done` receives its result on some thread. Must be called within a Tokio
     /// runtime.
     pub fn submit<F>(&self, backend: &Arc<dyn Backend>, op: Op, done: F)
     where
         F: FnOnce(OpResult) + Send + 'static,
     {
+        if let IoEngine::Uring(ring) = self {
+            if let Some(file) = backend.file() {
+                if matches!(op, Op::Read { .. } | Op::Write { .. } | Op::Flush) {
+                    return ring.submit(backend.clone(), file, op, Box::new(done));
+                }
+            }
+        }
         let backend = backend.clone();
         tokio::task::spawn_blocking(move || done(run_blocking(&*backend, op)));
     }

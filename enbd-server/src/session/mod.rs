@@ -4,6 +4,7 @@
 pub mod io;
 pub mod negotiate;
 pub mod transmission;
+pub mod uring;
 
 use std::sync::Arc;
 use std::time::Duration;
