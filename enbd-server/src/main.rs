@@ -1,5 +1,7 @@
 //! `enbd-server`: parse flags, set up logging, install signal handlers, run the server.
 
+use std::io::Write;
+
 use anyhow::Context;
 use clap::Parser;
 use enbd_server::cli::{Cli, LogFormat};
@@ -35,14 +37,17 @@ fn main() -> anyhow::Result<()> {
             signals.cancel();
         });
         enbd_server::server::run(cfg, shutdown, |b| {
-            // One machine-readable line on stdout: scripts and tests wait for it.
-            println!("enbd-server ready nbd={} mgmt={} metrics={}", b.nbd, b.mgmt, b.metrics);
+            // One machine-readable line on stdout: scripts and tests wait for it. Whoever
+            // reads it may close the pipe afterwards, so write errors are ignored.
+            let mut text = format!("enbd-server ready nbd={} mgmt={} metrics={}\n", b.nbd, b.mgmt, b.metrics);
             if demo {
                 let port = b.nbd.port();
                 let host = if port == 10809 { "localhost".to_owned() } else { format!("localhost:{port}") };
-                println!("demo volume: nbd://{host}/demo   (try: nbdinfo nbd://{host}/demo)");
-                println!("management API: grpc://{}   (enbd.v1.VolumeService)", b.mgmt);
+                text.push_str(&format!("demo volume: nbd://{host}/demo   (try: nbdinfo nbd://{host}/demo)\n"));
+                text.push_str(&format!("management API: grpc://{}   (enbd.v1.VolumeService)\n", b.mgmt));
             }
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
         })
         .await
         .context("server failed")
