@@ -12,3 +12,4 @@ pub mod mgmt;
 pub mod metrics;
 pub mod session;
 pub mod server;
+pub mod testkit;
