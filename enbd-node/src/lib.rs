@@ -1,2 +1,3 @@
 //! enbd-node library.
 pub mod mount;
+pub mod csi;

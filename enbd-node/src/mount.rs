@@ -43,8 +43,6 @@ pub enum MountError {
     },
     #[error("{tool} failed on {path} ({status}): {stderr}")]
     ToolFailed { tool: &'static str, path: PathBuf, status: String, stderr: String },
-    #[error("unsupported filesystem type {0:?}: ext4 or xfs")]
-    UnsupportedFsType(String),
     #[error("mount option {0:?} is not allowed")]
     BadOption(String),
     #[error("{path} holds {found}; refusing to format it")]
@@ -251,6 +249,40 @@ pub fn fs_usage(path: &Path) -> Result<FsUsage, MountError> {
 pub fn block_device_size(path: &Path) -> Result<u64, MountError> {
     let mut file = File::open(path).map_err(io_err("open", path))?;
     file.seek(SeekFrom::End(0)).map_err(io_err("seek", path))
+}
+
+// Block-layer read-only flag ioctls (linux/fs.h: _IO(0x12, 93) and _IO(0x12, 94)).
+const BLKROSET: libc::c_ulong = 0x125d;
+const BLKROGET: libc::c_ulong = 0x125e;
+
+/// Sets or clears the kernel's read-only flag on a block device. A read-only mount does not
+/// stop writes through a device node bound on it; this flag does.
+pub fn set_device_read_only(dev: &Path, read_only: bool) -> Result<(), MountError> {
+    use std::os::fd::AsRawFd;
+    let file = File::open(dev).map_err(io_err("open", dev))?;
+    let value: libc::c_int = read_only.into();
+    // SAFETY: the fd is open for the duration of the call and BLKROSET reads one c_int
+    // through the pointer, which points to a live local.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKROSET as _, &value as *const libc::c_int) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(MountError::Io { op: "BLKROSET", path: dev.to_path_buf(), source: std::io::Error::last_os_error() })
+    }
+}
+
+/// Whether the kernel's read-only flag is set on a block device.
+pub fn device_read_only(dev: &Path) -> Result<bool, MountError> {
+    use std::os::fd::AsRawFd;
+    let file = File::open(dev).map_err(io_err("open", dev))?;
+    let mut value: libc::c_int = 0;
+    // SAFETY: the fd is open and BLKROGET writes one c_int through the pointer.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKROGET as _, &mut value as *mut libc::c_int) };
+    if rc == 0 {
+        Ok(value != 0)
+    } else {
+        Err(MountError::Io { op: "BLKROGET", path: dev.to_path_buf(), source: std::io::Error::last_os_error() })
+    }
 }
 
 /// Device number (major, minor) of the block device node at `path`; `None` if `path` is

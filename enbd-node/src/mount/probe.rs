@@ -5,44 +5,12 @@
 //! probed byte is zero. Anything else that is unrecognised is `UnknownData`, so the
 //! node never formats over data it does not understand.
 
-use std::fmt;
+pub use enbd_proto::params::FsType;
 
 /// Bytes read from the start of the device (covers btrfs at 64 KiB and ISO 9660 at 32 KiB).
 pub const HEAD_BYTES: usize = 128 * 1024;
 /// Bytes read from the end of the device (md 0.90/1.0 superblocks, the GPT backup header).
 pub const TAIL_BYTES: usize = 128 * 1024;
-
-/// Filesystems the node can create and mount.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FsType {
-    Ext4,
-    Xfs,
-}
-
-impl FsType {
-    /// The name the kernel and mkfs know it by.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FsType::Ext4 => "ext4",
-            FsType::Xfs => "xfs",
-        }
-    }
-
-    /// Parses a CSI `fs_type`; the empty string is the default, ext4.
-    pub fn parse(name: &str) -> Option<FsType> {
-        match name {
-            "" | "ext4" => Some(FsType::Ext4),
-            "xfs" => Some(FsType::Xfs),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for FsType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// What a device holds, judged from its head and tail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,14 +144,5 @@ mod tests {
         let mut tail = zeros();
         tail[7] = 0xff;
         assert_eq!(classify(&zeros(), &tail), Content::UnknownData);
-    }
-
-    #[test]
-    fn fs_type_names() {
-        assert_eq!(FsType::parse(""), Some(FsType::Ext4));
-        assert_eq!(FsType::parse("ext4"), Some(FsType::Ext4));
-        assert_eq!(FsType::parse("xfs"), Some(FsType::Xfs));
-        assert_eq!(FsType::parse("btrfs"), None);
-        assert_eq!(FsType::parse("EXT4"), None);
     }
 }
