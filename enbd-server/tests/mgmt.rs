@@ -30,7 +30,7 @@ async fn create_and_delete_are_idempotent() {
     m.delete_volume(pb::DeleteVolumeRequest { name: "pvc-1".into(), force: false }).await.unwrap();
     let e = m.get_volume(pb::GetVolumeRequest { name: "pvc-1".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    assert!(!s.dir.path().join("volumes/pvc-1").exists());
+    assert!(!s.path().join("volumes/pvc-1").exists());
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ pub struct TestServer {
     pub nbd: SocketAddr,
     pub mgmt: SocketAddr,
     pub metrics: SocketAddr,
-    pub dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
@@ -50,7 +50,18 @@ impl TestServer {
                 .parse()
                 .expect("address")
         };
-        TestServer { nbd: field("nbd"), mgmt: field("mgmt"), metrics: field("metrics"), child, dir }
+        TestServer { nbd: field("nbd"), mgmt: field("mgmt"), metrics: field("metrics"), child, dir: Some(dir) }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.as_ref().expect("data dir").path()
+    }
+
+    /// kill -9, as a crash would; hands back the data directory for a restart.
+    pub fn crash(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.dir.take().expect("data dir")
     }
 
     pub fn uri(&self, export: &str) -> String {
