@@ -112,6 +112,15 @@ fn copy_range(src: &File, dst: &File, start: u64, mut len: u64) -> io::Result<()
     Ok(())
 }
 
+/// Reads at `offset` only if it can be done without blocking (data in the page cache):
+/// `Ok(n)` bytes read (possibly short), `Err(EAGAIN)` if it would have to wait for the disk.
+pub fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: `iov` points into `buf`, which is live and exclusively borrowed for the call.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off(offset)?, libc::RWF_NOWAIT) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
 /// Filesystem totals for the data directory: (total bytes, bytes available to us).
 pub fn statvfs(path: &Path) -> io::Result<(u64, u64)> {
     let c = CString::new(path.as_os_str().as_bytes())

@@ -7,6 +7,9 @@
 //! - `uring`: READ/WRITE/FLUSH on file backends go to an io_uring ring owned by one thread
 //!   ([`super::uring`]); everything else takes the pool path.
 //!
+//! With either engine, a READ the page cache can serve at once is done right on the async
+//! thread (tried with RWF_NOWAIT, which never blocks), saving the thread hop.
+//!
 //! Invariant: `done` is called exactly once per submitted op.
 
 use std::sync::Arc;
@@ -14,6 +17,9 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use crate::export::{Backend, ExportError, Extent};
+
+/// Largest READ tried inline on the async thread (bigger copies would hold it too long).
+const INLINE_READ_MAX: usize = 256 * 1024;
 
 /// One backend operation, ranges already checked against the export size.
 #[derive(Debug)]
@@ -87,6 +93,16 @@ impl IoEngine {
     where
         F: FnOnce(OpResult) + Send + 'static,
     {
+        // Page-cache hits need no thread: try the read right here without blocking
+        // (RWF_NOWAIT), and only hand it to the pool if the kernel would have to wait.
+        if let (Op::Read { offset, len }, Some(file)) = (&op, backend.file()) {
+            if *len > 0 && *len <= INLINE_READ_MAX {
+                let mut buf = BytesMut::zeroed(*len);
+                if matches!(crate::sys::pread_nowait(file, &mut buf, *offset), Ok(n) if n == *len) {
+                    return done(Ok(Output::Data(buf.freeze())));
+                }
+            }
+        }
         if let IoEngine::Uring(ring) = self {
             if let Some(file) = backend.file() {
                 if matches!(op, Op::Read { .. } | Op::Write { .. } | Op::Flush) {
