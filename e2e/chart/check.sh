@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Chart and manifest checks that need no cluster (`make test-chart`):
+#   1. helm lint --strict with the default values and every e2e/chart/values-*.yaml;
+#   2. values that must be refused are refused (schema and template checks);
+#   3. helm template of each value set, saved to e2e/chart/.rendered/<set>.yaml;
+#   4. deploy/manifests is what deploy/render-manifests.sh renders now;
+#   5. the Rust tests e2e/tests/deploy_*.rs: every rendered object and every manifest
+#      deserialised strictly into its Kubernetes API type, cross-checked against the
+#      binaries' real command lines.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+HELM="${HELM:-$ROOT/e2e/.tools/helm}"
+CHART="$ROOT/charts/enbd-csi"
+OUT="$ROOT/e2e/chart/.rendered"
+RELEASE=enbd-csi
+NAMESPACE=enbd-csi
+
+if [ ! -x "$HELM" ]; then
+  echo "check: helm not found at $HELM (run e2e/setup-host.sh, or set HELM=)" >&2
+  exit 2
+fi
+step() { echo "== check: $*"; }
+
+sets=(default)
+for f in "$ROOT"/e2e/chart/values-*.yaml; do
+  s=$(basename "$f" .yaml); sets+=("${s#values-}")
+done
+values_args() { [ "$1" = default ] || echo "-f $ROOT/e2e/chart/values-$1.yaml"; }
+
+step "helm lint (${sets[*]})"
+for s in "${sets[@]}"; do
+  # shellcheck disable=SC2046
+  "$HELM" lint --strict --quiet "$CHART" --namespace "$NAMESPACE" $(values_args "$s") >/dev/null \
+    || { "$HELM" lint --strict "$CHART" $(values_args "$s"); echo "check: lint failed for $s" >&2; exit 1; }
+done
+
+step "invalid values are refused"
+refuse() {
+  local why=$1; shift
+  if "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" "$@" >/dev/null 2>&1; then
+    echo "check: helm template accepted $why ($*)" >&2; exit 1
+  fi
+}
+refuse "an unknown value key" --set server.bogus=1
+refuse "an unknown storage type" --set server.storage.type=nfs
+refuse "a bad log format" --set logFormat=xml
+refuse "a listen address without a port" --set server.listen=0.0.0.0
+refuse "static discovery without servers" --set controller.discovery=static
+refuse "an unknown fsType" --set 'storageClasses[0].name=x' --set 'storageClasses[0].fsType=zfs' \
+  --set 'storageClasses[0].reclaimPolicy=Delete' --set 'storageClasses[0].allowVolumeExpansion=true' \
+  --set 'storageClasses[0].volumeBindingMode=Immediate'
+refuse "a malformed static server entry" --set controller.discovery=static --set 'controller.servers[0]=no-equals-sign'
+
+step "helm template -> e2e/chart/.rendered/"
+rm -rf "$OUT"; mkdir -p "$OUT"
+for s in "${sets[@]}"; do
+  # shellcheck disable=SC2046
+  "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" $(values_args "$s") >"$OUT/$s.yaml"
+  echo "   $s: $(grep -c '^kind:' "$OUT/$s.yaml") objects"
+done
+
+step "deploy/manifests up to date"
+HELM="$HELM" "$ROOT/deploy/render-manifests.sh" --check
+
+step "strict validation against the Kubernetes API types and the binaries' CLIs"
+cd "$ROOT"
+ENBD_CHART_RENDERED="$OUT" cargo nextest run -p enbd-e2e --no-fail-fast -E 'binary(/^deploy_/)'

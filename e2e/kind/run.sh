@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# The kind e2e suite: creates a kind cluster whose nodes see the host's ublk devices, builds
+# and loads the three images, installs the snapshot CRDs + snapshot-controller and the chart,
+# runs the Rust tests e2e/tests/kind_*.rs against it, and deletes the cluster.
+#
+#   e2e/kind/run.sh                        everything, cluster deleted at the end
+#   e2e/kind/run.sh --keep                 keep the cluster (kubectl --context kind-enbd-e2e)
+#   e2e/kind/run.sh --reuse                use an existing enbd-e2e cluster (skips creation)
+#   e2e/kind/run.sh --only kind_faults     run one test binary
+#   e2e/kind/run.sh --upstream ./e2e.test  also run the Kubernetes external storage suite
+#
+# Needs: a Linux host with Docker (BuildKit), kind, kubectl, cargo, helm (e2e/.tools/helm from
+# e2e/setup-host.sh, or HELM=), the ublk_drv module loaded (`sudo modprobe ublk_drv`), and
+# network access for kind's node image, busybox and the sidecar images.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+HERE="$ROOT/e2e/kind"
+CLUSTER=enbd-e2e
+NAMESPACE=enbd-csi
+PREFIX=enbd.local/
+TAG=e2e
+SNAPSHOTTER_REF=v8.6.0
+HELM="${HELM:-$ROOT/e2e/.tools/helm}"
+ARTIFACTS="${ARTIFACTS:-$HERE/.artifacts}"
+KEEP=0 REUSE=0 ONLY="" UPSTREAM=""
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --keep) KEEP=1 ;;
+    --reuse) REUSE=1 KEEP=1 ;;
+    --only) ONLY="$2"; shift ;;
+    --upstream) UPSTREAM="$2"; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+say() { echo "== kind-e2e $(date -u +%H:%M:%S): $*"; }
+die() { echo "kind-e2e: $*" >&2; exit 1; }
+START=$(date +%s)
+
+# ---- preflight: fail before spending ten minutes on a build -------------------------------
+[ "$(uname -s)" = Linux ] || die "needs a Linux host: ublk devices come from the host kernel"
+for tool in docker kind kubectl cargo; do
+  command -v "$tool" >/dev/null || die "$tool not found in PATH"
+done
+[ -x "$HELM" ] || die "helm not found at $HELM (run e2e/setup-host.sh or set HELM=)"
+docker info >/dev/null 2>&1 || die "the Docker daemon is not reachable"
+if [ ! -d /sys/module/ublk_drv ] || [ ! -e /dev/ublk-control ]; then
+  die "ublk_drv is not loaded on this host: run 'sudo modprobe ublk_drv' (kernel 6.0+; user
+recovery needs CONFIG_BLK_DEV_UBLK with UBLK_F_USER_RECOVERY, any 6.x distribution kernel)"
+fi
+[ -z "$UPSTREAM" ] || [ -x "$UPSTREAM" ] || die "--upstream $UPSTREAM is not an executable e2e.test"
+
+KCTX="kind-$CLUSTER"
+kc() { kubectl --context "$KCTX" "$@"; }
+
+collect() {
+  mkdir -p "$ARTIFACTS"
+  say "collecting diagnostics in $ARTIFACTS"
+  kc get all,pvc,pv,volumeattachments,volumesnapshots,volumesnapshotcontents -A -o wide \
+    >"$ARTIFACTS/objects.txt" 2>&1 || true
+  kc get events -A --sort-by=.lastTimestamp >"$ARTIFACTS/events.txt" 2>&1 || true
+  for pod in $(kc -n "$NAMESPACE" get pods -o name 2>/dev/null); do
+    kc -n "$NAMESPACE" logs "$pod" --all-containers --prefix --timestamps \
+      >"$ARTIFACTS/$(basename "$pod").log" 2>&1 || true
+    kc -n "$NAMESPACE" logs "$pod" --all-containers --prefix --timestamps --previous \
+      >"$ARTIFACTS/$(basename "$pod").previous.log" 2>/dev/null || true
+  done
+}
+cleanup() {
+  rc=$?
+  [ $rc -eq 0 ] || collect
+  if [ $KEEP = 0 ]; then
+    say "deleting cluster $CLUSTER"
+    kind delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
+  else
+    say "cluster kept: kubectl --context $KCTX"
+  fi
+  say "finished rc=$rc after $(( $(date +%s) - START ))s"
+  exit $rc
+}
+trap cleanup EXIT
+
+# ---- cluster ------------------------------------------------------------------------------
+if [ $REUSE = 1 ] && kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
+  say "reusing cluster $CLUSTER"
+else
+  say "creating cluster $CLUSTER"
+  kind create cluster --config "$HERE/kind-config.yaml" --name "$CLUSTER" --wait 180s
+fi
+for node in $(kind get nodes --name "$CLUSTER"); do
+  docker exec "$node" test -e /dev/ublk-control || die "node $node does not see /dev/ublk-control"
+done
+
+# ---- images ---------------------------------------------------------------------------------
+say "building images ${PREFIX}{enbd-server,enbd-csi-driver,enbd-node}:$TAG"
+"$ROOT/deploy/build-images.sh" "$PREFIX" "$TAG"
+for image in enbd-server enbd-csi-driver enbd-node; do
+  kind load docker-image --name "$CLUSTER" "${PREFIX}${image}:${TAG}"
+done
+
+# ---- snapshot CRDs and controller (from the external-snapshotter release) ------------------
+say "installing snapshot CRDs and snapshot-controller $SNAPSHOTTER_REF"
+SNAP="https://github.com/kubernetes-csi/external-snapshotter"
+kc apply -k "$SNAP/client/config/crd?ref=$SNAPSHOTTER_REF"
+kc apply -k "$SNAP/deploy/kubernetes/snapshot-controller?ref=$SNAPSHOTTER_REF"
+kc -n kube-system rollout status deploy/snapshot-controller --timeout=180s
+
+# ---- chart ----------------------------------------------------------------------------------
+say "installing the chart"
+"$HELM" --kube-context "$KCTX" upgrade --install enbd-csi "$ROOT/charts/enbd-csi" \
+  --namespace "$NAMESPACE" --create-namespace \
+  -f "$HERE/values-kind.yaml" \
+  --set image.repositoryPrefix="$PREFIX" --set image.tag="$TAG" \
+  --wait --timeout 5m
+kc -n "$NAMESPACE" get pods -o wide
+
+# ---- tests ----------------------------------------------------------------------------------
+say "running the kind tests"
+export KUBECONFIG
+KUBECONFIG="$(mktemp)"
+kind get kubeconfig --name "$CLUSTER" >"$KUBECONFIG"
+export ENBD_E2E_NAMESPACE="$NAMESPACE" ENBD_E2E_RELEASE=enbd-csi
+filter='binary(/^kind_/)'
+[ -z "$ONLY" ] || filter="binary($ONLY)"
+# One test at a time: the fault tests delete the server and node-plugin pods.
+(cd "$ROOT" && cargo nextest run -p enbd-e2e --run-ignored only --test-threads 1 \
+  --no-fail-fast -E "$filter")
+
+if [ -n "$UPSTREAM" ]; then
+  say "running the Kubernetes external storage suite with e2e/kind/test-driver.yaml"
+  "$UPSTREAM" -kubeconfig "$KUBECONFIG" \
+    -storage.testdriver="$HERE/test-driver.yaml" \
+    -ginkgo.focus='External.Storage.*csi.enbd.io' \
+    -ginkgo.skip='\[Disruptive\]|\[Serial\]' \
+    -ginkgo.timeout=2h -report-dir="$ARTIFACTS/upstream"
+fi
+say "all kind tests passed"
