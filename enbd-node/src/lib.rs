@@ -1,3 +1,4 @@
 //! enbd-node library.
 pub mod mount;
 pub mod csi;
+pub mod device;
