@@ -1,1 +1,3 @@
 //! End-to-end and deployment checks for ENBD CSI.
+
+pub mod faultproxy;

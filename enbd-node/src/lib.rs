@@ -2,3 +2,4 @@
 pub mod mount;
 pub mod csi;
 pub mod device;
+pub mod engine;

@@ -1,0 +1,114 @@
+//! Engine errors: `EngineError` for connecting/handshaking, `IoError` for one request.
+//! Every `IoError` maps to exactly one positive errno for the block device completion.
+
+use std::io;
+
+use thiserror::Error;
+
+use super::config::ConfigError;
+
+/// Why the engine could not be started or a connection could not be (re)established.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("invalid engine configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("connecting to {addr}: no answer within {secs:.1}s")]
+    ConnectTimeout { addr: String, secs: f64 },
+    #[error("NBD handshake with {addr}: {reason}")]
+    Handshake { addr: String, reason: String },
+    #[error("server {addr} refused export {export:?}: {reason}")]
+    ExportRefused { addr: String, export: String, reason: String },
+    #[error(
+        "server {addr} changed identity on reconnect ({what}): refusing to continue, \
+         the data may not be the same disk"
+    )]
+    IdentityChanged { addr: String, what: String },
+}
+
+/// Why one request failed. Nothing is reported failed while the engine can still complete it
+/// (brownout policy `wait`), except errors the server itself returned.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum IoError {
+    /// The server answered the request with an NBD error (its errno-like value).
+    #[error("server returned error {0} ({name})", name = nbd_error_name(*.0))]
+    Server(u32),
+    #[error("request [{offset}, +{len}) lies beyond the end of the {size}-byte export")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("request of {len} bytes is invalid: {why}")]
+    Invalid { len: u64, why: &'static str },
+    #[error("export is read-only")]
+    ReadOnly,
+    #[error("server does not support {0}")]
+    Unsupported(&'static str),
+    #[error("no server acknowledgement within the brownout deadline of {0:?}")]
+    BrownoutTimeout(std::time::Duration),
+    #[error("engine has failed: {0}")]
+    EngineFailed(String),
+    #[error("engine is shut down")]
+    Shutdown,
+    #[error("server sent a malformed reply: {0}")]
+    Protocol(String),
+}
+
+const EPERM: i32 = 1;
+const EIO: i32 = 5;
+const ENOMEM: i32 = 12;
+const EINVAL: i32 = 22;
+const ENOSPC: i32 = 28;
+const EROFS: i32 = 30;
+const EOVERFLOW: i32 = 75;
+const EOPNOTSUPP: i32 = 95;
+const ESHUTDOWN: i32 = 108;
+
+fn nbd_error_name(e: u32) -> &'static str {
+    match e as i32 {
+        EPERM => "EPERM",
+        EIO => "EIO",
+        ENOMEM => "ENOMEM",
+        EINVAL => "EINVAL",
+        ENOSPC => "ENOSPC",
+        EOVERFLOW => "EOVERFLOW",
+        EOPNOTSUPP => "ENOTSUP",
+        ESHUTDOWN => "ESHUTDOWN",
+        _ => "unknown",
+    }
+}
+
+impl IoError {
+    /// Positive errno for the block layer. NBD error values are Linux errno numbers for the
+    /// ones the protocol defines; anything else becomes EIO.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::Server(e) => match *e as i32 {
+                v @ (EPERM | EIO | ENOMEM | EINVAL | ENOSPC | EOVERFLOW | EOPNOTSUPP) => v,
+                ESHUTDOWN => EIO,
+                _ => EIO,
+            },
+            Self::OutOfRange { .. } | Self::Invalid { .. } => EINVAL,
+            Self::ReadOnly => EROFS,
+            Self::Unsupported(_) => EOPNOTSUPP,
+            Self::BrownoutTimeout(_)
+            | Self::EngineFailed(_)
+            | Self::Shutdown
+            | Self::Protocol(_) => EIO,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_mapping() {
+        assert_eq!(IoError::Server(28).errno(), 28);
+        assert_eq!(IoError::Server(108).errno(), 5);
+        assert_eq!(IoError::Server(9999).errno(), 5);
+        assert_eq!(IoError::ReadOnly.errno(), 30);
+        assert_eq!(IoError::Unsupported("trim").errno(), 95);
+        assert_eq!(IoError::BrownoutTimeout(std::time::Duration::from_secs(1)).errno(), 5);
+        assert_eq!(IoError::OutOfRange { offset: 0, len: 1, size: 0 }.errno(), 22);
+    }
+}

@@ -1,0 +1,329 @@
+//! The ENBD client engine: makes an NBD export behave like a local disk.
+//!
+//! Invariants, whatever the network does:
+//! - nothing is reported complete before the server acknowledged it;
+//! - every request (payload included) stays in the [`journal`] until acknowledged, and a
+//!   broken channel's requests are re-issued on another channel or after reconnect;
+//! - a FLUSH is sent only after the writes it must cover were acknowledged (the caller
+//!   completed them), and with CAN_MULTI_CONN one FLUSH on any channel covers all channels;
+//! - while no channel is up, IO waits (`BrownoutPolicy::Wait`) or fails with EIO once its
+//!   deadline passed (`FailAfter`); nothing else turns an outage into an error;
+//! - a server that reappears with another size or other flags is refused, loudly.
+//!
+//! Layout: [`config`] (what to connect to), [`channel`] (one NBD connection: handshake,
+//! writer and reader), [`journal`] (requests held until acknowledged, byte budget),
+//! [`dispatch`] (how channels share the queue), [`reconnect`] (per-channel supervisor with
+//! backoff and identity checks), [`brownout`] (the outage policy), [`status`] (observability).
+//! Replicas and TLS slot in later as more `servers` and a stream type inside `channel`.
+
+pub mod brownout;
+pub mod channel;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod journal;
+pub mod reconnect;
+pub mod status;
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use self::channel::Geometry;
+pub use self::config::{BrownoutPolicy, ClientConfig, ConfigError, MAX_REQUEST_BYTES};
+pub use self::error::{EngineError, IoError};
+pub use self::status::{ChannelState, ChannelStatus, EngineState, EngineStatus};
+
+use self::channel::InFlight;
+use self::journal::{Journal, Op, Request};
+use self::status::ChannelStats;
+
+/// NBD command flag: force unit access.
+const CMD_FLAG_FUA: u16 = 1 << 0;
+/// NBD command flag: WRITE_ZEROES must allocate (no hole).
+const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+
+/// A connected volume. Cheap to clone; every clone drives the same channels and journal.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// One channel slot: a connection that comes and goes, with its counters and in-flight table.
+pub(crate) struct Slot {
+    pub stats: ChannelStats,
+    pub inflight: InFlight,
+    /// Poked to drop the current connection (operator, fault test, abandoned request).
+    pub reset: Notify,
+}
+
+pub(crate) struct Inner {
+    pub cfg: ClientConfig,
+    pub server: String,
+    /// Identity established by the first handshake; reconnects must match it.
+    pub geometry: Geometry,
+    pub journal: Journal,
+    pub slots: Vec<Arc<Slot>>,
+    /// Channels currently up (drives the dispatch share and the brownout clock).
+    pub up: AtomicUsize,
+    /// Milliseconds since `epoch` at which the last channel went down; 0 = some channel up.
+    pub down_since_ms: AtomicU64,
+    pub epoch: Instant,
+    pub cancel: CancellationToken,
+    pub tasks: TaskTracker,
+    stopped: AtomicBool,
+    failure: Mutex<Option<String>>,
+}
+
+impl Client {
+    /// Connects the first channel (its handshake defines the volume's geometry), then opens
+    /// the others. Fails if the first connection or its handshake fails; later channels that
+    /// fail to connect are retried in the background.
+    pub async fn connect(cfg: ClientConfig) -> Result<Client, EngineError> {
+        cfg.validate()?;
+        let server = cfg.servers[0].clone();
+        let first = channel::open(&server, &cfg.export, cfg.connect_timeout).await?;
+        let geometry = first.geometry;
+        let channels = if geometry.multi_conn {
+            cfg.channels
+        } else {
+            if cfg.channels > 1 {
+                tracing::warn!(
+                    server = %server,
+                    requested = cfg.channels,
+                    "server does not advertise CAN_MULTI_CONN: using one channel"
+                );
+            }
+            1
+        };
+        let slots = (0..channels as usize)
+            .map(|i| {
+                Arc::new(Slot {
+                    stats: ChannelStats::new(i, server.clone()),
+                    inflight: InFlight::default(),
+                    reset: Notify::new(),
+                })
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            journal: Journal::new(cfg.journal_bytes),
+            cfg,
+            server,
+            geometry,
+            slots,
+            up: AtomicUsize::new(0),
+            down_since_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            stopped: AtomicBool::new(false),
+            failure: Mutex::new(None),
+        });
+        let mut first_attempts = Vec::with_capacity(inner.slots.len());
+        let mut first = Some(first);
+        for idx in 0..inner.slots.len() {
+            let (tx, rx) = oneshot::channel();
+            first_attempts.push(rx);
+            let conn = if idx == 0 { first.take() } else { None };
+            inner.tasks.spawn(reconnect::supervise(inner.clone(), idx, conn, tx));
+        }
+        // Report a fully connected volume when possible; a channel that cannot connect now
+        // keeps retrying in the background (status shows Degraded).
+        for rx in first_attempts {
+            let _ = rx.await;
+        }
+        Ok(Client { inner })
+    }
+
+    /// Size, block-size constraints and capabilities from the first handshake.
+    pub fn geometry(&self) -> Geometry {
+        self.inner.geometry
+    }
+
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        self.check_range(offset, len)?;
+        self.submit(Op::Read, 0, offset, len, Bytes::new()).await
+    }
+
+    /// Writes `data` at `offset`; with `fua` it is durable when this returns (emulated with a
+    /// FLUSH when the server has no FUA).
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        let len = u32::try_from(data.len())
+            .map_err(|_| IoError::Invalid { len: data.len() as u64, why: "larger than 4 GiB" })?;
+        self.check_range(offset, len)?;
+        self.check_writable()?;
+        let g = &self.inner.geometry;
+        let native_fua = fua && g.can_fua;
+        let flags = if native_fua { CMD_FLAG_FUA } else { 0 };
+        self.submit(Op::Write, flags, offset, len, data).await?;
+        if fua && !native_fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write completed before this call durable.
+    pub async fn flush(&self) -> Result<(), IoError> {
+        self.check_writable()?;
+        if !self.inner.geometry.can_flush {
+            // No FLUSH advertised: the server has no volatile cache to flush.
+            return Ok(());
+        }
+        self.submit(Op::Flush, 0, 0, 0, Bytes::new()).await.map(drop)
+    }
+
+    pub async fn trim(&self, offset: u64, len: u32) -> Result<(), IoError> {
+        self.check_range(offset, len)?;
+        self.check_writable()?;
+        if !self.inner.geometry.can_trim {
+            return Err(IoError::Unsupported("TRIM"));
+        }
+        self.submit(Op::Trim, 0, offset, len, Bytes::new()).await.map(drop)
+    }
+
+    /// Zeroes a range; `no_hole` asks the server to keep it allocated. Emulated with a write
+    /// of zeroes when the server lacks WRITE_ZEROES.
+    pub async fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool) -> Result<(), IoError> {
+        self.check_range(offset, len)?;
+        self.check_writable()?;
+        if !self.inner.geometry.can_write_zeroes {
+            return self.write(offset, Bytes::from(vec![0u8; len as usize]), false).await;
+        }
+        let flags = if no_hole { CMD_FLAG_NO_HOLE } else { 0 };
+        self.submit(Op::WriteZeroes, flags, offset, len, Bytes::new()).await.map(drop)
+    }
+
+    pub fn status(&self) -> EngineStatus {
+        self.inner.status()
+    }
+
+    /// Drops channel `idx`'s current connection; its requests are re-issued and the channel
+    /// reconnects. Out-of-range indexes are ignored.
+    pub fn reset_channel(&self, idx: usize) {
+        if let Some(slot) = self.inner.slots.get(idx) {
+            slot.reset.notify_one();
+        }
+    }
+
+    /// Closes every channel (politely when idle) and fails whatever IO is still journalled
+    /// with `Shutdown`. Callers should stop submitting and wait for their IO first.
+    pub async fn shutdown(&self) {
+        self.inner.stop(None);
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        self.inner.fail_queued();
+    }
+
+    fn check_range(&self, offset: u64, len: u32) -> Result<(), IoError> {
+        let size = self.inner.geometry.size;
+        if len as usize > MAX_REQUEST_BYTES {
+            return Err(IoError::Invalid { len: len as u64, why: "larger than the engine's request limit" });
+        }
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(IoError::OutOfRange { offset, len: len as u64, size }),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), IoError> {
+        if self.inner.geometry.read_only { Err(IoError::ReadOnly) } else { Ok(()) }
+    }
+
+    async fn submit(&self, op: Op, flags: u16, offset: u64, len: u32, payload: Bytes) -> Result<Bytes, IoError> {
+        let inner = &self.inner;
+        inner.check_running()?;
+        let attempt = async {
+            let (req, rx) = inner.journal.admit(op, flags, offset, len, payload).await?;
+            inner.enqueue(req);
+            // The sender is only dropped unanswered if the engine stopped meanwhile.
+            rx.await.unwrap_or_else(|_| Err(inner.stopped_error()))
+        };
+        brownout::apply(inner, attempt).await
+    }
+}
+
+impl Inner {
+    fn status(&self) -> EngineStatus {
+        let channels: Vec<ChannelStatus> = self.slots.iter().map(|s| s.stats.snapshot()).collect();
+        let failure = self.failure.lock().ok().and_then(|g| g.clone());
+        let in_flight: u64 = channels.iter().map(|c| c.in_flight).sum();
+        EngineStatus {
+            state: status::overall(&channels, self.stopped.load(Ordering::Acquire)),
+            journal_requests: self.journal.queued_len() as u64 + in_flight,
+            journal_bytes: self.journal.held_bytes(),
+            waiting_for: brownout::waiting_for(self),
+            failure,
+            channels,
+        }
+    }
+
+    fn check_running(&self) -> Result<(), IoError> {
+        if self.stopped.load(Ordering::Acquire) { Err(self.stopped_error()) } else { Ok(()) }
+    }
+
+    fn stopped_error(&self) -> IoError {
+        match self.failure.lock().ok().and_then(|g| g.clone()) {
+            Some(reason) => IoError::EngineFailed(reason),
+            None => IoError::Shutdown,
+        }
+    }
+
+    /// Queues a request; if the engine stopped concurrently, fails it instead of leaving it
+    /// in a queue nobody serves.
+    pub(crate) fn enqueue(&self, req: Request) {
+        self.journal.push(req);
+        if self.stopped.load(Ordering::Acquire) {
+            self.fail_queued();
+        }
+    }
+
+    /// Hands a dead connection's requests back to the journal (or fails them if the engine
+    /// stopped).
+    pub(crate) fn reissue(&self, reqs: Vec<Request>) -> usize {
+        let n = self.journal.reissue(reqs);
+        if self.stopped.load(Ordering::Acquire) {
+            self.fail_queued();
+        }
+        n
+    }
+
+    /// Marks the engine stopped; with a reason it is a failure (reported in status and IO
+    /// errors), without one a shutdown.
+    pub(crate) fn stop(&self, failure: Option<String>) {
+        if let Some(reason) = failure {
+            tracing::error!(server = %self.server, export = %self.cfg.export, %reason, "engine failed");
+            if let Ok(mut g) = self.failure.lock() {
+                g.get_or_insert(reason);
+            }
+            self.cancel.cancel();
+        }
+        self.stopped.store(true, Ordering::Release);
+        self.journal.close();
+        self.fail_queued();
+    }
+
+    fn fail_queued(&self) {
+        let err = self.stopped_error();
+        for req in self.journal.drain() {
+            req.complete(Err(err.clone()));
+        }
+    }
+
+    /// After a caller gave up on a request (brownout deadline): reset every channel that
+    /// still has an abandoned request in flight, so it can never be applied after newer
+    /// writes. Queued abandoned requests are simply skipped by the dispatcher.
+    pub(crate) fn reset_abandoned(&self) {
+        for slot in &self.slots {
+            if slot.inflight.has_abandoned() {
+                slot.reset.notify_one();
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Observable engine state: overall health plus per-channel counters.
+//! Counters are relaxed atomics updated on the IO path; `snapshot` reads them without locks.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Health of the whole volume connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineState {
+    /// Every channel is connected.
+    Healthy,
+    /// Some channels are down; IO continues on the others.
+    Degraded,
+    /// No channel is connected; IO waits in the journal (or fails after the brownout deadline).
+    Waiting,
+    /// The engine gave up (server identity changed, or shut down); IO fails with EIO.
+    Failed,
+}
+
+/// Life cycle of one channel (one TCP connection slot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelState {
+    Connecting,
+    Up,
+    Down,
+    Stopped,
+}
+
+impl ChannelState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Connecting,
+            1 => Self::Up,
+            2 => Self::Down,
+            _ => Self::Stopped,
+        }
+    }
+    fn as_u8(self) -> u8 {
+        match self {
+            Self::Connecting => 0,
+            Self::Up => 1,
+            Self::Down => 2,
+            Self::Stopped => 3,
+        }
+    }
+}
+
+/// A point-in-time copy of one channel's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelStatus {
+    pub index: usize,
+    pub server: String,
+    pub state: ChannelState,
+    /// Our end of the current connection, when up (lets tests and operators match it to a
+    /// socket on the wire).
+    pub local_addr: Option<SocketAddr>,
+    pub in_flight: u64,
+    pub completed: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Requests moved off this channel onto another one (or the same after reconnect).
+    pub reissued: u64,
+    pub connects: u64,
+    pub disconnects: u64,
+    pub last_error: Option<String>,
+}
+
+/// A point-in-time copy of the engine's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineStatus {
+    pub state: EngineState,
+    pub channels: Vec<ChannelStatus>,
+    /// Requests held by the journal (queued or in flight, not yet acknowledged).
+    pub journal_requests: u64,
+    pub journal_bytes: u64,
+    /// How long IO has been waiting with no channel up, if it is.
+    pub waiting_for: Option<Duration>,
+    /// Why the engine failed, if it did.
+    pub failure: Option<String>,
+}
+
+/// Live counters of one channel slot.
+#[derive(Debug)]
+pub(crate) struct ChannelStats {
+    pub index: usize,
+    pub server: String,
+    state: AtomicU8,
+    pub in_flight: AtomicU64,
+    pub completed: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub reissued: AtomicU64,
+    pub connects: AtomicU64,
+    pub disconnects: AtomicU64,
+    pub local_addr: Mutex<Option<SocketAddr>>,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl ChannelStats {
+    pub fn new(index: usize, server: String) -> Self {
+        Self {
+            index,
+            server,
+            state: AtomicU8::new(ChannelState::Connecting.as_u8()),
+            in_flight: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            reissued: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+            disconnects: AtomicU64::new(0),
+            local_addr: Mutex::new(None),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub fn state(&self) -> ChannelState {
+        ChannelState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    pub fn set_state(&self, s: ChannelState) {
+        self.state.store(s.as_u8(), Ordering::Release);
+    }
+
+    pub fn set_error(&self, e: impl ToString) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = Some(e.to_string());
+        }
+    }
+
+    pub fn set_local_addr(&self, a: Option<SocketAddr>) {
+        if let Ok(mut g) = self.local_addr.lock() {
+            *g = a;
+        }
+    }
+
+    pub fn snapshot(&self) -> ChannelStatus {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ChannelStatus {
+            index: self.index,
+            server: self.server.clone(),
+            state: self.state(),
+            local_addr: self.local_addr.lock().ok().and_then(|g| *g),
+            in_flight: r(&self.in_flight),
+            completed: r(&self.completed),
+            bytes_read: r(&self.bytes_read),
+            bytes_written: r(&self.bytes_written),
+            reissued: r(&self.reissued),
+            connects: r(&self.connects),
+            disconnects: r(&self.disconnects),
+            last_error: self.last_error.lock().ok().and_then(|g| g.clone()),
+        }
+    }
+}
+
+/// Overall state from the channels' states.
+pub(crate) fn overall(channels: &[ChannelStatus], failed: bool) -> EngineState {
+    if failed {
+        return EngineState::Failed;
+    }
+    let up = channels.iter().filter(|c| c.state == ChannelState::Up).count();
+    match up {
+        0 => EngineState::Waiting,
+        n if n == channels.len() => EngineState::Healthy,
+        _ => EngineState::Degraded,
+    }
+}
