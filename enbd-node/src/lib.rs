@@ -3,3 +3,8 @@ pub mod mount;
 pub mod csi;
 pub mod device;
 pub mod engine;
+pub mod attach;
+pub mod cli;
+pub mod control;
+pub mod daemon;
+pub mod state;

@@ -1,3 +1,145 @@
-fn main() -> anyhow::Result<()> {
+//! `enbd-node`: the node daemon and its client commands.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use enbd_node::cli::{AttachArgs, Cli, Command, DaemonArgs, LogFormat};
+use enbd_node::control::{self, Request, Response, VolumeView};
+use enbd_node::daemon::{self, DaemonConfig, ExtraService};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Daemon(args) => run_daemon(args),
+        Command::Attach(args) => attach(args),
+        Command::Detach(args) => client(&args.control.control_socket, Request::Detach { target: args.target }),
+        Command::List(args) => list(&args.control.control_socket, args.json),
+        Command::ResetChannel(args) => client(
+            &args.control.control_socket,
+            Request::ResetChannel { target: args.target, channel: args.channel },
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("enbd-node: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Services beside the control socket. The CSI node service joins here when
+/// `--csi-endpoint` is given.
+fn extra_services(cfg: &DaemonConfig) -> anyhow::Result<Vec<ExtraService>> {
+    if let Some(endpoint) = &cfg.csi_endpoint {
+        anyhow::bail!("--csi-endpoint {endpoint}: this build does not serve the CSI node service");
+    }
+    Ok(Vec::new())
+}
+
+fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let cfg = DaemonConfig {
+        node_id: args.node_id.unwrap_or_else(hostname),
+        csi_endpoint: args.csi_endpoint,
+        driver_name: args.driver_name,
+        state_dir: args.state_dir,
+        control_socket: args.control.control_socket,
+        max_volumes: args.max_volumes,
+        topology_zone: args.topology_zone,
+        metrics_listen: args.metrics_listen,
+        journal_bytes: args.journal_bytes,
+    };
+    let extra = extra_services(&cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("enbd-node")
+        .build()
+        .context("starting the Tokio runtime")?;
+    let result = rt.block_on(daemon::run_daemon(cfg, extra));
+    // Devices keep running until the process is gone; do not wait for their threads.
+    rt.shutdown_background();
+    result
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the Tokio runtime")
+}
+
+fn call(socket: &std::path::Path, req: Request) -> anyhow::Result<Response> {
+    let rt = runtime()?;
+    let resp = rt.block_on(control::call(socket, &req))?;
+    if let Response::Error { message } = resp {
+        anyhow::bail!("{message}");
+    }
+    Ok(resp)
+}
+
+fn client(socket: &std::path::Path, req: Request) -> anyhow::Result<()> {
+    match call(socket, req)? {
+        Response::Detached { volume_id } => println!("detached {volume_id}"),
+        Response::Done => println!("ok"),
+        other => println!("{}", serde_json::to_string(&other)?),
+    }
     Ok(())
+}
+
+fn attach(args: AttachArgs) -> anyhow::Result<()> {
+    let source = args.source()?;
+    let req = Request::Attach {
+        volume_id: args.volume_id.clone().unwrap_or_else(|| source.export.clone()),
+        servers: source.servers,
+        export: source.export,
+        channels: args.channels,
+        queues: args.queues,
+        queue_depth: args.queue_depth,
+        brownout: args.brownout.clone(),
+        read_only: args.read_only,
+    };
+    match call(&args.control.control_socket, req)? {
+        Response::Attached { volume_id, device, size_bytes } => {
+            println!("attached {volume_id} as {device} ({size_bytes} bytes)");
+            Ok(())
+        }
+        other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
+fn list(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let Response::List { volumes } = call(socket, Request::List)? else {
+        anyhow::bail!("unexpected answer from the daemon");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&volumes)?);
+        return Ok(());
+    }
+    println!("{:<14} {:<24} {:>12} {:<11} {:<9} {:<16} CHANNELS", "DEVICE", "VOLUME", "SIZE", "PHASE", "ENGINE", "BROWNOUT");
+    for v in &volumes {
+        println!(
+            "{:<14} {:<24} {:>12} {:<11} {:<9} {:<16} {}",
+            v.device, v.volume_id, v.size_bytes, v.phase, v.engine, v.brownout, channels(v)
+        );
+    }
+    Ok(())
+}
+
+fn channels(v: &VolumeView) -> String {
+    v.channels.iter().map(|c| format!("{}:{}", c.index, c.state)).collect::<Vec<_>>().join(" ")
 }

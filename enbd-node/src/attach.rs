@@ -1,0 +1,628 @@
+//! The attachment manager: volumes attached on this node, each an engine [`Client`] serving
+//! one ublk [`Device`]. Used by the control socket (CLI) and the CSI node service.
+//!
+//! Invariants:
+//! - the state file lists every device this daemon serves, so a restarted daemon can take each
+//!   one over ([`AttachmentManager::restore`]); it is saved after a device is up and after it
+//!   is gone;
+//! - attach and detach are serialised (one at a time, per node), and `attach` is idempotent
+//!   per volume id;
+//! - a device that is mounted or open exclusively is never detached;
+//! - no lock is held across an `.await`, and device calls (which block) run on blocking
+//!   threads.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use thiserror::Error;
+use tokio::runtime::Handle;
+
+use crate::device::{self, BlockRequest, BlockTarget, Device, DeviceError, DeviceGeometry, DeviceOptions, DeviceState, Start};
+use crate::engine::{BrownoutPolicy, Client, ClientConfig, EngineError, EngineStatus, Geometry};
+use crate::state::{AttachmentRecord, StateError, StateStore};
+
+/// How long a device whose daemon died may still report LIVE before the kernel quiesces it.
+const QUIESCE_WAIT: Duration = Duration::from_secs(10);
+/// Reconnect back-off while taking over a device whose server is unreachable.
+const TAKEOVER_RETRY_MIN: Duration = Duration::from_millis(200);
+const TAKEOVER_RETRY_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachRequest {
+    pub volume_id: String,
+    pub servers: Vec<String>,
+    pub export: String,
+    pub channels: u16,
+    pub queues: u16,
+    pub queue_depth: u16,
+    pub brownout: BrownoutPolicy,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub volume_id: String,
+    pub dev_id: u32,
+    pub dev_path: PathBuf,
+    pub size_bytes: u64,
+}
+
+/// Where a volume is in its life on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// The device serves IO.
+    Attached,
+    /// A restarted daemon is taking the device over; its IO waits in the kernel meanwhile.
+    Recovering,
+    /// Taking over or stopping failed; the reason is kept for `list`.
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct AttachmentStatus {
+    pub volume_id: String,
+    pub dev_id: u32,
+    pub dev_path: PathBuf,
+    pub size_bytes: u64,
+    pub servers: Vec<String>,
+    pub export: String,
+    pub read_only: bool,
+    pub brownout: String,
+    pub phase: Phase,
+    /// None until the engine is connected (a volume being taken over).
+    pub engine: Option<EngineStatus>,
+}
+
+#[derive(Debug, Error)]
+pub enum AttachError {
+    #[error("invalid attach request: {0}")]
+    Invalid(String),
+    #[error("volume {0} is not attached on this node")]
+    NotAttached(String),
+    #[error("volume {volume_id} is already attached as {dev_path} with other settings ({what})")]
+    Conflict { volume_id: String, dev_path: PathBuf, what: String },
+    #[error("device {dev_path} of volume {volume_id} is in use ({users}): unmount it first")]
+    Busy { volume_id: String, dev_path: PathBuf, users: String },
+    #[error("volume {0} is being taken over by this daemon; retry in a moment")]
+    InProgress(String),
+    #[error("this node already has {0} volumes attached (--max-volumes)")]
+    LimitReached(usize),
+    #[error("export {0} is read-only on its server: attach it read-only")]
+    ReadOnlyExport(String),
+    #[error("connecting to the volume: {0}")]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("saving attachment state: {0}")]
+    State(#[from] StateError),
+    #[error("online resize: {0}")]
+    ResizeUnsupported(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub struct ManagerConfig {
+    pub state_dir: PathBuf,
+    /// 0 = no limit.
+    pub max_volumes: usize,
+    /// Journal budget per volume (bytes of payload held until acknowledged).
+    pub journal_bytes: usize,
+}
+
+struct Volume {
+    record: AttachmentRecord,
+    phase: Phase,
+    client: Option<Client>,
+    device: Option<Device>,
+}
+
+/// Cheap to clone; every clone manages the same volumes.
+#[derive(Clone)]
+pub struct AttachmentManager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    rt: Handle,
+    store: StateStore,
+    max_volumes: usize,
+    journal_bytes: usize,
+    /// Serialises attach/detach/resize: each is seconds of work that must not interleave.
+    ops: tokio::sync::Mutex<()>,
+    volumes: Mutex<HashMap<String, Volume>>,
+}
+
+/// Serves a device from the engine.
+struct EngineTarget(Client);
+
+impl BlockTarget for EngineTarget {
+    async fn submit(&self, req: BlockRequest) -> Result<Bytes, i32> {
+        let c = &self.0;
+        let result = match req {
+            BlockRequest::Read { offset, len } => c.read(offset, len).await,
+            BlockRequest::Write { offset, data, fua } => c.write(offset, data, fua).await.map(|()| Bytes::new()),
+            BlockRequest::Flush => c.flush().await.map(|()| Bytes::new()),
+            BlockRequest::Discard { offset, len } => c.trim(offset, len).await.map(|()| Bytes::new()),
+            BlockRequest::WriteZeroes { offset, len, no_hole } => {
+                c.write_zeroes(offset, len, no_hole).await.map(|()| Bytes::new())
+            }
+        };
+        result.map_err(|e| {
+            tracing::warn!(error = %e, "block request failed");
+            e.errno()
+        })
+    }
+}
+
+/// The device's shape from what the server reported in its handshake.
+pub fn device_geometry(g: &Geometry, read_only: bool) -> DeviceGeometry {
+    DeviceGeometry {
+        size_bytes: g.size,
+        logical_block: g.min_block,
+        physical_block: g.pref_block,
+        max_io_bytes: g.max_block,
+        read_only: read_only || g.read_only,
+        flush: g.can_flush,
+        fua: g.can_fua,
+        discard: g.can_trim,
+        write_zeroes: true, // the engine emulates it with a write when the server lacks it
+    }
+}
+
+fn client_config(r: &AttachmentRecord, brownout: BrownoutPolicy, journal_bytes: usize) -> ClientConfig {
+    let mut cfg = ClientConfig::new(r.servers[0].clone(), r.export.clone());
+    cfg.servers = r.servers.clone();
+    cfg.channels = r.channels;
+    cfg.brownout = brownout;
+    cfg.journal_bytes = journal_bytes;
+    cfg.queue_depth = cfg.queue_depth.max(r.queue_depth);
+    cfg
+}
+
+impl Attachment {
+    fn from_record(r: &AttachmentRecord) -> Self {
+        Attachment {
+            volume_id: r.volume_id.clone(),
+            dev_id: r.dev_id,
+            dev_path: device::bdev_path(r.dev_id),
+            size_bytes: r.size_bytes,
+        }
+    }
+}
+
+impl AttachmentManager {
+    /// Opens (and locks) the state directory. Call [`restore`](Self::restore) next.
+    pub fn new(cfg: ManagerConfig, rt: Handle) -> Result<Self, AttachError> {
+        let store = StateStore::open(&cfg.state_dir)?;
+        Ok(AttachmentManager {
+            inner: Arc::new(Inner {
+                rt,
+                store,
+                max_volumes: cfg.max_volumes,
+                journal_bytes: cfg.journal_bytes,
+                ops: tokio::sync::Mutex::new(()),
+                volumes: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Whether this kernel can host devices at all.
+    pub fn ready(&self) -> Result<(), String> {
+        device::features().map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Takes over every device listed in the state directory: each in its own task, which
+    /// connects the engine (retrying while the server is unreachable; the device's IO waits
+    /// in the kernel meanwhile) and then recovers the device. Returns how many it started.
+    pub fn restore(&self) -> Result<usize, AttachError> {
+        let records = self.inner.store.load()?;
+        let n = records.len();
+        {
+            let mut vols = self.lock_volumes()?;
+            for r in &records {
+                vols.insert(
+                    r.volume_id.clone(),
+                    Volume { record: r.clone(), phase: Phase::Recovering, client: None, device: None },
+                );
+            }
+        }
+        for r in records {
+            let mgr = self.clone();
+            self.inner.rt.spawn(async move {
+                let id = r.volume_id.clone();
+                if let Err(e) = mgr.take_over(r).await {
+                    tracing::error!(volume_id = %id, error = %e, "taking over the device failed");
+                    if let Ok(mut vols) = mgr.lock_volumes() {
+                        if let Some(v) = vols.get_mut(&id) {
+                            v.phase = Phase::Failed(e.to_string());
+                        }
+                    }
+                }
+            });
+        }
+        Ok(n)
+    }
+
+    async fn take_over(&self, r: AttachmentRecord) -> Result<(), AttachError> {
+        let brownout: BrownoutPolicy = r
+            .brownout
+            .parse()
+            .map_err(|e| AttachError::Internal(format!("stored brownout policy: {e}")))?;
+        let cfg = client_config(&r, brownout, self.inner.journal_bytes);
+        let mut delay = TAKEOVER_RETRY_MIN;
+        let client = loop {
+            match Client::connect(cfg.clone()).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(volume_id = %r.volume_id, error = %e, retry_in = ?delay,
+                        "server unreachable while taking over; device IO waits");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(TAKEOVER_RETRY_MAX);
+                }
+            }
+        };
+        let dev_id = r.dev_id;
+        let start = blocking(move || {
+            match device::wait_recoverable(dev_id, QUIESCE_WAIT) {
+                Ok(DeviceState::Quiesced) => Ok(Start::Recover { dev_id }),
+                // Gone (node rebooted): create it again, under the same id if free.
+                Err(DeviceError::NotFound(_)) => Ok(Start::New { dev_id: Some(dev_id) }),
+                Ok(DeviceState::Dead) => device::delete(dev_id).map(|()| Start::New { dev_id: Some(dev_id) }),
+                Ok(state) => Err(DeviceError::NotRecoverable { dev_id, state }),
+                Err(e) => Err(e),
+            }
+        })
+        .await??;
+        let geometry = device_geometry(&client.geometry(), r.read_only);
+        let opts = DeviceOptions { queues: r.queues, queue_depth: r.queue_depth, geometry };
+        let target = Arc::new(EngineTarget(client.clone()));
+        let rt = self.inner.rt.clone();
+        let device = match blocking(move || Device::start(&opts, start, target, rt)).await? {
+            Ok(d) => d,
+            Err(e) => {
+                client.shutdown().await;
+                return Err(e.into());
+            }
+        };
+        tracing::info!(volume_id = %r.volume_id, dev_id = device.dev_id(), ?start, "device taken over");
+        let _g = self.inner.ops.lock().await;
+        let records = {
+            let mut vols = self.lock_volumes()?;
+            let v = vols
+                .get_mut(&r.volume_id)
+                .ok_or_else(|| AttachError::Internal("volume vanished during takeover".into()))?;
+            v.record.dev_id = device.dev_id();
+            v.record.size_bytes = client.geometry().size;
+            v.client = Some(client);
+            v.device = Some(device);
+            v.phase = Phase::Attached;
+            vols.values().map(|v| v.record.clone()).collect::<Vec<_>>()
+        };
+        self.inner.store.save(&records)?;
+        Ok(())
+    }
+
+    fn lock_volumes(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Volume>>, AttachError> {
+        self.inner.volumes.lock().map_err(|_| AttachError::Internal("volume table lock poisoned".into()))
+    }
+
+    fn records(&self) -> Result<Vec<AttachmentRecord>, AttachError> {
+        Ok(self.lock_volumes()?.values().map(|v| v.record.clone()).collect())
+    }
+
+    /// Attaches a volume and returns its device; a second call for the same volume returns
+    /// the existing device.
+    pub async fn attach(&self, req: AttachRequest) -> Result<Attachment, AttachError> {
+        validate(&req)?;
+        let _g = self.inner.ops.lock().await;
+        {
+            let vols = self.lock_volumes()?;
+            if let Some(v) = vols.get(&req.volume_id) {
+                let r = &v.record;
+                if r.export != req.export || r.servers != req.servers || r.read_only != req.read_only {
+                    return Err(AttachError::Conflict {
+                        volume_id: req.volume_id.clone(),
+                        dev_path: device::bdev_path(r.dev_id),
+                        what: format!("export {} on {}", r.export, r.servers.join(",")),
+                    });
+                }
+                return Ok(Attachment::from_record(r));
+            }
+            if self.inner.max_volumes > 0 && vols.len() >= self.inner.max_volumes {
+                return Err(AttachError::LimitReached(vols.len()));
+            }
+        }
+        let mut record = AttachmentRecord {
+            volume_id: req.volume_id.clone(),
+            dev_id: 0,
+            servers: req.servers.clone(),
+            export: req.export.clone(),
+            channels: req.channels,
+            queues: req.queues,
+            queue_depth: req.queue_depth,
+            brownout: req.brownout.to_string(),
+            read_only: req.read_only,
+            size_bytes: 0,
+        };
+        let client = Client::connect(client_config(&record, req.brownout, self.inner.journal_bytes)).await?;
+        let g = client.geometry();
+        if g.read_only && !req.read_only {
+            client.shutdown().await;
+            return Err(AttachError::ReadOnlyExport(req.export));
+        }
+        let opts = DeviceOptions {
+            queues: req.queues,
+            queue_depth: req.queue_depth,
+            geometry: device_geometry(&g, req.read_only),
+        };
+        let target = Arc::new(EngineTarget(client.clone()));
+        let rt = self.inner.rt.clone();
+        let device = match blocking(move || Device::start(&opts, Start::New { dev_id: None }, target, rt)).await? {
+            Ok(d) => d,
+            Err(e) => {
+                client.shutdown().await;
+                return Err(e.into());
+            }
+        };
+        record.dev_id = device.dev_id();
+        record.size_bytes = g.size;
+        if !device.recoverable() {
+            tracing::warn!(volume_id = %req.volume_id,
+                "kernel lacks ublk user recovery: a daemon restart will fail this device's IO");
+        }
+        let attachment = Attachment::from_record(&record);
+        let records = {
+            let mut vols = self.lock_volumes()?;
+            vols.insert(
+                req.volume_id.clone(),
+                Volume { record, phase: Phase::Attached, client: Some(client), device: Some(device) },
+            );
+            vols.values().map(|v| v.record.clone()).collect::<Vec<_>>()
+        };
+        if let Err(e) = self.inner.store.save(&records) {
+            // A device the state file does not list would be orphaned by a restart: undo.
+            tracing::error!(volume_id = %req.volume_id, error = %e, "state not saved; detaching again");
+            let _ = self.remove(&req.volume_id).await;
+            return Err(e.into());
+        }
+        tracing::info!(volume_id = %req.volume_id, dev = %attachment.dev_path.display(),
+            size = attachment.size_bytes, "volume attached");
+        Ok(attachment)
+    }
+
+    /// Detaches a volume: refuses while its device is in use; unknown volumes are
+    /// [`AttachError::NotAttached`] (the CSI layer treats that as done).
+    pub async fn detach(&self, volume_id: &str) -> Result<(), AttachError> {
+        let _g = self.inner.ops.lock().await;
+        let dev_path = {
+            let vols = self.lock_volumes()?;
+            let v = vols.get(volume_id).ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
+            if v.phase == Phase::Recovering {
+                return Err(AttachError::InProgress(volume_id.to_string()));
+            }
+            device::bdev_path(v.record.dev_id)
+        };
+        if let Some(users) = device_users(&dev_path) {
+            return Err(AttachError::Busy { volume_id: volume_id.to_string(), dev_path, users });
+        }
+        self.remove(volume_id).await?;
+        tracing::info!(volume_id, dev = %dev_path.display(), "volume detached");
+        Ok(())
+    }
+
+    /// Stops the device and the engine and forgets the volume. Caller holds `ops`.
+    async fn remove(&self, volume_id: &str) -> Result<(), AttachError> {
+        let (device, client, dev_id) = {
+            let mut vols = self.lock_volumes()?;
+            let v = vols.get_mut(volume_id).ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
+            (v.device.take(), v.client.take(), v.record.dev_id)
+        };
+        let stopped = match device {
+            Some(d) => blocking(move || d.stop()).await?,
+            // Never came up here (failed takeover): remove whatever the kernel still has.
+            None => blocking(move || device::delete(dev_id)).await?,
+        };
+        if let Some(c) = client {
+            c.shutdown().await;
+        }
+        if let Err(e) = stopped {
+            if let Some(v) = self.lock_volumes()?.get_mut(volume_id) {
+                v.phase = Phase::Failed(format!("stopping the device: {e}"));
+            }
+            return Err(e.into());
+        }
+        self.lock_volumes()?.remove(volume_id);
+        self.inner.store.save(&self.records()?)?;
+        Ok(())
+    }
+
+    pub fn get(&self, volume_id: &str) -> Option<AttachmentStatus> {
+        let vols = self.inner.volumes.lock().ok()?;
+        vols.get(volume_id).map(status_of)
+    }
+
+    pub fn list(&self) -> Vec<AttachmentStatus> {
+        let Ok(vols) = self.inner.volumes.lock() else { return Vec::new() };
+        let mut all: Vec<_> = vols.values().map(status_of).collect();
+        all.sort_by_key(|s| s.dev_id);
+        all
+    }
+
+    /// The volume whose device is `/dev/ublkbN` (or `ublkbN`).
+    pub fn volume_of_device(&self, dev: &str) -> Option<String> {
+        let name = Path::new(dev).file_name()?.to_str()?;
+        let id: u32 = name.strip_prefix("ublkb")?.parse().ok()?;
+        self.list().into_iter().find(|s| s.dev_id == id).map(|s| s.volume_id)
+    }
+
+    /// Drops one channel's connection (operators, fault tests): its requests are re-issued.
+    pub fn reset_channel(&self, volume_id: &str, channel: usize) -> Result<(), AttachError> {
+        let vols = self.lock_volumes()?;
+        let v = vols.get(volume_id).ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
+        let c = v.client.as_ref().ok_or_else(|| AttachError::InProgress(volume_id.to_string()))?;
+        if channel >= c.status().channels.len() {
+            return Err(AttachError::Invalid(format!("volume {volume_id} has no channel {channel}")));
+        }
+        c.reset_channel(channel);
+        Ok(())
+    }
+
+    /// Re-reads the volume's size from its server and grows the device online.
+    pub async fn resize(&self, volume_id: &str) -> Result<u64, AttachError> {
+        let _g = self.inner.ops.lock().await;
+        let (record, size_now) = {
+            let vols = self.lock_volumes()?;
+            let v = vols.get(volume_id).ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
+            (v.record.clone(), v.record.size_bytes)
+        };
+        let features = blocking(device::features).await??;
+        if !features.update_size() {
+            return Err(DeviceError::ResizeUnsupported.into());
+        }
+        let brownout: BrownoutPolicy = record.brownout.parse().unwrap_or_default();
+        let mut probe_cfg = client_config(&record, brownout, self.inner.journal_bytes);
+        probe_cfg.channels = 1;
+        let probe = Client::connect(probe_cfg).await?;
+        let size = probe.geometry().size;
+        probe.shutdown().await;
+        if size == size_now {
+            return Ok(size);
+        }
+        Err(AttachError::ResizeUnsupported(format!(
+            "the export grew from {size_now} to {size} bytes, but the client engine keeps the size \
+             it connected with; detach and attach the volume again to use the new size"
+        )))
+    }
+}
+
+fn status_of(v: &Volume) -> AttachmentStatus {
+    let r = &v.record;
+    AttachmentStatus {
+        volume_id: r.volume_id.clone(),
+        dev_id: r.dev_id,
+        dev_path: device::bdev_path(r.dev_id),
+        size_bytes: r.size_bytes,
+        servers: r.servers.clone(),
+        export: r.export.clone(),
+        read_only: r.read_only,
+        brownout: r.brownout.clone(),
+        phase: v.phase.clone(),
+        engine: v.client.as_ref().map(Client::status),
+    }
+}
+
+fn validate(req: &AttachRequest) -> Result<(), AttachError> {
+    let bad = |m: &str| Err(AttachError::Invalid(m.to_string()));
+    if req.volume_id.is_empty() || req.volume_id.len() > 256 || req.volume_id.chars().any(char::is_control) {
+        return bad("volume id must be 1 to 256 printable characters");
+    }
+    if req.servers.is_empty() {
+        return bad("at least one server address is needed");
+    }
+    if req.queues == 0 || req.queues > 64 {
+        return bad("queues must be between 1 and 64");
+    }
+    if req.queue_depth == 0 || req.queue_depth > 4096 {
+        return bad("queue depth must be between 1 and 4096");
+    }
+    if req.channels == 0 {
+        return bad("channels must be at least 1");
+    }
+    Ok(())
+}
+
+/// Who keeps a block device busy: its mount points, or "open" when it is held exclusively
+/// without a mount. None when it is free.
+pub fn device_users(dev_path: &Path) -> Option<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let meta = std::fs::metadata(dev_path).ok()?;
+    if !meta.file_type().is_block_device() {
+        return None;
+    }
+    let rdev = meta.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let mounts = mount_points(major, minor);
+    if !mounts.is_empty() {
+        return Some(format!("mounted on {}", mounts.join(", ")));
+    }
+    // O_EXCL on a block device fails with EBUSY while anyone holds it exclusively
+    // (a mount in another namespace, a device mapper, a RAID member, ...).
+    match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(dev_path) {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Some("held open exclusively".into()),
+        _ => None,
+    }
+}
+
+/// Mount points of device `major:minor` in this mount namespace.
+fn mount_points(major: u32, minor: u32) -> Vec<String> {
+    let want = format!("{major}:{minor}");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| {
+                    let mut f = l.split(' ');
+                    let dev = f.nth(2)?;
+                    let _root = f.next()?;
+                    let point = f.next()?;
+                    (dev == want).then(|| point.replace("\\040", " "))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs blocking device work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, AttachError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AttachError::Internal(format!("device task failed: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> AttachRequest {
+        AttachRequest {
+            volume_id: "vol".into(),
+            servers: vec!["127.0.0.1:10809".into()],
+            export: "vol".into(),
+            channels: 2,
+            queues: 1,
+            queue_depth: 64,
+            brownout: BrownoutPolicy::Wait,
+            read_only: false,
+        }
+    }
+
+    #[test]
+    fn requests_are_validated() {
+        assert!(validate(&req()).is_ok());
+        assert!(validate(&AttachRequest { servers: vec![], ..req() }).is_err());
+        assert!(validate(&AttachRequest { queues: 0, ..req() }).is_err());
+        assert!(validate(&AttachRequest { queue_depth: 5000, ..req() }).is_err());
+        assert!(validate(&AttachRequest { volume_id: String::new(), ..req() }).is_err());
+    }
+
+    #[test]
+    fn a_plain_file_has_no_users() {
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        assert_eq!(device_users(f.path()), None);
+        assert_eq!(device_users(Path::new("/nonexistent/ublkb9")), None);
+    }
+
+    #[tokio::test]
+    async fn unknown_volumes_are_reported_clearly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = ManagerConfig { state_dir: dir.path().into(), max_volumes: 0, journal_bytes: 1 << 20 };
+        let mgr = AttachmentManager::new(cfg, Handle::current()).expect("manager");
+        assert_eq!(mgr.restore().expect("restore"), 0);
+        let err = mgr.detach("nope").await.expect_err("unknown volume");
+        assert_eq!(err.to_string(), "volume nope is not attached on this node");
+        assert!(mgr.list().is_empty());
+        assert!(mgr.get("nope").is_none());
+    }
+}

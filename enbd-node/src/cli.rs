@@ -1,0 +1,245 @@
+//! Command line of `enbd-node`: the daemon, and the standalone client commands (the old ENBD
+//! client daemon's job) that talk to it over the control socket. Every flag is also an
+//! environment variable `ENBD_<FLAG>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+
+/// Default NBD port when a URL or address gives none.
+pub const NBD_PORT: u16 = 10809;
+
+#[derive(Debug, Parser)]
+#[command(name = "enbd-node", version, about = "ENBD node plugin: client engine, ublk devices, CSI node service")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon: owns every ublk device; serves the control socket (and CSI).
+    Daemon(DaemonArgs),
+    /// Attach a volume as a local block device (via the running daemon).
+    Attach(AttachArgs),
+    /// Detach a volume (by volume id or device path); refused while it is mounted.
+    Detach(DetachArgs),
+    /// List attached volumes: device, volume, engine and channel states.
+    List(ListArgs),
+    /// Drop one channel's connection of an attached volume (fault tests, operators).
+    ResetChannel(ResetChannelArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ControlSocketArg {
+    /// Unix socket between the daemon and the client commands.
+    #[arg(long, env = "ENBD_CONTROL_SOCKET", default_value = "/run/enbd-node/control.sock")]
+    pub control_socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DaemonArgs {
+    /// Kubernetes node name reported to CSI (default: the host name).
+    #[arg(long, env = "ENBD_NODE_ID")]
+    pub node_id: Option<String>,
+    /// CSI endpoint, e.g. unix:///csi/csi.sock; without it only the control socket is served.
+    #[arg(long, env = "ENBD_CSI_ENDPOINT")]
+    pub csi_endpoint: Option<String>,
+    #[arg(long, env = "ENBD_DRIVER_NAME", default_value = "csi.enbd.io")]
+    pub driver_name: String,
+    /// Where attachment state survives daemon restarts.
+    #[arg(long, env = "ENBD_STATE_DIR", default_value = "/var/lib/enbd-node")]
+    pub state_dir: PathBuf,
+    #[command(flatten)]
+    pub control: ControlSocketArg,
+    /// Most volumes attached at once (0: no limit).
+    #[arg(long, env = "ENBD_MAX_VOLUMES", default_value_t = 0)]
+    pub max_volumes: u64,
+    #[arg(long, env = "ENBD_TOPOLOGY_ZONE")]
+    pub topology_zone: Option<String>,
+    /// Prometheus metrics (per-volume engine counters).
+    #[arg(long, env = "ENBD_METRICS_LISTEN", default_value = "0.0.0.0:9812")]
+    pub metrics_listen: SocketAddr,
+    #[arg(long, env = "ENBD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Bytes of unacknowledged request payload each volume's journal may hold.
+    #[arg(long, env = "ENBD_JOURNAL_BYTES", default_value_t = 64 << 20)]
+    pub journal_bytes: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AttachArgs {
+    /// nbd://HOST[:PORT]/EXPORT (instead of --server and --export).
+    pub url: Option<String>,
+    /// NBD server HOST:PORT; repeat (or separate with commas) for several.
+    #[arg(long = "server", env = "ENBD_SERVER", value_delimiter = ',')]
+    pub servers: Vec<String>,
+    /// Export (volume) name on the server.
+    #[arg(long, env = "ENBD_EXPORT")]
+    pub export: Option<String>,
+    /// Name the attachment is known by (default: the export name).
+    #[arg(long, env = "ENBD_VOLUME_ID")]
+    pub volume_id: Option<String>,
+    /// NBD connections per server.
+    #[arg(long, env = "ENBD_CHANNELS", default_value_t = 4)]
+    pub channels: u16,
+    /// ublk hardware queues (one thread each).
+    #[arg(long, env = "ENBD_QUEUES", default_value_t = 1)]
+    pub queues: u16,
+    /// Requests in flight per ublk queue.
+    #[arg(long, env = "ENBD_QUEUE_DEPTH", default_value_t = 64)]
+    pub queue_depth: u16,
+    /// `wait` (hide outages) or `fail-after=<duration>` (EIO once an outage lasts that long).
+    #[arg(long, env = "ENBD_BROWNOUT", default_value = "wait")]
+    pub brownout: String,
+    #[arg(long, env = "ENBD_READ_ONLY")]
+    pub read_only: bool,
+    #[command(flatten)]
+    pub control: ControlSocketArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DetachArgs {
+    /// Volume id or device path (/dev/ublkbN).
+    pub target: String,
+    #[command(flatten)]
+    pub control: ControlSocketArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long, env = "ENBD_JSON")]
+    pub json: bool,
+    #[command(flatten)]
+    pub control: ControlSocketArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ResetChannelArgs {
+    /// Volume id or device path.
+    pub target: String,
+    /// Channel index (see `list`).
+    pub channel: usize,
+    #[command(flatten)]
+    pub control: ControlSocketArg,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CliError {
+    #[error("{0:?} is not an nbd:// URL (expected nbd://HOST[:PORT]/EXPORT)")]
+    BadUrl(String),
+    #[error("give either an nbd:// URL or --server and --export, not both")]
+    UrlAndFlags,
+    #[error("missing --server (or an nbd:// URL)")]
+    NoServer,
+    #[error("missing --export (or an nbd:// URL)")]
+    NoExport,
+}
+
+/// Where to attach from: servers and export, from a URL or flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub servers: Vec<String>,
+    pub export: String,
+}
+
+/// Parses `nbd://HOST[:PORT]/EXPORT` (IPv6 hosts in brackets).
+pub fn parse_nbd_url(url: &str) -> Result<Source, CliError> {
+    let bad = || CliError::BadUrl(url.to_string());
+    let rest = url.strip_prefix("nbd://").ok_or_else(bad)?;
+    let (authority, export) = rest.split_once('/').ok_or_else(bad)?;
+    if authority.is_empty() || export.is_empty() {
+        return Err(bad());
+    }
+    let has_port = match authority.rfind(':') {
+        Some(i) => !authority[..i].ends_with(':') && authority.rfind(']').is_none_or(|b| b < i),
+        None => false,
+    };
+    let server = if has_port {
+        let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
+        port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad)?;
+        format!("{host}:{port}")
+    } else {
+        format!("{authority}:{NBD_PORT}")
+    };
+    Ok(Source { servers: vec![server], export: export.to_string() })
+}
+
+impl AttachArgs {
+    pub fn source(&self) -> Result<Source, CliError> {
+        match &self.url {
+            Some(url) => {
+                if !self.servers.is_empty() || self.export.is_some() {
+                    return Err(CliError::UrlAndFlags);
+                }
+                parse_nbd_url(url)
+            }
+            None => {
+                if self.servers.is_empty() {
+                    return Err(CliError::NoServer);
+                }
+                let export = self.export.clone().ok_or(CliError::NoExport)?;
+                let servers = self
+                    .servers
+                    .iter()
+                    .map(|s| if s.contains(':') { s.clone() } else { format!("{s}:{NBD_PORT}") })
+                    .collect();
+                Ok(Source { servers, export })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbd_urls() {
+        assert_eq!(
+            parse_nbd_url("nbd://localhost/demo"),
+            Ok(Source { servers: vec!["localhost:10809".into()], export: "demo".into() })
+        );
+        assert_eq!(
+            parse_nbd_url("nbd://10.0.0.1:2000/a/b"),
+            Ok(Source { servers: vec!["10.0.0.1:2000".into()], export: "a/b".into() })
+        );
+        assert_eq!(parse_nbd_url("nbd://[::1]/v").map(|s| s.servers), Ok(vec!["[::1]:10809".into()]));
+        assert_eq!(parse_nbd_url("nbd://[::1]:99/v").map(|s| s.servers), Ok(vec!["[::1]:99".into()]));
+        assert!(parse_nbd_url("http://x/y").is_err());
+        assert!(parse_nbd_url("nbd://host/").is_err());
+        assert!(parse_nbd_url("nbd://host:0/v").is_err());
+    }
+
+    #[test]
+    fn attach_arguments() {
+        let cli = Cli::try_parse_from(["enbd-node", "attach", "--server", "a:1,b", "--export", "v", "--brownout", "fail-after=2s"])
+            .expect("parse");
+        let Command::Attach(a) = cli.command else { panic!("not attach") };
+        assert_eq!(a.source(), Ok(Source { servers: vec!["a:1".into(), "b:10809".into()], export: "v".into() }));
+        assert_eq!(a.brownout, "fail-after=2s");
+        let cli = Cli::try_parse_from(["enbd-node", "attach", "nbd://h/v", "--export", "w"]).expect("parse");
+        let Command::Attach(a) = cli.command else { panic!("not attach") };
+        assert_eq!(a.source(), Err(CliError::UrlAndFlags));
+    }
+
+    #[test]
+    fn daemon_defaults_match_the_contract() {
+        let cli = Cli::try_parse_from(["enbd-node", "daemon"]).expect("parse");
+        let Command::Daemon(d) = cli.command else { panic!("not daemon") };
+        assert_eq!(d.state_dir, PathBuf::from("/var/lib/enbd-node"));
+        assert_eq!(d.control.control_socket, PathBuf::from("/run/enbd-node/control.sock"));
+        assert_eq!(d.driver_name, "csi.enbd.io");
+        assert_eq!(d.metrics_listen, "0.0.0.0:9812".parse::<SocketAddr>().expect("addr"));
+        assert!(d.csi_endpoint.is_none());
+    }
+}

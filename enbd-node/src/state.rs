@@ -1,0 +1,175 @@
+//! Attachment state that survives a daemon restart: which volume is served by which ublk
+//! device, and how to reach its server(s).
+//!
+//! One JSON file in the state directory, replaced atomically (write a temporary file, fsync,
+//! rename, fsync the directory): after a crash the file holds either the old or the new list,
+//! never a torn one. A lock file (`flock`) keeps a second daemon off the same state.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+const STATE_FILE: &str = "attachments.json";
+const LOCK_FILE: &str = "lock";
+const FORMAT_VERSION: u32 = 1;
+
+/// Everything needed to serve one attached volume again after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentRecord {
+    pub volume_id: String,
+    pub dev_id: u32,
+    pub servers: Vec<String>,
+    pub export: String,
+    pub channels: u16,
+    pub queues: u16,
+    pub queue_depth: u16,
+    /// `wait` or `fail-after=<duration>`.
+    pub brownout: String,
+    pub read_only: bool,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    attachments: Vec<AttachmentRecord>,
+}
+
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("state directory {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("state directory {0} is in use by another enbd-node daemon")]
+    Locked(PathBuf),
+    #[error("state file {path} is corrupt: {source}")]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+    #[error("state file {path} has format version {found}; this enbd-node reads version {FORMAT_VERSION}")]
+    Version { path: PathBuf, found: u32 },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io { path: path.to_path_buf(), source }
+}
+
+/// The state directory, locked for this process while the value lives.
+#[derive(Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl StateStore {
+    /// Creates the directory if needed and takes its lock (fails at once if another daemon
+    /// holds it).
+    pub fn open(dir: &Path) -> Result<StateStore, StateError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                StateError::Locked(dir.to_path_buf())
+            } else {
+                StateError::Io { path: lock_path, source: e }
+            });
+        }
+        Ok(StateStore { dir: dir.to_path_buf(), _lock: lock })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The saved attachments; none if the daemon never saved any.
+    pub fn load(&self) -> Result<Vec<AttachmentRecord>, StateError> {
+        let path = self.dir.join(STATE_FILE);
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StateError::Io { path, source: e }),
+        };
+        let file: StateFile = serde_json::from_slice(&text)
+            .map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
+        if file.version != FORMAT_VERSION {
+            return Err(StateError::Version { path, found: file.version });
+        }
+        Ok(file.attachments)
+    }
+
+    /// Replaces the saved list atomically and durably.
+    pub fn save(&self, attachments: &[AttachmentRecord]) -> Result<(), StateError> {
+        let path = self.dir.join(STATE_FILE);
+        let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
+        let body = serde_json::to_vec_pretty(&StateFile {
+            version: FORMAT_VERSION,
+            attachments: attachments.to_vec(),
+        })
+        .map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
+        {
+            let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+            f.write_all(&body).map_err(io_err(&tmp))?;
+            f.sync_all().map_err(io_err(&tmp))?;
+        }
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, dev_id: u32) -> AttachmentRecord {
+        AttachmentRecord {
+            volume_id: id.into(),
+            dev_id,
+            servers: vec!["127.0.0.1:10809".into()],
+            export: id.into(),
+            channels: 2,
+            queues: 1,
+            queue_depth: 64,
+            brownout: "wait".into(),
+            read_only: false,
+            size_bytes: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn save_load_round_trip_and_replace() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        assert!(store.load().expect("empty load").is_empty());
+        store.save(&[record("a", 0), record("b", 3)]).expect("save");
+        assert_eq!(store.load().expect("load"), vec![record("a", 0), record("b", 3)]);
+        store.save(&[record("b", 3)]).expect("save again");
+        assert_eq!(store.load().expect("load"), vec![record("b", 3)]);
+        assert!(!dir.path().join("attachments.json.tmp").exists());
+    }
+
+    #[test]
+    fn second_daemon_is_locked_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = StateStore::open(dir.path()).expect("open");
+        assert!(matches!(StateStore::open(dir.path()), Err(StateError::Locked(_))));
+    }
+
+    #[test]
+    fn corrupt_or_foreign_files_are_reported_not_ignored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        fs::write(dir.path().join(STATE_FILE), b"{not json").expect("write");
+        assert!(matches!(store.load(), Err(StateError::Corrupt { .. })));
+        fs::write(dir.path().join(STATE_FILE), br#"{"version":9,"attachments":[]}"#).expect("write");
+        assert!(matches!(store.load(), Err(StateError::Version { found: 9, .. })));
+    }
+}
