@@ -16,6 +16,8 @@
 //! - Transmission messages take a [`HeaderStyle`]: `Compact` (28-byte requests, simple and
 //!   structured replies) or `Extended` (`NBD_OPT_EXTENDED_HEADERS`: 32-byte headers).
 
+#![warn(missing_docs)]
+
 mod buf;
 pub mod consts;
 mod error;
