@@ -650,9 +650,9 @@ fn transmit(conn: &mut Conn<TcpStream>) {
                     });
                 }
                 let hole_start = request.offset.max(DATA_END);
-                if hole_start < EXPORT_SIZE
-                    && !(request.flags.contains(CommandFlags::REQ_ONE) && !extents.is_empty())
-                {
+                // With REQ_ONE the client wants exactly one extent.
+                let room = extents.is_empty() || !request.flags.contains(CommandFlags::REQ_ONE);
+                if hole_start < EXPORT_SIZE && room {
                     extents.push(Extent {
                         length: (EXPORT_SIZE - hole_start) as u32,
                         flags: NBD_STATE_HOLE | NBD_STATE_ZERO,
