@@ -1,10 +1,10 @@
 //! Interoperability of the wire codec with independent NBD implementations on this machine.
-//! Client side: the codec drives a whole session against `nbdkit` (its `memory` plugin,
-//! served over a socketpair with `-s`), so every client-side decoder meets a real server's
-//! bytes. Server side: a minimal in-test server built only from the codec's server-side
-//! encoders answers libnbd's `nbdinfo` and `nbdcopy` on 127.0.0.1 (port 0), so libnbd's strict
-//! parser checks our option replies and structured chunks. The tools are required: a missing
-//! one fails the test (`e2e/setup-host.sh` installs them).
+//! Client side: the codec drives whole sessions against `nbdkit` (its `memory` plugin, served
+//! over a socketpair with `-s`) and `qemu-nbd` (on a unix socket), so every client-side decoder
+//! meets two real servers' bytes. Server side: a minimal in-test server built only from the
+//! codec's server-side encoders answers libnbd's `nbdinfo` and `nbdcopy` on 127.0.0.1 (port 0),
+//! so libnbd's strict parser checks our option replies and structured chunks. The tools are
+//! required: a missing one fails the test (`e2e/setup-host.sh` installs them).
 
 // A failed expectation is a failed test: panicking with context is the point here.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -448,6 +448,175 @@ fn client_side_against_nbdkit_with_export_name_and_simple_replies() {
         assert!(child.wait().expect("wait for nbdkit").success());
         assert!(conn.buf.is_empty(), "no stray bytes after the last reply");
     }
+}
+
+/// A qemu-nbd serving a 1 MiB raw file on a unix socket; killed and cleaned up on drop.
+struct QemuNbd {
+    dir: std::path::PathBuf,
+    pid: Option<i32>,
+}
+
+impl QemuNbd {
+    fn start() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos();
+        let dir =
+            std::env::temp_dir().join(format!("enbd-wire-qemu-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut guard = Self { dir, pid: None };
+        let image = guard.dir.join("disk.raw");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(MIB))
+            .expect("image");
+        // --fork returns once the socket accepts connections, so no polling is needed.
+        let status = Process::new("qemu-nbd")
+            .args(["--fork", "--format=raw", "--export-name=disk", "--shared=1"])
+            .arg(format!("--socket={}", guard.socket().display()))
+            .arg(format!("--pid-file={}", guard.dir.join("pid").display()))
+            .arg(&image)
+            .status()
+            .expect("qemu-nbd must be installed (e2e/setup-host.sh installs qemu-utils)");
+        assert!(status.success(), "qemu-nbd failed to start");
+        let pid = std::fs::read_to_string(guard.dir.join("pid")).expect("pid file");
+        guard.pid = Some(pid.trim().parse().expect("pid"));
+        guard
+    }
+
+    fn socket(&self) -> std::path::PathBuf {
+        self.dir.join("nbd.sock")
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        // qemu-nbd exits by itself after its one client; this only covers a failed test, and
+        // checks the pid still names our qemu-nbd before signalling it.
+        if let Some(pid) = self.pid {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if std::thread::panicking() && comm.trim() == "qemu-nbd" {
+                let _ = Process::new("kill")
+                    .arg(pid.to_string())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn client_side_against_qemu_nbd() {
+    let server = QemuNbd::start();
+    let mut conn = Conn::new(UnixStream::connect(server.socket()).expect("connect to qemu-nbd"));
+    handshake(
+        &mut conn,
+        ClientFlags::FIXED_NEWSTYLE | ClientFlags::NO_ZEROES,
+    );
+
+    assert_eq!(
+        conn.option(OptionRequest::StructuredReply),
+        vec![OptionReplyBody::Ack]
+    );
+    let selected = conn.option(OptionRequest::SetMetaContext(MetaContextRequest {
+        export: "disk".into(),
+        queries: vec![BASE_ALLOCATION.into()],
+    }));
+    let context_id = match &selected[..] {
+        [
+            OptionReplyBody::MetaContext { id, name },
+            OptionReplyBody::Ack,
+        ] if name == BASE_ALLOCATION => *id,
+        other => panic!("unexpected SET_META_CONTEXT replies {other:?}"),
+    };
+    let missing = conn.option(OptionRequest::Go(InfoRequest {
+        export: "nope".into(),
+        requests: vec![],
+    }));
+    assert!(
+        matches!(
+            missing[..],
+            [OptionReplyBody::Error {
+                error: OptionError::UnknownExport,
+                ..
+            }]
+        ),
+        "{missing:?}"
+    );
+    let go = conn.option(OptionRequest::Go(InfoRequest {
+        export: "disk".into(),
+        requests: vec![InfoType::BlockSize, InfoType::Name, InfoType::Description],
+    }));
+    assert_eq!(go.last(), Some(&OptionReplyBody::Ack), "{go:?}");
+    let mut export = None;
+    let mut sizes = None;
+    for reply in &go {
+        match reply {
+            OptionReplyBody::Info(InfoReply::Export(info)) => export = Some(*info),
+            OptionReplyBody::Info(InfoReply::BlockSize(block)) => sizes = Some(*block),
+            _ => {}
+        }
+    }
+    let export = export.expect("NBD_INFO_EXPORT");
+    assert_eq!(export.size, MIB);
+    assert!(
+        export
+            .flags
+            .contains(TransmissionFlags::SEND_FLUSH | TransmissionFlags::SEND_WRITE_ZEROES)
+    );
+    sizes
+        .expect("qemu-nbd answers NBD_INFO_BLOCK_SIZE")
+        .validate()
+        .expect("sane block sizes");
+
+    let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+    conn.request(
+        req(Command::Write, CommandFlags::FUA, 1, 128 * 1024, 8192),
+        &pattern,
+    );
+    assert_eq!(conn.reply(Cookie(1)), vec![]);
+
+    conn.request(
+        req(Command::Read, CommandFlags::empty(), 2, 128 * 1024, 8192),
+        &[],
+    );
+    let mut image = vec![0xffu8; 8192];
+    for chunk in conn.reply(Cookie(2)) {
+        match chunk {
+            ChunkBody::OffsetData { offset, data } => {
+                let at = (offset - 128 * 1024) as usize;
+                image[at..at + data.len()].copy_from_slice(&data);
+            }
+            ChunkBody::None => {}
+            other => panic!("unexpected read chunk {other:?}"),
+        }
+    }
+    assert_eq!(image, pattern);
+
+    conn.request(
+        req(
+            Command::BlockStatus,
+            CommandFlags::REQ_ONE,
+            3,
+            128 * 1024,
+            4096,
+        ),
+        &[],
+    );
+    let status = conn.reply(Cookie(3));
+    assert!(
+        status.iter().any(
+            |c| matches!(c, ChunkBody::BlockStatus { context_id: id, extents }
+            if *id == context_id && extents.len() == 1 && extents[0].length <= 4096
+                && extents[0].flags & NBD_STATE_HOLE == 0)
+        ),
+        "{status:?}"
+    );
+
+    conn.request(req(Command::Flush, CommandFlags::empty(), 4, 0, 0), &[]);
+    assert_eq!(conn.reply(Cookie(4)), vec![]);
+    conn.request(req(Command::Disc, CommandFlags::empty(), 5, 0, 0), &[]);
 }
 
 // ---- Server side: a codec-only server answering libnbd ---------------------------------------
