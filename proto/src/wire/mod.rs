@@ -15,6 +15,47 @@
 //!   values it forbids are errors.
 //! - Transmission messages take a [`HeaderStyle`]: `Compact` (28-byte requests, simple and
 //!   structured replies) or `Extended` (`NBD_OPT_EXTENDED_HEADERS`: 32-byte headers).
+//!
+//! ```
+//! use enbd_proto::wire::*;
+//!
+//! // Client: a compact READ request.
+//! let read = Request {
+//!     flags: CommandFlags::empty(),
+//!     command: Command::Read,
+//!     cookie: Cookie(7),
+//!     offset: 4096,
+//!     length: 512,
+//! };
+//! let mut wire = Vec::new();
+//! read.encode(HeaderStyle::Compact, &mut wire)?;
+//!
+//! // Server: decodes as bytes arrive; a partial header asks for more.
+//! assert_eq!(Request::decode(&wire[..10], HeaderStyle::Compact, 1 << 25)?, None);
+//! let (request, used) = Request::decode(&wire, HeaderStyle::Compact, 1 << 25)?.expect("whole header");
+//! assert_eq!((request, used), (read, 28));
+//!
+//! // Server: answers with one structured chunk carrying the data and the DONE flag.
+//! let chunk = ReplyChunk {
+//!     flags: ReplyFlags::DONE,
+//!     cookie: request.cookie,
+//!     request_offset: 0,
+//!     body: ChunkBody::OffsetData { offset: request.offset, data: vec![0u8; 512].into() },
+//! };
+//! let mut reply = Vec::new();
+//! chunk.encode(HeaderStyle::Compact, &mut reply)?;
+//!
+//! // Client: reads the header first, then the payload it announces.
+//! match ReplyHeader::decode(&reply, HeaderStyle::Compact, 1 << 25)? {
+//!     Some((ReplyHeader::Chunk(header), len)) => {
+//!         let payload = &reply[len..len + header.length as usize];
+//!         let body = ChunkBody::decode(header.chunk_type, payload)?;
+//!         assert_eq!(body, chunk.body);
+//!     }
+//!     other => panic!("unexpected {other:?}"),
+//! }
+//! # Ok::<(), WireError>(())
+//! ```
 
 #![warn(missing_docs)]
 
