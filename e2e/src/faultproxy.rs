@@ -347,10 +347,12 @@ async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         _ = &mut down => Kill::Close,
     };
     // Queued bytes die with the pumps: a killed connection never delivers late.
-    up.abort();
-    down.abort();
-    let _ = up.await;
-    let _ = down.await;
+    for pump in [&mut up, &mut down] {
+        if !pump.is_finished() {
+            pump.abort();
+            let _ = pump.await;
+        }
+    }
     if how == Kill::Reset {
         let _ = client.set_zero_linger();
         let _ = upstream.set_zero_linger();

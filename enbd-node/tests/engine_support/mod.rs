@@ -1,0 +1,231 @@
+//! Shared harness of the engine tests: NBD peer servers as real processes on 127.0.0.1
+//! (enbd-server, qemu-nbd, nbdkit, nbd-server), readiness by connecting, kill by pid on drop;
+//! and the checksummed workload that proves no acknowledged write is ever lost.
+//! A missing peer program fails the test loudly; nothing here skips.
+#![allow(dead_code)]
+
+pub mod workload;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The NBD servers the engine is checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKind {
+    EnbdServer,
+    QemuNbd,
+    Nbdkit,
+    NbdServer,
+}
+
+/// A running peer serving one export.
+pub struct Peer {
+    pub kind: PeerKind,
+    pub addr: SocketAddr,
+    pub export: String,
+    child: Option<Child>,
+    /// A daemonised peer (nbd-server) is killed by pid.
+    daemon_pid: Option<String>,
+    /// For file-backed peers: the file; for enbd-server: its data directory.
+    pub data: PathBuf,
+    _conf: Option<tempfile::TempDir>,
+}
+
+impl Peer {
+    pub fn server(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// SIGKILL and reap: a crash, not a shutdown.
+    pub fn kill(mut self) {
+        self.kill_now();
+    }
+
+    fn kill_now(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(pid) = self.daemon_pid.take() {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill_now();
+    }
+}
+
+/// Path of the enbd-server binary built next to this test (`cargo build -p enbd-server`;
+/// a workspace build or `cargo nextest run --workspace` builds it).
+pub fn enbd_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ENBD_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("enbd-server");
+    assert!(
+        bin.exists(),
+        "enbd-server binary not found at {} — build it first: cargo build -p enbd-server",
+        bin.display()
+    );
+    bin
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Waits until `addr` accepts a TCP connection while `child` stays alive.
+fn wait_listening(child: &mut Child, addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            panic!("{what} exited before listening on {addr}: {st}");
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} did not listen on {addr} within 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spawn(cmd: &str, args: &[String]) -> Child {
+    Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} (install it with e2e/setup-host.sh): {e}"))
+}
+
+/// A sparse file of `size` bytes in `dir`.
+pub fn sparse_file(dir: &Path, size: u64) -> PathBuf {
+    let path = dir.join("disk.img");
+    let f = std::fs::File::create(&path).expect("create image");
+    f.set_len(size).expect("size image");
+    path
+}
+
+/// Starts `kind` serving `data` (a file; for enbd-server a data directory whose `demo`
+/// volume is served). Port collisions are retried.
+pub fn start_peer(kind: PeerKind, data: &Path) -> Peer {
+    for _ in 0..5 {
+        if let Some(p) = try_start_peer(kind, data) {
+            return p;
+        }
+    }
+    panic!("{kind:?} could not be started");
+}
+
+fn try_start_peer(kind: PeerKind, data: &Path) -> Option<Peer> {
+    let export = match kind {
+        PeerKind::EnbdServer => "demo",
+        _ => "disk",
+    }
+    .to_owned();
+    if kind == PeerKind::EnbdServer {
+        return Some(start_enbd_server(data));
+    }
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let file = data.display().to_string();
+    let mut conf = None;
+    let mut child = match kind {
+        PeerKind::QemuNbd => spawn(
+            "qemu-nbd",
+            &[
+                "-f", "raw", "-x", &export, "-p", &port.to_string(), "-b", "127.0.0.1", "--shared=16", "-t",
+                "--cache=writeback", &file,
+            ]
+            .map(String::from),
+        ),
+        PeerKind::Nbdkit => spawn(
+            "nbdkit",
+            &["-f", "-p", &port.to_string(), "-i", "127.0.0.1", "-e", &export, "file", &file].map(String::from),
+        ),
+        PeerKind::NbdServer => {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let cfg = dir.path().join("config");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "[generic]\nlistenaddr = 127.0.0.1\nport = {port}\nallowlist = false\n\
+                     [{export}]\nexportname = {file}\nflush = true\nfua = true\ntrim = true\nmultifile = false\n"
+                ),
+            )
+            .expect("write nbd-server config");
+            let pid = dir.path().join("pid");
+            let c = spawn(
+                "nbd-server",
+                &["-C".into(), cfg.display().to_string(), "-p".into(), pid.display().to_string()],
+            );
+            conf = Some(dir);
+            c
+        }
+        PeerKind::EnbdServer => unreachable!(),
+    };
+    // nbd-server daemonises: the parent exits at once, the daemon keeps serving.
+    if kind == PeerKind::NbdServer {
+        let _ = child.wait();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pidfile = conf.as_ref().expect("conf").path().join("pid");
+        let pid = std::fs::read_to_string(&pidfile).ok()?.trim().to_owned();
+        return Some(Peer { kind, addr, export, child: None, daemon_pid: Some(pid), data: data.to_owned(), _conf: conf });
+    }
+    std::thread::sleep(Duration::from_millis(10));
+    if let Ok(Some(_)) = child.try_wait() {
+        return None;
+    }
+    wait_listening(&mut child, addr, &format!("{kind:?}"));
+    Some(Peer { kind, addr, export, child: Some(child), daemon_pid: None, data: data.to_owned(), _conf: conf })
+}
+
+/// Starts enbd-server with `--demo` on `data_dir` (the 1 GiB `demo` volume is created if
+/// missing and reused when present, so a restart serves the same data).
+pub fn start_enbd_server(data_dir: &Path) -> Peer {
+    let mut child = Command::new(enbd_server_bin())
+        .args(["--demo", "--server-id=engine-test", "--listen=127.0.0.1:0"])
+        .args(["--mgmt-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"])
+        .arg(format!("--data-dir={}", data_dir.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn enbd-server");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut reader = BufReader::new(stdout);
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("read readiness line");
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    assert!(line.starts_with("enbd-server ready "), "unexpected first line from enbd-server: {line:?}");
+    let addr: SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("nbd="))
+        .unwrap_or_else(|| panic!("nbd= missing in {line:?}"))
+        .parse()
+        .expect("nbd address");
+    Peer {
+        kind: PeerKind::EnbdServer,
+        addr,
+        export: "demo".into(),
+        child: Some(child),
+        daemon_pid: None,
+        data: data_dir.to_owned(),
+        _conf: None,
+    }
+}
