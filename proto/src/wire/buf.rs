@@ -110,3 +110,20 @@ pub(crate) fn check_str(text: &str, what: &'static str) -> Result<(), WireError>
     }
     Ok(())
 }
+
+/// End of a frame whose 32-bit data length follows a header of `header_len` bytes; fails
+/// instead of wrapping where `usize` is narrower than the sum (32-bit targets).
+pub(crate) fn frame_end(
+    header_len: usize,
+    length: u32,
+    what: &'static str,
+) -> Result<usize, WireError> {
+    usize::try_from(length)
+        .ok()
+        .and_then(|len| len.checked_add(header_len))
+        .ok_or(WireError::TooLong {
+            what,
+            len: length.into(),
+            limit: (usize::MAX - header_len) as u64,
+        })
+}

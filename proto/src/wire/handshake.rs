@@ -6,7 +6,7 @@
 //! malformed option data is reported as `WireError::MalformedOption` so a server can skip the
 //! frame and answer `NBD_REP_ERR_INVALID` instead of dropping the connection.
 
-use super::buf::{Reader, check_str, decode_string};
+use super::buf::{Reader, check_str, decode_string, frame_end};
 use super::consts::*;
 use super::error::WireError;
 use super::flags::{ClientFlags, HandshakeFlags, TransmissionFlags};
@@ -237,7 +237,7 @@ impl OptionRequest {
         let Some((header, header_len)) = OptionHeader::decode(buf, max_data)? else {
             return Ok(None);
         };
-        let frame_len = header_len + header.length as usize;
+        let frame_len = frame_end(header_len, header.length, "option data")?;
         let Some(data) = buf.get(header_len..frame_len) else {
             return Ok(None);
         };

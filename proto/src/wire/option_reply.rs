@@ -5,7 +5,7 @@
 //! unknown information types and unknown non-error reply types are kept, not rejected,
 //! because clients must ignore them.
 
-use super::buf::{Reader, check_str, decode_string};
+use super::buf::{Reader, check_str, decode_string, frame_end};
 use super::consts::*;
 use super::error::WireError;
 use super::flags::TransmissionFlags;
@@ -236,7 +236,7 @@ impl OptionReply {
                 limit: max_data.into(),
             });
         }
-        let frame_len = OPTION_REPLY_HEADER_LEN + length as usize;
+        let frame_len = frame_end(OPTION_REPLY_HEADER_LEN, length, "option reply data")?;
         let Some(data) = buf.get(OPTION_REPLY_HEADER_LEN..frame_len) else {
             return Ok(None);
         };
