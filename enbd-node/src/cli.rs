@@ -30,6 +30,8 @@ pub enum Command {
     List(ListArgs),
     /// Drop one channel's connection of an attached volume (fault tests, operators).
     ResetChannel(ResetChannelArgs),
+    /// Benchmark the client engine against an NBD server (no device): IOPS, latency, CPU.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -3,6 +3,7 @@ pub mod mount;
 pub mod csi;
 pub mod device;
 pub mod engine;
+pub mod bench;
 pub mod attach;
 pub mod cli;
 pub mod control;

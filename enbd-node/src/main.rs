@@ -19,6 +19,7 @@ fn main() -> ExitCode {
             &args.control.control_socket,
             Request::ResetChannel { target: args.target, channel: args.channel },
         ),
+        Command::Bench(args) => enbd_node::bench::run_bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
