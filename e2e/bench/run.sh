@@ -54,6 +54,9 @@ declare -A CELL_ARGS=(
 start() {
   case $1 in
     enbd) start_enbd "$DATA" "$PORT" "${ENBD_ARGS[@]}" ;;
+    # Engine variants, for choosing the default: enbd-uring, enbd-pool<threads>.
+    enbd-uring) start_enbd "$DATA" "$PORT" --io-engine uring ;;
+    enbd-pool*) start_enbd "$DATA" "$PORT" --io-engine pool --io-threads "${1#enbd-pool}" ;;
     qemu-nbd) start_qemu_nbd "$FILE" "$PORT" io_uring ;;
     qemu-nbd-threads) start_qemu_nbd "$FILE" "$PORT" threads ;;
     nbdkit) start_nbdkit "$FILE" "$PORT" ;;
@@ -92,7 +95,8 @@ results, runtime = sys.argv[1], float(sys.argv[2])
 best = {}  # (server, cell) -> (ops/s, MB/s, cpu s per request); the best round is kept
 for line in open(results):
     server, cell, _round, path, cpu = line.rstrip("\n").split("\t")
-    job = json.load(open(path))["jobs"][0]
+    text = open(path).read()  # fio may print warnings before the JSON
+    job = json.loads(text[text.index("{"):])["jobs"][0]
     side = job["read"] if "read" in cell else job["write"]
     iops, mbs = side["iops"], side["bw_bytes"] / 1e6
     ios = side["total_ios"] or 1
@@ -101,12 +105,12 @@ for line in open(results):
     key = (server, cell)
     if key not in best or iops > best[key][0]:
         best[key] = (iops, mbs, cpu_per_req_us)
-servers = sorted({s for s, _ in best}, key=lambda s: (s != "enbd", s))
+servers = sorted({s for s, _ in best}, key=lambda s: (not s.startswith("enbd"), s))
 cells = ["randread4k", "randwrite4k", "read1m", "write1m"]
 print()
 print(f"{'cell':<12} {'server':<17} {'IOPS':>9} {'MB/s':>8} {'CPU us/req':>10}  {'vs best peer':>12}")
 for cell in cells:
-    peers = [best[(s, cell)][0] for s in servers if s != "enbd" and (s, cell) in best]
+    peers = [best[(s, cell)][0] for s in servers if not s.startswith("enbd") and (s, cell) in best]
     top = max(peers) if peers else None
     for s in servers:
         if (s, cell) not in best:

@@ -62,6 +62,9 @@ pub struct Cli {
     /// File IO engine (chosen by measurement; see the README's benchmarks).
     #[arg(long, env = "ENBD_IO_ENGINE", value_enum, default_value_t = IoEngineKind::Pool)]
     pub io_engine: IoEngineKind,
+    /// Threads of the `pool` IO engine.
+    #[arg(long, env = "ENBD_IO_THREADS", default_value_t = 16)]
+    pub io_threads: usize,
     /// Seconds to let in-flight requests finish on SIGTERM/SIGINT before closing connections.
     #[arg(long, env = "ENBD_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -99,6 +102,7 @@ pub struct Config {
     pub max_request_bytes: u32,
     pub log_format: LogFormat,
     pub io_engine: IoEngineKind,
+    pub io_threads: usize,
     pub shutdown_grace: std::time::Duration,
     /// With --demo: the volume to create if missing (name, bytes); also the default export.
     pub demo_volume: Option<(String, u64)>,
@@ -152,6 +156,7 @@ impl Cli {
             max_request_bytes: self.max_request_bytes,
             log_format: self.log_format,
             io_engine: self.io_engine,
+            io_threads: self.io_threads.clamp(1, 256),
             shutdown_grace: std::time::Duration::from_secs(self.shutdown_grace_secs),
             demo_volume: self.demo.then(|| (DEMO_VOLUME.to_owned(), DEMO_VOLUME_BYTES)),
         })

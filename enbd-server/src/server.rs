@@ -31,7 +31,7 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("binding {what} on {addr}: {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
-    #[error("starting the io_uring engine: {0}")]
+    #[error("starting the IO engine: {0}")]
     Uring(std::io::Error),
     #[error("management server: {0}")]
     Mgmt(#[from] tonic::transport::Error),
@@ -50,9 +50,9 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Serve
     TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { what, addr, source })
 }
 
-fn io_engine(kind: IoEngineKind) -> Result<IoEngine, ServerError> {
+fn io_engine(kind: IoEngineKind, threads: usize) -> Result<IoEngine, ServerError> {
     Ok(match kind {
-        IoEngineKind::Pool => IoEngine::Pool,
+        IoEngineKind::Pool => IoEngine::pool(threads).map_err(ServerError::Uring)?,
         IoEngineKind::Uring => IoEngine::uring().map_err(ServerError::Uring)?,
     })
 }
@@ -86,7 +86,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, ready: impl FnOnce(&B
     let metrics = Arc::new(Metrics::default());
     let session_cfg = Arc::new(SessionConfig {
         max_request_bytes: cfg.max_request_bytes,
-        io: io_engine(cfg.io_engine)?,
+        io: io_engine(cfg.io_engine, cfg.io_threads)?,
         metrics: metrics.clone(),
     });
     let mgmt_service = Mgmt::new(store.clone(), cfg.server_id.as_str().to_owned(), bound.data_address.clone());

@@ -50,7 +50,7 @@ impl ExportProvider for MemoryProvider {
 pub fn run_session_on_bytes(runtime: &tokio::runtime::Runtime, input: &[u8], max_request_bytes: u32) -> Vec<u8> {
     let provider: Arc<dyn ExportProvider> =
         Arc::new(MemoryProvider::default().with_export("demo", 1 << 20, false).with_export("ro", 64 << 10, true));
-    let cfg = Arc::new(SessionConfig { max_request_bytes, io: IoEngine::Pool, metrics: Arc::new(Metrics::default()) });
+    let cfg = Arc::new(SessionConfig { max_request_bytes, io: IoEngine::Blocking, metrics: Arc::new(Metrics::default()) });
     runtime.block_on(async move {
         let (client, server) = tokio::io::duplex(256 * 1024);
         let (srd, swr) = tokio::io::split(server);

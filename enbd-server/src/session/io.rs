@@ -3,7 +3,7 @@
 //! finish in any order.
 //!
 //! Two engines, chosen with `--io-engine` (the default picked by measurement, see the README):
-//! - `pool`: each op runs as a blocking task (positional pread/pwrite on a thread pool);
+//! - `pool`: each op runs on a small fixed thread pool ([`super::pool`]), pread/pwrite;
 //! - `uring`: READ/WRITE/FLUSH on file backends go to an io_uring ring owned by one thread
 //!   ([`super::uring`]); everything else takes the pool path.
 //!
@@ -77,11 +77,18 @@ pub fn run_blocking(backend: &dyn Backend, op: Op) -> OpResult {
 /// The engine a server's sessions submit to; cheap to clone.
 #[derive(Clone)]
 pub enum IoEngine {
-    Pool,
+    /// Tokio's blocking pool (`spawn_blocking`); used by tests and the fuzz driver.
+    Blocking,
+    Pool(Arc<super::pool::IoPool>),
     Uring(Arc<super::uring::Uring>),
 }
 
 impl IoEngine {
+    /// Starts the positional-IO thread pool.
+    pub fn pool(threads: usize) -> std::io::Result<Self> {
+        Ok(IoEngine::Pool(Arc::new(super::pool::IoPool::start(threads)?)))
+    }
+
     /// Starts the io_uring engine's thread.
     pub fn uring() -> std::io::Result<Self> {
         Ok(IoEngine::Uring(super::uring::Uring::start()?))
@@ -111,6 +118,11 @@ impl IoEngine {
             }
         }
         let backend = backend.clone();
-        tokio::task::spawn_blocking(move || done(run_blocking(&*backend, op)));
+        match self {
+            IoEngine::Pool(pool) => pool.submit(Box::new(move || done(run_blocking(&*backend, op)))),
+            _ => {
+                tokio::task::spawn_blocking(move || done(run_blocking(&*backend, op)));
+            }
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod io;
 pub mod negotiate;
+pub mod pool;
 pub mod transmission;
 pub mod uring;
 
