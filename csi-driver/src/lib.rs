@@ -1,1 +1,23 @@
-//! csi-driver library.
+//! csi-driver: the CSI Controller and Identity services for ENBD volumes.
+//!
+//! Layers, dependencies pointing one way: [`config`] (validated flags) →
+//! [`discovery`] (which enbd-servers exist) → [`servers`] (health, clients) →
+//! [`placement`], [`capacity`], [`capability`], [`publish`], [`ops`] (policy) →
+//! [`identity`], [`controller`] (the CSI services; [`error`] is their one
+//! mapping to gRPC codes) → [`serve`] (unix socket, shutdown) → `main.rs`.
+
+pub mod capability;
+pub mod capacity;
+pub mod cli;
+pub mod config;
+pub mod controller;
+pub mod discovery;
+pub mod error;
+pub mod identity;
+pub mod metrics;
+pub mod ops;
+pub mod placement;
+pub mod publish;
+pub mod serve;
+pub mod servers;
+pub mod state;

@@ -1,0 +1,99 @@
+//! Command line of the `csi-driver` binary. Every flag is also an environment
+//! variable `ENBD_<FLAG>`, and Helm values map one-to-one onto these flags; the
+//! e2e suite validates the chart's arguments with [`Cli::try_parse_from`].
+//! Parsing only checks syntax; [`crate::config::Config::from_cli`] checks meaning.
+
+use clap::{Parser, ValueEnum};
+
+/// How the controller finds enbd-servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiscoveryMode {
+    /// Watch enbd-server pods through the Kubernetes API.
+    Kubernetes,
+    /// Use the fixed `--servers` list.
+    Static,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// CSI controller for ENBD network block volumes.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "csi-driver", version, about)]
+pub struct Cli {
+    /// CSI endpoint the sidecars dial (`unix:///path` or a plain path).
+    #[arg(long, env = "ENBD_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    pub endpoint: String,
+
+    /// CSI driver name reported by GetPluginInfo.
+    #[arg(long, env = "ENBD_DRIVER_NAME", default_value = "csi.enbd.io")]
+    pub driver_name: String,
+
+    /// Accepted for symmetry with the node plugin; the controller ignores it.
+    #[arg(long, env = "ENBD_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Where the list of enbd-servers comes from.
+    #[arg(long, env = "ENBD_DISCOVERY", value_enum, default_value = "kubernetes")]
+    pub discovery: DiscoveryMode,
+
+    /// Static discovery: `ID=MGMT_URL` pairs, comma separated
+    /// (e.g. `enbd-server-0=http://10.0.0.5:10810`).
+    #[arg(long, env = "ENBD_SERVERS", value_delimiter = ',')]
+    pub servers: Vec<String>,
+
+    /// Kubernetes discovery: namespace of the enbd-server pods (default: the
+    /// namespace of the service account, else `default`).
+    #[arg(long, env = "ENBD_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Kubernetes discovery: label selector of the enbd-server pods.
+    #[arg(
+        long,
+        env = "ENBD_SERVER_SELECTOR",
+        default_value = "app.kubernetes.io/component=enbd-server"
+    )]
+    pub server_selector: String,
+
+    /// Prometheus metrics listen address.
+    #[arg(long, env = "ENBD_METRICS_LISTEN", default_value = "0.0.0.0:9811")]
+    pub metrics_listen: String,
+
+    /// Log output format.
+    #[arg(long, env = "ENBD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let cli = Cli::try_parse_from(["csi-driver"]).unwrap();
+        assert_eq!(cli.endpoint, "unix:///csi/csi.sock");
+        assert_eq!(cli.driver_name, "csi.enbd.io");
+        assert_eq!(cli.discovery, DiscoveryMode::Kubernetes);
+        assert_eq!(cli.server_selector, "app.kubernetes.io/component=enbd-server");
+        assert_eq!(cli.metrics_listen, "0.0.0.0:9811");
+        assert_eq!(cli.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn static_servers_split_on_commas() {
+        let cli = Cli::try_parse_from([
+            "csi-driver",
+            "--discovery",
+            "static",
+            "--servers",
+            "a=http://127.0.0.1:1,b=http://127.0.0.1:2",
+        ])
+        .unwrap();
+        assert_eq!(cli.servers, ["a=http://127.0.0.1:1", "b=http://127.0.0.1:2"]);
+    }
+}

@@ -1,0 +1,225 @@
+//! Validated configuration, built once from the [`Cli`] and passed down
+//! explicitly. Invariant: a `Config` only holds values that were checked here,
+//! so the services never re-validate start-up input.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use enbd_proto::ids::ServerId;
+
+use crate::cli::{Cli, DiscoveryMode, LogFormat};
+
+/// Why the command line was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--endpoint {0:?}: only unix sockets are supported (unix:///path or /path)")]
+    Endpoint(String),
+    #[error(
+        "--driver-name {0:?}: must be 1 to 63 characters of letters, digits, '-' and '.', \
+         beginning and ending with a letter or digit"
+    )]
+    DriverName(String),
+    #[error("--servers entry {0:?}: expected ID=URL, e.g. enbd-server-0=http://10.0.0.5:10810")]
+    ServerEntry(String),
+    #[error("--servers entry {entry:?}: {source}")]
+    ServerId { entry: String, source: enbd_proto::ids::IdError },
+    #[error("--servers entry {0:?}: URL must start with http:// or https:// and name a host")]
+    ServerUrl(String),
+    #[error("--servers names {0} twice")]
+    DuplicateServer(String),
+    #[error("--discovery static needs at least one --servers entry")]
+    NoServers,
+    #[error("--servers is only used with --discovery static")]
+    ServersWithoutStatic,
+    #[error("--server-selector must not be empty")]
+    EmptySelector,
+    #[error("--metrics-listen {0:?}: expected HOST:PORT with an IP address, or empty to disable")]
+    MetricsListen(String),
+}
+
+/// One statically configured enbd-server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticServer {
+    pub id: ServerId,
+    /// Management gRPC URL, e.g. `http://127.0.0.1:10810`.
+    pub mgmt_url: String,
+}
+
+/// Where the server list comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Discovery {
+    Static(Vec<StaticServer>),
+    Kubernetes { namespace: Option<String>, selector: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket_path: PathBuf,
+    pub driver_name: String,
+    pub discovery: Discovery,
+    /// `None` disables the metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
+}
+
+fn valid_driver_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.'))
+}
+
+fn parse_socket_path(endpoint: &str) -> Result<PathBuf, ConfigError> {
+    let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+    if !path.starts_with('/') || endpoint.contains("://") && !endpoint.starts_with("unix://") {
+        return Err(ConfigError::Endpoint(endpoint.to_owned()));
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn parse_static_server(entry: &str) -> Result<StaticServer, ConfigError> {
+    let (id, url) = entry
+        .split_once('=')
+        .ok_or_else(|| ConfigError::ServerEntry(entry.to_owned()))?;
+    let id = ServerId::parse(id.trim())
+        .map_err(|source| ConfigError::ServerId { entry: entry.to_owned(), source })?;
+    let url = url.trim();
+    let host = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+    match host {
+        Some(h) if !h.is_empty() && !h.starts_with(':') && !h.starts_with('/') => {}
+        _ => return Err(ConfigError::ServerUrl(entry.to_owned())),
+    }
+    Ok(StaticServer { id, mgmt_url: url.trim_end_matches('/').to_owned() })
+}
+
+impl Config {
+    pub fn from_cli(cli: &Cli) -> Result<Self, ConfigError> {
+        let socket_path = parse_socket_path(&cli.endpoint)?;
+        if !valid_driver_name(&cli.driver_name) {
+            return Err(ConfigError::DriverName(cli.driver_name.clone()));
+        }
+        let discovery = match cli.discovery {
+            DiscoveryMode::Static => {
+                let mut servers: Vec<StaticServer> = Vec::new();
+                for entry in cli.servers.iter().filter(|e| !e.trim().is_empty()) {
+                    let server = parse_static_server(entry)?;
+                    if servers.iter().any(|s| s.id == server.id) {
+                        return Err(ConfigError::DuplicateServer(server.id.to_string()));
+                    }
+                    servers.push(server);
+                }
+                if servers.is_empty() {
+                    return Err(ConfigError::NoServers);
+                }
+                Discovery::Static(servers)
+            }
+            DiscoveryMode::Kubernetes => {
+                if cli.servers.iter().any(|e| !e.trim().is_empty()) {
+                    return Err(ConfigError::ServersWithoutStatic);
+                }
+                if cli.server_selector.trim().is_empty() {
+                    return Err(ConfigError::EmptySelector);
+                }
+                Discovery::Kubernetes {
+                    namespace: cli.namespace.clone().filter(|n| !n.is_empty()),
+                    selector: cli.server_selector.clone(),
+                }
+            }
+        };
+        let metrics_listen = match cli.metrics_listen.trim() {
+            "" => None,
+            addr => Some(
+                addr.parse()
+                    .map_err(|_| ConfigError::MetricsListen(cli.metrics_listen.clone()))?,
+            ),
+        };
+        Ok(Config {
+            socket_path,
+            driver_name: cli.driver_name.clone(),
+            discovery,
+            metrics_listen,
+            log_format: cli.log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn config(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["csi-driver"];
+        argv.extend_from_slice(args);
+        Config::from_cli(&Cli::try_parse_from(argv).unwrap())
+    }
+
+    #[test]
+    fn static_discovery() {
+        let c = config(&[
+            "--endpoint",
+            "unix:///tmp/x/csi.sock",
+            "--discovery",
+            "static",
+            "--servers",
+            "s0=http://127.0.0.1:10810/,s1=https://srv:1",
+            "--metrics-listen",
+            "",
+        ])
+        .unwrap();
+        assert_eq!(c.socket_path, PathBuf::from("/tmp/x/csi.sock"));
+        assert_eq!(c.metrics_listen, None);
+        let Discovery::Static(servers) = c.discovery else { panic!("static expected") };
+        assert_eq!(servers[0].mgmt_url, "http://127.0.0.1:10810");
+        assert_eq!(servers[1].id.as_str(), "s1");
+    }
+
+    #[test]
+    fn refuses_bad_input() {
+        assert!(matches!(config(&["--endpoint", "tcp://x:1"]), Err(ConfigError::Endpoint(_))));
+        assert!(matches!(config(&["--endpoint", "relative"]), Err(ConfigError::Endpoint(_))));
+        assert!(matches!(config(&["--driver-name=-x"]), Err(ConfigError::DriverName(_))));
+        assert!(matches!(config(&["--discovery", "static"]), Err(ConfigError::NoServers)));
+        assert!(matches!(
+            config(&["--discovery", "static", "--servers", "s0"]),
+            Err(ConfigError::ServerEntry(_))
+        ));
+        assert!(matches!(
+            config(&["--discovery", "static", "--servers", "S0=http://a:1"]),
+            Err(ConfigError::ServerId { .. })
+        ));
+        assert!(matches!(
+            config(&["--discovery", "static", "--servers", "s0=a:1"]),
+            Err(ConfigError::ServerUrl(_))
+        ));
+        assert!(matches!(
+            config(&["--discovery", "static", "--servers", "s0=http://a:1,s0=http://b:1"]),
+            Err(ConfigError::DuplicateServer(_))
+        ));
+        assert!(matches!(
+            config(&["--servers", "s0=http://a:1"]),
+            Err(ConfigError::ServersWithoutStatic)
+        ));
+        assert!(matches!(
+            config(&["--metrics-listen", "localhost"]),
+            Err(ConfigError::MetricsListen(_))
+        ));
+    }
+
+    #[test]
+    fn kubernetes_is_the_default() {
+        let c = config(&["--namespace", "storage"]).unwrap();
+        assert_eq!(
+            c.discovery,
+            Discovery::Kubernetes {
+                namespace: Some("storage".into()),
+                selector: "app.kubernetes.io/component=enbd-server".into()
+            }
+        );
+        assert_eq!(c.metrics_listen, Some("0.0.0.0:9811".parse().unwrap()));
+    }
+}

@@ -1,0 +1,197 @@
+//! Where the list of enbd-servers comes from: a fixed `--servers` list, or a
+//! kube-rs watch of the enbd-server pods selected by label.
+//!
+//! Discovery publishes complete target sets (server id → management URL) on a
+//! watch channel; `None` means "no complete list yet", so the controller never
+//! acts on half a listing. In Kubernetes the server id is the pod name (the
+//! StatefulSet's stable identity, also the server's default `--server-id`); the
+//! management URL uses the pod IP, which is fine because it never leaves the
+//! controller: volume IDs carry the server id and volume contexts carry the
+//! server's advertised, DNS-based data address.
+
+use std::collections::BTreeMap;
+
+use enbd_proto::ids::ServerId;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Discovery;
+use crate::servers::Targets;
+
+/// Management port used when the pod names no container port `mgmt`.
+pub const DEFAULT_MGMT_PORT: i32 = 10810;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("cannot build a Kubernetes client (in-cluster config or kubeconfig): {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// Runs discovery until cancelled, publishing target sets on `tx`.
+pub async fn run(
+    discovery: Discovery,
+    tx: watch::Sender<Option<Targets>>,
+    cancel: CancellationToken,
+) -> Result<(), DiscoveryError> {
+    match discovery {
+        Discovery::Static(servers) => {
+            let targets = servers.into_iter().map(|s| (s.id, s.mgmt_url)).collect();
+            tx.send_replace(Some(targets));
+            // Keep the sender alive: the prober treats a closed channel as "no
+            // more updates", which is true, but it is tidier to end together.
+            cancel.cancelled().await;
+            Ok(())
+        }
+        Discovery::Kubernetes { namespace, selector } => {
+            let client = Client::try_default().await.map_err(DiscoveryError::Client)?;
+            let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
+            tracing::info!(%namespace, %selector, "watching enbd-server pods");
+            let api: Api<Pod> = Api::namespaced(client, &namespace);
+            watch_pods(api, &selector, tx, cancel).await;
+            Ok(())
+        }
+    }
+}
+
+async fn watch_pods(
+    api: Api<Pod>,
+    selector: &str,
+    tx: watch::Sender<Option<Targets>>,
+    cancel: CancellationToken,
+) {
+    let stream = watcher::watcher(api, watcher::Config::default().labels(selector)).default_backoff();
+    futures::pin_mut!(stream);
+    // Pod name → its target, if it currently is one.
+    let mut pods: BTreeMap<String, Option<(ServerId, String)>> = BTreeMap::new();
+    let mut relisting: Option<BTreeMap<String, Option<(ServerId, String)>>> = None;
+    let mut synced = false;
+    loop {
+        let event = tokio::select! {
+            () = cancel.cancelled() => return,
+            event = stream.next() => event,
+        };
+        let changed = match event {
+            None => return,
+            Some(Err(e)) => {
+                // The backoff retries; keep serving the last complete list.
+                tracing::warn!(error = %e, "enbd-server pod watch failed; retrying");
+                false
+            }
+            Some(Ok(Event::Init)) => {
+                relisting = Some(BTreeMap::new());
+                false
+            }
+            Some(Ok(Event::InitApply(pod))) => {
+                if let Some(buf) = relisting.as_mut() {
+                    buf.insert(pod_name(&pod), target_of(&pod));
+                }
+                false
+            }
+            Some(Ok(Event::InitDone)) => {
+                pods = relisting.take().unwrap_or_default();
+                synced = true;
+                true
+            }
+            Some(Ok(Event::Apply(pod))) => {
+                pods.insert(pod_name(&pod), target_of(&pod));
+                true
+            }
+            Some(Ok(Event::Delete(pod))) => {
+                pods.remove(&pod_name(&pod));
+                true
+            }
+        };
+        if changed && synced {
+            let targets: Targets = pods.values().flatten().cloned().collect();
+            tracing::debug!(servers = targets.len(), "enbd-server set changed");
+            tx.send_replace(Some(targets));
+        }
+    }
+}
+
+fn pod_name(pod: &Pod) -> String {
+    pod.metadata.name.clone().unwrap_or_default()
+}
+
+/// The server a pod stands for, if it is running, has an IP and a valid name.
+pub fn target_of(pod: &Pod) -> Option<(ServerId, String)> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let name = pod.metadata.name.as_deref()?;
+    let id = match ServerId::parse(name) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(pod = name, error = %e, "ignoring enbd-server pod with an unusable name");
+            return None;
+        }
+    };
+    let status = pod.status.as_ref()?;
+    if status.phase.as_deref() != Some("Running") {
+        return None;
+    }
+    let ip = status.pod_ip.as_deref().filter(|ip| !ip.is_empty())?;
+    let port = pod
+        .spec
+        .as_ref()
+        .into_iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some("mgmt"))
+        .map_or(DEFAULT_MGMT_PORT, |p| p.container_port);
+    let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
+    Some((id, format!("http://{host}:{port}")))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn running_pod_with_named_port() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "enbd-server-1"},
+            "spec": {"containers": [{"name": "server", "ports": [
+                {"name": "nbd", "containerPort": 10809},
+                {"name": "mgmt", "containerPort": 7000}
+            ]}]},
+            "status": {"phase": "Running", "podIP": "10.1.2.3"}
+        }));
+        let (id, url) = target_of(&p).unwrap();
+        assert_eq!(id.as_str(), "enbd-server-1");
+        assert_eq!(url, "http://10.1.2.3:7000");
+    }
+
+    #[test]
+    fn defaults_port_and_brackets_ipv6() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "s0"},
+            "spec": {"containers": [{"name": "server"}]},
+            "status": {"phase": "Running", "podIP": "fd00::5"}
+        }));
+        assert_eq!(target_of(&p).unwrap().1, "http://[fd00::5]:10810");
+    }
+
+    #[test]
+    fn skips_pods_that_cannot_serve() {
+        for json in [
+            serde_json::json!({"metadata": {"name": "s0"}, "status": {"phase": "Pending", "podIP": "10.0.0.1"}}),
+            serde_json::json!({"metadata": {"name": "s0"}, "status": {"phase": "Running"}}),
+            serde_json::json!({"metadata": {"name": "S_0"}, "status": {"phase": "Running", "podIP": "10.0.0.1"}}),
+            serde_json::json!({"metadata": {"name": "s0", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+                               "status": {"phase": "Running", "podIP": "10.0.0.1"}}),
+        ] {
+            assert!(target_of(&pod(json.clone())).is_none(), "{json}");
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Chooses the enbd-server for a new volume: the live server with the most free
+//! bytes, among those with room for the whole volume.
+//!
+//! "Room" is judged against the filesystem's free space now, as reported by
+//! each server's GetCapacity. Volumes are sparse, so this admits a volume that
+//! could be fully written today; it does not reserve the space (thin
+//! provisioning), which the README states. Ties go to the smaller server id, so
+//! placement is deterministic for tests and for operators reading logs.
+
+use std::time::Duration;
+
+use enbd_proto::enbd::GetCapacityRequest;
+use enbd_proto::ids::ServerId;
+
+use crate::error::CsiError;
+use crate::servers::LiveServer;
+
+const CAPACITY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Index of the best candidate `(id, available_bytes)` for `size`, if any fits.
+pub fn pick(candidates: &[(ServerId, u64)], size: u64) -> Option<usize> {
+    candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, avail))| *avail >= size)
+        .max_by(|(_, (a_id, a)), (_, (b_id, b))| a.cmp(b).then_with(|| b_id.cmp(a_id)))
+        .map(|(i, _)| i)
+}
+
+/// Free bytes of each live server that answers GetCapacity in time.
+pub async fn free_space(servers: &[LiveServer]) -> Vec<(LiveServer, u64)> {
+    let asks = servers.iter().cloned().map(|s| async move {
+        let mut client = s.client.clone();
+        match tokio::time::timeout(CAPACITY_TIMEOUT, client.get_capacity(GetCapacityRequest {}))
+            .await
+        {
+            Ok(Ok(resp)) => Some((s, resp.into_inner().available_bytes)),
+            Ok(Err(status)) => {
+                tracing::warn!(server = %s.id, %status, "GetCapacity failed; not placing there");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(server = %s.id, "GetCapacity timed out; not placing there");
+                None
+            }
+        }
+    });
+    futures::future::join_all(asks).await.into_iter().flatten().collect()
+}
+
+/// The server a new volume of `size` bytes goes to.
+pub async fn place(servers: &[LiveServer], size: u64) -> Result<LiveServer, CsiError> {
+    if servers.is_empty() {
+        return Err(CsiError::Unavailable("no enbd-server is live".into()));
+    }
+    let answered = free_space(servers).await;
+    if answered.is_empty() {
+        return Err(CsiError::Unavailable("no enbd-server answered GetCapacity".into()));
+    }
+    let candidates: Vec<(ServerId, u64)> =
+        answered.iter().map(|(s, free)| (s.id.clone(), *free)).collect();
+    match pick(&candidates, size) {
+        Some(i) => Ok(answered[i].0.clone()),
+        None => {
+            let (best, free) = candidates
+                .iter()
+                .max_by_key(|(_, free)| *free)
+                .map(|(id, free)| (id.to_string(), *free))
+                .unwrap_or_default();
+            Err(CsiError::ResourceExhausted(format!(
+                "no enbd-server has {size} bytes free (most free: {free} bytes on {best})"
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn c(entries: &[(&str, u64)]) -> Vec<(ServerId, u64)> {
+        entries.iter().map(|(id, f)| (ServerId::parse(id).unwrap(), *f)).collect()
+    }
+
+    #[test]
+    fn most_free_wins() {
+        assert_eq!(pick(&c(&[("a", 10), ("b", 30), ("c", 20)]), 5), Some(1));
+    }
+
+    #[test]
+    fn must_fit() {
+        assert_eq!(pick(&c(&[("a", 10), ("b", 30)]), 31), None);
+        assert_eq!(pick(&c(&[("a", 10), ("b", 30)]), 30), Some(1));
+        assert_eq!(pick(&[], 1), None);
+    }
+
+    #[test]
+    fn ties_go_to_smaller_id() {
+        assert_eq!(pick(&c(&[("b", 10), ("a", 10)]), 1), Some(1));
+    }
+}

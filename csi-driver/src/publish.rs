@@ -1,0 +1,125 @@
+//! Which nodes a volume is published to (ControllerPublish/Unpublish), and the
+//! access-mode rule that goes with it: a single-node volume is published to at
+//! most one node at a time; a second node gets `FailedPrecondition`.
+//!
+//! The record lives in memory. That is deliberate: in Kubernetes the source of
+//! truth is the VolumeAttachment objects, and the external-attacher reconciles
+//! them against ListVolumes' `published_node_ids` (LIST_VOLUMES_PUBLISHED_NODES),
+//! re-publishing what a restarted controller forgot; the attach/detach
+//! controller already refuses a second attachment of an RWO/RWOP volume. The
+//! enbd-server has no place for this record, and a second copy of the truth
+//! elsewhere could only disagree with the VolumeAttachments.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::capability::Checked;
+use crate::error::CsiError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Publication {
+    node_id: String,
+    readonly: bool,
+    multi_node: bool,
+}
+
+#[derive(Default)]
+pub struct Publications {
+    by_volume: Mutex<HashMap<String, Vec<Publication>>>,
+}
+
+impl Publications {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that `node_id` may attach `volume_id`. Repeating an identical
+    /// publish succeeds; the same node with a different read-only flag is
+    /// `AlreadyExists`; another node on a single-node volume is
+    /// `FailedPrecondition`.
+    pub fn publish(
+        &self,
+        volume_id: &str,
+        node_id: &str,
+        readonly: bool,
+        cap: Checked,
+    ) -> Result<(), CsiError> {
+        let mut map = self.by_volume.lock().unwrap_or_else(|p| p.into_inner());
+        let list = map.entry(volume_id.to_owned()).or_default();
+        if let Some(existing) = list.iter().find(|p| p.node_id == node_id) {
+            if existing.readonly == readonly {
+                return Ok(());
+            }
+            return Err(CsiError::AlreadyExists(format!(
+                "volume {volume_id} is already published to node {node_id} with readonly={}",
+                existing.readonly
+            )));
+        }
+        if let Some(other) = list.iter().find(|p| !(p.multi_node && cap.multi_node())) {
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume {volume_id} is published to node {}; its access mode allows one node at a time",
+                other.node_id
+            )));
+        }
+        list.push(Publication { node_id: node_id.to_owned(), readonly, multi_node: cap.multi_node() });
+        Ok(())
+    }
+
+    /// Forgets `node_id`'s publication (all nodes' when `None`). Forgetting
+    /// what is not recorded succeeds.
+    pub fn unpublish(&self, volume_id: &str, node_id: Option<&str>) {
+        let mut map = self.by_volume.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = map.get_mut(volume_id) {
+            match node_id {
+                Some(node) => list.retain(|p| p.node_id != node),
+                None => list.clear(),
+            }
+            if list.is_empty() {
+                map.remove(volume_id);
+            }
+        }
+    }
+
+    pub fn nodes(&self, volume_id: &str) -> Vec<String> {
+        let map = self.by_volume.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(volume_id)
+            .map(|l| l.iter().map(|p| p.node_id.clone()).collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use enbd_proto::csi::volume_capability::access_mode::Mode;
+
+    use super::*;
+
+    const RWO: Checked = Checked { block: false, mode: Mode::SingleNodeWriter };
+    const ROX: Checked = Checked { block: false, mode: Mode::MultiNodeReaderOnly };
+
+    #[test]
+    fn single_node_volume_refuses_second_node() {
+        let p = Publications::new();
+        p.publish("s/v", "n1", false, RWO).unwrap();
+        p.publish("s/v", "n1", false, RWO).unwrap();
+        assert!(matches!(p.publish("s/v", "n1", true, RWO), Err(CsiError::AlreadyExists(_))));
+        assert!(matches!(p.publish("s/v", "n2", false, RWO), Err(CsiError::FailedPrecondition(_))));
+        assert!(matches!(p.publish("s/v", "n2", true, ROX), Err(CsiError::FailedPrecondition(_))));
+        assert_eq!(p.nodes("s/v"), ["n1"]);
+        p.unpublish("s/v", Some("n1"));
+        p.unpublish("s/v", Some("n1"));
+        p.publish("s/v", "n2", false, RWO).unwrap();
+        assert_eq!(p.nodes("s/v"), ["n2"]);
+    }
+
+    #[test]
+    fn multi_node_volume_takes_many_nodes() {
+        let p = Publications::new();
+        p.publish("s/v", "n1", true, ROX).unwrap();
+        p.publish("s/v", "n2", true, ROX).unwrap();
+        assert!(matches!(p.publish("s/v", "n3", false, RWO), Err(CsiError::FailedPrecondition(_))));
+        p.unpublish("s/v", None);
+        assert!(p.nodes("s/v").is_empty());
+    }
+}

@@ -1,0 +1,290 @@
+//! The set of enbd-servers the controller knows, each with a management client
+//! and its last observed health.
+//!
+//! Discovery decides which servers exist (targets: id → management URL); the
+//! prober decides which of them are live by calling `Health` on each, checking
+//! the server reports the id we expect (a mis-wired URL must never receive
+//! another server's volumes) and learning its NBD data address. Placement only
+//! uses live servers; requests naming a known server that is down get
+//! `Unavailable` (retry later), never "not found".
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use enbd_proto::enbd::HealthRequest;
+use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
+use enbd_proto::ids::ServerId;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+/// Management gRPC client of one enbd-server.
+pub type MgmtClient = VolumeServiceClient<Channel>;
+
+/// Discovery's view: every server that should exist, with its management URL.
+pub type Targets = BTreeMap<ServerId, String>;
+
+/// How long a health check may take before the server counts as down.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often every server is re-checked.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Not checked yet.
+    Unknown,
+    Live { data_address: String },
+    Down { reason: String },
+}
+
+#[derive(Clone)]
+struct Entry {
+    mgmt_url: String,
+    client: Option<MgmtClient>,
+    health: Health,
+}
+
+/// A server that answered its last health check.
+#[derive(Clone)]
+pub struct LiveServer {
+    pub id: ServerId,
+    pub client: MgmtClient,
+    /// NBD `HOST:PORT` nodes should dial for this server's volumes.
+    pub data_address: String,
+}
+
+/// What the registry knows about one server id.
+pub enum Lookup {
+    Live(LiveServer),
+    /// Known but not answering (or not checked yet): retry later.
+    Down(String),
+    /// Never heard of: nothing of it can exist as far as we can tell.
+    Unknown,
+}
+
+/// Summary for metrics and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerStatus {
+    pub id: ServerId,
+    pub mgmt_url: String,
+    pub health: Health,
+}
+
+#[derive(Default)]
+pub struct Servers {
+    entries: RwLock<BTreeMap<ServerId, Entry>>,
+    /// Set once discovery delivered its first complete list.
+    synced: AtomicBool,
+}
+
+fn lazy_client(url: &str) -> Option<MgmtClient> {
+    let endpoint = Endpoint::from_shared(url.to_owned()).ok()?;
+    Some(VolumeServiceClient::new(
+        endpoint.connect_timeout(HEALTH_TIMEOUT).connect_lazy(),
+    ))
+}
+
+impl Servers {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Replaces the server set. Entries whose URL did not change keep their
+    /// client and health, so a discovery update does not flap liveness.
+    pub fn set_targets(&self, targets: &Targets) {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|id, e| targets.get(id) == Some(&e.mgmt_url));
+        for (id, url) in targets {
+            entries.entry(id.clone()).or_insert_with(|| {
+                let client = lazy_client(url);
+                let health = match client {
+                    Some(_) => Health::Unknown,
+                    None => Health::Down { reason: format!("invalid management URL {url:?}") },
+                };
+                Entry { mgmt_url: url.clone(), client, health }
+            });
+        }
+    }
+
+    pub fn mark_synced(&self) {
+        self.synced.store(true, Ordering::Release);
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    fn snapshot(&self) -> Vec<(ServerId, Entry)> {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        entries.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    pub fn live(&self) -> Vec<LiveServer> {
+        self.snapshot()
+            .into_iter()
+            .filter_map(|(id, e)| match (e.health, e.client) {
+                (Health::Live { data_address }, Some(client)) => {
+                    Some(LiveServer { id, client, data_address })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn lookup(&self, id: &ServerId) -> Lookup {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        match entries.get(id) {
+            None => Lookup::Unknown,
+            Some(e) => match (&e.health, &e.client) {
+                (Health::Live { data_address }, Some(client)) => Lookup::Live(LiveServer {
+                    id: id.clone(),
+                    client: client.clone(),
+                    data_address: data_address.clone(),
+                }),
+                (Health::Down { reason }, _) => Lookup::Down(reason.clone()),
+                _ => Lookup::Down("not health-checked yet".into()),
+            },
+        }
+    }
+
+    /// Ids of servers that are known but not live.
+    pub fn down_ids(&self) -> Vec<ServerId> {
+        self.snapshot()
+            .into_iter()
+            .filter(|(_, e)| !matches!(e.health, Health::Live { .. }))
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    pub fn status(&self) -> Vec<ServerStatus> {
+        self.snapshot()
+            .into_iter()
+            .map(|(id, e)| ServerStatus { id, mgmt_url: e.mgmt_url, health: e.health })
+            .collect()
+    }
+
+    /// Records that a management call found the server unreachable, so
+    /// placement stops choosing it before the next probe.
+    pub fn mark_down(&self, id: &ServerId, reason: String) {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = entries.get_mut(id) {
+            e.health = Health::Down { reason };
+        }
+    }
+
+    /// Health-checks every server once, concurrently.
+    pub async fn probe_all(&self) {
+        let checks = self.snapshot().into_iter().map(|(id, e)| async move {
+            let health = match e.client {
+                Some(client) => check(&id, client).await,
+                None => e.health,
+            };
+            (id, e.mgmt_url, health)
+        });
+        let results = futures::future::join_all(checks).await;
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        for (id, url, health) in results {
+            // The set may have changed while we probed; only update what is still the same.
+            if let Some(e) = entries.get_mut(&id).filter(|e| e.mgmt_url == url) {
+                if e.health != health {
+                    match &health {
+                        Health::Live { data_address } => {
+                            tracing::info!(server = %id, data_address, "enbd-server is live")
+                        }
+                        Health::Down { reason } => {
+                            tracing::warn!(server = %id, reason, "enbd-server is down")
+                        }
+                        Health::Unknown => {}
+                    }
+                }
+                e.health = health;
+            }
+        }
+    }
+
+    /// Applies discovery updates and re-probes periodically until cancelled.
+    pub async fn run_prober(
+        self: Arc<Self>,
+        mut targets: watch::Receiver<Option<Targets>>,
+        cancel: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(PROBE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut discovery_open = true;
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                changed = targets.changed(), if discovery_open => {
+                    if changed.is_err() {
+                        // Discovery ended; keep probing the last set.
+                        discovery_open = false;
+                        continue;
+                    }
+                    let current = targets.borrow_and_update().clone();
+                    if let Some(t) = current {
+                        self.set_targets(&t);
+                        self.probe_all().await;
+                        self.mark_synced();
+                    }
+                }
+                _ = tick.tick() => self.probe_all().await,
+            }
+        }
+    }
+}
+
+async fn check(expected: &ServerId, mut client: MgmtClient) -> Health {
+    match tokio::time::timeout(HEALTH_TIMEOUT, client.health(HealthRequest {})).await {
+        Err(_) => Health::Down { reason: "health check timed out".into() },
+        Ok(Err(status)) => Health::Down {
+            reason: format!("health check failed: {}: {}", status.code(), status.message()),
+        },
+        Ok(Ok(resp)) => {
+            let h = resp.into_inner();
+            if h.server_id != expected.as_str() {
+                Health::Down {
+                    reason: format!(
+                        "server reports id {:?}, expected {:?}: check the discovery configuration",
+                        h.server_id,
+                        expected.as_str()
+                    ),
+                }
+            } else if !h.ready {
+                Health::Down { reason: "server reports not ready".into() }
+            } else if h.data_address.is_empty() {
+                Health::Down { reason: "server reports no data address".into() }
+            } else {
+                Health::Live { data_address: h.data_address }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn targets(entries: &[(&str, &str)]) -> Targets {
+        entries.iter().map(|(id, url)| (ServerId::parse(id).unwrap(), url.to_string())).collect()
+    }
+
+    #[tokio::test]
+    async fn unknown_until_probed_and_removed_when_gone() {
+        let servers = Servers::new();
+        servers.set_targets(&targets(&[("a", "http://127.0.0.1:1"), ("b", "not a url")]));
+        let a = ServerId::parse("a").unwrap();
+        let b = ServerId::parse("b").unwrap();
+        assert!(matches!(servers.lookup(&a), Lookup::Down(_)));
+        assert!(matches!(servers.lookup(&b), Lookup::Down(r) if r.contains("invalid management URL")));
+        assert!(servers.live().is_empty());
+        servers.set_targets(&targets(&[("a", "http://127.0.0.1:1")]));
+        assert!(matches!(servers.lookup(&b), Lookup::Unknown));
+        // Port 1 on loopback refuses connections: the probe marks it down.
+        servers.probe_all().await;
+        assert!(matches!(servers.lookup(&a), Lookup::Down(r) if r.contains("health check")));
+        assert_eq!(servers.down_ids(), vec![a]);
+    }
+}

@@ -1,0 +1,54 @@
+//! What every CSI service of the controller shares, passed down explicitly.
+
+use std::sync::Arc;
+
+use crate::metrics::Metrics;
+use crate::ops::Ops;
+use crate::publish::Publications;
+use crate::servers::Servers;
+
+pub struct State {
+    pub driver_name: String,
+    pub servers: Arc<Servers>,
+    pub ops: Ops,
+    pub publications: Publications,
+    pub metrics: Arc<Metrics>,
+}
+
+impl State {
+    pub fn new(driver_name: String, servers: Arc<Servers>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            driver_name,
+            servers,
+            ops: Ops::new(),
+            publications: Publications::new(),
+            metrics,
+        })
+    }
+
+    /// Counts the call and turns the outcome into the gRPC reply; errors are
+    /// logged once here with the RPC name (never the request: it may hold secrets).
+    pub fn reply<T>(
+        &self,
+        rpc: &'static str,
+        result: Result<T, crate::error::CsiError>,
+    ) -> Result<tonic::Response<T>, tonic::Status> {
+        match result {
+            Ok(v) => {
+                self.metrics.record(rpc, tonic::Code::Ok);
+                Ok(tonic::Response::new(v))
+            }
+            Err(e) => {
+                let status = tonic::Status::from(e);
+                self.metrics.record(rpc, status.code());
+                match status.code() {
+                    tonic::Code::Internal | tonic::Code::Unavailable => {
+                        tracing::warn!(rpc, code = ?status.code(), message = status.message(), "CSI call failed")
+                    }
+                    _ => tracing::info!(rpc, code = ?status.code(), message = status.message(), "CSI call refused"),
+                }
+                Err(status)
+            }
+        }
+    }
+}
