@@ -49,10 +49,24 @@ fn hostname() -> String {
 /// Services beside the control socket. The CSI node service joins here when
 /// `--csi-endpoint` is given.
 fn extra_services(cfg: &DaemonConfig) -> anyhow::Result<Vec<ExtraService>> {
-    if let Some(endpoint) = &cfg.csi_endpoint {
-        anyhow::bail!("--csi-endpoint {endpoint}: this build does not serve the CSI node service");
+    let mut services: Vec<ExtraService> = Vec::new();
+    if let Some(endpoint) = cfg.csi_endpoint.clone() {
+        // A malformed endpoint is a start-up error, not a service failure later.
+        enbd_node::csi::endpoint_path(&endpoint)?;
+        let node = enbd_node::csi::NodeConfig {
+            node_id: cfg.node_id.clone(),
+            driver_name: cfg.driver_name.clone(),
+            max_volumes: cfg.max_volumes,
+            topology_zone: cfg.topology_zone.clone(),
+        };
+        services.push(Box::new(move |mgr, stop| {
+            Box::pin(async move {
+                enbd_node::csi::serve_csi(&endpoint, node, std::sync::Arc::new(mgr), stop).await?;
+                Ok(())
+            })
+        }));
     }
-    Ok(Vec::new())
+    Ok(services)
 }
 
 fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {

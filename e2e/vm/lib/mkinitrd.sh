@@ -43,6 +43,8 @@ copy_tool "$(tool mke2fs)" /sbin/mkfs.ext4
 copy_tool "$(tool e2fsck)" /sbin/e2fsck
 copy_tool "$(tool mkfs.xfs)" /sbin/mkfs.xfs
 copy_tool "$(tool xfs_repair)" /sbin/xfs_repair
+copy_tool "$(tool resize2fs)" /sbin/resize2fs
+copy_tool "$(tool xfs_growfs)" /sbin/xfs_growfs
 copy_tool "$(tool fio)" /bin/fio
 cp /etc/mke2fs.conf "$ROOT/etc/"
 ln -s e2fsck "$ROOT/sbin/fsck.ext4"

@@ -10,7 +10,11 @@ use std::future::Future;
 use std::path::PathBuf;
 
 use enbd_proto::ids::VolumeId;
-use enbd_proto::params::VolumeContext;
+use enbd_proto::params::{Brownout, VolumeContext};
+
+use crate::attach::{AttachError, AttachRequest, AttachmentManager, AttachmentStatus, Phase};
+use crate::device::DeviceError;
+use crate::engine::{BrownoutPolicy, EngineError, EngineState};
 
 /// Everything needed to attach one volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +56,12 @@ pub enum AttacherError {
     /// The device is still in use (mounted or open).
     #[error("device busy: {0}")]
     Busy(String),
+    /// Already attached here with other settings (export, server, read-only).
+    #[error("{0}")]
+    Conflict(String),
+    /// The device layer is still busy with this volume (e.g. taking it over after a restart).
+    #[error("{0}")]
+    InProgress(String),
     /// The request itself is wrong (bad geometry, read-only mismatch, ...).
     #[error("invalid attach request: {0}")]
     Invalid(String),
@@ -76,4 +86,108 @@ pub trait Attacher: Send + Sync + 'static {
     fn resize(&self, volume_id: &VolumeId) -> impl Future<Output = Result<u64, AttacherError>> + Send;
     /// Whether the device layer can attach volumes at all (kernel support present).
     fn ready(&self) -> Result<(), String>;
+}
+
+/// The real device layer: ublk devices served by the client engine.
+impl Attacher for AttachmentManager {
+    async fn attach(&self, spec: AttachSpec) -> Result<AttachedDevice, AttacherError> {
+        let p = &spec.context.params;
+        let req = AttachRequest {
+            volume_id: spec.volume_id.to_string(),
+            servers: vec![spec.context.server.clone()],
+            export: spec.context.export.clone(),
+            channels: p.channels,
+            queues: p.queues,
+            queue_depth: p.queue_depth,
+            brownout: match p.brownout {
+                Brownout::Wait => BrownoutPolicy::Wait,
+                Brownout::FailAfter(d) => BrownoutPolicy::FailAfter(d),
+            },
+            read_only: spec.read_only,
+        };
+        AttachmentManager::attach(self, req).await.map_err(classify)?;
+        // The status carries the engine's health as well as the device.
+        AttachmentManager::get(self, &spec.volume_id.to_string())
+            .map(|s| device_of(&s))
+            .ok_or_else(|| AttacherError::Internal(format!("volume {} vanished right after attaching", spec.volume_id)))
+    }
+
+    async fn detach(&self, volume_id: &VolumeId) -> Result<(), AttacherError> {
+        match AttachmentManager::detach(self, &volume_id.to_string()).await {
+            Ok(()) | Err(AttachError::NotAttached(_)) => Ok(()),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    fn get(&self, volume_id: &VolumeId) -> Option<AttachedDevice> {
+        AttachmentManager::get(self, &volume_id.to_string()).map(|s| device_of(&s))
+    }
+
+    fn attached_count(&self) -> usize {
+        self.list().len()
+    }
+
+    async fn resize(&self, volume_id: &VolumeId) -> Result<u64, AttacherError> {
+        AttachmentManager::resize(self, &volume_id.to_string()).await.map_err(classify)
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        AttachmentManager::ready(self)
+    }
+}
+
+fn device_of(s: &AttachmentStatus) -> AttachedDevice {
+    AttachedDevice { dev_path: s.dev_path.clone(), size_bytes: s.size_bytes, read_only: s.read_only, health: health_of(s) }
+}
+
+/// Abnormal whenever IO is not flowing on every channel: a degraded volume still works,
+/// but it has lost redundancy an operator should know about.
+fn health_of(s: &AttachmentStatus) -> VolumeHealth {
+    let abnormal = |message: String| VolumeHealth { abnormal: true, message };
+    match (&s.phase, &s.engine) {
+        (Phase::Failed(why), _) => abnormal(format!("device failed: {why}")),
+        (Phase::Recovering, _) => abnormal("device is being taken over after a daemon restart; IO waits".into()),
+        (Phase::Attached, None) => abnormal("not connected to the server yet; IO waits".into()),
+        (Phase::Attached, Some(e)) => {
+            let up = e.channels.iter().filter(|c| c.state == crate::engine::ChannelState::Up).count();
+            let total = e.channels.len();
+            match e.state {
+                EngineState::Healthy => VolumeHealth { abnormal: false, message: format!("{up}/{total} channels up") },
+                EngineState::Degraded => abnormal(format!("{}/{total} channels down; IO continues on the others", total - up)),
+                EngineState::Waiting => abnormal(match e.waiting_for {
+                    Some(d) => format!("no channel up for {:.1}s; IO waits (brownout policy {})", d.as_secs_f64(), s.brownout),
+                    None => format!("no channel up; IO waits (brownout policy {})", s.brownout),
+                }),
+                EngineState::Failed => {
+                    abnormal(format!("engine failed: {}", e.failure.as_deref().unwrap_or("no reason recorded")))
+                }
+            }
+        }
+    }
+}
+
+/// The device layer's errors, sorted into the kinds the CSI layer answers with.
+fn classify(e: AttachError) -> AttacherError {
+    let msg = e.to_string();
+    match e {
+        AttachError::Invalid(_) | AttachError::ReadOnlyExport(_) => AttacherError::Invalid(msg),
+        AttachError::NotAttached(_) => AttacherError::NotFound(msg),
+        AttachError::Conflict { .. } => AttacherError::Conflict(msg),
+        AttachError::Busy { .. } => AttacherError::Busy(msg),
+        AttachError::InProgress(_) => AttacherError::InProgress(msg),
+        AttachError::LimitReached(_) => AttacherError::Exhausted(msg),
+        AttachError::ResizeUnsupported(_) => AttacherError::Unsupported(msg),
+        AttachError::Engine(engine) => match engine {
+            EngineError::ExportRefused { .. } => AttacherError::NotFound(msg),
+            EngineError::Connect { .. } | EngineError::ConnectTimeout { .. } | EngineError::Handshake { .. } => {
+                AttacherError::Unavailable(msg)
+            }
+            EngineError::Config(_) => AttacherError::Invalid(msg),
+            EngineError::IdentityChanged { .. } => AttacherError::Internal(msg),
+        },
+        AttachError::Device(DeviceError::ResizeUnsupported | DeviceError::Unavailable(_)) => {
+            AttacherError::Unsupported(msg)
+        }
+        AttachError::Device(_) | AttachError::State(_) | AttachError::Internal(_) => AttacherError::Internal(msg),
+    }
 }

@@ -60,6 +60,8 @@ impl NodeError {
                 AttacherError::NotFound(_) => Code::NotFound,
                 AttacherError::Unavailable(_) => Code::Unavailable,
                 AttacherError::Busy(_) => Code::FailedPrecondition,
+                AttacherError::Conflict(_) => Code::AlreadyExists,
+                AttacherError::InProgress(_) => Code::Aborted,
                 AttacherError::Invalid(_) => Code::InvalidArgument,
                 AttacherError::Unsupported(_) => Code::FailedPrecondition,
                 AttacherError::Exhausted(_) => Code::ResourceExhausted,

@@ -490,7 +490,14 @@ async fn expand<A: Attacher>(
         Err(_) => Err(NodeError::NotFound(format!("volume_path {} does not exist", path.display()))),
     })
     .await?;
-    let size = inner.attacher.resize(&volume_id).await?;
+    // The device is re-sized only when it is too small for the request (or no size was
+    // asked for): a grow of the filesystem to the device it already has needs no
+    // round-trip to the server, and works on kernels without online device resize.
+    let size = if required > 0 && required <= dev.size_bytes {
+        dev.size_bytes
+    } else {
+        inner.attacher.resize(&volume_id).await?
+    };
     if size < required {
         return Err(NodeError::OutOfRange(format!(
             "volume {volume_id} is {size} bytes on its server, less than the {required} bytes required; \

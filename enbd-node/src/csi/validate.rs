@@ -104,6 +104,8 @@ pub fn capability(cap: Option<&VolumeCapability>) -> Result<Capability, NodeErro
                     NodeError::InvalidArgument(format!("fs_type {:?} is not supported: use ext4 or xfs", m.fs_type))
                 })?)
             };
+            // Refused options are caught here, before anything is attached.
+            crate::mount::options::parse(&m.mount_flags, false)?;
             Access::Mount { fs_type, mount_flags: m.mount_flags.clone() }
         }
     };
@@ -197,6 +199,10 @@ mod tests {
             Some(VolumeCapability { access_mode: None, ..mount_cap("", Mode::SingleNodeWriter) }),
             Some(VolumeCapability { access_type: None, ..mount_cap("", Mode::SingleNodeWriter) }),
             Some(VolumeCapability { access_mode: Some(AccessMode { mode: 99 }), ..block_cap(Mode::SingleNodeWriter) }),
+            Some(VolumeCapability {
+                access_type: Some(AccessType::Mount(MountVolume { mount_flags: vec!["rbind".into()], ..Default::default() })),
+                ..mount_cap("", Mode::SingleNodeWriter)
+            }),
         ];
         for cap in bad {
             let err = capability(cap.as_ref()).expect_err("must refuse");
