@@ -1,0 +1,92 @@
+//! The Helm chart, rendered with its default values and with every e2e/chart/values-*.yaml:
+//! every object parses strictly into its Kubernetes API type, and the set is consistent
+//! (see deploy_common/checks.rs for what that covers).
+
+mod deploy_common;
+
+use deploy_common::checks::{check_set, dockerfile_targets};
+use deploy_common::{Object, chart_renders, repo_root, value_sets};
+
+#[test]
+fn every_value_set_renders_strictly_valid_consistent_objects() {
+    let targets = dockerfile_targets(&repo_root());
+    let sets = chart_renders();
+    let mut expected: Vec<String> = value_sets().into_iter().map(|(n, _)| n).collect();
+    expected.sort();
+    let mut rendered: Vec<&str> = sets.iter().map(|s| s.name.as_str()).collect();
+    rendered.sort();
+    assert_eq!(rendered, expected, "one render per value set");
+    let problems: Vec<String> = sets.iter().flat_map(|s| check_set(s, &targets)).collect();
+    assert!(problems.is_empty(), "{} problems:\n{}", problems.len(), problems.join("\n"));
+}
+
+#[test]
+fn default_values_deploy_the_whole_product() {
+    let sets = chart_renders();
+    let default = sets.iter().find(|s| s.name == "default").expect("default render");
+    let mut kinds: Vec<&str> = default.objects.iter().map(Object::kind).collect();
+    kinds.sort();
+    kinds.dedup();
+    for kind in [
+        "CSIDriver",
+        "StorageClass",
+        "VolumeSnapshotClass",
+        "Deployment",
+        "DaemonSet",
+        "StatefulSet",
+        "Service",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+    ] {
+        assert!(kinds.contains(&kind), "default render lacks a {kind}: {kinds:?}");
+    }
+    let classes: Vec<&str> = default
+        .objects
+        .iter()
+        .filter(|o| matches!(o, Object::StorageClass(_)))
+        .map(Object::name)
+        .collect();
+    assert_eq!(classes, ["enbd", "enbd-block"], "a filesystem default and a block example");
+    for o in &default.objects {
+        if o.is_namespaced() {
+            assert_eq!(o.metadata().namespace.as_deref(), Some(deploy_common::NAMESPACE), "{} {}", o.kind(), o.name());
+        }
+    }
+    // The controller runs every sidecar the features need.
+    let (_, controller) = default
+        .objects
+        .iter()
+        .find(|o| matches!(o, Object::Deployment(_)))
+        .and_then(Object::pod_spec)
+        .expect("controller");
+    let names: Vec<&str> = controller.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["csi-driver", "csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter", "liveness-probe"]
+    );
+}
+
+#[test]
+fn a_broken_object_is_reported_not_accepted() {
+    // The strict parse must catch what k8s-openapi alone would silently drop or accept.
+    let unknown_field = "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: a\n  namespace: b\nautomountToken: false\n";
+    let err = deploy_common::RenderSet::parse("t", unknown_field).expect_err("unknown field");
+    assert!(err.contains("unknown field .automountToken"), "{err}");
+
+    let wrong_type = "apiVersion: storage.k8s.io/v1\nkind: CSIDriver\nmetadata:\n  name: a\nspec:\n  attachRequired: \"yes\"\n";
+    let err = deploy_common::RenderSet::parse("t", wrong_type).expect_err("string for a bool");
+    assert!(err.contains("spec.attachRequired"), "{err}");
+
+    let misplaced = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: a\n  namespace: b\nspec:\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec:\n      containers:\n        - name: c\n          image: i:1\n          privileged: true\n";
+    let err = deploy_common::RenderSet::parse("t", misplaced).expect_err("field at the wrong level");
+    assert!(err.contains("containers[0].privileged"), "{err}");
+
+    let snapshot_class = "apiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshotClass\nmetadata:\n  name: a\ndriver: d\ndeletionPolicy: Keep\n";
+    assert!(deploy_common::RenderSet::parse("t", snapshot_class).is_err(), "Keep is no deletion policy");
+
+    let unknown_kind = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n";
+    assert!(deploy_common::RenderSet::parse("t", unknown_kind).is_err(), "kinds the chart never renders");
+}

@@ -1,0 +1,414 @@
+//! Shared by the kind suite (`tests/kind_*.rs`, all `#[ignore]`: e2e/kind/run.sh runs them
+//! against a kind cluster with the chart installed; they never run or pass elsewhere).
+//!
+//! Each test works in its own namespace, creates claims and short-lived busybox pods that
+//! do the IO and print what they saw, waits on the API (watches, never fixed sleeps), and
+//! asserts on pod phase and logs. Data is always verified by a *second* pod after the first
+//! is gone, so the read comes through a fresh stage/attach rather than a page cache.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{
+    Container, Namespace, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, Pod, PodSpec, Volume, VolumeDevice, VolumeMount,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, LogParams, Patch, PatchParams, PostParams,
+};
+use kube::runtime::wait::{Condition, await_condition};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+pub const FS_CLASS: &str = "enbd";
+pub const XFS_CLASS: &str = "enbd-xfs";
+pub const BLOCK_CLASS: &str = "enbd-block";
+pub const SNAPSHOT_CLASS: &str = "enbd-snapshots";
+
+/// Where the chart is installed (run.sh exports these).
+pub fn driver_namespace() -> String {
+    std::env::var("ENBD_E2E_NAMESPACE").unwrap_or_else(|_| "enbd-csi".into())
+}
+pub fn release() -> String {
+    std::env::var("ENBD_E2E_RELEASE").unwrap_or_else(|_| "enbd-csi".into())
+}
+fn busybox_image() -> String {
+    std::env::var("ENBD_E2E_BUSYBOX").unwrap_or_else(|_| "busybox:1.36".into())
+}
+
+/// A test's own namespace and client. `finish` deletes the namespace; a failing test
+/// leaves it behind for run.sh's diagnostics (the cluster goes away anyway).
+pub struct Ctx {
+    pub client: Client,
+    pub ns: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Filesystem,
+    Block,
+}
+
+/// Where a pod's volume appears: a directory for filesystem claims, a device for block.
+pub const DATA: &str = "/data";
+pub const DEVICE: &str = "/dev/xvda";
+
+impl Ctx {
+    pub async fn new(test: &str) -> Ctx {
+        let client = Client::try_default().await.expect("kubeconfig (run through e2e/kind/run.sh)");
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .subsec_nanos();
+        let ns = format!("e2e-{test}-{:05x}", nanos & 0xfffff);
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                name: Some(ns.clone()),
+                labels: Some(BTreeMap::from([("enbd.io/e2e".to_string(), test.to_string())])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .expect("create test namespace");
+        Ctx { client, ns }
+    }
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub async fn finish(self) {
+        // Claims first and waited on, so the driver deletes the volumes while it still can.
+        let pvcs: Api<PersistentVolumeClaim> = self.api();
+        let pods: Api<Pod> = self.api();
+        for pod in pods.list(&Default::default()).await.expect("list pods") {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            self.delete_and_wait(&pods, &name).await;
+        }
+        for pvc in pvcs.list(&Default::default()).await.expect("list claims") {
+            let name = pvc.metadata.name.clone().unwrap_or_default();
+            self.delete_and_wait(&pvcs, &name).await;
+        }
+        Api::<Namespace>::all(self.client.clone())
+            .delete(&self.ns, &DeleteParams::default())
+            .await
+            .expect("delete test namespace");
+    }
+
+    /// Deletes and waits until the object is gone.
+    pub async fn delete_and_wait<K>(&self, api: &Api<K>, name: &str)
+    where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    {
+        let Ok(current) = api.get(name).await else { return };
+        let uid = current.meta().uid.clone().unwrap_or_default();
+        api.delete(name, &DeleteParams::default()).await.expect("delete");
+        wait_for(api, name, Duration::from_secs(300), move |o: Option<&K>| {
+            o.is_none_or(|o| o.meta().uid.as_deref() != Some(uid.as_str()))
+        })
+        .await;
+    }
+
+    pub async fn create_claim(&self, name: &str, class: &str, size: &str, mode: Mode) {
+        self.create_claim_from(name, class, size, mode, None).await;
+    }
+
+    /// A claim, optionally with a data source: `("VolumeSnapshot", name)` or
+    /// `("PersistentVolumeClaim", name)`.
+    pub async fn create_claim_from(
+        &self,
+        name: &str,
+        class: &str,
+        size: &str,
+        mode: Mode,
+        source: Option<(&str, &str)>,
+    ) {
+        let data_source = source.map(|(kind, src)| k8s_openapi::api::core::v1::TypedLocalObjectReference {
+            api_group: (kind == "VolumeSnapshot").then(|| "snapshot.storage.k8s.io".to_string()),
+            kind: kind.to_string(),
+            name: src.to_string(),
+        });
+        let claim = PersistentVolumeClaim {
+            metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".into()]),
+                storage_class_name: Some(class.into()),
+                volume_mode: Some(if mode == Mode::Block { "Block" } else { "Filesystem" }.into()),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([("storage".to_string(), Quantity(size.into()))])),
+                    ..Default::default()
+                }),
+                data_source,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.api::<PersistentVolumeClaim>()
+            .create(&PostParams::default(), &claim)
+            .await
+            .expect("create claim");
+        wait_for(&self.api::<PersistentVolumeClaim>(), name, Duration::from_secs(180), |c: Option<&PersistentVolumeClaim>| {
+            c.and_then(|c| c.status.as_ref()?.phase.as_deref()) == Some("Bound")
+        })
+        .await;
+    }
+
+    /// Starts a busybox pod running `script` (sh -euc) with `claim` mounted at DATA or, for
+    /// a block claim, as DEVICE. `node` pins it to a node.
+    pub async fn start_pod(&self, name: &str, claim: &str, mode: Mode, script: &str, node: Option<&str>) {
+        let (mounts, devices) = match mode {
+            Mode::Filesystem => (Some(vec![VolumeMount { name: "vol".into(), mount_path: DATA.into(), ..Default::default() }]), None),
+            Mode::Block => (None, Some(vec![VolumeDevice { name: "vol".into(), device_path: DEVICE.into() }])),
+        };
+        let pod = Pod {
+            metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+            spec: Some(PodSpec {
+                restart_policy: Some("Never".into()),
+                node_name: node.map(str::to_string),
+                termination_grace_period_seconds: Some(5),
+                containers: vec![Container {
+                    name: "io".into(),
+                    image: Some(busybox_image()),
+                    command: Some(vec!["sh".into(), "-euc".into(), script.into()]),
+                    volume_mounts: mounts,
+                    volume_devices: devices,
+                    ..Default::default()
+                }],
+                volumes: Some(vec![Volume {
+                    name: "vol".into(),
+                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                        claim_name: claim.into(),
+                        read_only: None,
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.api::<Pod>().create(&PostParams::default(), &pod).await.expect("create pod");
+    }
+
+    /// Waits for the pod to finish; panics with its logs unless it Succeeded. Returns logs.
+    pub async fn wait_succeeded(&self, name: &str, timeout: Duration) -> String {
+        let pods = self.api::<Pod>();
+        let pod = wait_for(&pods, name, timeout, |p: Option<&Pod>| {
+            matches!(phase(p).as_deref(), Some("Succeeded" | "Failed"))
+        })
+        .await;
+        let logs = pods.logs(name, &LogParams::default()).await.unwrap_or_else(|e| format!("<no logs: {e}>"));
+        assert_eq!(phase(pod.as_ref()).as_deref(), Some("Succeeded"), "pod {name} failed; logs:\n{logs}");
+        logs
+    }
+
+    /// Runs a pod to completion and removes it; returns its logs.
+    pub async fn run_pod(&self, name: &str, claim: &str, mode: Mode, script: &str) -> String {
+        self.start_pod(name, claim, mode, script, None).await;
+        let logs = self.wait_succeeded(name, Duration::from_secs(300)).await;
+        self.delete_and_wait(&self.api::<Pod>(), name).await;
+        logs
+    }
+
+    /// Waits until the pod's log contains `marker` (the pod says it is in the middle of its IO).
+    pub async fn wait_log(&self, name: &str, marker: &str, timeout: Duration) {
+        let pods = self.api::<Pod>();
+        wait_for(&pods, name, Duration::from_secs(180), |p: Option<&Pod>| phase(p).as_deref() == Some("Running")).await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = String::new();
+        while tokio::time::Instant::now() < deadline {
+            last = pods.logs(name, &LogParams::default()).await.unwrap_or_default();
+            if last.contains(marker) {
+                return;
+            }
+            // Logs have no watch: poll them at a short interval.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        panic!("pod {name} never logged {marker:?}; logs:\n{last}");
+    }
+
+    pub async fn node_of(&self, pod: &str) -> String {
+        let p = self.api::<Pod>().get(pod).await.expect("get pod");
+        p.spec.and_then(|s| s.node_name).expect("pod is scheduled")
+    }
+
+    pub async fn resize_claim(&self, name: &str, size: &str) {
+        let patch = json!({"spec": {"resources": {"requests": {"storage": size}}}});
+        self.api::<PersistentVolumeClaim>()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("resize claim");
+    }
+
+    /// Waits until the claim reports at least `bytes` of capacity.
+    pub async fn wait_capacity(&self, name: &str, bytes: u64) {
+        wait_for(&self.api::<PersistentVolumeClaim>(), name, Duration::from_secs(300), move |c: Option<&PersistentVolumeClaim>| {
+            c.and_then(|c| c.status.as_ref()?.capacity.as_ref()?.get("storage").cloned())
+                .and_then(|q| quantity_bytes(&q.0))
+                .is_some_and(|b| b >= bytes)
+        })
+        .await;
+    }
+
+    pub fn snapshots(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.ns, &snapshot_resource())
+    }
+
+    pub async fn create_snapshot(&self, name: &str, claim: &str) {
+        let mut snap = DynamicObject::new(name, &snapshot_resource());
+        snap.data = json!({"spec": {
+            "volumeSnapshotClassName": SNAPSHOT_CLASS,
+            "source": {"persistentVolumeClaimName": claim},
+        }});
+        self.snapshots().create(&PostParams::default(), &snap).await.expect("create snapshot");
+        wait_for(&self.snapshots(), name, Duration::from_secs(180), |s: Option<&DynamicObject>| {
+            s.and_then(|s| s.data.pointer("/status/readyToUse")?.as_bool()) == Some(true)
+        })
+        .await;
+    }
+
+    /// The driver's pods (server StatefulSet, node DaemonSet) in the release namespace.
+    pub fn driver_pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &driver_namespace())
+    }
+
+    /// Name of the running pod of `component` (enbd-server / node), optionally on `node`.
+    pub async fn driver_pod(&self, component: &str, node: Option<&str>) -> String {
+        let selector = format!("app.kubernetes.io/instance={},app.kubernetes.io/component={component}", release());
+        let pods = self.driver_pods().list(&kube::api::ListParams::default().labels(&selector)).await.expect("list driver pods");
+        pods.items
+            .into_iter()
+            .filter(|p| phase(Some(p)).as_deref() == Some("Running"))
+            .find(|p| node.is_none() || p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == node)
+            .and_then(|p| p.metadata.name)
+            .unwrap_or_else(|| panic!("no running {component} pod (node {node:?})"))
+    }
+
+    /// Deletes a driver pod and waits until its replacement of the same workload is Ready.
+    pub async fn kill_driver_pod(&self, component: &str, name: &str, node: Option<&str>) {
+        let pods = self.driver_pods();
+        let old = pods.get(name).await.expect("get driver pod");
+        let uid = old.metadata.uid.clone().unwrap_or_default();
+        pods.delete(name, &DeleteParams::default()).await.expect("delete driver pod");
+        let selector = format!("app.kubernetes.io/instance={},app.kubernetes.io/component={component}", release());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+        loop {
+            let list = pods.list(&kube::api::ListParams::default().labels(&selector)).await.expect("list driver pods");
+            let replaced = list.items.iter().any(|p| {
+                p.metadata.uid.as_deref() != Some(uid.as_str())
+                    && (node.is_none() || p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == node)
+                    && is_ready(p)
+            });
+            if replaced {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{component} pod {name} was not replaced within 300 s");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+pub fn phase(p: Option<&Pod>) -> Option<String> {
+    p?.status.as_ref()?.phase.clone()
+}
+
+fn snapshot_resource() -> ApiResource {
+    ApiResource {
+        group: "snapshot.storage.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "snapshot.storage.k8s.io/v1".into(),
+        kind: "VolumeSnapshot".into(),
+        plural: "volumesnapshots".into(),
+    }
+}
+
+/// Bytes of a Kubernetes quantity in the binary or plain form the API reports.
+pub fn quantity_bytes(q: &str) -> Option<u64> {
+    let split = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
+    let (n, unit) = q.split_at(split);
+    let mult: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        _ => return None,
+    };
+    n.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// Watches `name` until `cond` holds; panics after `timeout`.
+pub async fn wait_for<K>(api: &Api<K>, name: &str, timeout: Duration, cond: impl Condition<K>) -> Option<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    match tokio::time::timeout(timeout, await_condition(api.clone(), name, cond)).await {
+        Ok(Ok(obj)) => obj,
+        Ok(Err(e)) => panic!("watching {name}: {e}"),
+        Err(_) => panic!("{name}: condition not reached within {timeout:?}; last state: {:?}", api.get_opt(name).await),
+    }
+}
+
+// ---- the IO the pods run (busybox sh) ----------------------------------------------------
+
+/// Writes `count` files of 4 MiB random data with fsync and records their checksums.
+pub fn write_files(count: u32) -> String {
+    format!(
+        "i=0; while [ $i -lt {count} ]; do \
+           dd if=/dev/urandom of={DATA}/f.$i bs=1M count=4 conv=fsync 2>/dev/null; \
+           (cd {DATA} && sha256sum f.$i >> sums); i=$((i+1)); done; \
+         sync; echo written $(wc -l < {DATA}/sums)"
+    )
+}
+
+/// Verifies every file recorded in `sums`; prints "verified N".
+pub fn verify_files() -> String {
+    format!("cd {DATA} && sha256sum -c sums >/tmp/check && echo verified $(grep -c ': OK$' /tmp/check)")
+}
+
+/// Writes `mib` MiB of random data at offset 1 MiB of the block device, with its checksum
+/// in the pod log, and prints the device size.
+pub fn write_block(mib: u32) -> String {
+    format!(
+        "dd if=/dev/urandom of=/tmp/blk bs=1M count={mib} 2>/dev/null; \
+         dd if=/tmp/blk of={DEVICE} bs=1M seek=1 conv=fsync 2>/dev/null; \
+         echo sum $(sha256sum < /tmp/blk | cut -d' ' -f1); \
+         echo size $(blockdev --getsize64 {DEVICE})"
+    )
+}
+
+/// Reads the region `write_block` wrote and prints its checksum.
+pub fn read_block(mib: u32) -> String {
+    format!("echo sum $(dd if={DEVICE} bs=1M skip=1 count={mib} 2>/dev/null | sha256sum | cut -d' ' -f1)")
+}
+
+/// Value of the first `key <value>` line of a pod log.
+pub fn log_value<'a>(logs: &'a str, key: &str) -> &'a str {
+    logs.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {key:?} line in logs:\n{logs}"))
+        .trim()
+}
