@@ -77,6 +77,67 @@ fn check_server(set: &str, w: &str, spec: &PodSpec, c: &Container) -> Vec<String
     p
 }
 
+/// The unix socket path of a CSI endpoint, if its directory is mounted into the container.
+fn socket_mounted(c: &Container, socket: &std::path::Path) -> bool {
+    socket.parent().is_some_and(|dir| mount_of(c, dir))
+}
+
+fn check_controller(set: &str, w: &str, c: &Container) -> Vec<String> {
+    let argv = argv("csi-driver", w, c);
+    let cli = match csi_driver::cli::Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        Err(e) => return vec![format!("{set}: {w}: csi-driver rejects {argv:?}: {e}")],
+    };
+    let cfg = match csi_driver::config::Config::from_cli(&cli) {
+        Ok(cfg) => cfg,
+        Err(e) => return vec![format!("{set}: {w}: csi-driver config from {argv:?}: {e}")],
+    };
+    let mut p = Vec::new();
+    if !socket_mounted(c, &cfg.socket_path) {
+        p.push(format!("{set}: {w}: CSI socket {} is not on a shared volume", cfg.socket_path.display()));
+    }
+    if cfg.metrics_listen.map(|a| a.port()) != declared(c, "metrics") {
+        p.push(format!("{set}: {w}: metrics on {:?}, port \"metrics\" is {:?}", cfg.metrics_listen, declared(c, "metrics")));
+    }
+    if let csi_driver::config::Discovery::Kubernetes { namespace, selector } = &cfg.discovery {
+        if namespace.is_none() {
+            p.push(format!("{set}: {w}: discovery namespace left to the driver's guess"));
+        }
+        if selector.is_empty() {
+            p.push(format!("{set}: {w}: empty server selector"));
+        }
+    }
+    p
+}
+
+fn check_node(set: &str, w: &str, c: &Container) -> Vec<String> {
+    use enbd_node::cli::{Cli, Command};
+    let argv = argv("enbd-node", w, c);
+    let daemon = match Cli::try_parse_from(&argv) {
+        Ok(Cli { command: Command::Daemon(d) }) => d,
+        Ok(other) => return vec![format!("{set}: {w}: enbd-node runs {:?}, not the daemon", other.command)],
+        Err(e) => return vec![format!("{set}: {w}: enbd-node rejects {argv:?}: {e}")],
+    };
+    let mut p = Vec::new();
+    match daemon.csi_endpoint.as_deref().and_then(|e| e.strip_prefix("unix://")) {
+        Some(sock) if socket_mounted(c, std::path::Path::new(sock)) => {}
+        other => p.push(format!("{set}: {w}: CSI endpoint {other:?} is not a unix socket on a shared volume")),
+    }
+    if daemon.node_id.as_deref() != Some("kind-worker") {
+        p.push(format!("{set}: {w}: --node-id {:?} is not the node name", daemon.node_id));
+    }
+    if !mount_of(c, &daemon.state_dir) {
+        p.push(format!("{set}: {w}: state dir {} is not a volume mount", daemon.state_dir.display()));
+    }
+    if !socket_mounted(c, &daemon.control.control_socket) {
+        p.push(format!("{set}: {w}: control socket {} is not on a mounted directory", daemon.control.control_socket.display()));
+    }
+    if declared(c, "metrics") != Some(daemon.metrics_listen.port()) {
+        p.push(format!("{set}: {w}: metrics on {}, port \"metrics\" is {:?}", daemon.metrics_listen, declared(c, "metrics")));
+    }
+    p
+}
+
 fn check_binaries(sets: &[RenderSet], targets: &[ImageTarget]) -> (Vec<String>, HashMap<String, usize>) {
     let mut problems = Vec::new();
     let mut checked: HashMap<String, usize> = HashMap::new();
@@ -84,7 +145,9 @@ fn check_binaries(sets: &[RenderSet], targets: &[ImageTarget]) -> (Vec<String>, 
         for (w, spec, c, target) in enbd_containers(set, targets) {
             let found = match target.binary.as_str() {
                 "enbd-server" => check_server(&set.name, w, spec, c),
-                _ => continue,
+                "csi-driver" => check_controller(&set.name, w, c),
+                "enbd-node" => check_node(&set.name, w, c),
+                other => vec![format!("{}: {w}: no CLI check for binary {other}", set.name)],
             };
             *checked.entry(target.binary.clone()).or_default() += 1;
             problems.extend(found);
@@ -94,14 +157,29 @@ fn check_binaries(sets: &[RenderSet], targets: &[ImageTarget]) -> (Vec<String>, 
 }
 
 #[test]
-fn server_args_parse_with_the_real_enbd_server_cli() {
+fn container_args_parse_with_the_binaries_real_clis() {
     let targets = dockerfile_targets(&repo_root());
     let mut sets = chart_renders();
+    let renders = sets.len();
     sets.extend(manifest_files());
     let (problems, checked) = check_binaries(&sets, &targets);
     assert!(problems.is_empty(), "{} problems:\n{}", problems.len(), problems.join("\n"));
-    // Default, hostpath, servers-custom-ports and the manifests run servers.
-    assert!(checked.get("enbd-server").copied().unwrap_or(0) >= 4, "server containers checked: {checked:?}");
+    // Every render and the manifests run a controller and a node plugin; default,
+    // hostpath, servers-custom-ports and the manifests run servers.
+    assert_eq!(checked.get("csi-driver").copied(), Some(renders + 1), "{checked:?}");
+    assert_eq!(checked.get("enbd-node").copied(), Some(renders + 1), "{checked:?}");
+    assert!(checked.get("enbd-server").copied().unwrap_or(0) >= 4, "{checked:?}");
+}
+
+#[test]
+fn the_cli_checks_reject_what_the_binaries_reject() {
+    // Guards against a check that passes whatever it is given.
+    let bad_server = enbd_server::cli::Cli::try_parse_from(["enbd-server", "--data-dir=/d", "--listen=nowhere"]);
+    assert!(bad_server.is_err());
+    let bad_node = enbd_node::cli::Cli::try_parse_from(["enbd-node", "daemon", "--metrics-listen=:x"]);
+    assert!(bad_node.is_err());
+    let cli = csi_driver::cli::Cli::try_parse_from(["csi-driver", "--discovery=static"]).expect("syntax is fine");
+    assert!(csi_driver::config::Config::from_cli(&cli).is_err(), "static discovery without servers");
 }
 
 #[test]

@@ -735,11 +735,10 @@ fn discovery(set: &RenderSet, p: &mut Vec<String>) {
                 }
             }
             let sa = spec.service_account_name.as_deref().unwrap_or("");
-            for resource in [("", "pods"), ("discovery.k8s.io", "endpointslices")] {
-                for verb in ["list", "watch"] {
-                    if !granted(set, sa, Some(ns), resource.0, resource.1, verb) {
-                        p.push(format!("{w}: discovery needs {verb} {} in namespace {ns}", resource.1));
-                    }
+            // csi-driver's discovery is a kube-rs watch of the server pods.
+            for verb in ["list", "watch"] {
+                if !granted(set, sa, Some(ns), "", "pods", verb) {
+                    p.push(format!("{w}: discovery needs {verb} pods in namespace {ns}"));
                 }
             }
         }
