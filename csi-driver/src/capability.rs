@@ -7,8 +7,8 @@
 //! nothing could enforce "single writer" across nodes.
 
 use enbd_proto::csi::VolumeCapability;
-use enbd_proto::csi::volume_capability::access_mode::Mode;
 use enbd_proto::csi::volume_capability::AccessType;
+use enbd_proto::csi::volume_capability::access_mode::Mode;
 use enbd_proto::params::FsType;
 
 /// A capability this driver accepted.
@@ -21,7 +21,10 @@ pub struct Checked {
 impl Checked {
     /// Whether more than one node may have the volume published at once.
     pub fn multi_node(self) -> bool {
-        matches!(self.mode, Mode::MultiNodeReaderOnly | Mode::MultiNodeMultiWriter)
+        matches!(
+            self.mode,
+            Mode::MultiNodeReaderOnly | Mode::MultiNodeMultiWriter
+        )
     }
 }
 
@@ -32,9 +35,9 @@ pub fn check(cap: &VolumeCapability) -> Result<Checked, String> {
         Some(AccessType::Block(_)) => true,
         Some(AccessType::Mount(m)) => {
             if !m.fs_type.is_empty() {
-                m.fs_type
-                    .parse::<FsType>()
-                    .map_err(|_| format!("fs_type {:?} is not supported (ext4 or xfs)", m.fs_type))?;
+                m.fs_type.parse::<FsType>().map_err(|_| {
+                    format!("fs_type {:?} is not supported (ext4 or xfs)", m.fs_type)
+                })?;
             }
             false
         }
@@ -46,9 +49,9 @@ pub fn check(cap: &VolumeCapability) -> Result<Checked, String> {
         Mode::MultiNodeSingleWriter => {
             Err("access mode MULTI_NODE_SINGLE_WRITER is not supported".into())
         }
-        Mode::MultiNodeMultiWriter if !block => Err(
-            "access mode MULTI_NODE_MULTI_WRITER is only supported for block volumes".into(),
-        ),
+        Mode::MultiNodeMultiWriter if !block => {
+            Err("access mode MULTI_NODE_MULTI_WRITER is only supported for block volumes".into())
+        }
         _ => Ok(Checked { block, mode }),
     }
 }
@@ -73,7 +76,10 @@ mod tests {
             access_type: Some(if block {
                 AccessType::Block(BlockVolume {})
             } else {
-                AccessType::Mount(MountVolume { fs_type: fs.into(), ..Default::default() })
+                AccessType::Mount(MountVolume {
+                    fs_type: fs.into(),
+                    ..Default::default()
+                })
             }),
             access_mode: Some(AccessMode { mode: mode as i32 }),
         }
@@ -89,19 +95,40 @@ mod tests {
             (true, "", Mode::SingleNodeMultiWriter),
             (false, "", Mode::SingleNodeReaderOnly),
         ] {
-            assert!(check(&cap(block, fs, mode)).is_ok(), "{block} {fs} {mode:?}");
+            assert!(
+                check(&cap(block, fs, mode)).is_ok(),
+                "{block} {fs} {mode:?}"
+            );
         }
-        assert!(check(&cap(true, "", Mode::MultiNodeMultiWriter)).unwrap().multi_node());
-        assert!(!check(&cap(false, "", Mode::SingleNodeWriter)).unwrap().multi_node());
+        assert!(
+            check(&cap(true, "", Mode::MultiNodeMultiWriter))
+                .unwrap()
+                .multi_node()
+        );
+        assert!(
+            !check(&cap(false, "", Mode::SingleNodeWriter))
+                .unwrap()
+                .multi_node()
+        );
     }
 
     #[test]
     fn unsupported() {
-        assert!(check(&cap(false, "btrfs", Mode::SingleNodeWriter)).unwrap_err().contains("btrfs"));
+        assert!(
+            check(&cap(false, "btrfs", Mode::SingleNodeWriter))
+                .unwrap_err()
+                .contains("btrfs")
+        );
         assert!(check(&cap(false, "", Mode::MultiNodeMultiWriter)).is_err());
         assert!(check(&cap(true, "", Mode::MultiNodeSingleWriter)).is_err());
         assert!(check(&cap(true, "", Mode::Unknown)).is_err());
-        assert!(check(&VolumeCapability { access_type: None, access_mode: None }).is_err());
+        assert!(
+            check(&VolumeCapability {
+                access_type: None,
+                access_mode: None
+            })
+            .is_err()
+        );
         assert!(check_all(&[]).is_err());
     }
 }

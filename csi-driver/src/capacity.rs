@@ -14,8 +14,9 @@ pub const DEFAULT_SIZE: u64 = 1 << 30;
 /// `(required, limit)` as non-negative numbers; 0 means unset.
 fn bounds(range: Option<&CapacityRange>) -> Result<(u64, u64), CsiError> {
     let Some(r) = range else { return Ok((0, 0)) };
-    let required = u64::try_from(r.required_bytes)
-        .map_err(|_| CsiError::InvalidArgument("capacity_range.required_bytes is negative".into()))?;
+    let required = u64::try_from(r.required_bytes).map_err(|_| {
+        CsiError::InvalidArgument("capacity_range.required_bytes is negative".into())
+    })?;
     let limit = u64::try_from(r.limit_bytes)
         .map_err(|_| CsiError::InvalidArgument("capacity_range.limit_bytes is negative".into()))?;
     if limit > 0 && required > limit {
@@ -55,19 +56,31 @@ pub fn for_create(range: Option<&CapacityRange>, minimum: u64) -> Result<u64, Cs
         DEFAULT_SIZE
     };
     if wanted == 0 {
-        return Err(CsiError::OutOfRange(format!("limit_bytes {limit} is below one 4 KiB block")));
+        return Err(CsiError::OutOfRange(format!(
+            "limit_bytes {limit} is below one 4 KiB block"
+        )));
     }
-    let what = if minimum > required { "the content source" } else { "the volume" };
+    let what = if minimum > required {
+        "the content source"
+    } else {
+        "the volume"
+    };
     within_limit(round_up(wanted)?, limit, what)
 }
 
 /// The size to grow to. The spec makes the range REQUIRED here.
 pub fn for_expand(range: Option<&CapacityRange>) -> Result<u64, CsiError> {
     let Some(r) = range else {
-        return Err(CsiError::InvalidArgument("capacity_range is required".into()));
+        return Err(CsiError::InvalidArgument(
+            "capacity_range is required".into(),
+        ));
     };
     let (required, limit) = bounds(Some(r))?;
-    let wanted = if required > 0 { required } else { limit - limit % BLOCK };
+    let wanted = if required > 0 {
+        required
+    } else {
+        limit - limit % BLOCK
+    };
     if wanted == 0 {
         return Err(CsiError::InvalidArgument(
             "capacity_range needs required_bytes or limit_bytes of at least 4 KiB".into(),
@@ -90,7 +103,10 @@ mod tests {
     use super::*;
 
     fn r(required: i64, limit: i64) -> Option<CapacityRange> {
-        Some(CapacityRange { required_bytes: required, limit_bytes: limit })
+        Some(CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        })
     }
 
     #[test]
@@ -105,23 +121,50 @@ mod tests {
 
     #[test]
     fn create_refusals() {
-        assert!(matches!(for_create(r(-1, 0).as_ref(), 0), Err(CsiError::InvalidArgument(_))));
-        assert!(matches!(for_create(r(10, 5).as_ref(), 0), Err(CsiError::OutOfRange(_))));
+        assert!(matches!(
+            for_create(r(-1, 0).as_ref(), 0),
+            Err(CsiError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            for_create(r(10, 5).as_ref(), 0),
+            Err(CsiError::OutOfRange(_))
+        ));
         // 4097 rounds to 8192, above the 5000 limit.
-        assert!(matches!(for_create(r(4097, 5000).as_ref(), 0), Err(CsiError::OutOfRange(_))));
-        assert!(matches!(for_create(r(0, 100).as_ref(), 0), Err(CsiError::OutOfRange(_))));
+        assert!(matches!(
+            for_create(r(4097, 5000).as_ref(), 0),
+            Err(CsiError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            for_create(r(0, 100).as_ref(), 0),
+            Err(CsiError::OutOfRange(_))
+        ));
         // The source needs 8192 bytes but the limit is 4096.
-        assert!(matches!(for_create(r(0, 4096).as_ref(), 8192), Err(CsiError::OutOfRange(_))));
-        assert!(matches!(for_create(r(i64::MAX, 0).as_ref(), 0), Err(CsiError::OutOfRange(_)) | Ok(_)));
+        assert!(matches!(
+            for_create(r(0, 4096).as_ref(), 8192),
+            Err(CsiError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            for_create(r(i64::MAX, 0).as_ref(), 0),
+            Err(CsiError::OutOfRange(_)) | Ok(_)
+        ));
     }
 
     #[test]
     fn expand_sizes() {
-        assert!(matches!(for_expand(None), Err(CsiError::InvalidArgument(_))));
-        assert!(matches!(for_expand(r(0, 0).as_ref()), Err(CsiError::InvalidArgument(_))));
+        assert!(matches!(
+            for_expand(None),
+            Err(CsiError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            for_expand(r(0, 0).as_ref()),
+            Err(CsiError::InvalidArgument(_))
+        ));
         assert_eq!(for_expand(r(5000, 0).as_ref()).unwrap(), 8192);
         assert_eq!(for_expand(r(0, 9000).as_ref()).unwrap(), 8192);
-        assert!(matches!(for_expand(r(5000, 6000).as_ref()), Err(CsiError::OutOfRange(_))));
+        assert!(matches!(
+            for_expand(r(5000, 6000).as_ref()),
+            Err(CsiError::OutOfRange(_))
+        ));
     }
 
     #[test]

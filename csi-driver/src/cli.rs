@@ -79,7 +79,10 @@ mod tests {
         assert_eq!(cli.endpoint, "unix:///csi/csi.sock");
         assert_eq!(cli.driver_name, "csi.enbd.io");
         assert_eq!(cli.discovery, DiscoveryMode::Kubernetes);
-        assert_eq!(cli.server_selector, "app.kubernetes.io/component=enbd-server");
+        assert_eq!(
+            cli.server_selector,
+            "app.kubernetes.io/component=enbd-server"
+        );
         assert_eq!(cli.metrics_listen, "0.0.0.0:9811");
         assert_eq!(cli.log_format, LogFormat::Text);
     }
@@ -94,6 +97,9 @@ mod tests {
             "a=http://127.0.0.1:1,b=http://127.0.0.1:2",
         ])
         .unwrap();
-        assert_eq!(cli.servers, ["a=http://127.0.0.1:1", "b=http://127.0.0.1:2"]);
+        assert_eq!(
+            cli.servers,
+            ["a=http://127.0.0.1:1", "b=http://127.0.0.1:2"]
+        );
     }
 }

@@ -22,7 +22,10 @@ pub enum ConfigError {
     #[error("--servers entry {0:?}: expected ID=URL, e.g. enbd-server-0=http://10.0.0.5:10810")]
     ServerEntry(String),
     #[error("--servers entry {entry:?}: {source}")]
-    ServerId { entry: String, source: enbd_proto::ids::IdError },
+    ServerId {
+        entry: String,
+        source: enbd_proto::ids::IdError,
+    },
     #[error("--servers entry {0:?}: URL must start with http:// or https:// and name a host")]
     ServerUrl(String),
     #[error("--servers names {0} twice")]
@@ -49,7 +52,10 @@ pub struct StaticServer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Discovery {
     Static(Vec<StaticServer>),
-    Kubernetes { namespace: Option<String>, selector: String },
+    Kubernetes {
+        namespace: Option<String>,
+        selector: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -68,7 +74,8 @@ fn valid_driver_name(name: &str) -> bool {
         && b.len() <= 63
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.'))
 }
 
 fn parse_socket_path(endpoint: &str) -> Result<PathBuf, ConfigError> {
@@ -83,15 +90,22 @@ fn parse_static_server(entry: &str) -> Result<StaticServer, ConfigError> {
     let (id, url) = entry
         .split_once('=')
         .ok_or_else(|| ConfigError::ServerEntry(entry.to_owned()))?;
-    let id = ServerId::parse(id.trim())
-        .map_err(|source| ConfigError::ServerId { entry: entry.to_owned(), source })?;
+    let id = ServerId::parse(id.trim()).map_err(|source| ConfigError::ServerId {
+        entry: entry.to_owned(),
+        source,
+    })?;
     let url = url.trim();
-    let host = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+    let host = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
     match host {
         Some(h) if !h.is_empty() && !h.starts_with(':') && !h.starts_with('/') => {}
         _ => return Err(ConfigError::ServerUrl(entry.to_owned())),
     }
-    Ok(StaticServer { id, mgmt_url: url.trim_end_matches('/').to_owned() })
+    Ok(StaticServer {
+        id,
+        mgmt_url: url.trim_end_matches('/').to_owned(),
+    })
 }
 
 impl Config {
@@ -173,17 +187,31 @@ mod tests {
         .unwrap();
         assert_eq!(c.socket_path, PathBuf::from("/tmp/x/csi.sock"));
         assert_eq!(c.metrics_listen, None);
-        let Discovery::Static(servers) = c.discovery else { panic!("static expected") };
+        let Discovery::Static(servers) = c.discovery else {
+            panic!("static expected")
+        };
         assert_eq!(servers[0].mgmt_url, "http://127.0.0.1:10810");
         assert_eq!(servers[1].id.as_str(), "s1");
     }
 
     #[test]
     fn refuses_bad_input() {
-        assert!(matches!(config(&["--endpoint", "tcp://x:1"]), Err(ConfigError::Endpoint(_))));
-        assert!(matches!(config(&["--endpoint", "relative"]), Err(ConfigError::Endpoint(_))));
-        assert!(matches!(config(&["--driver-name=-x"]), Err(ConfigError::DriverName(_))));
-        assert!(matches!(config(&["--discovery", "static"]), Err(ConfigError::NoServers)));
+        assert!(matches!(
+            config(&["--endpoint", "tcp://x:1"]),
+            Err(ConfigError::Endpoint(_))
+        ));
+        assert!(matches!(
+            config(&["--endpoint", "relative"]),
+            Err(ConfigError::Endpoint(_))
+        ));
+        assert!(matches!(
+            config(&["--driver-name=-x"]),
+            Err(ConfigError::DriverName(_))
+        ));
+        assert!(matches!(
+            config(&["--discovery", "static"]),
+            Err(ConfigError::NoServers)
+        ));
         assert!(matches!(
             config(&["--discovery", "static", "--servers", "s0"]),
             Err(ConfigError::ServerEntry(_))
@@ -197,7 +225,12 @@ mod tests {
             Err(ConfigError::ServerUrl(_))
         ));
         assert!(matches!(
-            config(&["--discovery", "static", "--servers", "s0=http://a:1,s0=http://b:1"]),
+            config(&[
+                "--discovery",
+                "static",
+                "--servers",
+                "s0=http://a:1,s0=http://b:1"
+            ]),
             Err(ConfigError::DuplicateServer(_))
         ));
         assert!(matches!(

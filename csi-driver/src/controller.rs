@@ -64,7 +64,11 @@ fn to_i64(n: u64) -> i64 {
 }
 
 fn required(value: &str, field: &str) -> Result<(), CsiError> {
-    if value.is_empty() { Err(invalid(format!("{field} is required"))) } else { Ok(()) }
+    if value.is_empty() {
+        Err(invalid(format!("{field} is required")))
+    } else {
+        Ok(())
+    }
 }
 
 /// A requested content source, already resolved to our IDs.
@@ -77,7 +81,9 @@ enum Source {
 fn parse_source(src: Option<&VolumeContentSource>) -> Result<Option<Source>, CsiError> {
     let Some(src) = src else { return Ok(None) };
     match &src.r#type {
-        None => Err(invalid("volume_content_source names neither a snapshot nor a volume")),
+        None => Err(invalid(
+            "volume_content_source names neither a snapshot nor a volume",
+        )),
         Some(volume_content_source::Type::Snapshot(s)) => {
             required(&s.snapshot_id, "volume_content_source.snapshot.snapshot_id")?;
             SnapshotId::parse(&s.snapshot_id)
@@ -98,7 +104,9 @@ fn source_of(server: &ServerId, vol: &pb::Volume) -> Option<Source> {
     match vol.source.as_ref().and_then(|s| s.kind.as_ref())? {
         PbSource::Snapshot(name) => {
             let name = ObjectName::parse(name).ok()?;
-            SnapshotId::new(server.clone(), name).ok().map(Source::Snapshot)
+            SnapshotId::new(server.clone(), name)
+                .ok()
+                .map(Source::Snapshot)
         }
         PbSource::Volume(name) => {
             let name = ObjectName::parse(name).ok()?;
@@ -110,12 +118,12 @@ fn source_of(server: &ServerId, vol: &pb::Volume) -> Option<Source> {
 fn csi_source(src: &Source) -> VolumeContentSource {
     VolumeContentSource {
         r#type: Some(match src {
-            Source::Snapshot(id) => {
-                volume_content_source::Type::Snapshot(SnapshotSource { snapshot_id: id.to_string() })
-            }
-            Source::Volume(id) => {
-                volume_content_source::Type::Volume(VolumeSource { volume_id: id.to_string() })
-            }
+            Source::Snapshot(id) => volume_content_source::Type::Snapshot(SnapshotSource {
+                snapshot_id: id.to_string(),
+            }),
+            Source::Volume(id) => volume_content_source::Type::Volume(VolumeSource {
+                volume_id: id.to_string(),
+            }),
         }),
     }
 }
@@ -130,14 +138,20 @@ fn csi_snapshot(id: &SnapshotId, snap: &pb::Snapshot) -> Snapshot {
         size_bytes: to_i64(snap.size_bytes),
         snapshot_id: id.to_string(),
         source_volume_id,
-        creation_time: Some(prost_types::Timestamp { seconds: snap.created_at_unix, nanos: 0 }),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: snap.created_at_unix,
+            nanos: 0,
+        }),
         ready_to_use: snap.ready_to_use,
         group_snapshot_id: String::new(),
     }
 }
 
 fn normal(server: &ServerId) -> VolumeCondition {
-    VolumeCondition { abnormal: false, message: format!("enbd-server {server} is serving the volume") }
+    VolumeCondition {
+        abnormal: false,
+        message: format!("enbd-server {server} is serving the volume"),
+    }
 }
 
 /// First entry at or after `token` and the next page's token. Tokens are the
@@ -149,13 +163,18 @@ fn paginate<T>(
     token: &str,
     valid_token: impl Fn(&str) -> bool,
 ) -> Result<(Vec<T>, String), CsiError> {
-    let max = usize::try_from(max_entries).map_err(|_| invalid("max_entries must not be negative"))?;
+    let max =
+        usize::try_from(max_entries).map_err(|_| invalid("max_entries must not be negative"))?;
     if !token.is_empty() && !valid_token(token) {
-        return Err(CsiError::Aborted(format!("starting_token {token:?} (not a token this driver issued)")));
+        return Err(CsiError::Aborted(format!(
+            "starting_token {token:?} (not a token this driver issued)"
+        )));
     }
     items.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut rest: Vec<(String, T)> =
-        items.into_iter().filter(|(id, _)| token.is_empty() || id.as_str() >= token).collect();
+    let mut rest: Vec<(String, T)> = items
+        .into_iter()
+        .filter(|(id, _)| token.is_empty() || id.as_str() >= token)
+        .collect();
     let mut next = String::new();
     if max > 0 && rest.len() > max {
         next = rest[max].0.clone();
@@ -166,9 +185,9 @@ fn paginate<T>(
 
 fn rpc_cap(t: rpc::Type) -> ControllerServiceCapability {
     ControllerServiceCapability {
-        r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc {
-            r#type: t as i32,
-        })),
+        r#type: Some(controller_service_capability::Type::Rpc(
+            controller_service_capability::Rpc { r#type: t as i32 },
+        )),
     }
 }
 
@@ -185,9 +204,15 @@ impl State {
         }
     }
 
-    async fn get_volume(&self, server: &LiveServer, name: &ObjectName) -> Result<Option<pb::Volume>, CsiError> {
+    async fn get_volume(
+        &self,
+        server: &LiveServer,
+        name: &ObjectName,
+    ) -> Result<Option<pb::Volume>, CsiError> {
         let mut client = server.client.clone();
-        let req = pb::GetVolumeRequest { name: name.to_string() };
+        let req = pb::GetVolumeRequest {
+            name: name.to_string(),
+        };
         match mgmt(&server.id, CALL_TIMEOUT, client.get_volume(req)).await {
             Ok(resp) => Ok(resp.volume),
             Err(e) if e.is_not_found() => Ok(None),
@@ -208,11 +233,16 @@ impl State {
             name: name.to_owned(),
             source_volume: source_volume.to_owned(),
         };
-        Ok(mgmt(&server.id, CALL_TIMEOUT, client.list_snapshots(req)).await?.snapshots)
+        Ok(mgmt(&server.id, CALL_TIMEOUT, client.list_snapshots(req))
+            .await?
+            .snapshots)
     }
 
     /// A volume named `name` on any live server (CreateVolume's idempotency).
-    async fn find_volume(&self, name: &ObjectName) -> Result<Option<(LiveServer, pb::Volume)>, CsiError> {
+    async fn find_volume(
+        &self,
+        name: &ObjectName,
+    ) -> Result<Option<(LiveServer, pb::Volume)>, CsiError> {
         let live = self.servers.live();
         let found = futures::future::join_all(live.iter().map(|s| self.get_volume(s, name))).await;
         for (server, result) in live.into_iter().zip(found) {
@@ -224,10 +254,14 @@ impl State {
     }
 
     /// A snapshot named `name` on any live server (CreateSnapshot's idempotency).
-    async fn find_snapshot(&self, name: &ObjectName) -> Result<Option<(LiveServer, pb::Snapshot)>, CsiError> {
+    async fn find_snapshot(
+        &self,
+        name: &ObjectName,
+    ) -> Result<Option<(LiveServer, pb::Snapshot)>, CsiError> {
         let live = self.servers.live();
         let found = futures::future::join_all(
-            live.iter().map(|s| self.list_snapshots_on(s, name.as_str(), "")),
+            live.iter()
+                .map(|s| self.list_snapshots_on(s, name.as_str(), "")),
         )
         .await;
         for (server, result) in live.into_iter().zip(found) {
@@ -246,9 +280,18 @@ impl State {
         params: VolumeParams,
         source: Option<&Source>,
     ) -> Result<CreateVolumeResponse, CsiError> {
-        let id = VolumeId::new(server.id.clone(), name.clone()).map_err(|e| invalid(e.to_string()))?;
-        let export = if vol.export_name.is_empty() { vol.name.clone() } else { vol.export_name.clone() };
-        let context = VolumeContext { server: server.data_address.clone(), export, params };
+        let id =
+            VolumeId::new(server.id.clone(), name.clone()).map_err(|e| invalid(e.to_string()))?;
+        let export = if vol.export_name.is_empty() {
+            vol.name.clone()
+        } else {
+            vol.export_name.clone()
+        };
+        let context = VolumeContext {
+            server: server.data_address.clone(),
+            export,
+            params,
+        };
         Ok(CreateVolumeResponse {
             volume: Some(Volume {
                 capacity_bytes: to_i64(vol.size_bytes),
@@ -261,13 +304,18 @@ impl State {
         })
     }
 
-    async fn create_volume(self: Arc<Self>, req: CreateVolumeRequest) -> Result<CreateVolumeResponse, CsiError> {
+    async fn create_volume(
+        self: Arc<Self>,
+        req: CreateVolumeRequest,
+    ) -> Result<CreateVolumeResponse, CsiError> {
         required(&req.name, "name")?;
         let name = ObjectName::parse(&req.name).map_err(|e| invalid(format!("name: {e}")))?;
         capability::check_all(&req.volume_capabilities).map_err(invalid)?;
         let params = VolumeParams::from_map(&req.parameters).map_err(|e| invalid(e.to_string()))?;
         if !req.mutable_parameters.is_empty() {
-            return Err(invalid("mutable_parameters are not supported by this driver"));
+            return Err(invalid(
+                "mutable_parameters are not supported by this driver",
+            ));
         }
         let source = parse_source(req.volume_content_source.as_ref())?;
         // Refuse a bad range before looking anything up.
@@ -279,7 +327,9 @@ impl State {
         let this = Arc::clone(&self);
         let key = format!("volume:{name}");
         self.ops
-            .run(key, async move { this.create_volume_locked(name, req, params, source).await })
+            .run(key, async move {
+                this.create_volume_locked(name, req, params, source).await
+            })
             .await
     }
 
@@ -310,16 +360,24 @@ impl State {
         let (server, size, pb_source) = match &source {
             Some(Source::Snapshot(sid)) => {
                 let Some(server) = self.holder(sid.server(), &format!("snapshot {sid}"))? else {
-                    return Err(CsiError::NotFound(format!("source snapshot {sid} not found")));
+                    return Err(CsiError::NotFound(format!(
+                        "source snapshot {sid} not found"
+                    )));
                 };
                 let snap = self
                     .list_snapshots_on(&server, sid.name().as_str(), "")
                     .await?
                     .into_iter()
                     .find(|s| s.name == sid.name().as_str())
-                    .ok_or_else(|| CsiError::NotFound(format!("source snapshot {sid} not found")))?;
+                    .ok_or_else(|| {
+                        CsiError::NotFound(format!("source snapshot {sid} not found"))
+                    })?;
                 let size = capacity::for_create(range, snap.size_bytes)?;
-                (server, size, Some(PbSource::Snapshot(sid.name().to_string())))
+                (
+                    server,
+                    size,
+                    Some(PbSource::Snapshot(sid.name().to_string())),
+                )
             }
             Some(Source::Volume(vid)) => {
                 let Some(server) = self.holder(vid.server(), &format!("volume {vid}"))? else {
@@ -334,7 +392,11 @@ impl State {
             }
             None => {
                 let size = capacity::for_create(range, 0)?;
-                (placement::place(&self.servers.live(), size).await?, size, None)
+                (
+                    placement::place(&self.servers.live(), size).await?,
+                    size,
+                    None,
+                )
             }
         };
         // Check the ID fits before creating anything.
@@ -349,11 +411,16 @@ impl State {
         let vol = mgmt(&server.id, CREATE_TIMEOUT, client.create_volume(create))
             .await?
             .volume
-            .ok_or_else(|| CsiError::Internal(format!("enbd-server {} returned no volume", server.id)))?;
+            .ok_or_else(|| {
+                CsiError::Internal(format!("enbd-server {} returned no volume", server.id))
+            })?;
         self.volume_response(&server, &name, &vol, params, source.as_ref())
     }
 
-    async fn delete_volume(self: Arc<Self>, req: DeleteVolumeRequest) -> Result<DeleteVolumeResponse, CsiError> {
+    async fn delete_volume(
+        self: Arc<Self>,
+        req: DeleteVolumeRequest,
+    ) -> Result<DeleteVolumeResponse, CsiError> {
         required(&req.volume_id, "volume_id")?;
         let Ok(id) = VolumeId::parse(&req.volume_id) else {
             // Not an ID this driver issues, so no such volume exists.
@@ -374,7 +441,10 @@ impl State {
                     )));
                 }
                 let mut client = server.client.clone();
-                let req = pb::DeleteVolumeRequest { name: id.name().to_string(), force: false };
+                let req = pb::DeleteVolumeRequest {
+                    name: id.name().to_string(),
+                    force: false,
+                };
                 match mgmt(&server.id, CALL_TIMEOUT, client.delete_volume(req)).await {
                     Ok(_) => {}
                     Err(e) if e.is_not_found() => {}
@@ -388,12 +458,20 @@ impl State {
 
     /// The live server and volume for an existing-volume RPC; unknown or
     /// malformed IDs are NotFound.
-    async fn existing_volume(&self, volume_id: &str) -> Result<(VolumeId, LiveServer, pb::Volume), CsiError> {
+    async fn existing_volume(
+        &self,
+        volume_id: &str,
+    ) -> Result<(VolumeId, LiveServer, pb::Volume), CsiError> {
         required(volume_id, "volume_id")?;
         let not_found = || CsiError::NotFound(format!("volume {volume_id} not found"));
         let id = VolumeId::parse(volume_id).map_err(|_| not_found())?;
-        let server = self.holder(id.server(), &format!("volume {id}"))?.ok_or_else(not_found)?;
-        let vol = self.get_volume(&server, id.name()).await?.ok_or_else(not_found)?;
+        let server = self
+            .holder(id.server(), &format!("volume {id}"))?
+            .ok_or_else(not_found)?;
+        let vol = self
+            .get_volume(&server, id.name())
+            .await?
+            .ok_or_else(not_found)?;
         Ok((id, server, vol))
     }
 
@@ -403,10 +481,18 @@ impl State {
     ) -> Result<ControllerPublishVolumeResponse, CsiError> {
         required(&req.volume_id, "volume_id")?;
         required(&req.node_id, "node_id")?;
-        let cap = req.volume_capability.as_ref().ok_or_else(|| invalid("volume_capability is required"))?;
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| invalid("volume_capability is required"))?;
         let cap = capability::check(cap).map_err(invalid)?;
         let this = Arc::clone(&self);
-        let key = format!("volume:{}", VolumeId::parse(&req.volume_id).map(|i| i.name().to_string()).unwrap_or_default());
+        let key = format!(
+            "volume:{}",
+            VolumeId::parse(&req.volume_id)
+                .map(|i| i.name().to_string())
+                .unwrap_or_default()
+        );
         self.ops
             .run(key, async move {
                 let (id, _, _) = this.existing_volume(&req.volume_id).await?;
@@ -445,12 +531,17 @@ impl State {
             return Err(invalid("volume_capabilities is required"));
         }
         self.existing_volume(&req.volume_id).await?;
-        let unconfirmed = |message: String| ValidateVolumeCapabilitiesResponse { confirmed: None, message };
+        let unconfirmed = |message: String| ValidateVolumeCapabilitiesResponse {
+            confirmed: None,
+            message,
+        };
         if let Err(e) = VolumeParams::from_map(&req.parameters) {
             return Ok(unconfirmed(e.to_string()));
         }
         if !req.mutable_parameters.is_empty() {
-            return Ok(unconfirmed("mutable_parameters are not supported by this driver".into()));
+            return Ok(unconfirmed(
+                "mutable_parameters are not supported by this driver".into(),
+            ));
         }
         if let Err(reason) = capability::check_all(&req.volume_capabilities) {
             return Ok(unconfirmed(reason));
@@ -474,7 +565,10 @@ impl State {
         let lists = futures::future::join_all(live.iter().map(|s| {
             let mut client = s.client.clone();
             async move {
-                let req = pb::ListVolumesRequest { max_entries: 0, starting_token: String::new() };
+                let req = pb::ListVolumesRequest {
+                    max_entries: 0,
+                    starting_token: String::new(),
+                };
                 mgmt(&s.id, CALL_TIMEOUT, client.list_volumes(req)).await
             }
         }))
@@ -486,7 +580,9 @@ impl State {
                     let name = ObjectName::parse(&v.name).ok()?;
                     Some((VolumeId::new(server.id.clone(), name).ok()?, v))
                 })),
-                Err(e) => tracing::warn!(server = %server.id, error = %e, "ListVolumes left this server out"),
+                Err(e) => {
+                    tracing::warn!(server = %server.id, error = %e, "ListVolumes left this server out")
+                }
             }
         }
         out
@@ -496,9 +592,15 @@ impl State {
         if req.max_entries < 0 {
             return Err(invalid("max_entries must not be negative"));
         }
-        let items = self.all_volumes().await.into_iter().map(|(id, v)| (id.to_string(), (id, v))).collect();
-        let (page, next_token) =
-            paginate(items, req.max_entries, &req.starting_token, |t| VolumeId::parse(t).is_ok())?;
+        let items = self
+            .all_volumes()
+            .await
+            .into_iter()
+            .map(|(id, v)| (id.to_string(), (id, v)))
+            .collect();
+        let (page, next_token) = paginate(items, req.max_entries, &req.starting_token, |t| {
+            VolumeId::parse(t).is_ok()
+        })?;
         let entries = page
             .into_iter()
             .map(|(id, v)| list_volumes_response::Entry {
@@ -515,12 +617,17 @@ impl State {
                 }),
             })
             .collect();
-        Ok(ListVolumesResponse { entries, next_token })
+        Ok(ListVolumesResponse {
+            entries,
+            next_token,
+        })
     }
 
     async fn get_capacity(&self, req: GetCapacityRequest) -> Result<GetCapacityResponse, CsiError> {
         VolumeParams::from_map(&req.parameters).map_err(|e| invalid(e.to_string()))?;
-        if !req.volume_capabilities.is_empty() && capability::check_all(&req.volume_capabilities).is_err() {
+        if !req.volume_capabilities.is_empty()
+            && capability::check_all(&req.volume_capabilities).is_err()
+        {
             // No storage can hold a volume with capabilities we do not support.
             return Ok(GetCapacityResponse {
                 available_capacity: 0,
@@ -538,7 +645,10 @@ impl State {
         })
     }
 
-    async fn create_snapshot(self: Arc<Self>, req: CreateSnapshotRequest) -> Result<CreateSnapshotResponse, CsiError> {
+    async fn create_snapshot(
+        self: Arc<Self>,
+        req: CreateSnapshotRequest,
+    ) -> Result<CreateSnapshotResponse, CsiError> {
         required(&req.name, "name")?;
         required(&req.source_volume_id, "source_volume_id")?;
         let name = ObjectName::parse(&req.name).map_err(|e| invalid(format!("name: {e}")))?;
@@ -550,27 +660,38 @@ impl State {
             .collect();
         if !unknown.is_empty() {
             unknown.sort_unstable();
-            return Err(invalid(format!("unknown snapshot parameter(s): {}", unknown.join(", "))));
+            return Err(invalid(format!(
+                "unknown snapshot parameter(s): {}",
+                unknown.join(", ")
+            )));
         }
-        let not_found = || CsiError::NotFound(format!("source volume {} not found", req.source_volume_id));
+        let not_found =
+            || CsiError::NotFound(format!("source volume {} not found", req.source_volume_id));
         let source = VolumeId::parse(&req.source_volume_id).map_err(|_| not_found())?;
         let this = Arc::clone(&self);
         self.ops
             .run(format!("snapshot:{name}"), async move {
                 if let Some((server, snap)) = this.find_snapshot(&name).await? {
-                    let id = SnapshotId::new(server.id.clone(), name.clone()).map_err(|e| invalid(e.to_string()))?;
-                    if server.id != *source.server() || snap.source_volume != source.name().as_str() {
+                    let id = SnapshotId::new(server.id.clone(), name.clone())
+                        .map_err(|e| invalid(e.to_string()))?;
+                    if server.id != *source.server() || snap.source_volume != source.name().as_str()
+                    {
                         return Err(CsiError::AlreadyExists(format!(
                             "snapshot {name} already exists with source volume {}/{}",
                             server.id, snap.source_volume
                         )));
                     }
-                    return Ok(CreateSnapshotResponse { snapshot: Some(csi_snapshot(&id, &snap)) });
+                    return Ok(CreateSnapshotResponse {
+                        snapshot: Some(csi_snapshot(&id, &snap)),
+                    });
                 }
                 let server = this
                     .holder(source.server(), &format!("volume {source}"))?
-                    .ok_or_else(|| CsiError::NotFound(format!("source volume {source} not found")))?;
-                let id = SnapshotId::new(server.id.clone(), name.clone()).map_err(|e| invalid(e.to_string()))?;
+                    .ok_or_else(|| {
+                        CsiError::NotFound(format!("source volume {source} not found"))
+                    })?;
+                let id = SnapshotId::new(server.id.clone(), name.clone())
+                    .map_err(|e| invalid(e.to_string()))?;
                 let mut client = server.client.clone();
                 let create = pb::CreateSnapshotRequest {
                     name: name.to_string(),
@@ -580,13 +701,23 @@ impl State {
                 let snap = mgmt(&server.id, CREATE_TIMEOUT, client.create_snapshot(create))
                     .await?
                     .snapshot
-                    .ok_or_else(|| CsiError::Internal(format!("enbd-server {} returned no snapshot", server.id)))?;
-                Ok(CreateSnapshotResponse { snapshot: Some(csi_snapshot(&id, &snap)) })
+                    .ok_or_else(|| {
+                        CsiError::Internal(format!(
+                            "enbd-server {} returned no snapshot",
+                            server.id
+                        ))
+                    })?;
+                Ok(CreateSnapshotResponse {
+                    snapshot: Some(csi_snapshot(&id, &snap)),
+                })
             })
             .await
     }
 
-    async fn delete_snapshot(self: Arc<Self>, req: DeleteSnapshotRequest) -> Result<DeleteSnapshotResponse, CsiError> {
+    async fn delete_snapshot(
+        self: Arc<Self>,
+        req: DeleteSnapshotRequest,
+    ) -> Result<DeleteSnapshotResponse, CsiError> {
         required(&req.snapshot_id, "snapshot_id")?;
         let Ok(id) = SnapshotId::parse(&req.snapshot_id) else {
             return Ok(DeleteSnapshotResponse {});
@@ -598,7 +729,9 @@ impl State {
         self.ops
             .run(format!("snapshot:{}", id.name()), async move {
                 let mut client = server.client.clone();
-                let req = pb::DeleteSnapshotRequest { name: id.name().to_string() };
+                let req = pb::DeleteSnapshotRequest {
+                    name: id.name().to_string(),
+                };
                 match mgmt(&server.id, CALL_TIMEOUT, client.delete_snapshot(req)).await {
                     Ok(_) => {}
                     Err(e) if e.is_not_found() => {}
@@ -610,7 +743,10 @@ impl State {
             .await
     }
 
-    async fn list_snapshots(&self, req: ListSnapshotsRequest) -> Result<ListSnapshotsResponse, CsiError> {
+    async fn list_snapshots(
+        &self,
+        req: ListSnapshotsRequest,
+    ) -> Result<ListSnapshotsResponse, CsiError> {
         if req.max_entries < 0 {
             return Err(invalid("max_entries must not be negative"));
         }
@@ -644,48 +780,72 @@ impl State {
             None => self.servers.live(),
         };
         let lists = futures::future::join_all(
-            servers.iter().map(|s| self.list_snapshots_on(s, &name_filter, &source_filter)),
+            servers
+                .iter()
+                .map(|s| self.list_snapshots_on(s, &name_filter, &source_filter)),
         )
         .await;
         let mut items = Vec::new();
         for (server, list) in servers.iter().zip(lists) {
             match list {
                 Ok(snaps) => items.extend(snaps.into_iter().filter_map(|snap| {
-                    let id = SnapshotId::new(server.id.clone(), ObjectName::parse(&snap.name).ok()?).ok()?;
+                    let id =
+                        SnapshotId::new(server.id.clone(), ObjectName::parse(&snap.name).ok()?)
+                            .ok()?;
                     Some((id.to_string(), csi_snapshot(&id, &snap)))
                 })),
-                Err(e) => tracing::warn!(server = %server.id, error = %e, "ListSnapshots left this server out"),
+                Err(e) => {
+                    tracing::warn!(server = %server.id, error = %e, "ListSnapshots left this server out")
+                }
             }
         }
-        let (page, next_token) =
-            paginate(items, req.max_entries, &req.starting_token, |t| SnapshotId::parse(t).is_ok())?;
-        let entries =
-            page.into_iter().map(|s| list_snapshots_response::Entry { snapshot: Some(s) }).collect();
-        Ok(ListSnapshotsResponse { entries, next_token })
+        let (page, next_token) = paginate(items, req.max_entries, &req.starting_token, |t| {
+            SnapshotId::parse(t).is_ok()
+        })?;
+        let entries = page
+            .into_iter()
+            .map(|s| list_snapshots_response::Entry { snapshot: Some(s) })
+            .collect();
+        Ok(ListSnapshotsResponse {
+            entries,
+            next_token,
+        })
     }
 
     async fn get_snapshot(&self, req: GetSnapshotRequest) -> Result<GetSnapshotResponse, CsiError> {
         required(&req.snapshot_id, "snapshot_id")?;
         let not_found = || CsiError::NotFound(format!("snapshot {} not found", req.snapshot_id));
         let id = SnapshotId::parse(&req.snapshot_id).map_err(|_| not_found())?;
-        let server = self.holder(id.server(), &format!("snapshot {id}"))?.ok_or_else(not_found)?;
+        let server = self
+            .holder(id.server(), &format!("snapshot {id}"))?
+            .ok_or_else(not_found)?;
         let snap = self
             .list_snapshots_on(&server, id.name().as_str(), "")
             .await?
             .into_iter()
             .find(|s| s.name == id.name().as_str())
             .ok_or_else(not_found)?;
-        Ok(GetSnapshotResponse { snapshot: Some(csi_snapshot(&id, &snap)) })
+        Ok(GetSnapshotResponse {
+            snapshot: Some(csi_snapshot(&id, &snap)),
+        })
     }
 
-    async fn expand(self: Arc<Self>, req: ControllerExpandVolumeRequest) -> Result<ControllerExpandVolumeResponse, CsiError> {
+    async fn expand(
+        self: Arc<Self>,
+        req: ControllerExpandVolumeRequest,
+    ) -> Result<ControllerExpandVolumeResponse, CsiError> {
         required(&req.volume_id, "volume_id")?;
         let size = capacity::for_expand(req.capacity_range.as_ref())?;
         let block = match req.volume_capability.as_ref() {
             Some(cap) => capability::check(cap).map_err(invalid)?.block,
             None => false,
         };
-        let key = format!("volume:{}", VolumeId::parse(&req.volume_id).map(|i| i.name().to_string()).unwrap_or_default());
+        let key = format!(
+            "volume:{}",
+            VolumeId::parse(&req.volume_id)
+                .map(|i| i.name().to_string())
+                .unwrap_or_default()
+        );
         let this = Arc::clone(&self);
         self.ops
             .run(key, async move {
@@ -699,7 +859,19 @@ impl State {
                         node_expansion_required,
                     });
                 }
+                // The same rule as placement: the growth must fit in the
+                // server's free space today, or it could never be written.
                 let mut client = server.client.clone();
+                let free = mgmt(&server.id, CALL_TIMEOUT, client.get_capacity(pb::GetCapacityRequest {}))
+                    .await?
+                    .available_bytes;
+                let growth = size - vol.size_bytes;
+                if growth > free {
+                    return Err(CsiError::ResourceExhausted(format!(
+                        "growing volume {id} by {growth} bytes needs more than the {free} bytes free on enbd-server {}",
+                        server.id
+                    )));
+                }
                 let req = pb::ExpandVolumeRequest { name: id.name().to_string(), size_bytes: size };
                 let vol = mgmt(&server.id, CALL_TIMEOUT, client.expand_volume(req))
                     .await?
@@ -711,7 +883,10 @@ impl State {
             .await
     }
 
-    async fn get_volume_status(&self, req: ControllerGetVolumeRequest) -> Result<ControllerGetVolumeResponse, CsiError> {
+    async fn get_volume_status(
+        &self,
+        req: ControllerGetVolumeRequest,
+    ) -> Result<ControllerGetVolumeResponse, CsiError> {
         required(&req.volume_id, "volume_id")?;
         let not_found = || CsiError::NotFound(format!("volume {} not found", req.volume_id));
         let id = VolumeId::parse(&req.volume_id).map_err(|_| not_found())?;
@@ -720,14 +895,20 @@ impl State {
             Lookup::Unknown => return Err(not_found()),
             // The point of a volume condition: say so when the server holding it is gone.
             Lookup::Down(reason) => (
-                Volume { volume_id: id.to_string(), ..Default::default() },
+                Volume {
+                    volume_id: id.to_string(),
+                    ..Default::default()
+                },
                 VolumeCondition {
                     abnormal: true,
                     message: format!("enbd-server {} is unreachable: {reason}", id.server()),
                 },
             ),
             Lookup::Live(server) => {
-                let v = self.get_volume(&server, id.name()).await?.ok_or_else(not_found)?;
+                let v = self
+                    .get_volume(&server, id.name())
+                    .await?
+                    .ok_or_else(not_found)?;
                 let vol = Volume {
                     capacity_bytes: to_i64(v.size_bytes),
                     volume_id: id.to_string(),
@@ -754,12 +935,14 @@ type Rpc<T> = Result<Response<T>, Status>;
 impl Controller for ControllerService {
     async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Rpc<CreateVolumeResponse> {
         let s = Arc::clone(&self.state);
-        self.state.reply("CreateVolume", s.create_volume(req.into_inner()).await)
+        self.state
+            .reply("CreateVolume", s.create_volume(req.into_inner()).await)
     }
 
     async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Rpc<DeleteVolumeResponse> {
         let s = Arc::clone(&self.state);
-        self.state.reply("DeleteVolume", s.delete_volume(req.into_inner()).await)
+        self.state
+            .reply("DeleteVolume", s.delete_volume(req.into_inner()).await)
     }
 
     async fn controller_publish_volume(
@@ -767,7 +950,8 @@ impl Controller for ControllerService {
         req: Request<ControllerPublishVolumeRequest>,
     ) -> Rpc<ControllerPublishVolumeResponse> {
         let s = Arc::clone(&self.state);
-        self.state.reply("ControllerPublishVolume", s.publish(req.into_inner()).await)
+        self.state
+            .reply("ControllerPublishVolume", s.publish(req.into_inner()).await)
     }
 
     async fn controller_unpublish_volume(
@@ -775,22 +959,34 @@ impl Controller for ControllerService {
         req: Request<ControllerUnpublishVolumeRequest>,
     ) -> Rpc<ControllerUnpublishVolumeResponse> {
         let s = Arc::clone(&self.state);
-        self.state.reply("ControllerUnpublishVolume", s.unpublish(req.into_inner()).await)
+        self.state.reply(
+            "ControllerUnpublishVolume",
+            s.unpublish(req.into_inner()).await,
+        )
     }
 
     async fn validate_volume_capabilities(
         &self,
         req: Request<ValidateVolumeCapabilitiesRequest>,
     ) -> Rpc<ValidateVolumeCapabilitiesResponse> {
-        self.state.reply("ValidateVolumeCapabilities", self.state.validate(req.into_inner()).await)
+        self.state.reply(
+            "ValidateVolumeCapabilities",
+            self.state.validate(req.into_inner()).await,
+        )
     }
 
     async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Rpc<ListVolumesResponse> {
-        self.state.reply("ListVolumes", self.state.list_volumes(req.into_inner()).await)
+        self.state.reply(
+            "ListVolumes",
+            self.state.list_volumes(req.into_inner()).await,
+        )
     }
 
     async fn get_capacity(&self, req: Request<GetCapacityRequest>) -> Rpc<GetCapacityResponse> {
-        self.state.reply("GetCapacity", self.state.get_capacity(req.into_inner()).await)
+        self.state.reply(
+            "GetCapacity",
+            self.state.get_capacity(req.into_inner()).await,
+        )
     }
 
     async fn controller_get_capabilities(
@@ -816,25 +1012,45 @@ impl Controller for ControllerService {
         .into_iter()
         .map(rpc_cap)
         .collect();
-        self.state.reply("ControllerGetCapabilities", Ok(ControllerGetCapabilitiesResponse { capabilities }))
+        self.state.reply(
+            "ControllerGetCapabilities",
+            Ok(ControllerGetCapabilitiesResponse { capabilities }),
+        )
     }
 
-    async fn create_snapshot(&self, req: Request<CreateSnapshotRequest>) -> Rpc<CreateSnapshotResponse> {
+    async fn create_snapshot(
+        &self,
+        req: Request<CreateSnapshotRequest>,
+    ) -> Rpc<CreateSnapshotResponse> {
         let s = Arc::clone(&self.state);
-        self.state.reply("CreateSnapshot", s.create_snapshot(req.into_inner()).await)
+        self.state
+            .reply("CreateSnapshot", s.create_snapshot(req.into_inner()).await)
     }
 
-    async fn delete_snapshot(&self, req: Request<DeleteSnapshotRequest>) -> Rpc<DeleteSnapshotResponse> {
+    async fn delete_snapshot(
+        &self,
+        req: Request<DeleteSnapshotRequest>,
+    ) -> Rpc<DeleteSnapshotResponse> {
         let s = Arc::clone(&self.state);
-        self.state.reply("DeleteSnapshot", s.delete_snapshot(req.into_inner()).await)
+        self.state
+            .reply("DeleteSnapshot", s.delete_snapshot(req.into_inner()).await)
     }
 
-    async fn list_snapshots(&self, req: Request<ListSnapshotsRequest>) -> Rpc<ListSnapshotsResponse> {
-        self.state.reply("ListSnapshots", self.state.list_snapshots(req.into_inner()).await)
+    async fn list_snapshots(
+        &self,
+        req: Request<ListSnapshotsRequest>,
+    ) -> Rpc<ListSnapshotsResponse> {
+        self.state.reply(
+            "ListSnapshots",
+            self.state.list_snapshots(req.into_inner()).await,
+        )
     }
 
     async fn get_snapshot(&self, req: Request<GetSnapshotRequest>) -> Rpc<GetSnapshotResponse> {
-        self.state.reply("GetSnapshot", self.state.get_snapshot(req.into_inner()).await)
+        self.state.reply(
+            "GetSnapshot",
+            self.state.get_snapshot(req.into_inner()).await,
+        )
     }
 
     async fn controller_expand_volume(
@@ -842,21 +1058,28 @@ impl Controller for ControllerService {
         req: Request<ControllerExpandVolumeRequest>,
     ) -> Rpc<ControllerExpandVolumeResponse> {
         let s = Arc::clone(&self.state);
-        self.state.reply("ControllerExpandVolume", s.expand(req.into_inner()).await)
+        self.state
+            .reply("ControllerExpandVolume", s.expand(req.into_inner()).await)
     }
 
     async fn controller_get_volume(
         &self,
         req: Request<ControllerGetVolumeRequest>,
     ) -> Rpc<ControllerGetVolumeResponse> {
-        self.state.reply("ControllerGetVolume", self.state.get_volume_status(req.into_inner()).await)
+        self.state.reply(
+            "ControllerGetVolume",
+            self.state.get_volume_status(req.into_inner()).await,
+        )
     }
 
     async fn controller_modify_volume(
         &self,
         _req: Request<ControllerModifyVolumeRequest>,
     ) -> Rpc<ControllerModifyVolumeResponse> {
-        self.state.reply("ControllerModifyVolume", Err(CsiError::Unimplemented("ControllerModifyVolume")))
+        self.state.reply(
+            "ControllerModifyVolume",
+            Err(CsiError::Unimplemented("ControllerModifyVolume")),
+        )
     }
 }
 
@@ -881,23 +1104,37 @@ mod tests {
         assert_eq!(t2, "");
         let (p, t) = paginate(all.clone(), 0, "", ok).unwrap();
         assert_eq!((p.len(), t.as_str()), (4, ""));
-        assert!(matches!(paginate(all.clone(), 1, "garbage", ok), Err(CsiError::Aborted(_))));
-        assert!(matches!(paginate(all, -1, "", ok), Err(CsiError::InvalidArgument(_))));
+        assert!(matches!(
+            paginate(all.clone(), 1, "garbage", ok),
+            Err(CsiError::Aborted(_))
+        ));
+        assert!(matches!(
+            paginate(all, -1, "", ok),
+            Err(CsiError::InvalidArgument(_))
+        ));
     }
 
     #[test]
     fn source_parsing() {
         assert_eq!(parse_source(None).unwrap(), None);
         let bad = VolumeContentSource { r#type: None };
-        assert!(matches!(parse_source(Some(&bad)), Err(CsiError::InvalidArgument(_))));
+        assert!(matches!(
+            parse_source(Some(&bad)),
+            Err(CsiError::InvalidArgument(_))
+        ));
         let snap = csi_source(&Source::Snapshot(SnapshotId::parse("s/x").unwrap()));
         assert_eq!(
             parse_source(Some(&snap)).unwrap(),
             Some(Source::Snapshot(SnapshotId::parse("s/x").unwrap()))
         );
         let malformed = VolumeContentSource {
-            r#type: Some(volume_content_source::Type::Volume(VolumeSource { volume_id: "nope".into() })),
+            r#type: Some(volume_content_source::Type::Volume(VolumeSource {
+                volume_id: "nope".into(),
+            })),
         };
-        assert!(matches!(parse_source(Some(&malformed)), Err(CsiError::NotFound(_))));
+        assert!(matches!(
+            parse_source(Some(&malformed)),
+            Err(CsiError::NotFound(_))
+        ));
     }
 }

@@ -47,8 +47,13 @@ pub async fn run(
             cancel.cancelled().await;
             Ok(())
         }
-        Discovery::Kubernetes { namespace, selector } => {
-            let client = Client::try_default().await.map_err(DiscoveryError::Client)?;
+        Discovery::Kubernetes {
+            namespace,
+            selector,
+        } => {
+            let client = Client::try_default()
+                .await
+                .map_err(DiscoveryError::Client)?;
             let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
             tracing::info!(%namespace, %selector, "watching enbd-server pods");
             let api: Api<Pod> = Api::namespaced(client, &namespace);
@@ -64,7 +69,8 @@ async fn watch_pods(
     tx: watch::Sender<Option<Targets>>,
     cancel: CancellationToken,
 ) {
-    let stream = watcher::watcher(api, watcher::Config::default().labels(selector)).default_backoff();
+    let stream =
+        watcher::watcher(api, watcher::Config::default().labels(selector)).default_backoff();
     futures::pin_mut!(stream);
     // Pod name → its target, if it currently is one.
     let mut pods: BTreeMap<String, Option<(ServerId, String)>> = BTreeMap::new();
@@ -144,7 +150,11 @@ pub fn target_of(pod: &Pod) -> Option<(ServerId, String)> {
         .flat_map(|c| c.ports.iter().flatten())
         .find(|p| p.name.as_deref() == Some("mgmt"))
         .map_or(DEFAULT_MGMT_PORT, |p| p.container_port);
-    let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_owned()
+    };
     Some((id, format!("http://{host}:{port}")))
 }
 

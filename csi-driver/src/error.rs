@@ -32,7 +32,11 @@ pub enum CsiError {
     Internal(String),
     /// A management call to an enbd-server failed.
     #[error("enbd-server {server}: {message}")]
-    Server { server: ServerId, code: Code, message: String },
+    Server {
+        server: ServerId,
+        code: Code,
+        message: String,
+    },
 }
 
 impl CsiError {

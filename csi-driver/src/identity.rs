@@ -26,15 +26,17 @@ impl IdentityService {
 
 fn service_cap(t: service::Type) -> PluginCapability {
     PluginCapability {
-        r#type: Some(plugin_capability::Type::Service(plugin_capability::Service { r#type: t as i32 })),
+        r#type: Some(plugin_capability::Type::Service(
+            plugin_capability::Service { r#type: t as i32 },
+        )),
     }
 }
 
 fn expansion_cap(t: volume_expansion::Type) -> PluginCapability {
     PluginCapability {
-        r#type: Some(plugin_capability::Type::VolumeExpansion(plugin_capability::VolumeExpansion {
-            r#type: t as i32,
-        })),
+        r#type: Some(plugin_capability::Type::VolumeExpansion(
+            plugin_capability::VolumeExpansion { r#type: t as i32 },
+        )),
     }
 }
 
@@ -74,6 +76,7 @@ impl Identity for IdentityService {
 
     async fn probe(&self, _req: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
         let ready = self.state.servers.is_synced() && !self.state.servers.live().is_empty();
-        self.state.reply("Probe", Ok(ProbeResponse { ready: Some(ready) }))
+        self.state
+            .reply("Probe", Ok(ProbeResponse { ready: Some(ready) }))
     }
 }

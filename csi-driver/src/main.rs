@@ -12,7 +12,9 @@ use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -42,8 +44,13 @@ async fn main() -> anyhow::Result<()> {
     csi_driver::serve::run(config, shutdown, |ready| {
         // One machine-readable line on stdout: scripts and tests wait for it.
         // Whoever reads it may close the pipe afterwards, so errors are ignored.
-        let metrics = ready.metrics.map_or_else(|| "off".to_owned(), |a| a.to_string());
-        let line = format!("csi-driver ready socket={} metrics={metrics}\n", ready.socket.display());
+        let metrics = ready
+            .metrics
+            .map_or_else(|| "off".to_owned(), |a| a.to_string());
+        let line = format!(
+            "csi-driver ready socket={} metrics={metrics}\n",
+            ready.socket.display()
+        );
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
     })

@@ -58,17 +58,26 @@ impl Metrics {
 
     pub fn render(&self, servers: &Servers) -> String {
         let mut out = String::new();
-        out.push_str("# HELP enbd_csi_controller_rpcs_total CSI RPCs handled, by method and gRPC code.\n");
+        out.push_str(
+            "# HELP enbd_csi_controller_rpcs_total CSI RPCs handled, by method and gRPC code.\n",
+        );
         out.push_str("# TYPE enbd_csi_controller_rpcs_total counter\n");
         let rpcs = self.rpcs.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for ((rpc, code), n) in rpcs {
-            let _ = writeln!(out, "enbd_csi_controller_rpcs_total{{method=\"{rpc}\",code=\"{code}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "enbd_csi_controller_rpcs_total{{method=\"{rpc}\",code=\"{code}\"}} {n}"
+            );
         }
         out.push_str("# HELP enbd_csi_controller_server_up Whether an enbd-server answered its last health check.\n");
         out.push_str("# TYPE enbd_csi_controller_server_up gauge\n");
         for s in servers.status() {
             let up = u8::from(matches!(s.health, Health::Live { .. }));
-            let _ = writeln!(out, "enbd_csi_controller_server_up{{server=\"{}\"}} {up}", s.id);
+            let _ = writeln!(
+                out,
+                "enbd_csi_controller_server_up{{server=\"{}\"}} {up}",
+                s.id
+            );
         }
         out
     }
@@ -105,7 +114,11 @@ pub async fn serve(
     tasks.wait().await;
 }
 
-async fn answer(mut stream: TcpStream, metrics: &Metrics, servers: &Servers) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    metrics: &Metrics,
+    servers: &Servers,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {

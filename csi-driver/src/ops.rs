@@ -29,7 +29,10 @@ pub struct OpGuard {
 
 impl Drop for OpGuard {
     fn drop(&mut self) {
-        self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
     }
 }
 
@@ -44,7 +47,10 @@ impl Ops {
         if !busy.insert(key.to_owned()) {
             return Err(CsiError::Aborted(key.to_owned()));
         }
-        Ok(OpGuard { busy: Arc::clone(&self.busy), key: key.to_owned() })
+        Ok(OpGuard {
+            busy: Arc::clone(&self.busy),
+            key: key.to_owned(),
+        })
     }
 
     /// Runs `op` under the guard for `key` in its own tracked task.
@@ -94,11 +100,17 @@ mod tests {
         let second = ops.run("volume:a".into(), async { Ok(2) }).await;
         assert!(matches!(second, Err(CsiError::Aborted(k)) if k == "volume:a"));
         // Another key is independent.
-        assert_eq!(ops.run("volume:b".into(), async { Ok(3) }).await.unwrap(), 3);
+        assert_eq!(
+            ops.run("volume:b".into(), async { Ok(3) }).await.unwrap(),
+            3
+        );
         release_tx.send(()).unwrap();
         assert_eq!(first.await.unwrap().unwrap(), 1);
         // Released: the key can be used again.
-        assert_eq!(ops.run("volume:a".into(), async { Ok(4) }).await.unwrap(), 4);
+        assert_eq!(
+            ops.run("volume:a".into(), async { Ok(4) }).await.unwrap(),
+            4
+        );
     }
 
     #[tokio::test]
@@ -123,7 +135,10 @@ mod tests {
         call.abort();
         let _ = call.await;
         // The caller is gone but the operation still holds its key...
-        assert!(matches!(ops.try_begin("volume:c"), Err(CsiError::Aborted(_))));
+        assert!(matches!(
+            ops.try_begin("volume:c"),
+            Err(CsiError::Aborted(_))
+        ));
         release_tx.send(()).unwrap();
         // ...and runs to completion.
         done_rx.await.unwrap();

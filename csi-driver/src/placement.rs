@@ -45,7 +45,11 @@ pub async fn free_space(servers: &[LiveServer]) -> Vec<(LiveServer, u64)> {
             }
         }
     });
-    futures::future::join_all(asks).await.into_iter().flatten().collect()
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// The server a new volume of `size` bytes goes to.
@@ -55,10 +59,14 @@ pub async fn place(servers: &[LiveServer], size: u64) -> Result<LiveServer, CsiE
     }
     let answered = free_space(servers).await;
     if answered.is_empty() {
-        return Err(CsiError::Unavailable("no enbd-server answered GetCapacity".into()));
+        return Err(CsiError::Unavailable(
+            "no enbd-server answered GetCapacity".into(),
+        ));
     }
-    let candidates: Vec<(ServerId, u64)> =
-        answered.iter().map(|(s, free)| (s.id.clone(), *free)).collect();
+    let candidates: Vec<(ServerId, u64)> = answered
+        .iter()
+        .map(|(s, free)| (s.id.clone(), *free))
+        .collect();
     match pick(&candidates, size) {
         Some(i) => Ok(answered[i].0.clone()),
         None => {
@@ -80,7 +88,10 @@ mod tests {
     use super::*;
 
     fn c(entries: &[(&str, u64)]) -> Vec<(ServerId, u64)> {
-        entries.iter().map(|(id, f)| (ServerId::parse(id).unwrap(), *f)).collect()
+        entries
+            .iter()
+            .map(|(id, f)| (ServerId::parse(id).unwrap(), *f))
+            .collect()
     }
 
     #[test]

@@ -61,7 +61,11 @@ impl Publications {
                 other.node_id
             )));
         }
-        list.push(Publication { node_id: node_id.to_owned(), readonly, multi_node: cap.multi_node() });
+        list.push(Publication {
+            node_id: node_id.to_owned(),
+            readonly,
+            multi_node: cap.multi_node(),
+        });
         Ok(())
     }
 
@@ -95,17 +99,32 @@ mod tests {
 
     use super::*;
 
-    const RWO: Checked = Checked { block: false, mode: Mode::SingleNodeWriter };
-    const ROX: Checked = Checked { block: false, mode: Mode::MultiNodeReaderOnly };
+    const RWO: Checked = Checked {
+        block: false,
+        mode: Mode::SingleNodeWriter,
+    };
+    const ROX: Checked = Checked {
+        block: false,
+        mode: Mode::MultiNodeReaderOnly,
+    };
 
     #[test]
     fn single_node_volume_refuses_second_node() {
         let p = Publications::new();
         p.publish("s/v", "n1", false, RWO).unwrap();
         p.publish("s/v", "n1", false, RWO).unwrap();
-        assert!(matches!(p.publish("s/v", "n1", true, RWO), Err(CsiError::AlreadyExists(_))));
-        assert!(matches!(p.publish("s/v", "n2", false, RWO), Err(CsiError::FailedPrecondition(_))));
-        assert!(matches!(p.publish("s/v", "n2", true, ROX), Err(CsiError::FailedPrecondition(_))));
+        assert!(matches!(
+            p.publish("s/v", "n1", true, RWO),
+            Err(CsiError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            p.publish("s/v", "n2", false, RWO),
+            Err(CsiError::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            p.publish("s/v", "n2", true, ROX),
+            Err(CsiError::FailedPrecondition(_))
+        ));
         assert_eq!(p.nodes("s/v"), ["n1"]);
         p.unpublish("s/v", Some("n1"));
         p.unpublish("s/v", Some("n1"));
@@ -118,7 +137,10 @@ mod tests {
         let p = Publications::new();
         p.publish("s/v", "n1", true, ROX).unwrap();
         p.publish("s/v", "n2", true, ROX).unwrap();
-        assert!(matches!(p.publish("s/v", "n3", false, RWO), Err(CsiError::FailedPrecondition(_))));
+        assert!(matches!(
+            p.publish("s/v", "n3", false, RWO),
+            Err(CsiError::FailedPrecondition(_))
+        ));
         p.unpublish("s/v", None);
         assert!(p.nodes("s/v").is_empty());
     }

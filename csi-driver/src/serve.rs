@@ -27,13 +27,25 @@ use crate::state::State;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot prepare the socket directory {path}: {source}")]
-    SocketDir { path: String, source: std::io::Error },
+    SocketDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot remove the stale socket {path}: {source}")]
-    StaleSocket { path: String, source: std::io::Error },
+    StaleSocket {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {path}: {source}")]
-    Bind { path: String, source: std::io::Error },
+    Bind {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot listen for metrics on {addr}: {source}")]
-    Metrics { addr: String, source: std::io::Error },
+    Metrics {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
 }
@@ -42,14 +54,25 @@ pub enum ServeError {
 fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
     let shown = path.display().to_string();
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| ServeError::SocketDir { path: shown.clone(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| ServeError::SocketDir {
+            path: shown.clone(),
+            source,
+        })?;
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(ServeError::StaleSocket { path: shown, source }),
+        Err(source) => {
+            return Err(ServeError::StaleSocket {
+                path: shown,
+                source,
+            });
+        }
     }
-    UnixListener::bind(path).map_err(|source| ServeError::Bind { path: shown, source })
+    UnixListener::bind(path).map_err(|source| ServeError::Bind {
+        path: shown,
+        source,
+    })
 }
 
 /// Where the controller ended up listening (ports 0 resolved), for whoever
@@ -67,7 +90,11 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let servers = Servers::new();
     let metrics = Metrics::new();
-    let state = State::new(config.driver_name.clone(), Arc::clone(&servers), Arc::clone(&metrics));
+    let state = State::new(
+        config.driver_name.clone(),
+        Arc::clone(&servers),
+        Arc::clone(&metrics),
+    );
     let background = CancellationToken::new();
     let tasks = TaskTracker::new();
 
@@ -90,12 +117,20 @@ pub async fn run(
             Ok(b) => b,
             Err(source) => {
                 background.cancel();
-                return Err(ServeError::Metrics { addr: addr.to_string(), source });
+                return Err(ServeError::Metrics {
+                    addr: addr.to_string(),
+                    source,
+                });
             }
         };
         tracing::info!(%local, "metrics listening");
         metrics_addr = Some(local);
-        tasks.spawn(metrics::serve(listener, metrics, Arc::clone(&servers), background.clone()));
+        tasks.spawn(metrics::serve(
+            listener,
+            metrics,
+            Arc::clone(&servers),
+            background.clone(),
+        ));
     }
 
     let listener = match bind_socket(&config.socket_path) {
@@ -105,11 +140,18 @@ pub async fn run(
             return Err(e);
         }
     };
-    on_ready(&Ready { socket: config.socket_path.clone(), metrics: metrics_addr });
+    on_ready(&Ready {
+        socket: config.socket_path.clone(),
+        metrics: metrics_addr,
+    });
     tracing::info!(socket = %config.socket_path.display(), driver = config.driver_name, "CSI controller listening");
     let result = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService::new(Arc::clone(&state))))
-        .add_service(ControllerServer::new(ControllerService::new(Arc::clone(&state))))
+        .add_service(IdentityServer::new(IdentityService::new(Arc::clone(
+            &state,
+        ))))
+        .add_service(ControllerServer::new(ControllerService::new(Arc::clone(
+            &state,
+        ))))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.cancelled())
         .await;
 

@@ -35,8 +35,12 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 pub enum Health {
     /// Not checked yet.
     Unknown,
-    Live { data_address: String },
-    Down { reason: String },
+    Live {
+        data_address: String,
+    },
+    Down {
+        reason: String,
+    },
 }
 
 #[derive(Clone)]
@@ -101,9 +105,15 @@ impl Servers {
                 let client = lazy_client(url);
                 let health = match client {
                     Some(_) => Health::Unknown,
-                    None => Health::Down { reason: format!("invalid management URL {url:?}") },
+                    None => Health::Down {
+                        reason: format!("invalid management URL {url:?}"),
+                    },
                 };
-                Entry { mgmt_url: url.clone(), client, health }
+                Entry {
+                    mgmt_url: url.clone(),
+                    client,
+                    health,
+                }
             });
         }
     }
@@ -118,16 +128,21 @@ impl Servers {
 
     fn snapshot(&self) -> Vec<(ServerId, Entry)> {
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        entries.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        entries
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     pub fn live(&self) -> Vec<LiveServer> {
         self.snapshot()
             .into_iter()
             .filter_map(|(id, e)| match (e.health, e.client) {
-                (Health::Live { data_address }, Some(client)) => {
-                    Some(LiveServer { id, client, data_address })
-                }
+                (Health::Live { data_address }, Some(client)) => Some(LiveServer {
+                    id,
+                    client,
+                    data_address,
+                }),
                 _ => None,
             })
             .collect()
@@ -161,7 +176,11 @@ impl Servers {
     pub fn status(&self) -> Vec<ServerStatus> {
         self.snapshot()
             .into_iter()
-            .map(|(id, e)| ServerStatus { id, mgmt_url: e.mgmt_url, health: e.health })
+            .map(|(id, e)| ServerStatus {
+                id,
+                mgmt_url: e.mgmt_url,
+                health: e.health,
+            })
             .collect()
     }
 
@@ -237,9 +256,15 @@ impl Servers {
 
 async fn check(expected: &ServerId, mut client: MgmtClient) -> Health {
     match tokio::time::timeout(HEALTH_TIMEOUT, client.health(HealthRequest {})).await {
-        Err(_) => Health::Down { reason: "health check timed out".into() },
+        Err(_) => Health::Down {
+            reason: "health check timed out".into(),
+        },
         Ok(Err(status)) => Health::Down {
-            reason: format!("health check failed: {}: {}", status.code(), status.message()),
+            reason: format!(
+                "health check failed: {}: {}",
+                status.code(),
+                status.message()
+            ),
         },
         Ok(Ok(resp)) => {
             let h = resp.into_inner();
@@ -252,11 +277,17 @@ async fn check(expected: &ServerId, mut client: MgmtClient) -> Health {
                     ),
                 }
             } else if !h.ready {
-                Health::Down { reason: "server reports not ready".into() }
+                Health::Down {
+                    reason: "server reports not ready".into(),
+                }
             } else if h.data_address.is_empty() {
-                Health::Down { reason: "server reports no data address".into() }
+                Health::Down {
+                    reason: "server reports no data address".into(),
+                }
             } else {
-                Health::Live { data_address: h.data_address }
+                Health::Live {
+                    data_address: h.data_address,
+                }
             }
         }
     }
@@ -268,7 +299,10 @@ mod tests {
     use super::*;
 
     fn targets(entries: &[(&str, &str)]) -> Targets {
-        entries.iter().map(|(id, url)| (ServerId::parse(id).unwrap(), url.to_string())).collect()
+        entries
+            .iter()
+            .map(|(id, url)| (ServerId::parse(id).unwrap(), url.to_string()))
+            .collect()
     }
 
     #[tokio::test]
@@ -278,7 +312,9 @@ mod tests {
         let a = ServerId::parse("a").unwrap();
         let b = ServerId::parse("b").unwrap();
         assert!(matches!(servers.lookup(&a), Lookup::Down(_)));
-        assert!(matches!(servers.lookup(&b), Lookup::Down(r) if r.contains("invalid management URL")));
+        assert!(
+            matches!(servers.lookup(&b), Lookup::Down(r) if r.contains("invalid management URL"))
+        );
         assert!(servers.live().is_empty());
         servers.set_targets(&targets(&[("a", "http://127.0.0.1:1")]));
         assert!(matches!(servers.lookup(&b), Lookup::Unknown));

@@ -45,7 +45,9 @@ impl State {
                     tonic::Code::Internal | tonic::Code::Unavailable => {
                         tracing::warn!(rpc, code = ?status.code(), message = status.message(), "CSI call failed")
                     }
-                    _ => tracing::info!(rpc, code = ?status.code(), message = status.message(), "CSI call refused"),
+                    _ => {
+                        tracing::info!(rpc, code = ?status.code(), message = status.message(), "CSI call refused")
+                    }
                 }
                 Err(status)
             }

@@ -97,7 +97,12 @@ impl EnbdServer {
             .expect("spawn enbd-server");
         let line = wait_for_line(&mut child, "enbd-server ready").await;
         let mgmt = field(&line, "mgmt").parse().expect("mgmt address");
-        Self { id: id.to_owned(), mgmt, child, _dir: dir }
+        Self {
+            id: id.to_owned(),
+            mgmt,
+            child,
+            _dir: dir,
+        }
     }
 
     fn entry(&self) -> String {
@@ -105,7 +110,9 @@ impl EnbdServer {
     }
 
     async fn mgmt_client(&self) -> VolumeServiceClient<Channel> {
-        VolumeServiceClient::connect(format!("http://{}", self.mgmt)).await.expect("mgmt connect")
+        VolumeServiceClient::connect(format!("http://{}", self.mgmt))
+            .await
+            .expect("mgmt connect")
     }
 
     async fn stop(mut self) {
@@ -151,19 +158,31 @@ impl Driver {
         let line = wait_for_line(&mut child, "csi-driver ready").await;
         let metrics = field(&line, "metrics").parse().expect("metrics address");
         let channel = unix_channel(&socket).await;
-        Self { child, socket, metrics, channel, _dir: dir }
+        Self {
+            child,
+            socket,
+            metrics,
+            channel,
+            _dir: dir,
+        }
     }
 
     /// Starts the driver and waits until Probe reports ready.
     async fn start(servers: &[&EnbdServer]) -> Self {
         let entries: Vec<String> = servers.iter().map(|s| s.entry()).collect();
         let d = Self::start_with(&entries).await;
-        d.wait_until(|| async { d.probe().await }, "Probe ready").await;
+        d.wait_until(|| async { d.probe().await }, "Probe ready")
+            .await;
         d
     }
 
     async fn probe(&self) -> bool {
-        let resp = self.identity().probe(ProbeRequest {}).await.expect("Probe").into_inner();
+        let resp = self
+            .identity()
+            .probe(ProbeRequest {})
+            .await
+            .expect("Probe")
+            .into_inner();
         resp.ready == Some(true)
     }
 
@@ -228,7 +247,10 @@ fn block_cap(mode: Mode) -> VolumeCapability {
 }
 
 fn range(required: i64, limit: i64) -> Option<CapacityRange> {
-    Some(CapacityRange { required_bytes: required, limit_bytes: limit })
+    Some(CapacityRange {
+        required_bytes: required,
+        limit_bytes: limit,
+    })
 }
 
 fn create_req(name: &str, bytes: i64) -> CreateVolumeRequest {
@@ -241,11 +263,17 @@ fn create_req(name: &str, bytes: i64) -> CreateVolumeRequest {
 }
 
 fn params(entries: &[(&str, &str)]) -> HashMap<String, String> {
-    entries.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    entries
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 #[track_caller]
-fn assert_code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>, code: Code) -> String {
+fn assert_code<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+) -> String {
     match result {
         Ok(r) => panic!("expected {code:?}, got OK: {:?}", r.into_inner()),
         Err(s) => {
@@ -261,7 +289,12 @@ fn assert_code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Sta
 async fn identity_reports_name_capabilities_and_readiness() {
     let server = EnbdServer::start("s0").await;
     let d = Driver::start(&[&server]).await;
-    let info = d.identity().get_plugin_info(GetPluginInfoRequest {}).await.unwrap().into_inner();
+    let info = d
+        .identity()
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.name, "csi.enbd.io");
     assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
 
@@ -294,7 +327,10 @@ async fn probe_is_not_ready_without_a_live_server() {
     let d = Driver::start_with(&["dead=http://127.0.0.1:1".to_owned()]).await;
     assert!(!d.probe().await);
     // And nothing can be placed.
-    assert_code(d.ctl().create_volume(create_req("v", MIB)).await, Code::Unavailable);
+    assert_code(
+        d.ctl().create_volume(create_req("v", MIB)).await,
+        Code::Unavailable,
+    );
 }
 
 // ---------------------------------------------------------------- capabilities
@@ -340,7 +376,9 @@ async fn controller_capabilities_are_exact() {
     want.sort_unstable();
     assert_eq!(got, want);
     assert_code(
-        d.ctl().controller_modify_volume(ControllerModifyVolumeRequest::default()).await,
+        d.ctl()
+            .controller_modify_volume(ControllerModifyVolumeRequest::default())
+            .await,
         Code::Unimplemented,
     );
 }
@@ -359,19 +397,40 @@ async fn create_volume_positive_and_idempotent() {
         ("brownout", "fail-after=30s"),
         ("csi.storage.k8s.io/pvc/name", "data"),
     ]);
-    let v = d.ctl().create_volume(req.clone()).await.unwrap().into_inner().volume.unwrap();
+    let v = d
+        .ctl()
+        .create_volume(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     assert_eq!(v.volume_id, "s0/pvc-a");
     assert_eq!(v.capacity_bytes, 8192, "rounded up to whole 4 KiB blocks");
     assert!(v.accessible_topology.is_empty());
-    let ctx = enbd_proto::params::VolumeContext::from_context(&v.volume_context).expect("context parses");
+    let ctx =
+        enbd_proto::params::VolumeContext::from_context(&v.volume_context).expect("context parses");
     assert_eq!(ctx.export, "pvc-a");
     assert!(ctx.server.starts_with("127.0.0.1:"), "{}", ctx.server);
     assert_eq!(ctx.params.channels, 2);
-    assert_eq!(v.volume_context.get("fsType").map(String::as_str), Some("xfs"));
-    assert_eq!(v.volume_context.get("brownout").map(String::as_str), Some("fail-after=30s"));
+    assert_eq!(
+        v.volume_context.get("fsType").map(String::as_str),
+        Some("xfs")
+    );
+    assert_eq!(
+        v.volume_context.get("brownout").map(String::as_str),
+        Some("fail-after=30s")
+    );
 
     // The same request again returns the same volume.
-    let again = d.ctl().create_volume(req.clone()).await.unwrap().into_inner().volume.unwrap();
+    let again = d
+        .ctl()
+        .create_volume(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     assert_eq!(again, v);
 
     // Same name, incompatible capacity.
@@ -382,7 +441,10 @@ async fn create_volume_positive_and_idempotent() {
     // No capacity range: the default size.
     let dflt = d
         .ctl()
-        .create_volume(CreateVolumeRequest { capacity_range: None, ..create_req("pvc-default", 0) })
+        .create_volume(CreateVolumeRequest {
+            capacity_range: None,
+            ..create_req("pvc-default", 0)
+        })
         .await
         .unwrap()
         .into_inner()
@@ -391,8 +453,17 @@ async fn create_volume_positive_and_idempotent() {
     assert_eq!(dflt.capacity_bytes, 1 << 30);
 
     // Only a limit: the largest whole-block size within it.
-    let lim = d.ctl().create_volume(CreateVolumeRequest { capacity_range: range(0, 10_000), ..create_req("pvc-lim", 0) }).await;
-    assert_eq!(lim.unwrap().into_inner().volume.unwrap().capacity_bytes, 8192);
+    let lim = d
+        .ctl()
+        .create_volume(CreateVolumeRequest {
+            capacity_range: range(0, 10_000),
+            ..create_req("pvc-lim", 0)
+        })
+        .await;
+    assert_eq!(
+        lim.unwrap().into_inner().volume.unwrap().capacity_bytes,
+        8192
+    );
 
     // Block volumes may be multi-node writers.
     let mut block = create_req("pvc-rwx-block", MIB);
@@ -406,20 +477,34 @@ async fn create_volume_negative() {
     let d = Driver::start(&[&server]).await;
     let ctl = || d.ctl();
 
-    assert!(assert_code(ctl().create_volume(create_req("", MIB)).await, Code::InvalidArgument).contains("name"));
-    assert_code(ctl().create_volume(create_req("bad/name", MIB)).await, Code::InvalidArgument);
+    assert!(
+        assert_code(
+            ctl().create_volume(create_req("", MIB)).await,
+            Code::InvalidArgument
+        )
+        .contains("name")
+    );
+    assert_code(
+        ctl().create_volume(create_req("bad/name", MIB)).await,
+        Code::InvalidArgument,
+    );
     let mut no_caps = create_req("v", MIB);
     no_caps.volume_capabilities.clear();
     assert_code(ctl().create_volume(no_caps).await, Code::InvalidArgument);
     let mut no_access_type = create_req("v", MIB);
     no_access_type.volume_capabilities[0].access_type = None;
-    assert_code(ctl().create_volume(no_access_type).await, Code::InvalidArgument);
+    assert_code(
+        ctl().create_volume(no_access_type).await,
+        Code::InvalidArgument,
+    );
     let mut rwx_fs = create_req("v", MIB);
     rwx_fs.volume_capabilities = vec![mount_cap(Mode::MultiNodeMultiWriter)];
     assert_code(ctl().create_volume(rwx_fs).await, Code::InvalidArgument);
     let mut btrfs = create_req("v", MIB);
-    btrfs.volume_capabilities[0].access_type =
-        Some(AccessType::Mount(MountVolume { fs_type: "btrfs".into(), ..Default::default() }));
+    btrfs.volume_capabilities[0].access_type = Some(AccessType::Mount(MountVolume {
+        fs_type: "btrfs".into(),
+        ..Default::default()
+    }));
     assert!(assert_code(ctl().create_volume(btrfs).await, Code::InvalidArgument).contains("btrfs"));
 
     for (key, value) in [
@@ -449,22 +534,33 @@ async fn create_volume_negative() {
     rounding.capacity_range = range(4097, 5000);
     assert_code(ctl().create_volume(rounding).await, Code::OutOfRange);
     // A petabyte fits on no test machine.
-    let msg = assert_code(ctl().create_volume(create_req("huge", 1 << 50)).await, Code::ResourceExhausted);
+    let msg = assert_code(
+        ctl().create_volume(create_req("huge", 1 << 50)).await,
+        Code::ResourceExhausted,
+    );
     assert!(msg.contains("s0"), "{msg}");
 
     // Nothing above was created.
-    let listed = ctl().list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner();
+    let listed = ctl()
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(listed.entries.is_empty(), "{:?}", listed.entries);
 
     // Unknown content sources.
     let mut from_snap = create_req("v", MIB);
     from_snap.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(SourceType::Snapshot(SnapshotSource { snapshot_id: "s0/no-such-snap".into() })),
+        r#type: Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: "s0/no-such-snap".into(),
+        })),
     });
     assert_code(ctl().create_volume(from_snap).await, Code::NotFound);
     let mut from_vol = create_req("v", MIB);
     from_vol.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(SourceType::Volume(VolumeSource { volume_id: "other-server/vol".into() })),
+        r#type: Some(SourceType::Volume(VolumeSource {
+            volume_id: "other-server/vol".into(),
+        })),
     });
     assert_code(ctl().create_volume(from_vol).await, Code::NotFound);
     let mut empty_src = create_req("v", MIB);
@@ -491,7 +587,12 @@ async fn concurrent_creates_of_one_name_agree() {
     }
     assert!(!volumes.is_empty());
     assert!(volumes.iter().all(|v| *v == volumes[0]));
-    let listed = d.ctl().list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner();
+    let listed = d
+        .ctl()
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(listed.entries.len(), 1);
 }
 
@@ -502,7 +603,10 @@ async fn delete_volume() {
     let v = d.create("pvc-del", MIB).await;
     let del = |id: &str| {
         let mut ctl = d.ctl();
-        let req = DeleteVolumeRequest { volume_id: id.into(), ..Default::default() };
+        let req = DeleteVolumeRequest {
+            volume_id: id.into(),
+            ..Default::default()
+        };
         async move { ctl.delete_volume(req).await }
     };
     del(&v.volume_id).await.expect("delete");
@@ -511,7 +615,12 @@ async fn delete_volume() {
     del("not-an-id").await.expect("malformed id cannot exist");
     del("other-server/x").await.expect("unknown server");
     assert_code(del("").await, Code::InvalidArgument);
-    let listed = d.ctl().list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner();
+    let listed = d
+        .ctl()
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(listed.entries.is_empty());
 }
 
@@ -543,19 +652,46 @@ async fn publish_enforces_single_node_access() {
         async move { ctl.controller_unpublish_volume(req).await }
     };
 
-    publish("node-1", Mode::SingleNodeWriter, false).await.expect("publish");
-    publish("node-1", Mode::SingleNodeWriter, false).await.expect("repeat publish");
-    assert_code(publish("node-1", Mode::SingleNodeWriter, true).await, Code::AlreadyExists);
-    let msg = assert_code(publish("node-2", Mode::SingleNodeWriter, false).await, Code::FailedPrecondition);
+    publish("node-1", Mode::SingleNodeWriter, false)
+        .await
+        .expect("publish");
+    publish("node-1", Mode::SingleNodeWriter, false)
+        .await
+        .expect("repeat publish");
+    assert_code(
+        publish("node-1", Mode::SingleNodeWriter, true).await,
+        Code::AlreadyExists,
+    );
+    let msg = assert_code(
+        publish("node-2", Mode::SingleNodeWriter, false).await,
+        Code::FailedPrecondition,
+    );
     assert!(msg.contains("node-1"), "{msg}");
-    assert_code(publish("node-2", Mode::SingleNodeSingleWriter, false).await, Code::FailedPrecondition);
+    assert_code(
+        publish("node-2", Mode::SingleNodeSingleWriter, false).await,
+        Code::FailedPrecondition,
+    );
 
     // The record shows in ListVolumes and ControllerGetVolume.
-    let listed = d.ctl().list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner();
-    assert_eq!(listed.entries[0].status.as_ref().unwrap().published_node_ids, ["node-1"]);
+    let listed = d
+        .ctl()
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.entries[0]
+            .status
+            .as_ref()
+            .unwrap()
+            .published_node_ids,
+        ["node-1"]
+    );
     let got = d
         .ctl()
-        .controller_get_volume(ControllerGetVolumeRequest { volume_id: v.volume_id.clone() })
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: v.volume_id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -564,18 +700,27 @@ async fn publish_enforces_single_node_access() {
     // A published volume cannot be deleted.
     let del = d
         .ctl()
-        .delete_volume(DeleteVolumeRequest { volume_id: v.volume_id.clone(), ..Default::default() })
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            ..Default::default()
+        })
         .await;
     assert_code(del, Code::FailedPrecondition);
 
     unpublish("node-1").await.expect("unpublish");
     unpublish("node-1").await.expect("repeat unpublish");
-    publish("node-2", Mode::SingleNodeWriter, false).await.expect("now node-2 may attach");
+    publish("node-2", Mode::SingleNodeWriter, false)
+        .await
+        .expect("now node-2 may attach");
     unpublish("").await.expect("unpublish from all nodes");
 
     // Read-only many: several nodes at once.
-    publish("node-1", Mode::MultiNodeReaderOnly, true).await.expect("ROX node-1");
-    publish("node-2", Mode::MultiNodeReaderOnly, true).await.expect("ROX node-2");
+    publish("node-1", Mode::MultiNodeReaderOnly, true)
+        .await
+        .expect("ROX node-1");
+    publish("node-2", Mode::MultiNodeReaderOnly, true)
+        .await
+        .expect("ROX node-2");
     unpublish("").await.unwrap();
 
     // Negative cases.
@@ -587,16 +732,27 @@ async fn publish_enforces_single_node_access() {
         ..Default::default()
     };
     assert_code(
-        ctl.controller_publish_volume(ControllerPublishVolumeRequest { volume_id: String::new(), ..base.clone() }).await,
+        ctl.controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: String::new(),
+            ..base.clone()
+        })
+        .await,
         Code::InvalidArgument,
     );
     assert_code(
-        ctl.controller_publish_volume(ControllerPublishVolumeRequest { node_id: String::new(), ..base.clone() }).await,
+        ctl.controller_publish_volume(ControllerPublishVolumeRequest {
+            node_id: String::new(),
+            ..base.clone()
+        })
+        .await,
         Code::InvalidArgument,
     );
     assert_code(
-        ctl.controller_publish_volume(ControllerPublishVolumeRequest { volume_capability: None, ..base.clone() })
-            .await,
+        ctl.controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_capability: None,
+            ..base.clone()
+        })
+        .await,
         Code::InvalidArgument,
     );
     assert_code(
@@ -608,12 +764,16 @@ async fn publish_enforces_single_node_access() {
         Code::NotFound,
     );
     assert_code(
-        ctl.controller_publish_volume(ControllerPublishVolumeRequest { volume_id: "garbage".into(), ..base.clone() })
-            .await,
+        ctl.controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: "garbage".into(),
+            ..base.clone()
+        })
+        .await,
         Code::NotFound,
     );
     assert_code(
-        ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest::default()).await,
+        ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest::default())
+            .await,
         Code::InvalidArgument,
     );
     ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
@@ -642,30 +802,60 @@ async fn validate_volume_capabilities() {
         };
         async move { ctl.validate_volume_capabilities(req).await }
     };
-    let ok = validate(vec![mount_cap(Mode::SingleNodeWriter), block_cap(Mode::MultiNodeMultiWriter)], &v.volume_id, HashMap::new())
-        .await
-        .unwrap()
-        .into_inner();
+    let ok = validate(
+        vec![
+            mount_cap(Mode::SingleNodeWriter),
+            block_cap(Mode::MultiNodeMultiWriter),
+        ],
+        &v.volume_id,
+        HashMap::new(),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     assert_eq!(ok.confirmed.unwrap().volume_capabilities.len(), 2);
 
-    let unsupported = validate(vec![mount_cap(Mode::MultiNodeSingleWriter)], &v.volume_id, HashMap::new())
-        .await
-        .unwrap()
-        .into_inner();
+    let unsupported = validate(
+        vec![mount_cap(Mode::MultiNodeSingleWriter)],
+        &v.volume_id,
+        HashMap::new(),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     assert!(unsupported.confirmed.is_none());
-    assert!(unsupported.message.contains("MULTI_NODE_SINGLE_WRITER"), "{}", unsupported.message);
+    assert!(
+        unsupported.message.contains("MULTI_NODE_SINGLE_WRITER"),
+        "{}",
+        unsupported.message
+    );
 
-    let bad_params = validate(vec![mount_cap(Mode::SingleNodeWriter)], &v.volume_id, params(&[("queues", "99")]))
-        .await
-        .unwrap()
-        .into_inner();
+    let bad_params = validate(
+        vec![mount_cap(Mode::SingleNodeWriter)],
+        &v.volume_id,
+        params(&[("queues", "99")]),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     assert!(bad_params.confirmed.is_none());
     assert!(bad_params.message.contains("queues"));
 
-    assert_code(validate(vec![], &v.volume_id, HashMap::new()).await, Code::InvalidArgument);
-    assert_code(validate(vec![mount_cap(Mode::SingleNodeWriter)], "", HashMap::new()).await, Code::InvalidArgument);
     assert_code(
-        validate(vec![mount_cap(Mode::SingleNodeWriter)], "s0/missing", HashMap::new()).await,
+        validate(vec![], &v.volume_id, HashMap::new()).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        validate(vec![mount_cap(Mode::SingleNodeWriter)], "", HashMap::new()).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        validate(
+            vec![mount_cap(Mode::SingleNodeWriter)],
+            "s0/missing",
+            HashMap::new(),
+        )
+        .await,
         Code::NotFound,
     );
 }
@@ -697,13 +887,20 @@ async fn list_volumes_pages_across_servers() {
     loop {
         let resp = d
             .ctl()
-            .list_volumes(ListVolumesRequest { max_entries: 3, starting_token: token.clone() })
+            .list_volumes(ListVolumesRequest {
+                max_entries: 3,
+                starting_token: token.clone(),
+            })
             .await
             .unwrap()
             .into_inner();
         assert!(resp.entries.len() <= 3);
         pages += 1;
-        seen.extend(resp.entries.into_iter().map(|e| e.volume.unwrap().volume_id));
+        seen.extend(
+            resp.entries
+                .into_iter()
+                .map(|e| e.volume.unwrap().volume_id),
+        );
         if resp.next_token.is_empty() {
             break;
         }
@@ -711,17 +908,30 @@ async fn list_volumes_pages_across_servers() {
     }
     assert_eq!(pages, 2);
     seen.sort();
-    let servers: std::collections::BTreeSet<&str> = seen.iter().map(|id| id.split('/').next().unwrap()).collect();
+    let servers: std::collections::BTreeSet<&str> = seen
+        .iter()
+        .map(|id| id.split('/').next().unwrap())
+        .collect();
     assert_eq!(seen.len(), 4, "{seen:?}");
     assert!(seen.contains(&"srv-b/direct".to_owned()), "{seen:?}");
     assert_eq!(servers.len(), 2, "{seen:?}");
 
     assert_code(
-        d.ctl().list_volumes(ListVolumesRequest { max_entries: -1, starting_token: String::new() }).await,
+        d.ctl()
+            .list_volumes(ListVolumesRequest {
+                max_entries: -1,
+                starting_token: String::new(),
+            })
+            .await,
         Code::InvalidArgument,
     );
     assert_code(
-        d.ctl().list_volumes(ListVolumesRequest { max_entries: 1, starting_token: "bogus".into() }).await,
+        d.ctl()
+            .list_volumes(ListVolumesRequest {
+                max_entries: 1,
+                starting_token: "bogus".into(),
+            })
+            .await,
         Code::Aborted,
     );
 }
@@ -731,7 +941,8 @@ async fn placement_skips_servers_that_are_down() {
     let live = EnbdServer::start("zz-live").await;
     // "aa-dead" sorts first and would win ties; it must never be chosen.
     let d = Driver::start_with(&["aa-dead=http://127.0.0.1:1".to_owned(), live.entry()]).await;
-    d.wait_until(|| async { d.probe().await }, "Probe ready").await;
+    d.wait_until(|| async { d.probe().await }, "Probe ready")
+        .await;
     for i in 0..3 {
         let v = d.create(&format!("p{i}"), MIB).await;
         assert!(v.volume_id.starts_with("zz-live/"), "{}", v.volume_id);
@@ -748,7 +959,10 @@ async fn placement_skips_servers_that_are_down() {
     assert_code(expand, Code::Unavailable);
     let del = d
         .ctl()
-        .delete_volume(DeleteVolumeRequest { volume_id: "aa-dead/v".into(), ..Default::default() })
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: "aa-dead/v".into(),
+            ..Default::default()
+        })
         .await;
     assert_code(del, Code::Unavailable);
 }
@@ -757,7 +971,12 @@ async fn placement_skips_servers_that_are_down() {
 async fn get_capacity() {
     let a = EnbdServer::start("s0").await;
     let d = Driver::start(&[&a]).await;
-    let cap = d.ctl().get_capacity(GetCapacityRequest::default()).await.unwrap().into_inner();
+    let cap = d
+        .ctl()
+        .get_capacity(GetCapacityRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(cap.available_capacity > 0);
     assert!(cap.maximum_volume_size.unwrap() > 0);
     assert_eq!(cap.minimum_volume_size, Some(4096));
@@ -787,7 +1006,10 @@ async fn get_capacity() {
 
     let bad = d
         .ctl()
-        .get_capacity(GetCapacityRequest { parameters: params(&[("nope", "1")]), ..Default::default() })
+        .get_capacity(GetCapacityRequest {
+            parameters: params(&[("nope", "1")]),
+            ..Default::default()
+        })
         .await;
     assert!(assert_code(bad, Code::InvalidArgument).contains("nope"));
 }
@@ -809,34 +1031,67 @@ async fn expand_volume() {
         };
         async move { ctl.controller_expand_volume(req).await }
     };
-    let fs = expand(&v.volume_id, range(2 * MIB + 1, 0), Some(mount_cap(Mode::SingleNodeWriter)))
-        .await
-        .unwrap()
-        .into_inner();
+    let fs = expand(
+        &v.volume_id,
+        range(2 * MIB + 1, 0),
+        Some(mount_cap(Mode::SingleNodeWriter)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     assert_eq!(fs.capacity_bytes, 2 * MIB + 4096);
-    assert!(fs.node_expansion_required, "a filesystem is grown on the node");
+    assert!(
+        fs.node_expansion_required,
+        "a filesystem is grown on the node"
+    );
 
-    let blk = expand(&v.volume_id, range(4 * MIB, 0), Some(block_cap(Mode::SingleNodeWriter)))
-        .await
-        .unwrap()
-        .into_inner();
+    let blk = expand(
+        &v.volume_id,
+        range(4 * MIB, 0),
+        Some(block_cap(Mode::SingleNodeWriter)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     assert_eq!(blk.capacity_bytes, 4 * MIB);
-    assert!(!blk.node_expansion_required, "a raw block volume needs no node step");
+    assert!(
+        !blk.node_expansion_required,
+        "a raw block volume needs no node step"
+    );
 
     // Already large enough: success, size unchanged (no shrinking).
-    let same = expand(&v.volume_id, range(MIB, 0), Some(block_cap(Mode::SingleNodeWriter)))
-        .await
-        .unwrap()
-        .into_inner();
+    let same = expand(
+        &v.volume_id,
+        range(MIB, 0),
+        Some(block_cap(Mode::SingleNodeWriter)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     assert_eq!(same.capacity_bytes, 4 * MIB);
 
-    assert_code(expand(&v.volume_id, None, None).await, Code::InvalidArgument);
+    assert_code(
+        expand(&v.volume_id, None, None).await,
+        Code::InvalidArgument,
+    );
     assert_code(expand("", range(MIB, 0), None).await, Code::InvalidArgument);
-    assert_code(expand(&v.volume_id, range(8 * MIB + 1, 8 * MIB + 2), None).await, Code::OutOfRange);
-    assert_code(expand("s0/missing", range(8 * MIB, 0), None).await, Code::NotFound);
-    assert_code(expand("garbage", range(8 * MIB, 0), None).await, Code::NotFound);
-    assert_code(expand(&v.volume_id, range(1 << 50, 0), None).await, Code::ResourceExhausted)
-        .to_string();
+    assert_code(
+        expand(&v.volume_id, range(8 * MIB + 1, 8 * MIB + 2), None).await,
+        Code::OutOfRange,
+    );
+    assert_code(
+        expand("s0/missing", range(8 * MIB, 0), None).await,
+        Code::NotFound,
+    );
+    assert_code(
+        expand("garbage", range(8 * MIB, 0), None).await,
+        Code::NotFound,
+    );
+    let msg = assert_code(
+        expand(&v.volume_id, range(1 << 50, 0), None).await,
+        Code::ResourceExhausted,
+    );
+    assert!(msg.contains("s0"), "{msg}");
 }
 
 // ---------------------------------------------------------------- snapshots and clones
@@ -854,7 +1109,11 @@ async fn snapshots_and_restores() {
     assert_eq!(s1.size_bytes, 2 * MIB);
     assert!(s1.ready_to_use);
     assert!(s1.creation_time.is_some());
-    assert_eq!(d.snapshot("snap-1", &v.volume_id).await, s1, "repeat returns the same snapshot");
+    assert_eq!(
+        d.snapshot("snap-1", &v.volume_id).await,
+        s1,
+        "repeat returns the same snapshot"
+    );
     d.snapshot("snap-2", &v.volume_id).await;
     d.snapshot("snap-3", &other.volume_id).await;
 
@@ -868,12 +1127,30 @@ async fn snapshots_and_restores() {
         };
         async move { ctl.create_snapshot(req).await }
     };
-    assert_code(create_snap("snap-1", &other.volume_id, HashMap::new()).await, Code::AlreadyExists);
-    assert_code(create_snap("", &v.volume_id, HashMap::new()).await, Code::InvalidArgument);
-    assert_code(create_snap("x", "", HashMap::new()).await, Code::InvalidArgument);
-    assert_code(create_snap("x", "s0/missing", HashMap::new()).await, Code::NotFound);
-    assert_code(create_snap("x", "garbage", HashMap::new()).await, Code::NotFound);
-    let msg = assert_code(create_snap("x", &v.volume_id, params(&[("speed", "fast")])).await, Code::InvalidArgument);
+    assert_code(
+        create_snap("snap-1", &other.volume_id, HashMap::new()).await,
+        Code::AlreadyExists,
+    );
+    assert_code(
+        create_snap("", &v.volume_id, HashMap::new()).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        create_snap("x", "", HashMap::new()).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        create_snap("x", "s0/missing", HashMap::new()).await,
+        Code::NotFound,
+    );
+    assert_code(
+        create_snap("x", "garbage", HashMap::new()).await,
+        Code::NotFound,
+    );
+    let msg = assert_code(
+        create_snap("x", &v.volume_id, params(&[("speed", "fast")])).await,
+        Code::InvalidArgument,
+    );
     assert!(msg.contains("speed"));
 
     // ListSnapshots: everything, paged.
@@ -881,60 +1158,134 @@ async fn snapshots_and_restores() {
         let mut ctl = d.ctl();
         async move { ctl.list_snapshots(req).await }
     };
-    let p1 = list(ListSnapshotsRequest { max_entries: 2, ..Default::default() }).await.unwrap().into_inner();
+    let p1 = list(ListSnapshotsRequest {
+        max_entries: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
     assert_eq!(p1.entries.len(), 2);
     assert!(!p1.next_token.is_empty());
-    let p2 = list(ListSnapshotsRequest { max_entries: 2, starting_token: p1.next_token, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let p2 = list(ListSnapshotsRequest {
+        max_entries: 2,
+        starting_token: p1.next_token,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
     assert_eq!(p2.entries.len(), 1);
     assert!(p2.next_token.is_empty());
     // Filters.
-    let by_id = list(ListSnapshotsRequest { snapshot_id: "s0/snap-2".into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let by_id = list(ListSnapshotsRequest {
+        snapshot_id: "s0/snap-2".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
     assert_eq!(by_id.entries.len(), 1);
-    let by_src = list(ListSnapshotsRequest { source_volume_id: v.volume_id.clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let by_src = list(ListSnapshotsRequest {
+        source_volume_id: v.volume_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
     assert_eq!(by_src.entries.len(), 2);
-    let unknown = list(ListSnapshotsRequest { snapshot_id: "s0/none".into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let unknown = list(ListSnapshotsRequest {
+        snapshot_id: "s0/none".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
     assert!(unknown.entries.is_empty());
-    let malformed = list(ListSnapshotsRequest { snapshot_id: "garbage".into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let malformed = list(ListSnapshotsRequest {
+        snapshot_id: "garbage".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
     assert!(malformed.entries.is_empty());
-    assert_code(list(ListSnapshotsRequest { starting_token: "bogus".into(), ..Default::default() }).await, Code::Aborted);
-    assert_code(list(ListSnapshotsRequest { max_entries: -5, ..Default::default() }).await, Code::InvalidArgument);
+    assert_code(
+        list(ListSnapshotsRequest {
+            starting_token: "bogus".into(),
+            ..Default::default()
+        })
+        .await,
+        Code::Aborted,
+    );
+    assert_code(
+        list(ListSnapshotsRequest {
+            max_entries: -5,
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+    );
 
     // GetSnapshot.
-    let got = d.ctl().get_snapshot(GetSnapshotRequest { snapshot_id: s1.snapshot_id.clone(), ..Default::default() }).await;
+    let got = d
+        .ctl()
+        .get_snapshot(GetSnapshotRequest {
+            snapshot_id: s1.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await;
     assert_eq!(got.unwrap().into_inner().snapshot.unwrap(), s1);
-    assert_code(d.ctl().get_snapshot(GetSnapshotRequest { snapshot_id: "s0/none".into(), ..Default::default() }).await, Code::NotFound);
-    assert_code(d.ctl().get_snapshot(GetSnapshotRequest::default()).await, Code::InvalidArgument);
+    assert_code(
+        d.ctl()
+            .get_snapshot(GetSnapshotRequest {
+                snapshot_id: "s0/none".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::NotFound,
+    );
+    assert_code(
+        d.ctl().get_snapshot(GetSnapshotRequest::default()).await,
+        Code::InvalidArgument,
+    );
 
     // Restore from the snapshot: the source is echoed and the size is at least the snapshot's.
     let snap_source = VolumeContentSource {
-        r#type: Some(SourceType::Snapshot(SnapshotSource { snapshot_id: s1.snapshot_id.clone() })),
+        r#type: Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: s1.snapshot_id.clone(),
+        })),
     };
     let mut restore = create_req("pvc-restored", 0);
     restore.capacity_range = None;
     restore.volume_content_source = Some(snap_source.clone());
-    let r = d.ctl().create_volume(restore.clone()).await.unwrap().into_inner().volume.unwrap();
+    let r = d
+        .ctl()
+        .create_volume(restore.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     assert_eq!(r.capacity_bytes, 2 * MIB);
     assert_eq!(r.content_source, Some(snap_source.clone()));
-    assert_eq!(d.ctl().create_volume(restore.clone()).await.unwrap().into_inner().volume.unwrap(), r);
+    assert_eq!(
+        d.ctl()
+            .create_volume(restore.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap(),
+        r
+    );
     // Same name, different source: conflict.
     let mut conflicting = restore.clone();
     conflicting.volume_content_source = None;
-    assert_code(d.ctl().create_volume(conflicting).await, Code::AlreadyExists);
+    assert_code(
+        d.ctl().create_volume(conflicting).await,
+        Code::AlreadyExists,
+    );
     // Smaller than the snapshot: out of range.
     let mut too_small = create_req("pvc-small", MIB);
     too_small.capacity_range = range(MIB, MIB);
@@ -943,19 +1294,34 @@ async fn snapshots_and_restores() {
 
     // Clone a volume.
     let vol_source = VolumeContentSource {
-        r#type: Some(SourceType::Volume(VolumeSource { volume_id: v.volume_id.clone() })),
+        r#type: Some(SourceType::Volume(VolumeSource {
+            volume_id: v.volume_id.clone(),
+        })),
     };
     let mut clone = create_req("pvc-clone", 3 * MIB);
     clone.volume_content_source = Some(vol_source.clone());
-    let c = d.ctl().create_volume(clone).await.unwrap().into_inner().volume.unwrap();
+    let c = d
+        .ctl()
+        .create_volume(clone)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     assert_eq!(c.capacity_bytes, 3 * MIB);
     assert_eq!(c.content_source, Some(vol_source));
-    assert!(c.volume_id.starts_with("s0/"), "clones live beside their source");
+    assert!(
+        c.volume_id.starts_with("s0/"),
+        "clones live beside their source"
+    );
 
     // Delete snapshots: idempotent, unknown and malformed IDs succeed.
     let del = |id: &str| {
         let mut ctl = d.ctl();
-        let req = DeleteSnapshotRequest { snapshot_id: id.into(), ..Default::default() };
+        let req = DeleteSnapshotRequest {
+            snapshot_id: id.into(),
+            ..Default::default()
+        };
         async move { ctl.delete_snapshot(req).await }
     };
     del(&s1.snapshot_id).await.expect("delete");
@@ -963,11 +1329,16 @@ async fn snapshots_and_restores() {
     del("s0/never").await.expect("unknown snapshot");
     del("garbage").await.expect("malformed snapshot id");
     assert_code(del("").await, Code::InvalidArgument);
-    let left = list(ListSnapshotsRequest::default()).await.unwrap().into_inner();
+    let left = list(ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(left.entries.len(), 2);
     // The restored volume outlives its snapshot.
     d.ctl()
-        .controller_get_volume(ControllerGetVolumeRequest { volume_id: r.volume_id.clone() })
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: r.volume_id.clone(),
+        })
         .await
         .expect("restored volume still there");
 }
@@ -982,7 +1353,9 @@ async fn controller_get_volume_reports_condition() {
     let v = d.create("pvc-cond", MIB).await;
     let get = |id: &str| {
         let mut ctl = d.ctl();
-        let req = ControllerGetVolumeRequest { volume_id: id.into() };
+        let req = ControllerGetVolumeRequest {
+            volume_id: id.into(),
+        };
         async move { ctl.controller_get_volume(req).await }
     };
     let ok = get(&v.volume_id).await.unwrap().into_inner();
@@ -999,7 +1372,14 @@ async fn controller_get_volume_reports_condition() {
     down.stop().await;
     let abnormal = || async {
         match get(&v.volume_id).await {
-            Ok(r) => r.into_inner().status.unwrap().volume_condition.unwrap().abnormal,
+            Ok(r) => {
+                r.into_inner()
+                    .status
+                    .unwrap()
+                    .volume_condition
+                    .unwrap()
+                    .abnormal
+            }
             Err(_) => false,
         }
     };
@@ -1010,7 +1390,11 @@ async fn controller_get_volume_reports_condition() {
     // The other server keeps serving: still ready, new volumes go there.
     assert!(d.probe().await);
     let w = d.create("pvc-after", MIB).await;
-    assert!(w.volume_id.starts_with(&format!("{}/", up.id)), "{}", w.volume_id);
+    assert!(
+        w.volume_id.starts_with(&format!("{}/", up.id)),
+        "{}",
+        w.volume_id
+    );
 }
 
 // ---------------------------------------------------------------- process behaviour
@@ -1022,17 +1406,31 @@ async fn metrics_and_graceful_shutdown() {
     d.create("pvc-m", MIB).await;
 
     let mut conn = tokio::net::TcpStream::connect(d.metrics).await.unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut body = String::new();
     conn.read_to_string(&mut body).await.unwrap();
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
-    assert!(body.contains("enbd_csi_controller_rpcs_total{method=\"CreateVolume\",code=\"OK\"} 1"), "{body}");
-    assert!(body.contains("enbd_csi_controller_server_up{server=\"s0\"} 1"), "{body}");
+    assert!(
+        body.contains("enbd_csi_controller_rpcs_total{method=\"CreateVolume\",code=\"OK\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("enbd_csi_controller_server_up{server=\"s0\"} 1"),
+        "{body}"
+    );
 
     let pid = d.child.id().expect("running");
-    let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
-    let exit = tokio::time::timeout(READY_TIMEOUT, d.child.wait()).await.expect("exits").unwrap();
+    let exit = tokio::time::timeout(READY_TIMEOUT, d.child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
     assert!(exit.success(), "{exit:?}");
     assert!(!d.socket.exists(), "socket removed on shutdown");
 }
