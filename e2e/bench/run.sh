@@ -7,6 +7,10 @@
 #   RUNTIME=5 ROUNDS=2 e2e/bench/run.sh    # rounds run the servers in shuffled order; best kept
 #   SERVERS="enbd qemu-nbd" e2e/bench/run.sh
 #   ENBD_SERVER_ARGS="--io-engine uring" e2e/bench/run.sh
+#   CELLS="randread4k" SERVERS="enbd nbdkit" ROUNDS=3 e2e/bench/run.sh
+#   SERVERS="enbd enbd-uring enbd-pool4" e2e/bench/run.sh   # engine variants
+# Every round's numbers are printed to stderr as they come; the table keeps each server's best
+# round per cell (other load on the machine only ever lowers a number).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE=$ROOT/e2e/bench
@@ -43,7 +47,7 @@ sync
 
 # name: fio arguments. 4k rows: 4 connections x QD16. 1 MiB rows: 4 connections x QD4, each
 # job streaming through its own quarter of the filled region.
-CELLS=(randread4k randwrite4k read1m write1m)
+read -r -a CELLS <<<"${CELLS:-randread4k randwrite4k read1m write1m}"
 declare -A CELL_ARGS=(
   [randread4k]="--rw=randread --bs=4k --numjobs=4 --iodepth=16 --size=${FILL_MIB}M"
   [randwrite4k]="--rw=randwrite --bs=4k --numjobs=4 --iodepth=16 --size=${FILL_MIB}M"
@@ -83,7 +87,13 @@ for round in $(seq 1 "$ROUNDS"); do
       after=$(cpu_seconds "$SERVER_PID")
       printf '%s\t%s\t%s\t%s\t%s\n' "$server" "$cell" "$round" "$WORK/$server.$cell.$round.json" \
         "$(echo "$after - $before" | bc -l)" >>"$RESULTS"
-      echo "round $round: $server $cell done" >&2
+      python3 - "$WORK/$server.$cell.$round.json" "$cell" "$server" "$round" >&2 <<'PY'
+import json, sys
+text = open(sys.argv[1]).read()
+job = json.loads(text[text.index("{"):])["jobs"][0]
+side = job["read"] if "read" in sys.argv[2] else job["write"]
+print(f"round {sys.argv[4]}: {sys.argv[3]:<12} {sys.argv[2]:<12} {side['iops']:>9.0f} IOPS")
+PY
     done
     stop_server
   done
@@ -121,6 +131,6 @@ for cell in cells:
     print()
 PY
 
-if [[ -x $HERE/engine.sh ]]; then
+if [[ -x $HERE/engine.sh && -z ${SKIP_ENGINE:-} ]]; then
   "$HERE/engine.sh"
 fi
