@@ -91,7 +91,7 @@ impl EnbdServer {
             .arg("--data-dir")
             .arg(dir.path())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn enbd-server");
@@ -143,15 +143,22 @@ async fn unix_channel(path: &Path) -> Channel {
 impl Driver {
     /// Starts the driver with a static server list; waits for its socket.
     async fn start_with(servers: &[String]) -> Self {
+        let args = ["--discovery", "static", "--servers", &servers.join(",")];
+        Self::spawn(&args, &[]).await
+    }
+
+    /// Starts the driver with extra arguments and environment; waits for its socket.
+    async fn spawn(args: &[&str], envs: &[(&str, &Path)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("csi.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_csi-driver"))
             .arg("--endpoint")
             .arg(format!("unix://{}", socket.display()))
-            .args(["--discovery", "static", "--servers", &servers.join(",")])
+            .args(args)
             .args(["--metrics-listen", "127.0.0.1:0"])
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn csi-driver");
@@ -1433,4 +1440,159 @@ async fn metrics_and_graceful_shutdown() {
         .unwrap();
     assert!(exit.success(), "{exit:?}");
     assert!(!d.socket.exists(), "socket removed on shutdown");
+}
+
+// ---------------------------------------------------------------- Kubernetes discovery
+
+/// A minimal Kubernetes API server on loopback: answers the pod list with the
+/// given pods and streams watch events pushed by the test. Records request
+/// paths so the test can check the label selector and namespace.
+struct FakeApiServer {
+    addr: SocketAddr,
+    events: tokio::sync::broadcast::Sender<String>,
+    paths: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn pod_json(name: &str, mgmt_port: u16) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "storage", "resourceVersion": "2",
+                     "labels": {"app.kubernetes.io/component": "enbd-server"}},
+        "spec": {"containers": [{"name": "enbd-server", "ports": [
+            {"name": "nbd", "containerPort": 10809},
+            {"name": "mgmt", "containerPort": mgmt_port}
+        ]}]},
+        "status": {"phase": "Running", "podIP": "127.0.0.1"}
+    })
+}
+
+impl FakeApiServer {
+    async fn start(pods: Vec<serde_json::Value>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (events, _) = tokio::sync::broadcast::channel::<String>(16);
+        let paths = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let list = serde_json::json!({
+            "apiVersion": "v1", "kind": "PodList",
+            "metadata": {"resourceVersion": "2"}, "items": pods
+        })
+        .to_string();
+        let (tx, seen) = (events.clone(), paths.clone());
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let (list, tx, seen) = (list.clone(), tx.clone(), seen.clone());
+                tokio::spawn(async move { Self::serve(conn, &list, tx, seen).await });
+            }
+        });
+        Self { addr, events, paths }
+    }
+
+    async fn serve(
+        conn: tokio::net::TcpStream,
+        list: &str,
+        tx: tokio::sync::broadcast::Sender<String>,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        let mut conn = BufReader::new(conn);
+        loop {
+            // Request line and headers; no request here has a body.
+            let mut request_line = String::new();
+            if conn.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            loop {
+                let mut header = String::new();
+                if conn.read_line(&mut header).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                if header == "\r\n" {
+                    break;
+                }
+            }
+            let path = request_line.split_whitespace().nth(1).unwrap_or_default().to_owned();
+            seen.lock().unwrap().push(path.clone());
+            let stream = conn.get_mut();
+            if path.contains("watch=true") {
+                let mut rx = tx.subscribe();
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                            transfer-encoding: chunked\r\n\r\n";
+                if stream.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                while let Ok(line) = rx.recv().await {
+                    let chunk = format!("{:x}\r\n{line}\n\r\n", line.len() + 1);
+                    if stream.write_all(chunk.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{list}",
+                list.len()
+            );
+            if stream.write_all(resp.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn kubeconfig(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
+             current-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            self.addr
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+#[tokio::test]
+async fn kubernetes_discovery_follows_the_pod_watch() {
+    let server = EnbdServer::start("enbd-server-0").await;
+    let api = FakeApiServer::start(vec![pod_json("enbd-server-0", server.mgmt.port())]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let d = Driver::spawn(
+        &["--discovery", "kubernetes", "--namespace", "storage"],
+        &[("KUBECONFIG", kubeconfig.as_path())],
+    )
+    .await;
+    d.wait_until(|| async { d.probe().await }, "Probe ready through pod discovery").await;
+
+    // The pod name is the server id; the volume context names the server's data address.
+    let v = d.create("pvc-k8s", MIB).await;
+    assert_eq!(v.volume_id, "enbd-server-0/pvc-k8s");
+    let paths = api.paths.lock().unwrap().clone();
+    assert!(
+        paths.iter().any(|p| p.starts_with("/api/v1/namespaces/storage/pods?")
+            && p.contains("labelSelector=app.kubernetes.io%2Fcomponent%3Denbd-server")),
+        "{paths:?}"
+    );
+
+    // The pod goes away: the server is forgotten, nothing is live, Probe says so.
+    let deleted = serde_json::json!({
+        "type": "DELETED",
+        "object": pod_json("enbd-server-0", server.mgmt.port())
+    });
+    // A watch connection may not be open yet when we send; resend until seen.
+    d.wait_until(
+        || async {
+            let _ = api.events.send(deleted.to_string());
+            !d.probe().await
+        },
+        "Probe not ready after the pod was deleted",
+    )
+    .await;
+    // Its volumes are now on an unknown server: treated as gone.
+    assert_code(
+        d.ctl()
+            .controller_get_volume(ControllerGetVolumeRequest { volume_id: v.volume_id.clone() })
+            .await,
+        Code::NotFound,
+    );
 }
