@@ -2,6 +2,7 @@
 # The VM suite: real ublk devices on a real Debian kernel, booted under qemu TCG.
 #
 # usage: e2e/vm/run.sh [--kernel trixie|sid] [--only SUBSTRING] [--timeout SECS] [--verbose]
+#                      [--skip-build]   (reuse the binaries already built in the target dir)
 #
 # Builds static release binaries, fetches and verifies Debian's kernel package (cached in
 # e2e/vm/.cache), builds a busybox initramfs, boots it, runs e2e/vm/scenarios/NN-*.sh in order
@@ -9,10 +10,11 @@
 # if every scenario passed and the guest reported the end of the suite (qemu itself exits 0
 # whatever happens in the guest, so the console is the source of truth).
 set -euo pipefail
+trap 'echo "run.sh: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 VM=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$VM/../.." && pwd)
-KERNEL=trixie; ONLY=""; TIMEOUT=1800; VERBOSE=0
+KERNEL=trixie; ONLY=""; TIMEOUT=1800; VERBOSE=0; BUILD=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --kernel) KERNEL=${2:?}; shift 2 ;;
@@ -20,7 +22,8 @@ while [ $# -gt 0 ]; do
     --only) ONLY=${2:?}; shift 2 ;;
     --timeout) TIMEOUT=${2:?}; shift 2 ;;
     --verbose|-v) VERBOSE=1; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    --skip-build) BUILD=0; shift ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -43,7 +46,7 @@ t0=$(date +%s)
 
 # 1. Kernel (verified: InRelease signature, then the sha256 chain).
 KDIR=$("$VM/lib/fetch-kernel.sh" "$KERNEL" cloud-amd64 "$CACHE" | tail -1)
-VMLINUZ=$(ls "$KDIR"/boot/vmlinuz-* "$KDIR"/usr/lib/modules/*/vmlinuz 2>/dev/null | head -1)
+VMLINUZ=$( (ls "$KDIR"/boot/vmlinuz-* "$KDIR"/usr/lib/modules/*/vmlinuz 2>/dev/null || true) | head -1)
 [ -f "$VMLINUZ" ] || { echo "run.sh: no vmlinuz in $KDIR" >&2; exit 1; }
 
 # 2. Static release binaries. --target keeps crt-static away from build scripts and proc-macros.
@@ -51,13 +54,18 @@ TARGET=x86_64-unknown-linux-gnu
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 pkgs=(-p enbd-node -p enbd-server)
 [ -d "$REPO/e2e/src/bin" ] && pkgs+=(-p enbd-e2e)
-echo "run.sh: building static release binaries (${pkgs[*]})"
-(cd "$REPO" && RUSTFLAGS='-C target-feature=+crt-static' \
-  cargo build --release --quiet --target "$TARGET" --bins "${pkgs[@]}")
+if [ $BUILD = 1 ]; then
+  echo "run.sh: building static release binaries (${pkgs[*]})"
+  (cd "$REPO" && RUSTFLAGS='-C target-feature=+crt-static' \
+    cargo build --release --quiet --target "$TARGET" --bins "${pkgs[@]}")
+fi
 BINDIR="$CACHE/bin"
 rm -rf "$BINDIR"; mkdir -p "$BINDIR"
 for b in enbd-node enbd-server enbd-faultproxy csi-node-conformance; do
   [ -x "$TARGET_DIR/$TARGET/release/$b" ] && cp "$TARGET_DIR/$TARGET/release/$b" "$BINDIR/"
+done
+for b in enbd-node enbd-server; do
+  [ -x "$BINDIR/$b" ] || { echo "run.sh: $b was not built (looked in $TARGET_DIR/$TARGET/release)" >&2; exit 1; }
 done
 echo "run.sh: guest binaries: $(ls "$BINDIR" | tr '\n' ' ')"
 

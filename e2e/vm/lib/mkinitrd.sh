@@ -28,8 +28,13 @@ done | awk '!seen[$0]++' | while read -r f; do
   echo "/lib/modules/$(basename "$f")" >> "$ROOT/lib/modules/load.order"
 done
 
-# The project's binaries (static: no libraries to copy).
-for b in "$BINDIR"/*; do [ -f "$b" ] && cp "$b" "$ROOT/bin/"; done
+# The project's binaries (static: no libraries to copy). Debug info is stripped: it is most
+# of their size, and every megabyte is decompressed by an emulated CPU at boot.
+for b in "$BINDIR"/*; do
+  [ -f "$b" ] || continue
+  if command -v strip >/dev/null; then strip --strip-debug -o "$ROOT/bin/$(basename "$b")" "$b"
+  else cp "$b" "$ROOT/bin/"; fi
+done
 
 # Dynamically linked tools, their libraries (and the loader) at the same paths.
 copy_tool() { # <host path> <guest path>
