@@ -184,15 +184,6 @@ impl Servers {
             .collect()
     }
 
-    /// Records that a management call found the server unreachable, so
-    /// placement stops choosing it before the next probe.
-    pub fn mark_down(&self, id: &ServerId, reason: String) {
-        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = entries.get_mut(id) {
-            e.health = Health::Down { reason };
-        }
-    }
-
     /// Health-checks every server once, concurrently.
     pub async fn probe_all(&self) {
         let checks = self.snapshot().into_iter().map(|(id, e)| async move {

@@ -1485,7 +1485,11 @@ impl FakeApiServer {
                 tokio::spawn(async move { Self::serve(conn, &list, tx, seen).await });
             }
         });
-        Self { addr, events, paths }
+        Self {
+            addr,
+            events,
+            paths,
+        }
     }
 
     async fn serve(
@@ -1510,7 +1514,11 @@ impl FakeApiServer {
                     break;
                 }
             }
-            let path = request_line.split_whitespace().nth(1).unwrap_or_default().to_owned();
+            let path = request_line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned();
             seen.lock().unwrap().push(path.clone());
             let stream = conn.get_mut();
             if path.contains("watch=true") {
@@ -1562,15 +1570,21 @@ async fn kubernetes_discovery_follows_the_pod_watch() {
         &[("KUBECONFIG", kubeconfig.as_path())],
     )
     .await;
-    d.wait_until(|| async { d.probe().await }, "Probe ready through pod discovery").await;
+    d.wait_until(
+        || async { d.probe().await },
+        "Probe ready through pod discovery",
+    )
+    .await;
 
     // The pod name is the server id; the volume context names the server's data address.
     let v = d.create("pvc-k8s", MIB).await;
     assert_eq!(v.volume_id, "enbd-server-0/pvc-k8s");
     let paths = api.paths.lock().unwrap().clone();
     assert!(
-        paths.iter().any(|p| p.starts_with("/api/v1/namespaces/storage/pods?")
-            && p.contains("labelSelector=app.kubernetes.io%2Fcomponent%3Denbd-server")),
+        paths
+            .iter()
+            .any(|p| p.starts_with("/api/v1/namespaces/storage/pods?")
+                && p.contains("labelSelector=app.kubernetes.io%2Fcomponent%3Denbd-server")),
         "{paths:?}"
     );
 
@@ -1591,7 +1605,9 @@ async fn kubernetes_discovery_follows_the_pod_watch() {
     // Its volumes are now on an unknown server: treated as gone.
     assert_code(
         d.ctl()
-            .controller_get_volume(ControllerGetVolumeRequest { volume_id: v.volume_id.clone() })
+            .controller_get_volume(ControllerGetVolumeRequest {
+                volume_id: v.volume_id.clone(),
+            })
             .await,
         Code::NotFound,
     );
