@@ -121,6 +121,24 @@ pub fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usiz
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
+/// Reads up to `len` bytes at `offset` into the spare capacity of `buf` (which must have room)
+/// without zero-filling it first; returns how many bytes were read and appended.
+pub fn pread_append(file: &File, buf: &mut bytes::BytesMut, len: usize, offset: u64) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    if spare.len() < len {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: the kernel writes at most `len` bytes into the spare capacity, which is valid
+    // for writes of that length; we only mark as initialised the `n` bytes it reported.
+    let n = unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), len, off(offset)?) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `n <= len <= spare.len()` bytes were just initialised by pread.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    Ok(n as usize)
+}
+
 /// Filesystem totals for the data directory: (total bytes, bytes available to us).
 pub fn statvfs(path: &Path) -> io::Result<(u64, u64)> {
     let c = CString::new(path.as_os_str().as_bytes())

@@ -160,6 +160,21 @@ impl Backend for FileBackend {
         Ok(())
     }
 
+    fn read_owned(&self, offset: u64, len: usize) -> Result<bytes::BytesMut, ExportError> {
+        let mut buf = bytes::BytesMut::with_capacity(len);
+        while buf.len() < len {
+            let done = buf.len();
+            match sys::pread_append(&self.file, &mut buf, len - done, offset + done as u64) {
+                // Past the file's end reads as zeroes.
+                Ok(0) => buf.resize(len, 0),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(buf)
+    }
+
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), ExportError> {
         let _gate = self.writable()?;
         self.file.write_all_at(data, offset)?;
@@ -283,6 +298,17 @@ mod tests {
         let map = b.block_status(0, 65536, 8).unwrap();
         assert_eq!(map[0], Extent { length: 8192, hole: true });
         assert!(!map[1].hole, "NO_HOLE range must stay allocated: {map:?}");
+    }
+
+    #[test]
+    fn owned_reads_match_and_zero_fill_past_the_end() {
+        let (_d, b) = backend(8192);
+        b.write_at(&[3u8; 100], 8000, false).unwrap();
+        let got = b.read_owned(7990, 300).unwrap();
+        assert_eq!(&got[..10], &[0u8; 10]);
+        assert_eq!(&got[10..110], &[3u8; 100][..]);
+        assert_eq!(got.len(), 300);
+        assert!(got[110..].iter().all(|&x| x == 0), "past the end reads as zeroes");
     }
 
     #[test]

@@ -46,11 +46,7 @@ pub type OpResult = Result<Output, ExportError>;
 /// Runs an op synchronously on the calling thread.
 pub fn run_blocking(backend: &dyn Backend, op: Op) -> OpResult {
     match op {
-        Op::Read { offset, len } => {
-            let mut buf = BytesMut::zeroed(len);
-            backend.read_at(&mut buf, offset)?;
-            Ok(Output::Data(buf.freeze()))
-        }
+        Op::Read { offset, len } => Ok(Output::Data(backend.read_owned(offset, len)?.freeze())),
         Op::Write { offset, data, fua } => backend.write_at(&data, offset, fua).map(|_| Output::None),
         Op::Flush => backend.flush().map(|_| Output::None),
         Op::Trim { offset, len, fua } => {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures::FutureExt;
 use enbd_proto::wire::{
     ChunkBody, CommandFlags, Command, Cookie, ExtendedExtent, Extent as WireExtent, HeaderStyle, NBD_STATE_HOLE,
     NBD_STATE_ZERO, NbdError, ReplyChunk, ReplyFlags, Request, SimpleReply, WireError,
@@ -32,6 +33,8 @@ use crate::export::ExportError;
 
 /// Most extents returned for one BLOCK_STATUS request.
 const MAX_EXTENTS: usize = 2048;
+/// How long a draining connection waits for the rest of a half-received request.
+const DRAIN_PARTIAL: std::time::Duration = std::time::Duration::from_secs(2);
 /// Budget unit for in-flight bytes.
 const UNIT: u64 = 4096;
 /// Payloads at most this big are copied into the output buffer; bigger ones go out as their
@@ -250,6 +253,10 @@ async fn read_requests<R: AsyncRead + Unpin>(
 
 /// Reads more bytes. `Ok(false)`: stop reading (clean EOF at a request boundary, or we were
 /// asked to stop). EOF with a partial request is an error.
+///
+/// On shutdown (`stop`) the connection drains: bytes the client already sent are still read
+/// and answered (what has arrived, plus the rest of a half-received request), then reading
+/// stops. A force-deleted export (`closed`) stops at once.
 async fn fill<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
@@ -262,9 +269,28 @@ async fn fill<R: AsyncRead + Unpin>(
         buf.reserve(want.max(64 * 1024));
     }
     let partial = !buf.is_empty();
+    if closed.is_cancelled() {
+        return Ok(false);
+    }
+    if stop.is_cancelled() {
+        let got = if partial {
+            match tokio::time::timeout(DRAIN_PARTIAL, rd.read_buf(buf)).await {
+                Ok(r) => Some(r?),
+                Err(_) => None,
+            }
+        } else {
+            rd.read_buf(buf).now_or_never().transpose()?
+        };
+        return match got {
+            Some(0) if partial => Err(SessionError::Closed),
+            Some(0) | None => Ok(false),
+            Some(_) => Ok(true),
+        };
+    }
     tokio::select! {
         biased;
-        _ = stop.cancelled() => Ok(false),
+        // Re-entered in drain mode by the caller's loop.
+        _ = stop.cancelled() => Ok(true),
         _ = closed.cancelled() => Ok(false),
         _ = writer_failed.cancelled() => Err(SessionError::Closed),
         r = rd.read_buf(buf) => match r? {
