@@ -4,6 +4,9 @@
 //! [`store`] (backends and the volume store) → [`session`] (one NBD connection) →
 //! [`server`] (listeners, limits, shutdown) and [`mgmt`] (gRPC) → `main.rs`.
 
+// Tests may unwrap: a panic is the failure report.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod cli;
 pub mod export;
 pub mod store;

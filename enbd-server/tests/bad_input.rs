@@ -1,5 +1,6 @@
 //! Hostile and broken clients: the server answers with the right NBD error or closes that one
 //! connection, and keeps serving everyone else (checked with a second connection each time).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 #[path = "common/raw.rs"]

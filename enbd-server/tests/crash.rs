@@ -1,6 +1,7 @@
 //! kill -9 at arbitrary moments of management work leaves a consistent store: after a restart
 //! every listed volume and snapshot is complete (right size, right content), nothing is left
 //! in staging, and retrying the interrupted operations succeeds.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 #[path = "common/raw.rs"]

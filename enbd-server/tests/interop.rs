@@ -1,5 +1,6 @@
 //! Interop with real NBD tools against the real binary: qemu-img / qemu-io, nbdinfo, nbdcopy
 //! and fio's nbd engine. A missing tool fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

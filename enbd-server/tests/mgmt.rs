@@ -1,5 +1,6 @@
 //! The management API against the real binary: CSI-style idempotency, in-use protection,
 //! expansion, snapshots and clones, listing with pagination, capacity and health.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 #[path = "common/raw.rs"]

@@ -265,7 +265,7 @@ mod tests {
 
     fn backend(size: u64) -> (tempfile::TempDir, FileBackend) {
         let dir = tempfile::tempdir().unwrap();
-        let f = File::options().read(true).write(true).create(true).open(dir.path().join("v")).unwrap();
+        let f = File::options().read(true).write(true).create(true).truncate(true).open(dir.path().join("v")).unwrap();
         f.set_len(size).unwrap();
         (dir, FileBackend::new(f, false))
     }

@@ -98,21 +98,18 @@ impl IoEngine {
     {
         // Page-cache hits need no thread: try the read right here without blocking
         // (RWF_NOWAIT), and only hand it to the pool if the kernel would have to wait.
-        if let (Op::Read { offset, len }, Some(file)) = (&op, backend.file()) {
-            if *len > 0 && *len <= INLINE_READ_MAX {
+        if let (Op::Read { offset, len }, Some(file)) = (&op, backend.file())
+            && *len > 0 && *len <= INLINE_READ_MAX {
                 let mut buf = BytesMut::zeroed(*len);
                 if matches!(crate::sys::pread_nowait(file, &mut buf, *offset), Ok(n) if n == *len) {
                     return done(Ok(Output::Data(buf.freeze())));
                 }
             }
-        }
-        if let IoEngine::Uring(ring) = self {
-            if let Some(file) = backend.file() {
-                if matches!(op, Op::Read { .. } | Op::Write { .. } | Op::Flush) {
+        if let IoEngine::Uring(ring) = self
+            && let Some(file) = backend.file()
+                && matches!(op, Op::Read { .. } | Op::Write { .. } | Op::Flush) {
                     return ring.submit(backend.clone(), file, op, Box::new(done));
                 }
-            }
-        }
         let backend = backend.clone();
         match self {
             IoEngine::Pool(pool) => pool.submit(Box::new(move || done(run_blocking(&*backend, op)))),

@@ -104,11 +104,11 @@ fn transmission_flags(export: &Export, st: &State) -> TransmissionFlags {
         | TransmissionFlags::SEND_CACHE
         | TransmissionFlags::CAN_MULTI_CONN;
     if export.read_only {
-        f = f | TransmissionFlags::READ_ONLY;
+        f |= TransmissionFlags::READ_ONLY;
     }
     if st.structured {
         // We always answer a READ with one chunk, so "don't fragment" holds for free.
-        f = f | TransmissionFlags::SEND_DF;
+        f |= TransmissionFlags::SEND_DF;
     }
     f
 }

@@ -229,11 +229,10 @@ fn start(
 }
 
 fn leave_gate(backend: &Arc<dyn Backend>, gated: bool) {
-    if gated {
-        if let Some(g) = backend.write_gate() {
+    if gated
+        && let Some(g) = backend.write_gate() {
             g.leave();
         }
-    }
 }
 
 /// Handles one completion. Returns the slot if it needs another submission.
