@@ -2,6 +2,8 @@
 //! every object parses strictly into its Kubernetes API type, and the set is consistent
 //! (see deploy_common/checks.rs for what that covers).
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
+
 mod deploy_common;
 
 use deploy_common::checks::{check_set, dockerfile_targets};
@@ -89,4 +91,46 @@ fn a_broken_object_is_reported_not_accepted() {
 
     let unknown_kind = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n";
     assert!(deploy_common::RenderSet::parse("t", unknown_kind).is_err(), "kinds the chart never renders");
+}
+
+#[test]
+fn dockerfile_builds_what_the_images_run() {
+    let root = repo_root();
+    let dockerfile = std::fs::read_to_string(root.join("deploy/Dockerfile")).expect("deploy/Dockerfile");
+    let targets = dockerfile_targets(&root);
+    let mut images: Vec<&str> = targets.iter().map(|t| t.image.as_str()).collect();
+    images.sort();
+    assert_eq!(images, ["enbd-csi-driver", "enbd-node", "enbd-server"]);
+    let built: Vec<&str> = dockerfile.split_whitespace().collect::<Vec<_>>().windows(2)
+        .filter(|w| w[0] == "--bin")
+        .map(|w| w[1])
+        .collect();
+    for t in &targets {
+        assert!(built.contains(&t.binary.as_str()), "the builder does not build {} (builds {built:?})", t.binary);
+        // A binary named like its package: <package dir>/src/main.rs with that package name.
+        let member = std::fs::read_dir(&root)
+            .expect("repo root")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|dir| {
+                std::fs::read_to_string(dir.join("Cargo.toml"))
+                    .is_ok_and(|m| m.lines().any(|l| l.trim() == format!("name = \"{}\"", t.binary)))
+            })
+            .unwrap_or_else(|| panic!("no workspace package named {}", t.binary));
+        assert!(member.join("src/main.rs").is_file(), "{} has no src/main.rs", member.display());
+        let copied = format!("/out/{}", t.binary);
+        assert!(dockerfile.contains(&copied), "the {} stage does not copy {copied}", t.image);
+    }
+    // The node image carries the filesystem and mount tools the node service runs.
+    let node_stage = dockerfile.split("AS enbd-node").nth(1).expect("enbd-node stage");
+    for package in ["e2fsprogs", "xfsprogs", "util-linux", "mount"] {
+        assert!(node_stage.split_whitespace().any(|w| w == package), "enbd-node image lacks {package}");
+    }
+    // The build context keeps every workspace member (the build needs all of them).
+    let ignore = std::fs::read_to_string(root.join("deploy/Dockerfile.dockerignore")).expect("dockerignore");
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("Cargo.toml");
+    let members_line = manifest.lines().find(|l| l.starts_with("members")).expect("workspace members");
+    for member in members_line.split('"').skip(1).step_by(2) {
+        let kept = ignore.lines().any(|l| l == format!("!{member}/**") || l == format!("!{member}/Cargo.toml"));
+        assert!(kept, "deploy/Dockerfile.dockerignore drops workspace member {member}");
+    }
 }

@@ -3,6 +3,8 @@
 //! own `Cli` and validated into its config; the ports it would bind must be the ports the
 //! pod declares. StorageClass parameters go through the controller's own validation.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
+
 mod deploy_common;
 
 use std::collections::HashMap;

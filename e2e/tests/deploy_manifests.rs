@@ -1,6 +1,8 @@
 //! The plain manifests in deploy/manifests: strictly valid and consistent like the chart's
 //! renders, and object for object the chart's default render (render-manifests.sh output).
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
+
 mod deploy_common;
 
 use deploy_common::checks::{check_set, dockerfile_targets};

@@ -3,6 +3,8 @@
 //! (IO waits through the outage and resumes), and every file it wrote must read back intact
 //! in a second pod.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
+
 mod kind_common;
 
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! Snapshots and clones on a kind cluster (run by e2e/kind/run.sh; `#[ignore]` elsewhere):
 //! a restored snapshot and a clone hold the source's data as it was, not as it became.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
+
 mod kind_common;
 
 use kind_common::*;

@@ -1,6 +1,8 @@
 //! Volumes on a kind cluster (run by e2e/kind/run.sh; `#[ignore]` everywhere else):
 //! filesystem claims outliving their pods, raw block claims, and offline expansion.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
+
 mod kind_common;
 
 use std::time::Duration;
@@ -42,7 +44,9 @@ async fn expanded_claim_grows_its_filesystem_and_keeps_the_data() {
     ctx.create_claim("grow", FS_CLASS, "1Gi", Mode::Filesystem).await;
     ctx.run_pod("writer", "grow", Mode::Filesystem, &write_files(8)).await;
     ctx.resize_claim("grow", "2Gi").await;
-    // ControllerExpandVolume first, then NodeExpandVolume when the next pod stages it.
+    // Offline: ControllerExpandVolume while no pod uses the claim, then NodeExpandVolume
+    // when the next pod stages it (online ublk resize needs a 6.16+ host kernel).
+    ctx.wait_volume_expanded("grow", 2 << 30).await;
     let script = format!("{}; echo kib $(df -k {DATA} | tail -1 | awk '{{print $2}}')", verify_files());
     ctx.start_pod("reader", "grow", Mode::Filesystem, &script, None).await;
     let logs = ctx.wait_succeeded("reader", Duration::from_secs(300)).await;

@@ -253,6 +253,20 @@ impl Ctx {
             .expect("resize claim");
     }
 
+    /// Waits until the claim's PersistentVolume has at least `bytes`: ControllerExpandVolume
+    /// is done (the claim itself reports the new size only after NodeExpandVolume).
+    pub async fn wait_volume_expanded(&self, claim: &str, bytes: u64) {
+        let pvc = self.api::<PersistentVolumeClaim>().get(claim).await.expect("get claim");
+        let pv_name = pvc.spec.and_then(|s| s.volume_name).expect("claim is bound");
+        let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(self.client.clone());
+        wait_for(&pvs, &pv_name, Duration::from_secs(300), move |pv: Option<&k8s_openapi::api::core::v1::PersistentVolume>| {
+            pv.and_then(|pv| pv.spec.as_ref()?.capacity.as_ref()?.get("storage").cloned())
+                .and_then(|q| quantity_bytes(&q.0))
+                .is_some_and(|b| b >= bytes)
+        })
+        .await;
+    }
+
     /// Waits until the claim reports at least `bytes` of capacity.
     pub async fn wait_capacity(&self, name: &str, bytes: u64) {
         wait_for(&self.api::<PersistentVolumeClaim>(), name, Duration::from_secs(300), move |c: Option<&PersistentVolumeClaim>| {
