@@ -84,17 +84,17 @@ set +e
 timeout --foreground -k 10 "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -m 3G -smp 2 \
   -nographic -no-reboot -nodefaults -serial stdio -display none \
   -kernel "$VMLINUZ" -initrd "$INITRD" -append "$append" </dev/null 2>&1 \
-  | tr -d '\r' | tee "$LOG" | if [ $VERBOSE = 1 ]; then cat; else grep --line-buffered -aE 'SCENARIO |ENBD-VM-SUITE'; fi
+  | sed -u 's/\r$//' | tee "$LOG" | if [ $VERBOSE = 1 ]; then cat; else grep --line-buffered -aE 'SCENARIO |ENBD-VM-SUITE'; fi
 qemu_rc=${PIPESTATUS[0]}
 set -e
 t2=$(date +%s)
 
 # 5. Verdict from the console.
-summary=$(grep -aoE 'ENBD-VM-SUITE: DONE passed=[0-9]+ failed=[0-9]+' "$LOG" | tail -1)
-failed_names=$(grep -aoE 'SCENARIO [^ ]+: FAIL' "$LOG" | awk '{print $2}' | tr -d ':')
+summary=$( (grep -aoE 'ENBD-VM-SUITE: DONE passed=[0-9]+ failed=[0-9]+' "$LOG" || true) | tail -1)
+failed_names=$( (grep -aoE 'SCENARIO [^ ]+: FAIL' "$LOG" || true) | awk '{print $2}' | tr -d ':')
 if [ $VERBOSE = 0 ]; then
   for n in $failed_names; do
-    echo "---- output of $n ----"; grep -aF "[$n" "$LOG" | tail -n 80
+    echo "---- output of $n ----"; (grep -aF "[$n" "$LOG" || true) | tail -n 80
   done
 fi
 echo "run.sh: VM run took $((t2 - t1))s (total $((t2 - t0))s), kernel $KERNEL"

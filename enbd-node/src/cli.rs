@@ -30,6 +30,8 @@ pub enum Command {
     List(ListArgs),
     /// Drop one channel's connection of an attached volume (fault tests, operators).
     ResetChannel(ResetChannelArgs),
+    /// Grow an attached volume's device to the size its server now reports (online resize).
+    Resize(ResizeArgs),
     /// Benchmark the client engine against an NBD server (no device): IOPS, latency, CPU.
     Bench(crate::bench::BenchArgs),
 }
@@ -131,6 +133,14 @@ pub struct ResetChannelArgs {
     pub target: String,
     /// Channel index (see `list`).
     pub channel: usize,
+    #[command(flatten)]
+    pub control: ControlSocketArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ResizeArgs {
+    /// Volume id or device path.
+    pub target: String,
     #[command(flatten)]
     pub control: ControlSocketArg,
 }

@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         Command::Attach(args) => attach(args),
         Command::Detach(args) => client(&args.control.control_socket, Request::Detach { target: args.target }),
         Command::List(args) => list(&args.control.control_socket, args.json),
+        Command::Resize(args) => client(&args.control.control_socket, Request::Resize { target: args.target }),
         Command::ResetChannel(args) => client(
             &args.control.control_socket,
             Request::ResetChannel { target: args.target, channel: args.channel },
@@ -113,6 +114,7 @@ fn client(socket: &std::path::Path, req: Request) -> anyhow::Result<()> {
     match call(socket, req)? {
         Response::Detached { volume_id } => println!("detached {volume_id}"),
         Response::Done => println!("ok"),
+        Response::Resized { volume_id, size_bytes } => println!("{volume_id}: {size_bytes} bytes"),
         other => println!("{}", serde_json::to_string(&other)?),
     }
     Ok(())

@@ -29,3 +29,19 @@ umount /mnt/held
 MOUNTS=""
 detach held
 [ ! -e "$dev" ] || fail "$dev still exists after detach"
+
+# Online resize: ublk's UPDATE_SIZE arrived in Linux 6.16. Before it, a clear refusal; from
+# it on, an export whose size did not change keeps its size.
+dev=$(attach held --channels 1)
+kver=$(uname -r | awk -F. '{print $1 * 1000 + $2}')
+if [ "$kver" -lt 6016 ]; then
+  if enbd-node resize held > resize.out 2>&1; then fail "resize succeeded on $(uname -r)"; fi
+  cat resize.out
+  grep -q "online resize is not supported by this kernel's ublk driver" resize.out \
+    || fail "unclear resize error: $(cat resize.out)"
+else
+  enbd-node resize held > resize.out 2>&1 || { cat resize.out; fail "resize failed on $(uname -r)"; }
+  cat resize.out
+  grep -q "held: 134217728 bytes" resize.out || fail "unexpected resize answer: $(cat resize.out)"
+fi
+detach held
