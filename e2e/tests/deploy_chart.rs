@@ -19,13 +19,21 @@ fn every_value_set_renders_strictly_valid_consistent_objects() {
     rendered.sort();
     assert_eq!(rendered, expected, "one render per value set");
     let problems: Vec<String> = sets.iter().flat_map(|s| check_set(s, &targets)).collect();
-    assert!(problems.is_empty(), "{} problems:\n{}", problems.len(), problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
 }
 
 #[test]
 fn default_values_deploy_the_whole_product() {
     let sets = chart_renders();
-    let default = sets.iter().find(|s| s.name == "default").expect("default render");
+    let default = sets
+        .iter()
+        .find(|s| s.name == "default")
+        .expect("default render");
     let mut kinds: Vec<&str> = default.objects.iter().map(Object::kind).collect();
     kinds.sort();
     kinds.dedup();
@@ -43,7 +51,10 @@ fn default_values_deploy_the_whole_product() {
         "Role",
         "RoleBinding",
     ] {
-        assert!(kinds.contains(&kind), "default render lacks a {kind}: {kinds:?}");
+        assert!(
+            kinds.contains(&kind),
+            "default render lacks a {kind}: {kinds:?}"
+        );
     }
     let classes: Vec<&str> = default
         .objects
@@ -51,10 +62,20 @@ fn default_values_deploy_the_whole_product() {
         .filter(|o| matches!(o, Object::StorageClass(_)))
         .map(Object::name)
         .collect();
-    assert_eq!(classes, ["enbd", "enbd-block"], "a filesystem default and a block example");
+    assert_eq!(
+        classes,
+        ["enbd", "enbd-block"],
+        "a filesystem default and a block example"
+    );
     for o in &default.objects {
         if o.is_namespaced() {
-            assert_eq!(o.metadata().namespace.as_deref(), Some(deploy_common::NAMESPACE), "{} {}", o.kind(), o.name());
+            assert_eq!(
+                o.metadata().namespace.as_deref(),
+                Some(deploy_common::NAMESPACE),
+                "{} {}",
+                o.kind(),
+                o.name()
+            );
         }
     }
     // The controller runs every sidecar the features need.
@@ -64,10 +85,21 @@ fn default_values_deploy_the_whole_product() {
         .find(|o| matches!(o, Object::Deployment(_)))
         .and_then(Object::pod_spec)
         .expect("controller");
-    let names: Vec<&str> = controller.containers.iter().map(|c| c.name.as_str()).collect();
+    let names: Vec<&str> = controller
+        .containers
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
     assert_eq!(
         names,
-        ["csi-driver", "csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter", "liveness-probe"]
+        [
+            "csi-driver",
+            "csi-provisioner",
+            "csi-attacher",
+            "csi-resizer",
+            "csi-snapshotter",
+            "liveness-probe"
+        ]
     );
 }
 
@@ -83,54 +115,94 @@ fn a_broken_object_is_reported_not_accepted() {
     assert!(err.contains("spec.attachRequired"), "{err}");
 
     let misplaced = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: a\n  namespace: b\nspec:\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec:\n      containers:\n        - name: c\n          image: i:1\n          privileged: true\n";
-    let err = deploy_common::RenderSet::parse("t", misplaced).expect_err("field at the wrong level");
+    let err =
+        deploy_common::RenderSet::parse("t", misplaced).expect_err("field at the wrong level");
     assert!(err.contains("containers[0].privileged"), "{err}");
 
     let snapshot_class = "apiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshotClass\nmetadata:\n  name: a\ndriver: d\ndeletionPolicy: Keep\n";
-    assert!(deploy_common::RenderSet::parse("t", snapshot_class).is_err(), "Keep is no deletion policy");
+    assert!(
+        deploy_common::RenderSet::parse("t", snapshot_class).is_err(),
+        "Keep is no deletion policy"
+    );
 
     let unknown_kind = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n";
-    assert!(deploy_common::RenderSet::parse("t", unknown_kind).is_err(), "kinds the chart never renders");
+    assert!(
+        deploy_common::RenderSet::parse("t", unknown_kind).is_err(),
+        "kinds the chart never renders"
+    );
 }
 
 #[test]
 fn dockerfile_builds_what_the_images_run() {
     let root = repo_root();
-    let dockerfile = std::fs::read_to_string(root.join("deploy/Dockerfile")).expect("deploy/Dockerfile");
+    let dockerfile =
+        std::fs::read_to_string(root.join("deploy/Dockerfile")).expect("deploy/Dockerfile");
     let targets = dockerfile_targets(&root);
     let mut images: Vec<&str> = targets.iter().map(|t| t.image.as_str()).collect();
     images.sort();
     assert_eq!(images, ["enbd-csi-driver", "enbd-node", "enbd-server"]);
-    let built: Vec<&str> = dockerfile.split_whitespace().collect::<Vec<_>>().windows(2)
+    let built: Vec<&str> = dockerfile
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
         .filter(|w| w[0] == "--bin")
         .map(|w| w[1])
         .collect();
     for t in &targets {
-        assert!(built.contains(&t.binary.as_str()), "the builder does not build {} (builds {built:?})", t.binary);
+        assert!(
+            built.contains(&t.binary.as_str()),
+            "the builder does not build {} (builds {built:?})",
+            t.binary
+        );
         // A binary named like its package: <package dir>/src/main.rs with that package name.
         let member = std::fs::read_dir(&root)
             .expect("repo root")
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|dir| {
-                std::fs::read_to_string(dir.join("Cargo.toml"))
-                    .is_ok_and(|m| m.lines().any(|l| l.trim() == format!("name = \"{}\"", t.binary)))
+                std::fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|m| {
+                    m.lines()
+                        .any(|l| l.trim() == format!("name = \"{}\"", t.binary))
+                })
             })
             .unwrap_or_else(|| panic!("no workspace package named {}", t.binary));
-        assert!(member.join("src/main.rs").is_file(), "{} has no src/main.rs", member.display());
+        assert!(
+            member.join("src/main.rs").is_file(),
+            "{} has no src/main.rs",
+            member.display()
+        );
         let copied = format!("/out/{}", t.binary);
-        assert!(dockerfile.contains(&copied), "the {} stage does not copy {copied}", t.image);
+        assert!(
+            dockerfile.contains(&copied),
+            "the {} stage does not copy {copied}",
+            t.image
+        );
     }
     // The node image carries the filesystem and mount tools the node service runs.
-    let node_stage = dockerfile.split("AS enbd-node").nth(1).expect("enbd-node stage");
+    let node_stage = dockerfile
+        .split("AS enbd-node")
+        .nth(1)
+        .expect("enbd-node stage");
     for package in ["e2fsprogs", "xfsprogs", "util-linux", "mount"] {
-        assert!(node_stage.split_whitespace().any(|w| w == package), "enbd-node image lacks {package}");
+        assert!(
+            node_stage.split_whitespace().any(|w| w == package),
+            "enbd-node image lacks {package}"
+        );
     }
     // The build context keeps every workspace member (the build needs all of them).
-    let ignore = std::fs::read_to_string(root.join("deploy/Dockerfile.dockerignore")).expect("dockerignore");
+    let ignore =
+        std::fs::read_to_string(root.join("deploy/Dockerfile.dockerignore")).expect("dockerignore");
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("Cargo.toml");
-    let members_line = manifest.lines().find(|l| l.starts_with("members")).expect("workspace members");
+    let members_line = manifest
+        .lines()
+        .find(|l| l.starts_with("members"))
+        .expect("workspace members");
     for member in members_line.split('"').skip(1).step_by(2) {
-        let kept = ignore.lines().any(|l| l == format!("!{member}/**") || l == format!("!{member}/Cargo.toml"));
-        assert!(kept, "deploy/Dockerfile.dockerignore drops workspace member {member}");
+        let kept = ignore
+            .lines()
+            .any(|l| l == format!("!{member}/**") || l == format!("!{member}/Cargo.toml"));
+        assert!(
+            kept,
+            "deploy/Dockerfile.dockerignore drops workspace member {member}"
+        );
     }
 }

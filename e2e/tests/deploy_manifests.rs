@@ -9,7 +9,11 @@ use deploy_common::checks::{check_set, dockerfile_targets};
 use deploy_common::{Object, RenderSet, chart_renders, manifest_files, repo_root};
 
 fn merged(sets: Vec<RenderSet>) -> RenderSet {
-    let mut all = RenderSet { name: "deploy/manifests".into(), objects: Vec::new(), raw: Vec::new() };
+    let mut all = RenderSet {
+        name: "deploy/manifests".into(),
+        objects: Vec::new(),
+        raw: Vec::new(),
+    };
     for s in sets {
         all.objects.extend(s.objects);
         all.raw.extend(s.raw);
@@ -21,20 +25,32 @@ fn merged(sets: Vec<RenderSet>) -> RenderSet {
 fn manifests_are_strictly_valid_and_consistent() {
     let manifests = merged(manifest_files());
     let problems = check_set(&manifests, &dockerfile_targets(&repo_root()));
-    assert!(problems.is_empty(), "{} problems:\n{}", problems.len(), problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
     let namespaces: Vec<&str> = manifests
         .objects
         .iter()
         .filter(|o| matches!(o, Object::Namespace(_)))
         .map(Object::name)
         .collect();
-    assert_eq!(namespaces, [deploy_common::NAMESPACE], "the manifests create their namespace");
+    assert_eq!(
+        namespaces,
+        [deploy_common::NAMESPACE],
+        "the manifests create their namespace"
+    );
 }
 
 #[test]
 fn manifests_equal_the_default_chart_render() {
     let manifests = merged(manifest_files());
-    let default = chart_renders().into_iter().find(|s| s.name == "default").expect("default render");
+    let default = chart_renders()
+        .into_iter()
+        .find(|s| s.name == "default")
+        .expect("default render");
     let from_manifests: Vec<&serde_json::Value> = manifests
         .objects
         .iter()
@@ -61,6 +77,9 @@ fn manifests_equal_the_default_chart_render() {
 
 fn describe(v: &serde_json::Value) -> String {
     let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("?");
-    let name = v.pointer("/metadata/name").and_then(|n| n.as_str()).unwrap_or("?");
+    let name = v
+        .pointer("/metadata/name")
+        .and_then(|n| n.as_str())
+        .unwrap_or("?");
     format!("{kind} {name}")
 }

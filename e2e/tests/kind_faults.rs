@@ -26,9 +26,12 @@ fn write_for(secs: u32) -> String {
 
 async fn survive(component: &str) {
     let ctx = Ctx::new(&format!("kill-{component}")).await;
-    ctx.create_claim("data", FS_CLASS, "2Gi", Mode::Filesystem).await;
-    ctx.start_pod("writer", "data", Mode::Filesystem, &write_for(90), None).await;
-    ctx.wait_log("writer", "io-started", Duration::from_secs(180)).await;
+    ctx.create_claim("data", FS_CLASS, "2Gi", Mode::Filesystem)
+        .await;
+    ctx.start_pod("writer", "data", Mode::Filesystem, &write_for(90), None)
+        .await;
+    ctx.wait_log("writer", "io-started", Duration::from_secs(180))
+        .await;
 
     let node = ctx.node_of("writer").await;
     let on_node = (component == "node").then_some(node.as_str());
@@ -37,9 +40,16 @@ async fn survive(component: &str) {
 
     let logs = ctx.wait_succeeded("writer", Duration::from_secs(600)).await;
     let written: u32 = log_value(&logs, "written").parse().expect("count");
-    ctx.delete_and_wait(&ctx.api::<k8s_openapi::api::core::v1::Pod>(), "writer").await;
-    let read = ctx.run_pod("reader", "data", Mode::Filesystem, &verify_files()).await;
-    assert_eq!(log_value(&read, "verified"), written.to_string(), "{component} restart lost data");
+    ctx.delete_and_wait(&ctx.api::<k8s_openapi::api::core::v1::Pod>(), "writer")
+        .await;
+    let read = ctx
+        .run_pod("reader", "data", Mode::Filesystem, &verify_files())
+        .await;
+    assert_eq!(
+        log_value(&read, "verified"),
+        written.to_string(),
+        "{component} restart lost data"
+    );
     ctx.finish().await;
 }
 

@@ -29,14 +29,18 @@ pub fn dockerfile_targets(root: &Path) -> Vec<ImageTarget> {
     let mut stage: Option<String> = None;
     for line in text.lines().map(str::trim) {
         let words: Vec<&str> = line.split_whitespace().collect();
-        if words.first().is_some_and(|w| w.eq_ignore_ascii_case("FROM")) {
+        if words
+            .first()
+            .is_some_and(|w| w.eq_ignore_ascii_case("FROM"))
+        {
             stage = match words.as_slice() {
                 [_, _, as_, name] if as_.eq_ignore_ascii_case("AS") => Some(name.to_string()),
                 _ => None,
             };
         } else if let Some(rest) = line.strip_prefix("ENTRYPOINT") {
-            let entry: Vec<String> = serde_json::from_str(rest.trim())
-                .unwrap_or_else(|e| panic!("Dockerfile ENTRYPOINT must be exec form ({e}): {line}"));
+            let entry: Vec<String> = serde_json::from_str(rest.trim()).unwrap_or_else(|e| {
+                panic!("Dockerfile ENTRYPOINT must be exec form ({e}): {line}")
+            });
             let binary = entry
                 .first()
                 .and_then(|p| p.rsplit('/').next())
@@ -66,7 +70,10 @@ pub fn args(c: &Container) -> &[String] {
 }
 
 fn containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
-    spec.init_containers.iter().flatten().chain(spec.containers.iter())
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
 }
 
 fn port_number(c: &Container, name: &str) -> Option<i32> {
@@ -91,7 +98,10 @@ fn volume_at<'a>(c: &'a Container, path: &str) -> Option<&'a str> {
 }
 
 fn host_path<'a>(spec: &'a PodSpec, volume_name: &str) -> Option<&'a str> {
-    volume(spec, volume_name)?.host_path.as_ref().map(|h| h.path.as_str())
+    volume(spec, volume_name)?
+        .host_path
+        .as_ref()
+        .map(|h| h.path.as_str())
 }
 
 /// Port of a HOST:PORT address (`[::]:10809` included).
@@ -100,7 +110,9 @@ pub fn listen_port(addr: &str) -> Option<i32> {
 }
 
 fn dirname(path: &str) -> &str {
-    path.rsplit_once('/').map(|(d, _)| if d.is_empty() { "/" } else { d }).unwrap_or(".")
+    path.rsplit_once('/')
+        .map(|(d, _)| if d.is_empty() { "/" } else { d })
+        .unwrap_or(".")
 }
 
 /// Runs every check; the result lists all problems of the set.
@@ -117,13 +129,16 @@ pub fn check_set(set: &RenderSet, targets: &[ImageTarget]) -> Vec<String> {
     server(set, &mut p);
     discovery(set, &mut p);
     rbac(set, &mut p);
-    p.into_iter().map(|m| format!("{}: {m}", set.name)).collect()
+    p.into_iter()
+        .map(|m| format!("{}: {m}", set.name))
+        .collect()
 }
 
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -133,12 +148,16 @@ fn is_dns_subdomain(s: &str) -> bool {
 }
 
 fn is_port_name(s: &str) -> bool {
-    s.len() <= 15 && is_dns_label(s) && s.bytes().any(|b| b.is_ascii_lowercase()) && !s.contains("--")
+    s.len() <= 15
+        && is_dns_label(s)
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.contains("--")
 }
 
 fn is_label_value(s: &str) -> bool {
     s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         && s.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
         && s.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
 }
@@ -152,14 +171,21 @@ fn names(set: &RenderSet, p: &mut Vec<String>) {
         }
         let ns = o.metadata().namespace.clone();
         if o.is_namespaced() != ns.is_some() {
-            p.push(format!("{} {name}: namespace {ns:?} on a namespaced={} kind", o.kind(), o.is_namespaced()));
+            p.push(format!(
+                "{} {name}: namespace {ns:?} on a namespaced={} kind",
+                o.kind(),
+                o.is_namespaced()
+            ));
         }
         if !seen.insert((o.kind(), ns, name.to_string())) {
             p.push(format!("{} {name} rendered twice", o.kind()));
         }
         for (k, v) in o.metadata().labels.iter().flatten() {
             if !is_label_value(v) {
-                p.push(format!("{} {name}: label {k}={v:?} is not a valid label value", o.kind()));
+                p.push(format!(
+                    "{} {name}: label {k}={v:?} is not a valid label value",
+                    o.kind()
+                ));
             }
         }
     }
@@ -167,22 +193,34 @@ fn names(set: &RenderSet, p: &mut Vec<String>) {
         let mut container_names = BTreeSet::new();
         for c in containers(spec) {
             if !is_dns_label(&c.name) || !container_names.insert(c.name.as_str()) {
-                p.push(format!("{w}: container name {:?} invalid or repeated", c.name));
+                p.push(format!(
+                    "{w}: container name {:?} invalid or repeated",
+                    c.name
+                ));
             }
             let mut port_names = BTreeSet::new();
             for port in c.ports.iter().flatten() {
                 if let Some(n) = &port.name
                     && (!is_port_name(n) || !port_names.insert(n.as_str()))
                 {
-                    p.push(format!("{w}/{}: port name {n:?} invalid or repeated", c.name));
+                    p.push(format!(
+                        "{w}/{}: port name {n:?} invalid or repeated",
+                        c.name
+                    ));
                 }
                 if !(1..=65535).contains(&port.container_port) {
-                    p.push(format!("{w}/{}: containerPort {} out of range", c.name, port.container_port));
+                    p.push(format!(
+                        "{w}/{}: containerPort {} out of range",
+                        c.name, port.container_port
+                    ));
                 }
             }
             for m in c.volume_mounts.iter().flatten() {
                 if volume(spec, &m.name).is_none() && !claim_template(set, w, &m.name) {
-                    p.push(format!("{w}/{}: mounts undefined volume {:?}", c.name, m.name));
+                    p.push(format!(
+                        "{w}/{}: mounts undefined volume {:?}",
+                        c.name, m.name
+                    ));
                 }
             }
         }
@@ -214,7 +252,14 @@ fn enum_values(set: &RenderSet, p: &mut Vec<String>) {
             (_, "mountPropagation") => &["None", "HostToContainer", "Bidirectional"],
             (_, "protocol") => &["TCP", "UDP", "SCTP"],
             ("hostPath", "type") => &[
-                "", "DirectoryOrCreate", "Directory", "FileOrCreate", "File", "Socket", "CharDevice", "BlockDevice",
+                "",
+                "DirectoryOrCreate",
+                "Directory",
+                "FileOrCreate",
+                "File",
+                "Socket",
+                "CharDevice",
+                "BlockDevice",
             ],
             ("strategy", "type") => &["Recreate", "RollingUpdate"],
             ("updateStrategy", "type") => &["RollingUpdate", "OnDelete"],
@@ -227,7 +272,12 @@ fn enum_values(set: &RenderSet, p: &mut Vec<String>) {
             (_, "dnsPolicy") => &["ClusterFirst", "ClusterFirstWithHostNet", "Default", "None"],
             (_, "podManagementPolicy") => &["OrderedReady", "Parallel"],
             (_, "whenDeleted" | "whenScaled") => &["Retain", "Delete"],
-            (_, "accessModes") => &["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"],
+            (_, "accessModes") => &[
+                "ReadWriteOnce",
+                "ReadOnlyMany",
+                "ReadWriteMany",
+                "ReadWriteOncePod",
+            ],
             (_, "volumeLifecycleModes") => &["Persistent", "Ephemeral"],
             _ => return None,
         })
@@ -237,9 +287,13 @@ fn enum_values(set: &RenderSet, p: &mut Vec<String>) {
             Value::Object(m) => {
                 for (k, child) in m {
                     // Labels, annotations and parameters are free-form maps.
-                    if matches!(k.as_str(), "labels" | "annotations" | "parameters" | "matchLabels" | "selector")
-                        && child.is_object()
-                        && child.as_object().is_some_and(|o| o.values().all(Value::is_string))
+                    if matches!(
+                        k.as_str(),
+                        "labels" | "annotations" | "parameters" | "matchLabels" | "selector"
+                    ) && child.is_object()
+                        && child
+                            .as_object()
+                            .is_some_and(|o| o.values().all(Value::is_string))
                     {
                         continue;
                     }
@@ -285,11 +339,21 @@ fn selectors(set: &RenderSet, p: &mut Vec<String>) {
             Object::StatefulSet(d) => Some((&d.spec.selector, &d.spec.template)),
             _ => None,
         };
-        let Some((sel, tmpl)) = sel_tmpl else { continue };
-        let labels = tmpl.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+        let Some((sel, tmpl)) = sel_tmpl else {
+            continue;
+        };
+        let labels = tmpl
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone())
+            .unwrap_or_default();
         let wanted = sel.match_labels.clone().unwrap_or_default();
         if sel.match_expressions.is_some() || !matches(&wanted, &labels) {
-            p.push(format!("{} {}: selector {wanted:?} does not select its template {labels:?}", o.kind(), o.name()));
+            p.push(format!(
+                "{} {}: selector {wanted:?} does not select its template {labels:?}",
+                o.kind(),
+                o.name()
+            ));
         }
         pod_labels.push((o.name().to_string(), labels));
     }
@@ -303,21 +367,33 @@ fn selectors(set: &RenderSet, p: &mut Vec<String>) {
     }
     for o in &set.objects {
         let Object::Service(s) = o else { continue };
-        let sel = s.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default();
-        let selected: Vec<&str> =
-            pod_labels.iter().filter(|(_, l)| matches(&sel, l)).map(|(n, _)| n.as_str()).collect();
+        let sel = s
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .unwrap_or_default();
+        let selected: Vec<&str> = pod_labels
+            .iter()
+            .filter(|(_, l)| matches(&sel, l))
+            .map(|(n, _)| n.as_str())
+            .collect();
         if selected.is_empty() {
-            p.push(format!("Service {} selects no workload of this set ({sel:?})", o.name()));
+            p.push(format!(
+                "Service {} selects no workload of this set ({sel:?})",
+                o.name()
+            ));
         }
         for port in s.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
             if let Some(IntOrString::String(target)) = &port.target_port {
                 for w in &selected {
-                    let defined = set
-                        .workloads()
-                        .filter(|(n, _)| n == w)
-                        .any(|(_, spec)| containers(spec).any(|c| port_number(c, target).is_some()));
+                    let defined = set.workloads().filter(|(n, _)| n == w).any(|(_, spec)| {
+                        containers(spec).any(|c| port_number(c, target).is_some())
+                    });
                     if !defined {
-                        p.push(format!("Service {}: targetPort {target:?} is not a port of {w}", o.name()));
+                        p.push(format!(
+                            "Service {}: targetPort {target:?} is not a port of {w}",
+                            o.name()
+                        ));
                     }
                 }
             }
@@ -347,11 +423,18 @@ fn pod_references(set: &RenderSet, p: &mut Vec<String>) {
                 let Some(probe) = probe else { continue };
                 for port in probe_ports(probe) {
                     let ok = match port {
-                        IntOrString::String(name) => containers(spec).any(|x| port_number(x, name).is_some()),
-                        IntOrString::Int(n) => containers(spec).flat_map(|x| x.ports.iter().flatten()).any(|x| x.container_port == *n),
+                        IntOrString::String(name) => {
+                            containers(spec).any(|x| port_number(x, name).is_some())
+                        }
+                        IntOrString::Int(n) => containers(spec)
+                            .flat_map(|x| x.ports.iter().flatten())
+                            .any(|x| x.container_port == *n),
                     };
                     if !ok {
-                        p.push(format!("{w}/{}: {what} port {port:?} is not declared", c.name));
+                        p.push(format!(
+                            "{w}/{}: {what} port {port:?} is not declared",
+                            c.name
+                        ));
                     }
                 }
             }
@@ -359,10 +442,15 @@ fn pod_references(set: &RenderSet, p: &mut Vec<String>) {
             for a in args(c) {
                 let mut rest = a.as_str();
                 while let Some(start) = rest.find("$(") {
-                    let Some(end) = rest[start..].find(')') else { break };
+                    let Some(end) = rest[start..].find(')') else {
+                        break;
+                    };
                     let var = &rest[start + 2..start + end];
                     if !env.contains(var) {
-                        p.push(format!("{w}/{}: arg {a:?} uses $({var}) which is not in env", c.name));
+                        p.push(format!(
+                            "{w}/{}: arg {a:?} uses $({var}) which is not in env",
+                            c.name
+                        ));
                     }
                     rest = &rest[start + end..];
                 }
@@ -419,7 +507,10 @@ fn images(set: &RenderSet, targets: &[ImageTarget], p: &mut Vec<String>) {
         for c in containers(spec) {
             let image = c.image.as_deref().unwrap_or("");
             let name = image_name(image);
-            let tag = image.rsplit_once(':').map(|(_, t)| t).filter(|t| !t.contains('/'));
+            let tag = image
+                .rsplit_once(':')
+                .map(|(_, t)| t)
+                .filter(|t| !t.contains('/'));
             if tag.is_none_or(|t| t.is_empty() || t == "latest") {
                 p.push(format!("{w}/{}: image {image:?} has no pinned tag", c.name));
             }
@@ -430,10 +521,16 @@ fn images(set: &RenderSet, targets: &[ImageTarget], p: &mut Vec<String>) {
                 let ok = image.starts_with("registry.k8s.io/sig-storage/")
                     && tag.is_some_and(|t| t.starts_with('v') && t[1..].split('.').count() == 3);
                 if !ok {
-                    p.push(format!("{w}/{}: sidecar image {image:?} is not a released sig-storage tag", c.name));
+                    p.push(format!(
+                        "{w}/{}: sidecar image {image:?} is not a released sig-storage tag",
+                        c.name
+                    ));
                 }
             } else {
-                p.push(format!("{w}/{}: image {image:?} is neither an ENBD image nor a CSI sidecar", c.name));
+                p.push(format!(
+                    "{w}/{}: image {image:?} is neither an ENBD image nor a CSI sidecar",
+                    c.name
+                ));
             }
         }
     }
@@ -446,33 +543,52 @@ fn images(set: &RenderSet, targets: &[ImageTarget], p: &mut Vec<String>) {
             Object::StatefulSet(_) => "enbd-server",
             _ => continue,
         };
-        let Some((w, spec)) = o.pod_spec() else { continue };
-        let n = containers(spec).filter(|c| image_name(c.image.as_deref().unwrap_or("")) == expect).count();
+        let Some((w, spec)) = o.pod_spec() else {
+            continue;
+        };
+        let n = containers(spec)
+            .filter(|c| image_name(c.image.as_deref().unwrap_or("")) == expect)
+            .count();
         if n != 1 {
-            p.push(format!("{w}: {n} containers run {expect}, expected exactly one"));
+            p.push(format!(
+                "{w}: {n} containers run {expect}, expected exactly one"
+            ));
         }
     }
     // The binaries' listen flags each have a declared containerPort.
     for (w, _, c, _) in enbd_containers(set, targets) {
         for a in args(c) {
-            let Some((name, value)) = a.strip_prefix("--").and_then(|a| a.split_once('=')) else { continue };
+            let Some((name, value)) = a.strip_prefix("--").and_then(|a| a.split_once('=')) else {
+                continue;
+            };
             if name.ends_with("listen") {
                 match listen_port(value) {
                     Some(port) if c.ports.iter().flatten().any(|x| x.container_port == port) => {}
-                    _ => p.push(format!("{w}/{}: --{name}={value} has no matching containerPort", c.name)),
+                    _ => p.push(format!(
+                        "{w}/{}: --{name}={value} has no matching containerPort",
+                        c.name
+                    )),
                 }
             }
         }
         if let Some(m) = flag(args(c), "--metrics-listen")
             && listen_port(m) != port_number(c, "metrics")
         {
-            p.push(format!("{w}/{}: port \"metrics\" is not --metrics-listen {m}", c.name));
+            p.push(format!(
+                "{w}/{}: port \"metrics\" is not --metrics-listen {m}",
+                c.name
+            ));
         }
     }
 }
 
 fn driver_name(set: &RenderSet, p: &mut Vec<String>) {
-    let drivers: Vec<&str> = set.objects.iter().filter(|o| matches!(o, Object::CsiDriver(_))).map(Object::name).collect();
+    let drivers: Vec<&str> = set
+        .objects
+        .iter()
+        .filter(|o| matches!(o, Object::CsiDriver(_)))
+        .map(Object::name)
+        .collect();
     let [driver] = drivers.as_slice() else {
         p.push(format!("expected one CSIDriver, found {drivers:?}"));
         return;
@@ -480,10 +596,18 @@ fn driver_name(set: &RenderSet, p: &mut Vec<String>) {
     for o in &set.objects {
         match o {
             Object::StorageClass(sc) if sc.provisioner != *driver => {
-                p.push(format!("StorageClass {}: provisioner {} is not {driver}", o.name(), sc.provisioner));
+                p.push(format!(
+                    "StorageClass {}: provisioner {} is not {driver}",
+                    o.name(),
+                    sc.provisioner
+                ));
             }
             Object::VolumeSnapshotClass(c) if c.driver != *driver => {
-                p.push(format!("VolumeSnapshotClass {}: driver {} is not {driver}", o.name(), c.driver));
+                p.push(format!(
+                    "VolumeSnapshotClass {}: driver {} is not {driver}",
+                    o.name(),
+                    c.driver
+                ));
             }
             _ => {}
         }
@@ -493,7 +617,10 @@ fn driver_name(set: &RenderSet, p: &mut Vec<String>) {
         .iter()
         .filter(|o| matches!(o, Object::StorageClass(_)))
         .filter(|o| {
-            o.metadata().annotations.as_ref().and_then(|a| a.get("storageclass.kubernetes.io/is-default-class"))
+            o.metadata()
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("storageclass.kubernetes.io/is-default-class"))
                 == Some(&"true".to_string())
         })
         .map(Object::name)
@@ -506,7 +633,10 @@ fn driver_name(set: &RenderSet, p: &mut Vec<String>) {
             if let Some(n) = flag(args(c), "--driver-name")
                 && n != *driver
             {
-                p.push(format!("{w}/{}: --driver-name={n} is not the CSIDriver {driver}", c.name));
+                p.push(format!(
+                    "{w}/{}: --driver-name={n} is not the CSIDriver {driver}",
+                    c.name
+                ));
             }
         }
     }
@@ -532,13 +662,21 @@ fn csi_sockets(set: &RenderSet, p: &mut Vec<String>) {
                 .map(|e| (c, e))
         });
         for c in containers(spec) {
-            let Some(addr) = flag(args(c), "--csi-address") else { continue };
+            let Some(addr) = flag(args(c), "--csi-address") else {
+                continue;
+            };
             let Some((srv, endpoint)) = server else {
-                p.push(format!("{w}/{}: --csi-address but no driver container serves CSI in the pod", c.name));
+                p.push(format!(
+                    "{w}/{}: --csi-address but no driver container serves CSI in the pod",
+                    c.name
+                ));
                 continue;
             };
             let Some(sock) = endpoint.strip_prefix("unix://") else {
-                p.push(format!("{w}/{}: CSI endpoint {endpoint} is not a unix socket", srv.name));
+                p.push(format!(
+                    "{w}/{}: CSI endpoint {endpoint} is not a unix socket",
+                    srv.name
+                ));
                 continue;
             };
             let (here, there) = (volume_at(c, dirname(addr)), volume_at(srv, dirname(sock)));
@@ -553,24 +691,44 @@ fn csi_sockets(set: &RenderSet, p: &mut Vec<String>) {
 }
 
 fn node_plugin(set: &RenderSet, p: &mut Vec<String>) {
-    let driver = set.objects.iter().find(|o| matches!(o, Object::CsiDriver(_))).map(Object::name).unwrap_or("");
-    let daemonsets: Vec<_> = set.objects.iter().filter(|o| matches!(o, Object::DaemonSet(_))).collect();
+    let driver = set
+        .objects
+        .iter()
+        .find(|o| matches!(o, Object::CsiDriver(_)))
+        .map(Object::name)
+        .unwrap_or("");
+    let daemonsets: Vec<_> = set
+        .objects
+        .iter()
+        .filter(|o| matches!(o, Object::DaemonSet(_)))
+        .collect();
     let [ds] = daemonsets.as_slice() else {
-        p.push(format!("expected one DaemonSet, found {}", daemonsets.len()));
+        p.push(format!(
+            "expected one DaemonSet, found {}",
+            daemonsets.len()
+        ));
         return;
     };
-    let Some((w, spec)) = ds.pod_spec() else { return };
-    let Some(node) = containers(spec).find(|c| image_name(c.image.as_deref().unwrap_or("")) == "enbd-node") else {
+    let Some((w, spec)) = ds.pod_spec() else {
+        return;
+    };
+    let Some(node) =
+        containers(spec).find(|c| image_name(c.image.as_deref().unwrap_or("")) == "enbd-node")
+    else {
         return; // reported by images()
     };
     if args(node).first().map(String::as_str) != Some("daemon") {
         p.push(format!("{w}: enbd-node must run the `daemon` subcommand"));
     }
     if node.security_context.as_ref().and_then(|s| s.privileged) != Some(true) {
-        p.push(format!("{w}: enbd-node must be privileged (ublk, mkfs, mount)"));
+        p.push(format!(
+            "{w}: enbd-node must be privileged (ublk, mkfs, mount)"
+        ));
     }
     if spec.host_ipc == Some(true) || spec.host_network == Some(true) {
-        p.push(format!("{w}: hostIPC/hostNetwork are not needed and must stay off"));
+        p.push(format!(
+            "{w}: hostIPC/hostNetwork are not needed and must stay off"
+        ));
     }
     // The kubelet directory: Bidirectional, mounted at its host path.
     let kubelet_mounts: Vec<_> = node
@@ -580,7 +738,9 @@ fn node_plugin(set: &RenderSet, p: &mut Vec<String>) {
         .filter(|m| m.mount_propagation.as_deref() == Some("Bidirectional"))
         .collect();
     let kubelet_dir = match kubelet_mounts.as_slice() {
-        [m] if host_path(spec, &m.name).map(|h| h.trim_end_matches('/')) == Some(m.mount_path.trim_end_matches('/')) => {
+        [m] if host_path(spec, &m.name).map(|h| h.trim_end_matches('/'))
+            == Some(m.mount_path.trim_end_matches('/')) =>
+        {
             m.mount_path.trim_end_matches('/').to_string()
         }
         _ => {
@@ -597,14 +757,22 @@ fn node_plugin(set: &RenderSet, p: &mut Vec<String>) {
     // State and control directories live on the host so a restarted pod finds them.
     let state = flag(args(node), "--state-dir").unwrap_or("/var/lib/enbd-node");
     if volume_at(node, state).and_then(|v| host_path(spec, v)) != Some(state) {
-        p.push(format!("{w}: --state-dir {state} must be a hostPath mounted at the same path"));
+        p.push(format!(
+            "{w}: --state-dir {state} must be a hostPath mounted at the same path"
+        ));
     }
     let control = flag(args(node), "--control-socket").unwrap_or("/run/enbd-node/control.sock");
-    if volume_at(node, dirname(control)).and_then(|v| host_path(spec, v)).is_none() {
-        p.push(format!("{w}: the directory of --control-socket {control} must be a hostPath"));
+    if volume_at(node, dirname(control))
+        .and_then(|v| host_path(spec, v))
+        .is_none()
+    {
+        p.push(format!(
+            "{w}: the directory of --control-socket {control} must be a hostPath"
+        ));
     }
     // Registrar: tells kubelet the host path of the same socket the driver serves.
-    let Some(reg) = containers(spec).find(|c| image_name(c.image.as_deref().unwrap_or("")) == "csi-node-driver-registrar")
+    let Some(reg) = containers(spec)
+        .find(|c| image_name(c.image.as_deref().unwrap_or("")) == "csi-node-driver-registrar")
     else {
         p.push(format!("{w}: no node-driver-registrar"));
         return;
@@ -612,20 +780,28 @@ fn node_plugin(set: &RenderSet, p: &mut Vec<String>) {
     let plugin_dir = format!("{kubelet_dir}/plugins/{driver}");
     let sock_volume = flag(args(reg), "--csi-address").and_then(|a| volume_at(reg, dirname(a)));
     if sock_volume.and_then(|v| host_path(spec, v)) != Some(plugin_dir.as_str()) {
-        p.push(format!("{w}: the CSI socket volume must be the host's {plugin_dir}"));
+        p.push(format!(
+            "{w}: the CSI socket volume must be the host's {plugin_dir}"
+        ));
     }
     let expected = format!("{plugin_dir}/csi.sock");
     if flag(args(reg), "--kubelet-registration-path") != Some(expected.as_str()) {
-        p.push(format!("{w}: --kubelet-registration-path must be {expected}"));
+        p.push(format!(
+            "{w}: --kubelet-registration-path must be {expected}"
+        ));
     }
     let registry = format!("{kubelet_dir}/plugins_registry");
     if volume_at(reg, "/registration").and_then(|v| host_path(spec, v)) != Some(registry.as_str()) {
-        p.push(format!("{w}: the registrar must mount {registry} at /registration"));
+        p.push(format!(
+            "{w}: the registrar must mount {registry} at /registration"
+        ));
     }
     if let Some(endpoint) = flag(args(reg), "--http-endpoint")
         && listen_port(endpoint) != reg.ports.iter().flatten().next().map(|x| x.container_port)
     {
-        p.push(format!("{w}: registrar --http-endpoint {endpoint} has no containerPort"));
+        p.push(format!(
+            "{w}: registrar --http-endpoint {endpoint} has no containerPort"
+        ));
     }
     health_port(w, spec, p);
 }
@@ -633,7 +809,8 @@ fn node_plugin(set: &RenderSet, p: &mut Vec<String>) {
 /// The livenessprobe sidecar's --health-port is the "healthz" port the driver container
 /// is probed on.
 fn health_port(w: &str, spec: &PodSpec, p: &mut Vec<String>) {
-    let probe = containers(spec).find(|c| image_name(c.image.as_deref().unwrap_or("")) == "livenessprobe");
+    let probe =
+        containers(spec).find(|c| image_name(c.image.as_deref().unwrap_or("")) == "livenessprobe");
     let Some(probe) = probe else {
         p.push(format!("{w}: no livenessprobe sidecar"));
         return;
@@ -641,13 +818,17 @@ fn health_port(w: &str, spec: &PodSpec, p: &mut Vec<String>) {
     let port = flag(args(probe), "--health-port").and_then(|x| x.parse::<i32>().ok());
     let declared = containers(spec).find_map(|c| port_number(c, "healthz"));
     if port.is_none() || port != declared {
-        p.push(format!("{w}: livenessprobe --health-port {port:?} is not the healthz port {declared:?}"));
+        p.push(format!(
+            "{w}: livenessprobe --health-port {port:?} is not the healthz port {declared:?}"
+        ));
     }
 }
 
 fn server(set: &RenderSet, p: &mut Vec<String>) {
     for o in &set.objects {
-        let Object::StatefulSet(sts) = o else { continue };
+        let Object::StatefulSet(sts) = o else {
+            continue;
+        };
         let spec = &sts.spec;
         let w = o.name();
         let governing = set.objects.iter().find_map(|x| match x {
@@ -655,41 +836,67 @@ fn server(set: &RenderSet, p: &mut Vec<String>) {
             _ => None,
         });
         let Some(svc) = governing else {
-            p.push(format!("{w}: serviceName {:?} has no Service", spec.service_name));
+            p.push(format!(
+                "{w}: serviceName {:?} has no Service",
+                spec.service_name
+            ));
             continue;
         };
         if svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) != Some("None") {
             p.push(format!("{w}: the governing Service must be headless"));
         }
-        let Some(pod) = &spec.template.spec else { continue };
-        let Some(c) = containers(pod).find(|c| image_name(c.image.as_deref().unwrap_or("")) == "enbd-server") else {
+        let Some(pod) = &spec.template.spec else {
+            continue;
+        };
+        let Some(c) =
+            containers(pod).find(|c| image_name(c.image.as_deref().unwrap_or("")) == "enbd-server")
+        else {
             continue;
         };
         let env_field = |var: &str| {
-            c.env.iter().flatten().find(|e| e.name == var).and_then(|e| {
-                e.value_from.as_ref()?.field_ref.as_ref().map(|f| f.field_path.clone())
-            })
+            c.env
+                .iter()
+                .flatten()
+                .find(|e| e.name == var)
+                .and_then(|e| {
+                    e.value_from
+                        .as_ref()?
+                        .field_ref
+                        .as_ref()
+                        .map(|f| f.field_path.clone())
+                })
         };
-        if flag(args(c), "--server-id") != Some("$(POD_NAME)") || env_field("POD_NAME").as_deref() != Some("metadata.name") {
-            p.push(format!("{w}: --server-id must be the pod name (stable across restarts)"));
+        if flag(args(c), "--server-id") != Some("$(POD_NAME)")
+            || env_field("POD_NAME").as_deref() != Some("metadata.name")
+        {
+            p.push(format!(
+                "{w}: --server-id must be the pod name (stable across restarts)"
+            ));
         }
         if env_field("POD_NAMESPACE").as_deref() != Some("metadata.namespace") {
-            p.push(format!("{w}: POD_NAMESPACE must come from metadata.namespace"));
+            p.push(format!(
+                "{w}: POD_NAMESPACE must come from metadata.namespace"
+            ));
         }
         let nbd = flag(args(c), "--listen").and_then(listen_port);
         let advertise = flag(args(c), "--advertise-address").unwrap_or("");
         let svc_name = svc.metadata.name.as_deref().unwrap_or("");
         let prefix = format!("$(POD_NAME).{svc_name}.$(POD_NAMESPACE).svc.");
         let ok = advertise.strip_prefix(&prefix).is_some_and(|rest| {
-            rest.rsplit_once(':').is_some_and(|(domain, port)| is_dns_subdomain(domain) && port.parse().ok() == nbd)
+            rest.rsplit_once(':')
+                .is_some_and(|(domain, port)| is_dns_subdomain(domain) && port.parse().ok() == nbd)
         });
         if !ok || nbd != port_number(c, "nbd") {
             p.push(format!("{w}: --advertise-address {advertise:?} must be <pod>.{svc_name}.<ns>.svc.<domain>:<nbd port {nbd:?}>"));
         }
         let data = flag(args(c), "--data-dir").unwrap_or("");
         match volume_at(c, data) {
-            Some(v) if volume(pod, v).is_some_and(|v| v.host_path.is_some()) || claim_template(set, w, v) => {}
-            other => p.push(format!("{w}: --data-dir {data} must be a hostPath or claim template volume, is {other:?}")),
+            Some(v)
+                if volume(pod, v).is_some_and(|v| v.host_path.is_some())
+                    || claim_template(set, w, v) => {}
+            other => p.push(format!(
+                "{w}: --data-dir {data} must be a hostPath or claim template volume, is {other:?}"
+            )),
         }
     }
 }
@@ -697,17 +904,26 @@ fn server(set: &RenderSet, p: &mut Vec<String>) {
 /// `a=b,c=d` label selector.
 fn parse_selector(s: &str) -> Option<BTreeMap<String, String>> {
     s.split(',')
-        .map(|kv| kv.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
         .collect()
 }
 
 fn discovery(set: &RenderSet, p: &mut Vec<String>) {
-    let Some((w, spec)) = set.objects.iter().find(|o| matches!(o, Object::Deployment(_))).and_then(Object::pod_spec)
+    let Some((w, spec)) = set
+        .objects
+        .iter()
+        .find(|o| matches!(o, Object::Deployment(_)))
+        .and_then(Object::pod_spec)
     else {
         p.push("no controller Deployment".into());
         return;
     };
-    let Some(c) = containers(spec).find(|c| image_name(c.image.as_deref().unwrap_or("")) == "enbd-csi-driver") else {
+    let Some(c) = containers(spec)
+        .find(|c| image_name(c.image.as_deref().unwrap_or("")) == "enbd-csi-driver")
+    else {
         return;
     };
     let a = args(c);
@@ -715,7 +931,9 @@ fn discovery(set: &RenderSet, p: &mut Vec<String>) {
         Some("static") => {
             let servers = flag(a, "--servers").unwrap_or("");
             if servers.is_empty() || servers.split(',').any(|s| !s.contains('=')) {
-                p.push(format!("{w}: static discovery needs --servers ID=URL,..., got {servers:?}"));
+                p.push(format!(
+                    "{w}: static discovery needs --servers ID=URL,..., got {servers:?}"
+                ));
             }
         }
         Some("kubernetes") => {
@@ -729,7 +947,13 @@ fn discovery(set: &RenderSet, p: &mut Vec<String>) {
                 if o.metadata().namespace.as_deref() != Some(ns) {
                     continue;
                 }
-                let labels = s.spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+                let labels = s
+                    .spec
+                    .template
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.labels.clone())
+                    .unwrap_or_default();
                 if !matches(&selector, &labels) {
                     p.push(format!("{w}: --server-selector {selector:?} does not match the servers' pods {labels:?}"));
                 }
@@ -738,17 +962,28 @@ fn discovery(set: &RenderSet, p: &mut Vec<String>) {
             // csi-driver's discovery is a kube-rs watch of the server pods.
             for verb in ["list", "watch"] {
                 if !granted(set, sa, Some(ns), "", "pods", verb) {
-                    p.push(format!("{w}: discovery needs {verb} pods in namespace {ns}"));
+                    p.push(format!(
+                        "{w}: discovery needs {verb} pods in namespace {ns}"
+                    ));
                 }
             }
         }
-        other => p.push(format!("{w}: --discovery {other:?} is not kubernetes|static")),
+        other => p.push(format!(
+            "{w}: --discovery {other:?} is not kubernetes|static"
+        )),
     }
 }
 
 /// Does service account `sa` (in the release namespace) hold `verb` on `group/resource`,
 /// cluster-wide or (with `ns`) in that namespace?
-fn granted(set: &RenderSet, sa: &str, ns: Option<&str>, group: &str, resource: &str, verb: &str) -> bool {
+fn granted(
+    set: &RenderSet,
+    sa: &str,
+    ns: Option<&str>,
+    group: &str,
+    resource: &str,
+    verb: &str,
+) -> bool {
     let sa_ns = super::NAMESPACE;
     let subject_ok = |subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
         subjects.iter().flatten().any(|s| {
@@ -764,8 +999,14 @@ fn granted(set: &RenderSet, sa: &str, ns: Option<&str>, group: &str, resource: &
     };
     let role_rules = |kind: &str, name: &str, role_ns: Option<&str>| {
         set.objects.iter().any(|o| match o {
-            Object::ClusterRole(r) if kind == "ClusterRole" && o.name() == name => rule_ok(&r.rules),
-            Object::Role(r) if kind == "Role" && o.name() == name && o.metadata().namespace.as_deref() == role_ns => {
+            Object::ClusterRole(r) if kind == "ClusterRole" && o.name() == name => {
+                rule_ok(&r.rules)
+            }
+            Object::Role(r)
+                if kind == "Role"
+                    && o.name() == name
+                    && o.metadata().namespace.as_deref() == role_ns =>
+            {
                 rule_ok(&r.rules)
             }
             _ => false,
@@ -773,7 +1014,9 @@ fn granted(set: &RenderSet, sa: &str, ns: Option<&str>, group: &str, resource: &
     };
     set.objects.iter().any(|o| match o {
         Object::ClusterRoleBinding(b) => {
-            subject_ok(&b.subjects) && b.role_ref.kind == "ClusterRole" && role_rules("ClusterRole", &b.role_ref.name, None)
+            subject_ok(&b.subjects)
+                && b.role_ref.kind == "ClusterRole"
+                && role_rules("ClusterRole", &b.role_ref.name, None)
         }
         Object::RoleBinding(b) if ns.is_some() && o.metadata().namespace.as_deref() == ns => {
             subject_ok(&b.subjects) && role_rules(&b.role_ref.kind, &b.role_ref.name, ns)
@@ -796,49 +1039,105 @@ fn rbac(set: &RenderSet, p: &mut Vec<String>) {
             }
         }
     }
-    let Some((w, spec)) = set.objects.iter().find(|o| matches!(o, Object::Deployment(_))).and_then(Object::pod_spec)
+    let Some((w, spec)) = set
+        .objects
+        .iter()
+        .find(|o| matches!(o, Object::Deployment(_)))
+        .and_then(Object::pod_spec)
     else {
         return;
     };
     let sa = spec.service_account_name.as_deref().unwrap_or("");
-    let runs = |image: &str| containers(spec).any(|c| image_name(c.image.as_deref().unwrap_or("")) == image);
+    let runs = |image: &str| {
+        containers(spec).any(|c| image_name(c.image.as_deref().unwrap_or("")) == image)
+    };
     // What each sidecar's controller loops call (cluster-wide).
     let mut needs: Vec<(&str, &str, &[&str])> = vec![
-        ("", "persistentvolumes", &["get", "list", "watch", "create", "delete", "patch"]),
-        ("", "persistentvolumeclaims", &["get", "list", "watch", "update"]),
+        (
+            "",
+            "persistentvolumes",
+            &["get", "list", "watch", "create", "delete", "patch"],
+        ),
+        (
+            "",
+            "persistentvolumeclaims",
+            &["get", "list", "watch", "update"],
+        ),
         ("", "persistentvolumeclaims/status", &["patch"]),
         ("", "events", &["create", "patch"]),
         ("", "nodes", &["get", "list", "watch"]),
         ("", "pods", &["get", "list", "watch"]),
-        ("storage.k8s.io", "storageclasses", &["get", "list", "watch"]),
+        (
+            "storage.k8s.io",
+            "storageclasses",
+            &["get", "list", "watch"],
+        ),
         ("storage.k8s.io", "csinodes", &["get", "list", "watch"]),
-        ("storage.k8s.io", "volumeattachments", &["get", "list", "watch", "patch"]),
+        (
+            "storage.k8s.io",
+            "volumeattachments",
+            &["get", "list", "watch", "patch"],
+        ),
         ("storage.k8s.io", "volumeattachments/status", &["patch"]),
-        ("snapshot.storage.k8s.io", "volumesnapshots", &["get", "list"]),
-        ("snapshot.storage.k8s.io", "volumesnapshotcontents", &["get", "list"]),
+        (
+            "snapshot.storage.k8s.io",
+            "volumesnapshots",
+            &["get", "list"],
+        ),
+        (
+            "snapshot.storage.k8s.io",
+            "volumesnapshotcontents",
+            &["get", "list"],
+        ),
     ];
     if runs("csi-snapshotter") {
         needs.extend([
-            ("snapshot.storage.k8s.io", "volumesnapshotclasses", &["get", "list", "watch"][..]),
-            ("snapshot.storage.k8s.io", "volumesnapshotcontents", &["watch", "update", "patch"][..]),
-            ("snapshot.storage.k8s.io", "volumesnapshotcontents/status", &["update", "patch"][..]),
+            (
+                "snapshot.storage.k8s.io",
+                "volumesnapshotclasses",
+                &["get", "list", "watch"][..],
+            ),
+            (
+                "snapshot.storage.k8s.io",
+                "volumesnapshotcontents",
+                &["watch", "update", "patch"][..],
+            ),
+            (
+                "snapshot.storage.k8s.io",
+                "volumesnapshotcontents/status",
+                &["update", "patch"][..],
+            ),
         ]);
     }
     for (group, resource, verbs) in needs {
         for verb in verbs {
             if !granted(set, sa, None, group, resource, verb) {
-                p.push(format!("{w}: service account {sa} lacks {verb} {group}/{resource}"));
+                p.push(format!(
+                    "{w}: service account {sa} lacks {verb} {group}/{resource}"
+                ));
             }
         }
     }
     for verb in ["get", "create", "update"] {
-        if !granted(set, sa, Some(super::NAMESPACE), "coordination.k8s.io", "leases", verb) {
-            p.push(format!("{w}: leader election needs {verb} leases in {}", super::NAMESPACE));
+        if !granted(
+            set,
+            sa,
+            Some(super::NAMESPACE),
+            "coordination.k8s.io",
+            "leases",
+            verb,
+        ) {
+            p.push(format!(
+                "{w}: leader election needs {verb} leases in {}",
+                super::NAMESPACE
+            ));
         }
     }
     // The node plugin and the servers need no API access at all.
     for o in &set.objects {
-        let Some((w, spec)) = o.pod_spec() else { continue };
+        let Some((w, spec)) = o.pod_spec() else {
+            continue;
+        };
         if matches!(o, Object::Deployment(_)) {
             continue;
         }
@@ -852,7 +1151,9 @@ fn rbac(set: &RenderSet, p: &mut Vec<String>) {
             _ => false,
         });
         if bound {
-            p.push(format!("{w}: service account {sa} is bound to a role but needs none"));
+            p.push(format!(
+                "{w}: service account {sa} is bound to a role but needs none"
+            ));
         }
     }
 }

@@ -170,7 +170,11 @@ impl RenderSet {
             }
         }
         if errors.is_empty() {
-            Ok(RenderSet { name: name.to_string(), objects, raw })
+            Ok(RenderSet {
+                name: name.to_string(),
+                objects,
+                raw,
+            })
         } else {
             Err(format!("{name}:\n  {}", errors.join("\n  ")))
         }
@@ -223,7 +227,9 @@ pub fn parse_object(v: &Value) -> Result<Object, String> {
     if api_version == "snapshot.storage.k8s.io/v1" && kind == "VolumeSnapshotClass" {
         return strict::<VolumeSnapshotClass>(v).map(Object::VolumeSnapshotClass);
     }
-    Err(format!("unexpected apiVersion/kind {api_version:?}/{kind:?}"))
+    Err(format!(
+        "unexpected apiVersion/kind {api_version:?}/{kind:?}"
+    ))
 }
 
 /// Deserialises `v` into `T` (error with the JSON path) and checks the round trip.
@@ -253,7 +259,9 @@ pub fn diff(input: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
             }
             // k8s-openapi writes apiVersion/kind of embedded resources (e.g. a StatefulSet's
             // volumeClaimTemplates) whether or not the input had them; the API accepts both.
-            let added = b.keys().filter(|k| !a.contains_key(*k) && !matches!(k.as_str(), "apiVersion" | "kind"));
+            let added = b
+                .keys()
+                .filter(|k| !a.contains_key(*k) && !matches!(k.as_str(), "apiVersion" | "kind"));
             for k in added {
                 out.push(format!("field {path}.{k} appeared in the round trip"));
             }
@@ -277,14 +285,20 @@ pub fn chart_renders() -> Vec<RenderSet> {
         None => render_with_helm(),
     };
     assert!(!raw.is_empty(), "no chart renders found");
-    assert!(raw.iter().any(|(n, _)| n == "default"), "the default-values render is missing");
+    assert!(
+        raw.iter().any(|(n, _)| n == "default"),
+        "the default-values render is missing"
+    );
     parse_all(raw)
 }
 
 /// The committed plain manifests, one set per file.
 pub fn manifest_files() -> Vec<RenderSet> {
     let raw = read_dir_yaml(&repo_root().join("deploy/manifests"));
-    assert!(raw.len() >= 2, "deploy/manifests holds too few files: {raw:?}");
+    assert!(
+        raw.len() >= 2,
+        "deploy/manifests holds too few files: {raw:?}"
+    );
     parse_all(raw)
 }
 
@@ -297,17 +311,26 @@ fn parse_all(raw: Vec<(String, String)>) -> Vec<RenderSet> {
             Err(e) => errors.push(e),
         }
     }
-    assert!(errors.is_empty(), "objects failed strict validation:\n{}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "objects failed strict validation:\n{}",
+        errors.join("\n")
+    );
     sets
 }
 
 fn read_dir_yaml(dir: &Path) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()));
+    let entries =
+        std::fs::read_dir(dir).unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()));
     for entry in entries {
         let path = entry.expect("directory entry").path();
         if path.extension().is_some_and(|e| e == "yaml") {
-            let name = path.file_stem().expect("file name").to_string_lossy().into_owned();
+            let name = path
+                .file_stem()
+                .expect("file name")
+                .to_string_lossy()
+                .into_owned();
             let text = std::fs::read_to_string(&path)
                 .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
             out.push((name, text));
@@ -356,17 +379,25 @@ fn render_with_helm() -> Vec<(String, String)> {
         .into_iter()
         .map(|(name, values)| {
             let mut cmd = Command::new(&helm);
-            cmd.arg("template").arg(RELEASE).arg(&chart).args(["--namespace", NAMESPACE]);
+            cmd.arg("template")
+                .arg(RELEASE)
+                .arg(&chart)
+                .args(["--namespace", NAMESPACE]);
             if let Some(v) = &values {
                 cmd.arg("-f").arg(v);
             }
-            let out = cmd.output().unwrap_or_else(|e| panic!("running {}: {e}", helm.display()));
+            let out = cmd
+                .output()
+                .unwrap_or_else(|e| panic!("running {}: {e}", helm.display()));
             assert!(
                 out.status.success(),
                 "helm template for {name} failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            (name, String::from_utf8(out.stdout).expect("helm prints UTF-8"))
+            (
+                name,
+                String::from_utf8(out.stdout).expect("helm prints UTF-8"),
+            )
         })
         .collect()
 }

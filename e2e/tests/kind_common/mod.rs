@@ -62,7 +62,9 @@ pub const DEVICE: &str = "/dev/xvda";
 
 impl Ctx {
     pub async fn new(test: &str) -> Ctx {
-        let client = Client::try_default().await.expect("kubeconfig (run through e2e/kind/run.sh)");
+        let client = Client::try_default()
+            .await
+            .expect("kubeconfig (run through e2e/kind/run.sh)");
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock after 1970")
@@ -71,7 +73,10 @@ impl Ctx {
         let namespace = Namespace {
             metadata: ObjectMeta {
                 name: Some(ns.clone()),
-                labels: Some(BTreeMap::from([("enbd.io/e2e".to_string(), test.to_string())])),
+                labels: Some(BTreeMap::from([(
+                    "enbd.io/e2e".to_string(),
+                    test.to_string(),
+                )])),
                 ..Default::default()
             },
             ..Default::default()
@@ -114,9 +119,13 @@ impl Ctx {
     where
         K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     {
-        let Ok(current) = api.get(name).await else { return };
+        let Ok(current) = api.get(name).await else {
+            return;
+        };
         let uid = current.meta().uid.clone().unwrap_or_default();
-        api.delete(name, &DeleteParams::default()).await.expect("delete");
+        api.delete(name, &DeleteParams::default())
+            .await
+            .expect("delete");
         wait_for(api, name, Duration::from_secs(300), move |o: Option<&K>| {
             o.is_none_or(|o| o.meta().uid.as_deref() != Some(uid.as_str()))
         })
@@ -137,19 +146,36 @@ impl Ctx {
         mode: Mode,
         source: Option<(&str, &str)>,
     ) {
-        let data_source = source.map(|(kind, src)| k8s_openapi::api::core::v1::TypedLocalObjectReference {
-            api_group: (kind == "VolumeSnapshot").then(|| "snapshot.storage.k8s.io".to_string()),
-            kind: kind.to_string(),
-            name: src.to_string(),
-        });
+        let data_source =
+            source.map(
+                |(kind, src)| k8s_openapi::api::core::v1::TypedLocalObjectReference {
+                    api_group: (kind == "VolumeSnapshot")
+                        .then(|| "snapshot.storage.k8s.io".to_string()),
+                    kind: kind.to_string(),
+                    name: src.to_string(),
+                },
+            );
         let claim = PersistentVolumeClaim {
-            metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
             spec: Some(PersistentVolumeClaimSpec {
                 access_modes: Some(vec!["ReadWriteOnce".into()]),
                 storage_class_name: Some(class.into()),
-                volume_mode: Some(if mode == Mode::Block { "Block" } else { "Filesystem" }.into()),
+                volume_mode: Some(
+                    if mode == Mode::Block {
+                        "Block"
+                    } else {
+                        "Filesystem"
+                    }
+                    .into(),
+                ),
                 resources: Some(VolumeResourceRequirements {
-                    requests: Some(BTreeMap::from([("storage".to_string(), Quantity(size.into()))])),
+                    requests: Some(BTreeMap::from([(
+                        "storage".to_string(),
+                        Quantity(size.into()),
+                    )])),
                     ..Default::default()
                 }),
                 data_source,
@@ -161,21 +187,49 @@ impl Ctx {
             .create(&PostParams::default(), &claim)
             .await
             .expect("create claim");
-        wait_for(&self.api::<PersistentVolumeClaim>(), name, Duration::from_secs(180), |c: Option<&PersistentVolumeClaim>| {
-            c.and_then(|c| c.status.as_ref()?.phase.as_deref()) == Some("Bound")
-        })
+        wait_for(
+            &self.api::<PersistentVolumeClaim>(),
+            name,
+            Duration::from_secs(180),
+            |c: Option<&PersistentVolumeClaim>| {
+                c.and_then(|c| c.status.as_ref()?.phase.as_deref()) == Some("Bound")
+            },
+        )
         .await;
     }
 
     /// Starts a busybox pod running `script` (sh -euc) with `claim` mounted at DATA or, for
     /// a block claim, as DEVICE. `node` pins it to a node.
-    pub async fn start_pod(&self, name: &str, claim: &str, mode: Mode, script: &str, node: Option<&str>) {
+    pub async fn start_pod(
+        &self,
+        name: &str,
+        claim: &str,
+        mode: Mode,
+        script: &str,
+        node: Option<&str>,
+    ) {
         let (mounts, devices) = match mode {
-            Mode::Filesystem => (Some(vec![VolumeMount { name: "vol".into(), mount_path: DATA.into(), ..Default::default() }]), None),
-            Mode::Block => (None, Some(vec![VolumeDevice { name: "vol".into(), device_path: DEVICE.into() }])),
+            Mode::Filesystem => (
+                Some(vec![VolumeMount {
+                    name: "vol".into(),
+                    mount_path: DATA.into(),
+                    ..Default::default()
+                }]),
+                None,
+            ),
+            Mode::Block => (
+                None,
+                Some(vec![VolumeDevice {
+                    name: "vol".into(),
+                    device_path: DEVICE.into(),
+                }]),
+            ),
         };
         let pod = Pod {
-            metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
             spec: Some(PodSpec {
                 restart_policy: Some("Never".into()),
                 node_name: node.map(str::to_string),
@@ -200,7 +254,10 @@ impl Ctx {
             }),
             ..Default::default()
         };
-        self.api::<Pod>().create(&PostParams::default(), &pod).await.expect("create pod");
+        self.api::<Pod>()
+            .create(&PostParams::default(), &pod)
+            .await
+            .expect("create pod");
     }
 
     /// Waits for the pod to finish; panics with its logs unless it Succeeded. Returns logs.
@@ -210,8 +267,15 @@ impl Ctx {
             matches!(phase(p).as_deref(), Some("Succeeded" | "Failed"))
         })
         .await;
-        let logs = pods.logs(name, &LogParams::default()).await.unwrap_or_else(|e| format!("<no logs: {e}>"));
-        assert_eq!(phase(pod.as_ref()).as_deref(), Some("Succeeded"), "pod {name} failed; logs:\n{logs}");
+        let logs = pods
+            .logs(name, &LogParams::default())
+            .await
+            .unwrap_or_else(|e| format!("<no logs: {e}>"));
+        assert_eq!(
+            phase(pod.as_ref()).as_deref(),
+            Some("Succeeded"),
+            "pod {name} failed; logs:\n{logs}"
+        );
         logs
     }
 
@@ -226,11 +290,17 @@ impl Ctx {
     /// Waits until the pod's log contains `marker` (the pod says it is in the middle of its IO).
     pub async fn wait_log(&self, name: &str, marker: &str, timeout: Duration) {
         let pods = self.api::<Pod>();
-        wait_for(&pods, name, Duration::from_secs(180), |p: Option<&Pod>| phase(p).as_deref() == Some("Running")).await;
+        wait_for(&pods, name, Duration::from_secs(180), |p: Option<&Pod>| {
+            phase(p).as_deref() == Some("Running")
+        })
+        .await;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = String::new();
         while tokio::time::Instant::now() < deadline {
-            last = pods.logs(name, &LogParams::default()).await.unwrap_or_default();
+            last = pods
+                .logs(name, &LogParams::default())
+                .await
+                .unwrap_or_default();
             if last.contains(marker) {
                 return;
             }
@@ -256,24 +326,48 @@ impl Ctx {
     /// Waits until the claim's PersistentVolume has at least `bytes`: ControllerExpandVolume
     /// is done (the claim itself reports the new size only after NodeExpandVolume).
     pub async fn wait_volume_expanded(&self, claim: &str, bytes: u64) {
-        let pvc = self.api::<PersistentVolumeClaim>().get(claim).await.expect("get claim");
-        let pv_name = pvc.spec.and_then(|s| s.volume_name).expect("claim is bound");
+        let pvc = self
+            .api::<PersistentVolumeClaim>()
+            .get(claim)
+            .await
+            .expect("get claim");
+        let pv_name = pvc
+            .spec
+            .and_then(|s| s.volume_name)
+            .expect("claim is bound");
         let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(self.client.clone());
-        wait_for(&pvs, &pv_name, Duration::from_secs(300), move |pv: Option<&k8s_openapi::api::core::v1::PersistentVolume>| {
-            pv.and_then(|pv| pv.spec.as_ref()?.capacity.as_ref()?.get("storage").cloned())
-                .and_then(|q| quantity_bytes(&q.0))
-                .is_some_and(|b| b >= bytes)
-        })
+        wait_for(
+            &pvs,
+            &pv_name,
+            Duration::from_secs(300),
+            move |pv: Option<&k8s_openapi::api::core::v1::PersistentVolume>| {
+                pv.and_then(|pv| pv.spec.as_ref()?.capacity.as_ref()?.get("storage").cloned())
+                    .and_then(|q| quantity_bytes(&q.0))
+                    .is_some_and(|b| b >= bytes)
+            },
+        )
         .await;
     }
 
     /// Waits until the claim reports at least `bytes` of capacity.
     pub async fn wait_capacity(&self, name: &str, bytes: u64) {
-        wait_for(&self.api::<PersistentVolumeClaim>(), name, Duration::from_secs(300), move |c: Option<&PersistentVolumeClaim>| {
-            c.and_then(|c| c.status.as_ref()?.capacity.as_ref()?.get("storage").cloned())
+        wait_for(
+            &self.api::<PersistentVolumeClaim>(),
+            name,
+            Duration::from_secs(300),
+            move |c: Option<&PersistentVolumeClaim>| {
+                c.and_then(|c| {
+                    c.status
+                        .as_ref()?
+                        .capacity
+                        .as_ref()?
+                        .get("storage")
+                        .cloned()
+                })
                 .and_then(|q| quantity_bytes(&q.0))
                 .is_some_and(|b| b >= bytes)
-        })
+            },
+        )
         .await;
     }
 
@@ -287,10 +381,18 @@ impl Ctx {
             "volumeSnapshotClassName": SNAPSHOT_CLASS,
             "source": {"persistentVolumeClaimName": claim},
         }});
-        self.snapshots().create(&PostParams::default(), &snap).await.expect("create snapshot");
-        wait_for(&self.snapshots(), name, Duration::from_secs(180), |s: Option<&DynamicObject>| {
-            s.and_then(|s| s.data.pointer("/status/readyToUse")?.as_bool()) == Some(true)
-        })
+        self.snapshots()
+            .create(&PostParams::default(), &snap)
+            .await
+            .expect("create snapshot");
+        wait_for(
+            &self.snapshots(),
+            name,
+            Duration::from_secs(180),
+            |s: Option<&DynamicObject>| {
+                s.and_then(|s| s.data.pointer("/status/readyToUse")?.as_bool()) == Some(true)
+            },
+        )
         .await;
     }
 
@@ -301,12 +403,21 @@ impl Ctx {
 
     /// Name of the running pod of `component` (enbd-server / node), optionally on `node`.
     pub async fn driver_pod(&self, component: &str, node: Option<&str>) -> String {
-        let selector = format!("app.kubernetes.io/instance={},app.kubernetes.io/component={component}", release());
-        let pods = self.driver_pods().list(&kube::api::ListParams::default().labels(&selector)).await.expect("list driver pods");
+        let selector = format!(
+            "app.kubernetes.io/instance={},app.kubernetes.io/component={component}",
+            release()
+        );
+        let pods = self
+            .driver_pods()
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await
+            .expect("list driver pods");
         pods.items
             .into_iter()
             .filter(|p| phase(Some(p)).as_deref() == Some("Running"))
-            .find(|p| node.is_none() || p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == node)
+            .find(|p| {
+                node.is_none() || p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == node
+            })
             .and_then(|p| p.metadata.name)
             .unwrap_or_else(|| panic!("no running {component} pod (node {node:?})"))
     }
@@ -316,20 +427,32 @@ impl Ctx {
         let pods = self.driver_pods();
         let old = pods.get(name).await.expect("get driver pod");
         let uid = old.metadata.uid.clone().unwrap_or_default();
-        pods.delete(name, &DeleteParams::default()).await.expect("delete driver pod");
-        let selector = format!("app.kubernetes.io/instance={},app.kubernetes.io/component={component}", release());
+        pods.delete(name, &DeleteParams::default())
+            .await
+            .expect("delete driver pod");
+        let selector = format!(
+            "app.kubernetes.io/instance={},app.kubernetes.io/component={component}",
+            release()
+        );
         let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
         loop {
-            let list = pods.list(&kube::api::ListParams::default().labels(&selector)).await.expect("list driver pods");
+            let list = pods
+                .list(&kube::api::ListParams::default().labels(&selector))
+                .await
+                .expect("list driver pods");
             let replaced = list.items.iter().any(|p| {
                 p.metadata.uid.as_deref() != Some(uid.as_str())
-                    && (node.is_none() || p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == node)
+                    && (node.is_none()
+                        || p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == node)
                     && is_ready(p)
             });
             if replaced {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "{component} pod {name} was not replaced within 300 s");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{component} pod {name} was not replaced within 300 s"
+            );
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
@@ -375,14 +498,22 @@ pub fn quantity_bytes(q: &str) -> Option<u64> {
 }
 
 /// Watches `name` until `cond` holds; panics after `timeout`.
-pub async fn wait_for<K>(api: &Api<K>, name: &str, timeout: Duration, cond: impl Condition<K>) -> Option<K>
+pub async fn wait_for<K>(
+    api: &Api<K>,
+    name: &str,
+    timeout: Duration,
+    cond: impl Condition<K>,
+) -> Option<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     match tokio::time::timeout(timeout, await_condition(api.clone(), name, cond)).await {
         Ok(Ok(obj)) => obj,
         Ok(Err(e)) => panic!("watching {name}: {e}"),
-        Err(_) => panic!("{name}: condition not reached within {timeout:?}; last state: {:?}", api.get_opt(name).await),
+        Err(_) => panic!(
+            "{name}: condition not reached within {timeout:?}; last state: {:?}",
+            api.get_opt(name).await
+        ),
     }
 }
 
@@ -400,7 +531,9 @@ pub fn write_files(count: u32) -> String {
 
 /// Verifies every file recorded in `sums`; prints "verified N".
 pub fn verify_files() -> String {
-    format!("cd {DATA} && sha256sum -c sums >/tmp/check && echo verified $(grep -c ': OK$' /tmp/check)")
+    format!(
+        "cd {DATA} && sha256sum -c sums >/tmp/check && echo verified $(grep -c ': OK$' /tmp/check)"
+    )
 }
 
 /// Writes `mib` MiB of random data at offset 1 MiB of the block device, with its checksum
@@ -416,7 +549,9 @@ pub fn write_block(mib: u32) -> String {
 
 /// Reads the region `write_block` wrote and prints its checksum.
 pub fn read_block(mib: u32) -> String {
-    format!("echo sum $(dd if={DEVICE} bs=1M skip=1 count={mib} 2>/dev/null | sha256sum | cut -d' ' -f1)")
+    format!(
+        "echo sum $(dd if={DEVICE} bs=1M skip=1 count={mib} 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    )
 }
 
 /// Value of the first `key <value>` line of a pod log.
