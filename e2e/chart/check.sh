@@ -21,11 +21,18 @@ if [ ! -x "$HELM" ]; then
 fi
 step() { echo "== check: $*"; }
 
-sets=(default)
+# Value sets: the defaults, each e2e/chart/values-*.yaml, and what the kind suite installs.
+sets=(default kind)
 for f in "$ROOT"/e2e/chart/values-*.yaml; do
   s=$(basename "$f" .yaml); sets+=("${s#values-}")
 done
-values_args() { [ "$1" = default ] || echo "-f $ROOT/e2e/chart/values-$1.yaml"; }
+values_args() {
+  case "$1" in
+    default) ;;
+    kind) echo "-f $ROOT/e2e/kind/values-kind.yaml" ;;
+    *) echo "-f $ROOT/e2e/chart/values-$1.yaml" ;;
+  esac
+}
 
 step "helm lint (${sets[*]})"
 for s in "${sets[@]}"; do

@@ -17,8 +17,9 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 HERE="$ROOT/e2e/kind"
 CLUSTER=enbd-e2e
 NAMESPACE=enbd-csi
-PREFIX=enbd.local/
-TAG=e2e
+# Image prefix and tag: the ones values-kind.yaml installs.
+PREFIX=$(awk '$1 == "repositoryPrefix:" {print $2; exit}' "$HERE/values-kind.yaml")
+TAG=$(awk '$1 == "tag:" {print $2; exit}' "$HERE/values-kind.yaml")
 SNAPSHOTTER_REF=v8.6.0
 HELM="${HELM:-$ROOT/e2e/.tools/helm}"
 ARTIFACTS="${ARTIFACTS:-$HERE/.artifacts}"
@@ -112,9 +113,7 @@ kc -n kube-system rollout status deploy/snapshot-controller --timeout=180s
 say "installing the chart"
 "$HELM" --kube-context "$KCTX" upgrade --install enbd-csi "$ROOT/charts/enbd-csi" \
   --namespace "$NAMESPACE" --create-namespace \
-  -f "$HERE/values-kind.yaml" \
-  --set image.repositoryPrefix="$PREFIX" --set image.tag="$TAG" \
-  --wait --timeout 5m
+  -f "$HERE/values-kind.yaml" --wait --timeout 5m
 kc -n "$NAMESPACE" get pods -o wide
 
 # ---- tests ----------------------------------------------------------------------------------

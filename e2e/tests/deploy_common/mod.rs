@@ -346,9 +346,16 @@ pub fn helm_path() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("e2e/.tools/helm"))
 }
 
-/// The value sets: "default" plus each e2e/chart/values-<name>.yaml.
+/// The value sets: "default", "kind" (e2e/kind/values-kind.yaml, what the kind suite
+/// installs) and each e2e/chart/values-<name>.yaml. e2e/chart/check.sh renders the same.
 pub fn value_sets() -> Vec<(String, Option<PathBuf>)> {
-    let mut sets = vec![("default".to_string(), None)];
+    let mut sets = vec![
+        ("default".to_string(), None),
+        (
+            "kind".to_string(),
+            Some(repo_root().join("e2e/kind/values-kind.yaml")),
+        ),
+    ];
     let dir = repo_root().join("e2e/chart");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
