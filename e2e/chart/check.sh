@@ -66,6 +66,16 @@ for s in "${sets[@]}"; do
   echo "   $s: $(grep -c '^kind:' "$OUT/$s.yaml") objects"
 done
 
+step "NOTES.txt renders for every value set (helm install --dry-run=client)"
+for s in "${sets[@]}"; do
+  # shellcheck disable=SC2046
+  notes=$("$HELM" install --dry-run=client "$RELEASE" "$CHART" --namespace "$NAMESPACE" $(values_args "$s") \
+    | sed -n '/^NOTES:/,$p')
+  if [ -z "$notes" ] || ! grep -q "kubectl" <<<"$notes"; then
+    echo "check: NOTES.txt did not render for $s" >&2; exit 1
+  fi
+done
+
 step "deploy/manifests up to date"
 HELM="$HELM" "$ROOT/deploy/render-manifests.sh" --check
 
