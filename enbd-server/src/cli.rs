@@ -112,18 +112,25 @@ fn demo_data_dir() -> Result<PathBuf, ConfigError> {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(x).join(DEMO_SUBDIR));
     }
-    let home = std::env::var_os("HOME").filter(|v| !v.is_empty()).ok_or(ConfigError::NoHome)?;
+    let home = std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .ok_or(ConfigError::NoHome)?;
     Ok(PathBuf::from(home).join(".local/share").join(DEMO_SUBDIR))
 }
 
 fn hostname() -> Result<String, ConfigError> {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").map_err(ConfigError::Hostname)?;
+    let raw =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map_err(ConfigError::Hostname)?;
     Ok(raw.trim().to_ascii_lowercase())
 }
 
 impl Cli {
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let host = if self.demo { [127, 0, 0, 1] } else { [0, 0, 0, 0] };
+        let host = if self.demo {
+            [127, 0, 0, 1]
+        } else {
+            [0, 0, 0, 0]
+        };
         let data_dir = match (self.data_dir, self.demo) {
             (Some(d), _) => d,
             (None, true) => demo_data_dir()?,
@@ -140,7 +147,9 @@ impl Cli {
             return Err(ConfigError::RequestBytes(self.max_request_bytes));
         }
         if let Some(a) = &self.advertise_address {
-            let ok = a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            let ok = a
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
             if !ok {
                 return Err(ConfigError::Advertise(a.clone()));
             }
@@ -158,7 +167,9 @@ impl Cli {
             io_engine: self.io_engine,
             io_threads: self.io_threads.clamp(1, 256),
             shutdown_grace: std::time::Duration::from_secs(self.shutdown_grace_secs),
-            demo_volume: self.demo.then(|| (DEMO_VOLUME.to_owned(), DEMO_VOLUME_BYTES)),
+            demo_volume: self
+                .demo
+                .then(|| (DEMO_VOLUME.to_owned(), DEMO_VOLUME_BYTES)),
         })
     }
 }
@@ -200,8 +211,23 @@ mod tests {
         let bad = |args: &[&str]| Cli::try_parse_from(args).unwrap().into_config().is_err();
         assert!(bad(&["x", "--server-id=a"]));
         assert!(bad(&["x", "--data-dir=/d", "--server-id=UPPER"]));
-        assert!(bad(&["x", "--data-dir=/d", "--server-id=a", "--max-connections=0"]));
-        assert!(bad(&["x", "--data-dir=/d", "--server-id=a", "--advertise-address=nope"]));
-        assert!(bad(&["x", "--data-dir=/d", "--server-id=a", "--max-request-bytes=10"]));
+        assert!(bad(&[
+            "x",
+            "--data-dir=/d",
+            "--server-id=a",
+            "--max-connections=0"
+        ]));
+        assert!(bad(&[
+            "x",
+            "--data-dir=/d",
+            "--server-id=a",
+            "--advertise-address=nope"
+        ]));
+        assert!(bad(&[
+            "x",
+            "--data-dir=/d",
+            "--server-id=a",
+            "--max-request-bytes=10"
+        ]));
     }
 }

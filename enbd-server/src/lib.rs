@@ -9,10 +9,10 @@
 
 pub mod cli;
 pub mod export;
+pub mod metrics;
+pub mod mgmt;
+pub mod server;
+pub mod session;
 pub mod store;
 mod sys;
-pub mod mgmt;
-pub mod metrics;
-pub mod session;
-pub mod server;
 pub mod testkit;

@@ -11,7 +11,10 @@ fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -39,12 +42,24 @@ fn main() -> anyhow::Result<()> {
         enbd_server::server::run(cfg, shutdown, |b| {
             // One machine-readable line on stdout: scripts and tests wait for it. Whoever
             // reads it may close the pipe afterwards, so write errors are ignored.
-            let mut text = format!("enbd-server ready nbd={} mgmt={} metrics={}\n", b.nbd, b.mgmt, b.metrics);
+            let mut text = format!(
+                "enbd-server ready nbd={} mgmt={} metrics={}\n",
+                b.nbd, b.mgmt, b.metrics
+            );
             if demo {
                 let port = b.nbd.port();
-                let host = if port == 10809 { "localhost".to_owned() } else { format!("localhost:{port}") };
-                text.push_str(&format!("demo volume: nbd://{host}/demo   (try: nbdinfo nbd://{host}/demo)\n"));
-                text.push_str(&format!("management API: grpc://{}   (enbd.v1.VolumeService)\n", b.mgmt));
+                let host = if port == 10809 {
+                    "localhost".to_owned()
+                } else {
+                    format!("localhost:{port}")
+                };
+                text.push_str(&format!(
+                    "demo volume: nbd://{host}/demo   (try: nbdinfo nbd://{host}/demo)\n"
+                ));
+                text.push_str(&format!(
+                    "management API: grpc://{}   (enbd.v1.VolumeService)\n",
+                    b.mgmt
+                ));
             }
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
@@ -56,7 +71,10 @@ fn main() -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
         return std::future::pending().await;
     };

@@ -21,24 +21,66 @@ pub struct Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let rows: [(&str, &str, &str, &AtomicU64); 7] = [
-            ("enbd_server_connections_total", "counter", "NBD connections accepted", &self.connections_total),
-            ("enbd_server_connections_active", "gauge", "NBD connections open now", &self.connections_active),
-            ("enbd_server_connections_refused_total", "counter", "NBD connections that failed the handshake", &self.connections_refused),
-            ("enbd_server_requests_total", "counter", "NBD requests received", &self.requests),
-            ("enbd_server_request_errors_total", "counter", "NBD requests answered with an error", &self.errors),
-            ("enbd_server_read_bytes_total", "counter", "bytes read by clients", &self.read_bytes),
-            ("enbd_server_written_bytes_total", "counter", "bytes written by clients", &self.write_bytes),
+            (
+                "enbd_server_connections_total",
+                "counter",
+                "NBD connections accepted",
+                &self.connections_total,
+            ),
+            (
+                "enbd_server_connections_active",
+                "gauge",
+                "NBD connections open now",
+                &self.connections_active,
+            ),
+            (
+                "enbd_server_connections_refused_total",
+                "counter",
+                "NBD connections that failed the handshake",
+                &self.connections_refused,
+            ),
+            (
+                "enbd_server_requests_total",
+                "counter",
+                "NBD requests received",
+                &self.requests,
+            ),
+            (
+                "enbd_server_request_errors_total",
+                "counter",
+                "NBD requests answered with an error",
+                &self.errors,
+            ),
+            (
+                "enbd_server_read_bytes_total",
+                "counter",
+                "bytes read by clients",
+                &self.read_bytes,
+            ),
+            (
+                "enbd_server_written_bytes_total",
+                "counter",
+                "bytes written by clients",
+                &self.write_bytes,
+            ),
         ];
         let mut s = String::new();
         for (name, kind, help, v) in rows {
-            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}\n", v.load(Ordering::Relaxed)));
+            s.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}\n",
+                v.load(Ordering::Relaxed)
+            ));
         }
         s
     }
 }
 
 /// Serves `GET /metrics` (any path, in fact) until `stop`.
-pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    stop: CancellationToken,
+) {
     loop {
         let (mut sock, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -54,7 +96,8 @@ pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>, stop
         tokio::spawn(async move {
             let mut req = vec![0u8; 4096];
             // One read is enough for a scrape request; the body is ignored.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut req)).await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut req)).await;
             let body = metrics.render();
             let resp = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

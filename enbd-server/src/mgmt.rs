@@ -22,7 +22,11 @@ pub struct Mgmt {
 
 impl Mgmt {
     pub fn new(store: VolumeStore, server_id: String, data_address: String) -> Self {
-        Self { store, server_id, data_address }
+        Self {
+            store,
+            server_id,
+            data_address,
+        }
     }
 
     /// Runs a store operation to completion on the blocking pool, even if the caller goes away.
@@ -43,11 +47,15 @@ impl Mgmt {
 pub fn status_of(e: &StoreError) -> Status {
     let msg = e.to_string();
     match e {
-        StoreError::InvalidName { .. } | StoreError::InvalidSize(_) => Status::invalid_argument(msg),
+        StoreError::InvalidName { .. } | StoreError::InvalidSize(_) => {
+            Status::invalid_argument(msg)
+        }
         StoreError::NotFound { .. } => Status::not_found(msg),
         StoreError::AlreadyExists { .. } => Status::already_exists(msg),
         StoreError::InUse { .. } => Status::failed_precondition(msg),
-        StoreError::Shrink { .. } | StoreError::SmallerThanSource { .. } => Status::out_of_range(msg),
+        StoreError::Shrink { .. } | StoreError::SmallerThanSource { .. } => {
+            Status::out_of_range(msg)
+        }
         StoreError::Busy(_) => Status::aborted(msg),
         StoreError::Io { source, .. } => match source.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => Status::resource_exhausted(msg),
@@ -98,11 +106,21 @@ fn snapshot_to_pb(s: SnapshotInfo) -> pb::Snapshot {
 
 /// One page of a name-sorted listing: entries after `token` (a name), at most `max`
 /// (0 = all), and the token for the next page ("" when this is the last).
-fn page<T>(items: Vec<T>, name: impl Fn(&T) -> &str, max: u32, token: &str) -> Result<(Vec<T>, String), Status> {
+fn page<T>(
+    items: Vec<T>,
+    name: impl Fn(&T) -> &str,
+    max: u32,
+    token: &str,
+) -> Result<(Vec<T>, String), Status> {
     if !token.is_empty() && crate::store::VolumeName::parse(token).is_err() {
-        return Err(Status::aborted(format!("starting_token {token:?} is not one this server issued")));
+        return Err(Status::aborted(format!(
+            "starting_token {token:?} is not one this server issued"
+        )));
     }
-    let mut rest: Vec<T> = items.into_iter().filter(|i| token.is_empty() || name(i) > token).collect();
+    let mut rest: Vec<T> = items
+        .into_iter()
+        .filter(|i| token.is_empty() || name(i) > token)
+        .collect();
     let mut next = String::new();
     if max > 0 && rest.len() > max as usize {
         rest.truncate(max as usize);
@@ -119,8 +137,12 @@ impl VolumeService for Mgmt {
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let r = req.into_inner();
         let source = source_from_pb(r.source);
-        let (v, _) = self.run(move |s| s.create_volume(&r.name, r.size_bytes, source)).await?;
-        Ok(Response::new(pb::CreateVolumeResponse { volume: Some(volume_to_pb(v)) }))
+        let (v, _) = self
+            .run(move |s| s.create_volume(&r.name, r.size_bytes, source))
+            .await?;
+        Ok(Response::new(pb::CreateVolumeResponse {
+            volume: Some(volume_to_pb(v)),
+        }))
     }
 
     async fn delete_volume(
@@ -137,14 +159,23 @@ impl VolumeService for Mgmt {
         req: Request<pb::ExpandVolumeRequest>,
     ) -> Result<Response<pb::ExpandVolumeResponse>, Status> {
         let r = req.into_inner();
-        let v = self.run(move |s| s.expand_volume(&r.name, r.size_bytes)).await?;
-        Ok(Response::new(pb::ExpandVolumeResponse { volume: Some(volume_to_pb(v)) }))
+        let v = self
+            .run(move |s| s.expand_volume(&r.name, r.size_bytes))
+            .await?;
+        Ok(Response::new(pb::ExpandVolumeResponse {
+            volume: Some(volume_to_pb(v)),
+        }))
     }
 
-    async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::GetVolumeResponse>, Status> {
+    async fn get_volume(
+        &self,
+        req: Request<pb::GetVolumeRequest>,
+    ) -> Result<Response<pb::GetVolumeResponse>, Status> {
         let r = req.into_inner();
         let v = self.run(move |s| s.get_volume(&r.name)).await?;
-        Ok(Response::new(pb::GetVolumeResponse { volume: Some(volume_to_pb(v)) }))
+        Ok(Response::new(pb::GetVolumeResponse {
+            volume: Some(volume_to_pb(v)),
+        }))
     }
 
     async fn list_volumes(
@@ -165,8 +196,12 @@ impl VolumeService for Mgmt {
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let (snap, _) = self.run(move |s| s.create_snapshot(&r.name, &r.source_volume)).await?;
-        Ok(Response::new(pb::CreateSnapshotResponse { snapshot: Some(snapshot_to_pb(snap)) }))
+        let (snap, _) = self
+            .run(move |s| s.create_snapshot(&r.name, &r.source_volume))
+            .await?;
+        Ok(Response::new(pb::CreateSnapshotResponse {
+            snapshot: Some(snapshot_to_pb(snap)),
+        }))
     }
 
     async fn delete_snapshot(
@@ -208,7 +243,10 @@ impl VolumeService for Mgmt {
         }))
     }
 
-    async fn health(&self, _req: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+    async fn health(
+        &self,
+        _req: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
         Ok(Response::new(pb::HealthResponse {
             server_id: self.server_id.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -30,7 +30,11 @@ pub enum ServerError {
     #[error("volume store: {0}")]
     Store(#[from] StoreError),
     #[error("binding {what} on {addr}: {source}")]
-    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("starting the IO engine: {0}")]
     Uring(std::io::Error),
     #[error("management server: {0}")]
@@ -47,7 +51,9 @@ pub struct Bound {
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { what, addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { what, addr, source })
 }
 
 fn io_engine(kind: IoEngineKind, threads: usize) -> Result<IoEngine, ServerError> {
@@ -59,12 +65,18 @@ fn io_engine(kind: IoEngineKind, threads: usize) -> Result<IoEngine, ServerError
 
 /// Runs the server until `shutdown` is cancelled. `ready` is called once every listener is
 /// bound and the store is open.
-pub async fn run(cfg: Config, shutdown: CancellationToken, ready: impl FnOnce(&Bound)) -> Result<(), ServerError> {
+pub async fn run(
+    cfg: Config,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(&Bound),
+) -> Result<(), ServerError> {
     let default_export = cfg.demo_volume.as_ref().map(|(name, _)| name.clone());
     let store = VolumeStore::open(&cfg.data_dir, default_export)?;
     if let Some((name, size)) = &cfg.demo_volume {
         match store.create_volume(name, *size, None) {
-            Ok((v, created)) => tracing::info!(volume = %v.name, size = v.size_bytes, created, "demo volume"),
+            Ok((v, created)) => {
+                tracing::info!(volume = %v.name, size = v.size_bytes, created, "demo volume")
+            }
             // Someone resized the demo volume: keep it as it is.
             Err(StoreError::AlreadyExists { .. }) => {}
             Err(e) => return Err(e.into()),
@@ -73,14 +85,29 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, ready: impl FnOnce(&B
     let nbd = bind("NBD", cfg.listen).await?;
     let mgmt = bind("management gRPC", cfg.mgmt_listen).await?;
     let metrics_listener = bind("metrics", cfg.metrics_listen).await?;
-    let nbd_addr = nbd.local_addr().map_err(|source| ServerError::Bind { what: "NBD", addr: cfg.listen, source })?;
+    let nbd_addr = nbd.local_addr().map_err(|source| ServerError::Bind {
+        what: "NBD",
+        addr: cfg.listen,
+        source,
+    })?;
     let bound = Bound {
         nbd: nbd_addr,
-        mgmt: mgmt.local_addr().map_err(|source| ServerError::Bind { what: "mgmt", addr: cfg.mgmt_listen, source })?,
+        mgmt: mgmt.local_addr().map_err(|source| ServerError::Bind {
+            what: "mgmt",
+            addr: cfg.mgmt_listen,
+            source,
+        })?,
         metrics: metrics_listener
             .local_addr()
-            .map_err(|source| ServerError::Bind { what: "metrics", addr: cfg.metrics_listen, source })?,
-        data_address: cfg.advertise_address.clone().unwrap_or_else(|| nbd_addr.to_string()),
+            .map_err(|source| ServerError::Bind {
+                what: "metrics",
+                addr: cfg.metrics_listen,
+                source,
+            })?,
+        data_address: cfg
+            .advertise_address
+            .clone()
+            .unwrap_or_else(|| nbd_addr.to_string()),
     };
 
     let metrics = Arc::new(Metrics::default());
@@ -89,14 +116,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, ready: impl FnOnce(&B
         io: io_engine(cfg.io_engine, cfg.io_threads)?,
         metrics: metrics.clone(),
     });
-    let mgmt_service = Mgmt::new(store.clone(), cfg.server_id.as_str().to_owned(), bound.data_address.clone());
+    let mgmt_service = Mgmt::new(
+        store.clone(),
+        cfg.server_id.as_str().to_owned(),
+        bound.data_address.clone(),
+    );
     let mgmt_stop = shutdown.clone();
     let mgmt_task = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(VolumeServiceServer::new(mgmt_service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(mgmt), async move { mgmt_stop.cancelled().await }),
+            .serve_with_incoming_shutdown(TcpListenerStream::new(mgmt), async move {
+                mgmt_stop.cancelled().await
+            }),
     );
-    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics.clone(), shutdown.clone()));
+    let metrics_task = tokio::spawn(metrics::serve(
+        metrics_listener,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
 
     tracing::info!(
         nbd = %bound.nbd, mgmt = %bound.mgmt, metrics = %bound.metrics, server_id = %cfg.server_id.as_str(),
@@ -151,8 +188,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, ready: impl FnOnce(&B
     drop(nbd);
     sessions.close();
     tracing::info!(sessions = sessions.len(), grace = ?cfg.shutdown_grace, "shutting down: draining sessions");
-    if tokio::time::timeout(cfg.shutdown_grace, sessions.wait()).await.is_err() {
-        tracing::warn!(left = sessions.len(), "grace period over; closing remaining sessions");
+    if tokio::time::timeout(cfg.shutdown_grace, sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = sessions.len(),
+            "grace period over; closing remaining sessions"
+        );
     }
     let _ = metrics_task.await;
     match mgmt_task.await {

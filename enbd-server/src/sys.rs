@@ -12,7 +12,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 fn check(ret: libc::c_int) -> io::Result<()> {
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn off(v: u64) -> io::Result<libc::off_t> {
@@ -40,7 +44,11 @@ fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> 
     let r = unsafe { libc::lseek(file.as_raw_fd(), off(from)?, whence) };
     if r < 0 {
         let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
     }
     Ok(Some(r as u64))
 }
@@ -73,7 +81,9 @@ pub fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<u64> {
     let mut pos = 0u64;
     let mut copied = 0u64;
     while pos < len {
-        let Some(data) = seek_data(src, pos)? else { break };
+        let Some(data) = seek_data(src, pos)? else {
+            break;
+        };
         if data >= len {
             break;
         }
@@ -105,7 +115,10 @@ fn copy_range(src: &File, dst: &File, start: u64, mut len: u64) -> io::Result<()
             return Err(io::Error::last_os_error());
         }
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "source shrank during copy"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "source shrank during copy",
+            ));
         }
         len -= n as u64;
     }
@@ -115,22 +128,41 @@ fn copy_range(src: &File, dst: &File, start: u64, mut len: u64) -> io::Result<()
 /// Reads at `offset` only if it can be done without blocking (data in the page cache):
 /// `Ok(n)` bytes read (possibly short), `Err(EAGAIN)` if it would have to wait for the disk.
 pub fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
     // SAFETY: `iov` points into `buf`, which is live and exclusively borrowed for the call.
     let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off(offset)?, libc::RWF_NOWAIT) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// Reads up to `len` bytes at `offset` into the spare capacity of `buf` (which must have room)
 /// without zero-filling it first; returns how many bytes were read and appended.
-pub fn pread_append(file: &File, buf: &mut bytes::BytesMut, len: usize, offset: u64) -> io::Result<usize> {
+pub fn pread_append(
+    file: &File,
+    buf: &mut bytes::BytesMut,
+    len: usize,
+    offset: u64,
+) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
     if spare.len() < len {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     // SAFETY: the kernel writes at most `len` bytes into the spare capacity, which is valid
     // for writes of that length; we only mark as initialised the `n` bytes it reported.
-    let n = unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), len, off(offset)?) };
+    let n = unsafe {
+        libc::pread(
+            file.as_raw_fd(),
+            spare.as_mut_ptr().cast(),
+            len,
+            off(offset)?,
+        )
+    };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -154,9 +186,18 @@ pub fn statvfs(path: &Path) -> io::Result<(u64, u64)> {
 pub fn will_need(file: &File, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: posix_fadvise reads only its integer arguments.
     let r = unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), off(offset)?, off(len)?, libc::POSIX_FADV_WILLNEED)
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            off(offset)?,
+            off(len)?,
+            libc::POSIX_FADV_WILLNEED,
+        )
     };
-    if r != 0 { Err(io::Error::from_raw_os_error(r)) } else { Ok(()) }
+    if r != 0 {
+        Err(io::Error::from_raw_os_error(r))
+    } else {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -167,11 +208,23 @@ mod tests {
     #[test]
     fn sparse_copy_keeps_holes_and_data() {
         let dir = tempfile::tempdir().unwrap();
-        let src = File::options().read(true).write(true).create(true).truncate(true).open(dir.path().join("s")).unwrap();
+        let src = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("s"))
+            .unwrap();
         src.set_len(8 << 20).unwrap();
         src.write_all_at(&[7u8; 4096], 1 << 20).unwrap();
         src.write_all_at(&[9u8; 4096], 6 << 20).unwrap();
-        let dst = File::options().read(true).write(true).create(true).truncate(true).open(dir.path().join("d")).unwrap();
+        let dst = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("d"))
+            .unwrap();
         let copied = copy_sparse(&src, &dst, 8 << 20).unwrap();
         assert!((8192..(8 << 20)).contains(&copied), "copied {copied}");
         let mut b = [0u8; 4096];
@@ -179,14 +232,23 @@ mod tests {
         assert_eq!(b, [7u8; 4096]);
         dst.read_exact_at(&mut b, 6 << 20).unwrap();
         assert_eq!(b, [9u8; 4096]);
-        assert_eq!(seek_data(&dst, 0).unwrap().map(|d| d >= 1 << 20), Some(true));
+        assert_eq!(
+            seek_data(&dst, 0).unwrap().map(|d| d >= 1 << 20),
+            Some(true)
+        );
         assert_eq!(dst.metadata().unwrap().len(), 8 << 20);
     }
 
     #[test]
     fn punch_hole_reads_back_zero() {
         let dir = tempfile::tempdir().unwrap();
-        let f = File::options().read(true).write(true).create(true).truncate(true).open(dir.path().join("f")).unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
         f.write_all_at(&[1u8; 65536], 0).unwrap();
         punch_hole(&f, 4096, 8192).unwrap();
         let mut b = [1u8; 8192];

@@ -22,18 +22,30 @@ pub struct MemoryProvider {
 
 impl MemoryProvider {
     pub fn with_export(mut self, name: &str, size: u64, read_only: bool) -> Self {
-        self.exports.insert(name.to_owned(), (Arc::new(MemoryBackend::new(read_only)), size, read_only));
+        self.exports.insert(
+            name.to_owned(),
+            (Arc::new(MemoryBackend::new(read_only)), size, read_only),
+        );
         self
     }
 }
 
 impl ExportProvider for MemoryProvider {
     fn list(&self) -> Vec<ExportEntry> {
-        self.exports.keys().map(|n| ExportEntry { name: n.clone(), description: format!("memory {n}") }).collect()
+        self.exports
+            .keys()
+            .map(|n| ExportEntry {
+                name: n.clone(),
+                description: format!("memory {n}"),
+            })
+            .collect()
     }
 
     fn open(&self, name: &str) -> Result<Export, OpenError> {
-        let (backend, size, read_only) = self.exports.get(name).ok_or_else(|| OpenError::NotFound(name.to_owned()))?;
+        let (backend, size, read_only) = self
+            .exports
+            .get(name)
+            .ok_or_else(|| OpenError::NotFound(name.to_owned()))?;
         Ok(Export {
             name: name.to_owned(),
             size: *size,
@@ -47,14 +59,31 @@ impl ExportProvider for MemoryProvider {
 
 /// Runs one session on a current-thread runtime: `input` is everything the client sends,
 /// then the client closes its side. Returns what the server sent.
-pub fn run_session_on_bytes(runtime: &tokio::runtime::Runtime, input: &[u8], max_request_bytes: u32) -> Vec<u8> {
-    let provider: Arc<dyn ExportProvider> =
-        Arc::new(MemoryProvider::default().with_export("demo", 1 << 20, false).with_export("ro", 64 << 10, true));
-    let cfg = Arc::new(SessionConfig { max_request_bytes, io: IoEngine::Blocking, metrics: Arc::new(Metrics::default()) });
+pub fn run_session_on_bytes(
+    runtime: &tokio::runtime::Runtime,
+    input: &[u8],
+    max_request_bytes: u32,
+) -> Vec<u8> {
+    let provider: Arc<dyn ExportProvider> = Arc::new(
+        MemoryProvider::default()
+            .with_export("demo", 1 << 20, false)
+            .with_export("ro", 64 << 10, true),
+    );
+    let cfg = Arc::new(SessionConfig {
+        max_request_bytes,
+        io: IoEngine::Blocking,
+        metrics: Arc::new(Metrics::default()),
+    });
     runtime.block_on(async move {
         let (client, server) = tokio::io::duplex(256 * 1024);
         let (srd, swr) = tokio::io::split(server);
-        let session = tokio::spawn(session::serve(srd, swr, provider, cfg, CancellationToken::new()));
+        let session = tokio::spawn(session::serve(
+            srd,
+            swr,
+            provider,
+            cfg,
+            CancellationToken::new(),
+        ));
         let (mut crd, mut cwr) = tokio::io::split(client);
         let input = input.to_vec();
         let writer = tokio::spawn(async move {
@@ -75,7 +104,10 @@ mod tests {
     use super::*;
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
     }
 
     fn go(name: &str) -> Vec<u8> {
@@ -105,7 +137,10 @@ mod tests {
         input.extend(b"abc");
         // Not pipelined behind the write: a READ could otherwise overtake it.
         let out1 = run_session_on_bytes(&rt(), &input, 1 << 20);
-        assert!(out1.ends_with(&[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]), "{out1:x?}");
+        assert!(
+            out1.ends_with(&[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            "{out1:x?}"
+        );
         let mut input = go("ro");
         input.extend(req(0, 9, 0, 4));
         let out = run_session_on_bytes(&rt(), &input, 1 << 20);
@@ -115,7 +150,12 @@ mod tests {
     #[test]
     fn garbage_ends_the_session_without_panicking() {
         let rt = rt();
-        for input in [&b""[..], b"\x00\x00\x00\x03garbage", &[0xff; 64], &go("nope")] {
+        for input in [
+            &b""[..],
+            b"\x00\x00\x00\x03garbage",
+            &[0xff; 64],
+            &go("nope"),
+        ] {
             run_session_on_bytes(&rt, input, 1 << 20);
         }
     }

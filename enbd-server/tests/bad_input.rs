@@ -112,7 +112,10 @@ fn bad_requests_get_nbd_errors_and_change_nothing() {
 fn bad_request_magic_closes_the_connection() {
     let s = TestServer::start(&[]);
     let (mut c, _) = Raw::open(s.nbd, "demo");
-    c.send(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    c.send(&[
+        0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0,
+    ]);
     assert!(c.is_closed());
     still_serving(s.nbd);
 }
@@ -160,7 +163,14 @@ fn pipelined_requests_all_get_exactly_one_reply_matched_by_cookie() {
         r.extend(0u16.to_be_bytes());
         r.extend(cmd.to_be_bytes());
         r.extend((1000 + i).to_be_bytes());
-        r.extend(if cmd == CMD_FLUSH { 0 } else { (i * 8192) % (1 << 28) }.to_be_bytes());
+        r.extend(
+            if cmd == CMD_FLUSH {
+                0
+            } else {
+                (i * 8192) % (1 << 28)
+            }
+            .to_be_bytes(),
+        );
         r.extend(len.to_be_bytes());
         if cmd == CMD_WRITE {
             r.extend(vec![i as u8; 4096]);
@@ -172,7 +182,10 @@ fn pipelined_requests_all_get_exactly_one_reply_matched_by_cookie() {
     for _ in 0..n {
         let (err, cookie) = c.simple_reply();
         assert_eq!(err, 0);
-        assert!((1000..1000 + n).contains(&cookie), "unknown cookie {cookie}");
+        assert!(
+            (1000..1000 + n).contains(&cookie),
+            "unknown cookie {cookie}"
+        );
         assert!(seen.insert(cookie), "cookie {cookie} answered twice");
         if (cookie - 1000) % 3 == 1 {
             c.read_exact(4096);
@@ -218,9 +231,12 @@ fn snapshots_are_served_read_only() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mut m = s.client().await;
-        m.create_snapshot(enbd_proto::enbd::CreateSnapshotRequest { name: "s1".into(), source_volume: "demo".into() })
-            .await
-            .unwrap();
+        m.create_snapshot(enbd_proto::enbd::CreateSnapshotRequest {
+            name: "s1".into(),
+            source_volume: "demo".into(),
+        })
+        .await
+        .unwrap();
     });
     let (mut c, size) = Raw::open(s.nbd, "snapshot/s1");
     assert_eq!(size, 1 << 30);

@@ -16,7 +16,9 @@ use rand::Rng;
 const SRC_BYTES: u64 = 32 << 20;
 
 fn pattern(block: u64) -> Vec<u8> {
-    (0..4096u64).map(|i| ((block * 31 + i) % 251) as u8).collect()
+    (0..4096u64)
+        .map(|i| ((block * 31 + i) % 251) as u8)
+        .collect()
 }
 
 /// Every 64th 4 KiB block of `export` holds `pattern(block)`.
@@ -33,9 +35,13 @@ async fn kill_minus_nine_during_management_work_leaves_a_consistent_store() {
     let mut s = TestServer::start(&[]);
     {
         let mut m = s.client().await;
-        m.create_volume(pb::CreateVolumeRequest { name: "src".into(), size_bytes: SRC_BYTES, source: None })
-            .await
-            .unwrap();
+        m.create_volume(pb::CreateVolumeRequest {
+            name: "src".into(),
+            size_bytes: SRC_BYTES,
+            source: None,
+        })
+        .await
+        .unwrap();
         let addr = s.nbd;
         tokio::task::spawn_blocking(move || {
             let (mut c, _) = raw::Raw::open(addr, "src");
@@ -55,13 +61,29 @@ async fn kill_minus_nine_during_management_work_leaves_a_consistent_store() {
         let work = tokio::spawn(async move {
             for i in 0..4 {
                 let name = format!("clone-{round}-{i}");
-                let src = Some(pb::ContentSource { kind: Some(Kind::Volume("src".into())) });
-                let _ = m.create_volume(pb::CreateVolumeRequest { name, size_bytes: SRC_BYTES, source: src }).await;
+                let src = Some(pb::ContentSource {
+                    kind: Some(Kind::Volume("src".into())),
+                });
                 let _ = m
-                    .create_snapshot(pb::CreateSnapshotRequest { name: format!("snap-{round}-{i}"), source_volume: "src".into() })
+                    .create_volume(pb::CreateVolumeRequest {
+                        name,
+                        size_bytes: SRC_BYTES,
+                        source: src,
+                    })
+                    .await;
+                let _ = m
+                    .create_snapshot(pb::CreateSnapshotRequest {
+                        name: format!("snap-{round}-{i}"),
+                        source_volume: "src".into(),
+                    })
                     .await;
                 if i % 2 == 1 {
-                    let _ = m.delete_volume(pb::DeleteVolumeRequest { name: format!("clone-{round}-{}", i - 1), force: false }).await;
+                    let _ = m
+                        .delete_volume(pb::DeleteVolumeRequest {
+                            name: format!("clone-{round}-{}", i - 1),
+                            force: false,
+                        })
+                        .await;
                 }
             }
         });
@@ -70,12 +92,30 @@ async fn kill_minus_nine_during_management_work_leaves_a_consistent_store() {
         work.abort();
         let _ = work.await;
         s = TestServer::start_in(dir, &[]);
-        assert_eq!(std::fs::read_dir(s.path().join("staging")).unwrap().count(), 0, "staging not cleaned");
+        assert_eq!(
+            std::fs::read_dir(s.path().join("staging")).unwrap().count(),
+            0,
+            "staging not cleaned"
+        );
         let mut m = s.client().await;
-        let vols = m.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().into_inner().volumes;
+        let vols = m
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes;
         let on_disk = std::fs::read_dir(s.path().join("volumes")).unwrap().count();
-        assert_eq!(vols.len(), on_disk, "every volume directory is a listed, complete volume");
-        let snaps = m.list_snapshots(pb::ListSnapshotsRequest::default()).await.unwrap().into_inner().snapshots;
+        assert_eq!(
+            vols.len(),
+            on_disk,
+            "every volume directory is a listed, complete volume"
+        );
+        let snaps = m
+            .list_snapshots(pb::ListSnapshotsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots;
         let addr = s.nbd;
         let exports: Vec<String> = vols
             .iter()
@@ -91,9 +131,15 @@ async fn kill_minus_nine_during_management_work_leaves_a_consistent_store() {
         .await
         .unwrap();
         // Retrying what may have been interrupted succeeds (idempotent).
-        let src = Some(pb::ContentSource { kind: Some(Kind::Volume("src".into())) });
-        m.create_volume(pb::CreateVolumeRequest { name: format!("clone-{round}-0"), size_bytes: SRC_BYTES, source: src })
-            .await
-            .unwrap();
+        let src = Some(pb::ContentSource {
+            kind: Some(Kind::Volume("src".into())),
+        });
+        m.create_volume(pb::CreateVolumeRequest {
+            name: format!("clone-{round}-0"),
+            size_bytes: SRC_BYTES,
+            source: src,
+        })
+        .await
+        .unwrap();
     }
 }

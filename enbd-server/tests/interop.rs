@@ -8,7 +8,13 @@ use common::{TestServer, run};
 use rand::RngCore;
 
 fn sha(path: &std::path::Path, len: u64) -> String {
-    let out = run("sh", &["-c", &format!("head -c {len} {} | sha256sum", path.display())]);
+    let out = run(
+        "sh",
+        &[
+            "-c",
+            &format!("head -c {len} {} | sha256sum", path.display()),
+        ],
+    );
     out.split_whitespace().next().unwrap().to_owned()
 }
 
@@ -21,14 +27,43 @@ fn qemu_img_writes_a_pattern_and_reads_it_back() {
     rand::rng().fill_bytes(&mut data);
     std::fs::write(&pattern, &data).unwrap();
     let uri = s.uri("demo");
-    run("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", pattern.to_str().unwrap(), &uri]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            pattern.to_str().unwrap(),
+            &uri,
+        ],
+    );
     let back = dir.path().join("back.raw");
-    run("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, back.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            back.to_str().unwrap(),
+        ],
+    );
     assert_eq!(std::fs::metadata(&back).unwrap().len(), 1 << 30);
     assert_eq!(sha(&back, 4 << 20), sha(&pattern, 4 << 20));
     // qemu-io: a pattern at an unaligned offset, checked by qemu-io itself (-P verifies).
-    run("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 6000k 300000", &uri]);
-    let out = run("qemu-io", &["-f", "raw", "-c", "read -P 0x5a 6000k 300000", &uri]);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5a 6000k 300000", &uri],
+    );
+    let out = run(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x5a 6000k 300000", &uri],
+    );
     assert!(!out.contains("Pattern verification failed"), "{out}");
     let out = run("qemu-img", &["info", "-f", "raw", &uri]);
     assert!(out.contains("virtual size: 1 GiB"), "{out}");
@@ -51,16 +86,30 @@ fn nbdinfo_sees_size_exports_multi_conn_and_holes() {
     assert_eq!(json["structured"], true);
 
     // Data at 1 MiB..1 MiB+64 KiB; everything else is a hole.
-    run("qemu-io", &["-f", "raw", "-c", "write -P 0x11 1M 64k", &uri]);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x11 1M 64k", &uri],
+    );
     let map = run("nbdinfo", &["--map", &uri]);
-    let rows: Vec<Vec<&str>> = map.lines().map(|l| l.split_whitespace().collect()).collect();
+    let rows: Vec<Vec<&str>> = map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
     assert_eq!(rows[0][..3], ["0", "1048576", "3"], "{map}");
     assert_eq!(rows[1][..3], ["1048576", "65536", "0"], "{map}");
     assert_eq!(rows[2][2], "3", "{map}");
 
-    let list = run("nbdinfo", &["--list", "--json", &format!("nbd://{}", s.nbd)]);
+    let list = run(
+        "nbdinfo",
+        &["--list", "--json", &format!("nbd://{}", s.nbd)],
+    );
     let list: serde_json::Value = serde_json::from_str(&list).unwrap();
-    let names: Vec<&str> = list["exports"].as_array().unwrap().iter().map(|e| e["export-name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = list["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["demo"]);
 }
 
@@ -73,9 +122,20 @@ fn nbdcopy_round_trip() {
     rand::rng().fill_bytes(&mut data[..3 << 20]); // the tail stays zero (sparse)
     std::fs::write(&src, &data).unwrap();
     let uri = s.uri("demo");
-    run("nbdcopy", &["--connections=4", "--requests=16", src.to_str().unwrap(), &uri]);
+    run(
+        "nbdcopy",
+        &[
+            "--connections=4",
+            "--requests=16",
+            src.to_str().unwrap(),
+            &uri,
+        ],
+    );
     let back = dir.path().join("back.raw");
-    run("nbdcopy", &["--connections=2", &uri, back.to_str().unwrap()]);
+    run(
+        "nbdcopy",
+        &["--connections=2", &uri, back.to_str().unwrap()],
+    );
     assert_eq!(sha(&back, 8 << 20), sha(&src, 8 << 20));
     // The zero tail was written as zeroes (or skipped): the server still reads zero there.
     let out = run("qemu-io", &["-f", "raw", "-c", "read -P 0 3M 5M", &uri]);
@@ -83,12 +143,18 @@ fn nbdcopy_round_trip() {
 }
 
 fn fio(uri: &str, args: &[&str]) -> String {
-    let mut all = vec!["--name=t", "--ioengine=nbd", "--group_reporting", "--output-format=json"];
+    let mut all = vec![
+        "--name=t",
+        "--ioengine=nbd",
+        "--group_reporting",
+        "--output-format=json",
+    ];
     let u = format!("--uri={uri}");
     all.push(&u);
     all.extend_from_slice(args);
     let out = run("fio", &all);
-    let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).expect("fio json");
+    let v: serde_json::Value =
+        serde_json::from_str(&out[out.find('{').unwrap()..]).expect("fio json");
     assert_eq!(v["jobs"][0]["error"], 0, "{out}");
     out
 }
@@ -98,22 +164,53 @@ fn fio_verify_randwrite_randread_trim_over_four_connections() {
     let s = TestServer::start(&[]);
     let uri = s.uri("demo");
     // Each of 4 connections writes (and verifies) its own 8 MiB region, QD 8.
-    let common = ["--bs=4k", "--size=8M", "--offset_increment=8M", "--numjobs=4", "--iodepth=8"];
+    let common = [
+        "--bs=4k",
+        "--size=8M",
+        "--offset_increment=8M",
+        "--numjobs=4",
+        "--iodepth=8",
+    ];
     let mut args = common.to_vec();
     args.extend(["--rw=randwrite", "--verify=crc32c", "--verify_fatal=1"]);
     fio(&uri, &args);
     // A fresh run only reads and verifies what the previous one left on the server.
     let mut args = common.to_vec();
-    args.extend(["--rw=randwrite", "--verify=crc32c", "--verify_only", "--verify_fatal=1"]);
+    args.extend([
+        "--rw=randwrite",
+        "--verify=crc32c",
+        "--verify_only",
+        "--verify_fatal=1",
+    ]);
     fio(&uri, &args);
     // Random TRIMs (64 KiB, 2 connections) over the first two regions, which then read back
     // as zeroes and show up as holes.
-    fio(&uri, &["--rw=randtrim", "--bs=64k", "--size=8M", "--offset_increment=8M", "--numjobs=2", "--iodepth=8"]);
+    fio(
+        &uri,
+        &[
+            "--rw=randtrim",
+            "--bs=64k",
+            "--size=8M",
+            "--offset_increment=8M",
+            "--numjobs=2",
+            "--iodepth=8",
+        ],
+    );
     let out = run("qemu-io", &["-f", "raw", "-c", "read -P 0 0 16M", &uri]);
     assert!(!out.contains("Pattern verification failed"), "{out}");
     let map = run("nbdinfo", &["--map", &uri]);
     let first: Vec<&str> = map.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(first[..3], ["0", "16777216", "3"], "{map}");
     // Random reads across the written area over 4 connections succeed.
-    fio(&uri, &["--rw=randread", "--bs=4k", "--size=32M", "--numjobs=4", "--iodepth=16", "--runtime=2"]);
+    fio(
+        &uri,
+        &[
+            "--rw=randread",
+            "--bs=4k",
+            "--size=32M",
+            "--numjobs=4",
+            "--iodepth=16",
+            "--runtime=2",
+        ],
+    );
 }

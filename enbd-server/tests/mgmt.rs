@@ -11,25 +11,80 @@ use enbd_proto::enbd::{self as pb, content_source::Kind};
 use tonic::Code;
 
 fn create(name: &str, size: u64) -> pb::CreateVolumeRequest {
-    pb::CreateVolumeRequest { name: name.into(), size_bytes: size, source: None }
+    pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: size,
+        source: None,
+    }
 }
 
 #[tokio::test]
 async fn create_and_delete_are_idempotent() {
     let s = TestServer::start(&[]);
     let mut m = s.client().await;
-    let v = m.create_volume(create("pvc-1", 10 << 20)).await.unwrap().into_inner().volume.unwrap();
-    assert_eq!((v.name.as_str(), v.size_bytes, v.export_name.as_str()), ("pvc-1", 10 << 20, "pvc-1"));
-    let again = m.create_volume(create("pvc-1", 10 << 20)).await.unwrap().into_inner().volume.unwrap();
+    let v = m
+        .create_volume(create("pvc-1", 10 << 20))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        (v.name.as_str(), v.size_bytes, v.export_name.as_str()),
+        ("pvc-1", 10 << 20, "pvc-1")
+    );
+    let again = m
+        .create_volume(create("pvc-1", 10 << 20))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     assert_eq!(again, v);
-    let odd = m.create_volume(create("pvc-2", 1000)).await.unwrap().into_inner().volume.unwrap();
+    let odd = m
+        .create_volume(create("pvc-2", 1000))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     assert_eq!(odd.size_bytes, 4096, "sizes round up to 4 KiB");
-    assert_eq!(m.create_volume(create("pvc-1", 20 << 20)).await.unwrap_err().code(), Code::AlreadyExists);
-    assert_eq!(m.create_volume(create("../escape", 4096)).await.unwrap_err().code(), Code::InvalidArgument);
-    assert_eq!(m.create_volume(create("zero", 0)).await.unwrap_err().code(), Code::InvalidArgument);
-    m.delete_volume(pb::DeleteVolumeRequest { name: "pvc-1".into(), force: false }).await.unwrap();
-    m.delete_volume(pb::DeleteVolumeRequest { name: "pvc-1".into(), force: false }).await.unwrap();
-    let e = m.get_volume(pb::GetVolumeRequest { name: "pvc-1".into() }).await.unwrap_err();
+    assert_eq!(
+        m.create_volume(create("pvc-1", 20 << 20))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        m.create_volume(create("../escape", 4096))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        m.create_volume(create("zero", 0)).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    m.delete_volume(pb::DeleteVolumeRequest {
+        name: "pvc-1".into(),
+        force: false,
+    })
+    .await
+    .unwrap();
+    m.delete_volume(pb::DeleteVolumeRequest {
+        name: "pvc-1".into(),
+        force: false,
+    })
+    .await
+    .unwrap();
+    let e = m
+        .get_volume(pb::GetVolumeRequest {
+            name: "pvc-1".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     assert!(!s.path().join("volumes/pvc-1").exists());
 }
@@ -40,17 +95,51 @@ async fn volumes_in_use_are_not_deleted_without_force() {
     let mut m = s.client().await;
     m.create_volume(create("busy", 1 << 20)).await.unwrap();
     let addr = s.nbd;
-    let mut c = tokio::task::spawn_blocking(move || raw::Raw::open(addr, "busy").0).await.unwrap();
-    let v = m.get_volume(pb::GetVolumeRequest { name: "busy".into() }).await.unwrap().into_inner().volume.unwrap();
+    let mut c = tokio::task::spawn_blocking(move || raw::Raw::open(addr, "busy").0)
+        .await
+        .unwrap();
+    let v = m
+        .get_volume(pb::GetVolumeRequest {
+            name: "busy".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     assert_eq!(v.open_connections, 1);
-    let e = m.delete_volume(pb::DeleteVolumeRequest { name: "busy".into(), force: false }).await.unwrap_err();
+    let e = m
+        .delete_volume(pb::DeleteVolumeRequest {
+            name: "busy".into(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(m.get_volume(pb::GetVolumeRequest { name: "busy".into() }).await.is_ok());
-    m.delete_volume(pb::DeleteVolumeRequest { name: "busy".into(), force: true }).await.unwrap();
+    assert!(
+        m.get_volume(pb::GetVolumeRequest {
+            name: "busy".into()
+        })
+        .await
+        .is_ok()
+    );
+    m.delete_volume(pb::DeleteVolumeRequest {
+        name: "busy".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
     // The forced delete closed the client's connection.
-    let closed = tokio::task::spawn_blocking(move || c.is_closed()).await.unwrap();
+    let closed = tokio::task::spawn_blocking(move || c.is_closed())
+        .await
+        .unwrap();
     assert!(closed);
-    let e = m.get_volume(pb::GetVolumeRequest { name: "busy".into() }).await.unwrap_err();
+    let e = m
+        .get_volume(pb::GetVolumeRequest {
+            name: "busy".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 }
 
@@ -67,25 +156,69 @@ async fn expand_snapshot_clone() {
     })
     .await
     .unwrap();
-    let grown = m.expand_volume(pb::ExpandVolumeRequest { name: "v".into(), size_bytes: 8 << 20 }).await.unwrap();
+    let grown = m
+        .expand_volume(pb::ExpandVolumeRequest {
+            name: "v".into(),
+            size_bytes: 8 << 20,
+        })
+        .await
+        .unwrap();
     assert_eq!(grown.into_inner().volume.unwrap().size_bytes, 8 << 20);
-    let same = m.expand_volume(pb::ExpandVolumeRequest { name: "v".into(), size_bytes: 8 << 20 }).await.unwrap();
+    let same = m
+        .expand_volume(pb::ExpandVolumeRequest {
+            name: "v".into(),
+            size_bytes: 8 << 20,
+        })
+        .await
+        .unwrap();
     assert_eq!(same.into_inner().volume.unwrap().size_bytes, 8 << 20);
-    let e = m.expand_volume(pb::ExpandVolumeRequest { name: "v".into(), size_bytes: 1 << 20 }).await.unwrap_err();
+    let e = m
+        .expand_volume(pb::ExpandVolumeRequest {
+            name: "v".into(),
+            size_bytes: 1 << 20,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange);
 
-    let snap = pb::CreateSnapshotRequest { name: "snap".into(), source_volume: "v".into() };
-    let sn = m.create_snapshot(snap.clone()).await.unwrap().into_inner().snapshot.unwrap();
+    let snap = pb::CreateSnapshotRequest {
+        name: "snap".into(),
+        source_volume: "v".into(),
+    };
+    let sn = m
+        .create_snapshot(snap.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
     assert!(sn.ready_to_use);
-    assert_eq!((sn.size_bytes, sn.export_name.as_str()), (8 << 20, "snapshot/snap"));
-    assert_eq!(m.create_snapshot(snap).await.unwrap().into_inner().snapshot.unwrap(), sn);
+    assert_eq!(
+        (sn.size_bytes, sn.export_name.as_str()),
+        (8 << 20, "snapshot/snap")
+    );
+    assert_eq!(
+        m.create_snapshot(snap)
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap(),
+        sn
+    );
     let e = m
-        .create_snapshot(pb::CreateSnapshotRequest { name: "snap".into(), source_volume: "demo".into() })
+        .create_snapshot(pb::CreateSnapshotRequest {
+            name: "snap".into(),
+            source_volume: "demo".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists);
     let e = m
-        .create_snapshot(pb::CreateSnapshotRequest { name: "x".into(), source_volume: "missing".into() })
+        .create_snapshot(pb::CreateSnapshotRequest {
+            name: "x".into(),
+            source_volume: "missing".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
@@ -93,23 +226,55 @@ async fn expand_snapshot_clone() {
     let from_snap = pb::CreateVolumeRequest {
         name: "restored".into(),
         size_bytes: 16 << 20,
-        source: Some(pb::ContentSource { kind: Some(Kind::Snapshot("snap".into())) }),
+        source: Some(pb::ContentSource {
+            kind: Some(Kind::Snapshot("snap".into())),
+        }),
     };
-    let r = m.create_volume(from_snap.clone()).await.unwrap().into_inner().volume.unwrap();
+    let r = m
+        .create_volume(from_snap.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     assert_eq!(r.size_bytes, 16 << 20);
-    assert_eq!(m.create_volume(from_snap).await.unwrap().into_inner().volume.unwrap(), r);
+    assert_eq!(
+        m.create_volume(from_snap)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap(),
+        r
+    );
     let clone = pb::CreateVolumeRequest {
         name: "cloned".into(),
         size_bytes: 0,
-        source: Some(pb::ContentSource { kind: Some(Kind::Volume("v".into())) }),
+        source: Some(pb::ContentSource {
+            kind: Some(Kind::Volume("v".into())),
+        }),
     };
-    assert_eq!(m.create_volume(clone).await.unwrap().into_inner().volume.unwrap().size_bytes, 8 << 20);
+    assert_eq!(
+        m.create_volume(clone)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .size_bytes,
+        8 << 20
+    );
     let too_small = pb::CreateVolumeRequest {
         name: "small".into(),
         size_bytes: 4096,
-        source: Some(pb::ContentSource { kind: Some(Kind::Volume("v".into())) }),
+        source: Some(pb::ContentSource {
+            kind: Some(Kind::Volume("v".into())),
+        }),
     };
-    assert_eq!(m.create_volume(too_small).await.unwrap_err().code(), Code::OutOfRange);
+    assert_eq!(
+        m.create_volume(too_small).await.unwrap_err().code(),
+        Code::OutOfRange
+    );
     for name in ["restored", "cloned"] {
         tokio::task::spawn_blocking(move || {
             let (mut c, _) = raw::Raw::open(addr, name);
@@ -120,13 +285,24 @@ async fn expand_snapshot_clone() {
     }
 
     let list = m
-        .list_snapshots(pb::ListSnapshotsRequest { source_volume: "v".into(), ..Default::default() })
+        .list_snapshots(pb::ListSnapshotsRequest {
+            source_volume: "v".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(list.snapshots.len(), 1);
-    m.delete_snapshot(pb::DeleteSnapshotRequest { name: "snap".into() }).await.unwrap();
-    m.delete_snapshot(pb::DeleteSnapshotRequest { name: "snap".into() }).await.unwrap();
+    m.delete_snapshot(pb::DeleteSnapshotRequest {
+        name: "snap".into(),
+    })
+    .await
+    .unwrap();
+    m.delete_snapshot(pb::DeleteSnapshotRequest {
+        name: "snap".into(),
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -134,13 +310,18 @@ async fn listing_pages_capacity_and_health() {
     let s = TestServer::start(&["--advertise-address=enbd-0.enbd.svc:10809"]);
     let mut m = s.client().await;
     for i in 0..5 {
-        m.create_volume(create(&format!("vol-{i}"), 1 << 20)).await.unwrap();
+        m.create_volume(create(&format!("vol-{i}"), 1 << 20))
+            .await
+            .unwrap();
     }
     let mut names = Vec::new();
     let mut token = String::new();
     loop {
         let page = m
-            .list_volumes(pb::ListVolumesRequest { max_entries: 2, starting_token: token.clone() })
+            .list_volumes(pb::ListVolumesRequest {
+                max_entries: 2,
+                starting_token: token.clone(),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -153,11 +334,18 @@ async fn listing_pages_capacity_and_health() {
     }
     assert_eq!(names, ["demo", "vol-0", "vol-1", "vol-2", "vol-3", "vol-4"]);
     let e = m
-        .list_volumes(pb::ListVolumesRequest { max_entries: 2, starting_token: "bad/token".into() })
+        .list_volumes(pb::ListVolumesRequest {
+            max_entries: 2,
+            starting_token: "bad/token".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Aborted);
-    let cap = m.get_capacity(pb::GetCapacityRequest {}).await.unwrap().into_inner();
+    let cap = m
+        .get_capacity(pb::GetCapacityRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(cap.provisioned_bytes, (1 << 30) + 5 * (1 << 20));
     assert!(cap.total_bytes >= cap.available_bytes && cap.available_bytes > 0);
     let h = m.health(pb::HealthRequest {}).await.unwrap().into_inner();
@@ -168,7 +356,8 @@ async fn listing_pages_capacity_and_health() {
     let body = tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};
         let mut t = std::net::TcpStream::connect(addr).unwrap();
-        t.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        t.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
         let mut body = String::new();
         t.read_to_string(&mut body).unwrap();
         body

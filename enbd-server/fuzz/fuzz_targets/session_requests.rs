@@ -48,8 +48,15 @@ fn prefix(mode: u8) -> Vec<u8> {
 
 fuzz_target!(|data: &[u8]| {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    let rt = RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap());
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let rt = RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    });
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     let mut input = prefix(mode % 5);
     input.extend_from_slice(rest);
     enbd_server::testkit::run_session_on_bytes(rt, &input, 64 * 1024);

@@ -106,7 +106,11 @@ impl Drop for Frozen<'_> {
 
 impl FileBackend {
     pub fn new(file: File, read_only: bool) -> Self {
-        Self { file, read_only, gate: Gate::default() }
+        Self {
+            file,
+            read_only,
+            gate: Gate::default(),
+        }
     }
 
     pub fn inner_file(&self) -> &File {
@@ -139,7 +143,10 @@ impl FileBackend {
 }
 
 fn unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+    )
 }
 
 impl Backend for FileBackend {
@@ -237,14 +244,20 @@ impl Backend for FileBackend {
         while pos < end && out.len() < max_extents.max(1) {
             let data = sys::seek_data(&self.file, pos)?.unwrap_or(end).min(end);
             if data > pos {
-                out.push(Extent { length: data - pos, hole: true });
+                out.push(Extent {
+                    length: data - pos,
+                    hole: true,
+                });
                 pos = data;
                 continue;
             }
             let hole = sys::seek_hole(&self.file, pos)?.unwrap_or(end).min(end);
             // SEEK_HOLE never returns pos itself when pos is in data; guard anyway.
             let hole = if hole <= pos { end } else { hole };
-            out.push(Extent { length: hole - pos, hole: false });
+            out.push(Extent {
+                length: hole - pos,
+                hole: false,
+            });
             pos = hole;
         }
         Ok(out)
@@ -265,7 +278,13 @@ mod tests {
 
     fn backend(size: u64) -> (tempfile::TempDir, FileBackend) {
         let dir = tempfile::tempdir().unwrap();
-        let f = File::options().read(true).write(true).create(true).truncate(true).open(dir.path().join("v")).unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("v"))
+            .unwrap();
         f.set_len(size).unwrap();
         (dir, FileBackend::new(f, false))
     }
@@ -278,9 +297,18 @@ mod tests {
         assert_eq!(
             map,
             vec![
-                Extent { length: 65536, hole: true },
-                Extent { length: 8192, hole: false },
-                Extent { length: (1 << 20) - 65536 - 8192, hole: true },
+                Extent {
+                    length: 65536,
+                    hole: true
+                },
+                Extent {
+                    length: 8192,
+                    hole: false
+                },
+                Extent {
+                    length: (1 << 20) - 65536 - 8192,
+                    hole: true
+                },
             ]
         );
         assert_eq!(b.block_status(0, 1 << 20, 1).unwrap().len(), 1);
@@ -296,7 +324,13 @@ mod tests {
         b.read_at(&mut buf, 0).unwrap();
         assert!(buf.iter().all(|&x| x == 0));
         let map = b.block_status(0, 65536, 8).unwrap();
-        assert_eq!(map[0], Extent { length: 8192, hole: true });
+        assert_eq!(
+            map[0],
+            Extent {
+                length: 8192,
+                hole: true
+            }
+        );
         assert!(!map[1].hole, "NO_HOLE range must stay allocated: {map:?}");
     }
 
@@ -308,14 +342,20 @@ mod tests {
         assert_eq!(&got[..10], &[0u8; 10]);
         assert_eq!(&got[10..110], &[3u8; 100][..]);
         assert_eq!(got.len(), 300);
-        assert!(got[110..].iter().all(|&x| x == 0), "past the end reads as zeroes");
+        assert!(
+            got[110..].iter().all(|&x| x == 0),
+            "past the end reads as zeroes"
+        );
     }
 
     #[test]
     fn read_only_refuses_writes() {
         let (_d, b) = backend(4096);
         let ro = FileBackend::new(b.file.try_clone().unwrap(), true);
-        assert!(matches!(ro.write_at(&[0; 512], 0, false), Err(ExportError::ReadOnly)));
+        assert!(matches!(
+            ro.write_at(&[0; 512], 0, false),
+            Err(ExportError::ReadOnly)
+        ));
         assert!(matches!(ro.trim(0, 512), Err(ExportError::ReadOnly)));
         assert_eq!(ExportError::ReadOnly.nbd_errno(), 1);
     }

@@ -16,7 +16,10 @@ pub struct MemoryBackend {
 
 impl MemoryBackend {
     pub fn new(read_only: bool) -> Self {
-        Self { pages: Mutex::new(BTreeMap::new()), read_only }
+        Self {
+            pages: Mutex::new(BTreeMap::new()),
+            read_only,
+        }
     }
 
     fn pages(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Box<[u8]>>> {
@@ -88,7 +91,13 @@ impl Backend for MemoryBackend {
         self.write_zeroes(offset, len, false, false)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, keep: bool, _fast: bool) -> Result<(), ExportError> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        keep: bool,
+        _fast: bool,
+    ) -> Result<(), ExportError> {
         if self.read_only {
             return Err(ExportError::ReadOnly);
         }
@@ -133,9 +142,24 @@ mod tests {
         assert_eq!(&b, b"\0hello\0");
         assert_eq!(
             m.block_status(0, 16384, 8).unwrap(),
-            vec![Extent { length: 8192, hole: false }, Extent { length: 8192, hole: true }]
+            vec![
+                Extent {
+                    length: 8192,
+                    hole: false
+                },
+                Extent {
+                    length: 8192,
+                    hole: true
+                }
+            ]
         );
         m.trim(0, 8192).unwrap();
-        assert_eq!(m.block_status(0, 16384, 8).unwrap(), vec![Extent { length: 16384, hole: true }]);
+        assert_eq!(
+            m.block_status(0, 16384, 8).unwrap(),
+            vec![Extent {
+                length: 16384,
+                hole: true
+            }]
+        );
     }
 }

@@ -24,13 +24,37 @@ const INLINE_READ_MAX: usize = 256 * 1024;
 /// One backend operation, ranges already checked against the export size.
 #[derive(Debug)]
 pub enum Op {
-    Read { offset: u64, len: usize },
-    Write { offset: u64, data: Bytes, fua: bool },
+    Read {
+        offset: u64,
+        len: usize,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u64, fua: bool },
-    WriteZeroes { offset: u64, len: u64, keep_allocated: bool, fast_only: bool, fua: bool },
-    Cache { offset: u64, len: u64 },
-    BlockStatus { offset: u64, len: u64, max_extents: usize },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        keep_allocated: bool,
+        fast_only: bool,
+        fua: bool,
+    },
+    Cache {
+        offset: u64,
+        len: u64,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    },
 }
 
 /// What a successful op produced.
@@ -47,7 +71,9 @@ pub type OpResult = Result<Output, ExportError>;
 pub fn run_blocking(backend: &dyn Backend, op: Op) -> OpResult {
     match op {
         Op::Read { offset, len } => Ok(Output::Data(backend.read_owned(offset, len)?.freeze())),
-        Op::Write { offset, data, fua } => backend.write_at(&data, offset, fua).map(|_| Output::None),
+        Op::Write { offset, data, fua } => {
+            backend.write_at(&data, offset, fua).map(|_| Output::None)
+        }
         Op::Flush => backend.flush().map(|_| Output::None),
         Op::Trim { offset, len, fua } => {
             backend.trim(offset, len)?;
@@ -56,7 +82,13 @@ pub fn run_blocking(backend: &dyn Backend, op: Op) -> OpResult {
             }
             Ok(Output::None)
         }
-        Op::WriteZeroes { offset, len, keep_allocated, fast_only, fua } => {
+        Op::WriteZeroes {
+            offset,
+            len,
+            keep_allocated,
+            fast_only,
+            fua,
+        } => {
             backend.write_zeroes(offset, len, keep_allocated, fast_only)?;
             if fua {
                 backend.flush()?;
@@ -64,9 +96,13 @@ pub fn run_blocking(backend: &dyn Backend, op: Op) -> OpResult {
             Ok(Output::None)
         }
         Op::Cache { offset, len } => backend.cache(offset, len).map(|_| Output::None),
-        Op::BlockStatus { offset, len, max_extents } => {
-            backend.block_status(offset, len, max_extents).map(Output::Extents)
-        }
+        Op::BlockStatus {
+            offset,
+            len,
+            max_extents,
+        } => backend
+            .block_status(offset, len, max_extents)
+            .map(Output::Extents),
     }
 }
 
@@ -82,7 +118,9 @@ pub enum IoEngine {
 impl IoEngine {
     /// Starts the positional-IO thread pool.
     pub fn pool(threads: usize) -> std::io::Result<Self> {
-        Ok(IoEngine::Pool(Arc::new(super::pool::IoPool::start(threads)?)))
+        Ok(IoEngine::Pool(Arc::new(super::pool::IoPool::start(
+            threads,
+        )?)))
     }
 
     /// Starts the io_uring engine's thread.
@@ -99,20 +137,25 @@ impl IoEngine {
         // Page-cache hits need no thread: try the read right here without blocking
         // (RWF_NOWAIT), and only hand it to the pool if the kernel would have to wait.
         if let (Op::Read { offset, len }, Some(file)) = (&op, backend.file())
-            && *len > 0 && *len <= INLINE_READ_MAX {
-                let mut buf = BytesMut::zeroed(*len);
-                if matches!(crate::sys::pread_nowait(file, &mut buf, *offset), Ok(n) if n == *len) {
-                    return done(Ok(Output::Data(buf.freeze())));
-                }
+            && *len > 0
+            && *len <= INLINE_READ_MAX
+        {
+            let mut buf = BytesMut::zeroed(*len);
+            if matches!(crate::sys::pread_nowait(file, &mut buf, *offset), Ok(n) if n == *len) {
+                return done(Ok(Output::Data(buf.freeze())));
             }
+        }
         if let IoEngine::Uring(ring) = self
             && let Some(file) = backend.file()
-                && matches!(op, Op::Read { .. } | Op::Write { .. } | Op::Flush) {
-                    return ring.submit(backend.clone(), file, op, Box::new(done));
-                }
+            && matches!(op, Op::Read { .. } | Op::Write { .. } | Op::Flush)
+        {
+            return ring.submit(backend.clone(), file, op, Box::new(done));
+        }
         let backend = backend.clone();
         match self {
-            IoEngine::Pool(pool) => pool.submit(Box::new(move || done(run_blocking(&*backend, op)))),
+            IoEngine::Pool(pool) => {
+                pool.submit(Box::new(move || done(run_blocking(&*backend, op))))
+            }
             _ => {
                 tokio::task::spawn_blocking(move || done(run_blocking(&*backend, op)));
             }

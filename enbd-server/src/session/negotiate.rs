@@ -8,9 +8,9 @@
 
 use bytes::{Buf, BytesMut};
 use enbd_proto::wire::{
-    BASE_ALLOCATION, BlockSizeInfo, ClientFlags, ExportInfo, Greeting, HandshakeFlags, HeaderStyle, InfoReply,
-    InfoRequest, InfoType, MetaContextRequest, OptionCode, OptionError, OptionHeader, OptionReply, OptionReplyBody,
-    OptionRequest, TransmissionFlags, WireError,
+    BASE_ALLOCATION, BlockSizeInfo, ClientFlags, ExportInfo, Greeting, HandshakeFlags, HeaderStyle,
+    InfoReply, InfoRequest, InfoType, MetaContextRequest, OptionCode, OptionError, OptionHeader,
+    OptionReply, OptionReplyBody, OptionRequest, TransmissionFlags, WireError,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -45,7 +45,11 @@ struct State {
 
 impl State {
     fn style(&self) -> HeaderStyle {
-        if self.extended { HeaderStyle::Extended } else { HeaderStyle::Compact }
+        if self.extended {
+            HeaderStyle::Extended
+        } else {
+            HeaderStyle::Compact
+        }
     }
 }
 
@@ -70,7 +74,11 @@ where
     }
 }
 
-async fn discard<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, mut n: usize) -> Result<(), SessionError> {
+async fn discard<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    mut n: usize,
+) -> Result<(), SessionError> {
     loop {
         let take = n.min(buf.len());
         buf.advance(take);
@@ -85,7 +93,10 @@ async fn discard<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, mut n: usi
     }
 }
 
-async fn send<W: AsyncWrite + Unpin>(w: &mut W, replies: &[OptionReply]) -> Result<(), SessionError> {
+async fn send<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    replies: &[OptionReply],
+) -> Result<(), SessionError> {
     let mut out = Vec::new();
     for r in replies {
         r.encode(&mut out)?;
@@ -130,13 +141,23 @@ fn info_replies(
     max_request: u32,
     provider: &dyn ExportProvider,
 ) -> Vec<OptionReply> {
-    let info = |i| OptionReply { option, body: OptionReplyBody::Info(i) };
-    let mut out = vec![info(InfoReply::Export(ExportInfo { size: export.size, flags: transmission_flags(export, st) }))];
+    let info = |i| OptionReply {
+        option,
+        body: OptionReplyBody::Info(i),
+    };
+    let mut out = vec![info(InfoReply::Export(ExportInfo {
+        size: export.size,
+        flags: transmission_flags(export, st),
+    }))];
     for t in &req.requests {
         match t {
             InfoType::Name => out.push(info(InfoReply::Name(export.name.clone()))),
             InfoType::Description => {
-                let d = provider.list().into_iter().find(|e| e.name == export.name).map(|e| e.description);
+                let d = provider
+                    .list()
+                    .into_iter()
+                    .find(|e| e.name == export.name)
+                    .map(|e| e.description);
                 if let Some(d) = d {
                     out.push(info(InfoReply::Description(d)));
                 }
@@ -146,7 +167,11 @@ fn info_replies(
     }
     // Sent even when not asked for: clients that do not ask still benefit, and the spec
     // allows it.
-    out.push(info(InfoReply::BlockSize(BlockSizeInfo { minimum: 1, preferred: 4096, maximum: max_request })));
+    out.push(info(InfoReply::BlockSize(BlockSizeInfo {
+        minimum: 1,
+        preferred: 4096,
+        maximum: max_request,
+    })));
     out.push(OptionReply::ack(option));
     out
 }
@@ -158,7 +183,11 @@ fn meta_replies(
     provider: &dyn ExportProvider,
 ) -> Vec<OptionReply> {
     if !st.structured {
-        return vec![OptionReply::error(option, OptionError::Invalid, "negotiate structured replies first")];
+        return vec![OptionReply::error(
+            option,
+            OptionError::Invalid,
+            "negotiate structured replies first",
+        )];
     }
     if let Err(e) = provider.open(&req.export) {
         return vec![open_error(option, &e)];
@@ -167,12 +196,20 @@ fn meta_replies(
     let wanted = if req.queries.is_empty() {
         !set // LIST with no query lists everything; SET with none selects nothing.
     } else {
-        req.queries.iter().any(|q| q == BASE_ALLOCATION || q == "base:")
+        req.queries
+            .iter()
+            .any(|q| q == BASE_ALLOCATION || q == "base:")
     };
     let mut out = Vec::new();
     if wanted {
         let id = if set { BASE_ALLOCATION_ID } else { 0 };
-        out.push(OptionReply { option, body: OptionReplyBody::MetaContext { id, name: BASE_ALLOCATION.into() } });
+        out.push(OptionReply {
+            option,
+            body: OptionReplyBody::MetaContext {
+                id,
+                name: BASE_ALLOCATION.into(),
+            },
+        });
     }
     if set {
         st.meta = Some((req.export.clone(), wanted));
@@ -192,7 +229,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut greeting = Vec::with_capacity(18);
-    Greeting { flags: HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES }.encode(&mut greeting);
+    Greeting {
+        flags: HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES,
+    }
+    .encode(&mut greeting);
     io.write_all(&greeting).await?;
     let client = read_frame(io, buf, ClientFlags::decode).await?;
     let no_zeroes = client.contains(ClientFlags::NO_ZEROES);
@@ -209,19 +249,36 @@ where
                 }));
             }
             discard(io, buf, header.length as usize).await?;
-            send(io, &[OptionReply::error(header.option, OptionError::TooBig, "option data too long")]).await?;
+            send(
+                io,
+                &[OptionReply::error(
+                    header.option,
+                    OptionError::TooBig,
+                    "option data too long",
+                )],
+            )
+            .await?;
             continue;
         }
         // Put the header back in front of its data and decode the whole option at once.
         let data = read_frame(io, buf, |b| {
-            Ok((b.len() >= header.length as usize).then(|| (b[..header.length as usize].to_vec(), header.length as usize)))
+            Ok((b.len() >= header.length as usize)
+                .then(|| (b[..header.length as usize].to_vec(), header.length as usize)))
         })
         .await?;
         let request = match OptionRequest::parse(header.option, &data) {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(option = ?header.option, error = %e, "malformed option");
-                send(io, &[OptionReply::error(header.option, OptionError::Invalid, e.to_string())]).await?;
+                send(
+                    io,
+                    &[OptionReply::error(
+                        header.option,
+                        OptionError::Invalid,
+                        e.to_string(),
+                    )],
+                )
+                .await?;
                 continue;
             }
         };
@@ -236,17 +293,39 @@ where
                 let mut replies: Vec<OptionReply> = provider
                     .list()
                     .into_iter()
-                    .map(|e| OptionReply { option, body: OptionReplyBody::Server { name: e.name, details: e.description } })
+                    .map(|e| OptionReply {
+                        option,
+                        body: OptionReplyBody::Server {
+                            name: e.name,
+                            details: e.description,
+                        },
+                    })
                     .collect();
                 replies.push(OptionReply::ack(option));
                 send(io, &replies).await?;
             }
             OptionRequest::StartTls => {
-                send(io, &[OptionReply::error(option, OptionError::Unsupported, "TLS is not enabled on this server")]).await?;
+                send(
+                    io,
+                    &[OptionReply::error(
+                        option,
+                        OptionError::Unsupported,
+                        "TLS is not enabled on this server",
+                    )],
+                )
+                .await?;
             }
             OptionRequest::StructuredReply => {
                 if st.extended {
-                    send(io, &[OptionReply::error(option, OptionError::Invalid, "extended headers already negotiated")]).await?;
+                    send(
+                        io,
+                        &[OptionReply::error(
+                            option,
+                            OptionError::Invalid,
+                            "extended headers already negotiated",
+                        )],
+                    )
+                    .await?;
                 } else {
                     st.structured = true;
                     st.meta = None;
@@ -275,7 +354,8 @@ where
                 send(io, &replies).await?;
                 if option == OptionCode::Go {
                     let flags = transmission_flags(&export, &st);
-                    let base_allocation = matches!(&st.meta, Some((name, true)) if *name == req.export);
+                    let base_allocation =
+                        matches!(&st.meta, Some((name, true)) if *name == req.export);
                     return Ok(Some(Negotiated {
                         export,
                         style: st.style(),
@@ -290,13 +370,31 @@ where
                 let export = provider.open(&name).map_err(SessionError::Open)?;
                 let flags = transmission_flags(&export, &st);
                 let mut out = Vec::new();
-                ExportInfo { size: export.size, flags }.encode_export_name_reply(no_zeroes, &mut out);
+                ExportInfo {
+                    size: export.size,
+                    flags,
+                }
+                .encode_export_name_reply(no_zeroes, &mut out);
                 io.write_all(&out).await?;
                 let base_allocation = matches!(&st.meta, Some((n, true)) if *n == name);
-                return Ok(Some(Negotiated { export, style: st.style(), structured: st.structured, base_allocation, flags }));
+                return Ok(Some(Negotiated {
+                    export,
+                    style: st.style(),
+                    structured: st.structured,
+                    base_allocation,
+                    flags,
+                }));
             }
             OptionRequest::Unknown { option: raw, .. } => {
-                send(io, &[OptionReply::error(option, OptionError::Unsupported, format!("option {raw} is not supported"))]).await?;
+                send(
+                    io,
+                    &[OptionReply::error(
+                        option,
+                        OptionError::Unsupported,
+                        format!("option {raw} is not supported"),
+                    )],
+                )
+                .await?;
             }
         }
     }

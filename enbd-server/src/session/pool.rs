@@ -40,7 +40,9 @@ impl IoPool {
         let shared = Arc::new(Shared::default());
         for i in 0..threads.max(1) {
             let s = shared.clone();
-            std::thread::Builder::new().name(format!("enbd-io-{i}")).spawn(move || worker(&s))?;
+            std::thread::Builder::new()
+                .name(format!("enbd-io-{i}"))
+                .spawn(move || worker(&s))?;
         }
         Ok(Self { shared })
     }

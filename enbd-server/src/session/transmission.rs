@@ -17,11 +17,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures::FutureExt;
 use enbd_proto::wire::{
-    ChunkBody, CommandFlags, Command, Cookie, ExtendedExtent, Extent as WireExtent, HeaderStyle, NBD_STATE_HOLE,
-    NBD_STATE_ZERO, NbdError, ReplyChunk, ReplyFlags, Request, SimpleReply, WireError,
+    ChunkBody, Command, CommandFlags, Cookie, ExtendedExtent, Extent as WireExtent, HeaderStyle,
+    NBD_STATE_HOLE, NBD_STATE_ZERO, NbdError, ReplyChunk, ReplyFlags, Request, SimpleReply,
+    WireError,
 };
+use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -59,7 +60,12 @@ fn refuse(err: NbdError, msg: impl Into<String>) -> Result<Op, (NbdError, String
 }
 
 /// Checks a request against the negotiated export and turns it into a backend op.
-fn validate(req: &Request, payload: Option<Bytes>, n: &Negotiated, max_request: u32) -> Result<Op, (NbdError, String)> {
+fn validate(
+    req: &Request,
+    payload: Option<Bytes>,
+    n: &Negotiated,
+    max_request: u32,
+) -> Result<Op, (NbdError, String)> {
     let known = CommandFlags::FUA
         | CommandFlags::NO_HOLE
         | CommandFlags::DF
@@ -67,7 +73,10 @@ fn validate(req: &Request, payload: Option<Bytes>, n: &Negotiated, max_request: 
         | CommandFlags::FAST_ZERO
         | CommandFlags::PAYLOAD_LEN;
     if req.flags.difference(known).bits() != 0 {
-        return refuse(NbdError::Inval, format!("unknown command flags {:#x}", req.flags.bits()));
+        return refuse(
+            NbdError::Inval,
+            format!("unknown command flags {:#x}", req.flags.bits()),
+        );
     }
     let allowed = match req.command {
         Command::Read => CommandFlags::DF,
@@ -79,32 +88,64 @@ fn validate(req: &Request, payload: Option<Bytes>, n: &Negotiated, max_request: 
         Command::Unknown(c) => return refuse(NbdError::Inval, format!("unknown command {c}")),
     };
     if req.flags.difference(allowed).bits() != 0 {
-        return refuse(NbdError::Inval, format!("flags {:?} not valid for {:?}", req.flags, req.command));
+        return refuse(
+            NbdError::Inval,
+            format!("flags {:?} not valid for {:?}", req.flags, req.command),
+        );
     }
     if req.flags.contains(CommandFlags::DF) && !n.structured {
         return refuse(NbdError::Inval, "DF needs structured replies");
     }
-    let writes = matches!(req.command, Command::Write | Command::Trim | Command::WriteZeroes);
+    let writes = matches!(
+        req.command,
+        Command::Write | Command::Trim | Command::WriteZeroes
+    );
     if writes && n.export.read_only {
         return refuse(NbdError::Perm, "export is read-only");
     }
     let (offset, len) = (req.offset, req.length);
-    let in_range = offset.checked_add(len).is_some_and(|end| end <= n.export.size);
+    let in_range = offset
+        .checked_add(len)
+        .is_some_and(|end| end <= n.export.size);
     let ranged = !matches!(req.command, Command::Flush | Command::Disc);
     if ranged && !in_range {
-        let err = if writes { NbdError::NoSpc } else { NbdError::Inval };
-        return refuse(err, format!("range {offset}+{len} is beyond the export size {}", n.export.size));
+        let err = if writes {
+            NbdError::NoSpc
+        } else {
+            NbdError::Inval
+        };
+        return refuse(
+            err,
+            format!(
+                "range {offset}+{len} is beyond the export size {}",
+                n.export.size
+            ),
+        );
     }
     let fua = req.flags.contains(CommandFlags::FUA);
     match req.command {
         Command::Read => {
             if len > u64::from(max_request) {
-                let err = if n.structured { NbdError::Overflow } else { NbdError::Inval };
-                return refuse(err, format!("read of {len} bytes exceeds the limit of {max_request}"));
+                let err = if n.structured {
+                    NbdError::Overflow
+                } else {
+                    NbdError::Inval
+                };
+                return refuse(
+                    err,
+                    format!("read of {len} bytes exceeds the limit of {max_request}"),
+                );
             }
-            Ok(Op::Read { offset, len: len as usize })
+            Ok(Op::Read {
+                offset,
+                len: len as usize,
+            })
         }
-        Command::Write => Ok(Op::Write { offset, data: payload.unwrap_or_default(), fua }),
+        Command::Write => Ok(Op::Write {
+            offset,
+            data: payload.unwrap_or_default(),
+            fua,
+        }),
         Command::Flush => Ok(Op::Flush),
         Command::Trim => Ok(Op::Trim { offset, len, fua }),
         Command::WriteZeroes => Ok(Op::WriteZeroes {
@@ -122,8 +163,16 @@ fn validate(req: &Request, payload: Option<Bytes>, n: &Negotiated, max_request: 
             if len == 0 {
                 return refuse(NbdError::Inval, "block status of an empty range");
             }
-            let max_extents = if req.flags.contains(CommandFlags::REQ_ONE) { 1 } else { MAX_EXTENTS };
-            Ok(Op::BlockStatus { offset, len, max_extents })
+            let max_extents = if req.flags.contains(CommandFlags::REQ_ONE) {
+                1
+            } else {
+                MAX_EXTENTS
+            };
+            Ok(Op::BlockStatus {
+                offset,
+                len,
+                max_extents,
+            })
         }
         Command::Disc | Command::Unknown(_) => refuse(NbdError::Inval, "not an IO command"),
     }
@@ -148,13 +197,32 @@ where
     let budget = Arc::new(Semaphore::new(budget_units));
     let style = n.style;
     let structured = n.structured;
-    let writer = tokio::spawn(write_replies(wr, rx, style, structured, writer_failed.clone()));
+    let writer = tokio::spawn(write_replies(
+        wr,
+        rx,
+        style,
+        structured,
+        writer_failed.clone(),
+    ));
     let n = Arc::new(n);
 
-    let result = read_requests(&mut rd, &mut buf, &n, &cfg, &tx, &budget, budget_units, &stop, &writer_failed).await;
+    let result = read_requests(
+        &mut rd,
+        &mut buf,
+        &n,
+        &cfg,
+        &tx,
+        &budget,
+        budget_units,
+        &stop,
+        &writer_failed,
+    )
+    .await;
     drop(tx);
     // In-flight ops hold sender clones; the writer ends once the last one has replied.
-    let written = writer.await.map_err(|e| SessionError::Io(std::io::Error::other(e)))?;
+    let written = writer
+        .await
+        .map_err(|e| SessionError::Io(std::io::Error::other(e)))?;
     result?;
     written
 }
@@ -188,7 +256,16 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 }
                 Err(e) => return Err(SessionError::Protocol(e)),
             }
-            if !fill(rd, buf, Request::header_len(style), stop, &closed, writer_failed).await? {
+            if !fill(
+                rd,
+                buf,
+                Request::header_len(style),
+                stop,
+                &closed,
+                writer_failed,
+            )
+            .await?
+            {
                 return Ok(());
             }
         };
@@ -209,9 +286,20 @@ async fn read_requests<R: AsyncRead + Unpin>(
             tracing::debug!("client sent DISC");
             return Ok(());
         }
-        let op = if style == HeaderStyle::Extended && req.command == Command::BlockStatus && payload.is_some() {
+        let op = if style == HeaderStyle::Extended
+            && req.command == Command::BlockStatus
+            && payload.is_some()
+        {
             // The extended BLOCK_STATUS payload only narrows context ids; we serve one.
-            validate(&Request { flags: req.flags.difference(CommandFlags::PAYLOAD_LEN), ..req }, None, n, cfg.max_request_bytes)
+            validate(
+                &Request {
+                    flags: req.flags.difference(CommandFlags::PAYLOAD_LEN),
+                    ..req
+                },
+                None,
+                n,
+                cfg.max_request_bytes,
+            )
         } else {
             validate(&req, payload, n, cfg.max_request_bytes)
         };
@@ -220,7 +308,12 @@ async fn read_requests<R: AsyncRead + Unpin>(
             Err(e) => {
                 cfg.metrics.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(cookie = req.cookie.0, command = ?req.command, error = %e.1, "request refused");
-                let _ = tx.send(Reply { cookie: req.cookie, offset: req.offset, result: Err(e), _permit: None });
+                let _ = tx.send(Reply {
+                    cookie: req.cookie,
+                    offset: req.offset,
+                    result: Err(e),
+                    _permit: None,
+                });
                 continue;
             }
         };
@@ -230,10 +323,20 @@ async fn read_requests<R: AsyncRead + Unpin>(
             _ => 1,
         };
         let units = u32::try_from(units.min(budget_units as u64)).unwrap_or(u32::MAX);
-        let permit = budget.clone().acquire_many_owned(units).await.map_err(|_| SessionError::Closed)?;
+        let permit = budget
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .map_err(|_| SessionError::Closed)?;
         match &op {
-            Op::Read { len, .. } => cfg.metrics.read_bytes.fetch_add(*len as u64, Ordering::Relaxed),
-            Op::Write { data, .. } => cfg.metrics.write_bytes.fetch_add(data.len() as u64, Ordering::Relaxed),
+            Op::Read { len, .. } => cfg
+                .metrics
+                .read_bytes
+                .fetch_add(*len as u64, Ordering::Relaxed),
+            Op::Write { data, .. } => cfg
+                .metrics
+                .write_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed),
             _ => 0,
         };
         let tx = tx.clone();
@@ -302,37 +405,77 @@ async fn fill<R: AsyncRead + Unpin>(
 }
 
 /// Appends one reply; big READ payloads become separate segments (no copy).
-fn encode_reply(r: Reply, style: HeaderStyle, structured: bool, out: &mut BytesMut, segs: &mut VecDeque<Bytes>) -> Result<(), WireError> {
-    let request_offset = if style == HeaderStyle::Extended { r.offset } else { 0 };
-    let chunk = |body: ChunkBody| ReplyChunk { flags: ReplyFlags::DONE, cookie: r.cookie, request_offset, body };
+fn encode_reply(
+    r: Reply,
+    style: HeaderStyle,
+    structured: bool,
+    out: &mut BytesMut,
+    segs: &mut VecDeque<Bytes>,
+) -> Result<(), WireError> {
+    let request_offset = if style == HeaderStyle::Extended {
+        r.offset
+    } else {
+        0
+    };
+    let chunk = |body: ChunkBody| ReplyChunk {
+        flags: ReplyFlags::DONE,
+        cookie: r.cookie,
+        request_offset,
+        body,
+    };
     match r.result {
         Err((error, message)) => {
             if structured {
                 let message: String = message.chars().take(1024).collect();
                 chunk(ChunkBody::Error { error, message }).encode(style, out)?;
             } else {
-                SimpleReply { error: Some(error), cookie: r.cookie }.encode(out);
+                SimpleReply {
+                    error: Some(error),
+                    cookie: r.cookie,
+                }
+                .encode(out);
             }
         }
         Ok(Output::Data(data)) => {
             if structured && !data.is_empty() {
-                let c = chunk(ChunkBody::OffsetData { offset: r.offset, data });
+                let c = chunk(ChunkBody::OffsetData {
+                    offset: r.offset,
+                    data,
+                });
                 c.encode_without_data(style, out)?;
-                let ChunkBody::OffsetData { data, .. } = c.body else { unreachable!("built above") };
+                let ChunkBody::OffsetData { data, .. } = c.body else {
+                    unreachable!("built above")
+                };
                 push_data(data, out, segs);
             } else if structured {
                 chunk(ChunkBody::None).encode(style, out)?;
             } else {
-                SimpleReply { error: None, cookie: r.cookie }.encode(out);
+                SimpleReply {
+                    error: None,
+                    cookie: r.cookie,
+                }
+                .encode(out);
                 push_data(data, out, segs);
             }
         }
         Ok(Output::Extents(extents)) => {
-            let flags = |hole: bool| if hole { NBD_STATE_HOLE | NBD_STATE_ZERO } else { 0 };
+            let flags = |hole: bool| {
+                if hole {
+                    NBD_STATE_HOLE | NBD_STATE_ZERO
+                } else {
+                    0
+                }
+            };
             let body = if style == HeaderStyle::Extended {
                 ChunkBody::BlockStatusExt {
                     context_id: BASE_ALLOCATION_ID,
-                    extents: extents.iter().map(|e| ExtendedExtent { length: e.length, flags: flags(e.hole).into() }).collect(),
+                    extents: extents
+                        .iter()
+                        .map(|e| ExtendedExtent {
+                            length: e.length,
+                            flags: flags(e.hole).into(),
+                        })
+                        .collect(),
                 }
             } else {
                 ChunkBody::BlockStatus {
@@ -340,7 +483,10 @@ fn encode_reply(r: Reply, style: HeaderStyle, structured: bool, out: &mut BytesM
                     // Request lengths are 32-bit in the compact style, so every extent fits.
                     extents: extents
                         .iter()
-                        .map(|e| WireExtent { length: e.length.min(u64::from(u32::MAX)) as u32, flags: flags(e.hole) })
+                        .map(|e| WireExtent {
+                            length: e.length.min(u64::from(u32::MAX)) as u32,
+                            flags: flags(e.hole),
+                        })
                         .collect(),
                 }
             };
@@ -351,7 +497,11 @@ fn encode_reply(r: Reply, style: HeaderStyle, structured: bool, out: &mut BytesM
                 chunk(ChunkBody::None).encode(style, out)?;
             } else {
                 // Simple replies are allowed for everything but READ and BLOCK_STATUS.
-                SimpleReply { error: None, cookie: r.cookie }.encode(out);
+                SimpleReply {
+                    error: None,
+                    cookie: r.cookie,
+                }
+                .encode(out);
             }
         }
     }
@@ -402,7 +552,10 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     result
 }
 
-async fn write_segments<W: AsyncWrite + Unpin>(wr: &mut W, segs: &mut VecDeque<Bytes>) -> Result<(), SessionError> {
+async fn write_segments<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    segs: &mut VecDeque<Bytes>,
+) -> Result<(), SessionError> {
     while !segs.is_empty() {
         let n = {
             let slices: Vec<IoSlice<'_>> = segs.iter().take(64).map(|b| IoSlice::new(b)).collect();

@@ -39,9 +39,21 @@ struct Submission {
 }
 
 enum Work {
-    Read { buf: BytesMut, offset: u64, done_len: usize },
-    Write { data: Bytes, offset: u64, done_len: usize, fua: bool, gated: bool },
-    Sync { gated: bool },
+    Read {
+        buf: BytesMut,
+        offset: u64,
+        done_len: usize,
+    },
+    Write {
+        data: Bytes,
+        offset: u64,
+        done_len: usize,
+        fua: bool,
+        gated: bool,
+    },
+    Sync {
+        gated: bool,
+    },
 }
 
 struct Slot {
@@ -68,13 +80,18 @@ impl Uring {
         }
         // SAFETY: `efd` is a fresh descriptor nobody else owns.
         let wake = unsafe { OwnedFd::from_raw_fd(efd) };
-        let this = Arc::new(Self { queue: Mutex::new(Vec::new()), wake });
+        let this = Arc::new(Self {
+            queue: Mutex::new(Vec::new()),
+            wake,
+        });
         let worker = this.clone();
-        std::thread::Builder::new().name("enbd-uring".into()).spawn(move || {
-            if let Err(e) = worker.run(ring) {
-                tracing::error!(error = %e, "io_uring thread failed");
-            }
-        })?;
+        std::thread::Builder::new()
+            .name("enbd-uring".into())
+            .spawn(move || {
+                if let Err(e) = worker.run(ring) {
+                    tracing::error!(error = %e, "io_uring thread failed");
+                }
+            })?;
         Ok(this)
     }
 
@@ -82,7 +99,12 @@ impl Uring {
         let fd = file.as_raw_fd();
         let was_empty = {
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            q.push(Submission { backend: backend.clone(), fd, op, done });
+            q.push(Submission {
+                backend: backend.clone(),
+                fd,
+                op,
+                done,
+            });
             q.len() == 1
         };
         // Only the first submission after the ring thread drained the queue needs a wake-up.
@@ -108,13 +130,16 @@ impl Uring {
             completions.extend(ring.completion().map(|c| (c.user_data(), c.result())));
             for &(user_data, res) in &completions {
                 if user_data == WAKE {
-                    let drained = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
+                    let drained =
+                        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
                     backlog.extend(drained);
                     arm_wake(&mut ring, wake_fd, &mut wake_buf)?;
                     continue;
                 }
                 let idx = user_data as usize;
-                let Some(slot) = slots.get_mut(idx).and_then(Option::take) else { continue };
+                let Some(slot) = slots.get_mut(idx).and_then(Option::take) else {
+                    continue;
+                };
                 in_flight -= 1;
                 if let Some(slot) = complete(slot, res) {
                     start(&mut ring, &mut slots, &mut free, &mut in_flight, slot)?;
@@ -123,7 +148,9 @@ impl Uring {
                 }
             }
             while in_flight < MAX_IN_FLIGHT {
-                let Some(sub) = backlog.pop_front() else { break };
+                let Some(sub) = backlog.pop_front() else {
+                    break;
+                };
                 if let Some(slot) = prepare(sub) {
                     start(&mut ring, &mut slots, &mut free, &mut in_flight, slot)?;
                 }
@@ -133,7 +160,9 @@ impl Uring {
 }
 
 fn arm_wake(ring: &mut IoUring, fd: RawFd, buf: &mut [u8; 8]) -> io::Result<()> {
-    let sqe = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), 8).build().user_data(WAKE);
+    let sqe = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), 8)
+        .build()
+        .user_data(WAKE);
     push(ring, &sqe)
 }
 
@@ -150,14 +179,23 @@ fn push(ring: &mut IoUring, sqe: &io_uring::squeue::Entry) -> io::Result<()> {
 
 /// Turns a submission into a slot, or finishes it here if it needs no kernel IO.
 fn prepare(sub: Submission) -> Option<Slot> {
-    let Submission { backend, fd, op, done } = sub;
+    let Submission {
+        backend,
+        fd,
+        op,
+        done,
+    } = sub;
     let work = match op {
         Op::Read { offset, len } => {
             if len == 0 {
                 done(Ok(Output::Data(Bytes::new())));
                 return None;
             }
-            Work::Read { buf: BytesMut::zeroed(len), offset, done_len: 0 }
+            Work::Read {
+                buf: BytesMut::zeroed(len),
+                offset,
+                done_len: 0,
+            }
         }
         Op::Write { data, offset, fua } => {
             let gate = backend.write_gate();
@@ -173,13 +211,24 @@ fn prepare(sub: Submission) -> Option<Slot> {
             };
             if data.is_empty() {
                 if fua {
-                    return Some(Slot { backend, fd, work: Work::Sync { gated }, done });
+                    return Some(Slot {
+                        backend,
+                        fd,
+                        work: Work::Sync { gated },
+                        done,
+                    });
                 }
                 leave_gate(&backend, gated);
                 done(Ok(Output::None));
                 return None;
             }
-            Work::Write { data, offset, done_len: 0, fua, gated }
+            Work::Write {
+                data,
+                offset,
+                done_len: 0,
+                fua,
+                gated,
+            }
         }
         Op::Flush => Work::Sync { gated: false },
         other => {
@@ -187,7 +236,12 @@ fn prepare(sub: Submission) -> Option<Slot> {
             return None;
         }
     };
-    Some(Slot { backend, fd, work, done })
+    Some(Slot {
+        backend,
+        fd,
+        work,
+        done,
+    })
 }
 
 /// Runs an op on a plain thread (the ring thread is not inside a Tokio runtime).
@@ -213,15 +267,30 @@ fn start(
     });
     let fd = types::Fd(slot.fd);
     let sqe = match &mut slot.work {
-        Work::Read { buf, offset, done_len } => {
+        Work::Read {
+            buf,
+            offset,
+            done_len,
+        } => {
             let rest = &mut buf[*done_len..];
-            opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32).offset(*offset + *done_len as u64).build()
+            opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32)
+                .offset(*offset + *done_len as u64)
+                .build()
         }
-        Work::Write { data, offset, done_len, .. } => {
+        Work::Write {
+            data,
+            offset,
+            done_len,
+            ..
+        } => {
             let rest = &data[*done_len..];
-            opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32).offset(*offset + *done_len as u64).build()
+            opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
+                .offset(*offset + *done_len as u64)
+                .build()
         }
-        Work::Sync { .. } => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+        Work::Sync { .. } => opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
     };
     slots[idx] = Some(slot);
     *in_flight += 1;
@@ -229,10 +298,9 @@ fn start(
 }
 
 fn leave_gate(backend: &Arc<dyn Backend>, gated: bool) {
-    if gated
-        && let Some(g) = backend.write_gate() {
-            g.leave();
-        }
+    if gated && let Some(g) = backend.write_gate() {
+        g.leave();
+    }
 }
 
 /// Handles one completion. Returns the slot if it needs another submission.
@@ -260,11 +328,19 @@ fn complete(mut slot: Slot, res: i32) -> Option<Slot> {
             if *done_len < buf.len() {
                 return Some(slot);
             }
-            let Work::Read { buf, .. } = slot.work else { return None };
+            let Work::Read { buf, .. } = slot.work else {
+                return None;
+            };
             (slot.done)(Ok(Output::Data(buf.freeze())));
             None
         }
-        Work::Write { data, done_len, fua, gated, .. } => {
+        Work::Write {
+            data,
+            done_len,
+            fua,
+            gated,
+            ..
+        } => {
             *done_len += n;
             if n == 0 {
                 leave_gate(&slot.backend, *gated);

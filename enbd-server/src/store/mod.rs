@@ -51,10 +51,16 @@ pub enum StoreError {
     NotFound { kind: &'static str, name: String },
     #[error("{kind} {name:?} already exists with different parameters")]
     AlreadyExists { kind: &'static str, name: String },
-    #[error("volume {name:?} has {connections} open NBD connection(s); delete with force to close them")]
+    #[error(
+        "volume {name:?} has {connections} open NBD connection(s); delete with force to close them"
+    )]
     InUse { name: String, connections: u64 },
     #[error("volume {name:?} is {current} bytes; cannot shrink to {requested}")]
-    Shrink { name: String, current: u64, requested: u64 },
+    Shrink {
+        name: String,
+        current: u64,
+        requested: u64,
+    },
     #[error("size {requested} is smaller than the source's {source_size} bytes")]
     SmallerThanSource { requested: u64, source_size: u64 },
     #[error("another operation on {0:?} is in progress")]
@@ -64,7 +70,10 @@ pub enum StoreError {
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
-    move |source| StoreError::Io { context: context.into(), source }
+    move |source| StoreError::Io {
+        context: context.into(),
+        source,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,7 +151,10 @@ impl Drop for Lease {
         let mut open = lock(&self.inner.open);
         if self.vol.leases.fetch_sub(1, Ordering::AcqRel) == 1 {
             // Only forget the entry if it is still ours (a force delete may have replaced it).
-            if open.get(&self.key).is_some_and(|v| Arc::ptr_eq(v, &self.vol)) {
+            if open
+                .get(&self.key)
+                .is_some_and(|v| Arc::ptr_eq(v, &self.vol))
+            {
                 open.remove(&self.key);
             }
         }
@@ -166,13 +178,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn parse_name(name: &str) -> Result<VolumeName, StoreError> {
-    VolumeName::parse(name).map_err(|source| StoreError::InvalidName { name: name.to_owned(), source })
+    VolumeName::parse(name).map_err(|source| StoreError::InvalidName {
+        name: name.to_owned(),
+        source,
+    })
 }
 
 /// Rounds a requested size up to [`SIZE_ALIGN`].
 pub fn round_size(size: u64) -> Result<u64, StoreError> {
     if size == 0 {
-        return Err(StoreError::InvalidSize("size must be greater than zero".into()));
+        return Err(StoreError::InvalidSize(
+            "size must be greater than zero".into(),
+        ));
     }
     size.checked_next_multiple_of(SIZE_ALIGN)
         .filter(|s| *s <= i64::MAX as u64)
@@ -184,14 +201,20 @@ impl VolumeStore {
     /// is there is an interrupted create or delete.
     pub fn open(root: &Path, default_export: Option<String>) -> Result<Self, StoreError> {
         for sub in ["volumes", "snapshots", "staging"] {
-            fs::create_dir_all(root.join(sub)).map_err(io_err(format!("creating {}", root.join(sub).display())))?;
+            fs::create_dir_all(root.join(sub))
+                .map_err(io_err(format!("creating {}", root.join(sub).display())))?;
         }
-        let root = fs::canonicalize(root).map_err(io_err(format!("resolving {}", root.display())))?;
+        let root =
+            fs::canonicalize(root).map_err(io_err(format!("resolving {}", root.display())))?;
         let staging = root.join("staging");
         let mut cleaned = 0;
         for entry in fs::read_dir(&staging).map_err(io_err("scanning staging"))? {
             let path = entry.map_err(io_err("scanning staging"))?.path();
-            let r = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            let r = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
             r.map_err(io_err(format!("removing leftover {}", path.display())))?;
             cleaned += 1;
         }
@@ -235,7 +258,10 @@ impl VolumeStore {
 
     fn staging_path(&self, what: &str, name: &VolumeName) -> PathBuf {
         let seq = self.inner.staging_seq.fetch_add(1, Ordering::Relaxed);
-        self.inner.root.join("staging").join(format!("{what}-{name}-{}-{seq}", std::process::id()))
+        self.inner
+            .root
+            .join("staging")
+            .join(format!("{what}-{name}-{}-{seq}", std::process::id()))
     }
 
     fn claim(&self, kind: Kind, name: &VolumeName) -> Result<BusyGuard, StoreError> {
@@ -243,7 +269,10 @@ impl VolumeStore {
         if !lock(&self.inner.busy).insert(key.clone()) {
             return Err(StoreError::Busy(name.to_string()));
         }
-        Ok(BusyGuard { inner: self.inner.clone(), key })
+        Ok(BusyGuard {
+            inner: self.inner.clone(),
+            key,
+        })
     }
 
     fn names(&self, kind: Kind) -> Result<Vec<VolumeName>, StoreError> {
@@ -251,7 +280,11 @@ impl VolumeStore {
         let mut out = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err(format!("listing {}", dir.display())))? {
             let entry = entry.map_err(io_err(format!("listing {}", dir.display())))?;
-            if let Some(name) = entry.file_name().to_str().and_then(|n| VolumeName::parse(n).ok()) {
+            if let Some(name) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| VolumeName::parse(n).ok())
+            {
                 out.push(name);
             }
         }
@@ -275,15 +308,22 @@ impl VolumeStore {
     fn data_stat(&self, kind: Kind, name: &VolumeName) -> Result<fs::Metadata, StoreError> {
         let path = self.entry_dir(kind, name).join(DATA_FILE);
         fs::metadata(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => StoreError::NotFound { kind: kind.label(), name: name.to_string() },
-            _ => StoreError::Io { context: format!("stat {}", path.display()), source: e },
+            io::ErrorKind::NotFound => StoreError::NotFound {
+                kind: kind.label(),
+                name: name.to_string(),
+            },
+            _ => StoreError::Io {
+                context: format!("stat {}", path.display()),
+                source: e,
+            },
         })
     }
 
     fn volume_info(&self, name: &VolumeName) -> Result<VolumeInfo, StoreError> {
         let st = self.data_stat(Kind::Volume, name)?;
         let path = self.entry_dir(Kind::Volume, name).join(META_FILE);
-        let m: VolumeMeta = meta::read_json(&path).map_err(io_err(format!("reading {}", path.display())))?;
+        let m: VolumeMeta =
+            meta::read_json(&path).map_err(io_err(format!("reading {}", path.display())))?;
         Ok(VolumeInfo {
             name: name.to_string(),
             size_bytes: st.len(),
@@ -298,7 +338,8 @@ impl VolumeStore {
     fn snapshot_info(&self, name: &VolumeName) -> Result<SnapshotInfo, StoreError> {
         let st = self.data_stat(Kind::Snapshot, name)?;
         let path = self.entry_dir(Kind::Snapshot, name).join(META_FILE);
-        let m: SnapshotMeta = meta::read_json(&path).map_err(io_err(format!("reading {}", path.display())))?;
+        let m: SnapshotMeta =
+            meta::read_json(&path).map_err(io_err(format!("reading {}", path.display())))?;
         Ok(SnapshotInfo {
             name: name.to_string(),
             source_volume: m.source_volume,
@@ -318,19 +359,31 @@ impl VolumeStore {
 
     /// All volumes, sorted by name. Damaged entries are logged and left out.
     pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>, StoreError> {
-        Ok(self.names(Kind::Volume)?.iter().filter_map(|n| self.volume_info(n).ok()).collect())
+        Ok(self
+            .names(Kind::Volume)?
+            .iter()
+            .filter_map(|n| self.volume_info(n).ok())
+            .collect())
     }
 
     /// All snapshots, sorted by name.
     pub fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
-        Ok(self.names(Kind::Snapshot)?.iter().filter_map(|n| self.snapshot_info(n).ok()).collect())
+        Ok(self
+            .names(Kind::Snapshot)?
+            .iter()
+            .filter_map(|n| self.snapshot_info(n).ok())
+            .collect())
     }
 
     pub fn capacity(&self) -> Result<Capacity, StoreError> {
         let (total_bytes, available_bytes) =
             sys::statvfs(&self.inner.root).map_err(io_err("statvfs on the data directory"))?;
         let provisioned_bytes = self.list_volumes()?.iter().map(|v| v.size_bytes).sum();
-        Ok(Capacity { total_bytes, available_bytes, provisioned_bytes })
+        Ok(Capacity {
+            total_bytes,
+            available_bytes,
+            provisioned_bytes,
+        })
     }
 
     /// Creates a volume, or returns the existing one if it has the same size and source
@@ -348,7 +401,11 @@ impl VolumeStore {
             Some(ContentSource::Snapshot(s)) => Some((Kind::Snapshot, parse_name(s)?)),
             Some(ContentSource::Volume(v)) => Some((Kind::Volume, parse_name(v)?)),
         };
-        let requested = if size == 0 && source_ref.is_some() { None } else { Some(round_size(size)?) };
+        let requested = if size == 0 && source_ref.is_some() {
+            None
+        } else {
+            Some(round_size(size)?)
+        };
         let _busy = self.claim(Kind::Volume, &name)?;
 
         match self.volume_info(&name) {
@@ -357,7 +414,10 @@ impl VolumeStore {
                 return if same_size && existing.source == source {
                     Ok((existing, false))
                 } else {
-                    Err(StoreError::AlreadyExists { kind: "volume", name: name.to_string() })
+                    Err(StoreError::AlreadyExists {
+                        kind: "volume",
+                        name: name.to_string(),
+                    })
                 };
             }
             Err(StoreError::NotFound { .. }) => {}
@@ -366,7 +426,13 @@ impl VolumeStore {
 
         let stage = self.staging_path("create", &name);
         fs::create_dir(&stage).map_err(io_err("creating staging directory"))?;
-        let result = self.build_volume(&stage, &name, requested, source_ref.as_ref(), source.clone());
+        let result = self.build_volume(
+            &stage,
+            &name,
+            requested,
+            source_ref.as_ref(),
+            source.clone(),
+        );
         if let Err(e) = result {
             let _ = fs::remove_dir_all(&stage);
             return Err(e);
@@ -401,14 +467,21 @@ impl VolumeStore {
                 let copied = self.copy_entry(*kind, src, &data)?;
                 let size = requested.unwrap_or(copied);
                 if size < copied {
-                    return Err(StoreError::SmallerThanSource { requested: size, source_size: copied });
+                    return Err(StoreError::SmallerThanSource {
+                        requested: size,
+                        source_size: copied,
+                    });
                 }
                 data.set_len(size).map_err(io_err("sizing data file"))?;
                 size
             }
         };
         data.sync_all().map_err(io_err("syncing data file"))?;
-        let m = VolumeMeta { format: meta::FORMAT, source, created_at_unix: meta::now_unix() };
+        let m = VolumeMeta {
+            format: meta::FORMAT,
+            source,
+            created_at_unix: meta::now_unix(),
+        };
         meta::write_json(&stage.join(META_FILE), &m).map_err(io_err("writing volume metadata"))?;
         meta::fsync_dir(stage).map_err(io_err("syncing staging directory"))?;
         tracing::debug!(volume = %name, size, "volume built in staging");
@@ -422,9 +495,15 @@ impl VolumeStore {
         // Holding a lease keeps every connection (including ones opened meanwhile) on the
         // backend we freeze.
         let lease = self.lease_entry(kind, src).map_err(|e| match e {
-            OpenError::NotFound(_) => StoreError::NotFound { kind: kind.label(), name: src.to_string() },
+            OpenError::NotFound(_) => StoreError::NotFound {
+                kind: kind.label(),
+                name: src.to_string(),
+            },
             OpenError::Unavailable(n) => StoreError::Busy(n),
-            OpenError::Io { name, source } => StoreError::Io { context: format!("opening {name}"), source },
+            OpenError::Io { name, source } => StoreError::Io {
+                context: format!("opening {name}"),
+                source,
+            },
         })?;
         let _frozen = lease.vol.backend.freeze();
         let src_file = lease.vol.backend.inner_file();
@@ -457,7 +536,10 @@ impl VolumeStore {
             if let Some(vol) = open.get(&key) {
                 let connections = vol.leases.load(Ordering::Acquire);
                 if connections > 0 && !force {
-                    return Err(StoreError::InUse { name: name.to_string(), connections });
+                    return Err(StoreError::InUse {
+                        name: name.to_string(),
+                        connections,
+                    });
                 }
                 vol.closed.cancel();
                 open.remove(&key);
@@ -465,7 +547,12 @@ impl VolumeStore {
             match fs::rename(self.entry_dir(kind, name), &trash) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(StoreError::Io { context: format!("deleting {name}"), source: e }),
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        context: format!("deleting {name}"),
+                        source: e,
+                    });
+                }
             }
             meta::fsync_dir(&self.dir_of(kind)).map_err(io_err("syncing directory"))?;
         }
@@ -491,11 +578,18 @@ impl VolumeStore {
         let _busy = self.claim(Kind::Volume, &name)?;
         let current = self.volume_info(&name)?;
         if size < current.size_bytes {
-            return Err(StoreError::Shrink { name: name.to_string(), current: current.size_bytes, requested: size });
+            return Err(StoreError::Shrink {
+                name: name.to_string(),
+                current: current.size_bytes,
+                requested: size,
+            });
         }
         if size > current.size_bytes {
             let path = self.entry_dir(Kind::Volume, &name).join(DATA_FILE);
-            let f = File::options().write(true).open(&path).map_err(io_err("opening data file"))?;
+            let f = File::options()
+                .write(true)
+                .open(&path)
+                .map_err(io_err("opening data file"))?;
             f.set_len(size).map_err(io_err("growing data file"))?;
             f.sync_all().map_err(io_err("syncing data file"))?;
             tracing::info!(volume = %name, size, "volume expanded");
@@ -504,13 +598,24 @@ impl VolumeStore {
     }
 
     /// Takes a read-only point-in-time copy of a volume; idempotent for the same source.
-    pub fn create_snapshot(&self, name: &str, source_volume: &str) -> Result<(SnapshotInfo, bool), StoreError> {
+    pub fn create_snapshot(
+        &self,
+        name: &str,
+        source_volume: &str,
+    ) -> Result<(SnapshotInfo, bool), StoreError> {
         let name = parse_name(name)?;
         let source = parse_name(source_volume)?;
         let _busy = self.claim(Kind::Snapshot, &name)?;
         match self.snapshot_info(&name) {
-            Ok(existing) if existing.source_volume == source.as_str() => return Ok((existing, false)),
-            Ok(_) => return Err(StoreError::AlreadyExists { kind: "snapshot", name: name.to_string() }),
+            Ok(existing) if existing.source_volume == source.as_str() => {
+                return Ok((existing, false));
+            }
+            Ok(_) => {
+                return Err(StoreError::AlreadyExists {
+                    kind: "snapshot",
+                    name: name.to_string(),
+                });
+            }
             Err(StoreError::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
@@ -531,7 +636,8 @@ impl VolumeStore {
                 source_volume: source.to_string(),
                 created_at_unix: meta::now_unix(),
             };
-            meta::write_json(&stage.join(META_FILE), &m).map_err(io_err("writing snapshot metadata"))?;
+            meta::write_json(&stage.join(META_FILE), &m)
+                .map_err(io_err("writing snapshot metadata"))?;
             meta::fsync_dir(&stage).map_err(io_err("syncing staging directory"))
         })();
         if let Err(e) = built {
@@ -561,13 +667,20 @@ impl VolumeStore {
             None => {
                 let path = self.entry_dir(kind, name).join(DATA_FILE);
                 let read_only = kind == Kind::Snapshot;
-                let file = File::options().read(true).write(!read_only).open(&path).map_err(|e| {
-                    if e.kind() == io::ErrorKind::NotFound {
-                        OpenError::NotFound(name.to_string())
-                    } else {
-                        OpenError::Io { name: name.to_string(), source: e }
-                    }
-                })?;
+                let file = File::options()
+                    .read(true)
+                    .write(!read_only)
+                    .open(&path)
+                    .map_err(|e| {
+                        if e.kind() == io::ErrorKind::NotFound {
+                            OpenError::NotFound(name.to_string())
+                        } else {
+                            OpenError::Io {
+                                name: name.to_string(),
+                                source: e,
+                            }
+                        }
+                    })?;
                 let vol = Arc::new(OpenVolume {
                     backend: Arc::new(FileBackend::new(file, read_only)),
                     closed: CancellationToken::new(),
@@ -578,7 +691,11 @@ impl VolumeStore {
             }
         };
         vol.leases.fetch_add(1, Ordering::AcqRel);
-        Ok(Lease { inner: self.inner.clone(), key, vol })
+        Ok(Lease {
+            inner: self.inner.clone(),
+            key,
+            vol,
+        })
     }
 
     fn open_entry(&self, kind: Kind, name: &VolumeName) -> Result<Export, OpenError> {
@@ -588,7 +705,10 @@ impl VolumeStore {
             .backend
             .inner_file()
             .metadata()
-            .map_err(|e| OpenError::Io { name: name.to_string(), source: e })?
+            .map_err(|e| OpenError::Io {
+                name: name.to_string(),
+                source: e,
+            })?
             .len();
         let export_name = match kind {
             Kind::Volume => name.to_string(),
@@ -609,7 +729,10 @@ impl ExportProvider for VolumeStore {
     fn list(&self) -> Vec<ExportEntry> {
         let mut out = Vec::new();
         for v in self.list_volumes().unwrap_or_default() {
-            out.push(ExportEntry { name: v.export_name, description: format!("volume {}", v.name) });
+            out.push(ExportEntry {
+                name: v.export_name,
+                description: format!("volume {}", v.name),
+            });
         }
         for s in self.list_snapshots().unwrap_or_default() {
             out.push(ExportEntry {
@@ -622,7 +745,10 @@ impl ExportProvider for VolumeStore {
 
     fn open(&self, export: &str) -> Result<Export, OpenError> {
         let export = if export.is_empty() {
-            self.inner.default_export.clone().ok_or_else(|| OpenError::NotFound(String::new()))?
+            self.inner
+                .default_export
+                .clone()
+                .ok_or_else(|| OpenError::NotFound(String::new()))?
         } else {
             export.to_owned()
         };

@@ -61,8 +61,17 @@ mod tests {
 
     #[test]
     fn accepts_csi_style_names() {
-        for ok in ["pvc-1b2c3d4e-aaaa-bbbb-cccc-0123456789ab", "demo", "a", "v1.2_x", "Snap-1"] {
-            assert_eq!(VolumeName::parse(ok).map(|n| n.to_string()), Ok(ok.to_owned()));
+        for ok in [
+            "pvc-1b2c3d4e-aaaa-bbbb-cccc-0123456789ab",
+            "demo",
+            "a",
+            "v1.2_x",
+            "Snap-1",
+        ] {
+            assert_eq!(
+                VolumeName::parse(ok).map(|n| n.to_string()),
+                Ok(ok.to_owned())
+            );
         }
     }
 
@@ -71,7 +80,10 @@ mod tests {
         assert_eq!(VolumeName::parse(""), Err(NameError::Empty));
         assert_eq!(VolumeName::parse(".."), Err(NameError::BadStart));
         assert_eq!(VolumeName::parse(".hidden"), Err(NameError::BadStart));
-        assert_eq!(VolumeName::parse("a/../../etc"), Err(NameError::BadChar('/')));
+        assert_eq!(
+            VolumeName::parse("a/../../etc"),
+            Err(NameError::BadChar('/'))
+        );
         assert_eq!(VolumeName::parse("a\0b"), Err(NameError::BadChar('\0')));
         assert_eq!(VolumeName::parse("a b"), Err(NameError::BadChar(' ')));
         assert_eq!(VolumeName::parse("é"), Err(NameError::BadStart));

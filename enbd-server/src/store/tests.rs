@@ -17,9 +17,18 @@ fn create_is_idempotent_and_rounds_size() {
     assert!(!created);
     assert_eq!(again.size_bytes, 12_288);
     assert_eq!(again.created_at_unix, v.created_at_unix);
-    assert!(matches!(s.create_volume("vol-a", 1 << 20, None), Err(StoreError::AlreadyExists { .. })));
-    assert!(matches!(s.create_volume("vol-b", 0, None), Err(StoreError::InvalidSize(_))));
-    assert!(matches!(s.create_volume("../x", 4096, None), Err(StoreError::InvalidName { .. })));
+    assert!(matches!(
+        s.create_volume("vol-a", 1 << 20, None),
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        s.create_volume("vol-b", 0, None),
+        Err(StoreError::InvalidSize(_))
+    ));
+    assert!(matches!(
+        s.create_volume("../x", 4096, None),
+        Err(StoreError::InvalidName { .. })
+    ));
 }
 
 #[test]
@@ -28,24 +37,48 @@ fn delete_is_idempotent_and_respects_open_connections() {
     s.create_volume("v", 1 << 20, None).unwrap();
     let export = ExportProvider::open(&s, "v").unwrap();
     assert_eq!(s.get_volume("v").unwrap().open_connections, 1);
-    assert!(matches!(s.delete_volume("v", false), Err(StoreError::InUse { connections: 1, .. })));
-    assert!(s.get_volume("v").is_ok(), "a refused delete must change nothing");
+    assert!(matches!(
+        s.delete_volume("v", false),
+        Err(StoreError::InUse { connections: 1, .. })
+    ));
+    assert!(
+        s.get_volume("v").is_ok(),
+        "a refused delete must change nothing"
+    );
     s.delete_volume("v", true).unwrap();
-    assert!(export.closed.is_cancelled(), "force delete closes connections");
-    assert!(matches!(s.get_volume("v"), Err(StoreError::NotFound { .. })));
+    assert!(
+        export.closed.is_cancelled(),
+        "force delete closes connections"
+    );
+    assert!(matches!(
+        s.get_volume("v"),
+        Err(StoreError::NotFound { .. })
+    ));
     s.delete_volume("v", false).unwrap();
     drop(export);
-    assert!(matches!(ExportProvider::open(&s, "v"), Err(OpenError::NotFound(_))));
+    assert!(matches!(
+        ExportProvider::open(&s, "v"),
+        Err(OpenError::NotFound(_))
+    ));
 }
 
 #[test]
 fn expand_grows_and_refuses_shrink() {
     let (_d, s) = store();
     s.create_volume("v", 1 << 20, None).unwrap();
-    assert_eq!(s.expand_volume("v", (2 << 20) - 100).unwrap().size_bytes, 2 << 20);
+    assert_eq!(
+        s.expand_volume("v", (2 << 20) - 100).unwrap().size_bytes,
+        2 << 20
+    );
     assert_eq!(s.expand_volume("v", 2 << 20).unwrap().size_bytes, 2 << 20);
-    assert!(matches!(s.expand_volume("v", 1 << 20), Err(StoreError::Shrink { .. })));
-    assert!(matches!(s.expand_volume("nope", 1 << 20), Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        s.expand_volume("v", 1 << 20),
+        Err(StoreError::Shrink { .. })
+    ));
+    assert!(matches!(
+        s.expand_volume("nope", 1 << 20),
+        Err(StoreError::NotFound { .. })
+    ));
     assert_eq!(ExportProvider::open(&s, "v").unwrap().size, 2 << 20);
 }
 
@@ -61,7 +94,10 @@ fn snapshot_is_point_in_time_read_only_and_clonable() {
     assert_eq!(snap.export_name, "snapshot/snap1");
     assert!(!s.create_snapshot("snap1", "v").unwrap().1);
     s.create_volume("other", 4096, None).unwrap();
-    assert!(matches!(s.create_snapshot("snap1", "other"), Err(StoreError::AlreadyExists { .. })));
+    assert!(matches!(
+        s.create_snapshot("snap1", "other"),
+        Err(StoreError::AlreadyExists { .. })
+    ));
     e.backend.write_at(&[0xcd; 4096], 1 << 20, false).unwrap();
 
     let se = ExportProvider::open(&s, "snapshot/snap1").unwrap();
@@ -70,10 +106,15 @@ fn snapshot_is_point_in_time_read_only_and_clonable() {
     se.backend.read_at(&mut buf, 1 << 20).unwrap();
     assert_eq!(buf, [0xab; 4096], "snapshot must not see later writes");
     assert!(se.backend.write_at(&buf, 0, false).is_err());
-    assert!(matches!(s.delete_snapshot("snap1"), Err(StoreError::InUse { .. })));
+    assert!(matches!(
+        s.delete_snapshot("snap1"),
+        Err(StoreError::InUse { .. })
+    ));
     drop(se);
 
-    let (clone, _) = s.create_volume("c", 8 << 20, Some(ContentSource::Snapshot("snap1".into()))).unwrap();
+    let (clone, _) = s
+        .create_volume("c", 8 << 20, Some(ContentSource::Snapshot("snap1".into())))
+        .unwrap();
     assert_eq!(clone.size_bytes, 8 << 20);
     let ce = ExportProvider::open(&s, "c").unwrap();
     ce.backend.read_at(&mut buf, 1 << 20).unwrap();
@@ -82,7 +123,9 @@ fn snapshot_is_point_in_time_read_only_and_clonable() {
         s.create_volume("small", 4096, Some(ContentSource::Volume("v".into()))),
         Err(StoreError::SmallerThanSource { .. })
     ));
-    let (vc, _) = s.create_volume("vc", 0, Some(ContentSource::Volume("v".into()))).unwrap();
+    let (vc, _) = s
+        .create_volume("vc", 0, Some(ContentSource::Volume("v".into())))
+        .unwrap();
     assert_eq!(vc.size_bytes, 4 << 20);
     assert!(matches!(
         s.create_volume("x", 0, Some(ContentSource::Snapshot("missing".into()))),
@@ -109,7 +152,12 @@ fn startup_scan_removes_interrupted_work_and_keeps_committed() {
     fs::write(dir.path().join("staging/delete-gone-1-1"), b"y").unwrap();
     let s = VolumeStore::open(dir.path(), None).unwrap();
     assert_eq!(fs::read_dir(dir.path().join("staging")).unwrap().count(), 0);
-    let names: Vec<_> = s.list_volumes().unwrap().into_iter().map(|v| v.name).collect();
+    let names: Vec<_> = s
+        .list_volumes()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
     assert_eq!(names, vec!["kept"]);
     let f = File::open(dir.path().join("volumes/kept/data")).unwrap();
     let mut b = [0u8; 7];
@@ -125,6 +173,9 @@ fn capacity_and_listing() {
     let c = s.capacity().unwrap();
     assert_eq!(c.provisioned_bytes, 12288);
     assert!(c.total_bytes >= c.available_bytes && c.total_bytes > 0);
-    let names: Vec<_> = ExportProvider::list(&s).into_iter().map(|e| e.name).collect();
+    let names: Vec<_> = ExportProvider::list(&s)
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
     assert_eq!(names, vec!["a", "b"]);
 }

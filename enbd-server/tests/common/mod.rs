@@ -42,7 +42,10 @@ impl TestServer {
         reader.read_line(&mut line).expect("read readiness line");
         // Keep draining stdout so the server never writes into a closed pipe.
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        assert!(line.starts_with("enbd-server ready "), "unexpected first line: {line:?}");
+        assert!(
+            line.starts_with("enbd-server ready "),
+            "unexpected first line: {line:?}"
+        );
         let field = |k: &str| -> SocketAddr {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(&format!("{k}=")))
@@ -50,7 +53,13 @@ impl TestServer {
                 .parse()
                 .expect("address")
         };
-        TestServer { nbd: field("nbd"), mgmt: field("mgmt"), metrics: field("metrics"), child, dir: Some(dir) }
+        TestServer {
+            nbd: field("nbd"),
+            mgmt: field("mgmt"),
+            metrics: field("metrics"),
+            child,
+            dir: Some(dir),
+        }
     }
 
     pub fn path(&self) -> &std::path::Path {
@@ -69,7 +78,9 @@ impl TestServer {
     }
 
     pub async fn client(&self) -> VolumeServiceClient<Channel> {
-        VolumeServiceClient::connect(format!("http://{}", self.mgmt)).await.expect("mgmt connect")
+        VolumeServiceClient::connect(format!("http://{}", self.mgmt))
+            .await
+            .expect("mgmt connect")
     }
 
     pub fn pid(&self) -> i32 {

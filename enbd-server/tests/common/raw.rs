@@ -109,7 +109,15 @@ impl Raw {
         (r, size)
     }
 
-    pub fn request(&mut self, flags: u16, cmd: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+    pub fn request(
+        &mut self,
+        flags: u16,
+        cmd: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
         let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
         b.extend(flags.to_be_bytes());
         b.extend(cmd.to_be_bytes());
@@ -123,8 +131,15 @@ impl Raw {
     /// Reads a simple reply header: (error, cookie).
     pub fn simple_reply(&mut self) -> (u32, u64) {
         let h = self.read_exact(16);
-        assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), SIMPLE_REPLY_MAGIC, "{h:x?}");
-        (u32::from_be_bytes(h[4..8].try_into().unwrap()), u64::from_be_bytes(h[8..16].try_into().unwrap()))
+        assert_eq!(
+            u32::from_be_bytes(h[..4].try_into().unwrap()),
+            SIMPLE_REPLY_MAGIC,
+            "{h:x?}"
+        );
+        (
+            u32::from_be_bytes(h[4..8].try_into().unwrap()),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+        )
     }
 
     /// READ and return the data (simple replies); panics on an error reply.
