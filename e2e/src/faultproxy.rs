@@ -101,7 +101,11 @@ impl FaultProxy {
             accepted: AtomicU64::new(0),
         });
         let acceptor = tokio::spawn(accept_loop(listener, shared.clone()));
-        Ok(FaultProxy { shared, local, acceptor })
+        Ok(FaultProxy {
+            shared,
+            local,
+            acceptor,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -110,12 +114,21 @@ impl FaultProxy {
 
     /// New connections go to `addr`; existing ones are untouched.
     pub fn set_upstream(&self, addr: SocketAddr) {
-        *self.shared.upstream.lock().unwrap_or_else(|p| p.into_inner()) = addr;
+        *self
+            .shared
+            .upstream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = addr;
     }
 
     /// Live connections, oldest first.
     pub fn connections(&self) -> Vec<ConnInfo> {
-        let mut v: Vec<ConnInfo> = self.shared.conns().values().map(|c| c.info.clone()).collect();
+        let mut v: Vec<ConnInfo> = self
+            .shared
+            .conns()
+            .values()
+            .map(|c| c.info.clone())
+            .collect();
         v.sort_by_key(|c| c.id);
         v
     }
@@ -136,13 +149,22 @@ impl FaultProxy {
     /// Kills the connection whose client end is `client` (e.g. an engine channel's local
     /// address); false if none.
     pub fn kill_client(&self, client: SocketAddr, how: Kill) -> bool {
-        let id = self.shared.conns().values().find(|c| c.info.client == client).map(|c| c.info.id);
+        let id = self
+            .shared
+            .conns()
+            .values()
+            .find(|c| c.info.client == client)
+            .map(|c| c.info.id);
         id.is_some_and(|id| self.kill(id, how))
     }
 
     /// Kills every live connection; returns how many.
     pub fn kill_all(&self, how: Kill) -> usize {
-        self.shared.conns().values().filter(|c| c.kill.send(how).is_ok()).count()
+        self.shared
+            .conns()
+            .values()
+            .filter(|c| c.kill.send(how).is_ok())
+            .count()
     }
 
     /// Stops forwarding in both directions on every connection (new ones too).
@@ -212,8 +234,13 @@ impl FaultProxy {
             }
             Command::List => {
                 let conns = self.connections();
-                let list: Vec<String> = conns.iter().map(|c| format!("{}={}", c.id, c.client)).collect();
-                format!("ok {} {}", conns.len(), list.join(" ")).trim_end().to_owned()
+                let list: Vec<String> = conns
+                    .iter()
+                    .map(|c| format!("{}={}", c.id, c.client))
+                    .collect();
+                format!("ok {} {}", conns.len(), list.join(" "))
+                    .trim_end()
+                    .to_owned()
             }
         }
     }
@@ -247,7 +274,9 @@ pub enum Command {
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("bad command {line:?}: {why} (commands: reset [ID], close [ID], stall, resume, delay MS, refuse on|off, upstream ADDR, list)")]
+#[error(
+    "bad command {line:?}: {why} (commands: reset [ID], close [ID], stall, resume, delay MS, refuse on|off, upstream ADDR, list)"
+)]
 pub struct CommandError {
     line: String,
     why: &'static str,
@@ -256,25 +285,35 @@ pub struct CommandError {
 impl FromStr for Command {
     type Err = CommandError;
     fn from_str(line: &str) -> Result<Self, Self::Err> {
-        let bad = |why| CommandError { line: line.to_owned(), why };
+        let bad = |why| CommandError {
+            line: line.to_owned(),
+            why,
+        };
         let mut words = line.split_whitespace();
         let verb = words.next().ok_or_else(|| bad("empty"))?;
         let arg = words.next();
         if words.next().is_some() {
             return Err(bad("too many arguments"));
         }
-        let id = |a: Option<&str>| a.map(|s| s.parse::<u64>().map_err(|_| bad("ID must be a number"))).transpose();
+        let id = |a: Option<&str>| {
+            a.map(|s| s.parse::<u64>().map_err(|_| bad("ID must be a number")))
+                .transpose()
+        };
         match (verb, arg) {
             ("reset", a) => Ok(Self::Kill(Kill::Reset, id(a)?)),
             ("close", a) => Ok(Self::Kill(Kill::Close, id(a)?)),
             ("stall", None) => Ok(Self::Stall),
             ("resume", None) => Ok(Self::Resume),
-            ("delay", Some(ms)) => {
-                ms.parse().map(|ms| Self::Delay(Duration::from_millis(ms))).map_err(|_| bad("MS must be a number"))
-            }
+            ("delay", Some(ms)) => ms
+                .parse()
+                .map(|ms| Self::Delay(Duration::from_millis(ms)))
+                .map_err(|_| bad("MS must be a number")),
             ("refuse", Some("on")) => Ok(Self::Refuse(true)),
             ("refuse", Some("off")) => Ok(Self::Refuse(false)),
-            ("upstream", Some(a)) => a.parse().map(Self::Upstream).map_err(|_| bad("ADDR must be IP:PORT")),
+            ("upstream", Some(a)) => a
+                .parse()
+                .map(Self::Upstream)
+                .map_err(|_| bad("ADDR must be IP:PORT")),
             ("list", None) => Ok(Self::List),
             _ => Err(bad("unknown command or wrong arguments")),
         }
@@ -333,14 +372,29 @@ async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let (kill_tx, mut kill_rx) = mpsc::unbounded_channel();
     shared.conns().insert(
         id,
-        ConnCtl { info: ConnInfo { id, client: peer, upstream: upstream_addr }, kill: kill_tx },
+        ConnCtl {
+            info: ConnInfo {
+                id,
+                client: peer,
+                upstream: upstream_addr,
+            },
+            kill: kill_tx,
+        },
     );
     shared.changed.notify_waiters();
 
     let client = Arc::new(client);
     let upstream = Arc::new(upstream);
-    let mut up = tokio::spawn(pump(client.clone(), upstream.clone(), shared.mode.subscribe()));
-    let mut down = tokio::spawn(pump(upstream.clone(), client.clone(), shared.mode.subscribe()));
+    let mut up = tokio::spawn(pump(
+        client.clone(),
+        upstream.clone(),
+        shared.mode.subscribe(),
+    ));
+    let mut down = tokio::spawn(pump(
+        upstream.clone(),
+        client.clone(),
+        shared.mode.subscribe(),
+    ));
     let how = tokio::select! {
         k = kill_rx.recv() => k.unwrap_or(Kill::Reset),
         _ = &mut up => Kill::Close,
@@ -363,7 +417,11 @@ async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
 
 /// Forwards `from` → `to` under the current mode. Ends at EOF (after forwarding what was
 /// read) or on any error.
-async fn pump(from: Arc<TcpStream>, to: Arc<TcpStream>, mut mode: watch::Receiver<Mode>) -> io::Result<()> {
+async fn pump(
+    from: Arc<TcpStream>,
+    to: Arc<TcpStream>,
+    mut mode: watch::Receiver<Mode>,
+) -> io::Result<()> {
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(QUEUED_CHUNKS);
     let reader = async move {
         loop {
@@ -434,11 +492,31 @@ mod tests {
 
     #[test]
     fn commands_round_trip() {
-        for line in ["reset", "reset 3", "close", "close 0", "stall", "resume", "delay 250", "refuse on", "refuse off", "upstream 127.0.0.1:10809", "list"] {
+        for line in [
+            "reset",
+            "reset 3",
+            "close",
+            "close 0",
+            "stall",
+            "resume",
+            "delay 250",
+            "refuse on",
+            "refuse off",
+            "upstream 127.0.0.1:10809",
+            "list",
+        ] {
             let c: Command = line.parse().expect(line);
             assert_eq!(c.to_string(), line);
         }
-        for bad in ["", "reset x", "delay", "refuse maybe", "upstream nowhere", "stall 1", "explode"] {
+        for bad in [
+            "",
+            "reset x",
+            "delay",
+            "refuse maybe",
+            "upstream nowhere",
+            "stall 1",
+            "explode",
+        ] {
             assert!(bad.parse::<Command>().is_err(), "{bad:?} accepted");
         }
     }

@@ -97,10 +97,16 @@ pub struct BenchReport {
 fn cpu_seconds() -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed /proc/self/stat")?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/self/stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| -> anyhow::Result<f64> {
-        Ok(fields.get(i).context("short /proc/self/stat")?.parse::<f64>()?)
+        Ok(fields
+            .get(i)
+            .context("short /proc/self/stat")?
+            .parse::<f64>()?)
     };
     // Linux reports these in USER_HZ, which is 100 on every architecture we build for.
     Ok((ticks(11)? + ticks(12)?) / 100.0)
@@ -152,7 +158,10 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
 pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let bs = args.bs.0;
     if bs == 0 || bs > crate::engine::MAX_REQUEST_BYTES as u64 {
-        bail!("--bs must be between 1 byte and {} bytes", crate::engine::MAX_REQUEST_BYTES);
+        bail!(
+            "--bs must be between 1 byte and {} bytes",
+            crate::engine::MAX_REQUEST_BYTES
+        );
     }
     if args.depth == 0 || args.seconds <= 0.0 {
         bail!("--depth and --seconds must be positive");
@@ -160,7 +169,9 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let mut cfg = ClientConfig::new(&args.server, &args.export);
     cfg.channels = args.channels;
     cfg.queue_depth = args.depth.max(1);
-    let client = Client::connect(cfg).await.with_context(|| format!("connecting to {}", args.server))?;
+    let client = Client::connect(cfg)
+        .await
+        .with_context(|| format!("connecting to {}", args.server))?;
     let g = client.geometry();
     let range = args.range.map_or(g.size, |r| r.0.min(g.size));
     let slots = range / bs;
@@ -174,10 +185,16 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let payload = Bytes::from(vec![0xa5u8; bs as usize]);
     let mut tasks = Vec::with_capacity(workers);
     for w in 0..workers {
-        let (client, measuring, stop, payload) = (client.clone(), measuring.clone(), stop.clone(), payload.clone());
+        let (client, measuring, stop, payload) = (
+            client.clone(),
+            measuring.clone(),
+            stop.clone(),
+            payload.clone(),
+        );
         let rw = args.rw;
         tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9));
+            let mut rng =
+                Rng(0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9));
             let mut lat_us: Vec<u32> = Vec::with_capacity(1 << 16);
             while !stop.load(Ordering::Relaxed) {
                 let r = rng.next();
@@ -211,11 +228,19 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     stop.store(true, Ordering::Relaxed);
     let mut lat: Vec<u32> = Vec::new();
     for t in tasks {
-        lat.extend(t.await.context("bench worker panicked")?.context("IO failed during the benchmark")?);
+        lat.extend(
+            t.await
+                .context("bench worker panicked")?
+                .context("IO failed during the benchmark")?,
+        );
     }
     client.shutdown().await;
     lat.sort_unstable();
-    let pct = |p: f64| lat.get(((lat.len().saturating_sub(1)) as f64 * p) as usize).copied().unwrap_or(0) as u64;
+    let pct = |p: f64| {
+        lat.get(((lat.len().saturating_sub(1)) as f64 * p) as usize)
+            .copied()
+            .unwrap_or(0) as u64
+    };
     let ops = lat.len() as u64;
     Ok(BenchReport {
         rw: format!("{:?}", args.rw).to_ascii_lowercase(),

@@ -30,7 +30,9 @@ struct Rig {
 async fn rig(brownout: BrownoutPolicy, io_timeout: Option<Duration>) -> Rig {
     let dir = tempfile::tempdir().expect("tempdir");
     let peer = start_enbd_server(dir.path());
-    let proxy = FaultProxy::start("127.0.0.1:0".parse().expect("addr"), peer.addr).await.expect("proxy");
+    let proxy = FaultProxy::start("127.0.0.1:0".parse().expect("addr"), peer.addr)
+        .await
+        .expect("proxy");
     let mut cfg = ClientConfig::new(proxy.local_addr().to_string(), &peer.export);
     cfg.channels = CHANNELS;
     cfg.brownout = brownout;
@@ -39,20 +41,39 @@ async fn rig(brownout: BrownoutPolicy, io_timeout: Option<Duration>) -> Rig {
     cfg.reconnect_min = Duration::from_millis(20);
     cfg.reconnect_max = Duration::from_millis(400);
     let client = Client::connect(cfg).await.expect("connect");
-    assert_eq!(client.status().state, EngineState::Healthy, "{:?}", client.status());
-    assert!(proxy.wait_connections(CHANNELS as usize, Duration::from_secs(5)).await);
+    assert_eq!(
+        client.status().state,
+        EngineState::Healthy,
+        "{:?}",
+        client.status()
+    );
+    assert!(
+        proxy
+            .wait_connections(CHANNELS as usize, Duration::from_secs(5))
+            .await
+    );
     let deadline = match brownout {
         BrownoutPolicy::Wait => None,
         BrownoutPolicy::FailAfter(d) => Some(d),
     };
     let work = Workload::new(client.clone(), BLOCKS, deadline);
-    Rig { peer: Some(peer), dir, proxy, client, work }
+    Rig {
+        peer: Some(peer),
+        dir,
+        proxy,
+        client,
+        work,
+    }
 }
 
 async fn wait_state(client: &Client, want: EngineState, within: Duration) {
     let deadline = Instant::now() + within;
     while client.status().state != want {
-        assert!(Instant::now() < deadline, "state {want:?} not reached: {:?}", client.status());
+        assert!(
+            Instant::now() < deadline,
+            "state {want:?} not reached: {:?}",
+            client.status()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -69,13 +90,27 @@ fn report(name: &str, rig: &Rig, c: &Counts, s: &Sweep) {
         "SCENARIO {name}: writes_ok={} writes_failed={} reads_ok={} reads_failed={} flushes_ok={} \
          flushes_failed={} bad_reads={} early_errors={} first_error_after={:?} reissued={reissued} \
          connects={connects} | sweep: blocks_checked={} acked_blocks_checked={} lost_acked_writes={} corrupt={}",
-        c.writes_ok, c.writes_failed, c.reads_ok, c.reads_failed, c.flushes_ok, c.flushes_failed, c.bad_reads,
-        c.early_errors, c.first_error_after, s.blocks_checked, s.acked_blocks_checked, s.lost_acked_writes, s.corrupt
+        c.writes_ok,
+        c.writes_failed,
+        c.reads_ok,
+        c.reads_failed,
+        c.flushes_ok,
+        c.flushes_failed,
+        c.bad_reads,
+        c.early_errors,
+        c.first_error_after,
+        s.blocks_checked,
+        s.acked_blocks_checked,
+        s.lost_acked_writes,
+        s.corrupt
     );
 }
 
 fn assert_no_loss(c: &Counts, s: &Sweep) {
-    assert!(c.writes_ok > 0 && c.reads_ok > 0 && c.flushes_ok > 0, "workload did too little: {c:?}");
+    assert!(
+        c.writes_ok > 0 && c.reads_ok > 0 && c.flushes_ok > 0,
+        "workload did too little: {c:?}"
+    );
     assert_eq!(c.bad_reads, 0, "reads saw wrong data");
     assert_eq!(s.lost_acked_writes, 0, "acknowledged writes lost");
     assert_eq!(s.corrupt, 0, "corrupt blocks");
@@ -83,7 +118,9 @@ fn assert_no_loss(c: &Counts, s: &Sweep) {
 }
 
 fn local_addr(client: &Client, idx: usize) -> SocketAddr {
-    client.status().channels[idx].local_addr.expect("channel up")
+    client.status().channels[idx]
+        .local_addr
+        .expect("channel up")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,12 +128,19 @@ async fn engine_fault_one_channel_reset() {
     let rig = rig(BrownoutPolicy::Wait, None).await;
     let h = rig.work.spawn(WORKERS);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(rig.proxy.kill_client(local_addr(&rig.client, 1), Kill::Reset), "channel 1 not found in proxy");
+    assert!(
+        rig.proxy
+            .kill_client(local_addr(&rig.client, 1), Kill::Reset),
+        "channel 1 not found in proxy"
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     rig.work.stop_and_join(h).await;
     let st = rig.client.status();
     assert_eq!(st.channels[1].disconnects, 1, "{st:?}");
-    assert!(st.channels[1].connects >= 2, "channel 1 did not reconnect: {st:?}");
+    assert!(
+        st.channels[1].connects >= 2,
+        "channel 1 did not reconnect: {st:?}"
+    );
     let (c, s) = (rig.work.counts(), rig.work.sweep().await);
     report("one-channel-reset", &rig, &c, &s);
     assert_eq!(errors(&c), 0);
@@ -116,9 +160,17 @@ async fn engine_fault_all_channels_reset() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let st = rig.client.status();
     assert_eq!(st.state, EngineState::Waiting);
-    let waiting = st.waiting_for.expect("waiting_for set while no channel is up");
-    println!("while refused: state={:?} waiting_for={waiting:?} journal_requests={}", st.state, st.journal_requests);
-    assert!(st.journal_requests > 0, "nothing journalled during the outage");
+    let waiting = st
+        .waiting_for
+        .expect("waiting_for set while no channel is up");
+    println!(
+        "while refused: state={:?} waiting_for={waiting:?} journal_requests={}",
+        st.state, st.journal_requests
+    );
+    assert!(
+        st.journal_requests > 0,
+        "nothing journalled during the outage"
+    );
     rig.proxy.refuse(false);
     wait_state(&rig.client, EngineState::Healthy, Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -143,12 +195,18 @@ async fn engine_fault_stall_10s() {
     let during = rig.work.counts();
     rig.proxy.resume();
     wait_state(&rig.client, EngineState::Healthy, Duration::from_secs(10)).await;
-    println!("healthy again {:?} after the stall began", stalled_at.elapsed());
+    println!(
+        "healthy again {:?} after the stall began",
+        stalled_at.elapsed()
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     rig.work.stop_and_join(h).await;
     let (c, s) = (rig.work.counts(), rig.work.sweep().await);
     report("stall-10s", &rig, &c, &s);
-    assert!(c.writes_ok > during.writes_ok, "no progress after the stall");
+    assert!(
+        c.writes_ok > during.writes_ok,
+        "no progress after the stall"
+    );
     assert_eq!(errors(&c), 0);
     assert_no_loss(&c, &s);
     rig.client.shutdown().await;
@@ -156,11 +214,25 @@ async fn engine_fault_stall_10s() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_fault_server_kill_restart() {
+    server_restart("server-kill-restart", |peer| peer.kill()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_fault_server_graceful_restart() {
+    // SIGTERM: the server answers what it can, may answer the rest with ESHUTDOWN, and
+    // closes; the engine re-issues whatever was not acknowledged.
+    server_restart("server-sigterm-restart", |peer| peer.terminate()).await;
+}
+
+async fn server_restart(name: &str, stop: impl FnOnce(Peer) + Send + 'static) {
     let mut rig = rig(BrownoutPolicy::Wait, None).await;
     let h = rig.work.spawn(WORKERS);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = rig.work.counts();
-    rig.peer.take().expect("peer").kill();
+    let peer = rig.peer.take().expect("peer");
+    tokio::task::spawn_blocking(move || stop(peer))
+        .await
+        .expect("stop server");
     wait_state(&rig.client, EngineState::Waiting, Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     // Same data directory, new process (and port): point the proxy at it.
@@ -171,8 +243,11 @@ async fn engine_fault_server_kill_restart() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     rig.work.stop_and_join(h).await;
     let (c, s) = (rig.work.counts(), rig.work.sweep().await);
-    report("server-kill-restart", &rig, &c, &s);
-    assert!(c.writes_ok > before.writes_ok, "no progress after the restart");
+    report(name, &rig, &c, &s);
+    assert!(
+        c.writes_ok > before.writes_ok,
+        "no progress after the restart"
+    );
     assert_eq!(errors(&c), 0);
     assert_no_loss(&c, &s);
     rig.client.shutdown().await;
@@ -194,7 +269,10 @@ async fn engine_fault_fail_after_stall() {
     rig.work.stop_and_join(h).await;
     let (c, s) = (rig.work.counts(), rig.work.sweep().await);
     report("fail-after-2s-stall-5s", &rig, &c, &s);
-    assert!(errors(&c) > 0, "a 5 s stall with fail-after=2s produced no error");
+    assert!(
+        errors(&c) > 0,
+        "a 5 s stall with fail-after=2s produced no error"
+    );
     assert_eq!(c.early_errors, 0, "errors before the deadline");
     assert!(c.first_error_after.expect("an error") >= deadline);
     assert_no_loss(&c, &s);
@@ -218,7 +296,10 @@ async fn engine_fault_fail_after_outage() {
     rig.work.stop_and_join(h).await;
     let (c, s) = (rig.work.counts(), rig.work.sweep().await);
     report("fail-after-1.5s-outage-4s", &rig, &c, &s);
-    assert!(errors(&c) > 0, "a 4 s outage with fail-after=1.5s produced no error");
+    assert!(
+        errors(&c) > 0,
+        "a 4 s outage with fail-after=1.5s produced no error"
+    );
     assert_eq!(c.early_errors, 0, "errors before the deadline");
     assert_no_loss(&c, &s);
     rig.client.shutdown().await;
@@ -257,12 +338,22 @@ async fn engine_failover_latency() {
     }
     let mut baseline: Vec<Duration> = lat
         .iter()
-        .filter(|(start, l)| resets.iter().all(|&t| *start + *l < t || *start > t + Duration::from_millis(50)))
+        .filter(|(start, l)| {
+            resets
+                .iter()
+                .all(|&t| *start + *l < t || *start > t + Duration::from_millis(50))
+        })
         .map(|(_, l)| *l)
         .collect();
     let (c, s) = (rig.work.counts(), rig.work.sweep().await);
     report("failover-latency", &rig, &c, &s);
-    let reissued: u64 = rig.client.status().channels.iter().map(|c| c.reissued).sum();
+    let reissued: u64 = rig
+        .client
+        .status()
+        .channels
+        .iter()
+        .map(|c| c.reissued)
+        .sum();
     println!(
         "FAILOVER resets={} reissued={reissued} stall p50={:?} p99={:?} max={:?} | IO latency without a reset: p50={:?} p99={:?} (n={})",
         resets.len(),
@@ -275,6 +366,12 @@ async fn engine_failover_latency() {
     );
     assert_eq!(errors(&c), 0);
     assert_no_loss(&c, &s);
-    assert!(rig.client.status().channels.iter().all(|c| c.state == ChannelState::Up || c.connects > 1));
+    assert!(
+        rig.client
+            .status()
+            .channels
+            .iter()
+            .all(|c| c.state == ChannelState::Up || c.connects > 1)
+    );
     rig.client.shutdown().await;
 }

@@ -26,7 +26,9 @@ fn random_bytes(rng: &mut StdRng, len: usize) -> Bytes {
 async fn exercise(peer: &Peer, channels: u16) {
     let mut cfg = ClientConfig::new(peer.server(), &peer.export);
     cfg.channels = channels;
-    let client = Client::connect(cfg).await.unwrap_or_else(|e| panic!("{:?}: connect: {e}", peer.kind));
+    let client = Client::connect(cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{:?}: connect: {e}", peer.kind));
     let g = client.geometry();
     println!("{:?}: geometry {g:?}", peer.kind);
     assert!(g.size >= SIZE, "export too small: {}", g.size);
@@ -65,7 +67,11 @@ async fn exercise(peer: &Peer, channels: u16) {
     while let Some(r) = set.join_next().await {
         let (off, data, got) = r.expect("join");
         let got = got.expect("read");
-        assert!(got == data, "{:?}: read at {off} differs from what was written", peer.kind);
+        assert!(
+            got == data,
+            "{:?}: read at {off} differs from what was written",
+            peer.kind
+        );
         checked += 1;
     }
 
@@ -76,30 +82,50 @@ async fn exercise(peer: &Peer, channels: u16) {
     };
     if let Some(disk) = &on_disk {
         for (off, data) in &expected {
-            assert!(&disk[*off as usize..*off as usize + data.len()] == &data[..], "{:?}: disk differs at {off}", peer.kind);
+            assert!(
+                &disk[*off as usize..*off as usize + data.len()] == &data[..],
+                "{:?}: disk differs at {off}",
+                peer.kind
+            );
         }
     }
 
     // A read spanning several regions sees writes and untouched (zero) space alike.
     let span = client.read(0, (4 * MIB) as u32).await.expect("big read");
     assert_eq!(span.len(), (4 * MIB) as usize);
-    for (off, data) in expected.iter().filter(|(o, d)| o + d.len() as u64 <= 4 * MIB) {
+    for (off, data) in expected
+        .iter()
+        .filter(|(o, d)| o + d.len() as u64 <= 4 * MIB)
+    {
         assert!(&span[*off as usize..*off as usize + data.len()] == &data[..]);
     }
 
     // WRITE_ZEROES (native or emulated) and TRIM.
     let zoff = expected[3].0;
-    client.write_zeroes(zoff, 8192, false).await.expect("write_zeroes");
+    client
+        .write_zeroes(zoff, 8192, false)
+        .await
+        .expect("write_zeroes");
     let z = client.read(zoff, 8192).await.expect("read zeroes");
-    assert!(z.iter().all(|&b| b == 0), "{:?}: WRITE_ZEROES left data", peer.kind);
+    assert!(
+        z.iter().all(|&b| b == 0),
+        "{:?}: WRITE_ZEROES left data",
+        peer.kind
+    );
     if g.can_trim {
         client.trim(60 * MIB, MIB as u32).await.expect("trim");
     } else {
-        assert_eq!(client.trim(60 * MIB, 4096).await, Err(IoError::Unsupported("TRIM")));
+        assert_eq!(
+            client.trim(60 * MIB, 4096).await,
+            Err(IoError::Unsupported("TRIM"))
+        );
     }
 
     // Requests outside the export are refused locally with EINVAL, the engine stays healthy.
-    let err = client.read(g.size - 512, 4096).await.expect_err("read past the end");
+    let err = client
+        .read(g.size - 512, 4096)
+        .await
+        .expect_err("read past the end");
     assert_eq!(err.errno(), 22);
 
     let st = client.status();
@@ -115,7 +141,10 @@ async fn exercise(peer: &Peer, channels: u16) {
         st.channels.iter().map(|c| c.completed).collect::<Vec<_>>()
     );
     if g.multi_conn && channels > 1 {
-        assert!(st.channels.iter().all(|c| c.completed > 0), "some channel carried no IO: {st:?}");
+        assert!(
+            st.channels.iter().all(|c| c.completed > 0),
+            "some channel carried no IO: {st:?}"
+        );
     }
     client.shutdown().await;
 }
@@ -154,7 +183,10 @@ async fn engine_interop_nbd_server() {
 async fn engine_refuses_unknown_export_and_dead_address() {
     let dir = tempfile::tempdir().expect("tempdir");
     let peer = start_peer(PeerKind::QemuNbd, &sparse_file(dir.path(), SIZE));
-    let err = Client::connect(ClientConfig::new(peer.server(), "nope")).await.err().expect("unknown export accepted");
+    let err = Client::connect(ClientConfig::new(peer.server(), "nope"))
+        .await
+        .err()
+        .expect("unknown export accepted");
     println!("unknown export: {err}");
     assert!(err.to_string().contains("nope"), "{err}");
     // Nothing listens on the peer's port once it is gone.
@@ -162,6 +194,9 @@ async fn engine_refuses_unknown_export_and_dead_address() {
     peer.kill();
     let mut cfg = ClientConfig::new(addr, "disk");
     cfg.connect_timeout = Duration::from_secs(2);
-    let err = Client::connect(cfg).await.err().expect("dead address accepted");
+    let err = Client::connect(cfg)
+        .await
+        .err()
+        .expect("dead address accepted");
     println!("dead address: {err}");
 }

@@ -26,7 +26,9 @@ async fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 async fn engine_journal_full_makes_io_wait() {
     let dir = tempfile::tempdir().expect("tempdir");
     let peer = start_enbd_server(dir.path());
-    let proxy = FaultProxy::start("127.0.0.1:0".parse().expect("addr"), peer.addr).await.expect("proxy");
+    let proxy = FaultProxy::start("127.0.0.1:0".parse().expect("addr"), peer.addr)
+        .await
+        .expect("proxy");
     let mut cfg = ClientConfig::new(proxy.local_addr().to_string(), &peer.export);
     cfg.channels = 2;
     cfg.journal_bytes = MAX_REQUEST_BYTES + 4096;
@@ -41,13 +43,25 @@ async fn engine_journal_full_makes_io_wait() {
             c.write(i << 20, data, false).await
         });
     }
-    wait_for("the journal to fill", Duration::from_secs(5), || client.status().journal_requests >= 32).await;
+    wait_for("the journal to fill", Duration::from_secs(5), || {
+        client.status().journal_requests >= 32
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let st = client.status();
-    println!("stalled: journal_requests={} journal_bytes={} capacity={capacity}", st.journal_requests, st.journal_bytes);
-    assert_eq!(st.journal_requests, 32, "admitted more than the journal holds");
+    println!(
+        "stalled: journal_requests={} journal_bytes={} capacity={capacity}",
+        st.journal_requests, st.journal_bytes
+    );
+    assert_eq!(
+        st.journal_requests, 32,
+        "admitted more than the journal holds"
+    );
     assert!(st.journal_bytes <= capacity);
-    assert!(set.try_join_next().is_none(), "a write completed while the network was stalled");
+    assert!(
+        set.try_join_next().is_none(),
+        "a write completed while the network was stalled"
+    );
     proxy.resume();
     let mut done = 0;
     while let Some(r) = set.join_next().await {
@@ -59,7 +73,10 @@ async fn engine_journal_full_makes_io_wait() {
         assert!(got.iter().all(|&b| b == i as u8 + 1), "block {i} wrong");
     }
     let st = client.status();
-    println!("after resume: {done} writes completed and verified, journal_bytes={}", st.journal_bytes);
+    println!(
+        "after resume: {done} writes completed and verified, journal_bytes={}",
+        st.journal_bytes
+    );
     assert_eq!(st.journal_bytes, 0);
     client.shutdown().await;
 }
@@ -70,23 +87,37 @@ async fn engine_journal_full_makes_io_wait() {
 async fn engine_refuses_changed_identity_on_reconnect() {
     let dir = tempfile::tempdir().expect("tempdir");
     let first = start_peer(PeerKind::QemuNbd, &sparse_file(dir.path(), 64 << 20));
-    let proxy = FaultProxy::start("127.0.0.1:0".parse().expect("addr"), first.addr).await.expect("proxy");
+    let proxy = FaultProxy::start("127.0.0.1:0".parse().expect("addr"), first.addr)
+        .await
+        .expect("proxy");
     let mut cfg = ClientConfig::new(proxy.local_addr().to_string(), &first.export);
     cfg.reconnect_min = Duration::from_millis(20);
     let client = Client::connect(cfg).await.expect("connect");
-    client.write(0, Bytes::from(vec![7u8; 4096]), false).await.expect("write");
+    client
+        .write(0, Bytes::from(vec![7u8; 4096]), false)
+        .await
+        .expect("write");
 
     let other_dir = tempfile::tempdir().expect("tempdir");
     let second = start_peer(PeerKind::QemuNbd, &sparse_file(other_dir.path(), 32 << 20));
     proxy.set_upstream(second.addr);
     proxy.kill_all(Kill::Reset);
     first.kill();
-    wait_for("the engine to fail", Duration::from_secs(10), || client.status().state == EngineState::Failed).await;
+    wait_for("the engine to fail", Duration::from_secs(10), || {
+        client.status().state == EngineState::Failed
+    })
+    .await;
     let st = client.status();
     let reason = st.failure.clone().expect("failure reason");
     println!("engine state={:?} failure={reason}", st.state);
-    assert!(reason.contains("changed identity") && reason.contains("size"), "{reason}");
-    let err = client.write(0, Bytes::from(vec![9u8; 4096]), false).await.expect_err("IO after failure");
+    assert!(
+        reason.contains("changed identity") && reason.contains("size"),
+        "{reason}"
+    );
+    let err = client
+        .write(0, Bytes::from(vec![9u8; 4096]), false)
+        .await
+        .expect_err("IO after failure");
     assert!(matches!(err, IoError::EngineFailed(_)), "{err:?}");
     assert_eq!(err.errno(), 5);
     // The replacement disk was never written to.

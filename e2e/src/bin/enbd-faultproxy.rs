@@ -38,7 +38,9 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("listening on {}", cli.listen))?,
     );
     if let Some(addr) = cli.control {
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("control listener on {addr}"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("control listener on {addr}"))?;
         println!("control {}", listener.local_addr()?);
         let proxy = proxy.clone();
         tokio::spawn(async move {
@@ -54,14 +56,23 @@ async fn main() -> anyhow::Result<()> {
     println!("listening {}", proxy.local_addr());
     // stdin closing (e.g. the script that started us exited) ends the proxy only when there
     // is no control port to keep it useful.
-    command_loop(&proxy, BufReader::new(tokio::io::stdin()), tokio::io::stdout()).await?;
+    command_loop(
+        &proxy,
+        BufReader::new(tokio::io::stdin()),
+        tokio::io::stdout(),
+    )
+    .await?;
     if cli.control.is_some() {
         std::future::pending::<()>().await;
     }
     Ok(())
 }
 
-async fn command_loop<R, W>(proxy: &FaultProxy, reader: BufReader<R>, mut out: W) -> anyhow::Result<()>
+async fn command_loop<R, W>(
+    proxy: &FaultProxy,
+    reader: BufReader<R>,
+    mut out: W,
+) -> anyhow::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::Inner;
 use super::config::BrownoutPolicy;
 use super::error::IoError;
-use super::Inner;
 
 /// Runs one submission under the volume's brownout policy.
 pub(crate) async fn apply(
@@ -23,15 +23,17 @@ pub(crate) async fn apply(
 ) -> Result<Bytes, IoError> {
     match inner.cfg.brownout {
         BrownoutPolicy::Wait => attempt.await,
-        BrownoutPolicy::FailAfter(deadline) => match tokio::time::timeout(deadline, attempt).await {
-            Ok(result) => result,
-            Err(_) => {
-                // `attempt` (and the completion receiver inside it) is dropped by now, so the
-                // request reads as abandoned to the channels.
-                inner.reset_abandoned();
-                Err(IoError::BrownoutTimeout(deadline))
+        BrownoutPolicy::FailAfter(deadline) => {
+            match tokio::time::timeout(deadline, attempt).await {
+                Ok(result) => result,
+                Err(_) => {
+                    // `attempt` (and the completion receiver inside it) is dropped by now, so the
+                    // request reads as abandoned to the channels.
+                    inner.reset_abandoned();
+                    Err(IoError::BrownoutTimeout(deadline))
+                }
             }
-        },
+        }
     }
 }
 

@@ -62,8 +62,11 @@ pub struct Geometry {
 
 impl Geometry {
     fn new(size: u64, flags: TransmissionFlags, blocks: Option<(u32, u32, u32)>) -> Self {
-        let (min_block, pref_block, max_block) =
-            blocks.unwrap_or((DEFAULT_MIN_BLOCK, DEFAULT_PREF_BLOCK, MAX_REQUEST_BYTES as u32));
+        let (min_block, pref_block, max_block) = blocks.unwrap_or((
+            DEFAULT_MIN_BLOCK,
+            DEFAULT_PREF_BLOCK,
+            MAX_REQUEST_BYTES as u32,
+        ));
         let has = |f| flags.contains(f);
         Self {
             size,
@@ -105,6 +108,8 @@ pub(crate) enum Ended {
     Protocol(String),
     /// The oldest request got no reply within the io timeout.
     Timeout(Duration),
+    /// The server answered ESHUTDOWN: it is going away; its requests go elsewhere.
+    ServerShutdown,
 }
 
 impl fmt::Display for Ended {
@@ -116,31 +121,49 @@ impl fmt::Display for Ended {
             Self::Io(e) => write!(f, "socket error: {e}"),
             Self::Protocol(m) => write!(f, "protocol error: {m}"),
             Self::Timeout(d) => write!(f, "no reply for {:.1}s", d.as_secs_f64()),
+            Self::ServerShutdown => f.write_str("server is shutting down (ESHUTDOWN)"),
         }
     }
 }
 
 /// Opens a connection to `addr` and negotiates `export`, all within `timeout`.
-pub(crate) async fn open(addr: &str, export: &str, timeout: Duration) -> Result<Connected, EngineError> {
+pub(crate) async fn open(
+    addr: &str,
+    export: &str,
+    timeout: Duration,
+) -> Result<Connected, EngineError> {
     match tokio::time::timeout(timeout, handshake(addr, export)).await {
         Ok(r) => r,
-        Err(_) => Err(EngineError::ConnectTimeout { addr: addr.to_owned(), secs: timeout.as_secs_f64() }),
+        Err(_) => Err(EngineError::ConnectTimeout {
+            addr: addr.to_owned(),
+            secs: timeout.as_secs_f64(),
+        }),
     }
 }
 
 async fn handshake(addr: &str, export: &str) -> Result<Connected, EngineError> {
-    let hs_err = |reason: String| EngineError::Handshake { addr: addr.to_owned(), reason };
+    let hs_err = |reason: String| EngineError::Handshake {
+        addr: addr.to_owned(),
+        reason,
+    };
     let mut stream = TcpStream::connect(addr)
         .await
-        .map_err(|source| EngineError::Connect { addr: addr.to_owned(), source })?;
+        .map_err(|source| EngineError::Connect {
+            addr: addr.to_owned(),
+            source,
+        })?;
     // Latency matters more than segment count: every request is a small write.
     let _ = stream.set_nodelay(true);
     let local_addr = stream.local_addr().ok();
     let mut buf = BytesMut::with_capacity(4096);
 
-    let greeting = read_msg(&mut stream, &mut buf, Greeting::decode).await.map_err(|e| hs_err(e.to_string()))?;
+    let greeting = read_msg(&mut stream, &mut buf, Greeting::decode)
+        .await
+        .map_err(|e| hs_err(e.to_string()))?;
     if !greeting.flags.contains(HandshakeFlags::FIXED_NEWSTYLE) {
-        return Err(hs_err("server does not speak fixed newstyle negotiation".into()));
+        return Err(hs_err(
+            "server does not speak fixed newstyle negotiation".into(),
+        ));
     }
     let mut client = ClientFlags::FIXED_NEWSTYLE;
     if greeting.flags.contains(HandshakeFlags::NO_ZEROES) {
@@ -148,25 +171,44 @@ async fn handshake(addr: &str, export: &str) -> Result<Connected, EngineError> {
     }
     let mut out = Vec::with_capacity(256);
     client.encode(&mut out);
-    OptionRequest::StructuredReply.encode(&mut out).map_err(|e| hs_err(e.to_string()))?;
-    stream.write_all(&out).await.map_err(|e| hs_err(e.to_string()))?;
-    let reply = read_option_reply(&mut stream, &mut buf).await.map_err(|e| hs_err(e.to_string()))?;
+    OptionRequest::StructuredReply
+        .encode(&mut out)
+        .map_err(|e| hs_err(e.to_string()))?;
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| hs_err(e.to_string()))?;
+    let reply = read_option_reply(&mut stream, &mut buf)
+        .await
+        .map_err(|e| hs_err(e.to_string()))?;
     let structured = matches!(reply.body, OptionReplyBody::Ack);
 
     out.clear();
-    let go = InfoRequest { export: export.to_owned(), requests: vec![InfoType::BlockSize] };
-    OptionRequest::Go(go).encode(&mut out).map_err(|e| hs_err(e.to_string()))?;
-    stream.write_all(&out).await.map_err(|e| hs_err(e.to_string()))?;
+    let go = InfoRequest {
+        export: export.to_owned(),
+        requests: vec![InfoType::BlockSize],
+    };
+    OptionRequest::Go(go)
+        .encode(&mut out)
+        .map_err(|e| hs_err(e.to_string()))?;
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| hs_err(e.to_string()))?;
 
     let mut export_info = None;
     let mut blocks = None;
     loop {
-        let reply = read_option_reply(&mut stream, &mut buf).await.map_err(|e| hs_err(e.to_string()))?;
+        let reply = read_option_reply(&mut stream, &mut buf)
+            .await
+            .map_err(|e| hs_err(e.to_string()))?;
         match reply.body {
             OptionReplyBody::Info(InfoReply::Export(info)) => export_info = Some(info),
             OptionReplyBody::Info(InfoReply::BlockSize(b)) => match b.validate() {
                 Ok(()) => blocks = Some((b.minimum, b.preferred, b.maximum)),
-                Err(e) => tracing::warn!(server = addr, error = %e, "ignoring invalid block size constraints"),
+                Err(e) => {
+                    tracing::warn!(server = addr, error = %e, "ignoring invalid block size constraints")
+                }
             },
             OptionReplyBody::Info(_) => {}
             OptionReplyBody::Ack => break,
@@ -177,19 +219,32 @@ async fn handshake(addr: &str, export: &str) -> Result<Connected, EngineError> {
                     OptionError::TlsRequired => format!("server requires TLS ({message})"),
                     other => format!("{other:?}: {message}"),
                 };
-                return Err(EngineError::ExportRefused { addr: addr.to_owned(), export: export.to_owned(), reason });
+                return Err(EngineError::ExportRefused {
+                    addr: addr.to_owned(),
+                    export: export.to_owned(),
+                    reason,
+                });
             }
             other => return Err(hs_err(format!("unexpected reply to NBD_OPT_GO: {other:?}"))),
         }
     }
-    let info = export_info.ok_or_else(|| hs_err("NBD_OPT_GO ended without NBD_INFO_EXPORT".into()))?;
+    let info =
+        export_info.ok_or_else(|| hs_err("NBD_OPT_GO ended without NBD_INFO_EXPORT".into()))?;
     if !buf.is_empty() {
         return Err(hs_err("server sent data before the first request".into()));
     }
-    Ok(Connected { stream, geometry: Geometry::new(info.size, info.flags, blocks), local_addr, structured })
+    Ok(Connected {
+        stream,
+        geometry: Geometry::new(info.size, info.flags, blocks),
+        local_addr,
+        structured,
+    })
 }
 
-async fn read_option_reply(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<OptionReply, WireIoError> {
+async fn read_option_reply(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<OptionReply, WireIoError> {
     read_msg(stream, buf, |b| OptionReply::decode(b, MAX_OPTION_REPLY)).await
 }
 
@@ -260,7 +315,9 @@ pub(crate) struct InFlight {
 }
 
 impl InFlight {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending, BuildHasherDefault<CookieHasher>>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, Pending, BuildHasherDefault<CookieHasher>>> {
         // Each critical section is one map operation plus counter updates: a poisoned table is
         // still consistent.
         self.table.lock().unwrap_or_else(|p| p.into_inner())
@@ -313,7 +370,13 @@ pub(crate) async fn run(conn: Connected, inner: &Inner, slot: &Slot) -> Ended {
         Ended::Cancelled if slot.inflight.len() == 0 => {
             // Polite goodbye; the server may close first, which is fine.
             let mut out = Vec::with_capacity(32);
-            let disc = WireRequest { flags: CommandFlags::empty(), command: Command::Disc, cookie: Cookie(u64::MAX), offset: 0, length: 0 };
+            let disc = WireRequest {
+                flags: CommandFlags::empty(),
+                command: Command::Disc,
+                cookie: Cookie(u64::MAX),
+                offset: 0,
+                length: 0,
+            };
             if disc.encode(HeaderStyle::Compact, &mut out).is_ok() {
                 let _ = tokio::time::timeout(Duration::from_millis(200), wr.write_all(&out)).await;
             }
@@ -356,7 +419,11 @@ async fn write_loop(wr: &mut OwnedWriteHalf, inner: &Inner, slot: &Slot) -> Ende
         }
         inner.journal.wait_queued().await;
         let room = depth.saturating_sub(inflight.len());
-        let share = dispatch::share(inner.journal.queued_len(), inner.up.load(Ordering::Acquire), room);
+        let share = dispatch::share(
+            inner.journal.queued_len(),
+            inner.up.load(Ordering::Acquire),
+            room,
+        );
         inner.journal.take(share, &mut batch);
         if batch.is_empty() {
             continue;
@@ -381,7 +448,10 @@ async fn write_loop(wr: &mut OwnedWriteHalf, inner: &Inner, slot: &Slot) -> Ende
                     length: u64::from(req.len),
                 };
                 if let Err(e) = header.encode(HeaderStyle::Compact, &mut out) {
-                    req.complete(Err(IoError::Invalid { len: u64::from(header.length as u32), why: "cannot be encoded" }));
+                    req.complete(Err(IoError::Invalid {
+                        len: header.length,
+                        why: "cannot be encoded",
+                    }));
                     tracing::error!(error = %e, "request header encoding failed");
                     continue;
                 }
@@ -390,7 +460,16 @@ async fn write_loop(wr: &mut OwnedWriteHalf, inner: &Inner, slot: &Slot) -> Ende
                     written += u64::from(req.len);
                 }
                 req.issues += 1;
-                table.insert(cookie, Pending { req, sent: now, data: None, whole: None, error: None });
+                table.insert(
+                    cookie,
+                    Pending {
+                        req,
+                        sent: now,
+                        data: None,
+                        whole: None,
+                        error: None,
+                    },
+                );
             }
             inflight.len.store(table.len(), Ordering::Release);
             stats.in_flight.store(table.len() as u64, Ordering::Relaxed);
@@ -414,7 +493,7 @@ async fn read_loop(rd: &mut OwnedReadHalf, structured: bool, slot: &Slot) -> End
                     }
                     break;
                 }
-                Err(e) => return Ended::Protocol(e),
+                Err(e) => return e,
             }
         }
         match rd.read_buf(&mut buf).await {
@@ -431,36 +510,52 @@ enum Parsed {
     NeedMore(usize),
 }
 
+fn protocol(msg: impl Into<String>) -> Ended {
+    Ended::Protocol(msg.into())
+}
+
 fn nbd_errno(e: NbdError) -> u32 {
     e.to_errno() as u32
 }
 
 /// Consumes at most one whole reply (or chunk) from `buf` and completes its request when it
 /// was the last part.
-fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Parsed, String> {
-    let header = match ReplyHeader::decode(buf, HeaderStyle::Compact, MAX_REQUEST_BYTES as u64 + 64) {
+///
+/// A reply saying the server is shutting down (ESHUTDOWN) does not complete its request: the
+/// connection is abandoned instead, so the request is re-issued once the server is back — a
+/// server restart stays invisible to the caller like any other outage.
+fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Parsed, Ended> {
+    let header = match ReplyHeader::decode(buf, HeaderStyle::Compact, MAX_REQUEST_BYTES as u64 + 64)
+    {
         Ok(Some((h, len))) => (h, len),
         Ok(None) => return Ok(Parsed::NeedMore(1)),
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(Ended::Protocol(e.to_string())),
     };
     let inflight = &slot.inflight;
     let mut table = inflight.lock();
     match header {
         (ReplyHeader::Simple(reply), hlen) => {
             let cookie = reply.cookie.0;
-            let pending = table.get(&cookie).ok_or_else(|| format!("reply for unknown cookie {cookie}"))?;
+            let pending = table
+                .get(&cookie)
+                .ok_or_else(|| protocol(format!("reply for unknown cookie {cookie}")))?;
+            if reply.error == Some(NbdError::Shutdown) {
+                return Err(Ended::ServerShutdown);
+            }
             let data_len = match (pending.req.op, reply.error) {
                 (Op::Read, None) => pending.req.len as usize,
                 _ => 0,
             };
             if structured && pending.req.op == Op::Read {
-                return Err("simple reply to a READ after structured replies were negotiated".into());
+                return Err(protocol(
+                    "simple reply to a READ after structured replies were negotiated",
+                ));
             }
             if buf.len() < hlen + data_len {
                 return Ok(Parsed::NeedMore(hlen + data_len - buf.len()));
             }
             let Some(pending) = table.remove(&cookie) else {
-                return Err(format!("reply for unknown cookie {cookie}"));
+                return Err(protocol(format!("reply for unknown cookie {cookie}")));
             };
             finish_locked(inflight, &mut table, slot);
             drop(table);
@@ -473,14 +568,18 @@ fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Pars
         }
         (ReplyHeader::Chunk(chunk), hlen) => {
             if !structured {
-                return Err("structured reply chunk without structured replies negotiated".into());
+                return Err(protocol(
+                    "structured reply chunk without structured replies negotiated",
+                ));
             }
             let cookie = chunk.cookie.0;
             let frame = hlen + chunk.length as usize;
             if buf.len() < frame {
                 return Ok(Parsed::NeedMore(frame - buf.len()));
             }
-            let pending = table.get_mut(&cookie).ok_or_else(|| format!("reply chunk for unknown cookie {cookie}"))?;
+            let pending = table
+                .get_mut(&cookie)
+                .ok_or_else(|| protocol(format!("reply chunk for unknown cookie {cookie}")))?;
             let mut payload = {
                 let mut f = buf.split_to(frame);
                 f.advance(hlen);
@@ -489,22 +588,27 @@ fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Pars
             match chunk.chunk_type {
                 ChunkType::OffsetData => {
                     let offset = payload.get_u64();
-                    place_read_data(pending, offset, payload.freeze())?;
+                    place_read_data(pending, offset, payload.freeze()).map_err(protocol)?;
                 }
                 ChunkType::OffsetHole => {
                     let offset = payload.get_u64();
                     let len = payload.get_u32();
-                    place_hole(pending, offset, len)?;
+                    place_hole(pending, offset, len).map_err(protocol)?;
                 }
                 ChunkType::None => {}
                 t if t.is_error() => {
-                    let errno = match ChunkBody::decode(t, &payload).map_err(|e| e.to_string())? {
+                    let body =
+                        ChunkBody::decode(t, &payload).map_err(|e| protocol(e.to_string()))?;
+                    let error = match body {
                         ChunkBody::Error { error, .. }
                         | ChunkBody::ErrorOffset { error, .. }
-                        | ChunkBody::UnknownError { error, .. } => nbd_errno(error),
-                        _ => 5,
+                        | ChunkBody::UnknownError { error, .. } => error,
+                        _ => NbdError::Io,
                     };
-                    pending.error.get_or_insert(errno);
+                    if error == NbdError::Shutdown {
+                        return Err(Ended::ServerShutdown);
+                    }
+                    pending.error.get_or_insert(nbd_errno(error));
                 }
                 // Block status is never requested; anything else non-error was rejected by
                 // the header decoder.
@@ -512,7 +616,7 @@ fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Pars
             }
             if chunk.flags.contains(ReplyFlags::DONE) {
                 let Some(pending) = table.remove(&cookie) else {
-                    return Err(format!("reply chunk for unknown cookie {cookie}"));
+                    return Err(protocol(format!("reply chunk for unknown cookie {cookie}")));
                 };
                 finish_locked(inflight, &mut table, slot);
                 drop(table);
@@ -522,7 +626,9 @@ fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Pars
                         (Some(w), _) => w.clone(),
                         (None, Some(d)) => d.clone().freeze(),
                         // A read answered only by NONE: nothing was sent, so it reads as zeroes.
-                        (None, None) if pending.req.op == Op::Read => Bytes::from(vec![0u8; pending.req.len as usize]),
+                        (None, None) if pending.req.op == Op::Read => {
+                            Bytes::from(vec![0u8; pending.req.len as usize])
+                        }
                         (None, None) => Bytes::new(),
                     }),
                 };
@@ -534,7 +640,9 @@ fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Pars
 }
 
 fn read_range(p: &Pending, offset: u64, len: u64) -> Result<usize, String> {
-    let start = offset.checked_sub(p.req.offset).ok_or("read chunk before the request's offset")?;
+    let start = offset
+        .checked_sub(p.req.offset)
+        .ok_or("read chunk before the request's offset")?;
     if p.req.op != Op::Read || start + len > u64::from(p.req.len) {
         return Err(format!("read chunk [{offset}, +{len}) outside the request"));
     }
@@ -572,16 +680,24 @@ fn place_hole(p: &mut Pending, offset: u64, len: u32) -> Result<(), String> {
 }
 
 /// Counter updates when a request leaves the table (lock held).
-fn finish_locked(inflight: &InFlight, table: &mut HashMap<u64, Pending, BuildHasherDefault<CookieHasher>>, slot: &Slot) {
+fn finish_locked(
+    inflight: &InFlight,
+    table: &mut HashMap<u64, Pending, BuildHasherDefault<CookieHasher>>,
+    slot: &Slot,
+) {
     inflight.len.store(table.len(), Ordering::Release);
-    slot.stats.in_flight.store(table.len() as u64, Ordering::Relaxed);
+    slot.stats
+        .in_flight
+        .store(table.len() as u64, Ordering::Relaxed);
 }
 
 fn complete(p: Pending, result: Result<Bytes, IoError>, slot: &Slot) {
     let stats = &slot.stats;
     stats.completed.fetch_add(1, Ordering::Relaxed);
     if let Ok(data) = &result {
-        stats.bytes_read.fetch_add(data.len() as u64, Ordering::Relaxed);
+        stats
+            .bytes_read
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
     }
     p.req.complete(result);
     slot.inflight.room.notify_one();

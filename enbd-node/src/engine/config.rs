@@ -20,7 +20,9 @@ pub enum BrownoutPolicy {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("brownout policy {0:?}: expected `wait` or `fail-after=<duration>` (e.g. 2s, 500ms, 1m)")]
+    #[error(
+        "brownout policy {0:?}: expected `wait` or `fail-after=<duration>` (e.g. 2s, 500ms, 1m)"
+    )]
     BadBrownout(String),
     #[error("duration {0:?}: expected a number followed by ms, s, m or h")]
     BadDuration(String),
@@ -32,7 +34,9 @@ pub enum ConfigError {
     ExportTooLong,
     #[error("channels must be between 1 and {max}, got {got}")]
     BadChannels { got: u16, max: u16 },
-    #[error("journal_bytes {0} is too small: it must hold at least one maximum-size request ({1} bytes)")]
+    #[error(
+        "journal_bytes {0} is too small: it must hold at least one maximum-size request ({1} bytes)"
+    )]
     JournalTooSmall(usize, usize),
     #[error("queue_depth must be at least 1")]
     BadQueueDepth,
@@ -42,7 +46,9 @@ pub enum ConfigError {
 pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
     let bad = || ConfigError::BadDuration(s.to_owned());
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let value: f64 = num.parse().map_err(|_| bad())?;
     let secs = match unit {
@@ -156,13 +162,19 @@ impl ClientConfig {
             return Err(ConfigError::ExportTooLong);
         }
         if self.channels == 0 || self.channels > MAX_CHANNELS {
-            return Err(ConfigError::BadChannels { got: self.channels, max: MAX_CHANNELS });
+            return Err(ConfigError::BadChannels {
+                got: self.channels,
+                max: MAX_CHANNELS,
+            });
         }
         if self.queue_depth == 0 {
             return Err(ConfigError::BadQueueDepth);
         }
         if self.journal_bytes < MAX_REQUEST_BYTES {
-            return Err(ConfigError::JournalTooSmall(self.journal_bytes, MAX_REQUEST_BYTES));
+            return Err(ConfigError::JournalTooSmall(
+                self.journal_bytes,
+                MAX_REQUEST_BYTES,
+            ));
         }
         Ok(())
     }
@@ -183,9 +195,22 @@ mod tests {
             "fail-after=250ms".parse::<BrownoutPolicy>(),
             Ok(BrownoutPolicy::FailAfter(Duration::from_millis(250)))
         );
-        assert_eq!(BrownoutPolicy::FailAfter(Duration::from_secs(3)).to_string(), "fail-after=3s");
-        assert_eq!(BrownoutPolicy::FailAfter(Duration::from_millis(1500)).to_string(), "fail-after=1500ms");
-        for bad in ["", "fail", "fail-after=", "fail-after=0s", "fail-after=3x", "waitx"] {
+        assert_eq!(
+            BrownoutPolicy::FailAfter(Duration::from_secs(3)).to_string(),
+            "fail-after=3s"
+        );
+        assert_eq!(
+            BrownoutPolicy::FailAfter(Duration::from_millis(1500)).to_string(),
+            "fail-after=1500ms"
+        );
+        for bad in [
+            "",
+            "fail",
+            "fail-after=",
+            "fail-after=0s",
+            "fail-after=3x",
+            "waitx",
+        ] {
             assert!(bad.parse::<BrownoutPolicy>().is_err(), "{bad:?} accepted");
         }
     }
@@ -205,6 +230,9 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::BadChannels { .. })));
         let mut c = ok;
         c.journal_bytes = 4096;
-        assert!(matches!(c.validate(), Err(ConfigError::JournalTooSmall(..))));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::JournalTooSmall(..))
+        ));
     }
 }

@@ -19,7 +19,11 @@ pub enum EngineError {
     #[error("NBD handshake with {addr}: {reason}")]
     Handshake { addr: String, reason: String },
     #[error("server {addr} refused export {export:?}: {reason}")]
-    ExportRefused { addr: String, export: String, reason: String },
+    ExportRefused {
+        addr: String,
+        export: String,
+        reason: String,
+    },
     #[error(
         "server {addr} changed identity on reconnect ({what}): refusing to continue, \
          the data may not be the same disk"
@@ -108,7 +112,18 @@ mod tests {
         assert_eq!(IoError::Server(9999).errno(), 5);
         assert_eq!(IoError::ReadOnly.errno(), 30);
         assert_eq!(IoError::Unsupported("trim").errno(), 95);
-        assert_eq!(IoError::BrownoutTimeout(std::time::Duration::from_secs(1)).errno(), 5);
-        assert_eq!(IoError::OutOfRange { offset: 0, len: 1, size: 0 }.errno(), 22);
+        assert_eq!(
+            IoError::BrownoutTimeout(std::time::Duration::from_secs(1)).errno(),
+            5
+        );
+        assert_eq!(
+            IoError::OutOfRange {
+                offset: 0,
+                len: 1,
+                size: 0
+            }
+            .errno(),
+            22
+        );
     }
 }

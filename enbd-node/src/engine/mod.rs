@@ -131,7 +131,9 @@ impl Client {
             let (tx, rx) = oneshot::channel();
             first_attempts.push(rx);
             let conn = if idx == 0 { first.take() } else { None };
-            inner.tasks.spawn(reconnect::supervise(inner.clone(), idx, conn, tx));
+            inner
+                .tasks
+                .spawn(reconnect::supervise(inner.clone(), idx, conn, tx));
         }
         // Report a fully connected volume when possible; a channel that cannot connect now
         // keeps retrying in the background (status shows Degraded).
@@ -154,8 +156,10 @@ impl Client {
     /// Writes `data` at `offset`; with `fua` it is durable when this returns (emulated with a
     /// FLUSH when the server has no FUA).
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
-        let len = u32::try_from(data.len())
-            .map_err(|_| IoError::Invalid { len: data.len() as u64, why: "larger than 4 GiB" })?;
+        let len = u32::try_from(data.len()).map_err(|_| IoError::Invalid {
+            len: data.len() as u64,
+            why: "larger than 4 GiB",
+        })?;
         self.check_range(offset, len)?;
         self.check_writable()?;
         let g = &self.inner.geometry;
@@ -175,7 +179,9 @@ impl Client {
             // No FLUSH advertised: the server has no volatile cache to flush.
             return Ok(());
         }
-        self.submit(Op::Flush, 0, 0, 0, Bytes::new()).await.map(drop)
+        self.submit(Op::Flush, 0, 0, 0, Bytes::new())
+            .await
+            .map(drop)
     }
 
     pub async fn trim(&self, offset: u64, len: u32) -> Result<(), IoError> {
@@ -184,7 +190,9 @@ impl Client {
         if !self.inner.geometry.can_trim {
             return Err(IoError::Unsupported("TRIM"));
         }
-        self.submit(Op::Trim, 0, offset, len, Bytes::new()).await.map(drop)
+        self.submit(Op::Trim, 0, offset, len, Bytes::new())
+            .await
+            .map(drop)
     }
 
     /// Zeroes a range; `no_hole` asks the server to keep it allocated. Emulated with a write
@@ -193,10 +201,14 @@ impl Client {
         self.check_range(offset, len)?;
         self.check_writable()?;
         if !self.inner.geometry.can_write_zeroes {
-            return self.write(offset, Bytes::from(vec![0u8; len as usize]), false).await;
+            return self
+                .write(offset, Bytes::from(vec![0u8; len as usize]), false)
+                .await;
         }
         let flags = if no_hole { CMD_FLAG_NO_HOLE } else { 0 };
-        self.submit(Op::WriteZeroes, flags, offset, len, Bytes::new()).await.map(drop)
+        self.submit(Op::WriteZeroes, flags, offset, len, Bytes::new())
+            .await
+            .map(drop)
     }
 
     pub fn status(&self) -> EngineStatus {
@@ -224,19 +236,37 @@ impl Client {
     fn check_range(&self, offset: u64, len: u32) -> Result<(), IoError> {
         let size = self.inner.geometry.size;
         if len as usize > MAX_REQUEST_BYTES {
-            return Err(IoError::Invalid { len: len as u64, why: "larger than the engine's request limit" });
+            return Err(IoError::Invalid {
+                len: len as u64,
+                why: "larger than the engine's request limit",
+            });
         }
         match offset.checked_add(len as u64) {
             Some(end) if end <= size => Ok(()),
-            _ => Err(IoError::OutOfRange { offset, len: len as u64, size }),
+            _ => Err(IoError::OutOfRange {
+                offset,
+                len: len as u64,
+                size,
+            }),
         }
     }
 
     fn check_writable(&self) -> Result<(), IoError> {
-        if self.inner.geometry.read_only { Err(IoError::ReadOnly) } else { Ok(()) }
+        if self.inner.geometry.read_only {
+            Err(IoError::ReadOnly)
+        } else {
+            Ok(())
+        }
     }
 
-    async fn submit(&self, op: Op, flags: u16, offset: u64, len: u32, payload: Bytes) -> Result<Bytes, IoError> {
+    async fn submit(
+        &self,
+        op: Op,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: Bytes,
+    ) -> Result<Bytes, IoError> {
         let inner = &self.inner;
         inner.check_running()?;
         let attempt = async {
@@ -265,7 +295,11 @@ impl Inner {
     }
 
     fn check_running(&self) -> Result<(), IoError> {
-        if self.stopped.load(Ordering::Acquire) { Err(self.stopped_error()) } else { Ok(()) }
+        if self.stopped.load(Ordering::Acquire) {
+            Err(self.stopped_error())
+        } else {
+            Ok(())
+        }
     }
 
     fn stopped_error(&self) -> IoError {

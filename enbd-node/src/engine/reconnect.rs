@@ -30,7 +30,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Self {
-        Self { min, max: max.max(min), next: min }
+        Self {
+            min,
+            max: max.max(min),
+            next: min,
+        }
     }
 
     pub fn reset(&mut self) {
@@ -48,12 +52,31 @@ impl Backoff {
 /// Why a reconnect's handshake does not describe the same export, if it does not.
 pub fn identity_change(first: &Geometry, now: &Geometry) -> Option<String> {
     if now.size < first.size {
-        return Some(format!("size shrank from {} to {} bytes", first.size, now.size));
+        return Some(format!(
+            "size shrank from {} to {} bytes",
+            first.size, now.size
+        ));
     }
-    let same_flags = (first.read_only, first.can_flush, first.can_fua, first.can_trim, first.can_write_zeroes, first.multi_conn)
-        == (now.read_only, now.can_flush, now.can_fua, now.can_trim, now.can_write_zeroes, now.multi_conn);
+    let same_flags = (
+        first.read_only,
+        first.can_flush,
+        first.can_fua,
+        first.can_trim,
+        first.can_write_zeroes,
+        first.multi_conn,
+    ) == (
+        now.read_only,
+        now.can_flush,
+        now.can_fua,
+        now.can_trim,
+        now.can_write_zeroes,
+        now.multi_conn,
+    );
     if !same_flags {
-        return Some(format!("transmission flags changed from {:#06x} to {:#06x}", first.flags, now.flags));
+        return Some(format!(
+            "transmission flags changed from {:#06x} to {:#06x}",
+            first.flags, now.flags
+        ));
     }
     if (first.min_block, first.max_block) != (now.min_block, now.max_block) {
         return Some(format!(
@@ -99,7 +122,10 @@ pub(crate) async fn supervise(
         match attempt {
             Ok(conn) => {
                 if let Some(what) = identity_change(&inner.geometry, &conn.geometry) {
-                    let err = EngineError::IdentityChanged { addr: inner.server.clone(), what };
+                    let err = EngineError::IdentityChanged {
+                        addr: inner.server.clone(),
+                        what,
+                    };
                     stats.set_error(&err);
                     inner.stop(Some(err.to_string()));
                     signal_first();

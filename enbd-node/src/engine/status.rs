@@ -160,7 +160,10 @@ pub(crate) fn overall(channels: &[ChannelStatus], failed: bool) -> EngineState {
     if failed {
         return EngineState::Failed;
     }
-    let up = channels.iter().filter(|c| c.state == ChannelState::Up).count();
+    let up = channels
+        .iter()
+        .filter(|c| c.state == ChannelState::Up)
+        .count();
     match up {
         0 => EngineState::Waiting,
         n if n == channels.len() => EngineState::Healthy,

@@ -39,6 +39,22 @@ impl Peer {
         self.addr.to_string()
     }
 
+    /// SIGTERM and wait for the exit: a graceful shutdown (enbd-server lets in-flight
+    /// requests finish, then closes its connections).
+    pub fn terminate(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(40);
+            while c.try_wait().expect("try_wait").is_none() {
+                assert!(Instant::now() < deadline, "peer ignored SIGTERM for 40 s");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill_now();
+    }
+
     /// SIGKILL and reap: a crash, not a shutdown.
     pub fn kill(mut self) {
         self.kill_now();
@@ -79,7 +95,11 @@ pub fn enbd_server_bin() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// Waits until `addr` accepts a TCP connection while `child` stays alive.
@@ -92,7 +112,10 @@ fn wait_listening(child: &mut Child, addr: SocketAddr, what: &str) {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             return;
         }
-        assert!(Instant::now() < deadline, "{what} did not listen on {addr} within 20 s");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {addr} within 20 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -143,14 +166,35 @@ fn try_start_peer(kind: PeerKind, data: &Path) -> Option<Peer> {
         PeerKind::QemuNbd => spawn(
             "qemu-nbd",
             &[
-                "-f", "raw", "-x", &export, "-p", &port.to_string(), "-b", "127.0.0.1", "--shared=16", "-t",
-                "--cache=writeback", &file,
+                "-f",
+                "raw",
+                "-x",
+                &export,
+                "-p",
+                &port.to_string(),
+                "-b",
+                "127.0.0.1",
+                "--shared=16",
+                "-t",
+                "--cache=writeback",
+                &file,
             ]
             .map(String::from),
         ),
         PeerKind::Nbdkit => spawn(
             "nbdkit",
-            &["-f", "-p", &port.to_string(), "-i", "127.0.0.1", "-e", &export, "file", &file].map(String::from),
+            &[
+                "-f",
+                "-p",
+                &port.to_string(),
+                "-i",
+                "127.0.0.1",
+                "-e",
+                &export,
+                "file",
+                &file,
+            ]
+            .map(String::from),
         ),
         PeerKind::NbdServer => {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -166,7 +210,12 @@ fn try_start_peer(kind: PeerKind, data: &Path) -> Option<Peer> {
             let pid = dir.path().join("pid");
             let c = spawn(
                 "nbd-server",
-                &["-C".into(), cfg.display().to_string(), "-p".into(), pid.display().to_string()],
+                &[
+                    "-C".into(),
+                    cfg.display().to_string(),
+                    "-p".into(),
+                    pid.display().to_string(),
+                ],
             );
             conf = Some(dir);
             c
@@ -185,14 +234,30 @@ fn try_start_peer(kind: PeerKind, data: &Path) -> Option<Peer> {
         }
         let pidfile = conf.as_ref().expect("conf").path().join("pid");
         let pid = std::fs::read_to_string(&pidfile).ok()?.trim().to_owned();
-        return Some(Peer { kind, addr, export, child: None, daemon_pid: Some(pid), data: data.to_owned(), _conf: conf });
+        return Some(Peer {
+            kind,
+            addr,
+            export,
+            child: None,
+            daemon_pid: Some(pid),
+            data: data.to_owned(),
+            _conf: conf,
+        });
     }
     std::thread::sleep(Duration::from_millis(10));
     if let Ok(Some(_)) = child.try_wait() {
         return None;
     }
     wait_listening(&mut child, addr, &format!("{kind:?}"));
-    Some(Peer { kind, addr, export, child: Some(child), daemon_pid: None, data: data.to_owned(), _conf: conf })
+    Some(Peer {
+        kind,
+        addr,
+        export,
+        child: Some(child),
+        daemon_pid: None,
+        data: data.to_owned(),
+        _conf: conf,
+    })
 }
 
 /// Starts enbd-server with `--demo` on `data_dir` (the 1 GiB `demo` volume is created if
@@ -212,7 +277,10 @@ pub fn start_enbd_server(data_dir: &Path) -> Peer {
     let mut line = String::new();
     reader.read_line(&mut line).expect("read readiness line");
     std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    assert!(line.starts_with("enbd-server ready "), "unexpected first line from enbd-server: {line:?}");
+    assert!(
+        line.starts_with("enbd-server ready "),
+        "unexpected first line from enbd-server: {line:?}"
+    );
     let addr: SocketAddr = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("nbd="))

@@ -64,9 +64,13 @@ pub fn block_generation(offset: u64, data: &[u8]) -> Result<u64, String> {
     }
     let at = u64::from_be_bytes(data[8..16].try_into().map_err(|_| "short")?);
     if at != offset {
-        return Err(format!("block for offset {at} found at {offset} (misdirected write)"));
+        return Err(format!(
+            "block for offset {at} found at {offset} (misdirected write)"
+        ));
     }
-    Ok(u64::from_be_bytes(data[16..24].try_into().map_err(|_| "short")?))
+    Ok(u64::from_be_bytes(
+        data[16..24].try_into().map_err(|_| "short")?,
+    ))
 }
 
 #[derive(Default)]
@@ -196,7 +200,10 @@ impl Workload {
                         self.error(started, &e, &mut c);
                     }
                 }
-                self.latencies.lock().unwrap().push((started, started.elapsed()));
+                self.latencies
+                    .lock()
+                    .unwrap()
+                    .push((started, started.elapsed()));
                 continue;
             }
             let b = self.claim(&mut rng);
@@ -204,7 +211,10 @@ impl Workload {
             if dice < 60 {
                 let generation = self.generation.fetch_add(1, Ordering::Relaxed);
                 let fua = dice < 8;
-                let r = self.client.write(offset, make_block(offset, generation), fua).await;
+                let r = self
+                    .client
+                    .write(offset, make_block(offset, generation), fua)
+                    .await;
                 let mut m = self.model.lock().unwrap();
                 let mut c = self.counts.lock().unwrap();
                 match r {
@@ -242,7 +252,10 @@ impl Workload {
                 }
                 m.busy[b as usize] = false;
             }
-            self.latencies.lock().unwrap().push((started, started.elapsed()));
+            self.latencies
+                .lock()
+                .unwrap()
+                .push((started, started.elapsed()));
         }
     }
 
@@ -251,7 +264,11 @@ impl Workload {
         let mut s = Sweep::default();
         for b in 0..self.blocks {
             let offset = b * BLOCK as u64;
-            let data = self.client.read(offset, BLOCK as u32).await.expect("sweep read failed");
+            let data = self
+                .client
+                .read(offset, BLOCK as u32)
+                .await
+                .expect("sweep read failed");
             let mut m = self.model.lock().unwrap();
             s.blocks_checked += 1;
             if m.acked[b as usize] != 0 {
@@ -283,7 +300,10 @@ fn check(m: &mut Model, b: u64, offset: u64, data: &[u8]) -> Result<(), String> 
         m.uncertain[i].clear();
         return Ok(());
     }
-    Err(format!("lost acknowledged write: expected generation {} (or one of {:?}), read {seen}", m.acked[i], m.uncertain[i]))
+    Err(format!(
+        "lost acknowledged write: expected generation {} (or one of {:?}), read {seen}",
+        m.acked[i], m.uncertain[i]
+    ))
 }
 
 /// p-th percentile (0..=100) of `v` (sorted in place).
