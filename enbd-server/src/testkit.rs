@@ -148,6 +148,52 @@ mod tests {
     }
 
     #[test]
+    fn extended_headers_carry_writes_and_reads() {
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(0x4948_4156_454f_5054u64.to_be_bytes());
+        input.extend(11u32.to_be_bytes()); // NBD_OPT_EXTENDED_HEADERS
+        input.extend(0u32.to_be_bytes());
+        input.extend(&go("demo")[4..]);
+        let ext = |flags: u16, cmd: u16, cookie: u64, off: u64, len: u64| {
+            let mut r = 0x21e4_1c71u32.to_be_bytes().to_vec();
+            r.extend(flags.to_be_bytes());
+            r.extend(cmd.to_be_bytes());
+            r.extend(cookie.to_be_bytes());
+            r.extend(off.to_be_bytes());
+            r.extend(len.to_be_bytes());
+            r
+        };
+        input.extend(ext(1 << 5, 1, 5, 512, 4)); // WRITE with PAYLOAD_LEN
+        input.extend(b"wxyz");
+        input.extend(ext(0, 1, 6, 512, 4)); // WRITE without it: refused, no payload follows
+        let out = run_session_on_bytes(&rt(), &input, 1 << 20);
+        // Two extended replies (32-byte headers, magic 0x6e8a278c): NONE for cookie 5, an
+        // ERROR chunk for cookie 6.
+        let magic = 0x6e8a_278cu32.to_be_bytes();
+        let replies: Vec<usize> = out
+            .windows(4)
+            .enumerate()
+            .filter(|(_, w)| *w == magic)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(replies.len(), 2, "{out:x?}");
+        let cookies: Vec<u64> = replies
+            .iter()
+            .map(|&i| u64::from_be_bytes(out[i + 8..i + 16].try_into().unwrap()))
+            .collect();
+        assert!(cookies.contains(&5) && cookies.contains(&6), "{cookies:?}");
+        for &i in &replies {
+            let ty = u16::from_be_bytes([out[i + 6], out[i + 7]]);
+            let cookie = u64::from_be_bytes(out[i + 8..i + 16].try_into().unwrap());
+            assert_eq!(
+                ty == 0,
+                cookie == 5,
+                "cookie {cookie} got chunk type {ty:#x}"
+            );
+        }
+    }
+
+    #[test]
     fn garbage_ends_the_session_without_panicking() {
         let rt = rt();
         for input in [

@@ -141,11 +141,17 @@ fn validate(
                 len: len as usize,
             })
         }
-        Command::Write => Ok(Op::Write {
-            offset,
-            data: payload.unwrap_or_default(),
-            fua,
-        }),
+        Command::Write => {
+            // With extended headers the payload is only there if the client flagged it.
+            let data = payload.unwrap_or_default();
+            if data.len() as u64 != len {
+                return refuse(
+                    NbdError::Inval,
+                    "WRITE without its payload (PAYLOAD_LEN missing)",
+                );
+            }
+            Ok(Op::Write { offset, data, fua })
+        }
         Command::Flush => Ok(Op::Flush),
         Command::Trim => Ok(Op::Trim { offset, len, fua }),
         Command::WriteZeroes => Ok(Op::WriteZeroes {
@@ -438,14 +444,12 @@ fn encode_reply(
         }
         Ok(Output::Data(data)) => {
             if structured && !data.is_empty() {
-                let c = chunk(ChunkBody::OffsetData {
+                // `Bytes` clones share the buffer: the chunk only describes it.
+                chunk(ChunkBody::OffsetData {
                     offset: r.offset,
-                    data,
-                });
-                c.encode_without_data(style, out)?;
-                let ChunkBody::OffsetData { data, .. } = c.body else {
-                    unreachable!("built above")
-                };
+                    data: data.clone(),
+                })
+                .encode_without_data(style, out)?;
                 push_data(data, out, segs);
             } else if structured {
                 chunk(ChunkBody::None).encode(style, out)?;
