@@ -235,10 +235,10 @@ impl AttachmentManager {
                 let id = r.volume_id.clone();
                 if let Err(e) = mgr.take_over(r).await {
                     tracing::error!(volume_id = %id, error = %e, "taking over the device failed");
-                    if let Ok(mut vols) = mgr.lock_volumes() {
-                        if let Some(v) = vols.get_mut(&id) {
-                            v.phase = Phase::Failed(e.to_string());
-                        }
+                    if let Ok(mut vols) = mgr.lock_volumes()
+                        && let Some(v) = vols.get_mut(&id)
+                    {
+                        v.phase = Phase::Failed(e.to_string());
                     }
                 }
             });
