@@ -361,3 +361,18 @@ impl Inner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_is_shareable_across_threads() {
+        fn shareable<T: Send + Sync + Clone + 'static>() {}
+        shareable::<Client>();
+        fn sendable<T: Send>(_: &T) {}
+        // The IO futures cross threads too (the device layer runs them on its own runtime).
+        let cfg = ClientConfig::new("127.0.0.1:1", "x");
+        sendable(&Client::connect(cfg));
+    }
+}
