@@ -526,6 +526,9 @@ async fn create_volume_negative() {
         let msg = assert_code(ctl().create_volume(req).await, Code::InvalidArgument);
         assert!(msg.contains(key), "{key}: {msg}");
     }
+    let mut mutable = create_req("v", MIB);
+    mutable.mutable_parameters = params(&[("iops", "100")]);
+    assert_code(ctl().create_volume(mutable).await, Code::InvalidArgument);
     let mut unknown = create_req("v", MIB);
     unknown.parameters = params(&[("colour", "blue"), ("channels", "2")]);
     let msg = assert_code(ctl().create_volume(unknown).await, Code::InvalidArgument);
@@ -729,6 +732,38 @@ async fn publish_enforces_single_node_access() {
         .await
         .expect("ROX node-2");
     unpublish("").await.unwrap();
+
+    // Raw block read-write-many: several writers on several nodes.
+    let mut rwx = create_req("pvc-rwx", MIB);
+    rwx.volume_capabilities = vec![block_cap(Mode::MultiNodeMultiWriter)];
+    let rwx = d
+        .ctl()
+        .create_volume(rwx)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    for node in ["node-1", "node-2", "node-3"] {
+        d.ctl()
+            .controller_publish_volume(ControllerPublishVolumeRequest {
+                volume_id: rwx.volume_id.clone(),
+                node_id: node.into(),
+                volume_capability: Some(block_cap(Mode::MultiNodeMultiWriter)),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("RWX block on {node}: {s}"));
+    }
+    let got = d
+        .ctl()
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: rwx.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.status.unwrap().published_node_ids.len(), 3);
 
     // Negative cases.
     let mut ctl = d.ctl();
