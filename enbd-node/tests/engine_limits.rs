@@ -125,3 +125,29 @@ async fn engine_refuses_changed_identity_on_reconnect() {
     assert!(data[..4096].iter().all(|&b| b == 0));
     client.shutdown().await;
 }
+
+/// Dropping every clone of a client closes its connections (no leaked channel tasks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_drop_closes_channels() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let peer = start_enbd_server(dir.path());
+    let proxy = FaultProxy::start("127.0.0.1:0".parse().expect("addr"), peer.addr)
+        .await
+        .expect("proxy");
+    let mut cfg = ClientConfig::new(proxy.local_addr().to_string(), &peer.export);
+    cfg.channels = 3;
+    let client = Client::connect(cfg).await.expect("connect");
+    let other = client.clone();
+    assert!(proxy.wait_connections(3, Duration::from_secs(5)).await);
+    drop(client);
+    other
+        .read(0, 4096)
+        .await
+        .expect("a remaining clone still works");
+    drop(other);
+    assert!(
+        proxy.wait_connections(0, Duration::from_secs(5)).await,
+        "connections left open after drop"
+    );
+    println!("all 3 channels closed after the last clone was dropped");
+}

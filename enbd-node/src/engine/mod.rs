@@ -50,9 +50,13 @@ const CMD_FLAG_FUA: u16 = 1 << 0;
 const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
 /// A connected volume. Cheap to clone; every clone drives the same channels and journal.
+/// Dropping the last clone stops the channels (as `shutdown` does, without waiting).
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// Cancels the engine's tasks when the last clone goes; they hold `inner` themselves,
+    /// so `inner`'s own count cannot tell.
+    _stop_on_drop: Arc<tokio_util::sync::DropGuard>,
 }
 
 /// One channel slot: a connection that comes and goes, with its counters and in-flight table.
@@ -140,7 +144,11 @@ impl Client {
         for rx in first_attempts {
             let _ = rx.await;
         }
-        Ok(Client { inner })
+        let stop = Arc::new(inner.cancel.clone().drop_guard());
+        Ok(Client {
+            inner,
+            _stop_on_drop: stop,
+        })
     }
 
     /// Size, block-size constraints and capabilities from the first handshake.
