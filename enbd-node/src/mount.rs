@@ -42,7 +42,12 @@ pub enum MountError {
         source: std::io::Error,
     },
     #[error("{tool} failed on {path} ({status}): {stderr}")]
-    ToolFailed { tool: &'static str, path: PathBuf, status: String, stderr: String },
+    ToolFailed {
+        tool: &'static str,
+        path: PathBuf,
+        status: String,
+        stderr: String,
+    },
     #[error("mount option {0:?} is not allowed")]
     BadOption(String),
     #[error("{path} holds {found}; refusing to format it")]
@@ -60,7 +65,11 @@ pub enum MountError {
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> MountError + 'a {
-    move |source| MountError::Io { op, path: path.to_path_buf(), source }
+    move |source| MountError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn c_path(path: &Path) -> Result<CString, MountError> {
@@ -78,9 +87,12 @@ pub fn probe_device(dev: &Path) -> Result<Content, MountError> {
 }
 
 fn read_at(file: &mut File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, MountError> {
-    file.seek(SeekFrom::Start(offset)).map_err(io_err("seek", path))?;
+    file.seek(SeekFrom::Start(offset))
+        .map_err(io_err("seek", path))?;
     let mut buf = Vec::with_capacity(len);
-    file.take(len as u64).read_to_end(&mut buf).map_err(io_err("read", path))?;
+    file.take(len as u64)
+        .read_to_end(&mut buf)
+        .map_err(io_err("read", path))?;
     Ok(buf)
 }
 
@@ -90,10 +102,16 @@ pub fn format(dev: &Path, fs: FsType, mkfs_options: &[String]) -> Result<(), Mou
     match probe_device(dev)? {
         Content::Blank => {}
         Content::Filesystem(found) => {
-            return Err(MountError::ForeignContent { path: dev.to_path_buf(), found: found.to_string() });
+            return Err(MountError::ForeignContent {
+                path: dev.to_path_buf(),
+                found: found.to_string(),
+            });
         }
         Content::Foreign(name) => {
-            return Err(MountError::ForeignContent { path: dev.to_path_buf(), found: name.to_string() });
+            return Err(MountError::ForeignContent {
+                path: dev.to_path_buf(),
+                found: name.to_string(),
+            });
         }
         Content::UnknownData => {
             return Err(MountError::ForeignContent {
@@ -134,14 +152,22 @@ fn run_tool(tool: &'static str, path: &Path, mut cmd: Command) -> Result<(), Mou
         .output()
         .map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => MountError::ToolMissing { tool, source },
-            _ => MountError::Io { op: tool, path: path.to_path_buf(), source },
+            _ => MountError::Io {
+                op: tool,
+                path: path.to_path_buf(),
+                source,
+            },
         })?;
     if out.status.success() {
         return Ok(());
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let msg = if stderr.trim().is_empty() { stdout } else { stderr };
+    let msg = if stderr.trim().is_empty() {
+        stdout
+    } else {
+        stderr
+    };
     Err(MountError::ToolFailed {
         tool,
         path: path.to_path_buf(),
@@ -157,7 +183,9 @@ fn sys_mount(
     flags: libc::c_ulong,
     data: &str,
 ) -> Result<(), std::io::Error> {
-    let source = source.map(|p| CString::new(p.as_os_str().as_bytes())).transpose()?;
+    let source = source
+        .map(|p| CString::new(p.as_os_str().as_bytes()))
+        .transpose()?;
     let target = CString::new(target.as_os_str().as_bytes())?;
     let fs_type = fs_type.map(CString::new).transpose()?;
     let data = CString::new(data)?;
@@ -165,16 +193,32 @@ fn sys_mount(
     // SAFETY: every pointer is either null (allowed by mount(2) for source/fstype when
     // binding or remounting) or a NUL-terminated string that outlives the call.
     let rc = unsafe {
-        libc::mount(ptr_or_null(&source), target.as_ptr(), ptr_or_null(&fs_type), flags, data.as_ptr().cast())
+        libc::mount(
+            ptr_or_null(&source),
+            target.as_ptr(),
+            ptr_or_null(&fs_type),
+            flags,
+            data.as_ptr().cast(),
+        )
     };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Mounts the filesystem on `dev` at the directory `target`.
-pub fn mount_filesystem(dev: &Path, target: &Path, fs: FsType, opts: &MountOptions) -> Result<(), MountError> {
+pub fn mount_filesystem(
+    dev: &Path,
+    target: &Path,
+    fs: FsType,
+    opts: &MountOptions,
+) -> Result<(), MountError> {
     c_path(dev)?;
     c_path(target)?;
-    sys_mount(Some(dev), target, Some(fs.as_str()), opts.flags, &opts.data).map_err(io_err("mount", target))
+    sys_mount(Some(dev), target, Some(fs.as_str()), opts.flags, &opts.data)
+        .map_err(io_err("mount", target))
 }
 
 /// Bind-mounts `source` (a directory or a device node) onto `target`, then applies the
@@ -182,13 +226,24 @@ pub fn mount_filesystem(dev: &Path, target: &Path, fs: FsType, opts: &MountOptio
 pub fn bind_mount(source: &Path, target: &Path, flags: libc::c_ulong) -> Result<(), MountError> {
     c_path(source)?;
     c_path(target)?;
-    sys_mount(Some(source), target, None, libc::MS_BIND, "").map_err(io_err("bind mount", target))?;
+    sys_mount(Some(source), target, None, libc::MS_BIND, "")
+        .map_err(io_err("bind mount", target))?;
     if flags != 0
-        && let Err(source) = sys_mount(None, target, None, libc::MS_BIND | libc::MS_REMOUNT | flags, "")
+        && let Err(source) = sys_mount(
+            None,
+            target,
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | flags,
+            "",
+        )
     {
         // Never leave a mount with weaker protection than asked for.
         let _ = unmount(target);
-        return Err(MountError::Io { op: "bind remount", path: target.to_path_buf(), source });
+        return Err(MountError::Io {
+            op: "bind remount",
+            path: target.to_path_buf(),
+            source,
+        });
     }
     Ok(())
 }
@@ -205,8 +260,15 @@ pub fn unmount(target: &Path) -> Result<bool, MountError> {
     let err = std::io::Error::last_os_error();
     match err.raw_os_error() {
         Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(false),
-        Some(libc::EBUSY) => Err(MountError::Busy { path: target.to_path_buf(), source: err }),
-        _ => Err(MountError::Io { op: "unmount", path: target.to_path_buf(), source: err }),
+        Some(libc::EBUSY) => Err(MountError::Busy {
+            path: target.to_path_buf(),
+            source: err,
+        }),
+        _ => Err(MountError::Io {
+            op: "unmount",
+            path: target.to_path_buf(),
+            source: err,
+        }),
     }
 }
 
@@ -227,13 +289,24 @@ pub fn fs_usage(path: &Path) -> Result<FsUsage, MountError> {
     // SAFETY: `c` is a valid C string and `st` points to writable memory of the right type.
     let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
     if rc != 0 {
-        return Err(MountError::Io { op: "statvfs", path: path.to_path_buf(), source: std::io::Error::last_os_error() });
+        return Err(MountError::Io {
+            op: "statvfs",
+            path: path.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     // SAFETY: statvfs returned 0, so it filled the struct.
     let st = unsafe { st.assume_init() };
     // The field widths differ between targets; u64 holds every one of them.
-    let [frsize, blocks, bavail, bfree, files, ffree] =
-        [st.f_frsize, st.f_blocks, st.f_bavail, st.f_bfree, st.f_files, st.f_ffree].map(u64::from);
+    let [frsize, blocks, bavail, bfree, files, ffree] = [
+        st.f_frsize,
+        st.f_blocks,
+        st.f_bavail,
+        st.f_bfree,
+        st.f_files,
+        st.f_ffree,
+    ]
+    .map(u64::from);
     let total_bytes = blocks * frsize;
     Ok(FsUsage {
         total_bytes,
@@ -263,11 +336,21 @@ pub fn set_device_read_only(dev: &Path, read_only: bool) -> Result<(), MountErro
     let value: libc::c_int = read_only.into();
     // SAFETY: the fd is open for the duration of the call and BLKROSET reads one c_int
     // through the pointer, which points to a live local.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKROSET as _, &value as *const libc::c_int) };
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            BLKROSET as _,
+            &value as *const libc::c_int,
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
-        Err(MountError::Io { op: "BLKROSET", path: dev.to_path_buf(), source: std::io::Error::last_os_error() })
+        Err(MountError::Io {
+            op: "BLKROSET",
+            path: dev.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        })
     }
 }
 
@@ -277,11 +360,21 @@ pub fn device_read_only(dev: &Path) -> Result<bool, MountError> {
     let file = File::open(dev).map_err(io_err("open", dev))?;
     let mut value: libc::c_int = 0;
     // SAFETY: the fd is open and BLKROGET writes one c_int through the pointer.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKROGET as _, &mut value as *mut libc::c_int) };
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            BLKROGET as _,
+            &mut value as *mut libc::c_int,
+        )
+    };
     if rc == 0 {
         Ok(value != 0)
     } else {
-        Err(MountError::Io { op: "BLKROGET", path: dev.to_path_buf(), source: std::io::Error::last_os_error() })
+        Err(MountError::Io {
+            op: "BLKROGET",
+            path: dev.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        })
     }
 }
 
@@ -316,7 +409,13 @@ mod tests {
 
     #[test]
     fn split_dev_matches_libc() {
-        for (maj, min) in [(8u32, 0u32), (259, 3), (4095, 255), (4096, 1 << 19), (1, 70000)] {
+        for (maj, min) in [
+            (8u32, 0u32),
+            (259, 3),
+            (4095, 255),
+            (4096, 1 << 19),
+            (1, 70000),
+        ] {
             let dev = libc::makedev(maj, min);
             assert_eq!(split_dev(dev), (maj, min));
         }
@@ -329,7 +428,10 @@ mod tests {
         let f = File::create(&path).expect("create");
         f.set_len(8 << 20).expect("set_len");
         assert_eq!(probe_device(&path).expect("probe"), Content::Blank);
-        let mut f = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open");
         f.seek(SeekFrom::Start((8 << 20) - 100)).expect("seek");
         f.write_all(b"x").expect("write");
         assert_eq!(probe_device(&path).expect("probe"), Content::UnknownData);
@@ -344,7 +446,10 @@ mod tests {
         f.seek(SeekFrom::Start(0)).expect("seek");
         f.write_all(b"XFSB").expect("write");
         let err = format(&path, FsType::Ext4, &[]).expect_err("must refuse");
-        assert!(matches!(err, MountError::ForeignContent { ref found, .. } if found == "xfs"), "{err}");
+        assert!(
+            matches!(err, MountError::ForeignContent { ref found, .. } if found == "xfs"),
+            "{err}"
+        );
     }
 
     /// Real mkfs on a sparse file: the tools are installed on every machine that builds this.
@@ -353,7 +458,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         for (fs, size) in [(FsType::Ext4, 32u64 << 20), (FsType::Xfs, 320 << 20)] {
             let path = dir.path().join(fs.as_str());
-            File::create(&path).expect("create").set_len(size).expect("set_len");
+            File::create(&path)
+                .expect("create")
+                .set_len(size)
+                .expect("set_len");
             format(&path, fs, &[]).expect("mkfs");
             assert_eq!(probe_device(&path).expect("probe"), Content::Filesystem(fs));
             let again = format(&path, fs, &[]).expect_err("second format must refuse");
@@ -365,9 +473,22 @@ mod tests {
     fn mkfs_options_reach_the_tool() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("img");
-        File::create(&path).expect("create").set_len(32 << 20).expect("set_len");
-        let err = format(&path, FsType::Ext4, &["--no-such-option".into()]).expect_err("bad option");
-        assert!(matches!(err, MountError::ToolFailed { tool: "mkfs.ext4", .. }), "{err}");
+        File::create(&path)
+            .expect("create")
+            .set_len(32 << 20)
+            .expect("set_len");
+        let err =
+            format(&path, FsType::Ext4, &["--no-such-option".into()]).expect_err("bad option");
+        assert!(
+            matches!(
+                err,
+                MountError::ToolFailed {
+                    tool: "mkfs.ext4",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         // Nothing was written: the device still probes blank.
         assert_eq!(probe_device(&path).expect("probe"), Content::Blank);
     }

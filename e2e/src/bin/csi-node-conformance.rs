@@ -19,11 +19,15 @@ use clap::Parser;
 use enbd_proto::csi::identity_client::IdentityClient;
 use enbd_proto::csi::node_client::NodeClient;
 use enbd_proto::csi::node_service_capability::{Type as CapType, rpc::Type as RpcType};
-use enbd_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode};
+use enbd_proto::csi::volume_capability::{
+    AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
+};
 use enbd_proto::csi::volume_usage::Unit;
 use enbd_proto::csi::*;
 use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
-use enbd_proto::enbd::{CreateVolumeRequest, DeleteVolumeRequest, ExpandVolumeRequest, HealthRequest, HealthResponse};
+use enbd_proto::enbd::{
+    CreateVolumeRequest, DeleteVolumeRequest, ExpandVolumeRequest, HealthRequest, HealthResponse,
+};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -35,7 +39,11 @@ const MIB: u64 = 1 << 20;
 #[command(about = "Conformance checks for the enbd-node CSI node plugin")]
 struct Cli {
     /// CSI endpoint of the node plugin.
-    #[arg(long, env = "ENBD_CSI_ENDPOINT", default_value = "unix:///run/enbd-csi/csi.sock")]
+    #[arg(
+        long,
+        env = "ENBD_CSI_ENDPOINT",
+        default_value = "unix:///run/enbd-csi/csi.sock"
+    )]
     endpoint: String,
     /// enbd-server management API.
     #[arg(long, env = "ENBD_MGMT", default_value = "http://127.0.0.1:10810")]
@@ -126,7 +134,10 @@ async fn wait_ready(endpoint: &str, limit: Duration) -> anyhow::Result<Channel> 
 }
 
 /// Waits until the server's management API answers Health.
-async fn wait_server(url: &str, limit: Duration) -> anyhow::Result<(VolumeServiceClient<Channel>, HealthResponse)> {
+async fn wait_server(
+    url: &str,
+    limit: Duration,
+) -> anyhow::Result<(VolumeServiceClient<Channel>, HealthResponse)> {
     let deadline = Instant::now() + limit;
     loop {
         let attempt = async {
@@ -136,7 +147,9 @@ async fn wait_server(url: &str, limit: Duration) -> anyhow::Result<(VolumeServic
         };
         match attempt.await {
             Ok(ok) => return Ok(ok),
-            Err(e) if Instant::now() >= deadline => return Err(e.context(format!("enbd-server at {url}"))),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context(format!("enbd-server at {url}")));
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
@@ -154,7 +167,10 @@ fn mount_cap(fs_type: &str, mode: Mode, flags: &[&str]) -> VolumeCapability {
 }
 
 fn block_cap(mode: Mode) -> VolumeCapability {
-    VolumeCapability { access_mode: Some(AccessMode { mode: mode as i32 }), access_type: Some(AccessType::Block(BlockVolume {})) }
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    }
 }
 
 /// One line of /proc/self/mountinfo, the fields the checks need.
@@ -203,9 +219,17 @@ fn read_at(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
 
 fn label_of(dev: &Path, fs: &str) -> String {
     // ext4: s_volume_name at superblock (1024) + 120, 16 bytes; xfs: sb_fname at 108, 12 bytes.
-    let (off, len) = if fs == "xfs" { (108, 12) } else { (1024 + 120, 16) };
+    let (off, len) = if fs == "xfs" {
+        (108, 12)
+    } else {
+        (1024 + 120, 16)
+    };
     read_at(dev, off, len)
-        .map(|b| String::from_utf8_lossy(&b).trim_end_matches('\0').to_string())
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .trim_end_matches('\0')
+                .to_string()
+        })
         .unwrap_or_else(|e| format!("<unreadable: {e}>"))
 }
 
@@ -242,27 +266,52 @@ impl Suite {
 
     async fn create_volume(&mut self, name: &str, size: u64) -> anyhow::Result<()> {
         // Leftovers from an earlier run would not be blank.
-        self.mgmt.delete_volume(DeleteVolumeRequest { name: name.into(), force: true }).await?;
         self.mgmt
-            .create_volume(CreateVolumeRequest { name: name.into(), size_bytes: size, source: None })
+            .delete_volume(DeleteVolumeRequest {
+                name: name.into(),
+                force: true,
+            })
+            .await?;
+        self.mgmt
+            .create_volume(CreateVolumeRequest {
+                name: name.into(),
+                size_bytes: size,
+                source: None,
+            })
             .await
             .with_context(|| format!("create volume {name}"))?;
         Ok(())
     }
 
-    fn stage_req(&self, name: &str, staging: &str, cap: VolumeCapability, ctx: HashMap<String, String>) -> NodeStageVolumeRequest {
+    fn stage_req(
+        &self,
+        name: &str,
+        staging: &str,
+        cap: VolumeCapability,
+        ctx: HashMap<String, String>,
+    ) -> NodeStageVolumeRequest {
         NodeStageVolumeRequest {
             volume_id: self.vid(name),
             staging_target_path: self.dir(staging),
             volume_capability: Some(cap),
             volume_context: ctx,
             // Never used by the node; present so a leak into messages or logs would show.
-            secrets: HashMap::from([("conformance-secret".to_string(), "do-not-log-me".to_string())]),
+            secrets: HashMap::from([(
+                "conformance-secret".to_string(),
+                "do-not-log-me".to_string(),
+            )]),
             ..Default::default()
         }
     }
 
-    fn publish_req(&self, name: &str, staging: &str, target: &str, cap: VolumeCapability, readonly: bool) -> NodePublishVolumeRequest {
+    fn publish_req(
+        &self,
+        name: &str,
+        staging: &str,
+        target: &str,
+        cap: VolumeCapability,
+        readonly: bool,
+    ) -> NodePublishVolumeRequest {
         NodePublishVolumeRequest {
             volume_id: self.vid(name),
             staging_target_path: self.dir(staging),
@@ -274,11 +323,17 @@ impl Suite {
     }
 
     fn unpublish_req(&self, name: &str, target: &str) -> NodeUnpublishVolumeRequest {
-        NodeUnpublishVolumeRequest { volume_id: self.vid(name), target_path: self.dir(target) }
+        NodeUnpublishVolumeRequest {
+            volume_id: self.vid(name),
+            target_path: self.dir(target),
+        }
     }
 
     fn unstage_req(&self, name: &str, staging: &str) -> NodeUnstageVolumeRequest {
-        NodeUnstageVolumeRequest { volume_id: self.vid(name), staging_target_path: self.dir(staging) }
+        NodeUnstageVolumeRequest {
+            volume_id: self.vid(name),
+            staging_target_path: self.dir(staging),
+        }
     }
 
     async fn identity(&mut self) {
@@ -287,18 +342,36 @@ impl Suite {
             && let Ok(info) = info
         {
             let info = info.into_inner();
-            self.r.check("identity/name", info.name == "csi.enbd.io", format!("name {:?}", info.name));
-            self.r.check("identity/version", !info.vendor_version.is_empty(), "empty vendor_version");
+            self.r.check(
+                "identity/name",
+                info.name == "csi.enbd.io",
+                format!("name {:?}", info.name),
+            );
+            self.r.check(
+                "identity/version",
+                !info.vendor_version.is_empty(),
+                "empty vendor_version",
+            );
         }
-        let caps = self.identity.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await;
+        let caps = self
+            .identity
+            .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+            .await;
         self.r.ok("identity/GetPluginCapabilities", &caps);
         let probe = self.identity.probe(ProbeRequest {}).await;
         let ready = probe.as_ref().map(|p| p.get_ref().ready).unwrap_or(None);
-        self.r.check("identity/Probe ready", ready == Some(true), format!("{probe:?}"));
+        self.r.check(
+            "identity/Probe ready",
+            ready == Some(true),
+            format!("{probe:?}"),
+        );
     }
 
     async fn node_info(&mut self) {
-        let caps = self.node.node_get_capabilities(NodeGetCapabilitiesRequest {}).await;
+        let caps = self
+            .node
+            .node_get_capabilities(NodeGetCapabilitiesRequest {})
+            .await;
         if self.r.ok("node/GetCapabilities", &caps)
             && let Ok(caps) = caps
         {
@@ -308,8 +381,17 @@ impl Suite {
                 .iter()
                 .filter_map(|c| c.r#type.map(|CapType::Rpc(rpc)| rpc.r#type))
                 .collect();
-            for want in [RpcType::StageUnstageVolume, RpcType::ExpandVolume, RpcType::GetVolumeStats, RpcType::VolumeCondition] {
-                self.r.check(&format!("node/capability {}", want.as_str_name()), have.contains(&(want as i32)), format!("{have:?}"));
+            for want in [
+                RpcType::StageUnstageVolume,
+                RpcType::ExpandVolume,
+                RpcType::GetVolumeStats,
+                RpcType::VolumeCondition,
+            ] {
+                self.r.check(
+                    &format!("node/capability {}", want.as_str_name()),
+                    have.contains(&(want as i32)),
+                    format!("{have:?}"),
+                );
             }
         }
         let info = self.node.node_get_info(NodeGetInfoRequest {}).await;
@@ -317,63 +399,155 @@ impl Suite {
             && let Ok(info) = info
         {
             let info = info.into_inner();
-            self.r.check("node/GetInfo node_id", info.node_id == self.cli.node_id, format!("{:?}", info.node_id));
-            let zone = info.accessible_topology.and_then(|t| t.segments.get("topology.enbd.io/zone").cloned());
-            self.r.check("node/GetInfo topology", zone == self.cli.zone, format!("{zone:?}"));
-            self.r.check("node/GetInfo max_volumes", info.max_volumes_per_node >= 0, info.max_volumes_per_node);
+            self.r.check(
+                "node/GetInfo node_id",
+                info.node_id == self.cli.node_id,
+                format!("{:?}", info.node_id),
+            );
+            let zone = info
+                .accessible_topology
+                .and_then(|t| t.segments.get("topology.enbd.io/zone").cloned());
+            self.r.check(
+                "node/GetInfo topology",
+                zone == self.cli.zone,
+                format!("{zone:?}"),
+            );
+            self.r.check(
+                "node/GetInfo max_volumes",
+                info.max_volumes_per_node >= 0,
+                info.max_volumes_per_node,
+            );
         }
     }
 
     async fn stage_arguments(&mut self) {
-        let good = self.stage_req("fs-ext4", "stage-ext4", mount_cap("ext4", Mode::SingleNodeWriter, &[]), self.context("fs-ext4", &[]));
+        let good = self.stage_req(
+            "fs-ext4",
+            "stage-ext4",
+            mount_cap("ext4", Mode::SingleNodeWriter, &[]),
+            self.context("fs-ext4", &[]),
+        );
         let mut cases: Vec<(&str, NodeStageVolumeRequest, Code)> = vec![
-            ("stage/missing volume_id", NodeStageVolumeRequest { volume_id: String::new(), ..good.clone() }, Code::InvalidArgument),
-            ("stage/malformed volume_id", NodeStageVolumeRequest { volume_id: "no-separator".into(), ..good.clone() }, Code::InvalidArgument),
-            ("stage/missing staging path", NodeStageVolumeRequest { staging_target_path: String::new(), ..good.clone() }, Code::InvalidArgument),
-            ("stage/relative staging path", NodeStageVolumeRequest { staging_target_path: "stage".into(), ..good.clone() }, Code::InvalidArgument),
             (
-                "stage/dot-dot staging path",
-                NodeStageVolumeRequest { staging_target_path: format!("{}/../escape", self.dir("x")), ..good.clone() },
+                "stage/missing volume_id",
+                NodeStageVolumeRequest {
+                    volume_id: String::new(),
+                    ..good.clone()
+                },
                 Code::InvalidArgument,
             ),
-            ("stage/missing capability", NodeStageVolumeRequest { volume_capability: None, ..good.clone() }, Code::InvalidArgument),
+            (
+                "stage/malformed volume_id",
+                NodeStageVolumeRequest {
+                    volume_id: "no-separator".into(),
+                    ..good.clone()
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                "stage/missing staging path",
+                NodeStageVolumeRequest {
+                    staging_target_path: String::new(),
+                    ..good.clone()
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                "stage/relative staging path",
+                NodeStageVolumeRequest {
+                    staging_target_path: "stage".into(),
+                    ..good.clone()
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                "stage/dot-dot staging path",
+                NodeStageVolumeRequest {
+                    staging_target_path: format!("{}/../escape", self.dir("x")),
+                    ..good.clone()
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                "stage/missing capability",
+                NodeStageVolumeRequest {
+                    volume_capability: None,
+                    ..good.clone()
+                },
+                Code::InvalidArgument,
+            ),
             (
                 "stage/unsupported fs_type",
-                NodeStageVolumeRequest { volume_capability: Some(mount_cap("vfat", Mode::SingleNodeWriter, &[])), ..good.clone() },
+                NodeStageVolumeRequest {
+                    volume_capability: Some(mount_cap("vfat", Mode::SingleNodeWriter, &[])),
+                    ..good.clone()
+                },
                 Code::InvalidArgument,
             ),
             (
                 "stage/multi-node writer filesystem",
-                NodeStageVolumeRequest { volume_capability: Some(mount_cap("ext4", Mode::MultiNodeMultiWriter, &[])), ..good.clone() },
+                NodeStageVolumeRequest {
+                    volume_capability: Some(mount_cap("ext4", Mode::MultiNodeMultiWriter, &[])),
+                    ..good.clone()
+                },
                 Code::InvalidArgument,
             ),
             (
                 "stage/refused mount option",
-                NodeStageVolumeRequest { volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter, &["bind"])), ..good.clone() },
+                NodeStageVolumeRequest {
+                    volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter, &["bind"])),
+                    ..good.clone()
+                },
                 Code::InvalidArgument,
             ),
-            ("stage/missing context", NodeStageVolumeRequest { volume_context: HashMap::new(), ..good.clone() }, Code::InvalidArgument),
+            (
+                "stage/missing context",
+                NodeStageVolumeRequest {
+                    volume_context: HashMap::new(),
+                    ..good.clone()
+                },
+                Code::InvalidArgument,
+            ),
             (
                 "stage/malformed context",
-                NodeStageVolumeRequest { volume_context: self.context("fs-ext4", &[("channels", "0")]), ..good.clone() },
+                NodeStageVolumeRequest {
+                    volume_context: self.context("fs-ext4", &[("channels", "0")]),
+                    ..good.clone()
+                },
                 Code::InvalidArgument,
             ),
             (
                 "stage/unknown context key",
-                NodeStageVolumeRequest { volume_context: self.context("fs-ext4", &[("colour", "blue")]), ..good.clone() },
+                NodeStageVolumeRequest {
+                    volume_context: self.context("fs-ext4", &[("colour", "blue")]),
+                    ..good.clone()
+                },
                 Code::InvalidArgument,
             ),
         ];
-        let unknown = self.stage_req("no-such-volume", "stage-unknown", mount_cap("ext4", Mode::SingleNodeWriter, &[]), self.context("no-such-volume", &[]));
+        let unknown = self.stage_req(
+            "no-such-volume",
+            "stage-unknown",
+            mount_cap("ext4", Mode::SingleNodeWriter, &[]),
+            self.context("no-such-volume", &[]),
+        );
         cases.push(("stage/unknown volume", unknown, Code::NotFound));
         for (name, req, want) in cases {
             let res = self.node.node_stage_volume(req).await;
             if let Err(s) = &res {
-                self.r.check(&format!("{name} (no secret in message)"), !s.message().contains("do-not-log-me"), s.message());
+                self.r.check(
+                    &format!("{name} (no secret in message)"),
+                    !s.message().contains("do-not-log-me"),
+                    s.message(),
+                );
             }
             self.r.code(name, &res, want);
         }
-        self.r.check("stage/refusals mounted nothing", mount_at(Path::new(&self.dir("stage-ext4"))).is_none(), "staging path is mounted");
+        self.r.check(
+            "stage/refusals mounted nothing",
+            mount_at(Path::new(&self.dir("stage-ext4"))).is_none(),
+            "staging path is mounted",
+        );
     }
 
     async fn filesystem(&mut self) -> anyhow::Result<()> {
@@ -386,43 +560,118 @@ impl Suite {
         let res = self.node.node_stage_volume(stage.clone()).await;
         self.r.ok("fs/stage ext4", &res);
         let m = mount_at(&staging);
-        self.r.check("fs/staging mounted as ext4", m.as_ref().is_some_and(|m| m.fs_type == "ext4"), format!("{m:?}"));
+        self.r.check(
+            "fs/staging mounted as ext4",
+            m.as_ref().is_some_and(|m| m.fs_type == "ext4"),
+            format!("{m:?}"),
+        );
         let dev = PathBuf::from(m.as_ref().map(|m| m.source.clone()).unwrap_or_default());
-        self.r.check("fs/mkfsOptions applied (label)", label_of(&dev, "ext4") == "enbdconf", label_of(&dev, "ext4"));
-        self.r.check("fs/mount flags applied (noatime)", m.as_ref().is_some_and(|m| m.options.contains("noatime")), format!("{m:?}"));
+        self.r.check(
+            "fs/mkfsOptions applied (label)",
+            label_of(&dev, "ext4") == "enbdconf",
+            label_of(&dev, "ext4"),
+        );
+        self.r.check(
+            "fs/mount flags applied (noatime)",
+            m.as_ref().is_some_and(|m| m.options.contains("noatime")),
+            format!("{m:?}"),
+        );
 
         let res = self.node.node_stage_volume(stage.clone()).await;
         self.r.ok("fs/stage again (idempotent)", &res);
-        let res = self.node.node_stage_volume(NodeStageVolumeRequest { volume_capability: Some(block_cap(Mode::SingleNodeWriter)), ..stage.clone() }).await;
-        self.r.code("fs/stage again as block", &res, Code::AlreadyExists);
-        let res = self.node.node_stage_volume(NodeStageVolumeRequest { volume_capability: Some(mount_cap("xfs", Mode::SingleNodeWriter, &[])), ..stage.clone() }).await;
-        self.r.code("fs/stage again as xfs", &res, Code::AlreadyExists);
+        let res = self
+            .node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_capability: Some(block_cap(Mode::SingleNodeWriter)),
+                ..stage.clone()
+            })
+            .await;
+        self.r
+            .code("fs/stage again as block", &res, Code::AlreadyExists);
+        let res = self
+            .node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_capability: Some(mount_cap("xfs", Mode::SingleNodeWriter, &[])),
+                ..stage.clone()
+            })
+            .await;
+        self.r
+            .code("fs/stage again as xfs", &res, Code::AlreadyExists);
 
         // Publish: arguments first.
-        let pubreq = self.publish_req("fs-ext4", "stage-ext4", "target-ext4-rw", cap.clone(), false);
+        let pubreq = self.publish_req(
+            "fs-ext4",
+            "stage-ext4",
+            "target-ext4-rw",
+            cap.clone(),
+            false,
+        );
         let cases: Vec<(&str, NodePublishVolumeRequest, Code)> = vec![
-            ("publish/missing volume_id", NodePublishVolumeRequest { volume_id: String::new(), ..pubreq.clone() }, Code::InvalidArgument),
-            ("publish/missing target", NodePublishVolumeRequest { target_path: String::new(), ..pubreq.clone() }, Code::InvalidArgument),
-            ("publish/missing staging", NodePublishVolumeRequest { staging_target_path: String::new(), ..pubreq.clone() }, Code::InvalidArgument),
-            ("publish/missing capability", NodePublishVolumeRequest { volume_capability: None, ..pubreq.clone() }, Code::InvalidArgument),
+            (
+                "publish/missing volume_id",
+                NodePublishVolumeRequest {
+                    volume_id: String::new(),
+                    ..pubreq.clone()
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                "publish/missing target",
+                NodePublishVolumeRequest {
+                    target_path: String::new(),
+                    ..pubreq.clone()
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                "publish/missing staging",
+                NodePublishVolumeRequest {
+                    staging_target_path: String::new(),
+                    ..pubreq.clone()
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                "publish/missing capability",
+                NodePublishVolumeRequest {
+                    volume_capability: None,
+                    ..pubreq.clone()
+                },
+                Code::InvalidArgument,
+            ),
             (
                 "publish/dot-dot target",
-                NodePublishVolumeRequest { target_path: format!("{}/../t", self.dir("a")), ..pubreq.clone() },
+                NodePublishVolumeRequest {
+                    target_path: format!("{}/../t", self.dir("a")),
+                    ..pubreq.clone()
+                },
                 Code::InvalidArgument,
             ),
             (
                 "publish/block capability on filesystem stage",
-                NodePublishVolumeRequest { volume_capability: Some(block_cap(Mode::SingleNodeWriter)), ..pubreq.clone() },
+                NodePublishVolumeRequest {
+                    volume_capability: Some(block_cap(Mode::SingleNodeWriter)),
+                    ..pubreq.clone()
+                },
                 Code::InvalidArgument,
             ),
             (
                 "publish/wrong staging path",
-                NodePublishVolumeRequest { staging_target_path: self.dir("stage-nothing"), ..pubreq.clone() },
+                NodePublishVolumeRequest {
+                    staging_target_path: self.dir("stage-nothing"),
+                    ..pubreq.clone()
+                },
                 Code::FailedPrecondition,
             ),
             (
                 "publish/volume not staged",
-                self.publish_req("fs-other", "stage-other", "target-other", cap.clone(), false),
+                self.publish_req(
+                    "fs-other",
+                    "stage-other",
+                    "target-other",
+                    cap.clone(),
+                    false,
+                ),
                 Code::FailedPrecondition,
             ),
         ];
@@ -435,20 +684,40 @@ impl Suite {
         let ro = PathBuf::from(self.dir("target-ext4-ro"));
         let res = self.node.node_publish_volume(pubreq.clone()).await;
         self.r.ok("fs/publish rw", &res);
-        let written = std::fs::write(rw.join("hello.txt"), b"enbd conformance").and_then(|_| std::fs::read(rw.join("hello.txt")));
-        self.r.check("fs/write and read through rw target", written.as_deref().ok() == Some(b"enbd conformance".as_slice()), format!("{written:?}"));
+        let written = std::fs::write(rw.join("hello.txt"), b"enbd conformance")
+            .and_then(|_| std::fs::read(rw.join("hello.txt")));
+        self.r.check(
+            "fs/write and read through rw target",
+            written.as_deref().ok() == Some(b"enbd conformance".as_slice()),
+            format!("{written:?}"),
+        );
         let res = self.node.node_publish_volume(pubreq.clone()).await;
         self.r.ok("fs/publish again (idempotent)", &res);
-        let res = self.node.node_publish_volume(NodePublishVolumeRequest { readonly: true, ..pubreq.clone() }).await;
-        self.r.code("fs/publish again read-only", &res, Code::AlreadyExists);
+        let res = self
+            .node
+            .node_publish_volume(NodePublishVolumeRequest {
+                readonly: true,
+                ..pubreq.clone()
+            })
+            .await;
+        self.r
+            .code("fs/publish again read-only", &res, Code::AlreadyExists);
 
         let ro_req = self.publish_req("fs-ext4", "stage-ext4", "target-ext4-ro", cap.clone(), true);
         let res = self.node.node_publish_volume(ro_req).await;
         self.r.ok("fs/publish read-only second target", &res);
         let m = mount_at(&ro);
-        self.r.check("fs/read-only target mounted ro", m.as_ref().is_some_and(is_ro), format!("{m:?}"));
+        self.r.check(
+            "fs/read-only target mounted ro",
+            m.as_ref().is_some_and(is_ro),
+            format!("{m:?}"),
+        );
         let content = std::fs::read(ro.join("hello.txt"));
-        self.r.check("fs/read-only target sees the data", content.as_deref().ok() == Some(b"enbd conformance".as_slice()), format!("{content:?}"));
+        self.r.check(
+            "fs/read-only target sees the data",
+            content.as_deref().ok() == Some(b"enbd conformance".as_slice()),
+            format!("{content:?}"),
+        );
         let w = std::fs::write(ro.join("nope.txt"), b"x");
         self.r.check(
             "fs/read-only target refuses writes (EROFS)",
@@ -459,7 +728,11 @@ impl Suite {
         // Stats.
         let stats = self
             .node
-            .node_get_volume_stats(NodeGetVolumeStatsRequest { volume_id: self.vid("fs-ext4"), volume_path: rw.to_string_lossy().into(), ..Default::default() })
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: self.vid("fs-ext4"),
+                volume_path: rw.to_string_lossy().into(),
+                ..Default::default()
+            })
             .await;
         if self.r.ok("fs/stats", &stats)
             && let Ok(stats) = stats
@@ -469,29 +742,66 @@ impl Suite {
             let inodes = s.usage.iter().find(|u| u.unit == Unit::Inodes as i32);
             self.r.check(
                 "fs/stats bytes",
-                bytes.is_some_and(|b| b.total > 0 && b.total <= (64 * MIB) as i64 && b.used > 0 && b.available > 0),
+                bytes.is_some_and(|b| {
+                    b.total > 0 && b.total <= (64 * MIB) as i64 && b.used > 0 && b.available > 0
+                }),
                 format!("{bytes:?}"),
             );
-            self.r.check("fs/stats inodes", inodes.is_some_and(|i| i.total > 0 && i.used > 0), format!("{inodes:?}"));
+            self.r.check(
+                "fs/stats inodes",
+                inodes.is_some_and(|i| i.total > 0 && i.used > 0),
+                format!("{inodes:?}"),
+            );
             let cond = s.volume_condition;
-            self.r.check("fs/stats condition normal", cond.as_ref().is_some_and(|c| !c.abnormal), format!("{cond:?}"));
+            self.r.check(
+                "fs/stats condition normal",
+                cond.as_ref().is_some_and(|c| !c.abnormal),
+                format!("{cond:?}"),
+            );
         }
         let stats_cases = [
-            ("stats/missing volume_id", NodeGetVolumeStatsRequest { volume_id: String::new(), volume_path: rw.to_string_lossy().into(), ..Default::default() }, Code::InvalidArgument),
-            ("stats/missing path", NodeGetVolumeStatsRequest { volume_id: self.vid("fs-ext4"), ..Default::default() }, Code::InvalidArgument),
+            (
+                "stats/missing volume_id",
+                NodeGetVolumeStatsRequest {
+                    volume_id: String::new(),
+                    volume_path: rw.to_string_lossy().into(),
+                    ..Default::default()
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                "stats/missing path",
+                NodeGetVolumeStatsRequest {
+                    volume_id: self.vid("fs-ext4"),
+                    ..Default::default()
+                },
+                Code::InvalidArgument,
+            ),
             (
                 "stats/unknown volume",
-                NodeGetVolumeStatsRequest { volume_id: self.vid("no-such-volume"), volume_path: rw.to_string_lossy().into(), ..Default::default() },
+                NodeGetVolumeStatsRequest {
+                    volume_id: self.vid("no-such-volume"),
+                    volume_path: rw.to_string_lossy().into(),
+                    ..Default::default()
+                },
                 Code::NotFound,
             ),
             (
                 "stats/path does not exist",
-                NodeGetVolumeStatsRequest { volume_id: self.vid("fs-ext4"), volume_path: self.dir("no-such-dir"), ..Default::default() },
+                NodeGetVolumeStatsRequest {
+                    volume_id: self.vid("fs-ext4"),
+                    volume_path: self.dir("no-such-dir"),
+                    ..Default::default()
+                },
                 Code::NotFound,
             ),
             (
                 "stats/path is not the volume",
-                NodeGetVolumeStatsRequest { volume_id: self.vid("fs-ext4"), volume_path: "/proc".into(), ..Default::default() },
+                NodeGetVolumeStatsRequest {
+                    volume_id: self.vid("fs-ext4"),
+                    volume_path: "/proc".into(),
+                    ..Default::default()
+                },
                 Code::NotFound,
             ),
         ];
@@ -503,35 +813,92 @@ impl Suite {
         self.expansion(&rw).await?;
 
         // Unstage while published is refused; unpublish is idempotent and cleans up.
-        let res = self.node.node_unstage_volume(self.unstage_req("fs-ext4", "stage-ext4")).await;
-        self.r.code("fs/unstage while published", &res, Code::FailedPrecondition);
-        self.r.check("fs/refused unstage left the mount", mount_at(&staging).is_some(), "staging unmounted");
+        let res = self
+            .node
+            .node_unstage_volume(self.unstage_req("fs-ext4", "stage-ext4"))
+            .await;
+        self.r
+            .code("fs/unstage while published", &res, Code::FailedPrecondition);
+        self.r.check(
+            "fs/refused unstage left the mount",
+            mount_at(&staging).is_some(),
+            "staging unmounted",
+        );
         for (name, target) in [("rw", "target-ext4-rw"), ("ro", "target-ext4-ro")] {
-            let res = self.node.node_unpublish_volume(self.unpublish_req("fs-ext4", target)).await;
+            let res = self
+                .node
+                .node_unpublish_volume(self.unpublish_req("fs-ext4", target))
+                .await;
             self.r.ok(&format!("fs/unpublish {name}"), &res);
-            let res = self.node.node_unpublish_volume(self.unpublish_req("fs-ext4", target)).await;
-            self.r.ok(&format!("fs/unpublish {name} again (idempotent)"), &res);
+            let res = self
+                .node
+                .node_unpublish_volume(self.unpublish_req("fs-ext4", target))
+                .await;
+            self.r
+                .ok(&format!("fs/unpublish {name} again (idempotent)"), &res);
             let p = PathBuf::from(self.dir(target));
-            self.r.check(&format!("fs/unpublish {name} removed the target"), !p.exists() && mount_at(&p).is_none(), p.display());
+            self.r.check(
+                &format!("fs/unpublish {name} removed the target"),
+                !p.exists() && mount_at(&p).is_none(),
+                p.display(),
+            );
         }
-        for req in [NodeUnpublishVolumeRequest { volume_id: String::new(), target_path: self.dir("t") }, NodeUnpublishVolumeRequest { volume_id: self.vid("fs-ext4"), target_path: String::new() }] {
+        for req in [
+            NodeUnpublishVolumeRequest {
+                volume_id: String::new(),
+                target_path: self.dir("t"),
+            },
+            NodeUnpublishVolumeRequest {
+                volume_id: self.vid("fs-ext4"),
+                target_path: String::new(),
+            },
+        ] {
             let res = self.node.node_unpublish_volume(req).await;
-            self.r.code("unpublish/missing argument", &res, Code::InvalidArgument);
+            self.r
+                .code("unpublish/missing argument", &res, Code::InvalidArgument);
         }
 
-        let res = self.node.node_unstage_volume(self.unstage_req("fs-ext4", "stage-ext4")).await;
+        let res = self
+            .node
+            .node_unstage_volume(self.unstage_req("fs-ext4", "stage-ext4"))
+            .await;
         self.r.ok("fs/unstage", &res);
-        self.r.check("fs/unstage unmounted staging", mount_at(&staging).is_none(), "still mounted");
-        let res = self.node.node_unstage_volume(self.unstage_req("fs-ext4", "stage-ext4")).await;
+        self.r.check(
+            "fs/unstage unmounted staging",
+            mount_at(&staging).is_none(),
+            "still mounted",
+        );
+        let res = self
+            .node
+            .node_unstage_volume(self.unstage_req("fs-ext4", "stage-ext4"))
+            .await;
         self.r.ok("fs/unstage again (idempotent)", &res);
         let stats = self
             .node
-            .node_get_volume_stats(NodeGetVolumeStatsRequest { volume_id: self.vid("fs-ext4"), volume_path: staging.to_string_lossy().into(), ..Default::default() })
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: self.vid("fs-ext4"),
+                volume_path: staging.to_string_lossy().into(),
+                ..Default::default()
+            })
             .await;
-        self.r.code("fs/detached after unstage (stats NotFound)", &stats, Code::NotFound);
-        for req in [NodeUnstageVolumeRequest { volume_id: String::new(), staging_target_path: self.dir("s") }, NodeUnstageVolumeRequest { volume_id: self.vid("fs-ext4"), staging_target_path: String::new() }] {
+        self.r.code(
+            "fs/detached after unstage (stats NotFound)",
+            &stats,
+            Code::NotFound,
+        );
+        for req in [
+            NodeUnstageVolumeRequest {
+                volume_id: String::new(),
+                staging_target_path: self.dir("s"),
+            },
+            NodeUnstageVolumeRequest {
+                volume_id: self.vid("fs-ext4"),
+                staging_target_path: String::new(),
+            },
+        ] {
             let res = self.node.node_unstage_volume(req).await;
-            self.r.code("unstage/missing argument", &res, Code::InvalidArgument);
+            self.r
+                .code("unstage/missing argument", &res, Code::InvalidArgument);
         }
 
         // Stage again: the filesystem is reused, never reformatted; then read-only access.
@@ -540,18 +907,40 @@ impl Suite {
         let res = self.node.node_publish_volume(pubreq.clone()).await;
         self.r.ok("fs/republish", &res);
         let content = std::fs::read(rw.join("hello.txt"));
-        self.r.check("fs/data survived unstage+restage (no reformat)", content.as_deref().ok() == Some(b"enbd conformance".as_slice()), format!("{content:?}"));
-        let res = self.node.node_unpublish_volume(self.unpublish_req("fs-ext4", "target-ext4-rw")).await;
+        self.r.check(
+            "fs/data survived unstage+restage (no reformat)",
+            content.as_deref().ok() == Some(b"enbd conformance".as_slice()),
+            format!("{content:?}"),
+        );
+        let res = self
+            .node
+            .node_unpublish_volume(self.unpublish_req("fs-ext4", "target-ext4-rw"))
+            .await;
         self.r.ok("fs/unpublish after restage", &res);
-        let res = self.node.node_unstage_volume(self.unstage_req("fs-ext4", "stage-ext4")).await;
+        let res = self
+            .node
+            .node_unstage_volume(self.unstage_req("fs-ext4", "stage-ext4"))
+            .await;
         self.r.ok("fs/unstage after restage", &res);
 
-        let ro_stage = self.stage_req("fs-ext4", "stage-ext4", mount_cap("", Mode::SingleNodeReaderOnly, &[]), ctx);
+        let ro_stage = self.stage_req(
+            "fs-ext4",
+            "stage-ext4",
+            mount_cap("", Mode::SingleNodeReaderOnly, &[]),
+            ctx,
+        );
         let res = self.node.node_stage_volume(ro_stage).await;
         self.r.ok("fs/stage reader-only", &res);
         let m = mount_at(&staging);
-        self.r.check("fs/reader-only stage mounted ro", m.as_ref().is_some_and(is_ro), format!("{m:?}"));
-        let res = self.node.node_unstage_volume(self.unstage_req("fs-ext4", "stage-ext4")).await;
+        self.r.check(
+            "fs/reader-only stage mounted ro",
+            m.as_ref().is_some_and(is_ro),
+            format!("{m:?}"),
+        );
+        let res = self
+            .node
+            .node_unstage_volume(self.unstage_req("fs-ext4", "stage-ext4"))
+            .await;
         self.r.ok("fs/unstage reader-only", &res);
         Ok(())
     }
@@ -560,44 +949,105 @@ impl Suite {
         let expand = |s: &Self, path: &Path, required: i64, limit: i64| NodeExpandVolumeRequest {
             volume_id: s.vid("fs-ext4"),
             volume_path: path.to_string_lossy().into(),
-            capacity_range: Some(CapacityRange { required_bytes: required, limit_bytes: limit }),
+            capacity_range: Some(CapacityRange {
+                required_bytes: required,
+                limit_bytes: limit,
+            }),
             ..Default::default()
         };
         let cases = [
-            ("expand/missing volume_id", NodeExpandVolumeRequest { volume_id: String::new(), ..expand(self, target, 0, 0) }, Code::InvalidArgument),
-            ("expand/missing path", NodeExpandVolumeRequest { volume_path: String::new(), ..expand(self, target, 0, 0) }, Code::InvalidArgument),
-            ("expand/unknown volume", NodeExpandVolumeRequest { volume_id: self.vid("no-such-volume"), ..expand(self, target, 0, 0) }, Code::NotFound),
-            ("expand/path does not exist", expand(self, Path::new(&self.dir("no-such-dir")), 0, 0), Code::NotFound),
-            ("expand/required above limit", expand(self, target, (128 * MIB) as i64, (96 * MIB) as i64), Code::OutOfRange),
+            (
+                "expand/missing volume_id",
+                NodeExpandVolumeRequest {
+                    volume_id: String::new(),
+                    ..expand(self, target, 0, 0)
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                "expand/missing path",
+                NodeExpandVolumeRequest {
+                    volume_path: String::new(),
+                    ..expand(self, target, 0, 0)
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                "expand/unknown volume",
+                NodeExpandVolumeRequest {
+                    volume_id: self.vid("no-such-volume"),
+                    ..expand(self, target, 0, 0)
+                },
+                Code::NotFound,
+            ),
+            (
+                "expand/path does not exist",
+                expand(self, Path::new(&self.dir("no-such-dir")), 0, 0),
+                Code::NotFound,
+            ),
+            (
+                "expand/required above limit",
+                expand(self, target, (128 * MIB) as i64, (96 * MIB) as i64),
+                Code::OutOfRange,
+            ),
         ];
         for (name, req, want) in cases {
             let res = self.node.node_expand_volume(req).await;
             self.r.code(name, &res, want);
         }
         // Growing the filesystem to the device it already has works on every kernel.
-        let res = self.node.node_expand_volume(expand(self, target, (64 * MIB) as i64, 0)).await;
+        let res = self
+            .node
+            .node_expand_volume(expand(self, target, (64 * MIB) as i64, 0))
+            .await;
         if self.r.ok("expand/to current size", &res)
             && let Ok(r) = res
         {
             let cap = r.into_inner().capacity_bytes;
-            self.r.check("expand/to current size capacity", cap == (64 * MIB) as i64, cap);
+            self.r.check(
+                "expand/to current size capacity",
+                cap == (64 * MIB) as i64,
+                cap,
+            );
         }
         // Grow the volume on the server, then on the node.
-        self.mgmt.expand_volume(ExpandVolumeRequest { name: "fs-ext4".into(), size_bytes: 96 * MIB }).await.context("server expand")?;
-        let res = self.node.node_expand_volume(expand(self, target, (96 * MIB) as i64, 0)).await;
+        self.mgmt
+            .expand_volume(ExpandVolumeRequest {
+                name: "fs-ext4".into(),
+                size_bytes: 96 * MIB,
+            })
+            .await
+            .context("server expand")?;
+        let res = self
+            .node
+            .node_expand_volume(expand(self, target, (96 * MIB) as i64, 0))
+            .await;
         if self.cli.online_resize {
             if self.r.ok("expand/online grow to 96 MiB", &res)
                 && let Ok(r) = res
             {
                 let cap = r.into_inner().capacity_bytes;
-                self.r.check("expand/capacity reported", cap >= (96 * MIB) as i64, cap);
+                self.r
+                    .check("expand/capacity reported", cap >= (96 * MIB) as i64, cap);
                 let total = nix_statvfs_total(target);
-                self.r.check("expand/filesystem grew past 64 MiB", total > 64 * MIB, total);
+                self.r.check(
+                    "expand/filesystem grew past 64 MiB",
+                    total > 64 * MIB,
+                    total,
+                );
             }
-            let res = self.node.node_expand_volume(expand(self, target, (1 << 30) as i64, 0)).await;
-            self.r.code("expand/beyond the server's size", &res, Code::OutOfRange);
+            let res = self
+                .node
+                .node_expand_volume(expand(self, target, (1 << 30) as i64, 0))
+                .await;
+            self.r
+                .code("expand/beyond the server's size", &res, Code::OutOfRange);
         } else {
-            self.r.code("expand/refused without kernel online resize", &res, Code::FailedPrecondition);
+            self.r.code(
+                "expand/refused without kernel online resize",
+                &res,
+                Code::FailedPrecondition,
+            );
         }
         Ok(())
     }
@@ -609,18 +1059,45 @@ impl Suite {
         let res = self.node.node_stage_volume(stage.clone()).await;
         self.r.ok("block/stage", &res);
         let staged = PathBuf::from(self.dir("stage-blk")).join("device");
-        let is_dev = std::fs::metadata(&staged).map(|m| m.file_type().is_block_device()).unwrap_or(false);
-        self.r.check("block/staged device node", is_dev, staged.display());
+        let is_dev = std::fs::metadata(&staged)
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(false);
+        self.r
+            .check("block/staged device node", is_dev, staged.display());
         let res = self.node.node_stage_volume(stage.clone()).await;
         self.r.ok("block/stage again (idempotent)", &res);
-        let res = self.node.node_stage_volume(NodeStageVolumeRequest { volume_capability: Some(mount_cap("", Mode::SingleNodeWriter, &[])), ..stage.clone() }).await;
-        self.r.code("block/stage again as filesystem", &res, Code::AlreadyExists);
+        let res = self
+            .node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_capability: Some(mount_cap("", Mode::SingleNodeWriter, &[])),
+                ..stage.clone()
+            })
+            .await;
+        self.r
+            .code("block/stage again as filesystem", &res, Code::AlreadyExists);
         let probe = read_at(&staged, 0, 4096).map(|b| b.iter().all(|x| *x == 0));
-        self.r.check("block/stage did not format", probe.as_ref().ok() == Some(&true), format!("{probe:?}"));
+        self.r.check(
+            "block/stage did not format",
+            probe.as_ref().ok() == Some(&true),
+            format!("{probe:?}"),
+        );
 
         let rw_target = PathBuf::from(self.dir("pub-blk/rw"));
-        let res = self.node.node_publish_volume(self.publish_req("blk", "stage-blk", "pub-blk/rw", mount_cap("", Mode::SingleNodeWriter, &[]), false)).await;
-        self.r.code("block/publish with mount capability", &res, Code::InvalidArgument);
+        let res = self
+            .node
+            .node_publish_volume(self.publish_req(
+                "blk",
+                "stage-blk",
+                "pub-blk/rw",
+                mount_cap("", Mode::SingleNodeWriter, &[]),
+                false,
+            ))
+            .await;
+        self.r.code(
+            "block/publish with mount capability",
+            &res,
+            Code::InvalidArgument,
+        );
         let rw_req = self.publish_req("blk", "stage-blk", "pub-blk/rw", cap.clone(), false);
         let res = self.node.node_publish_volume(rw_req.clone()).await;
         self.r.ok("block/publish rw", &res);
@@ -634,56 +1111,136 @@ impl Suite {
                 f.sync_all()
             })
             .and_then(|_| read_at(&rw_target, 4 * MIB, pattern.len()));
-        self.r.check("block/write and read through target", io.as_ref().ok() == Some(&pattern), "data mismatch or IO error");
+        self.r.check(
+            "block/write and read through target",
+            io.as_ref().ok() == Some(&pattern),
+            "data mismatch or IO error",
+        );
         let res = self.node.node_publish_volume(rw_req.clone()).await;
         self.r.ok("block/publish again (idempotent)", &res);
-        let res = self.node.node_publish_volume(self.publish_req("blk", "stage-blk", "pub-blk/ro", cap.clone(), true)).await;
-        self.r.code("block/read-only publish beside a rw one", &res, Code::FailedPrecondition);
+        let res = self
+            .node
+            .node_publish_volume(self.publish_req(
+                "blk",
+                "stage-blk",
+                "pub-blk/ro",
+                cap.clone(),
+                true,
+            ))
+            .await;
+        self.r.code(
+            "block/read-only publish beside a rw one",
+            &res,
+            Code::FailedPrecondition,
+        );
 
         let stats = self
             .node
-            .node_get_volume_stats(NodeGetVolumeStatsRequest { volume_id: self.vid("blk"), volume_path: rw_target.to_string_lossy().into(), ..Default::default() })
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: self.vid("blk"),
+                volume_path: rw_target.to_string_lossy().into(),
+                ..Default::default()
+            })
             .await;
         if self.r.ok("block/stats", &stats)
             && let Ok(s) = stats
         {
             let s = s.into_inner();
-            let total = s.usage.iter().find(|u| u.unit == Unit::Bytes as i32).map(|u| u.total);
-            self.r.check("block/stats total bytes", total == Some((32 * MIB) as i64), format!("{:?}", s.usage));
-            self.r.check("block/stats condition normal", s.volume_condition.is_some_and(|c| !c.abnormal), "abnormal");
+            let total = s
+                .usage
+                .iter()
+                .find(|u| u.unit == Unit::Bytes as i32)
+                .map(|u| u.total);
+            self.r.check(
+                "block/stats total bytes",
+                total == Some((32 * MIB) as i64),
+                format!("{:?}", s.usage),
+            );
+            self.r.check(
+                "block/stats condition normal",
+                s.volume_condition.is_some_and(|c| !c.abnormal),
+                "abnormal",
+            );
         }
         let res = self
             .node
             .node_expand_volume(NodeExpandVolumeRequest {
                 volume_id: self.vid("blk"),
                 volume_path: rw_target.to_string_lossy().into(),
-                capacity_range: Some(CapacityRange { required_bytes: (32 * MIB) as i64, limit_bytes: 0 }),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: (32 * MIB) as i64,
+                    limit_bytes: 0,
+                }),
                 volume_capability: Some(cap.clone()),
                 ..Default::default()
             })
             .await;
         self.r.ok("block/expand to current size", &res);
 
-        let res = self.node.node_unpublish_volume(self.unpublish_req("blk", "pub-blk/rw")).await;
+        let res = self
+            .node
+            .node_unpublish_volume(self.unpublish_req("blk", "pub-blk/rw"))
+            .await;
         self.r.ok("block/unpublish rw", &res);
-        self.r.check("block/unpublish removed the target file", !rw_target.exists(), rw_target.display());
+        self.r.check(
+            "block/unpublish removed the target file",
+            !rw_target.exists(),
+            rw_target.display(),
+        );
 
-        let res = self.node.node_publish_volume(self.publish_req("blk", "stage-blk", "pub-blk/ro", cap.clone(), true)).await;
+        let res = self
+            .node
+            .node_publish_volume(self.publish_req(
+                "blk",
+                "stage-blk",
+                "pub-blk/ro",
+                cap.clone(),
+                true,
+            ))
+            .await;
         self.r.ok("block/publish read-only", &res);
         let ro_target = PathBuf::from(self.dir("pub-blk/ro"));
-        let w = OpenOptions::new().write(true).open(&ro_target).and_then(|mut f| f.write_all(b"x"));
-        self.r.check("block/read-only target refuses writes", w.is_err(), "write succeeded");
+        let w = OpenOptions::new()
+            .write(true)
+            .open(&ro_target)
+            .and_then(|mut f| f.write_all(b"x"));
+        self.r.check(
+            "block/read-only target refuses writes",
+            w.is_err(),
+            "write succeeded",
+        );
         let data = read_at(&ro_target, 4 * MIB, pattern.len());
-        self.r.check("block/read-only target reads the data", data.as_ref().ok() == Some(&pattern), "mismatch");
-        let res = self.node.node_unpublish_volume(self.unpublish_req("blk", "pub-blk/ro")).await;
+        self.r.check(
+            "block/read-only target reads the data",
+            data.as_ref().ok() == Some(&pattern),
+            "mismatch",
+        );
+        let res = self
+            .node
+            .node_unpublish_volume(self.unpublish_req("blk", "pub-blk/ro"))
+            .await;
         self.r.ok("block/unpublish read-only", &res);
         let w = OpenOptions::new().write(true).open(&staged).map(drop);
-        self.r.check("block/device writable again after read-only unpublish", w.is_ok(), format!("{w:?}"));
+        self.r.check(
+            "block/device writable again after read-only unpublish",
+            w.is_ok(),
+            format!("{w:?}"),
+        );
 
-        let res = self.node.node_unstage_volume(self.unstage_req("blk", "stage-blk")).await;
+        let res = self
+            .node
+            .node_unstage_volume(self.unstage_req("blk", "stage-blk"))
+            .await;
         self.r.ok("block/unstage", &res);
-        self.r.check("block/unstage removed the device file", !staged.exists(), staged.display());
-        let res = self.node.node_unstage_volume(self.unstage_req("blk", "stage-blk")).await;
+        self.r.check(
+            "block/unstage removed the device file",
+            !staged.exists(),
+            staged.display(),
+        );
+        let res = self
+            .node
+            .node_unstage_volume(self.unstage_req("blk", "stage-blk"))
+            .await;
         self.r.ok("block/unstage again (idempotent)", &res);
         Ok(())
     }
@@ -691,16 +1248,39 @@ impl Suite {
     async fn xfs(&mut self) -> anyhow::Result<()> {
         // mkfs.xfs refuses filesystems smaller than 300 MiB.
         self.create_volume("fs-xfs", 320 * MIB).await?;
-        let stage = self.stage_req("fs-xfs", "stage-xfs", mount_cap("xfs", Mode::SingleNodeWriter, &[]), self.context("fs-xfs", &[("mkfsOptions", "-K -L enbdxfs")]));
+        let stage = self.stage_req(
+            "fs-xfs",
+            "stage-xfs",
+            mount_cap("xfs", Mode::SingleNodeWriter, &[]),
+            self.context("fs-xfs", &[("mkfsOptions", "-K -L enbdxfs")]),
+        );
         let res = self.node.node_stage_volume(stage.clone()).await;
         self.r.ok("xfs/stage", &res);
         let m = mount_at(Path::new(&self.dir("stage-xfs")));
-        self.r.check("xfs/staging mounted as xfs", m.as_ref().is_some_and(|m| m.fs_type == "xfs"), format!("{m:?}"));
+        self.r.check(
+            "xfs/staging mounted as xfs",
+            m.as_ref().is_some_and(|m| m.fs_type == "xfs"),
+            format!("{m:?}"),
+        );
         let dev = PathBuf::from(m.map(|m| m.source).unwrap_or_default());
-        self.r.check("xfs/mkfsOptions applied (label)", label_of(&dev, "xfs") == "enbdxfs", label_of(&dev, "xfs"));
-        let res = self.node.node_stage_volume(NodeStageVolumeRequest { volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter, &[])), ..stage }).await;
-        self.r.code("xfs/stage again as ext4", &res, Code::AlreadyExists);
-        let res = self.node.node_unstage_volume(self.unstage_req("fs-xfs", "stage-xfs")).await;
+        self.r.check(
+            "xfs/mkfsOptions applied (label)",
+            label_of(&dev, "xfs") == "enbdxfs",
+            label_of(&dev, "xfs"),
+        );
+        let res = self
+            .node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter, &[])),
+                ..stage
+            })
+            .await;
+        self.r
+            .code("xfs/stage again as ext4", &res, Code::AlreadyExists);
+        let res = self
+            .node
+            .node_unstage_volume(self.unstage_req("fs-xfs", "stage-xfs"))
+            .await;
         self.r.ok("xfs/unstage", &res);
         Ok(())
     }
@@ -708,7 +1288,9 @@ impl Suite {
 
 fn nix_statvfs_total(path: &Path) -> u64 {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return 0 };
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return 0;
+    };
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
     // SAFETY: valid C string and a writable statvfs buffer.
     if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
@@ -723,10 +1305,14 @@ fn nix_statvfs_total(path: &Path) -> u64 {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    std::fs::create_dir_all(&cli.work_dir).with_context(|| format!("create {}", cli.work_dir.display()))?;
+    std::fs::create_dir_all(&cli.work_dir)
+        .with_context(|| format!("create {}", cli.work_dir.display()))?;
     let channel = wait_ready(&cli.endpoint, Duration::from_secs(cli.wait_secs)).await?;
     let (mgmt, health) = wait_server(&cli.mgmt, Duration::from_secs(cli.wait_secs)).await?;
-    println!("server {} at {} (mgmt {})", health.server_id, health.data_address, cli.mgmt);
+    println!(
+        "server {} at {} (mgmt {})",
+        health.server_id, health.data_address, cli.mgmt
+    );
     let mut suite = Suite {
         node: NodeClient::new(channel.clone()),
         identity: IdentityClient::new(channel),
@@ -753,7 +1339,10 @@ async fn main() -> anyhow::Result<()> {
         println!("FAIL setup {f}");
     }
     let failed = suite.r.failed.len() + fatal.len();
-    println!("csi-node-conformance: {} passed, {failed} failed", suite.r.passed);
+    println!(
+        "csi-node-conformance: {} passed, {failed} failed",
+        suite.r.passed
+    );
     if failed > 0 {
         std::process::exit(1);
     }

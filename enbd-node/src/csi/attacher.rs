@@ -77,13 +77,22 @@ pub enum AttacherError {
 
 /// The device layer as the CSI node service uses it.
 pub trait Attacher: Send + Sync + 'static {
-    fn attach(&self, spec: AttachSpec) -> impl Future<Output = Result<AttachedDevice, AttacherError>> + Send;
-    fn detach(&self, volume_id: &VolumeId) -> impl Future<Output = Result<(), AttacherError>> + Send;
+    fn attach(
+        &self,
+        spec: AttachSpec,
+    ) -> impl Future<Output = Result<AttachedDevice, AttacherError>> + Send;
+    fn detach(
+        &self,
+        volume_id: &VolumeId,
+    ) -> impl Future<Output = Result<(), AttacherError>> + Send;
     fn get(&self, volume_id: &VolumeId) -> Option<AttachedDevice>;
     /// Number of volumes attached now (for `max_volumes`).
     fn attached_count(&self) -> usize;
     /// Re-reads the volume's size from the server and grows the device; returns the new size.
-    fn resize(&self, volume_id: &VolumeId) -> impl Future<Output = Result<u64, AttacherError>> + Send;
+    fn resize(
+        &self,
+        volume_id: &VolumeId,
+    ) -> impl Future<Output = Result<u64, AttacherError>> + Send;
     /// Whether the device layer can attach volumes at all (kernel support present).
     fn ready(&self) -> Result<(), String>;
 }
@@ -105,11 +114,18 @@ impl Attacher for AttachmentManager {
             },
             read_only: spec.read_only,
         };
-        AttachmentManager::attach(self, req).await.map_err(classify)?;
+        AttachmentManager::attach(self, req)
+            .await
+            .map_err(classify)?;
         // The status carries the engine's health as well as the device.
         AttachmentManager::get(self, &spec.volume_id.to_string())
             .map(|s| device_of(&s))
-            .ok_or_else(|| AttacherError::Internal(format!("volume {} vanished right after attaching", spec.volume_id)))
+            .ok_or_else(|| {
+                AttacherError::Internal(format!(
+                    "volume {} vanished right after attaching",
+                    spec.volume_id
+                ))
+            })
     }
 
     async fn detach(&self, volume_id: &VolumeId) -> Result<(), AttacherError> {
@@ -128,7 +144,9 @@ impl Attacher for AttachmentManager {
     }
 
     async fn resize(&self, volume_id: &VolumeId) -> Result<u64, AttacherError> {
-        AttachmentManager::resize(self, &volume_id.to_string()).await.map_err(classify)
+        AttachmentManager::resize(self, &volume_id.to_string())
+            .await
+            .map_err(classify)
     }
 
     fn ready(&self) -> Result<(), String> {
@@ -137,30 +155,55 @@ impl Attacher for AttachmentManager {
 }
 
 fn device_of(s: &AttachmentStatus) -> AttachedDevice {
-    AttachedDevice { dev_path: s.dev_path.clone(), size_bytes: s.size_bytes, read_only: s.read_only, health: health_of(s) }
+    AttachedDevice {
+        dev_path: s.dev_path.clone(),
+        size_bytes: s.size_bytes,
+        read_only: s.read_only,
+        health: health_of(s),
+    }
 }
 
 /// Abnormal whenever IO is not flowing on every channel: a degraded volume still works,
 /// but it has lost redundancy an operator should know about.
 fn health_of(s: &AttachmentStatus) -> VolumeHealth {
-    let abnormal = |message: String| VolumeHealth { abnormal: true, message };
+    let abnormal = |message: String| VolumeHealth {
+        abnormal: true,
+        message,
+    };
     match (&s.phase, &s.engine) {
         (Phase::Failed(why), _) => abnormal(format!("device failed: {why}")),
-        (Phase::Recovering, _) => abnormal("device is being taken over after a daemon restart; IO waits".into()),
+        (Phase::Recovering, _) => {
+            abnormal("device is being taken over after a daemon restart; IO waits".into())
+        }
         (Phase::Attached, None) => abnormal("not connected to the server yet; IO waits".into()),
         (Phase::Attached, Some(e)) => {
-            let up = e.channels.iter().filter(|c| c.state == crate::engine::ChannelState::Up).count();
+            let up = e
+                .channels
+                .iter()
+                .filter(|c| c.state == crate::engine::ChannelState::Up)
+                .count();
             let total = e.channels.len();
             match e.state {
-                EngineState::Healthy => VolumeHealth { abnormal: false, message: format!("{up}/{total} channels up") },
-                EngineState::Degraded => abnormal(format!("{}/{total} channels down; IO continues on the others", total - up)),
+                EngineState::Healthy => VolumeHealth {
+                    abnormal: false,
+                    message: format!("{up}/{total} channels up"),
+                },
+                EngineState::Degraded => abnormal(format!(
+                    "{}/{total} channels down; IO continues on the others",
+                    total - up
+                )),
                 EngineState::Waiting => abnormal(match e.waiting_for {
-                    Some(d) => format!("no channel up for {:.1}s; IO waits (brownout policy {})", d.as_secs_f64(), s.brownout),
+                    Some(d) => format!(
+                        "no channel up for {:.1}s; IO waits (brownout policy {})",
+                        d.as_secs_f64(),
+                        s.brownout
+                    ),
                     None => format!("no channel up; IO waits (brownout policy {})", s.brownout),
                 }),
-                EngineState::Failed => {
-                    abnormal(format!("engine failed: {}", e.failure.as_deref().unwrap_or("no reason recorded")))
-                }
+                EngineState::Failed => abnormal(format!(
+                    "engine failed: {}",
+                    e.failure.as_deref().unwrap_or("no reason recorded")
+                )),
             }
         }
     }
@@ -179,15 +222,17 @@ fn classify(e: AttachError) -> AttacherError {
         AttachError::ResizeUnsupported(_) => AttacherError::Unsupported(msg),
         AttachError::Engine(engine) => match engine {
             EngineError::ExportRefused { .. } => AttacherError::NotFound(msg),
-            EngineError::Connect { .. } | EngineError::ConnectTimeout { .. } | EngineError::Handshake { .. } => {
-                AttacherError::Unavailable(msg)
-            }
+            EngineError::Connect { .. }
+            | EngineError::ConnectTimeout { .. }
+            | EngineError::Handshake { .. } => AttacherError::Unavailable(msg),
             EngineError::Config(_) => AttacherError::Invalid(msg),
             EngineError::IdentityChanged { .. } => AttacherError::Internal(msg),
         },
         AttachError::Device(DeviceError::ResizeUnsupported | DeviceError::Unavailable(_)) => {
             AttacherError::Unsupported(msg)
         }
-        AttachError::Device(_) | AttachError::State(_) | AttachError::Internal(_) => AttacherError::Internal(msg),
+        AttachError::Device(_) | AttachError::State(_) | AttachError::Internal(_) => {
+            AttacherError::Internal(msg)
+        }
     }
 }

@@ -46,9 +46,9 @@ pub enum NodeError {
 impl NodeError {
     pub fn code(&self) -> Code {
         match self {
-            NodeError::InvalidArgument(_) | NodeError::BadVolumeId(_) | NodeError::BadContext(_) => {
-                Code::InvalidArgument
-            }
+            NodeError::InvalidArgument(_)
+            | NodeError::BadVolumeId(_)
+            | NodeError::BadContext(_) => Code::InvalidArgument,
             NodeError::NotFound(_) => Code::NotFound,
             NodeError::AlreadyExists(_) => Code::AlreadyExists,
             NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
@@ -71,11 +71,13 @@ impl NodeError {
                 MountError::BadOption(_) | MountError::NulInPath(_) => Code::InvalidArgument,
                 // The device holds data we will not overwrite, or is still in use: the
                 // operator must act before a retry can succeed.
-                MountError::ForeignContent { .. } | MountError::Busy { .. } => Code::FailedPrecondition,
-                MountError::ToolMissing { .. } => Code::FailedPrecondition,
-                MountError::Io { .. } | MountError::ToolFailed { .. } | MountError::MountInfo { .. } => {
-                    Code::Internal
+                MountError::ForeignContent { .. } | MountError::Busy { .. } => {
+                    Code::FailedPrecondition
                 }
+                MountError::ToolMissing { .. } => Code::FailedPrecondition,
+                MountError::Io { .. }
+                | MountError::ToolFailed { .. }
+                | MountError::MountInfo { .. } => Code::Internal,
             },
         }
     }
@@ -101,21 +103,49 @@ mod tests {
     #[test]
     fn codes_follow_the_spec() {
         let cases: Vec<(NodeError, Code)> = vec![
-            (NodeError::InvalidArgument("x".into()), Code::InvalidArgument),
-            (IdError::Empty { kind: "volume id" }.into(), Code::InvalidArgument),
-            (ParamError::MissingContext("enbd.io/server").into(), Code::InvalidArgument),
+            (
+                NodeError::InvalidArgument("x".into()),
+                Code::InvalidArgument,
+            ),
+            (
+                IdError::Empty { kind: "volume id" }.into(),
+                Code::InvalidArgument,
+            ),
+            (
+                ParamError::MissingContext("enbd.io/server").into(),
+                Code::InvalidArgument,
+            ),
             (NodeError::NotFound("x".into()), Code::NotFound),
             (NodeError::AlreadyExists("x".into()), Code::AlreadyExists),
-            (NodeError::FailedPrecondition("x".into()), Code::FailedPrecondition),
+            (
+                NodeError::FailedPrecondition("x".into()),
+                Code::FailedPrecondition,
+            ),
             (NodeError::Aborted("v".into()), Code::Aborted),
             (NodeError::OutOfRange("x".into()), Code::OutOfRange),
-            (NodeError::ResourceExhausted("x".into()), Code::ResourceExhausted),
-            (AttacherError::NotFound("x".into()).into(), Code::NotFound),
-            (AttacherError::Unavailable("x".into()).into(), Code::Unavailable),
-            (AttacherError::Busy("x".into()).into(), Code::FailedPrecondition),
-            (MountError::BadOption("bind".into()).into(), Code::InvalidArgument),
             (
-                MountError::ForeignContent { path: PathBuf::from("/dev/x"), found: "btrfs".into() }.into(),
+                NodeError::ResourceExhausted("x".into()),
+                Code::ResourceExhausted,
+            ),
+            (AttacherError::NotFound("x".into()).into(), Code::NotFound),
+            (
+                AttacherError::Unavailable("x".into()).into(),
+                Code::Unavailable,
+            ),
+            (
+                AttacherError::Busy("x".into()).into(),
+                Code::FailedPrecondition,
+            ),
+            (
+                MountError::BadOption("bind".into()).into(),
+                Code::InvalidArgument,
+            ),
+            (
+                MountError::ForeignContent {
+                    path: PathBuf::from("/dev/x"),
+                    found: "btrfs".into(),
+                }
+                .into(),
                 Code::FailedPrecondition,
             ),
         ];

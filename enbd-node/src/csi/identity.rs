@@ -6,10 +6,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use enbd_proto::csi::identity_server::Identity;
-use enbd_proto::csi::plugin_capability::{Service, Type as PluginCapType, service::Type as ServiceType};
+use enbd_proto::csi::plugin_capability::{
+    Service, Type as PluginCapType, service::Type as ServiceType,
+};
 use enbd_proto::csi::{
-    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse,
-    PluginCapability, ProbeRequest, ProbeResponse,
+    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
+    GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::warn;
@@ -25,7 +27,11 @@ pub struct IdentityService<A> {
 
 impl<A: Attacher> IdentityService<A> {
     pub fn new(config: &NodeConfig, attacher: Arc<A>) -> Self {
-        Self { driver_name: config.driver_name.clone(), topology: config.topology_zone.is_some(), attacher }
+        Self {
+            driver_name: config.driver_name.clone(),
+            topology: config.topology_zone.is_some(),
+            attacher,
+        }
     }
 }
 
@@ -49,20 +55,29 @@ impl<A: Attacher> Identity for IdentityService<A> {
         // The node plugin serves no controller; it only says whether it reports topology.
         let capabilities = if self.topology {
             vec![PluginCapability {
-                r#type: Some(PluginCapType::Service(Service { r#type: ServiceType::VolumeAccessibilityConstraints as i32 })),
+                r#type: Some(PluginCapType::Service(Service {
+                    r#type: ServiceType::VolumeAccessibilityConstraints as i32,
+                })),
             }]
         } else {
             Vec::new()
         };
-        Ok(Response::new(GetPluginCapabilitiesResponse { capabilities }))
+        Ok(Response::new(GetPluginCapabilitiesResponse {
+            capabilities,
+        }))
     }
 
-    async fn probe(&self, _request: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+    async fn probe(
+        &self,
+        _request: Request<ProbeRequest>,
+    ) -> Result<Response<ProbeResponse>, Status> {
         match self.attacher.ready() {
             Ok(()) => Ok(Response::new(ProbeResponse { ready: Some(true) })),
             Err(reason) => {
                 warn!(%reason, "probe: device layer not ready");
-                Err(Status::failed_precondition(format!("device layer not ready: {reason}")))
+                Err(Status::failed_precondition(format!(
+                    "device layer not ready: {reason}"
+                )))
             }
         }
     }

@@ -44,7 +44,10 @@ pub fn inspect_staging(table: &MountTable, staging: &Path) -> Result<Staged, Nod
     let device_file = staging.join(STAGED_DEVICE_FILE);
     if table.at(&device_file).is_some() {
         let dev = mount::block_device_number(&device_file)?.ok_or_else(|| {
-            NodeError::FailedPrecondition(format!("{} is mounted but is not a block device", device_file.display()))
+            NodeError::FailedPrecondition(format!(
+                "{} is mounted but is not a block device",
+                device_file.display()
+            ))
         })?;
         return Ok(Staged::Block { device_file, dev });
     }
@@ -60,8 +63,15 @@ pub fn device_number(dev_path: &Path) -> Result<DevNum, NodeError> {
 /// Mount points where the device node `dev_path` (number `dev`) is bind-mounted — raw
 /// block publishes and the staged device file — excluding `except`. Only mounts whose
 /// root is that node's name are stat-ed, so unrelated (possibly hung) mounts are not touched.
-pub fn device_node_binds(table: &MountTable, dev_path: &Path, dev: DevNum, except: &Path) -> Vec<MountEntry> {
-    let Some(name) = dev_path.file_name() else { return Vec::new() };
+pub fn device_node_binds(
+    table: &MountTable,
+    dev_path: &Path,
+    dev: DevNum,
+    except: &Path,
+) -> Vec<MountEntry> {
+    let Some(name) = dev_path.file_name() else {
+        return Vec::new();
+    };
     table
         .entries()
         .iter()
@@ -73,12 +83,17 @@ pub fn device_node_binds(table: &MountTable, dev_path: &Path, dev: DevNum, excep
 
 /// Mounts, other than the staging mount itself, of the filesystem on `dev`.
 pub fn filesystem_binds(table: &MountTable, dev: DevNum, staging: &Path) -> Vec<MountEntry> {
-    table.other_mounts_of(dev.0, dev.1, &resolve(staging)).into_iter().cloned().collect()
+    table
+        .other_mounts_of(dev.0, dev.1, &resolve(staging))
+        .into_iter()
+        .cloned()
+        .collect()
 }
 
 /// Creates the directory a filesystem is mounted on (idempotent).
 pub fn ensure_dir(path: &Path) -> Result<(), NodeError> {
-    std::fs::create_dir_all(path).map_err(|e| NodeError::Internal(format!("create directory {}: {e}", path.display())))
+    std::fs::create_dir_all(path)
+        .map_err(|e| NodeError::Internal(format!("create directory {}: {e}", path.display())))
 }
 
 /// Creates the empty file a device node is bound onto (idempotent), and its parent.
@@ -122,22 +137,34 @@ pub fn unmount_and_remove(path: &Path) -> Result<(), NodeError> {
         mount::unmount(&resolved)?;
     }
     if MountTable::read()?.at(&resolved).is_some() {
-        return Err(NodeError::Internal(format!("{} is still mounted after 16 unmounts", path.display())));
+        return Err(NodeError::Internal(format!(
+            "{} is still mounted after 16 unmounts",
+            path.display()
+        )));
     }
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(NodeError::Internal(format!("stat {}: {e}", path.display()))),
     };
-    let removed = if meta.is_dir() { std::fs::remove_dir(path) } else { std::fs::remove_file(path) };
+    let removed = if meta.is_dir() {
+        std::fs::remove_dir(path)
+    } else {
+        std::fs::remove_file(path)
+    };
     match removed {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == ErrorKind::DirectoryNotEmpty => Err(NodeError::FailedPrecondition(format!(
-            "{} is not mounted but not empty; refusing to delete its content",
+        Err(e) if e.kind() == ErrorKind::DirectoryNotEmpty => {
+            Err(NodeError::FailedPrecondition(format!(
+                "{} is not mounted but not empty; refusing to delete its content",
+                path.display()
+            )))
+        }
+        Err(e) => Err(NodeError::Internal(format!(
+            "remove {}: {e}",
             path.display()
         ))),
-        Err(e) => Err(NodeError::Internal(format!("remove {}: {e}", path.display()))),
     }
 }
 
@@ -150,8 +177,14 @@ mod tests {
     fn nothing_is_staged_in_a_fresh_directory() {
         let dir = tempfile::tempdir().expect("tempdir");
         let table = MountTable::read().expect("mountinfo");
-        assert_eq!(inspect_staging(&table, dir.path()).expect("inspect"), Staged::Nothing);
-        assert_eq!(inspect_staging(&table, &dir.path().join("missing")).expect("inspect"), Staged::Nothing);
+        assert_eq!(
+            inspect_staging(&table, dir.path()).expect("inspect"),
+            Staged::Nothing
+        );
+        assert_eq!(
+            inspect_staging(&table, &dir.path().join("missing")).expect("inspect"),
+            Staged::Nothing
+        );
     }
 
     #[test]

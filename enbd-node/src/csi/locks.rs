@@ -29,13 +29,19 @@ impl VolumeLocks {
         if !held.insert(volume_id.to_string()) {
             return Err(NodeError::Aborted(volume_id.to_string()));
         }
-        Ok(VolumeGuard { held: self.held.clone(), volume_id: volume_id.to_string() })
+        Ok(VolumeGuard {
+            held: self.held.clone(),
+            volume_id: volume_id.to_string(),
+        })
     }
 }
 
 impl Drop for VolumeGuard {
     fn drop(&mut self) {
-        self.held.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.volume_id);
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.volume_id);
     }
 }
 

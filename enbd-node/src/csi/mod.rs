@@ -75,22 +75,37 @@ pub fn bind_endpoint(endpoint: &str) -> Result<UnixListener, ServeError> {
     use std::os::unix::fs::FileTypeExt;
     let path = endpoint_path(endpoint)?;
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|source| ServeError::Io { op: "create directory", path: parent.into(), source })?;
+        std::fs::create_dir_all(parent).map_err(|source| ServeError::Io {
+            op: "create directory",
+            path: parent.into(),
+            source,
+        })?;
     }
     match std::fs::symlink_metadata(&path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(&path).map_err(|source| ServeError::Io { op: "remove stale socket", path: path.clone(), source })?;
+            std::fs::remove_file(&path).map_err(|source| ServeError::Io {
+                op: "remove stale socket",
+                path: path.clone(),
+                source,
+            })?;
         }
         Ok(_) => {
             return Err(ServeError::Io {
                 op: "bind",
                 path,
-                source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "a non-socket file is in the way"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a non-socket file is in the way",
+                ),
             });
         }
         Err(_) => {}
     }
-    UnixListener::bind(&path).map_err(|source| ServeError::Io { op: "bind", path, source })
+    UnixListener::bind(&path).map_err(|source| ServeError::Io {
+        op: "bind",
+        path,
+        source,
+    })
 }
 
 /// Serves Identity and Node on `endpoint` until `shutdown` is cancelled; in-flight calls
@@ -118,7 +133,10 @@ pub async fn serve_on<A: Attacher>(
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_service(NodeServer::new(node))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )
         .await?;
     Ok(())
 }

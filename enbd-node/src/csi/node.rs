@@ -46,12 +46,22 @@ struct Inner<A> {
 
 impl<A: Attacher> NodeService<A> {
     pub fn new(config: NodeConfig, attacher: Arc<A>) -> Self {
-        Self { inner: Arc::new(Inner { config, attacher, locks: VolumeLocks::default() }) }
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                attacher,
+                locks: VolumeLocks::default(),
+            }),
+        }
     }
 
     /// Runs `work` in its own task holding `guard` until it finishes, whether or not the
     /// caller is still waiting.
-    async fn run<T, F>(&self, guard: VolumeGuard, work: impl FnOnce(Arc<Inner<A>>) -> F) -> Result<T, Status>
+    async fn run<T, F>(
+        &self,
+        guard: VolumeGuard,
+        work: impl FnOnce(Arc<Inner<A>>) -> F,
+    ) -> Result<T, Status>
     where
         T: Send + 'static,
         F: Future<Output = Result<T, NodeError>> + Send + 'static,
@@ -70,12 +80,17 @@ impl<A: Attacher> NodeService<A> {
 }
 
 /// Runs blocking mount-table and syscall work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, NodeError> + Send + 'static) -> Result<T, NodeError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, NodeError> {
     tokio::task::spawn_blocking(f).await?
 }
 
 fn attached<A: Attacher>(inner: &Inner<A>, id: &VolumeId) -> Result<AttachedDevice, NodeError> {
-    inner.attacher.get(id).ok_or_else(|| NodeError::NotFound(format!("volume {id} is not attached on this node")))
+    inner
+        .attacher
+        .get(id)
+        .ok_or_else(|| NodeError::NotFound(format!("volume {id} is not attached on this node")))
 }
 
 // ---- stage / unstage ----
@@ -106,12 +121,18 @@ async fn stage<A: Attacher>(inner: Arc<Inner<A>>, req: StageRequest) -> Result<(
     let was_attached = existing.is_some();
     let max = inner.config.max_volumes;
     if !was_attached && max > 0 && inner.attacher.attached_count() as u64 >= max {
-        return Err(NodeError::ResourceExhausted(format!("this node already has its maximum of {max} volumes")));
+        return Err(NodeError::ResourceExhausted(format!(
+            "this node already has its maximum of {max} volumes"
+        )));
     }
     let read_only = req.cap.reader_only();
     let dev = inner
         .attacher
-        .attach(AttachSpec { volume_id: req.volume_id.clone(), context: req.context.clone(), read_only })
+        .attach(AttachSpec {
+            volume_id: req.volume_id.clone(),
+            context: req.context.clone(),
+            read_only,
+        })
         .await?;
     info!(volume_id = %req.volume_id, device = %dev.dev_path.display(), "attached");
 
@@ -126,9 +147,18 @@ async fn stage<A: Attacher>(inner: Arc<Inner<A>>, req: StageRequest) -> Result<(
         layout::device_number(&dev_path)?;
         match access {
             Access::Block => stage_block(&dev_path, &staging),
-        Access::Mount { fs_type, mount_flags } => {
-                stage_filesystem(&dev_path, &staging, fs_type, default_fs, &mkfs_options, &mount_flags, read_only)
-            }
+            Access::Mount {
+                fs_type,
+                mount_flags,
+            } => stage_filesystem(
+                &dev_path,
+                &staging,
+                fs_type,
+                default_fs,
+                &mkfs_options,
+                &mount_flags,
+                read_only,
+            ),
         }
     })
     .await;
@@ -147,16 +177,24 @@ async fn stage<A: Attacher>(inner: Arc<Inner<A>>, req: StageRequest) -> Result<(
 
 /// A repeated stage: success if what is staged matches the request, `AlreadyExists` if not.
 fn check_restage(state: &Staged, dev_num: DevNum, req: &StageRequest) -> Result<(), NodeError> {
-    let conflict = |what: String| NodeError::AlreadyExists(format!("{} is staged {what}", req.staging.display()));
+    let conflict = |what: String| {
+        NodeError::AlreadyExists(format!("{} is staged {what}", req.staging.display()))
+    };
     match (state, &req.cap.access) {
         (Staged::Filesystem(entry), Access::Mount { fs_type, .. }) => {
             if (entry.major, entry.minor) != dev_num {
-                return Err(conflict(format!("with device {}:{}, not volume {}", entry.major, entry.minor, req.volume_id)));
+                return Err(conflict(format!(
+                    "with device {}:{}, not volume {}",
+                    entry.major, entry.minor, req.volume_id
+                )));
             }
             if let Some(fs) = fs_type
                 && entry.fs_type != fs.as_str()
             {
-                return Err(conflict(format!("as {}, the capability asks for {fs}", entry.fs_type)));
+                return Err(conflict(format!(
+                    "as {}, the capability asks for {fs}",
+                    entry.fs_type
+                )));
             }
             if entry.is_read_only() != req.cap.reader_only() {
                 return Err(conflict(format!("with read_only={}", entry.is_read_only())));
@@ -165,12 +203,19 @@ fn check_restage(state: &Staged, dev_num: DevNum, req: &StageRequest) -> Result<
         }
         (Staged::Block { dev, .. }, Access::Block) => {
             if *dev != dev_num {
-                return Err(conflict(format!("with device {}:{}, not volume {}", dev.0, dev.1, req.volume_id)));
+                return Err(conflict(format!(
+                    "with device {}:{}, not volume {}",
+                    dev.0, dev.1, req.volume_id
+                )));
             }
             Ok(())
         }
-        (Staged::Filesystem(_), Access::Block) => Err(conflict("as a filesystem, the capability asks for block".into())),
-        (Staged::Block { .. }, Access::Mount { .. }) => Err(conflict("as block, the capability asks for a filesystem".into())),
+        (Staged::Filesystem(_), Access::Block) => Err(conflict(
+            "as a filesystem, the capability asks for block".into(),
+        )),
+        (Staged::Block { .. }, Access::Mount { .. }) => Err(conflict(
+            "as block, the capability asks for a filesystem".into(),
+        )),
         (Staged::Nothing, _) => Ok(()),
     }
 }
@@ -231,7 +276,11 @@ fn stage_filesystem(
     Ok(())
 }
 
-async fn unstage<A: Attacher>(inner: Arc<Inner<A>>, volume_id: VolumeId, staging: PathBuf) -> Result<(), NodeError> {
+async fn unstage<A: Attacher>(
+    inner: Arc<Inner<A>>,
+    volume_id: VolumeId,
+    staging: PathBuf,
+) -> Result<(), NodeError> {
     let dev = inner.attacher.get(&volume_id);
     let dev_info = match &dev {
         Some(d) => Some((d.dev_path.clone(), layout::device_number(&d.dev_path)?)),
@@ -266,7 +315,10 @@ async fn unstage<A: Attacher>(inner: Arc<Inner<A>>, volume_id: VolumeId, staging
                 mount::unmount(&layout::resolve(&staging_c))?;
                 Ok(())
             }
-            Staged::Block { device_file, dev: num } => {
+            Staged::Block {
+                device_file,
+                dev: num,
+            } => {
                 if let Some((dev_path, dev_num)) = &dev_info {
                     if *dev_num != num {
                         return Err(NodeError::FailedPrecondition(format!(
@@ -324,9 +376,16 @@ fn publish_blocking(dev: &AttachedDevice, req: &PublishRequest) -> Result<(), No
     let dev_num = layout::device_number(&dev.dev_path)?;
     let table = MountTable::read()?;
     let not_ours = |path: &Path| {
-        NodeError::FailedPrecondition(format!("{} holds another device, not volume {}", path.display(), req.volume_id))
+        NodeError::FailedPrecondition(format!(
+            "{} holds another device, not volume {}",
+            path.display(),
+            req.volume_id
+        ))
     };
-    let source = match (layout::inspect_staging(&table, &req.staging)?, &req.cap.access) {
+    let source = match (
+        layout::inspect_staging(&table, &req.staging)?,
+        &req.cap.access,
+    ) {
         (Staged::Nothing, _) => {
             return Err(NodeError::FailedPrecondition(format!(
                 "volume {} is not staged at {}",
@@ -364,10 +423,15 @@ fn publish_blocking(dev: &AttachedDevice, req: &PublishRequest) -> Result<(), No
     if let Some(entry) = table.at(&target) {
         let same = match req.cap.access {
             Access::Mount { .. } => (entry.major, entry.minor) == dev_num,
-            Access::Block => matches!(mount::block_device_number(&target), Ok(Some(n)) if n == dev_num),
+            Access::Block => {
+                matches!(mount::block_device_number(&target), Ok(Some(n)) if n == dev_num)
+            }
         };
         if !same {
-            return Err(NodeError::AlreadyExists(format!("{} already has another mount", req.target.display())));
+            return Err(NodeError::AlreadyExists(format!(
+                "{} already has another mount",
+                req.target.display()
+            )));
         }
         if entry.is_read_only() != req.read_only {
             return Err(NodeError::AlreadyExists(format!(
@@ -391,7 +455,9 @@ fn publish_blocking(dev: &AttachedDevice, req: &PublishRequest) -> Result<(), No
             layout::ensure_file(&req.target)?;
             let flags = if req.read_only { libc::MS_RDONLY } else { 0 };
             mount::bind_mount(&source, &req.target, flags)?;
-            if req.read_only && let Err(e) = mount::set_device_read_only(&dev.dev_path, true) {
+            if req.read_only
+                && let Err(e) = mount::set_device_read_only(&dev.dev_path, true)
+            {
                 let _ = layout::unmount_and_remove(&req.target);
                 return Err(e.into());
             }
@@ -428,7 +494,11 @@ fn check_block_read_only(
     Ok(())
 }
 
-async fn unpublish<A: Attacher>(inner: Arc<Inner<A>>, volume_id: VolumeId, target: PathBuf) -> Result<(), NodeError> {
+async fn unpublish<A: Attacher>(
+    inner: Arc<Inner<A>>,
+    volume_id: VolumeId,
+    target: PathBuf,
+) -> Result<(), NodeError> {
     let dev = inner.attacher.get(&volume_id);
     let id = volume_id.clone();
     blocking(move || {
@@ -487,7 +557,10 @@ async fn expand<A: Attacher>(
             use std::os::unix::fs::FileTypeExt;
             Ok(meta.file_type().is_block_device())
         }
-        Err(_) => Err(NodeError::NotFound(format!("volume_path {} does not exist", path.display()))),
+        Err(_) => Err(NodeError::NotFound(format!(
+            "volume_path {} does not exist",
+            path.display()
+        ))),
     })
     .await?;
     // The device is re-sized only when it is too small for the request (or no size was
@@ -518,13 +591,18 @@ async fn expand<A: Attacher>(
         let dev_num = layout::device_number(&dev_path)?;
         let table = MountTable::read()?;
         let resolved = layout::resolve(&volume_path);
-        let entry = table.at(&resolved).filter(|e| (e.major, e.minor) == dev_num).ok_or_else(|| {
-            NodeError::NotFound(format!("volume {volume_id} is not mounted at {}", volume_path.display()))
+        let entry = table
+            .at(&resolved)
+            .filter(|e| (e.major, e.minor) == dev_num)
+            .ok_or_else(|| {
+                NodeError::NotFound(format!(
+                    "volume {volume_id} is not mounted at {}",
+                    volume_path.display()
+                ))
+            })?;
+        let fs: FsType = entry.fs_type.parse().map_err(|_| {
+            NodeError::FailedPrecondition(format!("cannot grow a {} filesystem", entry.fs_type))
         })?;
-        let fs: FsType = entry
-            .fs_type
-            .parse()
-            .map_err(|_| NodeError::FailedPrecondition(format!("cannot grow a {} filesystem", entry.fs_type)))?;
         mount::grow_filesystem(&dev_path, &resolved, fs)?;
         info!(volume_id = %volume_id, size, fs = %fs, "filesystem grown");
         Ok(size)
@@ -532,18 +610,28 @@ async fn expand<A: Attacher>(
     .await
 }
 
-fn stats_blocking(dev: &AttachedDevice, volume_id: &VolumeId, path: &Path) -> Result<Vec<VolumeUsage>, NodeError> {
+fn stats_blocking(
+    dev: &AttachedDevice,
+    volume_id: &VolumeId,
+    path: &Path,
+) -> Result<Vec<VolumeUsage>, NodeError> {
     use std::os::unix::fs::FileTypeExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|_| NodeError::NotFound(format!("volume_path {} does not exist", path.display())))?;
+    let meta = std::fs::metadata(path).map_err(|_| {
+        NodeError::NotFound(format!("volume_path {} does not exist", path.display()))
+    })?;
     let dev_num = layout::device_number(&dev.dev_path)?;
-    let not_here = || NodeError::NotFound(format!("volume {volume_id} is not at {}", path.display()));
+    let not_here =
+        || NodeError::NotFound(format!("volume {volume_id} is not at {}", path.display()));
     if meta.file_type().is_block_device() {
         if mount::block_device_number(path)? != Some(dev_num) {
             return Err(not_here());
         }
         let total = mount::block_device_size(path)?;
-        return Ok(vec![VolumeUsage { total: clamp(total), unit: Unit::Bytes as i32, ..Default::default() }]);
+        return Ok(vec![VolumeUsage {
+            total: clamp(total),
+            unit: Unit::Bytes as i32,
+            ..Default::default()
+        }]);
     }
     if mount::containing_device(path)? != dev_num {
         return Err(not_here());
@@ -570,11 +658,14 @@ fn clamp(v: u64) -> i64 {
 }
 
 fn non_negative(field: &str, v: i64) -> Result<u64, NodeError> {
-    u64::try_from(v).map_err(|_| NodeError::InvalidArgument(format!("{field} must not be negative")))
+    u64::try_from(v)
+        .map_err(|_| NodeError::InvalidArgument(format!("{field} must not be negative")))
 }
 
 fn rpc_cap(t: RpcType) -> NodeServiceCapability {
-    NodeServiceCapability { r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })) }
+    NodeServiceCapability {
+        r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })),
+    }
 }
 
 #[tonic::async_trait]
@@ -589,7 +680,12 @@ impl<A: Attacher> Node for NodeService<A> {
         let cap = validate::capability(r.volume_capability.as_ref())?;
         let context = VolumeContext::from_context(&r.volume_context).map_err(NodeError::from)?;
         let guard = self.inner.locks.try_lock(&r.volume_id)?;
-        let req = StageRequest { volume_id, staging, cap, context };
+        let req = StageRequest {
+            volume_id,
+            staging,
+            cap,
+            context,
+        };
         self.run(guard, move |inner| stage(inner, req)).await?;
         Ok(Response::new(NodeStageVolumeResponse {}))
     }
@@ -602,7 +698,8 @@ impl<A: Attacher> Node for NodeService<A> {
         let volume_id = validate::volume_id(&r.volume_id)?;
         let staging = validate::path("staging_target_path", &r.staging_target_path)?;
         let guard = self.inner.locks.try_lock(&r.volume_id)?;
-        self.run(guard, move |inner| unstage(inner, volume_id, staging)).await?;
+        self.run(guard, move |inner| unstage(inner, volume_id, staging))
+            .await?;
         Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
 
@@ -616,11 +713,20 @@ impl<A: Attacher> Node for NodeService<A> {
         let staging = validate::path("staging_target_path", &r.staging_target_path)?;
         let cap = validate::capability(r.volume_capability.as_ref())?;
         if target == staging || target.starts_with(&staging) || staging.starts_with(&target) {
-            return Err(NodeError::InvalidArgument("target_path and staging_target_path must not nest".into()).into());
+            return Err(NodeError::InvalidArgument(
+                "target_path and staging_target_path must not nest".into(),
+            )
+            .into());
         }
         let read_only = r.readonly || cap.reader_only();
         let guard = self.inner.locks.try_lock(&r.volume_id)?;
-        let req = PublishRequest { volume_id, staging, target, cap, read_only };
+        let req = PublishRequest {
+            volume_id,
+            staging,
+            target,
+            cap,
+            read_only,
+        };
         self.run(guard, move |inner| publish(inner, req)).await?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
@@ -633,7 +739,8 @@ impl<A: Attacher> Node for NodeService<A> {
         let volume_id = validate::volume_id(&r.volume_id)?;
         let target = validate::path("target_path", &r.target_path)?;
         let guard = self.inner.locks.try_lock(&r.volume_id)?;
-        self.run(guard, move |inner| unpublish(inner, volume_id, target)).await?;
+        self.run(guard, move |inner| unpublish(inner, volume_id, target))
+            .await?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
@@ -650,7 +757,10 @@ impl<A: Attacher> Node for NodeService<A> {
         let usage = blocking(move || stats_blocking(&dev, &volume_id, &path)).await?;
         Ok(Response::new(NodeGetVolumeStatsResponse {
             usage,
-            volume_condition: Some(VolumeCondition { abnormal: health.abnormal, message: health.message }),
+            volume_condition: Some(VolumeCondition {
+                abnormal: health.abnormal,
+                message: health.message,
+            }),
         }))
     }
 
@@ -667,17 +777,27 @@ impl<A: Attacher> Node for NodeService<A> {
             None => false,
         };
         let (required, limit) = match r.capacity_range {
-            Some(range) => {
-                (non_negative("required_bytes", range.required_bytes)?, non_negative("limit_bytes", range.limit_bytes)?)
-            }
+            Some(range) => (
+                non_negative("required_bytes", range.required_bytes)?,
+                non_negative("limit_bytes", range.limit_bytes)?,
+            ),
             None => (0, 0),
         };
         if limit > 0 && required > limit {
-            return Err(NodeError::OutOfRange(format!("required_bytes {required} exceeds limit_bytes {limit}")).into());
+            return Err(NodeError::OutOfRange(format!(
+                "required_bytes {required} exceeds limit_bytes {limit}"
+            ))
+            .into());
         }
         let guard = self.inner.locks.try_lock(&r.volume_id)?;
-        let size = self.run(guard, move |inner| expand(inner, volume_id, path, required, limit, block_cap)).await?;
-        Ok(Response::new(NodeExpandVolumeResponse { capacity_bytes: clamp(size) }))
+        let size = self
+            .run(guard, move |inner| {
+                expand(inner, volume_id, path, required, limit, block_cap)
+            })
+            .await?;
+        Ok(Response::new(NodeExpandVolumeResponse {
+            capacity_bytes: clamp(size),
+        }))
     }
 
     async fn node_get_capabilities(
@@ -696,7 +816,10 @@ impl<A: Attacher> Node for NodeService<A> {
         }))
     }
 
-    async fn node_get_info(&self, _request: Request<NodeGetInfoRequest>) -> Result<Response<NodeGetInfoResponse>, Status> {
+    async fn node_get_info(
+        &self,
+        _request: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
         let c = &self.inner.config;
         let accessible_topology = c.topology_zone.as_ref().map(|zone| Topology {
             segments: HashMap::from([(TOPOLOGY_ZONE_KEY.to_string(), zone.clone())]),

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use enbd_proto::csi::identity_server::Identity;
 use enbd_proto::csi::node_server::Node;
 use enbd_proto::csi::node_service_capability::{Type as CapType, rpc::Type as RpcType};
-use enbd_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode};
+use enbd_proto::csi::volume_capability::{
+    AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
+};
 use enbd_proto::csi::*;
 use enbd_proto::ids::VolumeId;
 use enbd_proto::params::{CTX_EXPORT, CTX_SERVER};
@@ -60,14 +62,25 @@ impl Attacher for FakeAttacher {
             return Ok(dev.clone());
         }
         if !self.exports.contains(&spec.context.export) {
-            return Err(AttacherError::NotFound(format!("export {} on {}", spec.context.export, spec.context.server)));
+            return Err(AttacherError::NotFound(format!(
+                "export {} on {}",
+                spec.context.export, spec.context.server
+            )));
         }
         let dev_path = self.dir.join(format!("dev-{}", spec.context.export));
         std::fs::File::create(&dev_path)
             .and_then(|f| f.set_len(64 << 20))
             .map_err(|e| AttacherError::Internal(e.to_string()))?;
-        let dev = AttachedDevice { dev_path, size_bytes: 64 << 20, read_only: spec.read_only, health: VolumeHealth::default() };
-        self.attached.lock().expect("attached").insert(spec.volume_id, dev.clone());
+        let dev = AttachedDevice {
+            dev_path,
+            size_bytes: 64 << 20,
+            read_only: spec.read_only,
+            health: VolumeHealth::default(),
+        };
+        self.attached
+            .lock()
+            .expect("attached")
+            .insert(spec.volume_id, dev.clone());
         Ok(dev)
     }
 
@@ -78,7 +91,11 @@ impl Attacher for FakeAttacher {
     }
 
     fn get(&self, volume_id: &VolumeId) -> Option<AttachedDevice> {
-        self.attached.lock().expect("attached").get(volume_id).cloned()
+        self.attached
+            .lock()
+            .expect("attached")
+            .get(volume_id)
+            .cloned()
     }
 
     fn attached_count(&self) -> usize {
@@ -87,7 +104,9 @@ impl Attacher for FakeAttacher {
 
     async fn resize(&self, volume_id: &VolumeId) -> Result<u64, AttacherError> {
         self.record(format!("resize {volume_id}"));
-        self.get(volume_id).map(|d| d.size_bytes).ok_or_else(|| AttacherError::NotFound(volume_id.to_string()))
+        self.get(volume_id)
+            .map(|d| d.size_bytes)
+            .ok_or_else(|| AttacherError::NotFound(volume_id.to_string()))
     }
 
     fn ready(&self) -> Result<(), String> {
@@ -119,7 +138,11 @@ fn fixture_with(max_volumes: u64, tweak: impl FnOnce(&mut FakeAttacher)) -> Fixt
     tweak(&mut fake);
     let attacher = Arc::new(fake);
     let node = NodeService::new(config(max_volumes), attacher.clone());
-    Fixture { dir, attacher, node }
+    Fixture {
+        dir,
+        attacher,
+        node,
+    }
 }
 
 fn fixture() -> Fixture {
@@ -134,20 +157,27 @@ impl Fixture {
 
 fn mount_cap() -> VolumeCapability {
     VolumeCapability {
-        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
         access_type: Some(AccessType::Mount(MountVolume::default())),
     }
 }
 
 fn block_cap() -> VolumeCapability {
     VolumeCapability {
-        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
         access_type: Some(AccessType::Block(BlockVolume {})),
     }
 }
 
 fn context(export: &str) -> HashMap<String, String> {
-    HashMap::from([(CTX_SERVER.to_string(), "127.0.0.1:10809".to_string()), (CTX_EXPORT.to_string(), export.to_string())])
+    HashMap::from([
+        (CTX_SERVER.to_string(), "127.0.0.1:10809".to_string()),
+        (CTX_EXPORT.to_string(), export.to_string()),
+    ])
 }
 
 fn stage_req(f: &Fixture, id: &str, export: &str) -> NodeStageVolumeRequest {
@@ -176,29 +206,62 @@ async fn stage_checks_arguments_before_attaching() {
     let f = fixture();
     let good = stage_req(&f, "server-0/vol-a", "vol-a");
     let cases: Vec<(&str, NodeStageVolumeRequest, Code)> = vec![
-        ("missing volume id", NodeStageVolumeRequest { volume_id: String::new(), ..good.clone() }, Code::InvalidArgument),
-        ("malformed volume id", NodeStageVolumeRequest { volume_id: "no-slash".into(), ..good.clone() }, Code::InvalidArgument),
+        (
+            "missing volume id",
+            NodeStageVolumeRequest {
+                volume_id: String::new(),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "malformed volume id",
+            NodeStageVolumeRequest {
+                volume_id: "no-slash".into(),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
         (
             "missing staging path",
-            NodeStageVolumeRequest { staging_target_path: String::new(), ..good.clone() },
+            NodeStageVolumeRequest {
+                staging_target_path: String::new(),
+                ..good.clone()
+            },
             Code::InvalidArgument,
         ),
         (
             "relative staging path",
-            NodeStageVolumeRequest { staging_target_path: "staging".into(), ..good.clone() },
+            NodeStageVolumeRequest {
+                staging_target_path: "staging".into(),
+                ..good.clone()
+            },
             Code::InvalidArgument,
         ),
         (
             "dot-dot staging path",
-            NodeStageVolumeRequest { staging_target_path: format!("{}/../x", f.path("a")), ..good.clone() },
+            NodeStageVolumeRequest {
+                staging_target_path: format!("{}/../x", f.path("a")),
+                ..good.clone()
+            },
             Code::InvalidArgument,
         ),
-        ("missing capability", NodeStageVolumeRequest { volume_capability: None, ..good.clone() }, Code::InvalidArgument),
+        (
+            "missing capability",
+            NodeStageVolumeRequest {
+                volume_capability: None,
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
         (
             "unsupported fs type",
             NodeStageVolumeRequest {
                 volume_capability: Some(VolumeCapability {
-                    access_type: Some(AccessType::Mount(MountVolume { fs_type: "ntfs".into(), ..Default::default() })),
+                    access_type: Some(AccessType::Mount(MountVolume {
+                        fs_type: "ntfs".into(),
+                        ..Default::default()
+                    })),
                     ..mount_cap()
                 }),
                 ..good.clone()
@@ -209,14 +272,23 @@ async fn stage_checks_arguments_before_attaching() {
             "multi-node writer on a filesystem",
             NodeStageVolumeRequest {
                 volume_capability: Some(VolumeCapability {
-                    access_mode: Some(AccessMode { mode: Mode::MultiNodeMultiWriter as i32 }),
+                    access_mode: Some(AccessMode {
+                        mode: Mode::MultiNodeMultiWriter as i32,
+                    }),
                     ..mount_cap()
                 }),
                 ..good.clone()
             },
             Code::InvalidArgument,
         ),
-        ("empty volume context", NodeStageVolumeRequest { volume_context: HashMap::new(), ..good.clone() }, Code::InvalidArgument),
+        (
+            "empty volume context",
+            NodeStageVolumeRequest {
+                volume_context: HashMap::new(),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
         (
             "unknown context key",
             NodeStageVolumeRequest {
@@ -231,15 +303,26 @@ async fn stage_checks_arguments_before_attaching() {
         ),
     ];
     for (name, req, want) in cases {
-        assert_eq!(code(f.node.node_stage_volume(Request::new(req)).await), want, "{name}");
+        assert_eq!(
+            code(f.node.node_stage_volume(Request::new(req)).await),
+            want,
+            "{name}"
+        );
     }
-    assert!(f.attacher.calls().is_empty(), "bad arguments must change nothing: {:?}", f.attacher.calls());
+    assert!(
+        f.attacher.calls().is_empty(),
+        "bad arguments must change nothing: {:?}",
+        f.attacher.calls()
+    );
 }
 
 #[tokio::test]
 async fn stage_of_unknown_volume_is_not_found_and_leaves_nothing() {
     let f = fixture();
-    let r = f.node.node_stage_volume(Request::new(stage_req(&f, "server-0/missing", "missing"))).await;
+    let r = f
+        .node
+        .node_stage_volume(Request::new(stage_req(&f, "server-0/missing", "missing")))
+        .await;
     assert_eq!(code(r), Code::NotFound);
     assert_eq!(f.attacher.attached_count(), 0);
 }
@@ -249,9 +332,15 @@ async fn failed_stage_detaches_what_it_attached() {
     let f = fixture();
     // The fake "device" is a regular file, which the node refuses after attaching: the
     // failed stage must not leak the attachment.
-    let r = f.node.node_stage_volume(Request::new(stage_req(&f, "server-0/vol-a", "vol-a"))).await;
+    let r = f
+        .node
+        .node_stage_volume(Request::new(stage_req(&f, "server-0/vol-a", "vol-a")))
+        .await;
     assert_ne!(code(r), Code::Ok);
-    assert_eq!(f.attacher.calls(), vec!["attach server-0/vol-a", "detach server-0/vol-a"]);
+    assert_eq!(
+        f.attacher.calls(),
+        vec!["attach server-0/vol-a", "detach server-0/vol-a"]
+    );
     assert_eq!(f.attacher.attached_count(), 0);
 }
 
@@ -261,12 +350,16 @@ async fn max_volumes_is_resource_exhausted() {
     f.attacher
         .attach(AttachSpec {
             volume_id: VolumeId::parse("server-0/vol-b").expect("id"),
-            context: enbd_proto::params::VolumeContext::from_context(&context("vol-b")).expect("ctx"),
+            context: enbd_proto::params::VolumeContext::from_context(&context("vol-b"))
+                .expect("ctx"),
             read_only: false,
         })
         .await
         .expect("attach");
-    let r = f.node.node_stage_volume(Request::new(stage_req(&f, "server-0/vol-a", "vol-a"))).await;
+    let r = f
+        .node
+        .node_stage_volume(Request::new(stage_req(&f, "server-0/vol-a", "vol-a")))
+        .await;
     assert_eq!(code(r), Code::ResourceExhausted);
 }
 
@@ -294,17 +387,29 @@ async fn concurrent_operation_on_one_volume_is_aborted() {
         volume_id: "server-0/vol-a".into(),
         staging_target_path: f.dir.path().join("staging").to_string_lossy().into_owned(),
     };
-    assert_eq!(code(node.node_unstage_volume(Request::new(unstage.clone())).await), Code::Aborted);
+    assert_eq!(
+        code(
+            node.node_unstage_volume(Request::new(unstage.clone()))
+                .await
+        ),
+        Code::Aborted
+    );
     // Another volume is not blocked.
     let other = NodeUnpublishVolumeRequest {
         volume_id: "server-0/vol-b".into(),
         target_path: f.dir.path().join("t-b").to_string_lossy().into_owned(),
     };
-    assert_eq!(code(node.node_unpublish_volume(Request::new(other)).await), Code::Ok);
+    assert_eq!(
+        code(node.node_unpublish_volume(Request::new(other)).await),
+        Code::Ok
+    );
     gate.notify_one();
     let _ = first.await.expect("join");
     // Guard released once the first operation finished.
-    assert_eq!(code(node.node_unstage_volume(Request::new(unstage)).await), Code::Ok);
+    assert_eq!(
+        code(node.node_unstage_volume(Request::new(unstage)).await),
+        Code::Ok
+    );
 }
 
 #[tokio::test]
@@ -314,10 +419,17 @@ async fn cancelled_caller_does_not_release_the_guard_early() {
     let node = Arc::new(f.node);
     let req = stage_req_for(f.dir.path(), "server-0/vol-a", "vol-a");
     // The caller gives up while attach is in progress.
-    let r = tokio::time::timeout(std::time::Duration::from_millis(50), node.node_stage_volume(Request::new(req))).await;
+    let r = tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        node.node_stage_volume(Request::new(req)),
+    )
+    .await;
     assert!(r.is_err(), "call should have timed out");
     let again = stage_req_for(f.dir.path(), "server-0/vol-a", "vol-a");
-    assert_eq!(code(node.node_stage_volume(Request::new(again)).await), Code::Aborted);
+    assert_eq!(
+        code(node.node_stage_volume(Request::new(again)).await),
+        Code::Aborted
+    );
     gate.notify_one();
     // The abandoned task still runs to completion and cleans up after its failed mount.
     loop {
@@ -342,19 +454,38 @@ fn stage_req_for(dir: &Path, id: &str, export: &str) -> NodeStageVolumeRequest {
 async fn unstage_and_unpublish_of_what_is_gone_succeed_repeatedly() {
     let f = fixture();
     std::fs::create_dir(f.dir.path().join("staging")).expect("mkdir");
-    let unstage =
-        NodeUnstageVolumeRequest { volume_id: "server-0/vol-a".into(), staging_target_path: f.path("staging") };
+    let unstage = NodeUnstageVolumeRequest {
+        volume_id: "server-0/vol-a".into(),
+        staging_target_path: f.path("staging"),
+    };
     for _ in 0..2 {
-        assert_eq!(code(f.node.node_unstage_volume(Request::new(unstage.clone())).await), Code::Ok);
+        assert_eq!(
+            code(
+                f.node
+                    .node_unstage_volume(Request::new(unstage.clone()))
+                    .await
+            ),
+            Code::Ok
+        );
     }
     // Unknown volume: nothing to detach.
     assert!(f.attacher.calls().is_empty());
 
     let target = f.dir.path().join("target");
     std::fs::create_dir(&target).expect("mkdir");
-    let unpublish = NodeUnpublishVolumeRequest { volume_id: "server-0/vol-a".into(), target_path: f.path("target") };
+    let unpublish = NodeUnpublishVolumeRequest {
+        volume_id: "server-0/vol-a".into(),
+        target_path: f.path("target"),
+    };
     for _ in 0..2 {
-        assert_eq!(code(f.node.node_unpublish_volume(Request::new(unpublish.clone())).await), Code::Ok);
+        assert_eq!(
+            code(
+                f.node
+                    .node_unpublish_volume(Request::new(unpublish.clone()))
+                    .await
+            ),
+            Code::Ok
+        );
     }
     assert!(!target.exists(), "the target directory must be removed");
 }
@@ -363,20 +494,44 @@ async fn unstage_and_unpublish_of_what_is_gone_succeed_repeatedly() {
 async fn unstage_unpublish_check_arguments() {
     let f = fixture();
     let bad_unstage = [
-        NodeUnstageVolumeRequest { volume_id: String::new(), staging_target_path: f.path("s") },
-        NodeUnstageVolumeRequest { volume_id: "server-0/v".into(), staging_target_path: String::new() },
-        NodeUnstageVolumeRequest { volume_id: "server-0/v".into(), staging_target_path: "/".into() },
+        NodeUnstageVolumeRequest {
+            volume_id: String::new(),
+            staging_target_path: f.path("s"),
+        },
+        NodeUnstageVolumeRequest {
+            volume_id: "server-0/v".into(),
+            staging_target_path: String::new(),
+        },
+        NodeUnstageVolumeRequest {
+            volume_id: "server-0/v".into(),
+            staging_target_path: "/".into(),
+        },
     ];
     for req in bad_unstage {
-        assert_eq!(code(f.node.node_unstage_volume(Request::new(req)).await), Code::InvalidArgument);
+        assert_eq!(
+            code(f.node.node_unstage_volume(Request::new(req)).await),
+            Code::InvalidArgument
+        );
     }
     let bad_unpublish = [
-        NodeUnpublishVolumeRequest { volume_id: String::new(), target_path: f.path("t") },
-        NodeUnpublishVolumeRequest { volume_id: "server-0/v".into(), target_path: String::new() },
-        NodeUnpublishVolumeRequest { volume_id: "server-0/v".into(), target_path: "rel/t".into() },
+        NodeUnpublishVolumeRequest {
+            volume_id: String::new(),
+            target_path: f.path("t"),
+        },
+        NodeUnpublishVolumeRequest {
+            volume_id: "server-0/v".into(),
+            target_path: String::new(),
+        },
+        NodeUnpublishVolumeRequest {
+            volume_id: "server-0/v".into(),
+            target_path: "rel/t".into(),
+        },
     ];
     for req in bad_unpublish {
-        assert_eq!(code(f.node.node_unpublish_volume(Request::new(req)).await), Code::InvalidArgument);
+        assert_eq!(
+            code(f.node.node_unpublish_volume(Request::new(req)).await),
+            Code::InvalidArgument
+        );
     }
 }
 
@@ -390,28 +545,80 @@ async fn publish_requires_stage_and_valid_arguments() {
         volume_capability: Some(mount_cap()),
         ..Default::default()
     };
-    assert_eq!(code(f.node.node_publish_volume(Request::new(good.clone())).await), Code::FailedPrecondition);
+    assert_eq!(
+        code(f.node.node_publish_volume(Request::new(good.clone())).await),
+        Code::FailedPrecondition
+    );
     let cases = [
-        NodePublishVolumeRequest { volume_id: String::new(), ..good.clone() },
-        NodePublishVolumeRequest { target_path: String::new(), ..good.clone() },
-        NodePublishVolumeRequest { staging_target_path: String::new(), ..good.clone() },
-        NodePublishVolumeRequest { volume_capability: None, ..good.clone() },
-        NodePublishVolumeRequest { target_path: format!("{}/inside", f.path("staging")), ..good.clone() },
-        NodePublishVolumeRequest { target_path: "/a/../etc".into(), ..good.clone() },
+        NodePublishVolumeRequest {
+            volume_id: String::new(),
+            ..good.clone()
+        },
+        NodePublishVolumeRequest {
+            target_path: String::new(),
+            ..good.clone()
+        },
+        NodePublishVolumeRequest {
+            staging_target_path: String::new(),
+            ..good.clone()
+        },
+        NodePublishVolumeRequest {
+            volume_capability: None,
+            ..good.clone()
+        },
+        NodePublishVolumeRequest {
+            target_path: format!("{}/inside", f.path("staging")),
+            ..good.clone()
+        },
+        NodePublishVolumeRequest {
+            target_path: "/a/../etc".into(),
+            ..good.clone()
+        },
     ];
     for req in cases {
-        assert_eq!(code(f.node.node_publish_volume(Request::new(req)).await), Code::InvalidArgument);
+        assert_eq!(
+            code(f.node.node_publish_volume(Request::new(req)).await),
+            Code::InvalidArgument
+        );
     }
-    assert!(!f.dir.path().join("target").exists(), "a refused publish creates nothing");
+    assert!(
+        !f.dir.path().join("target").exists(),
+        "a refused publish creates nothing"
+    );
 }
 
 #[tokio::test]
 async fn stats_and_expand_codes() {
     let f = fixture();
-    let stats = |id: &str, path: String| NodeGetVolumeStatsRequest { volume_id: id.into(), volume_path: path, ..Default::default() };
-    assert_eq!(code(f.node.node_get_volume_stats(Request::new(stats("server-0/vol-a", f.path("t")))).await), Code::NotFound);
-    assert_eq!(code(f.node.node_get_volume_stats(Request::new(stats("", f.path("t")))).await), Code::InvalidArgument);
-    assert_eq!(code(f.node.node_get_volume_stats(Request::new(stats("server-0/vol-a", String::new()))).await), Code::InvalidArgument);
+    let stats = |id: &str, path: String| NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: path,
+        ..Default::default()
+    };
+    assert_eq!(
+        code(
+            f.node
+                .node_get_volume_stats(Request::new(stats("server-0/vol-a", f.path("t"))))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            f.node
+                .node_get_volume_stats(Request::new(stats("", f.path("t"))))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            f.node
+                .node_get_volume_stats(Request::new(stats("server-0/vol-a", String::new())))
+                .await
+        ),
+        Code::InvalidArgument
+    );
 
     let expand = |id: &str, path: String, range: Option<CapacityRange>| NodeExpandVolumeRequest {
         volume_id: id.into(),
@@ -419,33 +626,100 @@ async fn stats_and_expand_codes() {
         capacity_range: range,
         ..Default::default()
     };
-    assert_eq!(code(f.node.node_expand_volume(Request::new(expand("server-0/vol-a", f.path("t"), None))).await), Code::NotFound);
-    assert_eq!(code(f.node.node_expand_volume(Request::new(expand("", f.path("t"), None))).await), Code::InvalidArgument);
-    assert_eq!(code(f.node.node_expand_volume(Request::new(expand("server-0/vol-a", String::new(), None))).await), Code::InvalidArgument);
-    let negative = Some(CapacityRange { required_bytes: -1, limit_bytes: 0 });
-    assert_eq!(code(f.node.node_expand_volume(Request::new(expand("server-0/vol-a", f.path("t"), negative))).await), Code::InvalidArgument);
-    let inverted = Some(CapacityRange { required_bytes: 10 << 20, limit_bytes: 1 << 20 });
-    assert_eq!(code(f.node.node_expand_volume(Request::new(expand("server-0/vol-a", f.path("t"), inverted))).await), Code::OutOfRange);
+    assert_eq!(
+        code(
+            f.node
+                .node_expand_volume(Request::new(expand("server-0/vol-a", f.path("t"), None)))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            f.node
+                .node_expand_volume(Request::new(expand("", f.path("t"), None)))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            f.node
+                .node_expand_volume(Request::new(expand("server-0/vol-a", String::new(), None)))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    let negative = Some(CapacityRange {
+        required_bytes: -1,
+        limit_bytes: 0,
+    });
+    assert_eq!(
+        code(
+            f.node
+                .node_expand_volume(Request::new(expand(
+                    "server-0/vol-a",
+                    f.path("t"),
+                    negative
+                )))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    let inverted = Some(CapacityRange {
+        required_bytes: 10 << 20,
+        limit_bytes: 1 << 20,
+    });
+    assert_eq!(
+        code(
+            f.node
+                .node_expand_volume(Request::new(expand(
+                    "server-0/vol-a",
+                    f.path("t"),
+                    inverted
+                )))
+                .await
+        ),
+        Code::OutOfRange
+    );
 
     // Attached, but the path does not exist: NotFound, and the device is not resized.
     let id = VolumeId::parse("server-0/vol-a").expect("id");
     f.attacher
         .attach(AttachSpec {
             volume_id: id,
-            context: enbd_proto::params::VolumeContext::from_context(&context("vol-a")).expect("ctx"),
+            context: enbd_proto::params::VolumeContext::from_context(&context("vol-a"))
+                .expect("ctx"),
             read_only: false,
         })
         .await
         .expect("attach");
-    assert_eq!(code(f.node.node_get_volume_stats(Request::new(stats("server-0/vol-a", f.path("t")))).await), Code::NotFound);
-    assert_eq!(code(f.node.node_expand_volume(Request::new(expand("server-0/vol-a", f.path("t"), None))).await), Code::NotFound);
+    assert_eq!(
+        code(
+            f.node
+                .node_get_volume_stats(Request::new(stats("server-0/vol-a", f.path("t"))))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            f.node
+                .node_expand_volume(Request::new(expand("server-0/vol-a", f.path("t"), None)))
+                .await
+        ),
+        Code::NotFound
+    );
     assert!(!f.attacher.calls().iter().any(|c| c.starts_with("resize")));
 }
 
 #[tokio::test]
 async fn block_stage_on_non_device_is_refused_and_cleaned_up() {
     let f = fixture();
-    let req = NodeStageVolumeRequest { volume_capability: Some(block_cap()), ..stage_req(&f, "server-0/vol-a", "vol-a") };
+    let req = NodeStageVolumeRequest {
+        volume_capability: Some(block_cap()),
+        ..stage_req(&f, "server-0/vol-a", "vol-a")
+    };
     // The fake device is a regular file, which the node must refuse before binding it.
     let r = f.node.node_stage_volume(Request::new(req)).await;
     assert_eq!(code(r), Code::Internal);
@@ -456,13 +730,26 @@ async fn block_stage_on_non_device_is_refused_and_cleaned_up() {
 #[tokio::test]
 async fn info_and_capabilities() {
     let f = fixture_with(16, |_| {});
-    let info = f.node.node_get_info(Request::new(NodeGetInfoRequest {})).await.expect("info").into_inner();
+    let info = f
+        .node
+        .node_get_info(Request::new(NodeGetInfoRequest {}))
+        .await
+        .expect("info")
+        .into_inner();
     assert_eq!(info.node_id, "node-1");
     assert_eq!(info.max_volumes_per_node, 16);
     let topo = info.accessible_topology.expect("topology");
-    assert_eq!(topo.segments.get(TOPOLOGY_ZONE_KEY).map(String::as_str), Some("zone-a"));
+    assert_eq!(
+        topo.segments.get(TOPOLOGY_ZONE_KEY).map(String::as_str),
+        Some("zone-a")
+    );
 
-    let caps = f.node.node_get_capabilities(Request::new(NodeGetCapabilitiesRequest {})).await.expect("caps").into_inner();
+    let caps = f
+        .node
+        .node_get_capabilities(Request::new(NodeGetCapabilitiesRequest {}))
+        .await
+        .expect("caps")
+        .into_inner();
     let mut kinds: Vec<i32> = caps
         .capabilities
         .iter()
@@ -484,25 +771,50 @@ async fn info_and_capabilities() {
 async fn identity_reports_name_and_readiness() {
     let f = fixture();
     let id = IdentityService::new(&config(0), f.attacher.clone());
-    let info = id.get_plugin_info(Request::new(GetPluginInfoRequest {})).await.expect("info").into_inner();
+    let info = id
+        .get_plugin_info(Request::new(GetPluginInfoRequest {}))
+        .await
+        .expect("info")
+        .into_inner();
     assert_eq!(info.name, "csi.enbd.io");
     assert!(!info.vendor_version.is_empty());
-    let probe = id.probe(Request::new(ProbeRequest {})).await.expect("probe").into_inner();
+    let probe = id
+        .probe(Request::new(ProbeRequest {}))
+        .await
+        .expect("probe")
+        .into_inner();
     assert_eq!(probe.ready, Some(true));
-    let caps = id.get_plugin_capabilities(Request::new(GetPluginCapabilitiesRequest {})).await.expect("caps").into_inner();
-    assert_eq!(caps.capabilities.len(), 1, "topology zone set: accessibility constraints advertised");
+    let caps = id
+        .get_plugin_capabilities(Request::new(GetPluginCapabilitiesRequest {}))
+        .await
+        .expect("caps")
+        .into_inner();
+    assert_eq!(
+        caps.capabilities.len(),
+        1,
+        "topology zone set: accessibility constraints advertised"
+    );
 
     let broken = fixture_with(0, |a| a.not_ready = Some("ublk_drv not loaded".into()));
     let id = IdentityService::new(&config(0), broken.attacher.clone());
-    let err = id.probe(Request::new(ProbeRequest {})).await.expect_err("not ready");
+    let err = id
+        .probe(Request::new(ProbeRequest {}))
+        .await
+        .expect_err("not ready");
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("ublk_drv"));
 }
 
 #[test]
 fn endpoints() {
-    assert_eq!(endpoint_path("unix:///csi/csi.sock").expect("ok"), PathBuf::from("/csi/csi.sock"));
-    assert_eq!(endpoint_path("/run/x.sock").expect("ok"), PathBuf::from("/run/x.sock"));
+    assert_eq!(
+        endpoint_path("unix:///csi/csi.sock").expect("ok"),
+        PathBuf::from("/csi/csi.sock")
+    );
+    assert_eq!(
+        endpoint_path("/run/x.sock").expect("ok"),
+        PathBuf::from("/run/x.sock")
+    );
     assert!(endpoint_path("unix://relative.sock").is_err());
     assert!(endpoint_path("tcp://127.0.0.1:1").is_err());
 }
@@ -512,7 +824,10 @@ fn bind_endpoint_replaces_stale_socket_but_not_other_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("sub/csi.sock");
     let endpoint = format!("unix://{}", sock.display());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
     rt.block_on(async {
         drop(bind_endpoint(&endpoint).expect("first bind"));
         // The socket file is left behind, as after a crash: binding again must work.
@@ -523,4 +838,66 @@ fn bind_endpoint_replaces_stale_socket_but_not_other_files() {
     let err = rt.block_on(async { bind_endpoint(&format!("unix://{}", file.display())).map(drop) });
     assert!(err.is_err());
     assert_eq!(std::fs::read(&file).expect("still there"), b"keep");
+}
+
+/// The served stack end to end over a real unix socket: readiness, a positive and a negative
+/// call with its exact code crossing the wire, and a clean stop on cancellation.
+#[tokio::test]
+async fn serves_over_a_unix_socket_and_stops_on_cancel() {
+    use enbd_proto::csi::identity_client::IdentityClient;
+    use enbd_proto::csi::node_client::NodeClient;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::UnixStream;
+    use tonic::transport::{Endpoint, Uri};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("csi/csi.sock");
+    let endpoint = format!("unix://{}", sock.display());
+    let attacher = Arc::new(FakeAttacher::new(dir.path()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    // Bound before serving starts, so a client can connect as soon as this returns.
+    let listener = bind_endpoint(&endpoint).expect("bind");
+    let server = tokio::spawn(serve_on(listener, config(8), attacher, stop.clone()));
+
+    let path = sock.clone();
+    let channel = Endpoint::try_from("http://[::1]:50051")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .expect("connect");
+    let probe = IdentityClient::new(channel.clone())
+        .probe(ProbeRequest {})
+        .await
+        .expect("probe")
+        .into_inner();
+    assert_eq!(probe.ready, Some(true));
+    let mut node = NodeClient::new(channel);
+    let info = node
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    assert_eq!(
+        (info.node_id.as_str(), info.max_volumes_per_node),
+        ("node-1", 8)
+    );
+    let err = node
+        .node_publish_volume(NodePublishVolumeRequest {
+            volume_id: "server-0/v".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("missing target path");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("target_path"), "{}", err.message());
+
+    stop.cancel();
+    tokio::time::timeout(std::time::Duration::from_secs(10), server)
+        .await
+        .expect("server stops after cancel")
+        .expect("join")
+        .expect("serve result");
 }

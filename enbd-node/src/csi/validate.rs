@@ -50,7 +50,11 @@ pub fn path(field: &str, raw: &str) -> Result<PathBuf, NodeError> {
 
 /// Checks an optional path argument: empty means absent.
 pub fn optional_path(field: &str, raw: &str) -> Result<Option<PathBuf>, NodeError> {
-    if raw.is_empty() { Ok(None) } else { path(field, raw).map(Some) }
+    if raw.is_empty() {
+        Ok(None)
+    } else {
+        path(field, raw).map(Some)
+    }
 }
 
 /// How a volume is presented to its users.
@@ -75,7 +79,10 @@ pub struct Capability {
 impl Capability {
     /// Reader-only modes: the device is attached and mounted read-only.
     pub fn reader_only(&self) -> bool {
-        matches!(self.mode, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly)
+        matches!(
+            self.mode,
+            Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly
+        )
     }
 
     pub fn is_block(&self) -> bool {
@@ -85,28 +92,38 @@ impl Capability {
 
 /// Validates a required capability.
 pub fn capability(cap: Option<&VolumeCapability>) -> Result<Capability, NodeError> {
-    let cap = cap.ok_or_else(|| NodeError::InvalidArgument("volume_capability is required".into()))?;
+    let cap =
+        cap.ok_or_else(|| NodeError::InvalidArgument("volume_capability is required".into()))?;
     let access = match &cap.access_type {
         None => {
-            return Err(NodeError::InvalidArgument("volume_capability needs an access type (block or mount)".into()));
+            return Err(NodeError::InvalidArgument(
+                "volume_capability needs an access type (block or mount)".into(),
+            ));
         }
         Some(AccessType::Block(_)) => Access::Block,
         Some(AccessType::Mount(m)) => {
             if !m.volume_mount_group.is_empty() {
                 return Err(NodeError::InvalidArgument(
-                    "volume_mount_group is not supported (VOLUME_MOUNT_GROUP is not advertised)".into(),
+                    "volume_mount_group is not supported (VOLUME_MOUNT_GROUP is not advertised)"
+                        .into(),
                 ));
             }
             let fs_type = if m.fs_type.is_empty() {
                 None
             } else {
                 Some(m.fs_type.parse::<FsType>().map_err(|_| {
-                    NodeError::InvalidArgument(format!("fs_type {:?} is not supported: use ext4 or xfs", m.fs_type))
+                    NodeError::InvalidArgument(format!(
+                        "fs_type {:?} is not supported: use ext4 or xfs",
+                        m.fs_type
+                    ))
                 })?)
             };
             // Refused options are caught here, before anything is attached.
             crate::mount::options::parse(&m.mount_flags, false)?;
-            Access::Mount { fs_type, mount_flags: m.mount_flags.clone() }
+            Access::Mount {
+                fs_type,
+                mount_flags: m.mount_flags.clone(),
+            }
         }
     };
     let raw_mode = cap
@@ -127,7 +144,11 @@ pub fn capability(cap: Option<&VolumeCapability>) -> Result<Capability, NodeErro
         Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter => matches!(access, Access::Block),
     };
     if !supported {
-        let kind = if matches!(access, Access::Block) { "block" } else { "mount" };
+        let kind = if matches!(access, Access::Block) {
+            "block"
+        } else {
+            "mount"
+        };
         return Err(NodeError::InvalidArgument(format!(
             "access mode {} is not supported for {kind} volumes",
             mode.as_str_name()
@@ -149,9 +170,24 @@ mod tests {
 
     #[test]
     fn paths() {
-        assert_eq!(path("p", "/var/lib/x").expect("ok"), PathBuf::from("/var/lib/x"));
-        assert_eq!(path("p", "/var//lib/x/").expect("ok"), PathBuf::from("/var/lib/x"));
-        for bad in ["", "relative/x", "/a/../b", "/a/./b", "/..", "/", "//", "/a\0b"] {
+        assert_eq!(
+            path("p", "/var/lib/x").expect("ok"),
+            PathBuf::from("/var/lib/x")
+        );
+        assert_eq!(
+            path("p", "/var//lib/x/").expect("ok"),
+            PathBuf::from("/var/lib/x")
+        );
+        for bad in [
+            "",
+            "relative/x",
+            "/a/../b",
+            "/a/./b",
+            "/..",
+            "/",
+            "//",
+            "/a\0b",
+        ] {
             let err = path("target_path", bad).expect_err(bad);
             assert_eq!(code(err), Code::InvalidArgument, "{bad:?}");
         }
@@ -165,14 +201,21 @@ mod tests {
     fn volume_ids() {
         assert!(volume_id("server-0/pvc-1").is_ok());
         for bad in ["", "noslash", "Server/x", "s/../x", "s/a/b"] {
-            assert_eq!(code(volume_id(bad).expect_err(bad)), Code::InvalidArgument, "{bad}");
+            assert_eq!(
+                code(volume_id(bad).expect_err(bad)),
+                Code::InvalidArgument,
+                "{bad}"
+            );
         }
     }
 
     fn mount_cap(fs: &str, mode: Mode) -> VolumeCapability {
         VolumeCapability {
             access_mode: Some(AccessMode { mode: mode as i32 }),
-            access_type: Some(AccessType::Mount(MountVolume { fs_type: fs.into(), ..Default::default() })),
+            access_type: Some(AccessType::Mount(MountVolume {
+                fs_type: fs.into(),
+                ..Default::default()
+            })),
         }
     }
 
@@ -186,21 +229,43 @@ mod tests {
     #[test]
     fn capabilities() {
         let c = capability(Some(&mount_cap("", Mode::SingleNodeWriter))).expect("ok");
-        assert_eq!(c.access, Access::Mount { fs_type: None, mount_flags: vec![] });
+        assert_eq!(
+            c.access,
+            Access::Mount {
+                fs_type: None,
+                mount_flags: vec![]
+            }
+        );
         let c = capability(Some(&mount_cap("xfs", Mode::SingleNodeReaderOnly))).expect("ok");
         assert!(c.reader_only());
-        assert!(capability(Some(&block_cap(Mode::MultiNodeMultiWriter))).expect("ok").is_block());
+        assert!(
+            capability(Some(&block_cap(Mode::MultiNodeMultiWriter)))
+                .expect("ok")
+                .is_block()
+        );
 
         let bad = [
             None,
             Some(mount_cap("btrfs", Mode::SingleNodeWriter)),
             Some(mount_cap("ext4", Mode::MultiNodeMultiWriter)),
             Some(mount_cap("ext4", Mode::Unknown)),
-            Some(VolumeCapability { access_mode: None, ..mount_cap("", Mode::SingleNodeWriter) }),
-            Some(VolumeCapability { access_type: None, ..mount_cap("", Mode::SingleNodeWriter) }),
-            Some(VolumeCapability { access_mode: Some(AccessMode { mode: 99 }), ..block_cap(Mode::SingleNodeWriter) }),
             Some(VolumeCapability {
-                access_type: Some(AccessType::Mount(MountVolume { mount_flags: vec!["rbind".into()], ..Default::default() })),
+                access_mode: None,
+                ..mount_cap("", Mode::SingleNodeWriter)
+            }),
+            Some(VolumeCapability {
+                access_type: None,
+                ..mount_cap("", Mode::SingleNodeWriter)
+            }),
+            Some(VolumeCapability {
+                access_mode: Some(AccessMode { mode: 99 }),
+                ..block_cap(Mode::SingleNodeWriter)
+            }),
+            Some(VolumeCapability {
+                access_type: Some(AccessType::Mount(MountVolume {
+                    mount_flags: vec!["rbind".into()],
+                    ..Default::default()
+                })),
                 ..mount_cap("", Mode::SingleNodeWriter)
             }),
         ];

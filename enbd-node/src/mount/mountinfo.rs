@@ -60,7 +60,12 @@ impl MountTable {
             .lines()
             .enumerate()
             .filter(|(_, line)| !line.trim().is_empty())
-            .map(|(idx, line)| parse_line(line).map_err(|reason| MountError::MountInfo { line: idx + 1, reason }))
+            .map(|(idx, line)| {
+                parse_line(line).map_err(|reason| MountError::MountInfo {
+                    line: idx + 1,
+                    reason,
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(MountTable { entries })
     }
@@ -71,7 +76,10 @@ impl MountTable {
 
     /// The visible (topmost) mount at exactly `mount_point`, if any.
     pub fn at(&self, mount_point: &Path) -> Option<&MountEntry> {
-        self.entries.iter().rev().find(|e| e.mount_point == mount_point)
+        self.entries
+            .iter()
+            .rev()
+            .find(|e| e.mount_point == mount_point)
     }
 
     /// Mount points, other than `except`, whose source is the device `major:minor`.
@@ -86,8 +94,14 @@ impl MountTable {
 fn parse_line(line: &str) -> Result<MountEntry, &'static str> {
     let (left, right) = line.split_once(" - ").ok_or("missing ' - ' separator")?;
     let mut l = left.split(' ');
-    let mount_id = l.next().and_then(|s| s.parse().ok()).ok_or("bad mount id")?;
-    let parent_id = l.next().and_then(|s| s.parse().ok()).ok_or("bad parent id")?;
+    let mount_id = l
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or("bad mount id")?;
+    let parent_id = l
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or("bad parent id")?;
     let (major, minor) = l
         .next()
         .and_then(|s| s.split_once(':'))
@@ -98,8 +112,13 @@ fn parse_line(line: &str) -> Result<MountEntry, &'static str> {
     let mount_options = l.next().ok_or("missing mount options")?.to_string();
     // The remaining fields on the left are optional tags (shared:N, master:N, ...).
     let mut r = right.split(' ');
-    let fs_type = r.next().filter(|s| !s.is_empty()).ok_or("missing fs type")?.to_string();
-    let source = String::from_utf8_lossy(&unescape_bytes(r.next().ok_or("missing source")?)).into_owned();
+    let fs_type = r
+        .next()
+        .filter(|s| !s.is_empty())
+        .ok_or("missing fs type")?
+        .to_string();
+    let source =
+        String::from_utf8_lossy(&unescape_bytes(r.next().ok_or("missing source")?)).into_owned();
     let super_options = r.next().unwrap_or_default().to_string();
     Ok(MountEntry {
         mount_id,
@@ -125,8 +144,13 @@ fn unescape_bytes(field: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
             if let Ok(byte) = u8::try_from(v) {
                 out.push(byte);
                 i += 4;
@@ -172,7 +196,9 @@ mod tests {
     #[test]
     fn bind_mount_of_device_node_keeps_its_root() {
         let t = MountTable::parse(SAMPLE).expect("parse");
-        let e = t.at(Path::new("/var/lib/kubelet/pods/p2/volumeDevices/x/pvc-2")).expect("found");
+        let e = t
+            .at(Path::new("/var/lib/kubelet/pods/p2/volumeDevices/x/pvc-2"))
+            .expect("found");
         assert_eq!(e.root, Path::new("/ublkb1"));
         assert_eq!(e.fs_type, "devtmpfs");
     }
@@ -187,14 +213,18 @@ mod tests {
     #[test]
     fn topmost_mount_wins() {
         let t = MountTable::parse(SAMPLE).expect("parse");
-        assert_eq!(t.at(Path::new("/mnt/stack")).expect("found").source, "second");
+        assert_eq!(
+            t.at(Path::new("/mnt/stack")).expect("found").source,
+            "second"
+        );
         assert!(t.at(Path::new("/mnt")).is_none());
     }
 
     #[test]
     fn other_mounts_of_device() {
         let t = MountTable::parse(SAMPLE).expect("parse");
-        let staging = Path::new("/var/lib/kubelet/plugins/kubernetes.io/csi/csi.enbd.io/abc/globalmount");
+        let staging =
+            Path::new("/var/lib/kubelet/plugins/kubernetes.io/csi/csi.enbd.io/abc/globalmount");
         let others = t.other_mounts_of(259, 0, staging);
         assert_eq!(others.len(), 1);
         assert_eq!(others[0].mount_id, 62);
@@ -202,10 +232,20 @@ mod tests {
 
     #[test]
     fn malformed_lines_name_their_number() {
-        let err = MountTable::parse("22 1 0:21 / / rw shared:1 - rootfs rootfs rw\nnonsense\n").expect_err("must fail");
-        assert!(matches!(err, MountError::MountInfo { line: 2, .. }), "{err}");
+        let err = MountTable::parse("22 1 0:21 / / rw shared:1 - rootfs rootfs rw\nnonsense\n")
+            .expect_err("must fail");
+        assert!(
+            matches!(err, MountError::MountInfo { line: 2, .. }),
+            "{err}"
+        );
         let err = MountTable::parse("x 1 0:21 / / rw - rootfs rootfs rw").expect_err("must fail");
-        assert!(matches!(err, MountError::MountInfo { line: 1, reason: "bad mount id" }));
+        assert!(matches!(
+            err,
+            MountError::MountInfo {
+                line: 1,
+                reason: "bad mount id"
+            }
+        ));
     }
 
     #[test]

@@ -73,8 +73,18 @@ fn generic(option: &str) -> Option<Effect> {
 }
 
 const REFUSED: &[&str] = &[
-    "bind", "rbind", "remount", "move", "shared", "rshared", "slave", "rslave", "private", "rprivate",
-    "unbindable", "runbindable",
+    "bind",
+    "rbind",
+    "remount",
+    "move",
+    "shared",
+    "rshared",
+    "slave",
+    "rslave",
+    "private",
+    "rprivate",
+    "unbindable",
+    "runbindable",
 ];
 
 /// Parses CSI mount flags; `read_only` forces `MS_RDONLY` whatever the flags say.

@@ -35,23 +35,103 @@ struct Signature {
 /// Signatures checked in the head, most specific first. Offsets are from the start of the
 /// device; the MBR boot signature comes last because FAT and NTFS boot sectors carry it too.
 const HEAD_SIGNATURES: &[Signature] = &[
-    Signature { offset: 0, magic: b"XFSB", name: "xfs", mountable: Some(FsType::Xfs) },
-    Signature { offset: 0x438, magic: &[0x53, 0xef], name: "ext", mountable: Some(FsType::Ext4) },
-    Signature { offset: 0x10040, magic: b"_BHRfS_M", name: "btrfs", mountable: None },
-    Signature { offset: 0x400, magic: &[0x10, 0x20, 0xf5, 0xf2], name: "f2fs", mountable: None },
-    Signature { offset: 0, magic: b"LUKS\xba\xbe", name: "crypto_LUKS", mountable: None },
-    Signature { offset: 0, magic: b"hsqs", name: "squashfs", mountable: None },
-    Signature { offset: 0x8001, magic: b"CD001", name: "iso9660", mountable: None },
-    Signature { offset: 4086, magic: b"SWAPSPACE2", name: "swap", mountable: None },
-    Signature { offset: 4086, magic: b"SWAP-SPACE", name: "swap", mountable: None },
-    Signature { offset: 0, magic: b"LABELONE", name: "LVM2_member", mountable: None },
-    Signature { offset: 512, magic: b"LABELONE", name: "LVM2_member", mountable: None },
+    Signature {
+        offset: 0,
+        magic: b"XFSB",
+        name: "xfs",
+        mountable: Some(FsType::Xfs),
+    },
+    Signature {
+        offset: 0x438,
+        magic: &[0x53, 0xef],
+        name: "ext",
+        mountable: Some(FsType::Ext4),
+    },
+    Signature {
+        offset: 0x10040,
+        magic: b"_BHRfS_M",
+        name: "btrfs",
+        mountable: None,
+    },
+    Signature {
+        offset: 0x400,
+        magic: &[0x10, 0x20, 0xf5, 0xf2],
+        name: "f2fs",
+        mountable: None,
+    },
+    Signature {
+        offset: 0,
+        magic: b"LUKS\xba\xbe",
+        name: "crypto_LUKS",
+        mountable: None,
+    },
+    Signature {
+        offset: 0,
+        magic: b"hsqs",
+        name: "squashfs",
+        mountable: None,
+    },
+    Signature {
+        offset: 0x8001,
+        magic: b"CD001",
+        name: "iso9660",
+        mountable: None,
+    },
+    Signature {
+        offset: 4086,
+        magic: b"SWAPSPACE2",
+        name: "swap",
+        mountable: None,
+    },
+    Signature {
+        offset: 4086,
+        magic: b"SWAP-SPACE",
+        name: "swap",
+        mountable: None,
+    },
+    Signature {
+        offset: 0,
+        magic: b"LABELONE",
+        name: "LVM2_member",
+        mountable: None,
+    },
+    Signature {
+        offset: 512,
+        magic: b"LABELONE",
+        name: "LVM2_member",
+        mountable: None,
+    },
     // md superblock 1.1 (start) and 1.2 (4 KiB in); magic 0xa92b4efc little-endian.
-    Signature { offset: 0, magic: &[0xfc, 0x4e, 0x2b, 0xa9], name: "linux_raid_member", mountable: None },
-    Signature { offset: 4096, magic: &[0xfc, 0x4e, 0x2b, 0xa9], name: "linux_raid_member", mountable: None },
-    Signature { offset: 3, magic: b"NTFS    ", name: "ntfs", mountable: None },
-    Signature { offset: 512, magic: b"EFI PART", name: "gpt", mountable: None },
-    Signature { offset: 510, magic: &[0x55, 0xaa], name: "dos partition table or boot sector", mountable: None },
+    Signature {
+        offset: 0,
+        magic: &[0xfc, 0x4e, 0x2b, 0xa9],
+        name: "linux_raid_member",
+        mountable: None,
+    },
+    Signature {
+        offset: 4096,
+        magic: &[0xfc, 0x4e, 0x2b, 0xa9],
+        name: "linux_raid_member",
+        mountable: None,
+    },
+    Signature {
+        offset: 3,
+        magic: b"NTFS    ",
+        name: "ntfs",
+        mountable: None,
+    },
+    Signature {
+        offset: 512,
+        magic: b"EFI PART",
+        name: "gpt",
+        mountable: None,
+    },
+    Signature {
+        offset: 510,
+        magic: &[0x55, 0xaa],
+        name: "dos partition table or boot sector",
+        mountable: None,
+    },
 ];
 
 fn matches(buf: &[u8], sig: &Signature) -> bool {
@@ -125,7 +205,10 @@ mod tests {
         let mut tail = zeros();
         let at = tail.len() - 512;
         tail[at..at + 8].copy_from_slice(b"EFI PART");
-        assert_eq!(classify(&zeros(), &tail), Content::Foreign("gpt (backup header)"));
+        assert_eq!(
+            classify(&zeros(), &tail),
+            Content::Foreign("gpt (backup header)")
+        );
     }
 
     #[test]
