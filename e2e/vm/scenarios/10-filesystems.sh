@@ -16,6 +16,11 @@ for fs in ext4 xfs; do
   [ -b "$dev" ] || fail "$dev is not a block device"
   log "$vol attached as $dev ($(cat /sys/block/${dev#/dev/}/size) sectors)"
   if [ $fs = ext4 ]; then mkfs.ext4 -q -F "$dev"; else mkfs.xfs -q -f "$dev"; fi
+  # mkfs discards and zeroes the whole device: every such request must succeed (the kernel
+  # logs 'error, dev ublkbN' for each one the device fails).
+  if dmesg | grep -q "error, dev ${dev#/dev/}"; then
+    dmesg | grep "error, dev ${dev#/dev/}" | tail -5; fail "$fs: the device failed requests during mkfs"
+  fi
   do_mount "$dev" /mnt/$fs
   cp src/* /mnt/$fs/
   (cd /mnt/$fs && sha256sum f* > "$here/$fs.sums")

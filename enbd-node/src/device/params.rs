@@ -24,8 +24,10 @@ pub struct DeviceGeometry {
 
 /// Largest IO buffer per tag. Bigger requests are split by the block layer.
 pub const MAX_IO_BUF_BYTES: u32 = 512 * 1024;
-/// Largest discard / write-zeroes request passed down (the engine takes a u32 length).
-const MAX_DISCARD_BYTES: u32 = 1 << 30;
+/// Largest discard / write-zeroes request passed down: the engine refuses any request longer
+/// than its limit (EINVAL), so the block layer must split bigger ones (mkfs and fstrim discard
+/// whole devices).
+const MAX_DISCARD_BYTES: u32 = crate::engine::MAX_REQUEST_BYTES as u32;
 
 /// log2 of a block size, clamped to what the block layer accepts (512 B ..= 64 KiB) and
 /// rounded down to a power of two.
