@@ -17,7 +17,8 @@ release: setup
 
 # The main job without Kubernetes: an enbd-server on an embedded default data directory
 # with a demo volume, reachable as nbd://localhost/demo.
-demo: release
+demo: setup
+	$(CARGO) build --release -p enbd-server
 	./target/release/enbd-server --demo
 
 # The whole default suite: unit + interop tests on the host, chart/manifest checks,
@@ -42,6 +43,7 @@ test-vm:
 # A short run of every fuzz target (needs the nightly toolchain).
 fuzz-smoke:
 	./proto/fuzz/smoke.sh
+	./enbd-server/fuzz/smoke.sh
 
 # enbd-server and the client engine vs qemu-nbd, nbdkit, nbd-server and libnbd.
 bench: release
