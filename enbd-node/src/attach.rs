@@ -276,7 +276,12 @@ impl AttachmentManager {
             }
         })
         .await??;
-        let geometry = device_geometry(&client.geometry(), r.read_only);
+        let mut geometry = device_geometry(&client.geometry(), r.read_only);
+        if matches!(start, Start::Recover { .. }) && r.size_bytes > 0 {
+            // The kernel keeps the size it had; an export grown meanwhile waits for `resize`.
+            geometry.size_bytes = geometry.size_bytes.min(r.size_bytes);
+        }
+        let device_size = geometry.size_bytes;
         let opts = DeviceOptions { queues: r.queues, queue_depth: r.queue_depth, geometry };
         let target = Arc::new(EngineTarget(client.clone()));
         let rt = self.inner.rt.clone();
@@ -295,7 +300,7 @@ impl AttachmentManager {
                 .get_mut(&r.volume_id)
                 .ok_or_else(|| AttachError::Internal("volume vanished during takeover".into()))?;
             v.record.dev_id = device.dev_id();
-            v.record.size_bytes = client.geometry().size;
+            v.record.size_bytes = device_size;
             v.client = Some(client);
             v.device = Some(device);
             v.phase = Phase::Attached;
@@ -473,28 +478,36 @@ impl AttachmentManager {
     /// Re-reads the volume's size from its server and grows the device online.
     pub async fn resize(&self, volume_id: &str) -> Result<u64, AttachError> {
         let _g = self.inner.ops.lock().await;
-        let (record, size_now) = {
+        let (client, resizer, size_now) = {
             let vols = self.lock_volumes()?;
             let v = vols.get(volume_id).ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
-            (v.record.clone(), v.record.size_bytes)
+            match (&v.client, &v.device) {
+                (Some(c), Some(d)) => (c.clone(), d.resizer(), v.record.size_bytes),
+                _ => return Err(AttachError::InProgress(volume_id.to_string())),
+            }
         };
         let features = blocking(device::features).await??;
         if !features.update_size() {
             return Err(DeviceError::ResizeUnsupported.into());
         }
-        let brownout: BrownoutPolicy = record.brownout.parse().unwrap_or_default();
-        let mut probe_cfg = client_config(&record, brownout, self.inner.journal_bytes);
-        probe_cfg.channels = 1;
-        let probe = Client::connect(probe_cfg).await?;
-        let size = probe.geometry().size;
-        probe.shutdown().await;
+        // The engine first (it must serve the new end before the kernel may ask for it),
+        // then the kernel, then the record.
+        let size = client.refresh_size().await?;
         if size == size_now {
             return Ok(size);
         }
-        Err(AttachError::ResizeUnsupported(format!(
-            "the export grew from {size_now} to {size} bytes, but the client engine keeps the size \
-             it connected with; detach and attach the volume again to use the new size"
-        )))
+        blocking(move || resizer.resize(size)).await??;
+        let records = {
+            let mut vols = self.lock_volumes()?;
+            let v = vols
+                .get_mut(volume_id)
+                .ok_or_else(|| AttachError::Internal("volume vanished during resize".into()))?;
+            v.record.size_bytes = size;
+            vols.values().map(|v| v.record.clone()).collect::<Vec<_>>()
+        };
+        self.inner.store.save(&records)?;
+        tracing::info!(volume_id, old = size_now, new = size, "volume resized online");
+        Ok(size)
     }
 }
 

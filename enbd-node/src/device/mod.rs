@@ -15,6 +15,7 @@ mod request;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -48,6 +49,8 @@ pub enum DeviceError {
          Linux 6.16 or later)"
     )]
     ResizeUnsupported,
+    #[error("ublk device {dev_id} cannot shrink from {from} to {to} bytes")]
+    Shrink { dev_id: u32, from: u64, to: u64 },
     #[error("ublk device did not come up within {0:?}")]
     StartTimeout(Duration),
     #[error("ublk device setup: {0}")]
@@ -134,6 +137,8 @@ pub enum Start {
 pub struct Device {
     dev_id: u32,
     recoverable: bool,
+    /// Size the queues check requests against; grown by [`Device::resize`].
+    size: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -170,6 +175,34 @@ fn open_ctrl(dev_id: u32) -> Result<UblkCtrl, DeviceError> {
             DeviceError::Control { dev_id, what: "GET_DEV_INFO", error: describe(&e) }
         }
     })
+}
+
+/// Grows a live device; cheap to clone, independent of the [`Device`]'s lifetime.
+#[derive(Clone)]
+pub struct Resizer {
+    dev_id: u32,
+    size: Arc<AtomicU64>,
+}
+
+impl Resizer {
+    /// Grows the device to `size_bytes` (its target must already serve that much). The
+    /// queues accept the new range first, so the kernel never sends a request they would
+    /// refuse; if the kernel then refuses, the larger bound is harmless. Shrinking is refused;
+    /// the same size is a no-op.
+    pub fn resize(&self, size_bytes: u64) -> Result<(), DeviceError> {
+        let now = self.size.load(Ordering::Acquire);
+        if size_bytes < now {
+            return Err(DeviceError::Shrink { dev_id: self.dev_id, from: now, to: size_bytes });
+        }
+        if size_bytes == now {
+            return Ok(());
+        }
+        if !features()?.update_size() {
+            return Err(DeviceError::ResizeUnsupported);
+        }
+        self.size.fetch_max(size_bytes, Ordering::AcqRel);
+        resize(self.dev_id, size_bytes)
+    }
 }
 
 /// The kernel's state of a device.
@@ -225,11 +258,15 @@ impl Device {
         let features = features()?;
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<u32, DeviceError>>(2);
         let opts = opts.clone();
+        let size = Arc::new(AtomicU64::new(opts.geometry.size_bytes));
+        let queue_size = size.clone();
         let thread = std::thread::Builder::new()
             .name("ublk-dev".into())
-            .spawn(move || serve_device(opts, start, features, target, rt, ready_tx))?;
+            .spawn(move || serve_device(opts, start, features, target, rt, queue_size, ready_tx))?;
         match ready_rx.recv_timeout(START_TIMEOUT) {
-            Ok(Ok(dev_id)) => Ok(Device { dev_id, recoverable: features.recovery(), thread: Some(thread) }),
+            Ok(Ok(dev_id)) => {
+                Ok(Device { dev_id, recoverable: features.recovery(), size, thread: Some(thread) })
+            }
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -248,6 +285,16 @@ impl Device {
 
     pub fn path(&self) -> PathBuf {
         bdev_path(self.dev_id)
+    }
+
+    /// The size the device serves now.
+    pub fn size_bytes(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// A handle that can grow this device from a blocking thread (see [`Resizer::resize`]).
+    pub fn resizer(&self) -> Resizer {
+        Resizer { dev_id: self.dev_id, size: self.size.clone() }
     }
 
     /// Whether a daemon restart can take this device over.
@@ -275,6 +322,7 @@ fn serve_device<T: BlockTarget>(
     features: Features,
     target: Arc<T>,
     rt: Handle,
+    size: Arc<AtomicU64>,
     ready: mpsc::SyncSender<Result<u32, DeviceError>>,
 ) {
     let ctrl = match build_ctrl(&opts, start, features) {
@@ -298,12 +346,12 @@ fn serve_device<T: BlockTarget>(
         }
     };
     let geometry = opts.geometry;
-    let size = geometry.size_bytes;
+    let initial_size = geometry.size_bytes;
     let started = ready.clone();
     let result = ctrl.run_target(
         move |dev| {
             let io_buf = dev.dev_info.max_io_buf_bytes;
-            dev.set_default_params(size);
+            dev.set_default_params(initial_size);
             dev.tgt.params = params::ublk_params(&geometry, io_buf);
             // One extra submission for the doorbell read; completions get headroom.
             dev.tgt.sq_depth = depth.saturating_add(1);
@@ -312,7 +360,7 @@ fn serve_device<T: BlockTarget>(
         },
         move |qid, dev| {
             if let Some(link) = links.get(usize::from(qid)) {
-                queue::run(qid, dev, link.clone(), size);
+                queue::run(qid, dev, link.clone(), size.clone());
             }
         },
         move |ctrl| {

@@ -4,6 +4,8 @@
 //! Invariant: every fetched request is committed exactly once, unless the queue goes down.
 
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use io_uring::{opcode, types};
 use libublk::helpers::IoBuf;
@@ -20,7 +22,8 @@ use super::request::{BlockRequest, IoDesc, decode};
 const IDLE_SECS: u64 = 20;
 
 /// Runs queue `qid` until the device stops. Called on the thread libublk made for the queue.
-pub(crate) fn run(qid: u16, dev: &UblkDev, link: QueueLink, size_bytes: u64) {
+/// `size_bytes` is the device's current size, shared with [`super::Device::resize`].
+pub(crate) fn run(qid: u16, dev: &UblkDev, link: QueueLink, size_bytes: Arc<AtomicU64>) {
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
@@ -32,7 +35,7 @@ pub(crate) fn run(qid: u16, dev: &UblkDev, link: QueueLink, size_bytes: u64) {
     let buf_bytes = dev.dev_info.max_io_buf_bytes as usize;
     let tags: Vec<_> = queue
         .tags()
-        .map(|tag| exe.spawn(serve_tag(queue.clone(), tag, link.clone(), size_bytes, buf_bytes)))
+        .map(|tag| exe.spawn(serve_tag(queue.clone(), tag, link.clone(), size_bytes.clone(), buf_bytes)))
         .collect();
     // The doorbell reader never finishes on its own; it is dropped with the executor.
     let _bell = exe.spawn(listen_doorbell(link.clone()));
@@ -71,7 +74,7 @@ async fn listen_doorbell(link: QueueLink) {
     }
 }
 
-async fn serve_tag(queue: Rc<UblkQueue<'_>>, tag: u16, link: QueueLink, size: u64, buf_bytes: usize) {
+async fn serve_tag(queue: Rc<UblkQueue<'_>>, tag: u16, link: QueueLink, size: Arc<AtomicU64>, buf_bytes: usize) {
     let mut buf = IoBuf::<u8>::new(buf_bytes);
     match queue.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), -1, Some(&buf)).await {
         Ok(_) => {}
@@ -83,7 +86,8 @@ async fn serve_tag(queue: Rc<UblkQueue<'_>>, tag: u16, link: QueueLink, size: u6
     }
     loop {
         let desc = IoDesc::from(queue.get_iod(tag));
-        let result = handle(desc, buf.as_mut_slice(), &link, size).await;
+        // Read per request: an online resize may have grown the device since the last one.
+        let result = handle(desc, buf.as_mut_slice(), &link, size.load(Ordering::Acquire)).await;
         match queue.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), result).await {
             Ok(_) => {}
             Err(UblkError::QueueIsDown) => return,

@@ -70,8 +70,11 @@ pub(crate) struct Slot {
 pub(crate) struct Inner {
     pub cfg: ClientConfig,
     pub server: String,
-    /// Identity established by the first handshake; reconnects must match it.
+    /// Identity established by the first handshake; reconnects must match it. Its `size`
+    /// is the size at connect: the current one is `size`.
     pub geometry: Geometry,
+    /// The export size requests are checked against; only grows (`Client::refresh_size`).
+    pub size: AtomicU64,
     pub journal: Journal,
     pub slots: Vec<Arc<Slot>>,
     /// Channels currently up (drives the dispatch share and the brownout clock).
@@ -120,6 +123,7 @@ impl Client {
             cfg,
             server,
             geometry,
+            size: AtomicU64::new(geometry.size),
             slots,
             up: AtomicUsize::new(0),
             down_since_ms: AtomicU64::new(0),
@@ -151,9 +155,69 @@ impl Client {
         })
     }
 
-    /// Size, block-size constraints and capabilities from the first handshake.
+    /// Block-size constraints and capabilities from the first handshake, with the current
+    /// size (grown by [`Client::refresh_size`]).
     pub fn geometry(&self) -> Geometry {
-        self.inner.geometry
+        self.inner.current_geometry()
+    }
+
+    /// Asks the server for the export's current size on a short-lived connection of its own
+    /// and, if the export grew, lets requests reach the new end. Returns the size now in
+    /// force. A smaller size or other capabilities mean another disk: that is an error and
+    /// the engine keeps its size.
+    ///
+    /// A server session keeps the size of its own handshake, so before the new range is
+    /// allowed every channel is rolled over, one at a time (the others keep serving; the
+    /// rolled channel's requests are re-issued as after any reset), and its new connection,
+    /// made after the probe, knows the new size.
+    pub async fn refresh_size(&self) -> Result<u64, EngineError> {
+        let inner = &self.inner;
+        let conn = channel::open(&inner.server, &inner.cfg.export, inner.cfg.connect_timeout).await?;
+        let now = conn.geometry;
+        // The probe carried no IO: closing its socket is all the goodbye it needs.
+        drop(conn);
+        if let Some(what) = reconnect::identity_change(&inner.current_geometry(), &now) {
+            return Err(EngineError::IdentityChanged { addr: inner.server.clone(), what });
+        }
+        let before = inner.size.load(Ordering::Acquire);
+        if now.size <= before {
+            return Ok(before);
+        }
+        let within = inner.cfg.connect_timeout * 2 + inner.cfg.reconnect_max;
+        for (idx, slot) in inner.slots.iter().enumerate() {
+            // A channel that is not up makes its next connection after the probe anyway.
+            if slot.stats.state() != ChannelState::Up {
+                continue;
+            }
+            let connects = slot.stats.connects.load(Ordering::Acquire);
+            slot.reset.notify_one();
+            let deadline = Instant::now() + within;
+            while slot.stats.connects.load(Ordering::Acquire) == connects {
+                if inner.stopped.load(Ordering::Acquire) {
+                    // Only a failed reconnect stops the engine by itself: say why.
+                    let why = inner.failure.lock().ok().and_then(|f| f.clone());
+                    return Err(EngineError::Handshake {
+                        addr: inner.server.clone(),
+                        reason: format!(
+                            "channel {idx} was rolled over to learn the new size and the engine stopped: {}",
+                            why.as_deref().unwrap_or("shut down")
+                        ),
+                    });
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(server = %inner.server, channel = idx, size = before,
+                        "channel did not come back after the roll-over: the size is unchanged");
+                    return Err(EngineError::ConnectTimeout {
+                        addr: inner.server.clone(),
+                        secs: within.as_secs_f64(),
+                    });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+        let was = inner.size.fetch_max(now.size, Ordering::AcqRel);
+        tracing::info!(server = %inner.server, old = was, new = now.size, "export grew: engine uses the new size");
+        Ok(was.max(now.size))
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
@@ -242,7 +306,7 @@ impl Client {
     }
 
     fn check_range(&self, offset: u64, len: u32) -> Result<(), IoError> {
-        let size = self.inner.geometry.size;
+        let size = self.inner.size.load(Ordering::Acquire);
         if len as usize > MAX_REQUEST_BYTES {
             return Err(IoError::Invalid {
                 len: len as u64,
@@ -288,6 +352,11 @@ impl Client {
 }
 
 impl Inner {
+    /// The first handshake's geometry with the size in force now.
+    pub(crate) fn current_geometry(&self) -> Geometry {
+        Geometry { size: self.size.load(Ordering::Acquire), ..self.geometry }
+    }
+
     fn status(&self) -> EngineStatus {
         let channels: Vec<ChannelStatus> = self.slots.iter().map(|s| s.stats.snapshot()).collect();
         let failure = self.failure.lock().ok().and_then(|g| g.clone());

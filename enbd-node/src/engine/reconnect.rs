@@ -121,7 +121,8 @@ pub(crate) async fn supervise(
         let mut wait = true;
         match attempt {
             Ok(conn) => {
-                if let Some(what) = identity_change(&inner.geometry, &conn.geometry) {
+                let known = inner.current_geometry();
+                if let Some(what) = identity_change(&known, &conn.geometry) {
                     let err = EngineError::IdentityChanged {
                         addr: inner.server.clone(),
                         what,
@@ -131,9 +132,9 @@ pub(crate) async fn supervise(
                     signal_first();
                     break;
                 }
-                if conn.geometry.size > inner.geometry.size {
+                if conn.geometry.size > known.size {
                     tracing::warn!(
-                        server = %inner.server, channel = idx, old = inner.geometry.size,
+                        server = %inner.server, channel = idx, old = known.size,
                         new = conn.geometry.size, "export grew; the device keeps its size until resized"
                     );
                 }
