@@ -18,8 +18,7 @@ release: setup
 # The main job without Kubernetes: an enbd-server on an embedded default data directory
 # with a demo volume, reachable as nbd://localhost/demo.
 demo: setup
-	$(CARGO) build --release -p enbd-server
-	./target/release/enbd-server --demo
+	$(CARGO) run --release -p enbd-server -- --demo
 
 # The whole default suite: unit + interop tests on the host, chart/manifest checks,
 # the CSI controller conformance suite, and the VM suite (ublk devices, node CSI).

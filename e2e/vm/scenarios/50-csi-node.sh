@@ -23,11 +23,14 @@ wait_until 30 daemon_ready
 wait_until 30 test -S "$CSI_SOCK"
 log "enbd-node daemon with CSI up (pid $DAEMON_PID)"
 
-# The device layer refuses online resize on every kernel today (see attach.rs), so the
-# suite expects expansion past the attached size to be FAILED_PRECONDITION.
+# ublk's UPDATE_SIZE arrived in Linux 6.16: from there the suite expects NodeExpandVolume
+# to grow the device and the filesystem online; before it, FAILED_PRECONDITION.
+resize_flag=
+kver=$(uname -r | awk -F. '{print $1 * 1000 + $2}')
+[ "$kver" -ge 6016 ] && resize_flag=--online-resize
 rc=0
 csi-node-conformance --endpoint "unix://$CSI_SOCK" --mgmt http://127.0.0.1:10810 \
-  --node-id vm-node --zone zone-a --work-dir "$WORK" || rc=$?
+  --node-id vm-node --zone zone-a --work-dir "$WORK" $resize_flag || rc=$?
 
 left=$(awk -v w="$WORK" 'index($2, w) == 1' /proc/self/mounts)
 if [ -n "$left" ]; then
