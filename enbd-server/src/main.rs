@@ -21,7 +21,26 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Keeps request-sized buffers (up to the 32 MiB request limit) in the heap.
+///
+/// Why: glibc serves big allocations with a fresh mmap and unmaps them on free, so every
+/// 1 MiB READ or WRITE buffer was page-faulted in anew (measured: ~100 page faults per
+/// 1 MiB read, a fifth of the server's CPU on 1 MiB reads). From the heap they are reused.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_big_buffers_in_heap() {
+    const THRESHOLD: libc::c_int = 64 << 20;
+    // SAFETY: mallopt only sets allocator tunables; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * THRESHOLD);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_big_buffers_in_heap() {}
+
 fn main() -> anyhow::Result<()> {
+    keep_big_buffers_in_heap();
     let cli = Cli::parse();
     let demo = cli.demo;
     let cfg = cli.into_config().context("invalid configuration")?;

@@ -125,20 +125,33 @@ fn copy_range(src: &File, dst: &File, start: u64, mut len: u64) -> io::Result<()
     Ok(())
 }
 
-/// Reads at `offset` only if it can be done without blocking (data in the page cache):
-/// `Ok(n)` bytes read (possibly short), `Err(EAGAIN)` if it would have to wait for the disk.
-pub fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+/// Reads at `offset` only if it can be done without blocking (data in the page cache), into
+/// the spare capacity of `buf` (which must have room for `len`), without
+/// zero-filling it first: `Ok(n)` bytes read and appended (possibly short), `Err(EAGAIN)` if it
+/// would have to wait for the disk.
+pub fn pread_nowait_append(
+    file: &File,
+    buf: &mut bytes::BytesMut,
+    len: usize,
+    offset: u64,
+) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    if spare.len() < len {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: len,
     };
-    // SAFETY: `iov` points into `buf`, which is live and exclusively borrowed for the call.
+    // SAFETY: `iov` covers `len` bytes of spare capacity, valid for writes; the kernel writes
+    // at most that many and we mark as initialised only the `n` it reported.
     let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off(offset)?, libc::RWF_NOWAIT) };
     if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: `n <= len <= spare.len()` bytes were just initialised by preadv2.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    Ok(n as usize)
 }
 
 /// Reads up to `len` bytes at `offset` into the spare capacity of `buf` (which must have room)
@@ -180,6 +193,23 @@ pub fn statvfs(path: &Path) -> io::Result<(u64, u64)> {
     check(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
     let frsize = st.f_frsize as u64;
     Ok((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
+}
+
+/// Tells the kernel that reads of `file` (this open file description) are random: no
+/// readahead, so the page cache holds the pages clients asked for in small folios.
+///
+/// Why: a block volume's readahead is the client's business (its filesystem and block layer
+/// read ahead already). And on kernels with large page-cache folios (ext4 since 6.16), every
+/// small buffered write into a large folio walks all of the folio's buffer heads: 4k random
+/// writes into large folios measured about 3× slower than into small ones.
+pub fn advise_random(file: &File) -> io::Result<()> {
+    // SAFETY: posix_fadvise reads only its integer arguments.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    if r != 0 {
+        Err(io::Error::from_raw_os_error(r))
+    } else {
+        Ok(())
+    }
 }
 
 /// Hints the kernel to read `[offset, offset+len)` into the page cache (NBD_CMD_CACHE).

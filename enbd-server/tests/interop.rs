@@ -161,8 +161,41 @@ fn fio(uri: &str, args: &[&str]) -> String {
 
 #[test]
 fn fio_verify_randwrite_randread_trim_over_four_connections() {
-    let s = TestServer::start(&[]);
+    fio_verify_workload(&[]);
+}
+
+/// The same workload through the io_uring engine (ring reads and flushes, write lanes).
+#[test]
+fn fio_verify_through_the_uring_engine() {
+    fio_verify_workload(&["--io-engine", "uring"]);
+}
+
+/// The same workload through a pool of one thread: every request kind must still finish
+/// when reads that miss the cache and writes share nothing but one worker.
+#[test]
+fn fio_verify_with_a_single_io_thread() {
+    fio_verify_workload(&["--io-threads", "1"]);
+}
+
+fn fio_verify_workload(server_args: &[&str]) {
+    let s = TestServer::start(server_args);
     let uri = s.uri("demo");
+    // Big requests first (past the inline-read limit: they take the engine's own paths),
+    // written and verified over 2 connections in the last 16 MiB of the export's first 48.
+    fio(
+        &uri,
+        &[
+            "--bsrange=256k-1m",
+            "--rw=randwrite",
+            "--size=8M",
+            "--offset=32M",
+            "--offset_increment=8M",
+            "--numjobs=2",
+            "--iodepth=4",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+        ],
+    );
     // Each of 4 connections writes (and verifies) its own 8 MiB region, QD 8.
     let common = [
         "--bs=4k",

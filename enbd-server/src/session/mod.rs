@@ -2,6 +2,7 @@
 //! ([`transmission`]), with backend IO issued through an [`io::IoEngine`].
 
 pub mod io;
+pub mod lanes;
 pub mod negotiate;
 pub mod pool;
 pub mod transmission;

@@ -39,10 +39,11 @@ struct Submission {
 }
 
 enum Work {
+    /// `buf.len()` is what has been read so far, `want` the request's length.
     Read {
         buf: BytesMut,
         offset: u64,
-        done_len: usize,
+        want: usize,
     },
     Write {
         data: Bytes,
@@ -191,10 +192,11 @@ fn prepare(sub: Submission) -> Option<Slot> {
                 done(Ok(Output::Data(Bytes::new())));
                 return None;
             }
+            // Not zeroed: the kernel fills it, and only what it filled counts as data.
             Work::Read {
-                buf: BytesMut::zeroed(len),
+                buf: BytesMut::with_capacity(len),
                 offset,
-                done_len: 0,
+                want: len,
             }
         }
         Op::Write { data, offset, fua } => {
@@ -267,14 +269,11 @@ fn start(
     });
     let fd = types::Fd(slot.fd);
     let sqe = match &mut slot.work {
-        Work::Read {
-            buf,
-            offset,
-            done_len,
-        } => {
-            let rest = &mut buf[*done_len..];
-            opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32)
-                .offset(*offset + *done_len as u64)
+        Work::Read { buf, offset, want } => {
+            let done = buf.len();
+            let rest = &mut buf.spare_capacity_mut()[..*want - done];
+            opcode::Read::new(fd, rest.as_mut_ptr().cast(), rest.len() as u32)
+                .offset(*offset + done as u64)
                 .build()
         }
         Work::Write {
@@ -319,13 +318,16 @@ fn complete(mut slot: Slot, res: i32) -> Option<Slot> {
     }
     let n = res as usize;
     match &mut slot.work {
-        Work::Read { buf, done_len, .. } => {
-            *done_len += n;
+        Work::Read { buf, want, .. } => {
             if n == 0 {
-                // End of file: the rest of the export reads as zeroes (already zeroed).
-                *done_len = buf.len();
+                // End of file: the rest of the export reads as zeroes.
+                buf.resize(*want, 0);
+            } else {
+                // SAFETY: the kernel reported `n` bytes written into the spare capacity this
+                // read was submitted with, which `start` limited to `want - buf.len()`.
+                unsafe { buf.set_len(buf.len() + n.min(*want - buf.len())) };
             }
-            if *done_len < buf.len() {
+            if buf.len() < *want {
                 return Some(slot);
             }
             let Work::Read { buf, .. } = slot.work else {

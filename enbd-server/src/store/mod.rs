@@ -681,6 +681,9 @@ impl VolumeStore {
                             }
                         }
                     })?;
+                if let Err(e) = sys::advise_random(&file) {
+                    tracing::debug!(error = %e, volume = %name, "posix_fadvise(RANDOM) refused");
+                }
                 let vol = Arc::new(OpenVolume {
                     backend: Arc::new(FileBackend::new(file, read_only)),
                     closed: CancellationToken::new(),
