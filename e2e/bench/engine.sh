@@ -37,8 +37,10 @@ DATA=$WORK/data
 start_enbd "$DATA" "$PORT"
 stop_server
 dd if=/dev/urandom of="$DATA/volumes/demo/data" bs=1M count="$FILL_MIB" conv=notrunc status=none
-sync
+# As in run.sh: out of the cache, then back in through the server in 4k pages.
+evict_cache "$DATA/volumes/demo/data"
 start_enbd "$DATA" "$PORT"
+warm_up "$PORT" "$FILL_MIB"
 
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"

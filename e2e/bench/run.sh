@@ -72,21 +72,11 @@ start() {
 
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
-# Brings the whole filled region into the page cache through the server under test, with 4k
-# random reads (each block once): the cells then measure the servers, not the disk behind
-# them, and every server starts them from the same cache state, made of 4k pages.
-warm_up() {
-  fio --name=warmup --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/demo" --rw=randread --bs=4k \
-    --numjobs=4 --iodepth=16 --size=$((FILL_MIB / 4))M --offset_increment=$((FILL_MIB / 4))M \
-    --group_reporting --output-format=terse >/dev/null 2>"$WORK/fio.err" \
-    || { cat "$WORK/fio.err" >&2; exit 1; }
-}
-
 for round in $(seq 1 "$ROUNDS"); do
   order=$(printf '%s\n' $SERVERS | shuf)
   for server in $order; do
     start "$server"
-    warm_up
+    warm_up "$PORT" "$FILL_MIB"
     for cell in "${CELLS[@]}"; do
       before=$(cpu_seconds "$SERVER_PID")
       # shellcheck disable=SC2086

@@ -73,6 +73,17 @@ os.close(fd)
 PY
 }
 
+# Brings the first FILL_MIB MiB into the page cache through the server on PORT, with 4k
+# random reads (each block once): the measurements that follow then see the servers, not the
+# disk behind them, and every server starts them from the same cache state, made of 4k pages.
+warm_up() { # PORT FILL_MIB
+  local port=$1 fill=$2
+  fio --name=warmup --ioengine=nbd --uri="nbd://127.0.0.1:$port/demo" --rw=randread --bs=4k \
+    --numjobs=4 --iodepth=16 --size=$((fill / 4))M --offset_increment=$((fill / 4))M \
+    --group_reporting --output-format=terse >/dev/null 2>"$WORK/warmup.err" \
+    || { cat "$WORK/warmup.err" >&2; return 1; }
+}
+
 stop_server() {
   [[ -n ${SERVER_PID:-} ]] || return 0
   kill "$SERVER_PID" 2>/dev/null || true
