@@ -354,6 +354,23 @@ impl State {
                     server.id
                 )));
             }
+            // Volumes made before parameters were recorded carry none: nothing to compare.
+            let wanted = params.to_context();
+            if !vol.labels.is_empty() && vol.labels != wanted {
+                let mut differ: Vec<&str> = wanted
+                    .keys()
+                    .chain(vol.labels.keys())
+                    .filter(|k| wanted.get(*k) != vol.labels.get(*k))
+                    .map(String::as_str)
+                    .collect();
+                differ.sort_unstable();
+                differ.dedup();
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume {name} already exists on {} with other parameters ({})",
+                    server.id,
+                    differ.join(", ")
+                )));
+            }
             return self.volume_response(&server, &name, &vol, params, source.as_ref());
         }
 
@@ -407,6 +424,9 @@ impl State {
             name: name.to_string(),
             size_bytes: size,
             source: pb_source.map(|kind| pb::ContentSource { kind: Some(kind) }),
+            // The validated parameters (defaults filled in), so that a repeated CreateVolume
+            // with other parameters is told AlreadyExists, as the CSI spec requires.
+            labels: params.to_context(),
         };
         let vol = mgmt(&server.id, CREATE_TIMEOUT, client.create_volume(create))
             .await?

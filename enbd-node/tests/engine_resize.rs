@@ -61,7 +61,7 @@ async fn engine_refresh_size_serves_a_grown_export() {
     let mut mgmt = VolumeServiceClient::connect(format!("http://{}", server.mgmt))
         .await
         .expect("mgmt connect");
-    mgmt.create_volume(CreateVolumeRequest { name: "grow".into(), size_bytes: OLD, source: None })
+    mgmt.create_volume(CreateVolumeRequest { name: "grow".into(), size_bytes: OLD, source: None, labels: Default::default() })
         .await
         .expect("create volume");
 

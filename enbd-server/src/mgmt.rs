@@ -47,7 +47,9 @@ impl Mgmt {
 pub fn status_of(e: &StoreError) -> Status {
     let msg = e.to_string();
     match e {
-        StoreError::InvalidName { .. } | StoreError::InvalidSize(_) => {
+        StoreError::InvalidName { .. }
+        | StoreError::InvalidSize(_)
+        | StoreError::InvalidLabels(_) => {
             Status::invalid_argument(msg)
         }
         StoreError::NotFound { .. } => Status::not_found(msg),
@@ -90,6 +92,7 @@ fn volume_to_pb(v: VolumeInfo) -> pb::Volume {
         export_name: v.export_name,
         open_connections: u32::try_from(v.open_connections).unwrap_or(u32::MAX),
         allocated_bytes: v.allocated_bytes,
+        labels: v.labels.into_iter().collect(),
     }
 }
 
@@ -137,8 +140,9 @@ impl VolumeService for Mgmt {
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let r = req.into_inner();
         let source = source_from_pb(r.source);
+        let labels = r.labels.into_iter().collect();
         let (v, _) = self
-            .run(move |s| s.create_volume(&r.name, r.size_bytes, source))
+            .run(move |s| s.create_volume(&r.name, r.size_bytes, source, labels))
             .await?;
         Ok(Response::new(pb::CreateVolumeResponse {
             volume: Some(volume_to_pb(v)),

@@ -73,7 +73,7 @@ pub async fn run(
     let default_export = cfg.demo_volume.as_ref().map(|(name, _)| name.clone());
     let store = VolumeStore::open(&cfg.data_dir, default_export)?;
     if let Some((name, size)) = &cfg.demo_volume {
-        match store.create_volume(name, *size, None) {
+        match store.create_volume(name, *size, None, Default::default()) {
             Ok((v, created)) => {
                 tracing::info!(volume = %v.name, size = v.size_bytes, created, "demo volume")
             }

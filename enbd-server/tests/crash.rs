@@ -39,6 +39,7 @@ async fn kill_minus_nine_during_management_work_leaves_a_consistent_store() {
             name: "src".into(),
             size_bytes: SRC_BYTES,
             source: None,
+            labels: Default::default(),
         })
         .await
         .unwrap();
@@ -69,6 +70,7 @@ async fn kill_minus_nine_during_management_work_leaves_a_consistent_store() {
                         name,
                         size_bytes: SRC_BYTES,
                         source: src,
+                        labels: Default::default(),
                     })
                     .await;
                 let _ = m
@@ -138,6 +140,7 @@ async fn kill_minus_nine_during_management_work_leaves_a_consistent_store() {
             name: format!("clone-{round}-0"),
             size_bytes: SRC_BYTES,
             source: src,
+            labels: Default::default(),
         })
         .await
         .unwrap();

@@ -15,6 +15,7 @@ fn create(name: &str, size: u64) -> pb::CreateVolumeRequest {
         name: name.into(),
         size_bytes: size,
         source: None,
+        labels: Default::default(),
     }
 }
 
@@ -55,6 +56,27 @@ async fn create_and_delete_are_idempotent() {
             .unwrap_err()
             .code(),
         Code::AlreadyExists
+    );
+    // Labels are recorded and returned, and take part in idempotency.
+    let mut labelled = create("pvc-l", 1 << 20);
+    labelled.labels = [("fsType".to_string(), "xfs".to_string())].into();
+    let l = m.create_volume(labelled.clone()).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(l.labels, labelled.labels);
+    assert_eq!(
+        m.create_volume(labelled.clone()).await.unwrap().into_inner().volume.unwrap(),
+        l
+    );
+    let mut relabelled = labelled.clone();
+    relabelled.labels.insert("fsType".into(), "ext4".into());
+    assert_eq!(
+        m.create_volume(relabelled).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    let mut bad = create("pvc-bad-labels", 1 << 20);
+    bad.labels = [(String::new(), "x".to_string())].into();
+    assert_eq!(
+        m.create_volume(bad).await.unwrap_err().code(),
+        Code::InvalidArgument
     );
     assert_eq!(
         m.create_volume(create("../escape", 4096))
@@ -229,6 +251,7 @@ async fn expand_snapshot_clone() {
         source: Some(pb::ContentSource {
             kind: Some(Kind::Snapshot("snap".into())),
         }),
+        labels: Default::default(),
     };
     let r = m
         .create_volume(from_snap.clone())
@@ -253,6 +276,7 @@ async fn expand_snapshot_clone() {
         source: Some(pb::ContentSource {
             kind: Some(Kind::Volume("v".into())),
         }),
+        labels: Default::default(),
     };
     assert_eq!(
         m.create_volume(clone)
@@ -270,6 +294,7 @@ async fn expand_snapshot_clone() {
         source: Some(pb::ContentSource {
             kind: Some(Kind::Volume("v".into())),
         }),
+        labels: Default::default(),
     };
     assert_eq!(
         m.create_volume(too_small).await.unwrap_err().code(),

@@ -277,6 +277,7 @@ impl Suite {
                 name: name.into(),
                 size_bytes: size,
                 source: None,
+                labels: Default::default(),
             })
             .await
             .with_context(|| format!("create volume {name}"))?;

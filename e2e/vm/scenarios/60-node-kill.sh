@@ -22,12 +22,16 @@ make_files src 200 64   # 200 x 64 KiB
 ) &
 WRITER=$!
 wait_until 120 test -e writer.40
+t_kill=$(now)
 kill -9 "$DAEMON_PID"
 wait "$DAEMON_PID" 2>/dev/null || true
 log "daemon killed with SIGKILL while the writer runs"
 [ -e writer.errors ] && fail "the writer finished before the daemon was killed"
 start_daemon
 wait_until 60 sh -c "enbd-node list | grep -q ' attached '"
+# How long the kernel held the writer's IO before a daemon served the queues again (reported,
+# not asserted: timings here depend on the emulator's speed).
+log "IO held $(elapsed "$t_kill") s: SIGKILL -> new daemon -> device taken over, held IO reissued"
 log "device taken over: $(enbd-node list | tail -1)"
 wait $WRITER
 errors=$(cat writer.errors)

@@ -5,6 +5,7 @@
 //! directory is renamed into place, and never modified afterwards. A volume's size is not
 //! metadata: it is the data file's length, which `ftruncate` changes atomically.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::Path;
@@ -24,6 +25,9 @@ pub struct VolumeMeta {
     pub format: u32,
     pub source: Option<ContentSource>,
     pub created_at_unix: i64,
+    /// The creator's labels (absent in metadata written before labels existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -17,7 +17,7 @@
 pub mod meta;
 pub mod name;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -47,6 +47,8 @@ pub enum StoreError {
     InvalidName { name: String, source: NameError },
     #[error("invalid size: {0}")]
     InvalidSize(String),
+    #[error("invalid labels: {0}")]
+    InvalidLabels(String),
     #[error("{kind} {name:?} not found")]
     NotFound { kind: &'static str, name: String },
     #[error("{kind} {name:?} already exists with different parameters")]
@@ -69,6 +71,34 @@ pub enum StoreError {
     Io { context: String, source: io::Error },
 }
 
+/// Most labels one volume may carry, and their sizes: they live in the volume's metadata file.
+const MAX_LABELS: usize = 64;
+const MAX_LABEL_KEY: usize = 253;
+const MAX_LABEL_VALUE: usize = 4096;
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), StoreError> {
+    if labels.len() > MAX_LABELS {
+        return Err(StoreError::InvalidLabels(format!(
+            "{} labels, at most {MAX_LABELS}",
+            labels.len()
+        )));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_KEY {
+            return Err(StoreError::InvalidLabels(format!(
+                "key {k:?} must be 1 to {MAX_LABEL_KEY} bytes"
+            )));
+        }
+        if v.len() > MAX_LABEL_VALUE {
+            return Err(StoreError::InvalidLabels(format!(
+                "value of {k:?} is {} bytes, at most {MAX_LABEL_VALUE}",
+                v.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
     move |source| StoreError::Io {
         context: context.into(),
@@ -85,6 +115,7 @@ pub struct VolumeInfo {
     pub export_name: String,
     pub open_connections: u64,
     pub allocated_bytes: u64,
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,6 +363,7 @@ impl VolumeStore {
             export_name: name.to_string(),
             open_connections: self.open_connections(Kind::Volume, name),
             allocated_bytes: st.blocks() * 512,
+            labels: m.labels,
         })
     }
 
@@ -389,13 +421,17 @@ impl VolumeStore {
     /// Creates a volume, or returns the existing one if it has the same size and source
     /// (idempotent retry). `size == 0` with a source means "the source's size".
     /// Returns the volume and whether this call created it.
+    /// Creates a volume, or returns the existing one if it has the same size, source and
+    /// labels (`false`: nothing was created). Anything else under that name is AlreadyExists.
     pub fn create_volume(
         &self,
         name: &str,
         size: u64,
         source: Option<ContentSource>,
+        labels: BTreeMap<String, String>,
     ) -> Result<(VolumeInfo, bool), StoreError> {
         let name = parse_name(name)?;
+        check_labels(&labels)?;
         let source_ref = match &source {
             None => None,
             Some(ContentSource::Snapshot(s)) => Some((Kind::Snapshot, parse_name(s)?)),
@@ -411,7 +447,7 @@ impl VolumeStore {
         match self.volume_info(&name) {
             Ok(existing) => {
                 let same_size = requested.is_none_or(|r| r == existing.size_bytes);
-                return if same_size && existing.source == source {
+                return if same_size && existing.source == source && existing.labels == labels {
                     Ok((existing, false))
                 } else {
                     Err(StoreError::AlreadyExists {
@@ -432,6 +468,7 @@ impl VolumeStore {
             requested,
             source_ref.as_ref(),
             source.clone(),
+            labels,
         );
         if let Err(e) = result {
             let _ = fs::remove_dir_all(&stage);
@@ -449,6 +486,7 @@ impl VolumeStore {
         requested: Option<u64>,
         source_ref: Option<&(Kind, VolumeName)>,
         source: Option<ContentSource>,
+        labels: BTreeMap<String, String>,
     ) -> Result<(), StoreError> {
         let data_path = stage.join(DATA_FILE);
         let data = File::options()
@@ -481,6 +519,7 @@ impl VolumeStore {
             format: meta::FORMAT,
             source,
             created_at_unix: meta::now_unix(),
+            labels,
         };
         meta::write_json(&stage.join(META_FILE), &m).map_err(io_err("writing volume metadata"))?;
         meta::fsync_dir(stage).map_err(io_err("syncing staging directory"))?;
