@@ -277,8 +277,10 @@ impl AttachmentManager {
         })
         .await??;
         let mut geometry = device_geometry(&client.geometry(), r.read_only);
+        let export_size = geometry.size_bytes;
         if matches!(start, Start::Recover { .. }) && r.size_bytes > 0 {
-            // The kernel keeps the size it had; an export grown meanwhile waits for `resize`.
+            // The kernel keeps the size it had; an export grown meanwhile is grown online
+            // below, once the device serves IO again.
             geometry.size_bytes = geometry.size_bytes.min(r.size_bytes);
         }
         let device_size = geometry.size_bytes;
@@ -293,11 +295,33 @@ impl AttachmentManager {
             }
         };
         tracing::info!(volume_id = %r.volume_id, dev_id = device.dev_id(), ?start, "device taken over");
+        self.adopt(&r.volume_id, client, device, device_size).await?;
+        if export_size > device_size {
+            // Expanded on its server while no daemon ran: catch up, as `resize` would.
+            match self.resize(&r.volume_id).await {
+                Ok(size) => tracing::info!(volume_id = %r.volume_id, old = device_size, new = size,
+                    "export grew while the daemon was down; device grown after takeover"),
+                Err(e) => tracing::warn!(volume_id = %r.volume_id, old = device_size,
+                    new = export_size, error = %e,
+                    "export grew while the daemon was down; the device keeps its old size"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a taken-over device as attached and persists the state.
+    async fn adopt(
+        &self,
+        volume_id: &str,
+        client: Client,
+        device: Device,
+        device_size: u64,
+    ) -> Result<(), AttachError> {
         let _g = self.inner.ops.lock().await;
         let records = {
             let mut vols = self.lock_volumes()?;
             let v = vols
-                .get_mut(&r.volume_id)
+                .get_mut(volume_id)
                 .ok_or_else(|| AttachError::Internal("volume vanished during takeover".into()))?;
             v.record.dev_id = device.dev_id();
             v.record.size_bytes = device_size;

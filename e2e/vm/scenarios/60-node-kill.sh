@@ -47,4 +47,24 @@ while [ $i -lt 200 ]; do
 done
 log "200 files verified, fsck clean, 0 writer errors"
 umount /mnt/busy
+
+# Expanded on its server while no daemon runs: the next daemon grows the device after taking
+# it over where the kernel has ublk UPDATE_SIZE (6.16+); elsewhere it keeps the old size and
+# says why.
+dev_bytes() { echo $(( $(cat "/sys/block/${dev##*/}/size") * 512 )); }
+kill -9 "$DAEMON_PID"
+wait "$DAEMON_PID" 2>/dev/null || true
+truncate -s 320M "$SRV_DATA/volumes/busy/data"
+start_daemon
+wait_until 60 sh -c "enbd-node list | grep -q ' attached '"
+kver=$(uname -r | awk -F. '{print $1 * 1000 + $2}')
+if [ "$kver" -ge 6016 ]; then
+  wait_until 30 sh -c "[ \$(( \$(cat /sys/block/${dev##*/}/size) * 512 )) = 335544320 ]"
+  enbd-node list | grep -q ' 335544320 ' || fail "enbd-node list still shows the old size"
+  log "export grown while the daemon was down: device $(dev_bytes) bytes after takeover"
+else
+  [ "$(dev_bytes)" = 268435456 ] || fail "device size changed to $(dev_bytes) without UPDATE_SIZE"
+  wait_until 10 grep -q "keeps its old size" daemon.log
+  log "export grown while the daemon was down: kernel lacks UPDATE_SIZE, device keeps 268435456 bytes"
+fi
 detach busy
