@@ -126,14 +126,35 @@ fn copy_range(src: &File, dst: &File, start: u64, mut len: u64) -> io::Result<()
 }
 
 /// Reads at `offset` only if it can be done without blocking (data in the page cache), into
-/// the spare capacity of `buf` (which must have room for `len`), without
-/// zero-filling it first: `Ok(n)` bytes read and appended (possibly short), `Err(EAGAIN)` if it
-/// would have to wait for the disk.
+/// the spare capacity of `buf` (which must have room for `len`), without zero-filling it
+/// first: `Ok(n)` bytes read and appended (possibly short), `Err(EAGAIN)` if it would have to
+/// wait for the disk.
 pub fn pread_nowait_append(
     file: &File,
     buf: &mut bytes::BytesMut,
     len: usize,
     offset: u64,
+) -> io::Result<usize> {
+    preadv2_append(file, buf, len, offset, libc::RWF_NOWAIT)
+}
+
+/// Reads up to `len` bytes at `offset` into the spare capacity of `buf` (which must have room)
+/// without zero-filling it first; returns how many bytes were read and appended.
+pub fn pread_append(
+    file: &File,
+    buf: &mut bytes::BytesMut,
+    len: usize,
+    offset: u64,
+) -> io::Result<usize> {
+    preadv2_append(file, buf, len, offset, 0)
+}
+
+fn preadv2_append(
+    file: &File,
+    buf: &mut bytes::BytesMut,
+    len: usize,
+    offset: u64,
+    flags: libc::c_int,
 ) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
     if spare.len() < len {
@@ -145,41 +166,11 @@ pub fn pread_nowait_append(
     };
     // SAFETY: `iov` covers `len` bytes of spare capacity, valid for writes; the kernel writes
     // at most that many and we mark as initialised only the `n` it reported.
-    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off(offset)?, libc::RWF_NOWAIT) };
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off(offset)?, flags) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `n <= len <= spare.len()` bytes were just initialised by preadv2.
-    unsafe { buf.set_len(buf.len() + n as usize) };
-    Ok(n as usize)
-}
-
-/// Reads up to `len` bytes at `offset` into the spare capacity of `buf` (which must have room)
-/// without zero-filling it first; returns how many bytes were read and appended.
-pub fn pread_append(
-    file: &File,
-    buf: &mut bytes::BytesMut,
-    len: usize,
-    offset: u64,
-) -> io::Result<usize> {
-    let spare = buf.spare_capacity_mut();
-    if spare.len() < len {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    // SAFETY: the kernel writes at most `len` bytes into the spare capacity, which is valid
-    // for writes of that length; we only mark as initialised the `n` bytes it reported.
-    let n = unsafe {
-        libc::pread(
-            file.as_raw_fd(),
-            spare.as_mut_ptr().cast(),
-            len,
-            off(offset)?,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `n <= len <= spare.len()` bytes were just initialised by pread.
     unsafe { buf.set_len(buf.len() + n as usize) };
     Ok(n as usize)
 }
