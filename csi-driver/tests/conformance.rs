@@ -447,14 +447,27 @@ async fn create_volume_positive_and_idempotent() {
 
     // Same name and capacity, other parameters: AlreadyExists, naming what differs.
     let mut other_params = req.clone();
-    other_params.parameters = params(&[("fsType", "xfs"), ("channels", "4"), ("brownout", "fail-after=30s")]);
-    let msg = assert_code(d.ctl().create_volume(other_params).await, Code::AlreadyExists);
+    other_params.parameters = params(&[
+        ("fsType", "xfs"),
+        ("channels", "4"),
+        ("brownout", "fail-after=30s"),
+    ]);
+    let msg = assert_code(
+        d.ctl().create_volume(other_params).await,
+        Code::AlreadyExists,
+    );
     assert!(msg.contains("channels") && !msg.contains("fsType"), "{msg}");
     // Parameters that are not ours (the provisioner's pvc/name) do not count.
     let mut same_params = req.clone();
     same_params.parameters.remove("csi.storage.k8s.io/pvc/name");
     assert_eq!(
-        d.ctl().create_volume(same_params).await.unwrap().into_inner().volume.unwrap(),
+        d.ctl()
+            .create_volume(same_params)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap(),
         v
     );
 

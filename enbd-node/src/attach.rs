@@ -20,7 +20,10 @@ use bytes::Bytes;
 use thiserror::Error;
 use tokio::runtime::Handle;
 
-use crate::device::{self, BlockRequest, BlockTarget, Device, DeviceError, DeviceGeometry, DeviceOptions, DeviceState, Start};
+use crate::device::{
+    self, BlockRequest, BlockTarget, Device, DeviceError, DeviceGeometry, DeviceOptions,
+    DeviceState, Start,
+};
 use crate::engine::{BrownoutPolicy, Client, ClientConfig, EngineError, EngineStatus, Geometry};
 use crate::state::{AttachmentRecord, StateError, StateStore};
 
@@ -83,9 +86,17 @@ pub enum AttachError {
     #[error("volume {0} is not attached on this node")]
     NotAttached(String),
     #[error("volume {volume_id} is already attached as {dev_path} with other settings ({what})")]
-    Conflict { volume_id: String, dev_path: PathBuf, what: String },
+    Conflict {
+        volume_id: String,
+        dev_path: PathBuf,
+        what: String,
+    },
     #[error("device {dev_path} of volume {volume_id} is in use ({users}): unmount it first")]
-    Busy { volume_id: String, dev_path: PathBuf, users: String },
+    Busy {
+        volume_id: String,
+        dev_path: PathBuf,
+        users: String,
+    },
     #[error("volume {0} is being taken over by this daemon; retry in a moment")]
     InProgress(String),
     #[error("this node already has {0} volumes attached (--max-volumes)")]
@@ -143,12 +154,21 @@ impl BlockTarget for EngineTarget {
         let c = &self.0;
         let result = match req {
             BlockRequest::Read { offset, len } => c.read(offset, len).await,
-            BlockRequest::Write { offset, data, fua } => c.write(offset, data, fua).await.map(|()| Bytes::new()),
-            BlockRequest::Flush => c.flush().await.map(|()| Bytes::new()),
-            BlockRequest::Discard { offset, len } => c.trim(offset, len).await.map(|()| Bytes::new()),
-            BlockRequest::WriteZeroes { offset, len, no_hole } => {
-                c.write_zeroes(offset, len, no_hole).await.map(|()| Bytes::new())
+            BlockRequest::Write { offset, data, fua } => {
+                c.write(offset, data, fua).await.map(|()| Bytes::new())
             }
+            BlockRequest::Flush => c.flush().await.map(|()| Bytes::new()),
+            BlockRequest::Discard { offset, len } => {
+                c.trim(offset, len).await.map(|()| Bytes::new())
+            }
+            BlockRequest::WriteZeroes {
+                offset,
+                len,
+                no_hole,
+            } => c
+                .write_zeroes(offset, len, no_hole)
+                .await
+                .map(|()| Bytes::new()),
         };
         result.map_err(|e| {
             tracing::warn!(error = %e, "block request failed");
@@ -172,7 +192,11 @@ pub fn device_geometry(g: &Geometry, read_only: bool) -> DeviceGeometry {
     }
 }
 
-fn client_config(r: &AttachmentRecord, brownout: BrownoutPolicy, journal_bytes: usize) -> ClientConfig {
+fn client_config(
+    r: &AttachmentRecord,
+    brownout: BrownoutPolicy,
+    journal_bytes: usize,
+) -> ClientConfig {
     let mut cfg = ClientConfig::new(r.servers[0].clone(), r.export.clone());
     cfg.servers = r.servers.clone();
     cfg.channels = r.channels;
@@ -225,7 +249,12 @@ impl AttachmentManager {
             for r in &records {
                 vols.insert(
                     r.volume_id.clone(),
-                    Volume { record: r.clone(), phase: Phase::Recovering, client: None, device: None },
+                    Volume {
+                        record: r.clone(),
+                        phase: Phase::Recovering,
+                        client: None,
+                        device: None,
+                    },
                 );
             }
         }
@@ -269,8 +298,12 @@ impl AttachmentManager {
             match device::wait_recoverable(dev_id, QUIESCE_WAIT) {
                 Ok(DeviceState::Quiesced) => Ok(Start::Recover { dev_id }),
                 // Gone (node rebooted): create it again, under the same id if free.
-                Err(DeviceError::NotFound(_)) => Ok(Start::New { dev_id: Some(dev_id) }),
-                Ok(DeviceState::Dead) => device::delete(dev_id).map(|()| Start::New { dev_id: Some(dev_id) }),
+                Err(DeviceError::NotFound(_)) => Ok(Start::New {
+                    dev_id: Some(dev_id),
+                }),
+                Ok(DeviceState::Dead) => device::delete(dev_id).map(|()| Start::New {
+                    dev_id: Some(dev_id),
+                }),
                 Ok(state) => Err(DeviceError::NotRecoverable { dev_id, state }),
                 Err(e) => Err(e),
             }
@@ -284,7 +317,11 @@ impl AttachmentManager {
             geometry.size_bytes = geometry.size_bytes.min(r.size_bytes);
         }
         let device_size = geometry.size_bytes;
-        let opts = DeviceOptions { queues: r.queues, queue_depth: r.queue_depth, geometry };
+        let opts = DeviceOptions {
+            queues: r.queues,
+            queue_depth: r.queue_depth,
+            geometry,
+        };
         let target = Arc::new(EngineTarget(client.clone()));
         let rt = self.inner.rt.clone();
         let device = match blocking(move || Device::start(&opts, start, target, rt)).await? {
@@ -295,7 +332,8 @@ impl AttachmentManager {
             }
         };
         tracing::info!(volume_id = %r.volume_id, dev_id = device.dev_id(), ?start, "device taken over");
-        self.adopt(&r.volume_id, client, device, device_size).await?;
+        self.adopt(&r.volume_id, client, device, device_size)
+            .await?;
         if export_size > device_size {
             // Expanded on its server while no daemon ran: catch up, as `resize` would.
             match self.resize(&r.volume_id).await {
@@ -334,12 +372,21 @@ impl AttachmentManager {
         Ok(())
     }
 
-    fn lock_volumes(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Volume>>, AttachError> {
-        self.inner.volumes.lock().map_err(|_| AttachError::Internal("volume table lock poisoned".into()))
+    fn lock_volumes(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, HashMap<String, Volume>>, AttachError> {
+        self.inner
+            .volumes
+            .lock()
+            .map_err(|_| AttachError::Internal("volume table lock poisoned".into()))
     }
 
     fn records(&self) -> Result<Vec<AttachmentRecord>, AttachError> {
-        Ok(self.lock_volumes()?.values().map(|v| v.record.clone()).collect())
+        Ok(self
+            .lock_volumes()?
+            .values()
+            .map(|v| v.record.clone())
+            .collect())
     }
 
     /// Attaches a volume and returns its device; a second call for the same volume returns
@@ -351,7 +398,10 @@ impl AttachmentManager {
             let vols = self.lock_volumes()?;
             if let Some(v) = vols.get(&req.volume_id) {
                 let r = &v.record;
-                if r.export != req.export || r.servers != req.servers || r.read_only != req.read_only {
+                if r.export != req.export
+                    || r.servers != req.servers
+                    || r.read_only != req.read_only
+                {
                     return Err(AttachError::Conflict {
                         volume_id: req.volume_id.clone(),
                         dev_path: device::bdev_path(r.dev_id),
@@ -376,7 +426,12 @@ impl AttachmentManager {
             read_only: req.read_only,
             size_bytes: 0,
         };
-        let client = Client::connect(client_config(&record, req.brownout, self.inner.journal_bytes)).await?;
+        let client = Client::connect(client_config(
+            &record,
+            req.brownout,
+            self.inner.journal_bytes,
+        ))
+        .await?;
         let g = client.geometry();
         if g.read_only && !req.read_only {
             client.shutdown().await;
@@ -389,13 +444,16 @@ impl AttachmentManager {
         };
         let target = Arc::new(EngineTarget(client.clone()));
         let rt = self.inner.rt.clone();
-        let device = match blocking(move || Device::start(&opts, Start::New { dev_id: None }, target, rt)).await? {
-            Ok(d) => d,
-            Err(e) => {
-                client.shutdown().await;
-                return Err(e.into());
-            }
-        };
+        let device =
+            match blocking(move || Device::start(&opts, Start::New { dev_id: None }, target, rt))
+                .await?
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    client.shutdown().await;
+                    return Err(e.into());
+                }
+            };
         record.dev_id = device.dev_id();
         record.size_bytes = g.size;
         if !device.recoverable() {
@@ -407,7 +465,12 @@ impl AttachmentManager {
             let mut vols = self.lock_volumes()?;
             vols.insert(
                 req.volume_id.clone(),
-                Volume { record, phase: Phase::Attached, client: Some(client), device: Some(device) },
+                Volume {
+                    record,
+                    phase: Phase::Attached,
+                    client: Some(client),
+                    device: Some(device),
+                },
             );
             vols.values().map(|v| v.record.clone()).collect::<Vec<_>>()
         };
@@ -428,14 +491,20 @@ impl AttachmentManager {
         let _g = self.inner.ops.lock().await;
         let dev_path = {
             let vols = self.lock_volumes()?;
-            let v = vols.get(volume_id).ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
+            let v = vols
+                .get(volume_id)
+                .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
             if v.phase == Phase::Recovering {
                 return Err(AttachError::InProgress(volume_id.to_string()));
             }
             device::bdev_path(v.record.dev_id)
         };
         if let Some(users) = device_users(&dev_path) {
-            return Err(AttachError::Busy { volume_id: volume_id.to_string(), dev_path, users });
+            return Err(AttachError::Busy {
+                volume_id: volume_id.to_string(),
+                dev_path,
+                users,
+            });
         }
         self.remove(volume_id).await?;
         tracing::info!(volume_id, dev = %dev_path.display(), "volume detached");
@@ -446,7 +515,9 @@ impl AttachmentManager {
     async fn remove(&self, volume_id: &str) -> Result<(), AttachError> {
         let (device, client, dev_id) = {
             let mut vols = self.lock_volumes()?;
-            let v = vols.get_mut(volume_id).ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
+            let v = vols
+                .get_mut(volume_id)
+                .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
             (v.device.take(), v.client.take(), v.record.dev_id)
         };
         let stopped = match device {
@@ -474,7 +545,9 @@ impl AttachmentManager {
     }
 
     pub fn list(&self) -> Vec<AttachmentStatus> {
-        let Ok(vols) = self.inner.volumes.lock() else { return Vec::new() };
+        let Ok(vols) = self.inner.volumes.lock() else {
+            return Vec::new();
+        };
         let mut all: Vec<_> = vols.values().map(status_of).collect();
         all.sort_by_key(|s| s.dev_id);
         all
@@ -484,16 +557,26 @@ impl AttachmentManager {
     pub fn volume_of_device(&self, dev: &str) -> Option<String> {
         let name = Path::new(dev).file_name()?.to_str()?;
         let id: u32 = name.strip_prefix("ublkb")?.parse().ok()?;
-        self.list().into_iter().find(|s| s.dev_id == id).map(|s| s.volume_id)
+        self.list()
+            .into_iter()
+            .find(|s| s.dev_id == id)
+            .map(|s| s.volume_id)
     }
 
     /// Drops one channel's connection (operators, fault tests): its requests are re-issued.
     pub fn reset_channel(&self, volume_id: &str, channel: usize) -> Result<(), AttachError> {
         let vols = self.lock_volumes()?;
-        let v = vols.get(volume_id).ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
-        let c = v.client.as_ref().ok_or_else(|| AttachError::InProgress(volume_id.to_string()))?;
+        let v = vols
+            .get(volume_id)
+            .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
+        let c = v
+            .client
+            .as_ref()
+            .ok_or_else(|| AttachError::InProgress(volume_id.to_string()))?;
         if channel >= c.status().channels.len() {
-            return Err(AttachError::Invalid(format!("volume {volume_id} has no channel {channel}")));
+            return Err(AttachError::Invalid(format!(
+                "volume {volume_id} has no channel {channel}"
+            )));
         }
         c.reset_channel(channel);
         Ok(())
@@ -504,7 +587,9 @@ impl AttachmentManager {
         let _g = self.inner.ops.lock().await;
         let (client, resizer, size_now) = {
             let vols = self.lock_volumes()?;
-            let v = vols.get(volume_id).ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
+            let v = vols
+                .get(volume_id)
+                .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
             match (&v.client, &v.device) {
                 (Some(c), Some(d)) => (c.clone(), d.resizer(), v.record.size_bytes),
                 _ => return Err(AttachError::InProgress(volume_id.to_string())),
@@ -530,7 +615,12 @@ impl AttachmentManager {
             vols.values().map(|v| v.record.clone()).collect::<Vec<_>>()
         };
         self.inner.store.save(&records)?;
-        tracing::info!(volume_id, old = size_now, new = size, "volume resized online");
+        tracing::info!(
+            volume_id,
+            old = size_now,
+            new = size,
+            "volume resized online"
+        );
         Ok(size)
     }
 }
@@ -553,7 +643,10 @@ fn status_of(v: &Volume) -> AttachmentStatus {
 
 fn validate(req: &AttachRequest) -> Result<(), AttachError> {
     let bad = |m: &str| Err(AttachError::Invalid(m.to_string()));
-    if req.volume_id.is_empty() || req.volume_id.len() > 256 || req.volume_id.chars().any(char::is_control) {
+    if req.volume_id.is_empty()
+        || req.volume_id.len() > 256
+        || req.volume_id.chars().any(char::is_control)
+    {
         return bad("volume id must be 1 to 256 printable characters");
     }
     if req.servers.is_empty() {
@@ -587,7 +680,11 @@ pub fn device_users(dev_path: &Path) -> Option<String> {
     }
     // O_EXCL on a block device fails with EBUSY while anyone holds it exclusively
     // (a mount in another namespace, a device mapper, a RAID member, ...).
-    match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(dev_path) {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(dev_path)
+    {
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Some("held open exclusively".into()),
         _ => None,
     }
@@ -612,7 +709,9 @@ fn mount_points(major: u32, minor: u32) -> Vec<String> {
 }
 
 /// Runs blocking device work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, AttachError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AttachError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| AttachError::Internal(format!("device task failed: {e}")))
@@ -638,10 +737,28 @@ mod tests {
     #[test]
     fn requests_are_validated() {
         assert!(validate(&req()).is_ok());
-        assert!(validate(&AttachRequest { servers: vec![], ..req() }).is_err());
+        assert!(
+            validate(&AttachRequest {
+                servers: vec![],
+                ..req()
+            })
+            .is_err()
+        );
         assert!(validate(&AttachRequest { queues: 0, ..req() }).is_err());
-        assert!(validate(&AttachRequest { queue_depth: 5000, ..req() }).is_err());
-        assert!(validate(&AttachRequest { volume_id: String::new(), ..req() }).is_err());
+        assert!(
+            validate(&AttachRequest {
+                queue_depth: 5000,
+                ..req()
+            })
+            .is_err()
+        );
+        assert!(
+            validate(&AttachRequest {
+                volume_id: String::new(),
+                ..req()
+            })
+            .is_err()
+        );
     }
 
     #[test]
@@ -654,7 +771,11 @@ mod tests {
     #[tokio::test]
     async fn unknown_volumes_are_reported_clearly() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = ManagerConfig { state_dir: dir.path().into(), max_volumes: 0, journal_bytes: 1 << 20 };
+        let cfg = ManagerConfig {
+            state_dir: dir.path().into(),
+            max_volumes: 0,
+            journal_bytes: 1 << 20,
+        };
         let mgr = AttachmentManager::new(cfg, Handle::current()).expect("manager");
         assert_eq!(mgr.restore().expect("restore"), 0);
         let err = mgr.detach("nope").await.expect_err("unknown volume");

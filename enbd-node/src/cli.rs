@@ -12,7 +12,11 @@ use thiserror::Error;
 pub const NBD_PORT: u16 = 10809;
 
 #[derive(Debug, Parser)]
-#[command(name = "enbd-node", version, about = "ENBD node plugin: client engine, ublk devices, CSI node service")]
+#[command(
+    name = "enbd-node",
+    version,
+    about = "ENBD node plugin: client engine, ublk devices, CSI node service"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -45,7 +49,11 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct ControlSocketArg {
     /// Unix socket between the daemon and the client commands.
-    #[arg(long, env = "ENBD_CONTROL_SOCKET", default_value = "/run/enbd-node/control.sock")]
+    #[arg(
+        long,
+        env = "ENBD_CONTROL_SOCKET",
+        default_value = "/run/enbd-node/control.sock"
+    )]
     pub control_socket: PathBuf,
 }
 
@@ -178,12 +186,18 @@ pub fn parse_nbd_url(url: &str) -> Result<Source, CliError> {
     };
     let server = if has_port {
         let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
-        port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad)?;
+        port.parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(bad)?;
         format!("{host}:{port}")
     } else {
         format!("{authority}:{NBD_PORT}")
     };
-    Ok(Source { servers: vec![server], export: export.to_string() })
+    Ok(Source {
+        servers: vec![server],
+        export: export.to_string(),
+    })
 }
 
 impl AttachArgs {
@@ -203,7 +217,13 @@ impl AttachArgs {
                 let servers = self
                     .servers
                     .iter()
-                    .map(|s| if s.contains(':') { s.clone() } else { format!("{s}:{NBD_PORT}") })
+                    .map(|s| {
+                        if s.contains(':') {
+                            s.clone()
+                        } else {
+                            format!("{s}:{NBD_PORT}")
+                        }
+                    })
                     .collect();
                 Ok(Source { servers, export })
             }
@@ -219,14 +239,26 @@ mod tests {
     fn nbd_urls() {
         assert_eq!(
             parse_nbd_url("nbd://localhost/demo"),
-            Ok(Source { servers: vec!["localhost:10809".into()], export: "demo".into() })
+            Ok(Source {
+                servers: vec!["localhost:10809".into()],
+                export: "demo".into()
+            })
         );
         assert_eq!(
             parse_nbd_url("nbd://10.0.0.1:2000/a/b"),
-            Ok(Source { servers: vec!["10.0.0.1:2000".into()], export: "a/b".into() })
+            Ok(Source {
+                servers: vec!["10.0.0.1:2000".into()],
+                export: "a/b".into()
+            })
         );
-        assert_eq!(parse_nbd_url("nbd://[::1]/v").map(|s| s.servers), Ok(vec!["[::1]:10809".into()]));
-        assert_eq!(parse_nbd_url("nbd://[::1]:99/v").map(|s| s.servers), Ok(vec!["[::1]:99".into()]));
+        assert_eq!(
+            parse_nbd_url("nbd://[::1]/v").map(|s| s.servers),
+            Ok(vec!["[::1]:10809".into()])
+        );
+        assert_eq!(
+            parse_nbd_url("nbd://[::1]:99/v").map(|s| s.servers),
+            Ok(vec!["[::1]:99".into()])
+        );
         assert!(parse_nbd_url("http://x/y").is_err());
         assert!(parse_nbd_url("nbd://host/").is_err());
         assert!(parse_nbd_url("nbd://host:0/v").is_err());
@@ -234,24 +266,52 @@ mod tests {
 
     #[test]
     fn attach_arguments() {
-        let cli = Cli::try_parse_from(["enbd-node", "attach", "--server", "a:1,b", "--export", "v", "--brownout", "fail-after=2s"])
-            .expect("parse");
-        let Command::Attach(a) = cli.command else { panic!("not attach") };
-        assert_eq!(a.source(), Ok(Source { servers: vec!["a:1".into(), "b:10809".into()], export: "v".into() }));
+        let cli = Cli::try_parse_from([
+            "enbd-node",
+            "attach",
+            "--server",
+            "a:1,b",
+            "--export",
+            "v",
+            "--brownout",
+            "fail-after=2s",
+        ])
+        .expect("parse");
+        let Command::Attach(a) = cli.command else {
+            panic!("not attach")
+        };
+        assert_eq!(
+            a.source(),
+            Ok(Source {
+                servers: vec!["a:1".into(), "b:10809".into()],
+                export: "v".into()
+            })
+        );
         assert_eq!(a.brownout, "fail-after=2s");
-        let cli = Cli::try_parse_from(["enbd-node", "attach", "nbd://h/v", "--export", "w"]).expect("parse");
-        let Command::Attach(a) = cli.command else { panic!("not attach") };
+        let cli = Cli::try_parse_from(["enbd-node", "attach", "nbd://h/v", "--export", "w"])
+            .expect("parse");
+        let Command::Attach(a) = cli.command else {
+            panic!("not attach")
+        };
         assert_eq!(a.source(), Err(CliError::UrlAndFlags));
     }
 
     #[test]
     fn daemon_defaults_match_the_contract() {
         let cli = Cli::try_parse_from(["enbd-node", "daemon"]).expect("parse");
-        let Command::Daemon(d) = cli.command else { panic!("not daemon") };
+        let Command::Daemon(d) = cli.command else {
+            panic!("not daemon")
+        };
         assert_eq!(d.state_dir, PathBuf::from("/var/lib/enbd-node"));
-        assert_eq!(d.control.control_socket, PathBuf::from("/run/enbd-node/control.sock"));
+        assert_eq!(
+            d.control.control_socket,
+            PathBuf::from("/run/enbd-node/control.sock")
+        );
         assert_eq!(d.driver_name, "csi.enbd.io");
-        assert_eq!(d.metrics_listen, "0.0.0.0:9812".parse::<SocketAddr>().expect("addr"));
+        assert_eq!(
+            d.metrics_listen,
+            "0.0.0.0:9812".parse::<SocketAddr>().expect("addr")
+        );
         assert!(d.csi_endpoint.is_none());
     }
 }

@@ -32,10 +32,17 @@ pub enum Request {
         read_only: bool,
     },
     /// `target` is a volume id or a device path (`/dev/ublkbN`).
-    Detach { target: String },
+    Detach {
+        target: String,
+    },
     List,
-    ResetChannel { target: String, channel: usize },
-    Resize { target: String },
+    ResetChannel {
+        target: String,
+        channel: usize,
+    },
+    Resize {
+        target: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,20 +76,41 @@ pub struct VolumeView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Attached { volume_id: String, device: String, size_bytes: u64 },
-    Detached { volume_id: String },
-    List { volumes: Vec<VolumeView> },
-    Resized { volume_id: String, size_bytes: u64 },
+    Attached {
+        volume_id: String,
+        device: String,
+        size_bytes: u64,
+    },
+    Detached {
+        volume_id: String,
+    },
+    List {
+        volumes: Vec<VolumeView>,
+    },
+    Resized {
+        volume_id: String,
+        size_bytes: u64,
+    },
     Done,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Error)]
 pub enum ControlError {
-    #[error("cannot reach the enbd-node daemon at {path}: {source} (is `enbd-node daemon` running?)")]
-    Connect { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot reach the enbd-node daemon at {path}: {source} (is `enbd-node daemon` running?)"
+    )]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("control socket {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("malformed control message: {0}")]
     Protocol(String),
 }
@@ -128,15 +156,25 @@ impl From<&AttachmentStatus> for VolumeView {
 }
 
 /// Binds the control socket (replacing a stale one) and serves it until `shutdown`.
-pub async fn serve(path: &Path, mgr: AttachmentManager, shutdown: CancellationToken) -> Result<(), ControlError> {
+pub async fn serve(
+    path: &Path,
+    mgr: AttachmentManager,
+    shutdown: CancellationToken,
+) -> Result<(), ControlError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let io = |source| ControlError::Io { path: path.to_path_buf(), source };
+    let io = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            return Err(io(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "a non-socket file is in the way")));
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a non-socket file is in the way",
+            )));
         }
         std::fs::remove_file(path).map_err(io)?;
     }
@@ -164,10 +202,14 @@ pub async fn serve(path: &Path, mgr: AttachmentManager, shutdown: CancellationTo
 async fn serve_one(stream: UnixStream, mgr: &AttachmentManager) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(r.take(MAX_LINE)).read_line(&mut line).await?;
+    BufReader::new(r.take(MAX_LINE))
+        .read_line(&mut line)
+        .await?;
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(req) => handle(req, mgr).await,
-        Err(e) => Response::Error { message: format!("malformed request: {e}") },
+        Err(e) => Response::Error {
+            message: format!("malformed request: {e}"),
+        },
     };
     let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
     out.push(b'\n');
@@ -178,21 +220,46 @@ async fn serve_one(stream: UnixStream, mgr: &AttachmentManager) -> std::io::Resu
 /// A volume id, or the volume behind a device path.
 fn resolve(target: &str, mgr: &AttachmentManager) -> Result<String, String> {
     if target.starts_with("/dev/") || target.starts_with("ublkb") {
-        mgr.volume_of_device(target).ok_or_else(|| format!("device {target} is not attached by this daemon"))
+        mgr.volume_of_device(target)
+            .ok_or_else(|| format!("device {target} is not attached by this daemon"))
     } else {
         Ok(target.to_string())
     }
 }
 
 pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
-    let err = |e: AttachError| Response::Error { message: e.to_string() };
+    let err = |e: AttachError| Response::Error {
+        message: e.to_string(),
+    };
     match req {
-        Request::Attach { volume_id, servers, export, channels, queues, queue_depth, brownout, read_only } => {
+        Request::Attach {
+            volume_id,
+            servers,
+            export,
+            channels,
+            queues,
+            queue_depth,
+            brownout,
+            read_only,
+        } => {
             let brownout: BrownoutPolicy = match brownout.parse() {
                 Ok(b) => b,
-                Err(e) => return Response::Error { message: e.to_string() },
+                Err(e) => {
+                    return Response::Error {
+                        message: e.to_string(),
+                    };
+                }
             };
-            let req = AttachRequest { volume_id, servers, export, channels, queues, queue_depth, brownout, read_only };
+            let req = AttachRequest {
+                volume_id,
+                servers,
+                export,
+                channels,
+                queues,
+                queue_depth,
+                brownout,
+                read_only,
+            };
             match mgr.attach(req).await {
                 Ok(a) => Response::Attached {
                     volume_id: a.volume_id,
@@ -209,7 +276,9 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
             },
             Err(message) => Response::Error { message },
         },
-        Request::List => Response::List { volumes: mgr.list().iter().map(VolumeView::from).collect() },
+        Request::List => Response::List {
+            volumes: mgr.list().iter().map(VolumeView::from).collect(),
+        },
         Request::ResetChannel { target, channel } => match resolve(&target, mgr) {
             Ok(id) => match mgr.reset_channel(&id, channel) {
                 Ok(()) => Response::Done,
@@ -219,7 +288,10 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
         },
         Request::Resize { target } => match resolve(&target, mgr) {
             Ok(id) => match mgr.resize(&id).await {
-                Ok(size_bytes) => Response::Resized { volume_id: id, size_bytes },
+                Ok(size_bytes) => Response::Resized {
+                    volume_id: id,
+                    size_bytes,
+                },
                 Err(e) => err(e),
             },
             Err(message) => Response::Error { message },
@@ -231,17 +303,28 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
 pub async fn call(path: &Path, req: &Request) -> Result<Response, ControlError> {
     let stream = UnixStream::connect(path)
         .await
-        .map_err(|source| ControlError::Connect { path: path.to_path_buf(), source })?;
-    let io = |source| ControlError::Io { path: path.to_path_buf(), source };
+        .map_err(|source| ControlError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let io = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
     line.push(b'\n');
     w.write_all(&line).await.map_err(io)?;
     w.shutdown().await.map_err(io)?;
     let mut answer = String::new();
-    BufReader::new(r.take(MAX_LINE * 16)).read_line(&mut answer).await.map_err(io)?;
+    BufReader::new(r.take(MAX_LINE * 16))
+        .read_line(&mut answer)
+        .await
+        .map_err(io)?;
     if answer.is_empty() {
-        return Err(ControlError::Protocol("the daemon closed the connection without answering".into()));
+        return Err(ControlError::Protocol(
+            "the daemon closed the connection without answering".into(),
+        ));
     }
     serde_json::from_str(&answer).map_err(|e| ControlError::Protocol(e.to_string()))
 }
@@ -252,12 +335,19 @@ mod tests {
 
     #[test]
     fn requests_have_a_stable_wire_form() {
-        let r = Request::Detach { target: "/dev/ublkb0".into() };
+        let r = Request::Detach {
+            target: "/dev/ublkb0".into(),
+        };
         let text = serde_json::to_string(&r).expect("encode");
         assert_eq!(text, r#"{"op":"detach","target":"/dev/ublkb0"}"#);
         assert_eq!(serde_json::from_str::<Request>(&text).expect("decode"), r);
-        let e = Response::Error { message: "x".into() };
-        assert_eq!(serde_json::to_string(&e).expect("encode"), r#"{"result":"error","message":"x"}"#);
+        let e = Response::Error {
+            message: "x".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&e).expect("encode"),
+            r#"{"result":"error","message":"x"}"#
+        );
     }
 
     #[tokio::test]
@@ -282,13 +372,36 @@ mod tests {
             assert!(tries < 500, "control socket never came up");
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        assert_eq!(call(&sock, &Request::List).await.expect("list"), Response::List { volumes: vec![] });
-        match call(&sock, &Request::Detach { target: "ghost".into() }).await.expect("detach") {
-            Response::Error { message } => assert!(message.contains("ghost is not attached"), "{message}"),
+        assert_eq!(
+            call(&sock, &Request::List).await.expect("list"),
+            Response::List { volumes: vec![] }
+        );
+        match call(
+            &sock,
+            &Request::Detach {
+                target: "ghost".into(),
+            },
+        )
+        .await
+        .expect("detach")
+        {
+            Response::Error { message } => {
+                assert!(message.contains("ghost is not attached"), "{message}")
+            }
             other => panic!("unexpected {other:?}"),
         }
-        match call(&sock, &Request::Detach { target: "/dev/ublkb7".into() }).await.expect("detach") {
-            Response::Error { message } => assert!(message.contains("/dev/ublkb7 is not attached"), "{message}"),
+        match call(
+            &sock,
+            &Request::Detach {
+                target: "/dev/ublkb7".into(),
+            },
+        )
+        .await
+        .expect("detach")
+        {
+            Response::Error { message } => {
+                assert!(message.contains("/dev/ublkb7 is not attached"), "{message}")
+            }
             other => panic!("unexpected {other:?}"),
         }
         stop.cancel();

@@ -37,7 +37,10 @@ pub struct DaemonConfig {
 /// A service run beside the control socket, sharing the attachment manager; it must return
 /// once the token is cancelled.
 pub type ExtraService = Box<
-    dyn FnOnce(AttachmentManager, CancellationToken) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>
+    dyn FnOnce(
+            AttachmentManager,
+            CancellationToken,
+        ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>
         + Send,
 >;
 
@@ -90,12 +93,19 @@ pub async fn run_daemon(cfg: DaemonConfig, extra: Vec<ExtraService>) -> anyhow::
     stop.cancel();
     while services.join_next().await.is_some() {}
     let kept = mgr.list().len();
-    tracing::info!(devices_kept = kept, "enbd-node daemon exiting; devices stay for the next daemon");
+    tracing::info!(
+        devices_kept = kept,
+        "enbd-node daemon exiting; devices stay for the next daemon"
+    );
     result
 }
 
 /// A minimal Prometheus text endpoint: every request gets the current metrics.
-async fn serve_metrics(listener: TcpListener, mgr: AttachmentManager, stop: CancellationToken) -> anyhow::Result<()> {
+async fn serve_metrics(
+    listener: TcpListener,
+    mgr: AttachmentManager,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     loop {
         let (mut sock, _) = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -108,7 +118,8 @@ async fn serve_metrics(listener: TcpListener, mgr: AttachmentManager, stop: Canc
         tokio::spawn(async move {
             // Read (and ignore) the request head: every path serves the metrics.
             let mut buf = [0u8; 1024];
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf)).await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf)).await;
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
@@ -123,23 +134,47 @@ fn render_metrics(mgr: &AttachmentManager) -> String {
     use std::fmt::Write;
     let vols = mgr.list();
     let mut out = String::new();
-    let _ = writeln!(out, "# TYPE enbd_node_volumes gauge\nenbd_node_volumes {}", vols.len());
+    let _ = writeln!(
+        out,
+        "# TYPE enbd_node_volumes gauge\nenbd_node_volumes {}",
+        vols.len()
+    );
     let _ = writeln!(out, "# TYPE enbd_node_volume_attached gauge");
     for v in &vols {
-        let _ = writeln!(out, "enbd_node_volume_attached{{volume=\"{}\",device=\"{}\"}} {}",
-            v.volume_id, v.dev_path.display(), u8::from(v.phase == Phase::Attached));
+        let _ = writeln!(
+            out,
+            "enbd_node_volume_attached{{volume=\"{}\",device=\"{}\"}} {}",
+            v.volume_id,
+            v.dev_path.display(),
+            u8::from(v.phase == Phase::Attached)
+        );
     }
-    let _ = writeln!(out, "# TYPE enbd_node_channel_up gauge\n# TYPE enbd_node_channel_completed_total counter\n# TYPE enbd_node_channel_reissued_total counter");
+    let _ = writeln!(
+        out,
+        "# TYPE enbd_node_channel_up gauge\n# TYPE enbd_node_channel_completed_total counter\n# TYPE enbd_node_channel_reissued_total counter"
+    );
     for v in &vols {
         let Some(e) = &v.engine else { continue };
         for c in &e.channels {
             let labels = format!("volume=\"{}\",channel=\"{}\"", v.volume_id, c.index);
             let up = u8::from(format!("{:?}", c.state) == "Up");
             let _ = writeln!(out, "enbd_node_channel_up{{{labels}}} {up}");
-            let _ = writeln!(out, "enbd_node_channel_completed_total{{{labels}}} {}", c.completed);
-            let _ = writeln!(out, "enbd_node_channel_reissued_total{{{labels}}} {}", c.reissued);
+            let _ = writeln!(
+                out,
+                "enbd_node_channel_completed_total{{{labels}}} {}",
+                c.completed
+            );
+            let _ = writeln!(
+                out,
+                "enbd_node_channel_reissued_total{{{labels}}} {}",
+                c.reissued
+            );
         }
-        let _ = writeln!(out, "enbd_node_journal_requests{{volume=\"{}\"}} {}", v.volume_id, e.journal_requests);
+        let _ = writeln!(
+            out,
+            "enbd_node_journal_requests{{volume=\"{}\"}} {}",
+            v.volume_id, e.journal_requests
+        );
     }
     out
 }

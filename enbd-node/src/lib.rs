@@ -1,11 +1,11 @@
 //! enbd-node library.
-pub mod mount;
-pub mod csi;
-pub mod device;
-pub mod engine;
-pub mod bench;
 pub mod attach;
+pub mod bench;
 pub mod cli;
 pub mod control;
+pub mod csi;
 pub mod daemon;
+pub mod device;
+pub mod engine;
+pub mod mount;
 pub mod state;

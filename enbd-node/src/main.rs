@@ -13,12 +13,25 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Daemon(args) => run_daemon(args),
         Command::Attach(args) => attach(args),
-        Command::Detach(args) => client(&args.control.control_socket, Request::Detach { target: args.target }),
+        Command::Detach(args) => client(
+            &args.control.control_socket,
+            Request::Detach {
+                target: args.target,
+            },
+        ),
         Command::List(args) => list(&args.control.control_socket, args.json),
-        Command::Resize(args) => client(&args.control.control_socket, Request::Resize { target: args.target }),
+        Command::Resize(args) => client(
+            &args.control.control_socket,
+            Request::Resize {
+                target: args.target,
+            },
+        ),
         Command::ResetChannel(args) => client(
             &args.control.control_socket,
-            Request::ResetChannel { target: args.target, channel: args.channel },
+            Request::ResetChannel {
+                target: args.target,
+                channel: args.channel,
+            },
         ),
         Command::Bench(args) => enbd_node::bench::run_bench(args),
     };
@@ -36,7 +49,10 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only on a terminal: logs redirected to files stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -98,7 +114,10 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the Tokio runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the Tokio runtime")
 }
 
 fn call(socket: &std::path::Path, req: Request) -> anyhow::Result<Response> {
@@ -114,7 +133,10 @@ fn client(socket: &std::path::Path, req: Request) -> anyhow::Result<()> {
     match call(socket, req)? {
         Response::Detached { volume_id } => println!("detached {volume_id}"),
         Response::Done => println!("ok"),
-        Response::Resized { volume_id, size_bytes } => println!("{volume_id}: {size_bytes} bytes"),
+        Response::Resized {
+            volume_id,
+            size_bytes,
+        } => println!("{volume_id}: {size_bytes} bytes"),
         other => println!("{}", serde_json::to_string(&other)?),
     }
     Ok(())
@@ -123,7 +145,10 @@ fn client(socket: &std::path::Path, req: Request) -> anyhow::Result<()> {
 fn attach(args: AttachArgs) -> anyhow::Result<()> {
     let source = args.source()?;
     let req = Request::Attach {
-        volume_id: args.volume_id.clone().unwrap_or_else(|| source.export.clone()),
+        volume_id: args
+            .volume_id
+            .clone()
+            .unwrap_or_else(|| source.export.clone()),
         servers: source.servers,
         export: source.export,
         channels: args.channels,
@@ -133,7 +158,11 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
         read_only: args.read_only,
     };
     match call(&args.control.control_socket, req)? {
-        Response::Attached { volume_id, device, size_bytes } => {
+        Response::Attached {
+            volume_id,
+            device,
+            size_bytes,
+        } => {
             println!("attached {volume_id} as {device} ({size_bytes} bytes)");
             Ok(())
         }
@@ -149,16 +178,29 @@ fn list(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&volumes)?);
         return Ok(());
     }
-    println!("{:<14} {:<24} {:>12} {:<11} {:<9} {:<16} CHANNELS", "DEVICE", "VOLUME", "SIZE", "PHASE", "ENGINE", "BROWNOUT");
+    println!(
+        "{:<14} {:<24} {:>12} {:<11} {:<9} {:<16} CHANNELS",
+        "DEVICE", "VOLUME", "SIZE", "PHASE", "ENGINE", "BROWNOUT"
+    );
     for v in &volumes {
         println!(
             "{:<14} {:<24} {:>12} {:<11} {:<9} {:<16} {}",
-            v.device, v.volume_id, v.size_bytes, v.phase, v.engine, v.brownout, channels(v)
+            v.device,
+            v.volume_id,
+            v.size_bytes,
+            v.phase,
+            v.engine,
+            v.brownout,
+            channels(v)
         );
     }
     Ok(())
 }
 
 fn channels(v: &VolumeView) -> String {
-    v.channels.iter().map(|c| format!("{}:{}", c.index, c.state)).collect::<Vec<_>>().join(" ")
+    v.channels
+        .iter()
+        .map(|c| format!("{}:{}", c.index, c.state))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

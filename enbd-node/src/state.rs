@@ -42,17 +42,28 @@ struct StateFile {
 #[derive(Debug, Error)]
 pub enum StateError {
     #[error("state directory {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("state directory {0} is in use by another enbd-node daemon")]
     Locked(PathBuf),
     #[error("state file {path} is corrupt: {source}")]
-    Corrupt { path: PathBuf, source: serde_json::Error },
-    #[error("state file {path} has format version {found}; this enbd-node reads version {FORMAT_VERSION}")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(
+        "state file {path} has format version {found}; this enbd-node reads version {FORMAT_VERSION}"
+    )]
     Version { path: PathBuf, found: u32 },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
-    move |source| StateError::Io { path: path.to_path_buf(), source }
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The state directory, locked for this process while the value lives.
@@ -80,10 +91,16 @@ impl StateStore {
             return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 StateError::Locked(dir.to_path_buf())
             } else {
-                StateError::Io { path: lock_path, source: e }
+                StateError::Io {
+                    path: lock_path,
+                    source: e,
+                }
             });
         }
-        Ok(StateStore { dir: dir.to_path_buf(), _lock: lock })
+        Ok(StateStore {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -98,10 +115,16 @@ impl StateStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(StateError::Io { path, source: e }),
         };
-        let file: StateFile = serde_json::from_slice(&text)
-            .map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
+        let file: StateFile =
+            serde_json::from_slice(&text).map_err(|source| StateError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
         if file.version != FORMAT_VERSION {
-            return Err(StateError::Version { path, found: file.version });
+            return Err(StateError::Version {
+                path,
+                found: file.version,
+            });
         }
         Ok(file.attachments)
     }
@@ -114,14 +137,19 @@ impl StateStore {
             version: FORMAT_VERSION,
             attachments: attachments.to_vec(),
         })
-        .map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
+        .map_err(|source| StateError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
         {
             let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
             f.write_all(&body).map_err(io_err(&tmp))?;
             f.sync_all().map_err(io_err(&tmp))?;
         }
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir))
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir))
     }
 }
 
@@ -150,7 +178,10 @@ mod tests {
         let store = StateStore::open(dir.path()).expect("open");
         assert!(store.load().expect("empty load").is_empty());
         store.save(&[record("a", 0), record("b", 3)]).expect("save");
-        assert_eq!(store.load().expect("load"), vec![record("a", 0), record("b", 3)]);
+        assert_eq!(
+            store.load().expect("load"),
+            vec![record("a", 0), record("b", 3)]
+        );
         store.save(&[record("b", 3)]).expect("save again");
         assert_eq!(store.load().expect("load"), vec![record("b", 3)]);
         assert!(!dir.path().join("attachments.json.tmp").exists());
@@ -160,7 +191,10 @@ mod tests {
     fn second_daemon_is_locked_out() {
         let dir = tempfile::tempdir().expect("tempdir");
         let _first = StateStore::open(dir.path()).expect("open");
-        assert!(matches!(StateStore::open(dir.path()), Err(StateError::Locked(_))));
+        assert!(matches!(
+            StateStore::open(dir.path()),
+            Err(StateError::Locked(_))
+        ));
     }
 
     #[test]
@@ -169,7 +203,14 @@ mod tests {
         let store = StateStore::open(dir.path()).expect("open");
         fs::write(dir.path().join(STATE_FILE), b"{not json").expect("write");
         assert!(matches!(store.load(), Err(StateError::Corrupt { .. })));
-        fs::write(dir.path().join(STATE_FILE), br#"{"version":9,"attachments":[]}"#).expect("write");
-        assert!(matches!(store.load(), Err(StateError::Version { found: 9, .. })));
+        fs::write(
+            dir.path().join(STATE_FILE),
+            br#"{"version":9,"attachments":[]}"#,
+        )
+        .expect("write");
+        assert!(matches!(
+            store.load(),
+            Err(StateError::Version { found: 9, .. })
+        ));
     }
 }

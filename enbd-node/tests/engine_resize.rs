@@ -44,14 +44,21 @@ fn start_server(data: &std::path::Path) -> Server {
     let mut line = String::new();
     reader.read_line(&mut line).expect("readiness line");
     std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    assert!(line.starts_with("enbd-server ready "), "unexpected first line: {line:?}");
+    assert!(
+        line.starts_with("enbd-server ready "),
+        "unexpected first line: {line:?}"
+    );
     let field = |k: &str| {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(k))
             .unwrap_or_else(|| panic!("{k} missing in {line:?}"))
             .to_owned()
     };
-    Server { nbd: field("nbd="), mgmt: field("mgmt="), child }
+    Server {
+        nbd: field("nbd="),
+        mgmt: field("mgmt="),
+        child,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,16 +68,24 @@ async fn engine_refresh_size_serves_a_grown_export() {
     let mut mgmt = VolumeServiceClient::connect(format!("http://{}", server.mgmt))
         .await
         .expect("mgmt connect");
-    mgmt.create_volume(CreateVolumeRequest { name: "grow".into(), size_bytes: OLD, source: None, labels: Default::default() })
-        .await
-        .expect("create volume");
+    mgmt.create_volume(CreateVolumeRequest {
+        name: "grow".into(),
+        size_bytes: OLD,
+        source: None,
+        labels: Default::default(),
+    })
+    .await
+    .expect("create volume");
 
     let mut cfg = ClientConfig::new(server.nbd.clone(), "grow");
     cfg.channels = 2;
     let client = Client::connect(cfg).await.expect("connect");
     assert_eq!(client.geometry().size, OLD);
     let before_end = Bytes::from(vec![0x5a; 4096]);
-    client.write(OLD - 4096, before_end.clone(), false).await.expect("write at the old end");
+    client
+        .write(OLD - 4096, before_end.clone(), false)
+        .await
+        .expect("write at the old end");
 
     // Nothing changed yet: refreshing is a no-op and the old end is still enforced.
     assert_eq!(client.refresh_size().await.expect("refresh"), OLD);
@@ -80,7 +95,10 @@ async fn engine_refresh_size_serves_a_grown_export() {
     }
 
     let grown = mgmt
-        .expand_volume(ExpandVolumeRequest { name: "grow".into(), size_bytes: NEW })
+        .expand_volume(ExpandVolumeRequest {
+            name: "grow".into(),
+            size_bytes: NEW,
+        })
         .await
         .expect("expand volume")
         .into_inner();
@@ -95,22 +113,48 @@ async fn engine_refresh_size_serves_a_grown_export() {
 
     // Past the old end, up to the new one, on the engine's existing channels.
     let tail = Bytes::from((0..8192u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-    client.write(NEW - 8192, tail.clone(), true).await.expect("write at the new end");
+    client
+        .write(NEW - 8192, tail.clone(), true)
+        .await
+        .expect("write at the new end");
     let mid = Bytes::from(vec![0xc3; 65536]);
-    client.write(OLD, mid.clone(), false).await.expect("write right after the old end");
+    client
+        .write(OLD, mid.clone(), false)
+        .await
+        .expect("write right after the old end");
     client.flush().await.expect("flush");
-    assert_eq!(client.read(NEW - 8192, 8192).await.expect("read new end"), tail);
-    assert_eq!(client.read(OLD, 65536).await.expect("read old end + 0"), mid);
-    assert_eq!(client.read(OLD - 4096, 4096).await.expect("read before old end"), before_end);
+    assert_eq!(
+        client.read(NEW - 8192, 8192).await.expect("read new end"),
+        tail
+    );
+    assert_eq!(
+        client.read(OLD, 65536).await.expect("read old end + 0"),
+        mid
+    );
+    assert_eq!(
+        client
+            .read(OLD - 4096, 4096)
+            .await
+            .expect("read before old end"),
+        before_end
+    );
     match client.read(NEW, 512).await {
         Err(IoError::OutOfRange { size, .. }) => assert_eq!(size, NEW),
         other => panic!("read past the new end: {other:?}"),
     }
 
     // A second engine sees the same bytes: they are on the server, not in a cache.
-    let other = Client::connect(ClientConfig::new(server.nbd.clone(), "grow")).await.expect("connect");
+    let other = Client::connect(ClientConfig::new(server.nbd.clone(), "grow"))
+        .await
+        .expect("connect");
     assert_eq!(other.geometry().size, NEW);
-    assert_eq!(other.read(NEW - 8192, 8192).await.expect("read by another client"), tail);
+    assert_eq!(
+        other
+            .read(NEW - 8192, 8192)
+            .await
+            .expect("read by another client"),
+        tail
+    );
     other.shutdown().await;
     client.shutdown().await;
 }

@@ -49,9 +49,7 @@ pub fn status_of(e: &StoreError) -> Status {
     match e {
         StoreError::InvalidName { .. }
         | StoreError::InvalidSize(_)
-        | StoreError::InvalidLabels(_) => {
-            Status::invalid_argument(msg)
-        }
+        | StoreError::InvalidLabels(_) => Status::invalid_argument(msg),
         StoreError::NotFound { .. } => Status::not_found(msg),
         StoreError::AlreadyExists { .. } => Status::already_exists(msg),
         StoreError::InUse { .. } => Status::failed_precondition(msg),

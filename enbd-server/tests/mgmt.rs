@@ -60,10 +60,21 @@ async fn create_and_delete_are_idempotent() {
     // Labels are recorded and returned, and take part in idempotency.
     let mut labelled = create("pvc-l", 1 << 20);
     labelled.labels = [("fsType".to_string(), "xfs".to_string())].into();
-    let l = m.create_volume(labelled.clone()).await.unwrap().into_inner().volume.unwrap();
+    let l = m
+        .create_volume(labelled.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     assert_eq!(l.labels, labelled.labels);
     assert_eq!(
-        m.create_volume(labelled.clone()).await.unwrap().into_inner().volume.unwrap(),
+        m.create_volume(labelled.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap(),
         l
     );
     let mut relabelled = labelled.clone();

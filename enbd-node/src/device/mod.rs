@@ -39,7 +39,11 @@ pub enum DeviceError {
     #[error("creating the ublk device failed: {0}")]
     Create(String),
     #[error("ublk device {dev_id}: {what} failed: {error}")]
-    Control { dev_id: u32, what: &'static str, error: String },
+    Control {
+        dev_id: u32,
+        what: &'static str,
+        error: String,
+    },
     #[error("ublk device {0} does not exist")]
     NotFound(u32),
     #[error("ublk device {dev_id} cannot be taken over: it is {state}")]
@@ -110,11 +114,13 @@ impl Features {
 /// Queries the driver's features (needs `/dev/ublk-control`).
 pub fn features() -> Result<Features, DeviceError> {
     if !std::path::Path::new("/dev/ublk-control").exists() {
-        return Err(DeviceError::Unavailable("/dev/ublk-control is missing".into()));
+        return Err(DeviceError::Unavailable(
+            "/dev/ublk-control is missing".into(),
+        ));
     }
-    UblkCtrl::get_features()
-        .map(Features)
-        .ok_or_else(|| DeviceError::Unavailable("GET_FEATURES failed (kernel older than 6.5?)".into()))
+    UblkCtrl::get_features().map(Features).ok_or_else(|| {
+        DeviceError::Unavailable("GET_FEATURES failed (kernel older than 6.5?)".into())
+    })
 }
 
 /// Device shape; the geometry comes from the server.
@@ -149,7 +155,11 @@ pub fn bdev_path(dev_id: u32) -> PathBuf {
 fn describe(e: &UblkError) -> String {
     match e {
         UblkError::OtherError(code) | UblkError::UringIOError(code) => {
-            format!("{} (errno {})", std::io::Error::from_raw_os_error(code.abs()), code.abs())
+            format!(
+                "{} (errno {})",
+                std::io::Error::from_raw_os_error(code.abs()),
+                code.abs()
+            )
         }
         UblkError::IOError(io) => io.to_string(),
         other => format!("{other:?}"),
@@ -172,7 +182,11 @@ fn open_ctrl(dev_id: u32) -> Result<UblkCtrl, DeviceError> {
         if is_no_device(&e) {
             DeviceError::NotFound(dev_id)
         } else {
-            DeviceError::Control { dev_id, what: "GET_DEV_INFO", error: describe(&e) }
+            DeviceError::Control {
+                dev_id,
+                what: "GET_DEV_INFO",
+                error: describe(&e),
+            }
         }
     })
 }
@@ -192,7 +206,11 @@ impl Resizer {
     pub fn resize(&self, size_bytes: u64) -> Result<(), DeviceError> {
         let now = self.size.load(Ordering::Acquire);
         if size_bytes < now {
-            return Err(DeviceError::Shrink { dev_id: self.dev_id, from: now, to: size_bytes });
+            return Err(DeviceError::Shrink {
+                dev_id: self.dev_id,
+                from: now,
+                to: size_bytes,
+            });
         }
         if size_bytes == now {
             return Ok(());
@@ -231,7 +249,11 @@ pub fn resize(dev_id: u32, size_bytes: u64) -> Result<(), DeviceError> {
     open_ctrl(dev_id)?
         .update_size(size_bytes)
         .map(|_| ())
-        .map_err(|e| DeviceError::Control { dev_id, what: "UPDATE_SIZE", error: describe(&e) })
+        .map_err(|e| DeviceError::Control {
+            dev_id,
+            what: "UPDATE_SIZE",
+            error: describe(&e),
+        })
 }
 
 /// Removes a device that has no running server here (e.g. its volume is gone).
@@ -243,7 +265,11 @@ pub fn delete(dev_id: u32) -> Result<(), DeviceError> {
     match ctrl.del_dev() {
         Ok(_) => Ok(()),
         Err(e) if is_no_device(&e) => Ok(()),
-        Err(e) => Err(DeviceError::Control { dev_id, what: "DEL_DEV", error: describe(&e) }),
+        Err(e) => Err(DeviceError::Control {
+            dev_id,
+            what: "DEL_DEV",
+            error: describe(&e),
+        }),
     }
 }
 
@@ -264,9 +290,12 @@ impl Device {
             .name("ublk-dev".into())
             .spawn(move || serve_device(opts, start, features, target, rt, queue_size, ready_tx))?;
         match ready_rx.recv_timeout(START_TIMEOUT) {
-            Ok(Ok(dev_id)) => {
-                Ok(Device { dev_id, recoverable: features.recovery(), size, thread: Some(thread) })
-            }
+            Ok(Ok(dev_id)) => Ok(Device {
+                dev_id,
+                recoverable: features.recovery(),
+                size,
+                thread: Some(thread),
+            }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -274,7 +303,9 @@ impl Device {
             Err(mpsc::RecvTimeoutError::Timeout) => Err(DeviceError::StartTimeout(START_TIMEOUT)),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let _ = thread.join();
-                Err(DeviceError::Create("device thread ended before the device started".into()))
+                Err(DeviceError::Create(
+                    "device thread ended before the device started".into(),
+                ))
             }
         }
     }
@@ -294,7 +325,10 @@ impl Device {
 
     /// A handle that can grow this device from a blocking thread (see [`Resizer::resize`]).
     pub fn resizer(&self) -> Resizer {
-        Resizer { dev_id: self.dev_id, size: self.size.clone() }
+        Resizer {
+            dev_id: self.dev_id,
+            size: self.size.clone(),
+        }
     }
 
     /// Whether a daemon restart can take this device over.
@@ -306,8 +340,11 @@ impl Device {
     pub fn stop(mut self) -> Result<(), DeviceError> {
         let dev_id = self.dev_id;
         let ctrl = open_ctrl(dev_id)?;
-        ctrl.kill_dev()
-            .map_err(|e| DeviceError::Control { dev_id, what: "STOP_DEV", error: describe(&e) })?;
+        ctrl.kill_dev().map_err(|e| DeviceError::Control {
+            dev_id,
+            what: "STOP_DEV",
+            error: describe(&e),
+        })?;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -371,14 +408,22 @@ fn serve_device<T: BlockTarget>(
     match result {
         Ok(_) => tracing::info!(dev_id, "ublk device stopped"),
         Err(e) => {
-            let err = DeviceError::Control { dev_id, what: "START_DEV", error: describe(&e) };
+            let err = DeviceError::Control {
+                dev_id,
+                what: "START_DEV",
+                error: describe(&e),
+            };
             tracing::error!(dev_id, error = %err, "ublk device failed");
             let _ = ready.send(Err(err));
         }
     }
 }
 
-fn build_ctrl(opts: &DeviceOptions, start: Start, features: Features) -> Result<UblkCtrl, DeviceError> {
+fn build_ctrl(
+    opts: &DeviceOptions,
+    start: Start,
+    features: Features,
+) -> Result<UblkCtrl, DeviceError> {
     let io_buf = params::io_buf_bytes(&opts.geometry);
     let builder = UblkCtrlBuilder::default()
         .name("enbd")
@@ -422,7 +467,11 @@ fn build_ctrl(opts: &DeviceOptions, start: Start, features: Features) -> Result<
                 .io_buf_bytes(info.max_io_buf_bytes)
                 .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
                 .build()
-                .map_err(|e| DeviceError::Control { dev_id, what: "recover", error: describe(&e) })
+                .map_err(|e| DeviceError::Control {
+                    dev_id,
+                    what: "recover",
+                    error: describe(&e),
+                })
         }
     }
 }

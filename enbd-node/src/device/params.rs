@@ -32,13 +32,21 @@ const MAX_DISCARD_BYTES: u32 = crate::engine::MAX_REQUEST_BYTES as u32;
 /// log2 of a block size, clamped to what the block layer accepts (512 B ..= 64 KiB) and
 /// rounded down to a power of two.
 fn block_shift(bytes: u32, min_shift: u8) -> u8 {
-    let shift = if bytes == 0 { 0 } else { (31 - bytes.leading_zeros()) as u8 };
+    let shift = if bytes == 0 {
+        0
+    } else {
+        (31 - bytes.leading_zeros()) as u8
+    };
     shift.clamp(min_shift, 16)
 }
 
 /// The per-tag IO buffer size: the server's limit, rounded down to whole 4 KiB pages.
 pub fn io_buf_bytes(geo: &DeviceGeometry) -> u32 {
-    let limit = if geo.max_io_bytes == 0 { MAX_IO_BUF_BYTES } else { geo.max_io_bytes };
+    let limit = if geo.max_io_bytes == 0 {
+        MAX_IO_BUF_BYTES
+    } else {
+        geo.max_io_bytes
+    };
     (limit.min(MAX_IO_BUF_BYTES) & !4095).max(4096)
 }
 
@@ -78,8 +86,16 @@ pub fn ublk_params(geo: &DeviceGeometry, io_buf_bytes: u32) -> sys::ublk_params 
         params.discard = sys::ublk_param_discard {
             discard_alignment: 0,
             discard_granularity: 1 << physical_shift,
-            max_discard_sectors: if geo.discard { MAX_DISCARD_BYTES >> 9 } else { 0 },
-            max_write_zeroes_sectors: if geo.write_zeroes { MAX_DISCARD_BYTES >> 9 } else { 0 },
+            max_discard_sectors: if geo.discard {
+                MAX_DISCARD_BYTES >> 9
+            } else {
+                0
+            },
+            max_write_zeroes_sectors: if geo.write_zeroes {
+                MAX_DISCARD_BYTES >> 9
+            } else {
+                0
+            },
             max_discard_segments: 1,
             reserved0: 0,
         };
@@ -108,8 +124,14 @@ mod tests {
     #[test]
     fn full_featured_volume() {
         let p = ublk_params(&geo(), io_buf_bytes(&geo()));
-        assert_eq!(p.types, sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD);
-        assert_eq!(p.basic.attrs, sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA);
+        assert_eq!(
+            p.types,
+            sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD
+        );
+        assert_eq!(
+            p.basic.attrs,
+            sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA
+        );
         assert_eq!(p.basic.logical_bs_shift, 9);
         assert_eq!(p.basic.physical_bs_shift, 12);
         assert_eq!(p.basic.dev_sectors, (64 << 20) >> 9);
@@ -121,7 +143,12 @@ mod tests {
 
     #[test]
     fn read_only_without_discard_or_cache() {
-        let g = DeviceGeometry { read_only: true, flush: false, fua: false, ..geo() };
+        let g = DeviceGeometry {
+            read_only: true,
+            flush: false,
+            fua: false,
+            ..geo()
+        };
         let p = ublk_params(&g, 4096);
         assert_eq!(p.types, sys::UBLK_PARAM_TYPE_BASIC);
         assert_eq!(p.basic.attrs, sys::UBLK_ATTR_READ_ONLY);
@@ -129,20 +156,50 @@ mod tests {
 
     #[test]
     fn odd_block_sizes_are_clamped() {
-        let g = DeviceGeometry { logical_block: 1, physical_block: 1, size_bytes: 4097, ..geo() };
+        let g = DeviceGeometry {
+            logical_block: 1,
+            physical_block: 1,
+            size_bytes: 4097,
+            ..geo()
+        };
         let p = ublk_params(&g, io_buf_bytes(&g));
         assert_eq!(p.basic.logical_bs_shift, 9);
         assert_eq!(p.basic.physical_bs_shift, 12);
         assert_eq!(p.basic.dev_sectors, 8, "trailing partial block dropped");
-        let g = DeviceGeometry { logical_block: 4096, physical_block: 512, ..geo() };
+        let g = DeviceGeometry {
+            logical_block: 4096,
+            physical_block: 512,
+            ..geo()
+        };
         let p = ublk_params(&g, 4096);
-        assert_eq!(p.basic.physical_bs_shift, 12, "physical never below logical");
+        assert_eq!(
+            p.basic.physical_bs_shift, 12,
+            "physical never below logical"
+        );
     }
 
     #[test]
     fn io_buffer_follows_server_limit() {
-        assert_eq!(io_buf_bytes(&DeviceGeometry { max_io_bytes: 65536 + 100, ..geo() }), 65536);
-        assert_eq!(io_buf_bytes(&DeviceGeometry { max_io_bytes: 0, ..geo() }), MAX_IO_BUF_BYTES);
-        assert_eq!(io_buf_bytes(&DeviceGeometry { max_io_bytes: 10, ..geo() }), 4096);
+        assert_eq!(
+            io_buf_bytes(&DeviceGeometry {
+                max_io_bytes: 65536 + 100,
+                ..geo()
+            }),
+            65536
+        );
+        assert_eq!(
+            io_buf_bytes(&DeviceGeometry {
+                max_io_bytes: 0,
+                ..geo()
+            }),
+            MAX_IO_BUF_BYTES
+        );
+        assert_eq!(
+            io_buf_bytes(&DeviceGeometry {
+                max_io_bytes: 10,
+                ..geo()
+            }),
+            4096
+        );
     }
 }

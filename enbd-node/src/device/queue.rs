@@ -35,7 +35,15 @@ pub(crate) fn run(qid: u16, dev: &UblkDev, link: QueueLink, size_bytes: Arc<Atom
     let buf_bytes = dev.dev_info.max_io_buf_bytes as usize;
     let tags: Vec<_> = queue
         .tags()
-        .map(|tag| exe.spawn(serve_tag(queue.clone(), tag, link.clone(), size_bytes.clone(), buf_bytes)))
+        .map(|tag| {
+            exe.spawn(serve_tag(
+                queue.clone(),
+                tag,
+                link.clone(),
+                size_bytes.clone(),
+                buf_bytes,
+            ))
+        })
         .collect();
     // The doorbell reader never finishes on its own; it is dropped with the executor.
     let _bell = exe.spawn(listen_doorbell(link.clone()));
@@ -58,8 +66,8 @@ pub(crate) fn run(qid: u16, dev: &UblkDev, link: QueueLink, size_bytes: Arc<Atom
 async fn listen_doorbell(link: QueueLink) {
     let mut counter = Box::new([0u8; 8]);
     loop {
-        let sqe = opcode::Read::new(types::Fd(link.doorbell.raw_fd()), counter.as_mut_ptr(), 8)
-            .build();
+        let sqe =
+            opcode::Read::new(types::Fd(link.doorbell.raw_fd()), counter.as_mut_ptr(), 8).build();
         match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
             Ok(res) if res >= 0 || res == -libc::EINTR || res == -libc::EAGAIN => {}
             Ok(res) => {
@@ -74,9 +82,18 @@ async fn listen_doorbell(link: QueueLink) {
     }
 }
 
-async fn serve_tag(queue: Rc<UblkQueue<'_>>, tag: u16, link: QueueLink, size: Arc<AtomicU64>, buf_bytes: usize) {
+async fn serve_tag(
+    queue: Rc<UblkQueue<'_>>,
+    tag: u16,
+    link: QueueLink,
+    size: Arc<AtomicU64>,
+    buf_bytes: usize,
+) {
     let mut buf = IoBuf::<u8>::new(buf_bytes);
-    match queue.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), -1, Some(&buf)).await {
+    match queue
+        .submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), -1, Some(&buf))
+        .await
+    {
         Ok(_) => {}
         Err(UblkError::QueueIsDown) => return,
         Err(e) => {
@@ -87,8 +104,17 @@ async fn serve_tag(queue: Rc<UblkQueue<'_>>, tag: u16, link: QueueLink, size: Ar
     loop {
         let desc = IoDesc::from(queue.get_iod(tag));
         // Read per request: an online resize may have grown the device since the last one.
-        let result = handle(desc, buf.as_mut_slice(), &link, size.load(Ordering::Acquire)).await;
-        match queue.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), result).await {
+        let result = handle(
+            desc,
+            buf.as_mut_slice(),
+            &link,
+            size.load(Ordering::Acquire),
+        )
+        .await;
+        match queue
+            .submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), result)
+            .await
+        {
             Ok(_) => {}
             Err(UblkError::QueueIsDown) => return,
             Err(e) => {
@@ -104,8 +130,13 @@ async fn handle(desc: IoDesc, buf: &mut [u8], link: &QueueLink, size: u64) -> i3
     let req = match decode(desc, buf, size) {
         Ok(req) => req,
         Err(errno) => {
-            tracing::warn!(op_flags = desc.op_flags, sector = desc.start_sector,
-                sectors = desc.nr_sectors, errno, "ublk request rejected");
+            tracing::warn!(
+                op_flags = desc.op_flags,
+                sector = desc.start_sector,
+                sectors = desc.nr_sectors,
+                errno,
+                "ublk request rejected"
+            );
             return -errno;
         }
     };

@@ -14,7 +14,9 @@ pub struct RamTarget {
 
 impl RamTarget {
     pub fn new(size_bytes: usize) -> Self {
-        RamTarget { data: Mutex::new(vec![0; size_bytes]) }
+        RamTarget {
+            data: Mutex::new(vec![0; size_bytes]),
+        }
     }
 
     fn serve(&self, req: BlockRequest) -> Result<Bytes, i32> {
@@ -22,19 +24,28 @@ impl RamTarget {
         let range = |offset: u64, len: usize| -> Result<std::ops::Range<usize>, i32> {
             let start = usize::try_from(offset).map_err(|_| libc::EINVAL)?;
             let end = start.checked_add(len).ok_or(libc::EINVAL)?;
-            if end > data.len() { Err(libc::EINVAL) } else { Ok(start..end) }
+            if end > data.len() {
+                Err(libc::EINVAL)
+            } else {
+                Ok(start..end)
+            }
         };
         match req {
             BlockRequest::Read { offset, len } => {
                 let r = range(offset, len as usize)?;
                 Ok(Bytes::copy_from_slice(&data[r]))
             }
-            BlockRequest::Write { offset, data: payload, .. } => {
+            BlockRequest::Write {
+                offset,
+                data: payload,
+                ..
+            } => {
                 let r = range(offset, payload.len())?;
                 data[r].copy_from_slice(&payload);
                 Ok(Bytes::new())
             }
-            BlockRequest::Discard { offset, len } | BlockRequest::WriteZeroes { offset, len, .. } => {
+            BlockRequest::Discard { offset, len }
+            | BlockRequest::WriteZeroes { offset, len, .. } => {
                 let r = range(offset, len as usize)?;
                 data[r].fill(0);
                 Ok(Bytes::new())
@@ -58,13 +69,42 @@ mod tests {
     async fn write_read_discard_round_trip() {
         let t = RamTarget::new(8192);
         let payload = Bytes::from(vec![0xab; 1024]);
-        t.submit(BlockRequest::Write { offset: 512, data: payload.clone(), fua: false })
+        t.submit(BlockRequest::Write {
+            offset: 512,
+            data: payload.clone(),
+            fua: false,
+        })
+        .await
+        .expect("write");
+        assert_eq!(
+            t.submit(BlockRequest::Read {
+                offset: 512,
+                len: 1024
+            })
+            .await,
+            Ok(payload)
+        );
+        t.submit(BlockRequest::Discard {
+            offset: 512,
+            len: 512,
+        })
+        .await
+        .expect("discard");
+        let back = t
+            .submit(BlockRequest::Read {
+                offset: 512,
+                len: 1024,
+            })
             .await
-            .expect("write");
-        assert_eq!(t.submit(BlockRequest::Read { offset: 512, len: 1024 }).await, Ok(payload));
-        t.submit(BlockRequest::Discard { offset: 512, len: 512 }).await.expect("discard");
-        let back = t.submit(BlockRequest::Read { offset: 512, len: 1024 }).await.expect("read");
+            .expect("read");
         assert!(back[..512].iter().all(|&b| b == 0) && back[512..].iter().all(|&b| b == 0xab));
-        assert_eq!(t.submit(BlockRequest::Read { offset: 8000, len: 512 }).await, Err(libc::EINVAL));
+        assert_eq!(
+            t.submit(BlockRequest::Read {
+                offset: 8000,
+                len: 512
+            })
+            .await,
+            Err(libc::EINVAL)
+        );
     }
 }

@@ -10,11 +10,25 @@ use libublk::sys;
 /// A block request, as the device hands it to its target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlockRequest {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Bytes, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
     Flush,
-    Discard { offset: u64, len: u32 },
-    WriteZeroes { offset: u64, len: u32, no_hole: bool },
+    Discard {
+        offset: u64,
+        len: u32,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+    },
 }
 
 /// What serves a device's IO: the client engine in production, a RAM disk in tests.
@@ -34,7 +48,11 @@ pub struct IoDesc {
 
 impl From<&sys::ublksrv_io_desc> for IoDesc {
     fn from(d: &sys::ublksrv_io_desc) -> Self {
-        IoDesc { op_flags: d.op_flags, start_sector: d.start_sector, nr_sectors: d.nr_sectors }
+        IoDesc {
+            op_flags: d.op_flags,
+            start_sector: d.start_sector,
+            nr_sectors: d.nr_sectors,
+        }
     }
 }
 
@@ -47,7 +65,10 @@ pub fn decode(d: IoDesc, buf: &[u8], size_bytes: u64) -> Result<BlockRequest, i3
     }
     let offset = d.start_sector.checked_mul(512).ok_or(libc::EINVAL)?;
     let len = d.nr_sectors.checked_mul(512).ok_or(libc::EINVAL)?;
-    if offset.checked_add(u64::from(len)).is_none_or(|end| end > size_bytes) {
+    if offset
+        .checked_add(u64::from(len))
+        .is_none_or(|end| end > size_bytes)
+    {
         return Err(libc::EINVAL);
     }
     match op {
@@ -75,7 +96,11 @@ mod tests {
     use super::*;
 
     fn desc(op: u32, start_sector: u64, nr_sectors: u32) -> IoDesc {
-        IoDesc { op_flags: op, start_sector, nr_sectors }
+        IoDesc {
+            op_flags: op,
+            start_sector,
+            nr_sectors,
+        }
     }
 
     #[test]
@@ -91,20 +116,36 @@ mod tests {
         let req = decode(d, &buf, 1 << 20).expect("valid write");
         assert_eq!(
             req,
-            BlockRequest::Write { offset: 1024, data: Bytes::from(vec![7u8; 1024]), fua: true }
+            BlockRequest::Write {
+                offset: 1024,
+                data: Bytes::from(vec![7u8; 1024]),
+                fua: true
+            }
         );
     }
 
     #[test]
     fn out_of_range_and_oversized_are_rejected() {
         let buf = vec![0u8; 4096];
-        assert_eq!(decode(desc(sys::UBLK_IO_OP_READ, 8, 1), &buf, 4096), Err(libc::EINVAL));
-        assert_eq!(decode(desc(sys::UBLK_IO_OP_READ, 0, 16), &buf, 1 << 20), Err(libc::EINVAL));
-        assert_eq!(decode(desc(sys::UBLK_IO_OP_READ, u64::MAX / 2, 1), &buf, 4096), Err(libc::EINVAL));
+        assert_eq!(
+            decode(desc(sys::UBLK_IO_OP_READ, 8, 1), &buf, 4096),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            decode(desc(sys::UBLK_IO_OP_READ, 0, 16), &buf, 1 << 20),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            decode(desc(sys::UBLK_IO_OP_READ, u64::MAX / 2, 1), &buf, 4096),
+            Err(libc::EINVAL)
+        );
         // Discard carries no payload: it may exceed the IO buffer.
         assert_eq!(
             decode(desc(sys::UBLK_IO_OP_DISCARD, 0, 2048), &buf, 1 << 20),
-            Ok(BlockRequest::Discard { offset: 0, len: 1 << 20 })
+            Ok(BlockRequest::Discard {
+                offset: 0,
+                len: 1 << 20
+            })
         );
     }
 
@@ -113,8 +154,15 @@ mod tests {
         let d = desc(sys::UBLK_IO_OP_WRITE_ZEROES | sys::UBLK_IO_F_NOUNMAP, 0, 8);
         assert_eq!(
             decode(d, &[], 1 << 20),
-            Ok(BlockRequest::WriteZeroes { offset: 0, len: 4096, no_hole: true })
+            Ok(BlockRequest::WriteZeroes {
+                offset: 0,
+                len: 4096,
+                no_hole: true
+            })
         );
-        assert_eq!(decode(desc(sys::UBLK_IO_OP_ZONE_OPEN, 0, 8), &[], 1 << 20), Err(libc::EOPNOTSUPP));
+        assert_eq!(
+            decode(desc(sys::UBLK_IO_OP_ZONE_OPEN, 0, 8), &[], 1 << 20),
+            Err(libc::EOPNOTSUPP)
+        );
     }
 }

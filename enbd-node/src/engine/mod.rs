@@ -172,12 +172,16 @@ impl Client {
     /// made after the probe, knows the new size.
     pub async fn refresh_size(&self) -> Result<u64, EngineError> {
         let inner = &self.inner;
-        let conn = channel::open(&inner.server, &inner.cfg.export, inner.cfg.connect_timeout).await?;
+        let conn =
+            channel::open(&inner.server, &inner.cfg.export, inner.cfg.connect_timeout).await?;
         let now = conn.geometry;
         // The probe carried no IO: closing its socket is all the goodbye it needs.
         drop(conn);
         if let Some(what) = reconnect::identity_change(&inner.current_geometry(), &now) {
-            return Err(EngineError::IdentityChanged { addr: inner.server.clone(), what });
+            return Err(EngineError::IdentityChanged {
+                addr: inner.server.clone(),
+                what,
+            });
         }
         let before = inner.size.load(Ordering::Acquire);
         if now.size <= before {
@@ -354,7 +358,10 @@ impl Client {
 impl Inner {
     /// The first handshake's geometry with the size in force now.
     pub(crate) fn current_geometry(&self) -> Geometry {
-        Geometry { size: self.size.load(Ordering::Acquire), ..self.geometry }
+        Geometry {
+            size: self.size.load(Ordering::Acquire),
+            ..self.geometry
+        }
     }
 
     fn status(&self) -> EngineStatus {

@@ -10,10 +10,14 @@ fn store() -> (tempfile::TempDir, VolumeStore) {
 #[test]
 fn create_is_idempotent_and_rounds_size() {
     let (_d, s) = store();
-    let (v, created) = s.create_volume("vol-a", 10_000, None, Default::default()).unwrap();
+    let (v, created) = s
+        .create_volume("vol-a", 10_000, None, Default::default())
+        .unwrap();
     assert!(created);
     assert_eq!(v.size_bytes, 12_288);
-    let (again, created) = s.create_volume("vol-a", 10_000, None, Default::default()).unwrap();
+    let (again, created) = s
+        .create_volume("vol-a", 10_000, None, Default::default())
+        .unwrap();
     assert!(!created);
     assert_eq!(again.size_bytes, 12_288);
     assert_eq!(again.created_at_unix, v.created_at_unix);
@@ -34,8 +38,11 @@ fn create_is_idempotent_and_rounds_size() {
 #[test]
 fn labels_are_kept_and_take_part_in_idempotency() {
     let (dir, s) = store();
-    let labels: BTreeMap<String, String> =
-        [("fsType".into(), "xfs".into()), ("channels".into(), "4".into())].into();
+    let labels: BTreeMap<String, String> = [
+        ("fsType".into(), "xfs".into()),
+        ("channels".into(), "4".into()),
+    ]
+    .into();
     let (v, created) = s.create_volume("lab", 4096, None, labels.clone()).unwrap();
     assert!(created);
     assert_eq!(v.labels, labels);
@@ -72,18 +79,23 @@ fn labels_are_kept_and_take_part_in_idempotency() {
         s.create_volume("bad", 4096, None, huge),
         Err(StoreError::InvalidLabels(_))
     ));
-    let many: BTreeMap<String, String> = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+    let many: BTreeMap<String, String> =
+        (0..65).map(|i| (format!("k{i}"), String::new())).collect();
     assert!(matches!(
         s.create_volume("bad", 4096, None, many),
         Err(StoreError::InvalidLabels(_))
     ));
-    assert!(matches!(s.get_volume("bad"), Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        s.get_volume("bad"),
+        Err(StoreError::NotFound { .. })
+    ));
 }
 
 #[test]
 fn delete_is_idempotent_and_respects_open_connections() {
     let (_d, s) = store();
-    s.create_volume("v", 1 << 20, None, Default::default()).unwrap();
+    s.create_volume("v", 1 << 20, None, Default::default())
+        .unwrap();
     let export = ExportProvider::open(&s, "v").unwrap();
     assert_eq!(s.get_volume("v").unwrap().open_connections, 1);
     assert!(matches!(
@@ -114,7 +126,8 @@ fn delete_is_idempotent_and_respects_open_connections() {
 #[test]
 fn expand_grows_and_refuses_shrink() {
     let (_d, s) = store();
-    s.create_volume("v", 1 << 20, None, Default::default()).unwrap();
+    s.create_volume("v", 1 << 20, None, Default::default())
+        .unwrap();
     assert_eq!(
         s.expand_volume("v", (2 << 20) - 100).unwrap().size_bytes,
         2 << 20
@@ -134,7 +147,8 @@ fn expand_grows_and_refuses_shrink() {
 #[test]
 fn snapshot_is_point_in_time_read_only_and_clonable() {
     let (_d, s) = store();
-    s.create_volume("v", 4 << 20, None, Default::default()).unwrap();
+    s.create_volume("v", 4 << 20, None, Default::default())
+        .unwrap();
     let e = ExportProvider::open(&s, "v").unwrap();
     e.backend.write_at(&[0xab; 4096], 1 << 20, false).unwrap();
     let (snap, created) = s.create_snapshot("snap1", "v").unwrap();
@@ -142,7 +156,8 @@ fn snapshot_is_point_in_time_read_only_and_clonable() {
     assert_eq!(snap.size_bytes, 4 << 20);
     assert_eq!(snap.export_name, "snapshot/snap1");
     assert!(!s.create_snapshot("snap1", "v").unwrap().1);
-    s.create_volume("other", 4096, None, Default::default()).unwrap();
+    s.create_volume("other", 4096, None, Default::default())
+        .unwrap();
     assert!(matches!(
         s.create_snapshot("snap1", "other"),
         Err(StoreError::AlreadyExists { .. })
@@ -162,22 +177,42 @@ fn snapshot_is_point_in_time_read_only_and_clonable() {
     drop(se);
 
     let (clone, _) = s
-        .create_volume("c", 8 << 20, Some(ContentSource::Snapshot("snap1".into())), Default::default())
+        .create_volume(
+            "c",
+            8 << 20,
+            Some(ContentSource::Snapshot("snap1".into())),
+            Default::default(),
+        )
         .unwrap();
     assert_eq!(clone.size_bytes, 8 << 20);
     let ce = ExportProvider::open(&s, "c").unwrap();
     ce.backend.read_at(&mut buf, 1 << 20).unwrap();
     assert_eq!(buf, [0xab; 4096]);
     assert!(matches!(
-        s.create_volume("small", 4096, Some(ContentSource::Volume("v".into())), Default::default()),
+        s.create_volume(
+            "small",
+            4096,
+            Some(ContentSource::Volume("v".into())),
+            Default::default()
+        ),
         Err(StoreError::SmallerThanSource { .. })
     ));
     let (vc, _) = s
-        .create_volume("vc", 0, Some(ContentSource::Volume("v".into())), Default::default())
+        .create_volume(
+            "vc",
+            0,
+            Some(ContentSource::Volume("v".into())),
+            Default::default(),
+        )
         .unwrap();
     assert_eq!(vc.size_bytes, 4 << 20);
     assert!(matches!(
-        s.create_volume("x", 0, Some(ContentSource::Snapshot("missing".into())), Default::default()),
+        s.create_volume(
+            "x",
+            0,
+            Some(ContentSource::Snapshot("missing".into())),
+            Default::default()
+        ),
         Err(StoreError::NotFound { .. })
     ));
     s.delete_snapshot("snap1").unwrap();
@@ -190,7 +225,8 @@ fn startup_scan_removes_interrupted_work_and_keeps_committed() {
     let dir = tempfile::tempdir().unwrap();
     {
         let s = VolumeStore::open(dir.path(), None).unwrap();
-        s.create_volume("kept", 8192, None, Default::default()).unwrap();
+        s.create_volume("kept", 8192, None, Default::default())
+            .unwrap();
         let e = ExportProvider::open(&s, "kept").unwrap();
         e.backend.write_at(b"durable", 0, true).unwrap();
     }
@@ -217,8 +253,10 @@ fn startup_scan_removes_interrupted_work_and_keeps_committed() {
 #[test]
 fn capacity_and_listing() {
     let (_d, s) = store();
-    s.create_volume("b", 8192, None, Default::default()).unwrap();
-    s.create_volume("a", 4096, None, Default::default()).unwrap();
+    s.create_volume("b", 8192, None, Default::default())
+        .unwrap();
+    s.create_volume("a", 4096, None, Default::default())
+        .unwrap();
     let c = s.capacity().unwrap();
     assert_eq!(c.provisioned_bytes, 12288);
     assert!(c.total_bytes >= c.available_bytes && c.total_bytes > 0);
