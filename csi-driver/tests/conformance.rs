@@ -96,7 +96,9 @@ impl EnbdServer {
             .spawn()
             .expect("spawn enbd-server");
         let line = wait_for_line(&mut child, "enbd-server ready").await;
-        let mgmt = field(&line, "mgmt").parse().expect("mgmt address");
+        let mgmt = enbd_server::ready::ReadyLine::parse(&line)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .mgmt;
         Self {
             id: id.to_owned(),
             mgmt,

@@ -4,13 +4,13 @@
 
 mod engine_support;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 use bytes::Bytes;
 use enbd_node::engine::{Client, ClientConfig, IoError};
 use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
 use enbd_proto::enbd::{CreateVolumeRequest, ExpandVolumeRequest};
+use enbd_server::ready::spawn_until_ready;
 use engine_support::enbd_server_bin;
 
 const OLD: u64 = 8 << 20;
@@ -31,32 +31,18 @@ impl Drop for Server {
 }
 
 fn start_server(data: &std::path::Path) -> Server {
-    let mut child = Command::new(enbd_server_bin())
-        .args(["--server-id=resize-test", "--listen=127.0.0.1:0"])
-        .args(["--mgmt-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"])
-        .arg(format!("--data-dir={}", data.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn enbd-server");
-    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("readiness line");
-    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    assert!(
-        line.starts_with("enbd-server ready "),
-        "unexpected first line: {line:?}"
-    );
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .unwrap_or_else(|| panic!("{k} missing in {line:?}"))
-            .to_owned()
-    };
+    let (child, ready) = spawn_until_ready(
+        Command::new(enbd_server_bin())
+            .args(["--server-id=resize-test", "--listen=127.0.0.1:0"])
+            .args(["--mgmt-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"])
+            .arg(format!("--data-dir={}", data.display()))
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     Server {
-        nbd: field("nbd="),
-        mgmt: field("mgmt="),
+        nbd: ready.nbd.to_string(),
+        mgmt: ready.mgmt.to_string(),
         child,
     }
 }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod export;
 pub mod metrics;
 pub mod mgmt;
+pub mod ready;
 pub mod server;
 pub mod session;
 pub mod store;

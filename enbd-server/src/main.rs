@@ -61,10 +61,12 @@ fn main() -> anyhow::Result<()> {
         enbd_server::server::run(cfg, shutdown, |b| {
             // One machine-readable line on stdout: scripts and tests wait for it. Whoever
             // reads it may close the pipe afterwards, so write errors are ignored.
-            let mut text = format!(
-                "enbd-server ready nbd={} mgmt={} metrics={}\n",
-                b.nbd, b.mgmt, b.metrics
-            );
+            let ready = enbd_server::ready::ReadyLine {
+                nbd: b.nbd,
+                mgmt: b.mgmt,
+                metrics: b.metrics,
+            };
+            let mut text = format!("{ready}\n");
             if demo {
                 let port = b.nbd.port();
                 let host = if port == 10809 {

@@ -6,11 +6,12 @@
 
 pub mod workload;
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use enbd_server::ready::spawn_until_ready;
 
 /// The NBD servers the engine is checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,30 +264,16 @@ fn try_start_peer(kind: PeerKind, data: &Path) -> Option<Peer> {
 /// Starts enbd-server with `--demo` on `data_dir` (the 1 GiB `demo` volume is created if
 /// missing and reused when present, so a restart serves the same data).
 pub fn start_enbd_server(data_dir: &Path) -> Peer {
-    let mut child = Command::new(enbd_server_bin())
-        .args(["--demo", "--server-id=engine-test", "--listen=127.0.0.1:0"])
-        .args(["--mgmt-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"])
-        .arg(format!("--data-dir={}", data_dir.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn enbd-server");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut reader = BufReader::new(stdout);
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("read readiness line");
-    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    assert!(
-        line.starts_with("enbd-server ready "),
-        "unexpected first line from enbd-server: {line:?}"
-    );
-    let addr: SocketAddr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("nbd="))
-        .unwrap_or_else(|| panic!("nbd= missing in {line:?}"))
-        .parse()
-        .expect("nbd address");
+    let (child, ready) = spawn_until_ready(
+        Command::new(enbd_server_bin())
+            .args(["--demo", "--server-id=engine-test", "--listen=127.0.0.1:0"])
+            .args(["--mgmt-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"])
+            .arg(format!("--data-dir={}", data_dir.display()))
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let addr = ready.nbd;
     Peer {
         kind: PeerKind::EnbdServer,
         addr,

@@ -2,12 +2,12 @@
 //! temporary data directory, waits for its readiness line, and kills it (by pid) on drop.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
+use enbd_server::ready::spawn_until_ready;
 use tonic::transport::Channel;
 
 pub struct TestServer {
@@ -26,37 +26,20 @@ impl TestServer {
     }
 
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_enbd-server"))
-            .args(["--demo", "--server-id=test-server", "--listen=127.0.0.1:0"])
-            .args(["--mgmt-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"])
-            .arg(format!("--data-dir={}", dir.path().display()))
-            .args(extra)
-            .env("RUST_LOG", "enbd_server=debug")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn enbd-server");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("read readiness line");
-        // Keep draining stdout so the server never writes into a closed pipe.
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        assert!(
-            line.starts_with("enbd-server ready "),
-            "unexpected first line: {line:?}"
-        );
-        let field = |k: &str| -> SocketAddr {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{k}=")))
-                .unwrap_or_else(|| panic!("{k} missing in {line:?}"))
-                .parse()
-                .expect("address")
-        };
+        let (child, ready) = spawn_until_ready(
+            Command::new(env!("CARGO_BIN_EXE_enbd-server"))
+                .args(["--demo", "--server-id=test-server", "--listen=127.0.0.1:0"])
+                .args(["--mgmt-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"])
+                .arg(format!("--data-dir={}", dir.path().display()))
+                .args(extra)
+                .env("RUST_LOG", "enbd_server=debug")
+                .stderr(Stdio::inherit()),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         TestServer {
-            nbd: field("nbd"),
-            mgmt: field("mgmt"),
-            metrics: field("metrics"),
+            nbd: ready.nbd,
+            mgmt: ready.mgmt,
+            metrics: ready.metrics,
             child,
             dir: Some(dir),
         }
