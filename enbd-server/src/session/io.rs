@@ -3,11 +3,12 @@
 //! finish in any order.
 //!
 //! Two engines, chosen with `--io-engine` (the default picked by measurement, see the README):
-//! - `pool`: WRITEs run on their volume's own write thread ([`super::lanes`]: the kernel
-//!   serializes buffered writes to one file anyway), everything else on a small fixed thread
-//!   pool ([`super::pool`]), pread/pwrite;
-//! - `uring`: READ/WRITE/FLUSH on file backends go to an io_uring ring owned by one thread
-//!   ([`super::uring`]); everything else takes the pool path.
+//! - `pool`: plain (non-FUA) WRITEs run on their volume's own write thread ([`super::lanes`]:
+//!   the kernel serializes buffered writes to one file anyway); small READs the page cache
+//!   could not serve go to an io_uring ring ([`super::uring`]) where the kernel allows one;
+//!   everything else runs on a small fixed thread pool ([`super::pool`]), pread/pwrite;
+//! - `uring`: READ, FUA WRITE and FLUSH on file backends go to the ring, plain WRITEs to the
+//!   volume's write lane, everything else to Tokio's blocking pool.
 //!
 //! With either engine, a READ the page cache can serve at once is done right on the async
 //! thread (tried with RWF_NOWAIT, which never blocks), saving the thread hop.
@@ -168,7 +169,7 @@ impl IoEngine {
             IoEngine::Pool(engine) => engine.submit(backend, op, done),
             IoEngine::Uring(engine) => engine.submit(backend, op, done),
             IoEngine::Blocking => {
-                tokio::task::spawn_blocking(move || done(run_blocking(&*backend, op)));
+                tokio::task::spawn_blocking(blocking_job(backend, op, done));
             }
         }
     }
@@ -182,6 +183,14 @@ fn lane_write(backend: &Arc<dyn Backend>, op: &Op) -> Option<usize> {
 }
 
 type Job = Box<dyn FnOnce() + Send>;
+
+/// `op` as a job for a worker thread: run it there, hand the result to `done`.
+fn blocking_job<F>(backend: Arc<dyn Backend>, op: Op, done: F) -> Job
+where
+    F: FnOnce(OpResult) + Send + 'static,
+{
+    Box::new(move || done(run_blocking(&*backend, op)))
+}
 
 /// Runs `job` on the lane of `key`; if no lane thread can be started (resource limits),
 /// `fallback` runs it instead.
@@ -217,7 +226,7 @@ impl PoolEngine {
             return ring.submit(backend.clone(), file, op, Box::new(done));
         }
         let lane = lane_write(&backend, &op);
-        let job: Job = Box::new(move || done(run_blocking(&*backend, op)));
+        let job = blocking_job(backend, op, done);
         match lane {
             Some(key) => submit_to_lane(&self.lanes, key, job, |job| self.pool.submit(job)),
             None => self.pool.submit(job),
@@ -238,7 +247,7 @@ impl UringEngine {
         F: FnOnce(OpResult) + Send + 'static,
     {
         if let Some(key) = lane_write(&backend, &op) {
-            let job: Job = Box::new(move || done(run_blocking(&*backend, op)));
+            let job = blocking_job(backend, op, done);
             return submit_to_lane(&self.lanes, key, job, |job| {
                 tokio::task::spawn_blocking(job);
             });
@@ -248,6 +257,6 @@ impl UringEngine {
         {
             return self.ring.submit(backend.clone(), file, op, Box::new(done));
         }
-        tokio::task::spawn_blocking(move || done(run_blocking(&*backend, op)));
+        tokio::task::spawn_blocking(blocking_job(backend, op, done));
     }
 }

@@ -76,8 +76,9 @@ impl WriteLanes {
         Ok(())
     }
 
-    /// Lanes with a live thread (for tests).
-    pub fn active(&self) -> usize {
+    /// Lanes with a live thread.
+    #[cfg(test)]
+    fn active(&self) -> usize {
         self.shared.lock().len()
     }
 }

@@ -418,11 +418,9 @@ impl VolumeStore {
         })
     }
 
-    /// Creates a volume, or returns the existing one if it has the same size and source
-    /// (idempotent retry). `size == 0` with a source means "the source's size".
-    /// Returns the volume and whether this call created it.
-    /// Creates a volume, or returns the existing one if it has the same size, source and
-    /// labels (`false`: nothing was created). Anything else under that name is AlreadyExists.
+    /// Creates a volume, or returns the existing one if it has the same size, source and labels
+    /// (idempotent retry); anything else under that name is AlreadyExists. `size == 0` with a
+    /// source means "the source's size". Returns the volume and whether this call created it.
     pub fn create_volume(
         &self,
         name: &str,
