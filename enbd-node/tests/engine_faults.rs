@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use enbd_e2e::faultproxy::{FaultProxy, Kill};
-use enbd_node::engine::{BrownoutPolicy, ChannelState, Client, ClientConfig, EngineState};
+use enbd_node::engine::{BrownoutPolicy, ChannelState, Client, EngineState};
 use engine_support::workload::{Counts, Sweep, Workload, percentile};
-use engine_support::{Peer, start_enbd_server};
+use engine_support::{Peer, proxied_enbd_server, start_enbd_server};
 
 const BLOCKS: u64 = 4096;
 const WORKERS: usize = 32;
@@ -28,12 +28,7 @@ struct Rig {
 }
 
 async fn rig(brownout: BrownoutPolicy, io_timeout: Option<Duration>) -> Rig {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let peer = start_enbd_server(dir.path());
-    let proxy = FaultProxy::start("127.0.0.1:0".parse().expect("addr"), peer.addr)
-        .await
-        .expect("proxy");
-    let mut cfg = ClientConfig::new(proxy.local_addr().to_string(), &peer.export);
+    let (dir, peer, proxy, mut cfg) = proxied_enbd_server().await;
     cfg.channels = CHANNELS;
     cfg.brownout = brownout;
     cfg.io_timeout = io_timeout;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use enbd_e2e::faultproxy::{FaultProxy, Kill};
 use enbd_node::engine::{Client, ClientConfig, EngineState, IoError, MAX_REQUEST_BYTES};
-use engine_support::{PeerKind, sparse_file, start_enbd_server, start_peer};
+use engine_support::{PeerKind, proxied_enbd_server, sparse_file, start_peer};
 use tokio::task::JoinSet;
 
 async fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
@@ -24,12 +24,7 @@ async fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 /// admission; after the stall every one completes and reads back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_journal_full_makes_io_wait() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let peer = start_enbd_server(dir.path());
-    let proxy = FaultProxy::start("127.0.0.1:0".parse().expect("addr"), peer.addr)
-        .await
-        .expect("proxy");
-    let mut cfg = ClientConfig::new(proxy.local_addr().to_string(), &peer.export);
+    let (_dir, _peer, proxy, mut cfg) = proxied_enbd_server().await;
     cfg.channels = 2;
     cfg.journal_bytes = MAX_REQUEST_BYTES + 4096;
     let capacity = cfg.journal_bytes as u64;
@@ -129,12 +124,7 @@ async fn engine_refuses_changed_identity_on_reconnect() {
 /// Dropping every clone of a client closes its connections (no leaked channel tasks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_drop_closes_channels() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let peer = start_enbd_server(dir.path());
-    let proxy = FaultProxy::start("127.0.0.1:0".parse().expect("addr"), peer.addr)
-        .await
-        .expect("proxy");
-    let mut cfg = ClientConfig::new(proxy.local_addr().to_string(), &peer.export);
+    let (_dir, _peer, proxy, mut cfg) = proxied_enbd_server().await;
     cfg.channels = 3;
     let client = Client::connect(cfg).await.expect("connect");
     let other = client.clone();

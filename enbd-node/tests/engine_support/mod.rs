@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use enbd_e2e::faultproxy::FaultProxy;
+use enbd_node::engine::ClientConfig;
 use enbd_server::ready::spawn_until_ready;
 
 /// The NBD servers the engine is checked against.
@@ -283,4 +285,16 @@ pub fn start_enbd_server(data_dir: &Path) -> Peer {
         data: data_dir.to_owned(),
         _conf: None,
     }
+}
+
+/// A fresh enbd-server (its data directory and the server) behind a fault proxy, with a client
+/// configuration that dials the proxy: what the fault and limit tests start from.
+pub async fn proxied_enbd_server() -> (tempfile::TempDir, Peer, FaultProxy, ClientConfig) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let peer = start_enbd_server(dir.path());
+    let proxy = FaultProxy::start("127.0.0.1:0".parse().expect("addr"), peer.addr)
+        .await
+        .expect("proxy");
+    let cfg = ClientConfig::new(proxy.local_addr().to_string(), &peer.export);
+    (dir, peer, proxy, cfg)
 }
