@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup demo test test-unit test-vm test-chart build release fuzz-smoke bench
+.PHONY: setup demo test lint test-unit test-vm test-chart build release fuzz-smoke bench
 
 setup:
 	./e2e/setup-host.sh
@@ -23,9 +23,17 @@ demo: setup
 # The whole default suite: unit + interop tests on the host, chart/manifest checks,
 # the CSI controller conformance suite, and the VM suite (ublk devices, node CSI).
 test: setup
+	$(MAKE) lint
 	$(MAKE) test-unit
 	$(MAKE) test-chart
 	$(MAKE) test-vm
+
+# Formatting and lints. Library and binary code may not unwrap/expect (workspace lints deny
+# them); test code may, so the second pass allows those two lints and denies everything else.
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --lib --bins -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings -A clippy::unwrap_used -A clippy::expect_used
 
 # Unit, golden-byte, interop (qemu-img, nbdinfo, nbdcopy, fio, nbdkit) and fault tests.
 test-unit:

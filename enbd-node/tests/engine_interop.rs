@@ -83,7 +83,7 @@ async fn exercise(peer: &Peer, channels: u16) {
     if let Some(disk) = &on_disk {
         for (off, data) in &expected {
             assert!(
-                &disk[*off as usize..*off as usize + data.len()] == &data[..],
+                disk[*off as usize..*off as usize + data.len()] == data[..],
                 "{:?}: disk differs at {off}",
                 peer.kind
             );
@@ -97,7 +97,7 @@ async fn exercise(peer: &Peer, channels: u16) {
         .iter()
         .filter(|(o, d)| o + d.len() as u64 <= 4 * MIB)
     {
-        assert!(&span[*off as usize..*off as usize + data.len()] == &data[..]);
+        assert!(span[*off as usize..*off as usize + data.len()] == data[..]);
     }
 
     // WRITE_ZEROES (native or emulated) and TRIM.
