@@ -112,6 +112,10 @@ pub async fn run(
     };
 
     let metrics = Arc::new(Metrics::default());
+    let gauge_store = store.clone();
+    let _ = metrics
+        .dirty_regions
+        .set(Box::new(move || gauge_store.dirty_regions_total()));
     let session_cfg = Arc::new(SessionConfig {
         max_request_bytes: cfg.max_request_bytes,
         io: io_engine(cfg.io_engine, cfg.io_threads)?,

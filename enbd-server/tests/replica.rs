@@ -136,6 +136,27 @@ async fn nbd(addr: SocketAddr, export: &str, reqs: Vec<(u16, u16, u64, u32)>) {
     .unwrap();
 }
 
+/// The value of an unlabelled metric on the server's metrics port.
+async fn metric(s: &TestServer, name: &str) -> u64 {
+    let addr = s.metrics;
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut t = std::net::TcpStream::connect(addr).unwrap();
+        t.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        t.read_to_string(&mut body).unwrap();
+        body
+    })
+    .await
+    .unwrap();
+    let line = body
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in {body}"));
+    line.parse().unwrap()
+}
+
 fn write(offset: u64, len: u32) -> (u16, u16, u64, u32) {
     (0, raw::CMD_WRITE, offset, len)
 }
@@ -399,6 +420,11 @@ async fn writes_set_exactly_the_touched_regions(extra: &[&str]) {
         "RESYNCING: kept, no new bits"
     );
     assert_eq!(dirty(&mut r, "v", "c").await, set_of(&[50, 51]));
+    assert_eq!(
+        metric(&s, "enbd_server_mirror_dirty_regions").await,
+        9,
+        "7 for b + 2 for c"
+    );
     // Back to all IN_SYNC: writes are not tracked, bitmaps gone.
     set(
         &mut r,
