@@ -331,6 +331,32 @@ async fn the_membership_contract_is_enforced() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
 
+    // Concurrent changes to one volume are serialized: of eight different records with the
+    // same new generation, exactly one is taken.
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let mut r = r.clone();
+            tokio::spawn(async move {
+                let id = format!("c{i}");
+                set(
+                    &mut r,
+                    "v",
+                    record(4, &[(ME, InSync), ("b", InSync), (&id, InSync)]),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}"),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(get(&mut r, "v").await.membership.unwrap().generation, 4);
+
     // region_bytes limits, on a volume without a record.
     create(&s, "w", SIZE).await;
     for rb in [0, 2048, 3000, 128 << 20] {
@@ -451,6 +477,72 @@ async fn writes_set_exactly_the_touched_regions_pool_engine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_set_exactly_the_touched_regions_uring_engine() {
     writes_set_exactly_the_touched_regions(&["--io-engine", "uring"]).await;
+}
+
+/// The ordering rule under load: while a client keeps writing (one request at a time, a new
+/// region each), every write sent after SetMembership(b OUT) returned is marked.
+async fn writes_after_the_change_are_marked(extra: &[&str]) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let s = TestServer::start(extra);
+    create(&s, "v", SIZE).await;
+    let mut r = replicas(&s).await;
+    set(&mut r, "v", record(1, &[(ME, InSync), ("b", InSync)]))
+        .await
+        .unwrap();
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop, addr) = (acked.clone(), stop.clone(), s.nbd);
+        tokio::task::spawn_blocking(move || {
+            let (mut c, _) = raw::Raw::open(addr, "v");
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) && i < 128 {
+                let flags = if i.is_multiple_of(3) { FLAG_FUA } else { 0 };
+                c.request(flags, raw::CMD_WRITE, i, i * RBU, 4096, &[7u8; 4096]);
+                assert_eq!(c.simple_reply(), (0, i));
+                i += 1;
+                acked.store(i, Ordering::SeqCst);
+            }
+            i
+        })
+    };
+    while acked.load(Ordering::SeqCst) < 20 {
+        tokio::task::yield_now().await;
+    }
+    // Writes 0..before were done before the call: none of them may be marked.
+    let before = acked.load(Ordering::SeqCst);
+    set(&mut r, "v", record(2, &[(ME, InSync), ("b", Out)]))
+        .await
+        .unwrap();
+    // Writes 0..k were acknowledged; k may have been in flight; k+1 on was sent after.
+    let k = acked.load(Ordering::SeqCst);
+    while acked.load(Ordering::SeqCst) < k + 20 {
+        tokio::task::yield_now().await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let n = writer.await.unwrap();
+    let got = dirty(&mut r, "v", "b").await;
+    let must: BTreeSet<u64> = (k + 1..n).collect();
+    assert!(
+        must.is_subset(&got),
+        "k={k} n={n}: missing {:?}",
+        must.difference(&got).collect::<Vec<_>>()
+    );
+    assert!(
+        got.iter().all(|&i| i >= before),
+        "only writes not finished before the call: before={before} {got:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_after_the_change_are_marked_pool_engine() {
+    writes_after_the_change_are_marked(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_after_the_change_are_marked_uring_engine() {
+    writes_after_the_change_are_marked(&["--io-engine", "uring"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

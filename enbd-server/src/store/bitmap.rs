@@ -326,19 +326,21 @@ impl DirtyBitmap {
             st = self.synced.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         let mut changed = BTreeSet::new();
-        for &r in regions {
+        for &r in regions.iter().filter(|&&r| r < self.regions) {
             let (w, bit) = ((r / 64) as usize, 1u64 << (r % 64));
             if st.staged[w] & bit != 0 {
                 st.staged[w] &= !bit;
                 changed.insert(w);
             }
         }
-        for &w in &changed {
-            self.durable[w].store(st.staged[w], Ordering::Release);
-        }
         let words: Vec<(usize, u64)> = changed.into_iter().map(|w| (w, st.staged[w])).collect();
         if !words.is_empty() {
+            // Only once on disk do these words become `durable`: they may carry bits staged
+            // by a batch that failed, which must not look durable before they are.
             self.write_words(&words)?;
+            for &(w, v) in &words {
+                self.durable[w].store(v, Ordering::Release);
+            }
         }
         Ok(self.count())
     }
