@@ -253,6 +253,8 @@ fn same_members(a: &Membership, b: &Membership) -> bool {
     a.region_bytes == b.region_bytes && x == y
 }
 
+/// Writes the record beside the current one and renames it over; the caller fsyncs `dir`.
+/// On error nothing changed (the old record is still the one in place).
 fn write_record(dir: &Path, m: &Membership) -> io::Result<()> {
     let rec = RecordFile {
         format: FORMAT,
@@ -267,8 +269,7 @@ fn write_record(dir: &Path, m: &Membership) -> io::Result<()> {
         f.write_all(&bytes)?;
         f.sync_all()?;
     }
-    fs::rename(&tmp, dir.join(MEMBERSHIP_FILE))?;
-    fsync_dir(dir)
+    fs::rename(&tmp, dir.join(MEMBERSHIP_FILE))
 }
 
 /// Reads the record; `Ok(None)` if there is none, `Err(reason)` if it cannot be trusted.
@@ -510,20 +511,17 @@ impl Mirror {
             }
             Ok::<_, ReplicaError>(())
         })();
-        let committed = built.and_then(|()| {
+        // On failure before the rename nothing changed but new bitmap files, which are never
+        // unsafe to keep: the next load removes those the record does not name.
+        built?;
+        let record_path = self.dir.join(MEMBERSHIP_FILE);
+        {
             let _paused = pause()?;
-            write_record(&self.dir, &new).map_err(io_err(format!(
-                "writing {}",
-                self.dir.join(MEMBERSHIP_FILE).display()
-            )))?;
+            write_record(&self.dir, &new)
+                .map_err(io_err(format!("writing {}", record_path.display())))?;
+            // Renamed: the new record is the one any reader sees, so it takes effect now
+            // even if syncing the directory fails below.
             self.intent.install(out_of(&new, &bitmaps));
-            Ok(())
-        });
-        if let Err(e) = committed {
-            for p in created {
-                let _ = fs::remove_file(p);
-            }
-            return Err(e);
         }
         let obsolete: Vec<PathBuf> = st
             .bitmaps
@@ -533,6 +531,7 @@ impl Mirror {
             .collect();
         st.bitmaps = bitmaps;
         st.record = Some(new.clone());
+        fsync_dir(&self.dir).map_err(io_err(format!("syncing {}", self.dir.display())))?;
         for p in &obsolete {
             if let Err(e) = fs::remove_file(p) {
                 tracing::warn!(path = %p.display(), error = %e, "cannot remove an obsolete bitmap; it goes at the next start");
