@@ -816,3 +816,71 @@ async fn damaged_metadata_is_reported_never_dropped() {
     // A bitmap that cannot be trusted comes back with every region dirty.
     assert_eq!(dirty(&mut r, "w", "b").await.len(), 128);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_minus_nine_during_membership_changes_leaves_a_whole_record() {
+    use rand::Rng;
+    let mut s = TestServer::start(&[]);
+    create(&s, "v", SIZE).await;
+    let mut acked = 1;
+    {
+        let mut r = replicas(&s).await;
+        set(&mut r, "v", record(1, &[(ME, InSync), ("b", InSync)]))
+            .await
+            .unwrap();
+    }
+    let states = [Out, Resyncing, InSync];
+    for round in 0..8 {
+        let mut r = replicas(&s).await;
+        let start = acked;
+        let changes = tokio::spawn(async move {
+            let mut done = start;
+            for g in start + 1..start + 200 {
+                let st = states[(g % 3) as usize];
+                if set(&mut r, "v", record(g, &[(ME, InSync), ("b", st)]))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                done = g;
+            }
+            done
+        });
+        let delay = rand::rng().random_range(10..150);
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        let dir = s.crash();
+        let done = changes.await.unwrap();
+        assert!(
+            done < start + 199,
+            "round {round}: the kill must land mid-sequence"
+        );
+        eprintln!(
+            "round {round}: {} changes acknowledged before the kill",
+            done - start
+        );
+        s = TestServer::start_in(dir, &[]);
+        let mut r = replicas(&s).await;
+        let m = get(&mut r, "v").await.membership.unwrap();
+        // Every acknowledged change is there; at most the one in flight beyond it.
+        assert!(
+            m.generation == done || m.generation == done + 1,
+            "round {round}: loaded {} after {done} acknowledged",
+            m.generation
+        );
+        let b = m.members.iter().find(|x| x.replica_id == "b").unwrap();
+        let names: BTreeSet<String> = std::fs::read_dir(s.path().join("volumes/v"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        let mut want: BTreeSet<String> = ["data", "meta.json", "membership.json"]
+            .map(String::from)
+            .into();
+        if b.state != InSync as i32 {
+            want.insert("dirty-b.bitmap".into());
+            dirty(&mut r, "v", "b").await;
+        }
+        assert_eq!(names, want, "round {round}: no strays, every needed bitmap");
+        acked = m.generation;
+    }
+}
