@@ -136,6 +136,11 @@ impl ConnBudget {
 
     /// A global permit, or none if this connection runs dry while waiting for one.
     async fn global_permit(&self, units: u32) -> Option<OwnedSemaphorePermit> {
+        // The common case, without registering for the idle signal. Fair to waiters: permits
+        // released while some wait go to them, never to the counter this takes from.
+        if let Ok(p) = self.global.clone().try_acquire_many_owned(units) {
+            return Some(p);
+        }
         loop {
             let zero = self.idle.zero.notified();
             tokio::pin!(zero);

@@ -66,9 +66,14 @@ fn send_reply(tx: &mpsc::Sender<Reply>, reply: Reply) {
 
 /// Data bytes a request brings or asks for, known from its header alone: what it will cost
 /// in the budget. Requests that will be refused for their size cost only their bookkeeping.
+/// A BLOCK_STATUS reply may list `MAX_EXTENTS` extents: held in memory (16 bytes each) and
+/// then encoded (up to 16 more), it is charged 32 bytes per extent.
 fn data_cost(req: &Request, style: HeaderStyle, max_request: u32) -> u64 {
     match req.command {
         Command::Read if req.length <= u64::from(max_request) => req.length,
+        Command::BlockStatus if !req.flags.contains(CommandFlags::REQ_ONE) => {
+            req.payload_len(style) + 32 * MAX_EXTENTS as u64
+        }
         _ => req.payload_len(style),
     }
 }
