@@ -120,6 +120,8 @@ pub async fn run(
         max_request_bytes: cfg.max_request_bytes,
         io: io_engine(cfg.io_engine, cfg.io_threads)?,
         metrics: metrics.clone(),
+        budget: Arc::new(session::budget::GlobalBudget::new(cfg.max_inflight_bytes)),
+        handshake_timeout: cfg.handshake_timeout,
     });
     let mgmt_service = Mgmt::new(
         store.clone(),
