@@ -129,10 +129,9 @@ impl ReplicaControl for FakeServer {
             let me = st.id.clone();
             for (m, s) in &record.members {
                 match s {
-                    MemberState::Out => {
+                    MemberState::Out | MemberState::Resyncing => {
                         st.bitmaps.entry(m.clone()).or_default();
                     }
-                    MemberState::Resyncing => {}
                     MemberState::InSync => {
                         st.bitmaps.remove(m);
                     }
@@ -178,6 +177,9 @@ impl ReplicaControl for FakeServer {
             let mut st = self.lock();
             if !st.up {
                 return Err(ControlError("unreachable".into()));
+            }
+            if st.record.state_of(member) != Some(MemberState::Resyncing) {
+                return Err(ControlError("FailedPrecondition: not RESYNCING".into()));
             }
             let bm = st.bitmaps.entry(member.to_owned()).or_default();
             for r in regions {

@@ -50,6 +50,9 @@ use self::regions::RegionLocks;
 use super::status::{MirrorState, MirrorStatus, ReplicaHealth, ReplicaStatus};
 use super::{BrownoutPolicy, ClientConfig, Geometry, IoError};
 
+/// Most `extra_dirty` ranges a server takes in one SetMembership call.
+const MAX_EXTRA_RANGES: usize = 65536;
+
 /// One replica as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaConfig {
@@ -826,13 +829,26 @@ impl Inner {
     }
 
     /// What replica `i` may have missed or may lose: its unacknowledged writes and the
-    /// regions it acknowledged since its last flush, as byte ranges.
+    /// regions it acknowledged since its last flush, as region-aligned byte ranges (merged;
+    /// the whole volume if there are more than a server takes in one call).
     fn suspect_ranges(&self, i: usize) -> Vec<(u64, u64)> {
         let r = &self.replicas[i];
-        let mut out: Vec<(u64, u64)> = lock(&r.pending).values().copied().collect();
+        let mut regions: BTreeSet<u64> = lock(&r.unflushed).clone();
+        for &(o, l) in lock(&r.pending).values() {
+            regions.extend(self.regions.span(o, l));
+        }
         let rb = u64::from(self.cfg.region_bytes);
-        out.extend(lock(&r.unflushed).iter().map(|&reg| (reg * rb, rb)));
         let size = self.geometry.size;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for reg in regions {
+            match out.last_mut() {
+                Some((o, l)) if *o + *l == reg * rb => *l += rb,
+                _ => out.push((reg * rb, rb)),
+            }
+        }
+        if out.len() > MAX_EXTRA_RANGES {
+            return vec![(0, size)];
+        }
         for (o, l) in &mut out {
             *l = (*l).min(size.saturating_sub(*o));
         }
