@@ -179,7 +179,11 @@ fn assert_identical(rs: &[Replica]) {
         for (k, f) in others.iter_mut().enumerate() {
             f.read_exact(&mut b[..n]).expect("read");
             if a[..n] != b[..n] {
-                let at = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y).unwrap_or(0);
+                let at = a[..n]
+                    .iter()
+                    .zip(&b[..n])
+                    .position(|(x, y)| x != y)
+                    .unwrap_or(0);
                 panic!(
                     "{} differs from {} at byte {}",
                     rs[k + 1].id,
@@ -195,7 +199,10 @@ fn assert_identical(rs: &[Replica]) {
 async fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !f() {
-        assert!(Instant::now() < deadline, "timed out after {secs}s waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -231,18 +238,26 @@ async fn writes_reach_every_replica_and_reads_balance() {
     }
     let data = pattern(1, 256 << 10);
     m.write(3 * MIB, data.clone(), false).await.expect("write");
-    m.write(7 * MIB, data.clone(), true).await.expect("fua write");
+    m.write(7 * MIB, data.clone(), true)
+        .await
+        .expect("fua write");
     m.flush().await.expect("flush");
     for r in &rs {
         assert_eq!(r.read_file(3 * MIB, data.len()), data, "{}", r.id);
         assert_eq!(r.read_file(7 * MIB, data.len()), data, "{}", r.id);
     }
     for _ in 0..60 {
-        assert_eq!(m.read(3 * MIB, 4096).await.expect("read"), data.slice(..4096));
+        assert_eq!(
+            m.read(3 * MIB, 4096).await.expect("read"),
+            data.slice(..4096)
+        );
     }
     let reads: Vec<u64> = m.status().replicas.iter().map(|r| r.reads).collect();
     eprintln!("reads per replica: {reads:?}");
-    assert!(reads.iter().all(|&n| n >= 10), "reads not balanced: {reads:?}");
+    assert!(
+        reads.iter().all(|&n| n >= 10),
+        "reads not balanced: {reads:?}"
+    );
     m.shutdown().await;
 }
 
@@ -268,7 +283,11 @@ async fn dropped_replica_is_older_and_never_read() {
     for _ in 0..40 {
         assert_eq!(m.read(0, 64 << 10).await.expect("read"), new, "stale read");
     }
-    assert_eq!(m.status().replicas[1].reads, before, "an OUT replica served reads");
+    assert_eq!(
+        m.status().replicas[1].reads,
+        before,
+        "an OUT replica served reads"
+    );
     // Back: resynced, then identical.
     rs[1].restore();
     healthy(&m, 60).await;
@@ -319,7 +338,9 @@ async fn resync_copies_only_dirty_regions() {
     let mut written = 0;
     for k in 0..32u64 {
         let off = rng.random_range(0..size / 4096) * 4096;
-        m.write(off, pattern(100 + k, 4096), false).await.expect("write");
+        m.write(off, pattern(100 + k, 4096), false)
+            .await
+            .expect("write");
         written += 4096;
     }
     degraded_with_out(&m, 1).await;
@@ -331,7 +352,10 @@ async fn resync_copies_only_dirty_regions() {
         "scattered: written {written} bytes, resync copied {copied} bytes, ratio {:.1}",
         copied as f64 / written as f64
     );
-    assert!(copied <= 32 * MIB, "copied {copied}: more than the touched regions");
+    assert!(
+        copied <= 32 * MIB,
+        "copied {copied}: more than the touched regions"
+    );
     m.flush().await.expect("flush");
     assert_identical(&rs);
     m.shutdown().await;
@@ -354,7 +378,10 @@ async fn resync_resumes_after_the_mirror_is_reopened() {
     }
     degraded_with_out(&m, 1).await;
     rs[1].restore();
-    wait_until("part of the resync", 60, || m.status().resync_bytes_copied >= 6 * MIB).await;
+    wait_until("part of the resync", 60, || {
+        m.status().resync_bytes_copied >= 6 * MIB
+    })
+    .await;
     let first = m.status().resync_bytes_copied;
     // The node side goes away mid-resync.
     m.shutdown().await;
@@ -388,7 +415,10 @@ async fn resync_survives_a_server_restart() {
     }
     degraded_with_out(&m, 1).await;
     rs[1].restore();
-    wait_until("part of the resync", 60, || m.status().resync_bytes_copied >= 4 * MIB).await;
+    wait_until("part of the resync", 60, || {
+        m.status().resync_bytes_copied >= 4 * MIB
+    })
+    .await;
     // The target's server restarts mid-copy; application writes go on.
     rs[1].restart();
     for k in 0..8u64 {
@@ -396,6 +426,19 @@ async fn resync_survives_a_server_restart() {
             .await
             .expect("write during the restart");
     }
+    // Then the source's (the only in-sync replica's) server restarts: IO and the copy wait
+    // for it and go on.
+    let at = m.status().resync_bytes_copied;
+    wait_until("more of the resync", 60, || {
+        m.status().resync_bytes_copied >= at + 2 * MIB || m.status().state == MirrorState::Healthy
+    })
+    .await;
+    rs[0].restart();
+    let probe = pattern(500, 4096);
+    m.write(5 * MIB, probe.clone(), true)
+        .await
+        .expect("write across the source's restart");
+    assert_eq!(m.read(5 * MIB, 4096).await.expect("read"), probe);
     healthy(&m, 120).await;
     m.flush().await.expect("flush");
     assert_identical(&rs);
@@ -451,15 +494,24 @@ async fn only_in_sync_replica_gone_waits_until_promoted() {
     rs[1].restore();
     c.brownout = BrownoutPolicy::FailAfter(Duration::from_secs(2));
     c.probe_interval = Duration::from_millis(100);
-    let m = Mirror::open(c.clone()).await.expect("open in the waiting state");
+    let m = Mirror::open(c.clone())
+        .await
+        .expect("open in the waiting state");
     let st = m.status();
     assert_eq!(st.state, MirrorState::Waiting, "{st:#?}");
-    assert!(st.waiting.as_deref().unwrap_or("").contains("srv-0"), "{st:#?}");
+    assert!(
+        st.waiting.as_deref().unwrap_or("").contains("srv-0"),
+        "{st:#?}"
+    );
     let e = m.read(0, 4096).await.err();
     assert!(matches!(e, Some(IoError::BrownoutTimeout(_))), "{e:?}");
     let e = m.write(0, pattern(32, 4096), false).await.err();
     assert!(matches!(e, Some(IoError::BrownoutTimeout(_))), "{e:?}");
-    assert_eq!(m.status().replicas[1].reads, 0, "the stale replica served a read");
+    assert_eq!(
+        m.status().replicas[1].reads,
+        0,
+        "the stale replica served a read"
+    );
     m.shutdown().await;
     drop(m);
     // The operator gives up on srv-0 and accepts the loss of `new`.
@@ -473,7 +525,11 @@ async fn only_in_sync_replica_gone_waits_until_promoted() {
     for _ in 0..20 {
         assert_eq!(m.read(0, old.len() as u32).await.expect("read"), old);
     }
-    assert_eq!(m.status().replicas[0].reads, 0, "the superseded replica served a read");
+    assert_eq!(
+        m.status().replicas[0].reads,
+        0,
+        "the superseded replica served a read"
+    );
     assert_ne!(m.status().replicas[0].health, ReplicaHealth::InSync);
     m.shutdown().await;
 }
