@@ -23,6 +23,8 @@ pub struct State {
     pub bitmaps: HashMap<String, BTreeSet<u64>>,
     pub up: bool,
     pub written: bool,
+    /// Reads fail (as a dead server's would) once this many were served.
+    pub fail_reads_after: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -45,6 +47,7 @@ impl FakeServer {
                 bitmaps: HashMap::new(),
                 up: true,
                 written: false,
+                fail_reads_after: None,
             })),
             reads: Arc::new(AtomicU64::new(0)),
         }
@@ -207,7 +210,8 @@ impl ReplicaData for FakeServer {
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, IoError>> {
         Box::pin(async move {
             let st = self.lock();
-            if !st.up {
+            let served = self.reads.load(Ordering::Relaxed);
+            if !st.up || st.fail_reads_after.is_some_and(|n| served >= n) {
                 return Err(down());
             }
             self.reads.fetch_add(1, Ordering::Relaxed);

@@ -300,3 +300,41 @@ async fn three_replicas_lose_two_in_turn() {
     assert_eq!(s[0].lock().data, d);
     assert_eq!(s[1].lock().data, d);
 }
+
+#[tokio::test]
+async fn resync_source_failing_mid_copy_is_replaced_by_another_in_sync_one() {
+    let s = servers(3);
+    let m = open(&cfg(3), &s).await;
+    s[2].set_up(false);
+    for k in 0..32u64 {
+        m.write(k * RB as u64, pattern(k as u8 + 50, RB as usize), false)
+            .await
+            .expect("write");
+    }
+    // r0 serves three more reads, then fails every read; r1 must take over the copy.
+    {
+        let n = s[0].reads.load(Ordering::Relaxed);
+        s[0].lock().fail_reads_after = Some(n + 3);
+    }
+    s[2].set_up(true);
+    wait_for("r2 in sync", || {
+        m.status().replicas[2].health == ReplicaHealth::InSync
+    })
+    .await;
+    assert_eq!(
+        s[1].lock().data,
+        s[2].lock().data,
+        "r2 differs from r1 after resync"
+    );
+    assert!(
+        s[1].reads.load(Ordering::Relaxed) > 0,
+        "r1 never served the copy"
+    );
+    // The failing source was dropped meanwhile; once it reads again it is resynced too.
+    s[0].lock().fail_reads_after = None;
+    wait_for("r0 back in sync", || {
+        m.status().state == MirrorState::Healthy
+    })
+    .await;
+    assert_eq!(s[0].lock().data, s[2].lock().data);
+}
