@@ -329,6 +329,7 @@ impl ReplicaControl for GrpcControl {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
 mod tests {
     use super::*;
 

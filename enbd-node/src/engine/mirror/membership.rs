@@ -323,6 +323,7 @@ pub fn promote(ids: &[String], id: &str, generation: u64, region_bytes: u32) -> 
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
 mod tests {
     use super::*;
     use MemberState::*;
