@@ -378,10 +378,28 @@ async fn resync_resumes_after_the_mirror_is_reopened() {
     }
     degraded_with_out(&m, 1).await;
     rs[1].restore();
+    let t0 = Instant::now();
     wait_until("part of the resync", 60, || {
         m.status().resync_bytes_copied >= 6 * MIB
     })
     .await;
+    // The copy honours its 4 MiB/s limit: 6 regions start no sooner than 5/4 s apart.
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1200),
+        "limit ignored: {:?}",
+        t0.elapsed()
+    );
+    match m.status().replicas[1].health {
+        ReplicaHealth::Resyncing {
+            bytes_per_sec,
+            to_copy,
+            ..
+        } => {
+            assert!(bytes_per_sec <= 8.0 * MIB as f64, "rate {bytes_per_sec}");
+            assert_eq!(to_copy, written);
+        }
+        ref h => panic!("srv-1 is {h:?} mid-resync"),
+    }
     let first = m.status().resync_bytes_copied;
     // The node side goes away mid-resync.
     m.shutdown().await;
