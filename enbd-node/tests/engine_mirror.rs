@@ -3,6 +3,8 @@
 //! management) so a test can cut a replica off or restart its server behind a fixed address.
 //! Replica content is checked in the servers' data files themselves.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod engine_support;
 
 use std::path::PathBuf;
