@@ -51,6 +51,13 @@ pub struct Cli {
     /// Largest READ/WRITE payload accepted; bigger requests get EINVAL (or EOVERFLOW).
     #[arg(long, env = "ENBD_MAX_REQUEST_BYTES", default_value_t = 32 << 20)]
     pub max_request_bytes: u32,
+    /// Most request bytes in flight over all connections (replies not yet written included);
+    /// each connection also has its own bound (README: "Bounds").
+    #[arg(long, env = "ENBD_MAX_INFLIGHT_BYTES", default_value_t = crate::session::budget::DEFAULT_GLOBAL_BYTES)]
+    pub max_inflight_bytes: u64,
+    /// Seconds a client may take from connecting to finishing the NBD handshake.
+    #[arg(long, env = "ENBD_HANDSHAKE_TIMEOUT_SECS", default_value_t = crate::session::HANDSHAKE_TIMEOUT.as_secs())]
+    pub handshake_timeout_secs: u64,
     /// Prometheus metrics listen address [default: 0.0.0.0:9810; 127.0.0.1:9810 with --demo].
     #[arg(long, env = "ENBD_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -84,6 +91,10 @@ pub enum ConfigError {
     NoConnections,
     #[error("--max-request-bytes must be between 4096 and 1 GiB, got {0}")]
     RequestBytes(u32),
+    #[error("--max-inflight-bytes must be at least --max-request-bytes ({max_request}), got {got}")]
+    InflightBytes { got: u64, max_request: u32 },
+    #[error("--handshake-timeout-secs must be at least 1")]
+    HandshakeTimeout,
     #[error("--advertise-address {0:?} is not HOST:PORT")]
     Advertise(String),
 }
@@ -100,6 +111,8 @@ pub struct Config {
     pub advertise_address: Option<String>,
     pub max_connections: usize,
     pub max_request_bytes: u32,
+    pub max_inflight_bytes: u64,
+    pub handshake_timeout: std::time::Duration,
     pub log_format: LogFormat,
     pub io_engine: IoEngineKind,
     pub io_threads: usize,
@@ -146,6 +159,15 @@ impl Cli {
         if !(4096..=1 << 30).contains(&self.max_request_bytes) {
             return Err(ConfigError::RequestBytes(self.max_request_bytes));
         }
+        if self.max_inflight_bytes < u64::from(self.max_request_bytes) {
+            return Err(ConfigError::InflightBytes {
+                got: self.max_inflight_bytes,
+                max_request: self.max_request_bytes,
+            });
+        }
+        if self.handshake_timeout_secs == 0 {
+            return Err(ConfigError::HandshakeTimeout);
+        }
         if let Some(a) = &self.advertise_address {
             let ok = a
                 .rsplit_once(':')
@@ -163,6 +185,8 @@ impl Cli {
             advertise_address: self.advertise_address,
             max_connections: self.max_connections,
             max_request_bytes: self.max_request_bytes,
+            max_inflight_bytes: self.max_inflight_bytes,
+            handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout_secs),
             log_format: self.log_format,
             io_engine: self.io_engine,
             io_threads: self.io_threads.clamp(1, 256),
@@ -196,6 +220,8 @@ mod tests {
         let c = cli.into_config().unwrap();
         assert_eq!(c.server_id.as_str(), "enbd-server-0");
         assert_eq!(c.max_connections, 64);
+        assert_eq!(c.max_inflight_bytes, 256 << 20);
+        assert_eq!(c.handshake_timeout, std::time::Duration::from_secs(30));
         assert!(c.demo_volume.is_none());
     }
 
@@ -228,6 +254,19 @@ mod tests {
             "--data-dir=/d",
             "--server-id=a",
             "--max-request-bytes=10"
+        ]));
+        assert!(bad(&[
+            "x",
+            "--data-dir=/d",
+            "--server-id=a",
+            "--max-request-bytes=1048576",
+            "--max-inflight-bytes=1048575"
+        ]));
+        assert!(bad(&[
+            "x",
+            "--data-dir=/d",
+            "--server-id=a",
+            "--handshake-timeout-secs=0"
         ]));
     }
 }

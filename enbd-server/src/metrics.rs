@@ -1,6 +1,7 @@
 //! Prometheus metrics: process-wide counters updated with relaxed atomics on the IO path,
 //! rendered in the text exposition format on `--metrics-listen`.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,6 +17,9 @@ pub struct Metrics {
     pub errors: AtomicU64,
     pub read_bytes: AtomicU64,
     pub write_bytes: AtomicU64,
+    /// Reads the number of dirty regions over every mirrored volume and member (the store's
+    /// bitmaps); set once at start-up. Rendering it may wait for a membership change.
+    pub dirty_regions: OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
 }
 
 impl Metrics {
@@ -71,6 +75,16 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             ));
         }
+        if let Some(dirty) = self.dirty_regions.get() {
+            let name = "enbd_server_mirror_dirty_regions";
+            s.push_str(&format!(
+                "# HELP {name} regions written here that an away mirror member has not received
+# TYPE {name} gauge
+{name} {}
+",
+                dirty()
+            ));
+        }
         s
     }
 }
@@ -98,7 +112,10 @@ pub async fn serve(
             // One read is enough for a scrape request; the body is ignored.
             let _ =
                 tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut req)).await;
-            let body = metrics.render();
+            // Off the async threads: the dirty-region gauge takes the store's locks.
+            let body = tokio::task::spawn_blocking(move || metrics.render())
+                .await
+                .unwrap_or_default();
             let resp = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()

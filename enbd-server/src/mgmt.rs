@@ -1,4 +1,5 @@
-//! The management gRPC service (`enbd.v1.VolumeService`) over the [`VolumeStore`].
+//! The management gRPC services over the [`VolumeStore`]: `enbd.v1.VolumeService` here,
+//! `enbd.v1.ReplicaService` (mirror membership) in [`replica`].
 //!
 //! Idempotent the CSI way: retried creates return the same object, conflicting ones are
 //! AlreadyExists, deleting what is gone succeeds. Store work runs on the blocking pool as a
@@ -10,7 +11,10 @@ use enbd_proto::enbd::volume_service_server::VolumeService;
 use enbd_proto::enbd::{self as pb, content_source::Kind as PbSourceKind};
 use tonic::{Request, Response, Status};
 
+use crate::store::membership::ReplicaError;
 use crate::store::{ContentSource, SnapshotInfo, StoreError, VolumeInfo, VolumeStore};
+
+pub mod replica;
 
 /// Management service state: the store and this server's identity.
 #[derive(Clone)]
@@ -57,9 +61,20 @@ pub fn status_of(e: &StoreError) -> Status {
             Status::out_of_range(msg)
         }
         StoreError::Busy(_) => Status::aborted(msg),
-        StoreError::Io { source, .. } => match source.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Status::resource_exhausted(msg),
-            _ => Status::internal(msg),
+        StoreError::Io { source, .. } | StoreError::Replica(ReplicaError::Io { source, .. }) => {
+            match source.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => Status::resource_exhausted(msg),
+                _ => Status::internal(msg),
+            }
+        }
+        StoreError::Replica(r) => match r {
+            ReplicaError::Invalid(_) => Status::invalid_argument(msg),
+            ReplicaError::Generation { .. } | ReplicaError::Precondition { .. } => {
+                Status::failed_precondition(msg)
+            }
+            ReplicaError::NotFound(_) => Status::not_found(msg),
+            ReplicaError::Damaged { .. } => Status::data_loss(msg),
+            ReplicaError::Io { .. } => Status::internal(msg),
         },
     }
 }

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use enbd_proto::enbd::replica_service_server::ReplicaServiceServer;
 use enbd_proto::enbd::volume_service_server::VolumeServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -71,7 +72,7 @@ pub async fn run(
     ready: impl FnOnce(&Bound),
 ) -> Result<(), ServerError> {
     let default_export = cfg.demo_volume.as_ref().map(|(name, _)| name.clone());
-    let store = VolumeStore::open(&cfg.data_dir, default_export)?;
+    let store = VolumeStore::open_as(&cfg.data_dir, default_export, Some(cfg.server_id.clone()))?;
     if let Some((name, size)) = &cfg.demo_volume {
         match store.create_volume(name, *size, None, Default::default()) {
             Ok((v, created)) => {
@@ -111,10 +112,16 @@ pub async fn run(
     };
 
     let metrics = Arc::new(Metrics::default());
+    let gauge_store = store.clone();
+    let _ = metrics
+        .dirty_regions
+        .set(Box::new(move || gauge_store.dirty_regions_total()));
     let session_cfg = Arc::new(SessionConfig {
         max_request_bytes: cfg.max_request_bytes,
         io: io_engine(cfg.io_engine, cfg.io_threads)?,
         metrics: metrics.clone(),
+        budget: Arc::new(session::budget::GlobalBudget::new(cfg.max_inflight_bytes)),
+        handshake_timeout: cfg.handshake_timeout,
     });
     let mgmt_service = Mgmt::new(
         store.clone(),
@@ -124,6 +131,7 @@ pub async fn run(
     let mgmt_stop = shutdown.clone();
     let mgmt_task = tokio::spawn(
         tonic::transport::Server::builder()
+            .add_service(ReplicaServiceServer::new(mgmt_service.clone()))
             .add_service(VolumeServiceServer::new(mgmt_service))
             .serve_with_incoming_shutdown(TcpListenerStream::new(mgmt), async move {
                 mgmt_stop.cancelled().await

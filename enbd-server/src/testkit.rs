@@ -73,6 +73,10 @@ pub fn run_session_on_bytes(
         max_request_bytes,
         io: IoEngine::Blocking,
         metrics: Arc::new(Metrics::default()),
+        budget: Arc::new(session::budget::GlobalBudget::new(
+            session::budget::DEFAULT_GLOBAL_BYTES,
+        )),
+        handshake_timeout: session::HANDSHAKE_TIMEOUT,
     });
     runtime.block_on(async move {
         let (client, server) = tokio::io::duplex(256 * 1024);

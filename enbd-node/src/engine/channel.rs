@@ -7,6 +7,12 @@
 //! writer and reader never hold a request across an await outside that table, so dropping
 //! them at any point loses nothing — the supervisor drains the table back into the journal.
 //! Cookies are never reused within a connection.
+//!
+//! Against a broken or hostile server, memory stays bounded and nothing panics: option replies
+//! are bounded in size (`MAX_OPTION_REPLY`) and number (`MAX_OPTION_REPLIES`); a reply or
+//! chunk for a cookie not in the table, a chunk bigger than its request can need, or a chunk
+//! type never asked for ends the connection with a protocol error before its payload is
+//! buffered (the supervisor reconnects and re-issues the requests).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,7 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use enbd_proto::wire::{
     ChunkBody, ChunkType, ClientFlags, Command, CommandFlags, Cookie, Greeting, HandshakeFlags,
-    HeaderStyle, InfoReply, InfoRequest, InfoType, NbdError, OptionError, OptionReply,
+    HeaderStyle, InfoReply, InfoRequest, InfoType, NbdError, OptionCode, OptionError, OptionReply,
     OptionReplyBody, OptionRequest, ReplyFlags, ReplyHeader, Request as WireRequest,
     TransmissionFlags, WireError,
 };
@@ -36,6 +42,11 @@ use super::{Inner, Slot, dispatch};
 
 /// Largest option reply we accept during the handshake.
 const MAX_OPTION_REPLY: u32 = 64 * 1024;
+/// Most replies we read for one option: NBD_OPT_GO needs a handful of INFOs and an ACK.
+const MAX_OPTION_REPLIES: usize = 64;
+/// Largest error chunk: error (4) + message length (2) + a message the protocol asks to keep
+/// under 4 KiB + an ERROR_OFFSET's offset (8), with room to spare.
+const MAX_ERROR_CHUNK: u64 = 8 * 1024;
 /// Block size defaults when the server sends no constraints (the protocol's defaults).
 const DEFAULT_MIN_BLOCK: u32 = 1;
 const DEFAULT_PREF_BLOCK: u32 = 4096;
@@ -181,7 +192,21 @@ async fn handshake(addr: &str, export: &str) -> Result<Connected, EngineError> {
     let reply = read_option_reply(&mut stream, &mut buf)
         .await
         .map_err(|e| hs_err(e.to_string()))?;
-    let structured = matches!(reply.body, OptionReplyBody::Ack);
+    if reply.option != OptionCode::StructuredReply {
+        return Err(hs_err(format!(
+            "reply for option {:?} to NBD_OPT_STRUCTURED_REPLY",
+            reply.option
+        )));
+    }
+    let structured = match reply.body {
+        OptionReplyBody::Ack => true,
+        OptionReplyBody::Error { .. } => false,
+        other => {
+            return Err(hs_err(format!(
+                "unexpected reply to NBD_OPT_STRUCTURED_REPLY: {other:?}"
+            )));
+        }
+    };
 
     out.clear();
     let go = InfoRequest {
@@ -198,10 +223,23 @@ async fn handshake(addr: &str, export: &str) -> Result<Connected, EngineError> {
 
     let mut export_info = None;
     let mut blocks = None;
+    let mut replies = 0;
     loop {
+        replies += 1;
+        if replies > MAX_OPTION_REPLIES {
+            return Err(hs_err(format!(
+                "more than {MAX_OPTION_REPLIES} replies to NBD_OPT_GO without an ACK"
+            )));
+        }
         let reply = read_option_reply(&mut stream, &mut buf)
             .await
             .map_err(|e| hs_err(e.to_string()))?;
+        if reply.option != OptionCode::Go {
+            return Err(hs_err(format!(
+                "reply for option {:?} to NBD_OPT_GO",
+                reply.option
+            )));
+        }
         match reply.body {
             OptionReplyBody::Info(InfoReply::Export(info)) => export_info = Some(info),
             OptionReplyBody::Info(InfoReply::BlockSize(b)) => match b.validate() {
@@ -573,13 +611,22 @@ fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Pars
                 ));
             }
             let cookie = chunk.cookie.0;
+            // Checked before the payload is buffered: a hostile server cannot make us hold
+            // more than the request can need.
+            let pending = table
+                .get_mut(&cookie)
+                .ok_or_else(|| protocol(format!("reply chunk for unknown cookie {cookie}")))?;
+            let limit = chunk_limit(chunk.chunk_type, pending).map_err(protocol)?;
+            if chunk.length > limit {
+                return Err(protocol(format!(
+                    "{:?} chunk of {} bytes for cookie {cookie}, more than its request allows ({limit})",
+                    chunk.chunk_type, chunk.length
+                )));
+            }
             let frame = hlen + chunk.length as usize;
             if buf.len() < frame {
                 return Ok(Parsed::NeedMore(frame - buf.len()));
             }
-            let pending = table
-                .get_mut(&cookie)
-                .ok_or_else(|| protocol(format!("reply chunk for unknown cookie {cookie}")))?;
             let mut payload = {
                 let mut f = buf.split_to(frame);
                 f.advance(hlen);
@@ -610,8 +657,7 @@ fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Pars
                     }
                     pending.error.get_or_insert(nbd_errno(error));
                 }
-                // Block status is never requested; anything else non-error was rejected by
-                // the header decoder.
+                // `chunk_limit` refused every other type.
                 _ => {}
             }
             if chunk.flags.contains(ReplyFlags::DONE) {
@@ -637,6 +683,18 @@ fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Pars
         }
     }
     Ok(Parsed::One)
+}
+
+/// Largest payload a chunk of type `t` may have for request `p`, or why that type is not
+/// acceptable at all.
+fn chunk_limit(t: ChunkType, p: &Pending) -> Result<u64, String> {
+    match t {
+        ChunkType::OffsetData if p.req.op == Op::Read => Ok(8 + u64::from(p.req.len)),
+        ChunkType::OffsetHole if p.req.op == Op::Read => Ok(12),
+        ChunkType::None => Ok(0),
+        t if t.is_error() => Ok(MAX_ERROR_CHUNK),
+        t => Err(format!("{t:?} chunk for a {:?} request", p.req.op)),
+    }
 }
 
 fn read_range(p: &Pending, offset: u64, len: u64) -> Result<usize, String> {

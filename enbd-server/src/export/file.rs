@@ -4,13 +4,18 @@
 //! NO_HOLE zeroing keeps blocks allocated. Writes hold the snapshot gate shared, so
 //! [`FileBackend::freeze`] gives a snapshot a point at which no write is half-applied.
 //! The io_uring engine enters the same gate around the writes it submits.
+//!
+//! Write intent: a backend may carry a [`WriteIntent`] log. Every write-type op logs its
+//! range there (durably) after entering the gate and before touching the file, whenever the
+//! log is active; the gate refuses io_uring's detached entry while it is active, so those
+//! writes take the `write_at` path, which logs.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use super::{Backend, ExportError, Extent};
+use super::{Backend, ExportError, Extent, WriteIntent};
 use crate::sys;
 
 pub struct FileBackend {
@@ -26,6 +31,7 @@ pub struct FileBackend {
 pub struct Gate {
     state: Mutex<GateState>,
     changed: Condvar,
+    intent: Option<Arc<dyn WriteIntent>>,
 }
 
 #[derive(Default)]
@@ -49,10 +55,12 @@ impl Gate {
         WriteToken { gate: self }
     }
 
-    /// Enters as a writer unless frozen; never blocks. The caller must call [`Gate::leave`].
+    /// Enters as a writer unless frozen or unless writes must be logged first (an active
+    /// [`WriteIntent`]); never blocks. On `false` the caller must do the write through
+    /// [`Backend::write_at`], which waits and logs; on `true` it must call [`Gate::leave`].
     pub fn try_enter_detached(&self) -> bool {
         let mut st = self.lock();
-        if st.frozen {
+        if st.frozen || self.intent.as_ref().is_some_and(|i| i.active()) {
             return false;
         }
         st.writers += 1;
@@ -69,6 +77,11 @@ impl Gate {
     }
 
     fn freeze(&self) -> Frozen<'_> {
+        self.freeze_raw();
+        Frozen { gate: self }
+    }
+
+    fn freeze_raw(&self) {
         let mut st = self.lock();
         while st.frozen {
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -77,7 +90,11 @@ impl Gate {
         while st.writers > 0 {
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        Frozen { gate: self }
+    }
+
+    fn thaw(&self) {
+        self.lock().frozen = false;
+        self.changed.notify_all();
     }
 }
 
@@ -99,8 +116,18 @@ pub struct Frozen<'a> {
 
 impl Drop for Frozen<'_> {
     fn drop(&mut self) {
-        self.gate.lock().frozen = false;
-        self.gate.changed.notify_all();
+        self.gate.thaw();
+    }
+}
+
+/// [`Frozen`] that owns its backend, for holders that cannot borrow it.
+pub struct FrozenBackend {
+    backend: Arc<FileBackend>,
+}
+
+impl Drop for FrozenBackend {
+    fn drop(&mut self) {
+        self.backend.gate.thaw();
     }
 }
 
@@ -113,6 +140,18 @@ impl FileBackend {
         }
     }
 
+    /// A backend whose writes are logged in `intent` first (see the module doc).
+    pub fn with_intent(file: File, read_only: bool, intent: Arc<dyn WriteIntent>) -> Self {
+        Self {
+            file,
+            read_only,
+            gate: Gate {
+                intent: Some(intent),
+                ..Gate::default()
+            },
+        }
+    }
+
     pub fn inner_file(&self) -> &File {
         &self.file
     }
@@ -122,11 +161,28 @@ impl FileBackend {
         self.gate.freeze()
     }
 
-    fn writable(&self) -> Result<WriteToken<'_>, ExportError> {
+    /// [`FileBackend::freeze`] with an owned guard.
+    pub fn freeze_owned(self: &Arc<Self>) -> FrozenBackend {
+        self.gate.freeze_raw();
+        FrozenBackend {
+            backend: self.clone(),
+        }
+    }
+
+    /// Enters the gate for a write of `[offset, offset + len)`, logging it first if the
+    /// write intent is active (the range is durable in the log before the data changes).
+    fn writable(&self, offset: u64, len: u64) -> Result<WriteToken<'_>, ExportError> {
         if self.read_only {
             return Err(ExportError::ReadOnly);
         }
-        Ok(self.gate.enter())
+        let token = self.gate.enter();
+        if let Some(intent) = &self.gate.intent
+            && len > 0
+            && intent.active()
+        {
+            intent.log(offset, len)?;
+        }
+        Ok(token)
     }
 
     fn write_zero_buffers(&self, mut offset: u64, len: u64) -> io::Result<()> {
@@ -183,7 +239,7 @@ impl Backend for FileBackend {
     }
 
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), ExportError> {
-        let _gate = self.writable()?;
+        let _gate = self.writable(offset, data.len() as u64)?;
         self.file.write_all_at(data, offset)?;
         if fua {
             sys::fdatasync(&self.file)?;
@@ -199,7 +255,7 @@ impl Backend for FileBackend {
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError> {
-        let _gate = self.writable()?;
+        let _gate = self.writable(offset, len)?;
         match sys::punch_hole(&self.file, offset, len) {
             // TRIM is advisory: a filesystem without hole punching just keeps the data.
             Err(e) if unsupported(&e) => Ok(()),
@@ -214,7 +270,7 @@ impl Backend for FileBackend {
         keep_allocated: bool,
         fast_only: bool,
     ) -> Result<(), ExportError> {
-        let _gate = self.writable()?;
+        let _gate = self.writable(offset, len)?;
         let fast = if keep_allocated {
             sys::zero_range(&self.file, offset, len)
         } else {

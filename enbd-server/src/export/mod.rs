@@ -20,6 +20,19 @@ pub mod memory;
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
 
+/// A log a backend writes to before a WRITE, TRIM or WRITE_ZEROES touches its data: the
+/// store's write-intent bitmaps of mirror members that are away (`store::membership`).
+///
+/// Contract: [`WriteIntent::active`] may change only while the backend's writes are paused
+/// ([`FileBackend::freeze`]), so a write that checked it while inside the write gate sees
+/// the value that holds for its whole duration.
+pub trait WriteIntent: Send + Sync + 'static {
+    /// Whether writes must be logged now. Called on every write: one relaxed atomic load.
+    fn active(&self) -> bool;
+    /// Makes durable the record that `[offset, offset + len)` is about to change.
+    fn log(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
 /// Errors a backend operation can end in; the session maps them onto NBD error codes.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {

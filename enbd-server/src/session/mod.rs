@@ -1,6 +1,12 @@
 //! One NBD connection: the handshake ([`negotiate`]), then the pipelined transmission phase
 //! ([`transmission`]), with backend IO issued through an [`io::IoEngine`].
+//!
+//! Whatever a client sends, the memory a session holds is bounded: the handshake must finish
+//! within `handshake_timeout` and answers one option at a time (a client that does not read
+//! its option replies stops being read); transmission holds its requests to the
+//! [`budget`]s, the connection's own and the server-wide one.
 
+pub mod budget;
 pub mod io;
 pub mod lanes;
 pub mod negotiate;
@@ -20,7 +26,7 @@ use crate::export::{ExportProvider, OpenError};
 use crate::metrics::Metrics;
 pub use io::IoEngine;
 
-/// How long a client may take to finish the handshake before we drop it.
+/// `--handshake-timeout-secs` default: how long a client may take to finish the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Settings shared by all sessions of a server.
@@ -28,6 +34,10 @@ pub struct SessionConfig {
     pub max_request_bytes: u32,
     pub io: IoEngine,
     pub metrics: Arc<Metrics>,
+    /// The server-wide cap on in-flight request bytes (`--max-inflight-bytes`).
+    pub budget: Arc<budget::GlobalBudget>,
+    /// How long a client may take from connecting to finishing the handshake.
+    pub handshake_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +52,8 @@ pub enum SessionError {
     Open(OpenError),
     #[error("handshake not finished within {0:?}")]
     HandshakeTimeout(Duration),
+    #[error("more than {0} options in one handshake")]
+    TooManyOptions(usize),
 }
 
 /// Serves one connection to the end. `stop` asks it to finish: no new requests are read,
@@ -61,9 +73,10 @@ where
     let negotiated = {
         let mut io = tokio::io::join(&mut rd, &mut wr);
         let handshake = negotiate::negotiate(&mut io, &mut buf, &*provider, cfg.max_request_bytes);
+        let limit = cfg.handshake_timeout;
         tokio::select! {
-            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => {
-                r.map_err(|_| SessionError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??
+            r = tokio::time::timeout(limit, handshake) => {
+                r.map_err(|_| SessionError::HandshakeTimeout(limit))??
             }
             _ = stop.cancelled() => return Ok(()),
         }

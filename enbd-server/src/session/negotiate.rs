@@ -4,7 +4,11 @@
 //! Invariants: every option gets exactly one final reply (ACK or an error); option data is
 //! bounded (`MAX_OPTION_DATA`) before it is buffered; malformed option data is answered with
 //! NBD_REP_ERR_INVALID and the session goes on; only framing errors (bad magic, unknown client
-//! flags, hostile lengths) end the connection.
+//! flags, hostile lengths) and more than `MAX_OPTIONS` options end the connection.
+//!
+//! Memory: options are answered one at a time and the next one is read only once the replies
+//! to the last are written, so a client that sends options without reading replies is simply
+//! no longer read (and dropped when the handshake timeout in [`super::serve`] passes).
 
 use bytes::{Buf, BytesMut};
 use enbd_proto::wire::{
@@ -22,6 +26,9 @@ pub const MAX_OPTION_DATA: u32 = 64 * 1024;
 /// Option payloads up to this size are read and dropped with NBD_REP_ERR_TOO_BIG; bigger
 /// ones end the connection, since skipping them would cost more than the client is worth.
 const MAX_SKIPPABLE_OPTION: u32 = 1 << 20;
+/// Most options one handshake may send; enough for `nbdinfo --list` over a few thousand
+/// exports (a LIST, then an INFO per export), far beyond what any client needs to connect.
+pub const MAX_OPTIONS: usize = 16 * 1024;
 /// Id of the one metadata context we serve.
 pub const BASE_ALLOCATION_ID: u32 = 1;
 
@@ -238,7 +245,7 @@ where
     let no_zeroes = client.contains(ClientFlags::NO_ZEROES);
     let mut st = State::default();
 
-    loop {
+    for _ in 0..MAX_OPTIONS {
         let header = read_frame(io, buf, |b| OptionHeader::decode(b, u32::MAX)).await?;
         if header.length > MAX_OPTION_DATA {
             if header.length > MAX_SKIPPABLE_OPTION {
@@ -398,4 +405,9 @@ where
             }
         }
     }
+    tracing::warn!(
+        limit = MAX_OPTIONS,
+        "client sent too many options without picking an export; closing"
+    );
+    Err(SessionError::TooManyOptions(MAX_OPTIONS))
 }

@@ -4,8 +4,13 @@
 //! Invariants:
 //! - Every request that was read gets exactly one reply (all chunks of a structured reply are
 //!   written together, DONE last), unless the client is gone.
-//! - In-flight work per connection is bounded by a byte budget (a semaphore): when it is spent
-//!   the reader stops reading, which pushes back on the client through TCP.
+//! - Every request read, refused ones included, holds a [`Ticket`] of the connection's budget
+//!   (requests and bytes, see [`super::budget`]) from its header until its reply is written:
+//!   when the budget is spent the reader stops reading, which pushes back on the client
+//!   through TCP. A client that never reads its replies thus holds at most one budget's worth
+//!   of server memory. A WRITE's payload is only read once its ticket is held.
+//! - The reply channel holds at most one reply per ticket, so the completion callbacks'
+//!   `try_send` never finds it full.
 //! - On NBD_CMD_DISC, shutdown or force-delete the reader stops and the writer drains every
 //!   request already started before the connection closes.
 //! - Requests with bad ranges, flags or commands get an NBD error and change nothing; only
@@ -24,9 +29,10 @@ use enbd_proto::wire::{
 };
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::budget::{CONNECTION_BYTES, CONNECTION_REQUESTS, ConnBudget, Ticket};
 use super::io::{Op, OpResult, Output};
 use super::negotiate::{BASE_ALLOCATION_ID, Negotiated};
 use super::{SessionConfig, SessionError};
@@ -36,8 +42,6 @@ use crate::export::ExportError;
 const MAX_EXTENTS: usize = 2048;
 /// How long a draining connection waits for the rest of a half-received request.
 const DRAIN_PARTIAL: std::time::Duration = std::time::Duration::from_secs(2);
-/// Budget unit for in-flight bytes.
-const UNIT: u64 = 4096;
 /// Payloads at most this big are copied into the output buffer; bigger ones go out as their
 /// own iovec.
 const COPY_LIMIT: usize = 64 * 1024;
@@ -47,7 +51,31 @@ struct Reply {
     cookie: Cookie,
     offset: u64,
     result: Result<Output, (NbdError, String)>,
-    _permit: Option<OwnedSemaphorePermit>,
+    ticket: Ticket,
+}
+
+/// Hands a reply to the writer. The channel has room for every ticket of the connection, so
+/// it is never full; it is closed only when the writer is gone, and then so is the client.
+fn send_reply(tx: &mpsc::Sender<Reply>, reply: Reply) {
+    if let Err(mpsc::error::TrySendError::Full(r)) = tx.try_send(reply) {
+        // Unreachable by the channel's sizing; if it ever were, the client would wait forever
+        // for this reply, so say so.
+        tracing::error!(cookie = r.cookie.0, "reply channel full; reply dropped");
+    }
+}
+
+/// Data bytes a request brings or asks for, known from its header alone: what it will cost
+/// in the budget. Requests that will be refused for their size cost only their bookkeeping.
+/// A BLOCK_STATUS reply may list `MAX_EXTENTS` extents: held in memory (16 bytes each) and
+/// then encoded (up to 16 more), it is charged 32 bytes per extent.
+fn data_cost(req: &Request, style: HeaderStyle, max_request: u32) -> u64 {
+    match req.command {
+        Command::Read if req.length <= u64::from(max_request) => req.length,
+        Command::BlockStatus if !req.flags.contains(CommandFlags::REQ_ONE) => {
+            req.payload_len(style) + 32 * MAX_EXTENTS as u64
+        }
+        _ => req.payload_len(style),
+    }
 }
 
 fn nbd_error(e: &ExportError) -> NbdError {
@@ -197,10 +225,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+    let (tx, rx) = mpsc::channel::<Reply>(CONNECTION_REQUESTS);
     let writer_failed = CancellationToken::new();
-    let budget_units = (2 * u64::from(cfg.max_request_bytes) / UNIT + 256) as usize;
-    let budget = Arc::new(Semaphore::new(budget_units));
+    let budget = ConnBudget::new(&cfg.budget, CONNECTION_REQUESTS, CONNECTION_BYTES);
     let style = n.style;
     let structured = n.structured;
     let writer = tokio::spawn(write_replies(
@@ -219,7 +246,6 @@ where
         &cfg,
         &tx,
         &budget,
-        budget_units,
         &stop,
         &writer_failed,
     )
@@ -239,9 +265,8 @@ async fn read_requests<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     n: &Arc<Negotiated>,
     cfg: &Arc<SessionConfig>,
-    tx: &mpsc::UnboundedSender<Reply>,
-    budget: &Arc<Semaphore>,
-    budget_units: usize,
+    tx: &mpsc::Sender<Reply>,
+    budget: &ConnBudget,
     stop: &CancellationToken,
     writer_failed: &CancellationToken,
 ) -> Result<(), SessionError> {
@@ -274,6 +299,12 @@ async fn read_requests<R: AsyncRead + Unpin>(
             {
                 return Ok(());
             }
+        };
+        // Waiting here is the backpressure: nothing more is read until replies get written.
+        let ticket = tokio::select! {
+            t = budget.acquire(data_cost(&req, style, cfg.max_request_bytes)) => t,
+            _ = closed.cancelled() => return Ok(()),
+            _ = writer_failed.cancelled() => return Err(SessionError::Closed),
         };
         let payload_len = req.payload_len(style) as usize;
         let payload = if payload_len > 0 || req.command == Command::Write {
@@ -314,26 +345,18 @@ async fn read_requests<R: AsyncRead + Unpin>(
             Err(e) => {
                 cfg.metrics.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(cookie = req.cookie.0, command = ?req.command, error = %e.1, "request refused");
-                let _ = tx.send(Reply {
-                    cookie: req.cookie,
-                    offset: req.offset,
-                    result: Err(e),
-                    _permit: None,
-                });
+                send_reply(
+                    tx,
+                    Reply {
+                        cookie: req.cookie,
+                        offset: req.offset,
+                        result: Err(e),
+                        ticket,
+                    },
+                );
                 continue;
             }
         };
-        let units = match &op {
-            Op::Read { len, .. } => (*len as u64).div_ceil(UNIT) + 1,
-            Op::Write { data, .. } => (data.len() as u64).div_ceil(UNIT) + 1,
-            _ => 1,
-        };
-        let units = u32::try_from(units.min(budget_units as u64)).unwrap_or(u32::MAX);
-        let permit = budget
-            .clone()
-            .acquire_many_owned(units)
-            .await
-            .map_err(|_| SessionError::Closed)?;
         match &op {
             Op::Read { len, .. } => cfg
                 .metrics
@@ -355,7 +378,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 (nbd_error(&e), e.to_string())
             });
             // The writer is gone only if the client is; then the reply has nowhere to go.
-            let _ = tx.send(Reply { cookie, offset, result, _permit: Some(permit) });
+            send_reply(&tx, Reply { cookie, offset, result, ticket });
         });
     }
 }
@@ -410,9 +433,11 @@ async fn fill<R: AsyncRead + Unpin>(
     }
 }
 
-/// Appends one reply; big READ payloads become separate segments (no copy).
+/// Appends one reply; big READ payloads become separate segments (no copy). The reply's
+/// ticket moves to `held`: it is released once those bytes are written.
 fn encode_reply(
     r: Reply,
+    held: &mut Vec<Ticket>,
     style: HeaderStyle,
     structured: bool,
     out: &mut BytesMut,
@@ -423,6 +448,7 @@ fn encode_reply(
     } else {
         0
     };
+    held.push(r.ticket);
     let chunk = |body: ChunkBody| ReplyChunk {
         flags: ReplyFlags::DONE,
         cookie: r.cookie,
@@ -523,20 +549,21 @@ fn push_data(data: Bytes, out: &mut BytesMut, segs: &mut VecDeque<Bytes>) {
 
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut wr: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
+    mut rx: mpsc::Receiver<Reply>,
     style: HeaderStyle,
     structured: bool,
     failed: CancellationToken,
 ) -> Result<(), SessionError> {
     let mut out = BytesMut::with_capacity(256 * 1024);
     let mut segs: VecDeque<Bytes> = VecDeque::new();
+    let mut held: Vec<Ticket> = Vec::with_capacity(64);
     let result = async {
         while let Some(first) = rx.recv().await {
-            encode_reply(first, style, structured, &mut out, &mut segs)?;
+            encode_reply(first, &mut held, style, structured, &mut out, &mut segs)?;
             // Batch whatever else is ready into the same write.
             while out.len() < 256 * 1024 && segs.len() < 64 {
                 match rx.try_recv() {
-                    Ok(r) => encode_reply(r, style, structured, &mut out, &mut segs)?,
+                    Ok(r) => encode_reply(r, &mut held, style, structured, &mut out, &mut segs)?,
                     Err(_) => break,
                 }
             }
@@ -544,6 +571,8 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 segs.push_back(out.split().freeze());
             }
             write_segments(&mut wr, &mut segs).await?;
+            // Written: the budget these replies held is free for new requests.
+            held.clear();
         }
         wr.flush().await?;
         Ok::<(), SessionError>(())

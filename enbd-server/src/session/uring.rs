@@ -204,7 +204,8 @@ fn prepare(sub: Submission) -> Option<Slot> {
             let gated = match gate {
                 Some(g) if g.try_enter_detached() => true,
                 Some(_) => {
-                    // A snapshot is being taken: wait for it on the pool, not on the ring.
+                    // A snapshot is being taken, or the write must be logged first (mirror write
+                    // intent): wait and log on a thread, not on the ring.
                     let op = Op::Write { data, offset, fua };
                     tokio_free_blocking(backend, op, done);
                     return None;

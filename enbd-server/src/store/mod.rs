@@ -13,7 +13,12 @@
 //! - One management operation at a time per name (others get [`StoreError::Busy`]); opening
 //!   and deleting serialize on the open-volume registry, so a delete never races a new
 //!   connection.
+//! - Mirror metadata (`membership.json`, `dirty-*.bitmap` beside `data`; see [`membership`])
+//!   belongs to the volume: deleted with it, grown with it, never copied into snapshots or
+//!   clones. Every open volume's writes go through its write intent.
 
+pub mod bitmap;
+pub mod membership;
 pub mod meta;
 pub mod name;
 
@@ -27,8 +32,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio_util::sync::CancellationToken;
 
+use enbd_proto::ids::ServerId;
+
+use crate::export::file::FrozenBackend;
 use crate::export::{Backend, Export, ExportEntry, ExportProvider, FileBackend, OpenError};
 use crate::sys;
+use membership::{Membership, Mirror, Mirrors, ReplicaError, SetRequest};
 pub use meta::ContentSource;
 use meta::{SnapshotMeta, VolumeMeta};
 pub use name::{NameError, VolumeName};
@@ -69,6 +78,8 @@ pub enum StoreError {
     Busy(String),
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
 }
 
 /// Most labels one volume may carry, and their sizes: they live in the volume's metadata file.
@@ -162,6 +173,7 @@ struct Inner {
     open: Mutex<HashMap<(Kind, String), Arc<OpenVolume>>>,
     default_export: Option<String>,
     staging_seq: AtomicU64,
+    mirrors: Mirrors,
 }
 
 /// Handle on the store; cheap to clone.
@@ -231,6 +243,16 @@ impl VolumeStore {
     /// Opens (creating if needed) the store in `root` and empties its staging area: whatever
     /// is there is an interrupted create or delete.
     pub fn open(root: &Path, default_export: Option<String>) -> Result<Self, StoreError> {
+        Self::open_as(root, default_export, None)
+    }
+
+    /// [`VolumeStore::open`] for the server `server_id`: mirror records must name it, and it
+    /// keeps no dirty-region bitmap for itself. Loads every volume's mirror metadata.
+    pub fn open_as(
+        root: &Path,
+        default_export: Option<String>,
+        server_id: Option<ServerId>,
+    ) -> Result<Self, StoreError> {
         for sub in ["volumes", "snapshots", "staging"] {
             fs::create_dir_all(root.join(sub))
                 .map_err(io_err(format!("creating {}", root.join(sub).display())))?;
@@ -255,17 +277,21 @@ impl VolumeStore {
         }
         let store = Self {
             inner: Arc::new(Inner {
-                root,
                 busy: Mutex::new(HashSet::new()),
                 open: Mutex::new(HashMap::new()),
                 default_export,
                 staging_seq: AtomicU64::new(0),
+                mirrors: Mirrors::new(root.join("volumes"), server_id),
+                root,
             }),
         };
         for kind in [Kind::Volume, Kind::Snapshot] {
             for name in store.names(kind)? {
                 if let Err(e) = store.check_entry(kind, &name) {
                     tracing::warn!(kind = kind.label(), name = %name, error = %e, "skipping damaged entry");
+                } else if kind == Kind::Volume {
+                    // Loads (and reports) its mirror metadata now rather than at first use.
+                    store.inner.mirrors.get(name.as_str());
                 }
             }
         }
@@ -602,7 +628,9 @@ impl VolumeStore {
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<(), StoreError> {
         let name = parse_name(name)?;
         let _busy = self.claim(Kind::Volume, &name)?;
-        self.remove_entry(Kind::Volume, &name, force)?;
+        self.inner.mirrors.delete(name.as_str(), || {
+            self.remove_entry(Kind::Volume, &name, force)
+        })?;
         tracing::info!(volume = %name, force, "volume deleted");
         Ok(())
     }
@@ -623,12 +651,13 @@ impl VolumeStore {
         }
         if size > current.size_bytes {
             let path = self.entry_dir(Kind::Volume, &name).join(DATA_FILE);
-            let f = File::options()
-                .write(true)
-                .open(&path)
-                .map_err(io_err("opening data file"))?;
-            f.set_len(size).map_err(io_err("growing data file"))?;
-            f.sync_all().map_err(io_err("syncing data file"))?;
+            let grow_data = || {
+                let f = File::options().write(true).open(&path)?;
+                f.set_len(size)?;
+                f.sync_all()
+            };
+            self.mirror(&name)?
+                .grow(size, || self.pause_writes(&name), grow_data)?;
             tracing::info!(volume = %name, size, "volume expanded");
         }
         self.volume_info(&name)
@@ -721,8 +750,22 @@ impl VolumeStore {
                 if let Err(e) = sys::advise_random(&file) {
                     tracing::debug!(error = %e, volume = %name, "posix_fadvise(RANDOM) refused");
                 }
+                let intent = match kind {
+                    Kind::Volume => self.inner.mirrors.get(name.as_str()),
+                    Kind::Snapshot => None,
+                };
+                let backend = match intent.map(|m| m.intent()) {
+                    None => FileBackend::new(file, read_only),
+                    Some(Ok(intent)) => FileBackend::with_intent(file, read_only, intent),
+                    Some(Err(e)) => {
+                        return Err(OpenError::Io {
+                            name: name.to_string(),
+                            source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+                        });
+                    }
+                };
                 let vol = Arc::new(OpenVolume {
-                    backend: Arc::new(FileBackend::new(file, read_only)),
+                    backend: Arc::new(backend),
                     closed: CancellationToken::new(),
                     leases: AtomicU64::new(0),
                 });
@@ -762,6 +805,81 @@ impl VolumeStore {
             closed: vol.closed.child_token(),
             lease: Some(Box::new(lease)),
         })
+    }
+}
+
+/// A volume's writes paused: every connection held on one backend, its write gate frozen.
+/// Fields drop in order: writes resume, then the lease goes.
+pub struct Paused {
+    _frozen: FrozenBackend,
+    _lease: Lease,
+}
+
+/// Mirror membership and dirty-region bitmaps (see [`membership`]).
+impl VolumeStore {
+    fn mirror(&self, name: &VolumeName) -> Result<Arc<Mirror>, StoreError> {
+        self.inner
+            .mirrors
+            .get(name.as_str())
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "volume",
+                name: name.to_string(),
+            })
+    }
+
+    fn pause_writes(&self, name: &VolumeName) -> Result<Paused, ReplicaError> {
+        let lease = self.lease_entry(Kind::Volume, name).map_err(|e| match e {
+            OpenError::NotFound(n) => ReplicaError::NotFound(n),
+            other => ReplicaError::Io {
+                context: format!("pausing writes to {name}"),
+                source: io::Error::other(other.to_string()),
+            },
+        })?;
+        Ok(Paused {
+            _frozen: lease.vol.backend.freeze_owned(),
+            _lease: lease,
+        })
+    }
+
+    /// The volume's record (generation 0 if it has none) and dirty regions per member.
+    pub fn get_membership(
+        &self,
+        name: &str,
+    ) -> Result<(Membership, BTreeMap<String, u64>), StoreError> {
+        Ok(self.mirror(&parse_name(name)?)?.get()?)
+    }
+
+    /// Replaces the volume's record (see the contract in [`membership`]).
+    pub fn set_membership(&self, name: &str, req: SetRequest) -> Result<Membership, StoreError> {
+        let name = parse_name(name)?;
+        let mirror = self.mirror(&name)?;
+        Ok(mirror.set(self.inner.mirrors.self_id(), req, || {
+            self.pause_writes(&name)
+        })?)
+    }
+
+    /// `(region_bytes, region_count, bitmap)` of one member's dirty regions.
+    pub fn dirty_regions(
+        &self,
+        name: &str,
+        replica: &str,
+    ) -> Result<(u32, u64, Vec<u8>), StoreError> {
+        Ok(self.mirror(&parse_name(name)?)?.dirty_regions(replica)?)
+    }
+
+    /// Clears regions of a RESYNCING member's bitmap; returns how many stay set.
+    pub fn clear_dirty_regions(
+        &self,
+        name: &str,
+        replica: &str,
+        regions: &[u64],
+    ) -> Result<u64, StoreError> {
+        Ok(self.mirror(&parse_name(name)?)?.clear(replica, regions)?)
+    }
+
+    /// Dirty regions over every volume and member (the metrics gauge).
+    pub fn dirty_regions_total(&self) -> u64 {
+        self.inner.mirrors.dirty_total()
     }
 }
 

@@ -26,13 +26,23 @@ impl TestServer {
     }
 
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        Self::start_in_with_log(dir, extra, "enbd_server=debug")
+    }
+
+    /// As [`TestServer::start`], with `RUST_LOG=log`.
+    pub fn start_with_log(extra: &[&str], log: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in_with_log(dir, extra, log)
+    }
+
+    fn start_in_with_log(dir: tempfile::TempDir, extra: &[&str], log: &str) -> Self {
         let (child, ready) = spawn_until_ready(
             Command::new(env!("CARGO_BIN_EXE_enbd-server"))
                 .args(["--demo", "--server-id=test-server", "--listen=127.0.0.1:0"])
                 .args(["--mgmt-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"])
                 .arg(format!("--data-dir={}", dir.path().display()))
                 .args(extra)
-                .env("RUST_LOG", "enbd_server=debug")
+                .env("RUST_LOG", log)
                 .stderr(Stdio::inherit()),
         )
         .unwrap_or_else(|e| panic!("{e}"));
