@@ -18,13 +18,14 @@ use enbd_proto::csi::volume_content_source::{self, SnapshotSource, VolumeSource}
 use enbd_proto::csi::*;
 use enbd_proto::enbd::{self as pb, content_source::Kind as PbSource};
 use enbd_proto::ids::{ObjectName, ServerId, SnapshotId, VolumeId};
-use enbd_proto::params::{VolumeContext, VolumeParams};
+use enbd_proto::params::{CTX_REPLICAS, VolumeContext, VolumeParams};
 use tonic::{Request, Response, Status};
 
 use crate::capability;
 use crate::capacity;
 use crate::error::{CsiError, invalid};
 use crate::placement;
+use crate::replicas;
 use crate::servers::{LiveServer, Lookup};
 use crate::state::State;
 
@@ -291,6 +292,7 @@ impl State {
             server: server.data_address.clone(),
             export,
             params,
+            replicas: Vec::new(),
         };
         Ok(CreateVolumeResponse {
             volume: Some(Volume {
@@ -340,6 +342,9 @@ impl State {
         params: VolumeParams,
         source: Option<Source>,
     ) -> Result<CreateVolumeResponse, CsiError> {
+        if params.replicas > 1 {
+            return self.create_replicated(name, req, params, source).await;
+        }
         let range = req.capacity_range.as_ref();
         if let Some((server, vol)) = self.find_volume(&name).await? {
             if !capacity::satisfies(vol.size_bytes, range) {
@@ -374,47 +379,10 @@ impl State {
             return self.volume_response(&server, &name, &vol, params, source.as_ref());
         }
 
-        let (server, size, pb_source) = match &source {
-            Some(Source::Snapshot(sid)) => {
-                let Some(server) = self.holder(sid.server(), &format!("snapshot {sid}"))? else {
-                    return Err(CsiError::NotFound(format!(
-                        "source snapshot {sid} not found"
-                    )));
-                };
-                let snap = self
-                    .list_snapshots_on(&server, sid.name().as_str(), "")
-                    .await?
-                    .into_iter()
-                    .find(|s| s.name == sid.name().as_str())
-                    .ok_or_else(|| {
-                        CsiError::NotFound(format!("source snapshot {sid} not found"))
-                    })?;
-                let size = capacity::for_create(range, snap.size_bytes)?;
-                (
-                    server,
-                    size,
-                    Some(PbSource::Snapshot(sid.name().to_string())),
-                )
-            }
-            Some(Source::Volume(vid)) => {
-                let Some(server) = self.holder(vid.server(), &format!("volume {vid}"))? else {
-                    return Err(CsiError::NotFound(format!("source volume {vid} not found")));
-                };
-                let vol = self
-                    .get_volume(&server, vid.name())
-                    .await?
-                    .ok_or_else(|| CsiError::NotFound(format!("source volume {vid} not found")))?;
-                let size = capacity::for_create(range, vol.size_bytes)?;
-                (server, size, Some(PbSource::Volume(vid.name().to_string())))
-            }
-            None => {
-                let size = capacity::for_create(range, 0)?;
-                (
-                    placement::place(&self.servers.live(), size).await?,
-                    size,
-                    None,
-                )
-            }
+        let (holder, size, pb_source) = self.resolve_source(source.as_ref(), range).await?;
+        let server = match holder {
+            Some(server) => server,
+            None => placement::place(&self.servers.live(), size).await?,
         };
         // Check the ID fits before creating anything.
         VolumeId::new(server.id.clone(), name.clone()).map_err(|e| invalid(e.to_string()))?;
@@ -435,6 +403,165 @@ impl State {
                 CsiError::Internal(format!("enbd-server {} returned no volume", server.id))
             })?;
         self.volume_response(&server, &name, &vol, params, source.as_ref())
+    }
+
+    /// For a volume made from `source`: the live server holding the source, the new volume's
+    /// size, and the source as the server names it. Without a source: no holder.
+    async fn resolve_source(
+        &self,
+        source: Option<&Source>,
+        range: Option<&CapacityRange>,
+    ) -> Result<(Option<LiveServer>, u64, Option<PbSource>), CsiError> {
+        Ok(match source {
+            Some(Source::Snapshot(sid)) => {
+                let Some(server) = self.holder(sid.server(), &format!("snapshot {sid}"))? else {
+                    return Err(CsiError::NotFound(format!(
+                        "source snapshot {sid} not found"
+                    )));
+                };
+                let snap = self
+                    .list_snapshots_on(&server, sid.name().as_str(), "")
+                    .await?
+                    .into_iter()
+                    .find(|s| s.name == sid.name().as_str())
+                    .ok_or_else(|| {
+                        CsiError::NotFound(format!("source snapshot {sid} not found"))
+                    })?;
+                let size = capacity::for_create(range, snap.size_bytes)?;
+                (
+                    Some(server),
+                    size,
+                    Some(PbSource::Snapshot(sid.name().to_string())),
+                )
+            }
+            Some(Source::Volume(vid)) => {
+                let Some(server) = self.holder(vid.server(), &format!("volume {vid}"))? else {
+                    return Err(CsiError::NotFound(format!("source volume {vid} not found")));
+                };
+                let vol = self
+                    .get_volume(&server, vid.name())
+                    .await?
+                    .ok_or_else(|| CsiError::NotFound(format!("source volume {vid} not found")))?;
+                let size = capacity::for_create(range, vol.size_bytes)?;
+                (
+                    Some(server),
+                    size,
+                    Some(PbSource::Volume(vid.name().to_string())),
+                )
+            }
+            None => (None, capacity::for_create(range, 0)?, None),
+        })
+    }
+
+    /// CreateVolume for `replicas` > 1 (see `replicas`): an existing complete set is judged
+    /// like a single volume, a partial one (an interrupted earlier attempt) is completed, and
+    /// otherwise the replicas are placed on distinct servers, the home first.
+    async fn create_replicated(
+        &self,
+        name: ObjectName,
+        req: CreateVolumeRequest,
+        params: VolumeParams,
+        source: Option<Source>,
+    ) -> Result<CreateVolumeResponse, CsiError> {
+        let range = req.capacity_range.as_ref();
+        let labels = params.to_context();
+        let n = params.replicas as usize;
+        let (record, holders) = replicas::find(&self.servers, name.as_str()).await?;
+        for (server, vol) in &holders {
+            let differs = if !capacity::satisfies(vol.size_bytes, range) {
+                Some("a size outside the requested capacity range")
+            } else if vol.labels != labels {
+                Some("other parameters")
+            } else {
+                None
+            };
+            if let Some(what) = differs {
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume {name} already exists on {} with {what}",
+                    server.id
+                )));
+            }
+        }
+        if let Some(record) = record {
+            let members = replicas::member_servers(&self.servers, name.as_str(), &record)?;
+            let Some((_, vol)) = members
+                .first()
+                .and_then(|home| holders.iter().find(|(s, _)| s.id == home.id))
+            else {
+                return Err(CsiError::Unavailable(format!(
+                    "volume {name}: the home replica did not answer"
+                )));
+            };
+            if source_of(&members[0].id, vol) != source {
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume {name} already exists with a different content source"
+                )));
+            }
+            return self.replicated_response(&members, &name, vol, params, source.as_ref());
+        }
+
+        let (content, size, pb_source) = self.resolve_source(source.as_ref(), range).await?;
+        // The home: the source's server (it holds the content), else a partial set's copy.
+        let home = content.or_else(|| {
+            let mut partial: Vec<_> = holders.iter().map(|(s, _)| s.clone()).collect();
+            partial.sort_by(|a, b| a.id.cmp(&b.id));
+            partial.into_iter().next()
+        });
+        let mut fixed: Vec<LiveServer> = home.into_iter().collect();
+        for (server, _) in &holders {
+            if fixed.iter().all(|f| f.id != server.id) && fixed.len() < n {
+                fixed.push(server.clone());
+            }
+        }
+        let placed = placement::place_replicas(&self.servers.live(), size, n, &fixed).await?;
+        let home = &placed[0];
+        VolumeId::new(home.id.clone(), name.clone()).map_err(|e| invalid(e.to_string()))?;
+        tracing::info!(volume = %name, home = %home.id, replicas = n, size, "creating mirrored volume");
+        let mut client = home.client.clone();
+        let create = pb::CreateVolumeRequest {
+            name: name.to_string(),
+            size_bytes: size,
+            source: pb_source
+                .clone()
+                .map(|kind| pb::ContentSource { kind: Some(kind) }),
+            labels: labels.clone(),
+        };
+        let vol = mgmt(&home.id, CREATE_TIMEOUT, client.create_volume(create))
+            .await?
+            .volume
+            .ok_or_else(|| {
+                CsiError::Internal(format!("enbd-server {} returned no volume", home.id))
+            })?;
+        replicas::complete_set(
+            &placed,
+            name.as_str(),
+            vol.size_bytes,
+            &labels,
+            pb_source.is_some(),
+        )
+        .await?;
+        self.replicated_response(&placed, &name, &vol, params, source.as_ref())
+    }
+
+    /// The response for a mirrored volume: the home's id and context, plus every replica.
+    fn replicated_response(
+        &self,
+        members: &[LiveServer],
+        name: &ObjectName,
+        vol: &pb::Volume,
+        params: VolumeParams,
+        source: Option<&Source>,
+    ) -> Result<CreateVolumeResponse, CsiError> {
+        let mut resp = self.volume_response(&members[0], name, vol, params, source)?;
+        if let Some(v) = resp.volume.as_mut() {
+            let list: Vec<String> = members
+                .iter()
+                .map(|m| replicas::endpoint(m).to_string())
+                .collect();
+            v.volume_context
+                .insert(CTX_REPLICAS.to_owned(), list.join(","));
+        }
+        Ok(resp)
     }
 
     async fn delete_volume(
@@ -459,6 +586,14 @@ impl State {
                         "volume {id} is still published to node(s) {}",
                         nodes.join(", ")
                     )));
+                }
+                match replicas::membership(&server, id.name().as_str()).await {
+                    Ok(record) if record.generation > 0 => {
+                        replicas::delete_all(&this.servers, &server, id.name().as_str()).await?;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e),
                 }
                 let mut client = server.client.clone();
                 let req = pb::DeleteVolumeRequest {
@@ -892,6 +1027,12 @@ impl State {
                         server.id
                     )));
                 }
+                // Every replica grows before any node can learn the new size.
+                if replicas::membership(&server, id.name().as_str()).await?.generation > 0 {
+                    let now = replicas::expand_all(&this.servers, &server, id.name().as_str(), size).await?;
+                    tracing::info!(volume_id = %id, size = now, "mirrored volume expanded on every replica");
+                    return Ok(ControllerExpandVolumeResponse { capacity_bytes: to_i64(now), node_expansion_required });
+                }
                 let req = pb::ExpandVolumeRequest { name: id.name().to_string(), size_bytes: size };
                 let vol = mgmt(&server.id, CALL_TIMEOUT, client.expand_volume(req))
                     .await?
@@ -936,7 +1077,15 @@ impl State {
                     content_source: source_of(id.server(), &v).as_ref().map(csi_source),
                     accessible_topology: Vec::new(),
                 };
-                (vol, normal(id.server()))
+                let condition =
+                    match replicas::abnormal(&self.servers, &server, id.name().as_str()).await {
+                        Some(message) => VolumeCondition {
+                            abnormal: true,
+                            message,
+                        },
+                        None => normal(id.server()),
+                    };
+                (vol, condition)
             }
         };
         Ok(ControllerGetVolumeResponse {

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod ops;
 pub mod placement;
 pub mod publish;
+pub mod replicas;
 pub mod serve;
 pub mod servers;
 pub mod state;

@@ -1,5 +1,6 @@
-//! Chooses the enbd-server for a new volume: the live server with the most free
-//! bytes, among those with room for the whole volume.
+//! Chooses the enbd-server(s) for a new volume: the live servers with the most free
+//! bytes, among those with room for the whole volume; a mirrored volume's replicas each go
+//! to a different server (zones are not considered: servers carry none yet).
 //!
 //! "Room" is judged against the filesystem's free space now, as reported by
 //! each server's GetCapacity. Volumes are sparse, so this admits a volume that
@@ -25,6 +26,56 @@ pub fn pick(candidates: &[(ServerId, u64)], size: u64) -> Option<usize> {
         .filter(|(_, (_, avail))| *avail >= size)
         .max_by(|(_, (a_id, a)), (_, (b_id, b))| a.cmp(b).then_with(|| b_id.cmp(a_id)))
         .map(|(i, _)| i)
+}
+
+/// Indexes of the `n` best distinct candidates for `size` (most free first, ties to the
+/// smaller id), or `None` when fewer than `n` have room.
+pub fn pick_many(candidates: &[(ServerId, u64)], size: u64, n: usize) -> Option<Vec<usize>> {
+    let mut fit: Vec<usize> = (0..candidates.len())
+        .filter(|&i| candidates[i].1 >= size)
+        .collect();
+    fit.sort_by(|&a, &b| {
+        let (a_id, a_free) = &candidates[a];
+        let (b_id, b_free) = &candidates[b];
+        b_free.cmp(a_free).then_with(|| a_id.cmp(b_id))
+    });
+    fit.dedup_by(|a, b| candidates[*a].0 == candidates[*b].0);
+    (fit.len() >= n).then(|| fit.into_iter().take(n).collect())
+}
+
+/// The `n` distinct servers the replicas of a new `size`-byte volume go to. `fixed` (the
+/// source's server, which holds a clone's or restore's content, and copies an interrupted
+/// create left) come first, in order; the rest are placed by free space. The first holds
+/// the volume's id.
+pub async fn place_replicas(
+    servers: &[LiveServer],
+    size: u64,
+    n: usize,
+    fixed: &[LiveServer],
+) -> Result<Vec<LiveServer>, CsiError> {
+    let others: Vec<LiveServer> = servers
+        .iter()
+        .filter(|s| fixed.iter().all(|f| f.id != s.id))
+        .cloned()
+        .collect();
+    let wanted = n.saturating_sub(fixed.len());
+    let answered = free_space(&others).await;
+    let candidates: Vec<(ServerId, u64)> = answered
+        .iter()
+        .map(|(s, free)| (s.id.clone(), *free))
+        .collect();
+    let Some(chosen) = pick_many(&candidates, size, wanted) else {
+        let fit = candidates.iter().filter(|(_, f)| *f >= size).count();
+        return Err(CsiError::ResourceExhausted(format!(
+            "{n} replicas of {size} bytes need {n} distinct live enbd-servers with room; \
+             {} eligible (of {} live)",
+            fit + fixed.len(),
+            servers.len()
+        )));
+    };
+    let mut placed: Vec<LiveServer> = fixed.iter().take(n).cloned().collect();
+    placed.extend(chosen.into_iter().map(|i| answered[i].0.clone()));
+    Ok(placed)
 }
 
 /// Free bytes of each live server that answers GetCapacity in time.
@@ -104,6 +155,19 @@ mod tests {
         assert_eq!(pick(&c(&[("a", 10), ("b", 30)]), 31), None);
         assert_eq!(pick(&c(&[("a", 10), ("b", 30)]), 30), Some(1));
         assert_eq!(pick(&[], 1), None);
+    }
+
+    #[test]
+    fn replicas_go_to_distinct_servers_most_free_first() {
+        let cands = c(&[("a", 10), ("b", 30), ("c", 20), ("d", 5)]);
+        assert_eq!(pick_many(&cands, 6, 2), Some(vec![1, 2]));
+        assert_eq!(pick_many(&cands, 6, 3), Some(vec![1, 2, 0]));
+        // Only three servers have room for 6 bytes.
+        assert_eq!(pick_many(&cands, 6, 4), None);
+        assert_eq!(
+            pick_many(&c(&[("b", 10), ("a", 10)]), 1, 2),
+            Some(vec![1, 0])
+        );
     }
 
     #[test]

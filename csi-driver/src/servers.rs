@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use enbd_proto::enbd::HealthRequest;
+use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
 use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
 use enbd_proto::ids::ServerId;
 use tokio::sync::watch;
@@ -22,6 +23,8 @@ use tonic::transport::{Channel, Endpoint};
 
 /// Management gRPC client of one enbd-server.
 pub type MgmtClient = VolumeServiceClient<Channel>;
+/// Replica membership client of one enbd-server (same connection as its [`MgmtClient`]).
+pub type ReplicaClient = ReplicaServiceClient<Channel>;
 
 /// Discovery's view: every server that should exist, with its management URL.
 pub type Targets = BTreeMap<ServerId, String>;
@@ -46,7 +49,7 @@ pub enum Health {
 #[derive(Clone)]
 struct Entry {
     mgmt_url: String,
-    client: Option<MgmtClient>,
+    client: Option<(MgmtClient, ReplicaClient)>,
     health: Health,
 }
 
@@ -55,6 +58,9 @@ struct Entry {
 pub struct LiveServer {
     pub id: ServerId,
     pub client: MgmtClient,
+    pub replica: ReplicaClient,
+    /// Management URL, as discovery gave it (nodes call the replica service there).
+    pub mgmt_url: String,
     /// NBD `HOST:PORT` nodes should dial for this server's volumes.
     pub data_address: String,
 }
@@ -83,10 +89,12 @@ pub struct Servers {
     synced: AtomicBool,
 }
 
-fn lazy_client(url: &str) -> Option<MgmtClient> {
+fn lazy_client(url: &str) -> Option<(MgmtClient, ReplicaClient)> {
     let endpoint = Endpoint::from_shared(url.to_owned()).ok()?;
-    Some(VolumeServiceClient::new(
-        endpoint.connect_timeout(HEALTH_TIMEOUT).connect_lazy(),
+    let channel = endpoint.connect_timeout(HEALTH_TIMEOUT).connect_lazy();
+    Some((
+        VolumeServiceClient::new(channel.clone()),
+        ReplicaServiceClient::new(channel),
     ))
 }
 
@@ -138,9 +146,11 @@ impl Servers {
         self.snapshot()
             .into_iter()
             .filter_map(|(id, e)| match (e.health, e.client) {
-                (Health::Live { data_address }, Some(client)) => Some(LiveServer {
+                (Health::Live { data_address }, Some((client, replica))) => Some(LiveServer {
                     id,
                     client,
+                    replica,
+                    mgmt_url: e.mgmt_url,
                     data_address,
                 }),
                 _ => None,
@@ -153,11 +163,15 @@ impl Servers {
         match entries.get(id) {
             None => Lookup::Unknown,
             Some(e) => match (&e.health, &e.client) {
-                (Health::Live { data_address }, Some(client)) => Lookup::Live(LiveServer {
-                    id: id.clone(),
-                    client: client.clone(),
-                    data_address: data_address.clone(),
-                }),
+                (Health::Live { data_address }, Some((client, replica))) => {
+                    Lookup::Live(LiveServer {
+                        id: id.clone(),
+                        client: client.clone(),
+                        replica: replica.clone(),
+                        mgmt_url: e.mgmt_url.clone(),
+                        data_address: data_address.clone(),
+                    })
+                }
                 (Health::Down { reason }, _) => Lookup::Down(reason.clone()),
                 _ => Lookup::Down("not health-checked yet".into()),
             },
@@ -188,7 +202,7 @@ impl Servers {
     pub async fn probe_all(&self) {
         let checks = self.snapshot().into_iter().map(|(id, e)| async move {
             let health = match e.client {
-                Some(client) => check(&id, client).await,
+                Some((client, _)) => check(&id, client).await,
                 None => e.health,
             };
             (id, e.mgmt_url, health)

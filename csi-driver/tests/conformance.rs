@@ -547,13 +547,19 @@ async fn create_volume_negative() {
         ("queueDepth", "5000"),
         ("brownout", "sometimes"),
         ("fsType", "ntfs"),
-        ("replicas", "2"),
+        ("replicas", "4"),
+        ("replicaTimeout", "forever"),
     ] {
         let mut req = create_req("v", MIB);
         req.parameters = params(&[(key, value)]);
         let msg = assert_code(ctl().create_volume(req).await, Code::InvalidArgument);
         assert!(msg.contains(key), "{key}: {msg}");
     }
+    // Two replicas need two servers; this suite runs one.
+    let mut mirrored = create_req("v", MIB);
+    mirrored.parameters = params(&[("replicas", "2")]);
+    let msg = assert_code(ctl().create_volume(mirrored).await, Code::ResourceExhausted);
+    assert!(msg.contains("2 distinct"), "{msg}");
     let mut mutable = create_req("v", MIB);
     mutable.mutable_parameters = params(&[("iops", "100")]);
     assert_code(ctl().create_volume(mutable).await, Code::InvalidArgument);

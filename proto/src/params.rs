@@ -26,8 +26,14 @@ pub const QUEUE_DEPTH: &str = "queueDepth";
 pub const QUEUES: &str = "queues";
 /// What IO does while no channel is up.
 pub const BROWNOUT: &str = "brownout";
-/// Copies of the data; only 1 today.
+/// Copies of the data, each on a different enbd-server (1 to [`MAX_REPLICAS`]).
 pub const REPLICAS: &str = "replicas";
+/// With replicas: how long a replica may leave a write unanswered before it is dropped
+/// from the in-sync set (the `brownout` policy governs the case where no replica answers).
+pub const REPLICA_TIMEOUT: &str = "replicaTimeout";
+/// Volume context, replicated volumes only: every replica as
+/// `<replica-id>@<nbd HOST:PORT>@<management URL>`, comma separated.
+pub const CTX_REPLICAS: &str = "enbd.io/replicas";
 /// Volume context: NBD data address `HOST:PORT` of the server holding the volume.
 pub const CTX_SERVER: &str = "enbd.io/server";
 /// Volume context: NBD export name of the volume on that server.
@@ -41,6 +47,8 @@ pub const DEFAULT_QUEUES: u16 = 1;
 pub const MAX_CHANNELS: u16 = 16;
 pub const MAX_QUEUE_DEPTH: u16 = 1024;
 pub const MAX_QUEUES: u16 = 16;
+pub const MAX_REPLICAS: u16 = 3;
+pub const DEFAULT_REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
 /// mkfs options are argv words, never a shell line; this caps their total size.
 pub const MAX_MKFS_OPTIONS_LEN: usize = 512;
 
@@ -203,6 +211,7 @@ pub struct VolumeParams {
     pub queues: u16,
     pub brownout: Brownout,
     pub replicas: u16,
+    pub replica_timeout: Duration,
 }
 
 impl Default for VolumeParams {
@@ -215,6 +224,7 @@ impl Default for VolumeParams {
             queues: DEFAULT_QUEUES,
             brownout: Brownout::default(),
             replicas: 1,
+            replica_timeout: DEFAULT_REPLICA_TIMEOUT,
         }
     }
 }
@@ -278,14 +288,19 @@ impl VolumeParams {
                 }
                 QUEUES => params.queues = parse_bounded(QUEUES, value, MAX_QUEUES)?,
                 BROWNOUT => params.brownout = value.parse()?,
-                REPLICAS => {
-                    if value != "1" {
-                        return Err(invalid(
-                            REPLICAS,
+                REPLICAS => params.replicas = parse_bounded(REPLICAS, value, MAX_REPLICAS)?,
+                REPLICA_TIMEOUT => {
+                    let d = parse_duration(value).map_err(|_| {
+                        invalid(
+                            REPLICA_TIMEOUT,
                             value,
-                            "only 1 replica is supported in this release",
-                        ));
+                            "expected a duration such as 5s or 500ms",
+                        )
+                    })?;
+                    if d < Duration::from_millis(100) || d > Duration::from_secs(600) {
+                        return Err(invalid(REPLICA_TIMEOUT, value, "must be from 100ms to 10m"));
                     }
+                    params.replica_timeout = d;
                 }
                 k if k.starts_with(KUBERNETES_PREFIX) || extra_known.contains(&k) => {}
                 k => {
@@ -309,6 +324,12 @@ impl VolumeParams {
             (BROWNOUT.to_owned(), self.brownout.to_string()),
             (REPLICAS.to_owned(), self.replicas.to_string()),
         ]);
+        if self.replicas > 1 {
+            map.insert(
+                REPLICA_TIMEOUT.to_owned(),
+                format_duration(self.replica_timeout),
+            );
+        }
         if !self.mkfs_options.is_empty() {
             map.insert(MKFS_OPTIONS.to_owned(), self.mkfs_options.join(" "));
         }
@@ -324,6 +345,74 @@ pub struct VolumeContext {
     /// NBD export name of the volume.
     pub export: String,
     pub params: VolumeParams,
+    /// Every replica, the one at `server` included; empty for a single-copy volume.
+    pub replicas: Vec<ReplicaEndpoint>,
+}
+
+/// Where one replica of a mirrored volume lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaEndpoint {
+    /// The holding server's id (stable across restarts).
+    pub id: crate::ids::ServerId,
+    /// NBD data address `HOST:PORT`.
+    pub data: String,
+    /// Management gRPC URL (`http://HOST:PORT`), for the replica membership calls.
+    pub mgmt: String,
+}
+
+impl fmt::Display for ReplicaEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}@{}", self.id, self.data, self.mgmt)
+    }
+}
+
+impl FromStr for ReplicaEndpoint {
+    type Err = ParamError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: &str| ParamError::Invalid {
+            key: CTX_REPLICAS,
+            value: s.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let mut parts = s.split('@');
+        let (Some(id), Some(data), Some(mgmt), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad("expected <replica-id>@<HOST:PORT>@<management URL>"));
+        };
+        let id = crate::ids::ServerId::parse(id).map_err(|e| bad(&e.to_string()))?;
+        validate_server_address(data).map_err(|_| bad("data address is not HOST:PORT"))?;
+        if !(mgmt.starts_with("http://") || mgmt.starts_with("https://"))
+            || mgmt.len() > 512
+            || mgmt.chars().any(|c| c.is_whitespace() || c == ',')
+        {
+            return Err(bad("management URL must be http(s)://HOST:PORT"));
+        }
+        Ok(Self {
+            id,
+            data: data.to_owned(),
+            mgmt: mgmt.to_owned(),
+        })
+    }
+}
+
+/// Parses the `enbd.io/replicas` context value: 2 to [`MAX_REPLICAS`] distinct replicas.
+fn parse_replicas(value: &str) -> Result<Vec<ReplicaEndpoint>, ParamError> {
+    let list = value
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<Vec<ReplicaEndpoint>, _>>()?;
+    let mut ids: Vec<_> = list.iter().map(|r| r.id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    if list.len() < 2 || list.len() > MAX_REPLICAS as usize || ids.len() != list.len() {
+        return Err(ParamError::Invalid {
+            key: CTX_REPLICAS,
+            value: value.to_owned(),
+            reason: format!("expected 2 to {MAX_REPLICAS} replicas on distinct servers"),
+        });
+    }
+    Ok(list)
 }
 
 fn validate_server_address(value: &str) -> Result<(), ParamError> {
@@ -349,6 +438,10 @@ impl VolumeContext {
         let mut map = self.params.to_context();
         map.insert(CTX_SERVER.to_owned(), self.server.clone());
         map.insert(CTX_EXPORT.to_owned(), self.export.clone());
+        if !self.replicas.is_empty() {
+            let list: Vec<String> = self.replicas.iter().map(ToString::to_string).collect();
+            map.insert(CTX_REPLICAS.to_owned(), list.join(","));
+        }
         map
     }
 
@@ -371,12 +464,37 @@ impl VolumeContext {
         }
         let params = VolumeParams::from_entries(
             map.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            &[CTX_SERVER, CTX_EXPORT],
+            &[CTX_SERVER, CTX_EXPORT, CTX_REPLICAS],
         )?;
+        let replicas = match map.get(CTX_REPLICAS) {
+            Some(v) => parse_replicas(v)?,
+            None => Vec::new(),
+        };
+        // The count the class asked for and the replicas the controller placed must agree:
+        // a node must never serve a mirrored volume as a single copy, or the reverse.
+        let placed = replicas.len().max(1);
+        if placed != params.replicas as usize {
+            return Err(ParamError::Invalid {
+                key: CTX_REPLICAS,
+                value: map.get(CTX_REPLICAS).cloned().unwrap_or_default(),
+                reason: format!(
+                    "{} replica(s) listed but the volume has replicas={}",
+                    placed, params.replicas
+                ),
+            });
+        }
+        if !replicas.is_empty() && !replicas.iter().any(|r| &r.data == server) {
+            return Err(ParamError::Invalid {
+                key: CTX_REPLICAS,
+                value: map.get(CTX_REPLICAS).cloned().unwrap_or_default(),
+                reason: format!("no replica is at {server}, the volume's server"),
+            });
+        }
         Ok(Self {
             server: server.clone(),
             export: export.clone(),
             params,
+            replicas,
         })
     }
 }
@@ -448,7 +566,11 @@ mod tests {
             ("brownout", "fail-after=0s"),
             ("brownout", "fail-after=10"),
             ("brownout", "fail-after=3d"),
-            ("replicas", "2"),
+            ("replicas", "0"),
+            ("replicas", "4"),
+            ("replicaTimeout", "50ms"),
+            ("replicaTimeout", "11m"),
+            ("replicaTimeout", "soon"),
             ("mkfsOptions", "-L\tx"),
         ] {
             let err = VolumeParams::from_map(&map(&[(key, value)])).unwrap_err();
@@ -458,10 +580,71 @@ mod tests {
                 "{key}={value}: {msg}"
             );
         }
-        let msg = VolumeParams::from_map(&map(&[("replicas", "3")]))
-            .unwrap_err()
-            .to_string();
-        assert!(msg.contains("only 1 replica"), "{msg}");
+        let p = VolumeParams::from_map(&map(&[("replicas", "3"), ("replicaTimeout", "1500ms")]))
+            .expect("three replicas");
+        assert_eq!(
+            (p.replicas, p.replica_timeout),
+            (3, Duration::from_millis(1500))
+        );
+        assert_eq!(
+            p.to_context().get(REPLICA_TIMEOUT).map(String::as_str),
+            Some("1500ms")
+        );
+        // A single copy has no replica timeout to carry.
+        assert!(
+            !VolumeParams::default()
+                .to_context()
+                .contains_key(REPLICA_TIMEOUT)
+        );
+    }
+
+    fn replicated_context() -> VolumeContext {
+        let ep = |i: u32| ReplicaEndpoint {
+            id: crate::ids::ServerId::parse(&format!("enbd-server-{i}")).unwrap(),
+            data: format!("enbd-server-{i}.enbd-server.storage.svc:10809"),
+            mgmt: format!("http://enbd-server-{i}.enbd-server.storage.svc:10810"),
+        };
+        VolumeContext {
+            server: ep(0).data,
+            export: "pvc-1".into(),
+            params: VolumeParams {
+                replicas: 2,
+                ..VolumeParams::default()
+            },
+            replicas: vec![ep(0), ep(1)],
+        }
+    }
+
+    #[test]
+    fn replicated_context_round_trips_and_is_checked() {
+        let ctx = replicated_context();
+        let map = ctx.to_context();
+        assert_eq!(VolumeContext::from_context(&map), Ok(ctx.clone()));
+
+        // The count and the list must agree.
+        let mut m = map.clone();
+        m.insert(REPLICAS.into(), "3".into());
+        assert!(VolumeContext::from_context(&m).is_err());
+        let mut m = map.clone();
+        m.remove(CTX_REPLICAS);
+        assert!(VolumeContext::from_context(&m).is_err());
+        // The same server twice is not a mirror.
+        let mut m = map.clone();
+        let first = ctx.replicas[0].to_string();
+        m.insert(CTX_REPLICAS.into(), format!("{first},{first}"));
+        assert!(VolumeContext::from_context(&m).is_err());
+        // The volume's own server must be one of the replicas.
+        let mut m = map.clone();
+        m.insert(CTX_SERVER.into(), "elsewhere:10809".into());
+        assert!(VolumeContext::from_context(&m).is_err());
+        for bad in [
+            "x",
+            "a@b@c",
+            "enbd-server-0@host:1@ftp://h:2",
+            "Bad_Id@h:1@http://h:2",
+        ] {
+            assert!(bad.parse::<ReplicaEndpoint>().is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -489,7 +672,9 @@ mod tests {
                 queues: 4,
                 brownout: Brownout::FailAfter(Duration::from_millis(2500)),
                 replicas: 1,
+                replica_timeout: DEFAULT_REPLICA_TIMEOUT,
             },
+            replicas: Vec::new(),
         };
         let mut map = ctx.to_context();
         assert_eq!(
@@ -520,6 +705,7 @@ mod tests {
             server: "10.0.0.1:10809".into(),
             export: "v".into(),
             params: VolumeParams::default(),
+            replicas: Vec::new(),
         }
         .to_context();
         let mut m = full.clone();

@@ -1,0 +1,278 @@
+//! Mirrored volumes, the controller's part: placing the replicas, creating them and writing
+//! their first membership record, and applying delete and expand to every replica.
+//!
+//! The replica set of a volume is its membership record, kept by every replica's server
+//! (`enbd.v1.ReplicaService`); the controller keeps nothing of its own. The record's first
+//! member is the volume's *home*: the server named in its CSI volume id. Every replica has
+//! the same name (the CSI name is unique), so a retried CreateVolume finds the replicas an
+//! earlier attempt made and completes the set instead of placing new ones.
+//!
+//! Once generation 1 is written, the node's mirror layer owns membership: it drops, resyncs
+//! and re-admits replicas and bumps the generation. A volume filled from a snapshot or a clone
+//! starts with only its home in sync (it holds the content) and the others `OUT` with every
+//! region dirty, so the node's mirror copies the content to them as its first resync.
+
+use std::time::Duration;
+
+use enbd_proto::enbd::{self as pb, ReplicaState};
+use enbd_proto::ids::ServerId;
+use enbd_proto::params::ReplicaEndpoint;
+use tonic::{Response, Status};
+
+use crate::error::CsiError;
+use crate::servers::{LiveServer, Lookup, Servers};
+
+/// Write-intent granularity of every mirrored volume this controller creates.
+pub const REGION_BYTES: u32 = 1 << 20;
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn call<T>(
+    server: &ServerId,
+    call: impl Future<Output = Result<Response<T>, Status>>,
+) -> Result<T, CsiError> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Err(_) => Err(CsiError::Unavailable(format!(
+            "enbd-server {server} did not answer within {}s",
+            CALL_TIMEOUT.as_secs()
+        ))),
+        Ok(Err(status)) => Err(CsiError::server(server, status)),
+        Ok(Ok(resp)) => Ok(resp.into_inner()),
+    }
+}
+
+/// The membership record one server holds for `name` (generation 0: none).
+pub async fn membership(server: &LiveServer, name: &str) -> Result<pb::Membership, CsiError> {
+    let mut client = server.replica.clone();
+    let req = pb::GetMembershipRequest {
+        volume: name.to_owned(),
+    };
+    Ok(call(&server.id, client.get_membership(req))
+        .await?
+        .membership
+        .unwrap_or_default())
+}
+
+/// The endpoint nodes use for a replica on `server`.
+pub fn endpoint(server: &LiveServer) -> ReplicaEndpoint {
+    ReplicaEndpoint {
+        id: server.id.clone(),
+        data: server.data_address.clone(),
+        mgmt: server.mgmt_url.clone(),
+    }
+}
+
+/// Live servers for every member of `record`, in member order; a member whose server is
+/// down or unknown makes the set unusable for now (`Unavailable`).
+pub fn member_servers(
+    servers: &Servers,
+    name: &str,
+    record: &pb::Membership,
+) -> Result<Vec<LiveServer>, CsiError> {
+    record
+        .members
+        .iter()
+        .map(|m| {
+            let id = ServerId::parse(&m.replica_id).map_err(|e| {
+                CsiError::Internal(format!("volume {name}: membership names a bad id: {e}"))
+            })?;
+            match servers.lookup(&id) {
+                Lookup::Live(s) => Ok(s),
+                Lookup::Down(reason) => Err(CsiError::Unavailable(format!(
+                    "enbd-server {id} holding a replica of {name} is unavailable: {reason}"
+                ))),
+                Lookup::Unknown => Err(CsiError::Unavailable(format!(
+                    "enbd-server {id} holding a replica of {name} is not known (yet)"
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// The record with the highest generation among the live servers holding `name`, with the
+/// servers that hold a copy of the volume at all (a partial set left by an interrupted
+/// create has copies but no record).
+pub async fn find(
+    servers: &Servers,
+    name: &str,
+) -> Result<(Option<pb::Membership>, Vec<(LiveServer, pb::Volume)>), CsiError> {
+    let live = servers.live();
+    let asks = live.iter().map(|s| async move {
+        let mut client = s.client.clone();
+        let req = pb::GetVolumeRequest {
+            name: name.to_owned(),
+        };
+        match call(&s.id, client.get_volume(req)).await {
+            Ok(resp) => Ok(resp.volume.map(|v| (s.clone(), v))),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    });
+    let mut holders = Vec::new();
+    for found in futures::future::join_all(asks).await {
+        if let Some(h) = found? {
+            holders.push(h);
+        }
+    }
+    let mut best: Option<pb::Membership> = None;
+    for (server, _) in &holders {
+        let record = membership(server, name).await?;
+        if record.generation > best.as_ref().map_or(0, |b| b.generation) {
+            best = Some(record);
+        }
+    }
+    Ok((best, holders))
+}
+
+/// Creates the replicas `placed` lacks (empty, `size` bytes, the same labels) and writes
+/// generation 1 on every one. `placed[0]` is the home; `home_has_content` says it was filled
+/// from a snapshot or clone, so the others start OUT with every region dirty.
+pub async fn complete_set(
+    placed: &[LiveServer],
+    name: &str,
+    size: u64,
+    labels: &std::collections::HashMap<String, String>,
+    home_has_content: bool,
+) -> Result<pb::Membership, CsiError> {
+    for server in &placed[1..] {
+        let mut client = server.client.clone();
+        let req = pb::CreateVolumeRequest {
+            name: name.to_owned(),
+            size_bytes: size,
+            source: None,
+            labels: labels.clone(),
+        };
+        call(&server.id, client.create_volume(req)).await?;
+    }
+    let state = |i: usize| {
+        if i == 0 || !home_has_content {
+            ReplicaState::InSync
+        } else {
+            ReplicaState::Out
+        }
+    };
+    let record = pb::Membership {
+        generation: 1,
+        members: placed
+            .iter()
+            .enumerate()
+            .map(|(i, s)| pb::ReplicaMember {
+                replica_id: s.id.to_string(),
+                state: state(i) as i32,
+            })
+            .collect(),
+        region_bytes: REGION_BYTES,
+    };
+    let extra_dirty: Vec<pb::DirtyRanges> = if home_has_content {
+        placed[1..]
+            .iter()
+            .map(|s| pb::DirtyRanges {
+                replica_id: s.id.to_string(),
+                ranges: vec![pb::ByteRange {
+                    offset: 0,
+                    length: size,
+                }],
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // The home last: a record on the home is what makes the set visible as complete.
+    for server in placed[1..].iter().chain(&placed[..1]) {
+        let mut client = server.replica.clone();
+        let req = pb::SetMembershipRequest {
+            volume: name.to_owned(),
+            membership: Some(record.clone()),
+            extra_dirty: extra_dirty.clone(),
+        };
+        call(&server.id, client.set_membership(req)).await?;
+    }
+    tracing::info!(volume = %name, replicas = placed.len(), content = home_has_content,
+        "replica set recorded at generation 1");
+    Ok(record)
+}
+
+/// Deletes every replica named by the home's record, the home last (so a retry after a
+/// partial delete still finds the record).
+pub async fn delete_all(servers: &Servers, home: &LiveServer, name: &str) -> Result<(), CsiError> {
+    let record = membership(home, name).await?;
+    let members = member_servers(servers, name, &record)?;
+    for server in members.iter().filter(|s| s.id != home.id) {
+        delete_one(server, name).await?;
+    }
+    delete_one(home, name).await
+}
+
+async fn delete_one(server: &LiveServer, name: &str) -> Result<(), CsiError> {
+    let mut client = server.client.clone();
+    let req = pb::DeleteVolumeRequest {
+        name: name.to_owned(),
+        force: false,
+    };
+    match call(&server.id, client.delete_volume(req)).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Grows every replica to `size` (before any node is told of the new size); returns the
+/// smallest size now in force across them.
+pub async fn expand_all(
+    servers: &Servers,
+    home: &LiveServer,
+    name: &str,
+    size: u64,
+) -> Result<u64, CsiError> {
+    let record = membership(home, name).await?;
+    let members = member_servers(servers, name, &record)?;
+    let mut smallest = u64::MAX;
+    for server in &members {
+        let mut client = server.client.clone();
+        let req = pb::ExpandVolumeRequest {
+            name: name.to_owned(),
+            size_bytes: size,
+        };
+        let vol = call(&server.id, client.expand_volume(req)).await?;
+        smallest = smallest.min(vol.volume.map_or(size, |v| v.size_bytes));
+    }
+    Ok(smallest)
+}
+
+/// A one-line account of the replicas for ControllerGetVolume's condition: `None` when every
+/// member is in sync at the record's generation.
+pub async fn abnormal(servers: &Servers, home: &LiveServer, name: &str) -> Option<String> {
+    let record = match membership(home, name).await {
+        Ok(r) => r,
+        Err(e) => return Some(format!("replica membership unreadable on {}: {e}", home.id)),
+    };
+    let mut problems = Vec::new();
+    for m in &record.members {
+        let state = ReplicaState::try_from(m.state).unwrap_or(ReplicaState::Unspecified);
+        if state != ReplicaState::InSync {
+            problems.push(format!("replica {} is {}", m.replica_id, state_name(state)));
+        }
+        if let Ok(id) = ServerId::parse(&m.replica_id)
+            && !matches!(servers.lookup(&id), Lookup::Live(_))
+        {
+            problems.push(format!("enbd-server {id} is unreachable"));
+        }
+    }
+    if problems.is_empty() {
+        None
+    } else {
+        Some(format!(
+            "degraded at generation {}: {}",
+            record.generation,
+            problems.join("; ")
+        ))
+    }
+}
+
+fn state_name(state: ReplicaState) -> &'static str {
+    match state {
+        ReplicaState::InSync => "in sync",
+        ReplicaState::Out => "out of sync (missed writes)",
+        ReplicaState::Resyncing => "resyncing",
+        ReplicaState::Unspecified => "in an unknown state",
+    }
+}
