@@ -1,4 +1,5 @@
-//! The attachment manager: volumes attached on this node, each an engine [`Client`] serving
+//! The attachment manager: volumes attached on this node, each an engine [`Client`] (or a
+//! [`Mirror`](crate::engine::mirror::Mirror) over replicas, see [`crate::backing`]) serving
 //! one ublk [`Device`]. Used by the control socket (CLI) and the CSI node service.
 //!
 //! Invariants:
@@ -16,16 +17,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use thiserror::Error;
 use tokio::runtime::Handle;
 
-use crate::device::{
-    self, BlockRequest, BlockTarget, Device, DeviceError, DeviceGeometry, DeviceOptions,
-    DeviceState, Start,
-};
-use crate::engine::{BrownoutPolicy, Client, ClientConfig, EngineError, EngineStatus, Geometry};
-use crate::state::{AttachmentRecord, StateError, StateStore};
+use crate::backing::{Backing, BackingStatus, EngineTarget, MAX_REPLICAS};
+use crate::device::{self, Device, DeviceError, DeviceGeometry, DeviceOptions, DeviceState, Start};
+use crate::engine::mirror::MirrorError;
+use crate::engine::status::MirrorStatus;
+use crate::engine::{BrownoutPolicy, ClientConfig, EngineError, EngineStatus, Geometry};
+use crate::state::{AttachmentRecord, ReplicaRecord, StateError, StateStore};
 
 /// How long a device whose daemon died may still report LIVE before the kernel quiesces it.
 const QUIESCE_WAIT: Duration = Duration::from_secs(10);
@@ -43,6 +43,11 @@ pub struct AttachRequest {
     pub queue_depth: u16,
     pub brownout: BrownoutPolicy,
     pub read_only: bool,
+    /// Two or more for a mirrored volume (`servers` then lists their data addresses);
+    /// empty for a single copy.
+    pub replicas: Vec<ReplicaRecord>,
+    /// Mirrored volumes: how long a replica may take before it is dropped.
+    pub replica_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,8 +80,12 @@ pub struct AttachmentStatus {
     pub read_only: bool,
     pub brownout: String,
     pub phase: Phase,
-    /// None until the engine is connected (a volume being taken over).
+    /// None until the engine is connected (a volume being taken over), and for mirrors.
     pub engine: Option<EngineStatus>,
+    /// Configured replicas of a mirrored volume (empty: single copy).
+    pub replicas: Vec<ReplicaRecord>,
+    /// A mirrored volume's state, once its mirror is open.
+    pub mirror: Option<MirrorStatus>,
 }
 
 #[derive(Debug, Error)]
@@ -105,6 +114,8 @@ pub enum AttachError {
     ReadOnlyExport(String),
     #[error("connecting to the volume: {0}")]
     Engine(#[from] EngineError),
+    #[error("opening the mirrored volume: {0}")]
+    Mirror(#[from] MirrorError),
     #[error(transparent)]
     Device(#[from] DeviceError),
     #[error("saving attachment state: {0}")]
@@ -126,7 +137,7 @@ pub struct ManagerConfig {
 struct Volume {
     record: AttachmentRecord,
     phase: Phase,
-    client: Option<Client>,
+    client: Option<Backing>,
     device: Option<Device>,
 }
 
@@ -146,37 +157,6 @@ struct Inner {
     volumes: Mutex<HashMap<String, Volume>>,
 }
 
-/// Serves a device from the engine.
-struct EngineTarget(Client);
-
-impl BlockTarget for EngineTarget {
-    async fn submit(&self, req: BlockRequest) -> Result<Bytes, i32> {
-        let c = &self.0;
-        let result = match req {
-            BlockRequest::Read { offset, len } => c.read(offset, len).await,
-            BlockRequest::Write { offset, data, fua } => {
-                c.write(offset, data, fua).await.map(|()| Bytes::new())
-            }
-            BlockRequest::Flush => c.flush().await.map(|()| Bytes::new()),
-            BlockRequest::Discard { offset, len } => {
-                c.trim(offset, len).await.map(|()| Bytes::new())
-            }
-            BlockRequest::WriteZeroes {
-                offset,
-                len,
-                no_hole,
-            } => c
-                .write_zeroes(offset, len, no_hole)
-                .await
-                .map(|()| Bytes::new()),
-        };
-        result.map_err(|e| {
-            tracing::warn!(error = %e, "block request failed");
-            e.errno()
-        })
-    }
-}
-
 /// The device's shape from what the server reported in its handshake.
 pub fn device_geometry(g: &Geometry, read_only: bool) -> DeviceGeometry {
     DeviceGeometry {
@@ -192,7 +172,7 @@ pub fn device_geometry(g: &Geometry, read_only: bool) -> DeviceGeometry {
     }
 }
 
-fn client_config(
+pub(crate) fn client_config(
     r: &AttachmentRecord,
     brownout: BrownoutPolicy,
     journal_bytes: usize,
@@ -251,7 +231,10 @@ impl AttachmentManager {
                     r.volume_id.clone(),
                     Volume {
                         record: r.clone(),
-                        phase: Phase::Recovering,
+                        // A malformed mirrored record is listed as failed, not taken over.
+                        phase: r
+                            .check_replicas()
+                            .map_or_else(Phase::Failed, |()| Phase::Recovering),
                         client: None,
                         device: None,
                     },
@@ -259,6 +242,10 @@ impl AttachmentManager {
             }
         }
         for r in records {
+            if let Err(why) = r.check_replicas() {
+                tracing::error!(volume_id = %r.volume_id, %why, "state record not taken over");
+                continue;
+            }
             let mgr = self.clone();
             self.inner.rt.spawn(async move {
                 let id = r.volume_id.clone();
@@ -280,11 +267,15 @@ impl AttachmentManager {
             .brownout
             .parse()
             .map_err(|e| AttachError::Internal(format!("stored brownout policy: {e}")))?;
-        let cfg = client_config(&r, brownout, self.inner.journal_bytes);
         let mut delay = TAKEOVER_RETRY_MIN;
         let client = loop {
-            match Client::connect(cfg.clone()).await {
+            match Backing::connect(&r, brownout, self.inner.journal_bytes).await {
                 Ok(c) => break c,
+                Err(
+                    e @ (AttachError::Invalid(_) | AttachError::Mirror(MirrorError::Config(_))),
+                ) => {
+                    return Err(e);
+                }
                 Err(e) => {
                     tracing::warn!(volume_id = %r.volume_id, error = %e, retry_in = ?delay,
                         "server unreachable while taking over; device IO waits");
@@ -351,7 +342,7 @@ impl AttachmentManager {
     async fn adopt(
         &self,
         volume_id: &str,
-        client: Client,
+        client: Backing,
         device: Device,
         device_size: u64,
     ) -> Result<(), AttachError> {
@@ -400,6 +391,7 @@ impl AttachmentManager {
                 let r = &v.record;
                 if r.export != req.export
                     || r.servers != req.servers
+                    || r.replicas != req.replicas
                     || r.read_only != req.read_only
                 {
                     return Err(AttachError::Conflict {
@@ -425,13 +417,10 @@ impl AttachmentManager {
             brownout: req.brownout.to_string(),
             read_only: req.read_only,
             size_bytes: 0,
+            replicas: req.replicas.clone(),
+            replica_timeout_ms: u64::try_from(req.replica_timeout.as_millis()).unwrap_or(u64::MAX),
         };
-        let client = Client::connect(client_config(
-            &record,
-            req.brownout,
-            self.inner.journal_bytes,
-        ))
-        .await?;
+        let client = Backing::connect(&record, req.brownout, self.inner.journal_bytes).await?;
         let g = client.geometry();
         if g.read_only && !req.read_only {
             client.shutdown().await;
@@ -572,7 +561,13 @@ impl AttachmentManager {
         let c = v
             .client
             .as_ref()
-            .ok_or_else(|| AttachError::InProgress(volume_id.to_string()))?;
+            .ok_or_else(|| AttachError::InProgress(volume_id.to_string()))?
+            .client()
+            .ok_or_else(|| {
+                AttachError::Invalid(format!(
+                    "volume {volume_id} is mirrored: its channels belong to its replicas"
+                ))
+            })?;
         if channel >= c.status().channels.len() {
             return Err(AttachError::Invalid(format!(
                 "volume {volume_id} has no channel {channel}"
@@ -580,6 +575,43 @@ impl AttachmentManager {
         }
         c.reset_channel(channel);
         Ok(())
+    }
+
+    /// Operator action on an attached mirrored volume: makes `replica` the only in-sync copy
+    /// (see [`Mirror::promote`](crate::engine::mirror::Mirror::promote) for what is lost).
+    /// Returns the generation of the new record.
+    pub async fn promote(&self, volume_id: &str, replica: &str) -> Result<u64, AttachError> {
+        let _g = self.inner.ops.lock().await;
+        let mirror = {
+            let vols = self.lock_volumes()?;
+            let v = vols
+                .get(volume_id)
+                .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
+            match &v.client {
+                Some(Backing::Mirror(m)) => m.clone(),
+                Some(Backing::Single(_)) => {
+                    return Err(AttachError::Invalid(format!(
+                        "volume {volume_id} is not mirrored"
+                    )));
+                }
+                None if !v.record.replicas.is_empty() => {
+                    return Err(AttachError::InProgress(volume_id.to_string()));
+                }
+                None => {
+                    return Err(AttachError::Invalid(format!(
+                        "volume {volume_id} is not mirrored"
+                    )));
+                }
+            }
+        };
+        let rec = mirror.promote(replica).await?;
+        tracing::warn!(
+            volume_id,
+            replica,
+            generation = rec.generation,
+            "replica promoted by the operator; writes it lacked are lost"
+        );
+        Ok(rec.generation)
     }
 
     /// Re-reads the volume's size from its server and grows the device online.
@@ -590,8 +622,13 @@ impl AttachmentManager {
             let v = vols
                 .get(volume_id)
                 .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
-            match (&v.client, &v.device) {
-                (Some(c), Some(d)) => (c.clone(), d.resizer(), v.record.size_bytes),
+            match (v.client.as_ref().map(Backing::client), &v.device) {
+                (Some(None), _) => {
+                    return Err(AttachError::ResizeUnsupported(
+                        "a mirrored volume keeps the size it was opened with".into(),
+                    ));
+                }
+                (Some(Some(c)), Some(d)) => (c.clone(), d.resizer(), v.record.size_bytes),
                 _ => return Err(AttachError::InProgress(volume_id.to_string())),
             }
         };
@@ -627,6 +664,11 @@ impl AttachmentManager {
 
 fn status_of(v: &Volume) -> AttachmentStatus {
     let r = &v.record;
+    let (engine, mirror) = match v.client.as_ref().map(Backing::status) {
+        Some(BackingStatus::Single(e)) => (Some(e), None),
+        Some(BackingStatus::Mirror(m)) => (None, Some(m)),
+        None => (None, None),
+    };
     AttachmentStatus {
         volume_id: r.volume_id.clone(),
         dev_id: r.dev_id,
@@ -637,7 +679,9 @@ fn status_of(v: &Volume) -> AttachmentStatus {
         read_only: r.read_only,
         brownout: r.brownout.clone(),
         phase: v.phase.clone(),
-        engine: v.client.as_ref().map(Client::status),
+        engine,
+        replicas: r.replicas.clone(),
+        mirror,
     }
 }
 
@@ -660,6 +704,19 @@ fn validate(req: &AttachRequest) -> Result<(), AttachError> {
     }
     if req.channels == 0 {
         return bad("channels must be at least 1");
+    }
+    if !req.replicas.is_empty() {
+        if req.replicas.len() < 2 || req.replicas.len() > MAX_REPLICAS {
+            return bad("a mirrored volume needs 2 to 3 replicas");
+        }
+        if req.replica_timeout.is_zero() {
+            return bad("the replica timeout must be positive");
+        }
+        let mut ids: Vec<&str> = req.replicas.iter().map(|r| r.id.as_str()).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return bad("replica ids must be distinct");
+        }
     }
     Ok(())
 }
@@ -718,6 +775,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -731,6 +789,8 @@ mod tests {
             queue_depth: 64,
             brownout: BrownoutPolicy::Wait,
             read_only: false,
+            replicas: Vec::new(),
+            replica_timeout: Duration::from_secs(5),
         }
     }
 
@@ -766,6 +826,78 @@ mod tests {
         let f = tempfile::NamedTempFile::new().expect("temp file");
         assert_eq!(device_users(f.path()), None);
         assert_eq!(device_users(Path::new("/nonexistent/ublkb9")), None);
+    }
+
+    #[test]
+    fn mirrored_requests_are_validated() {
+        let r = |id: &str| crate::backing::parse_replica(&format!("{id}@h:1@h:2")).expect("r");
+        let mirrored = AttachRequest {
+            replicas: vec![r("a"), r("b")],
+            ..req()
+        };
+        assert!(validate(&mirrored).is_ok());
+        for (bad, why) in [
+            (vec![r("a")], "2 to 3"),
+            (vec![r("a"), r("b"), r("c"), r("d")], "2 to 3"),
+            (vec![r("a"), r("a")], "distinct"),
+        ] {
+            let e = validate(&AttachRequest {
+                replicas: bad,
+                ..req()
+            })
+            .expect_err(why);
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        assert!(
+            validate(&AttachRequest {
+                replica_timeout: Duration::ZERO,
+                ..mirrored
+            })
+            .is_err()
+        );
+    }
+
+    /// A state file with a malformed mirrored record: the daemon starts, lists that volume
+    /// as failed with the reason, and still takes the others over.
+    #[tokio::test]
+    async fn a_malformed_mirrored_record_is_listed_as_failed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let one = crate::backing::parse_replica("a@127.0.0.1:1@127.0.0.1:2").expect("r");
+        let record = AttachmentRecord {
+            volume_id: "m".into(),
+            dev_id: 7,
+            servers: vec!["127.0.0.1:1".into()],
+            export: "m".into(),
+            channels: 1,
+            queues: 1,
+            queue_depth: 64,
+            brownout: "wait".into(),
+            read_only: false,
+            size_bytes: 1 << 20,
+            replicas: vec![one],
+            replica_timeout_ms: 0,
+        };
+        StateStore::open(dir.path())
+            .expect("store")
+            .save(&[record])
+            .expect("save");
+        let cfg = ManagerConfig {
+            state_dir: dir.path().into(),
+            max_volumes: 0,
+            journal_bytes: 1 << 20,
+        };
+        let mgr = AttachmentManager::new(cfg, Handle::current()).expect("manager");
+        assert_eq!(mgr.restore().expect("restore"), 1);
+        let s = mgr.get("m").expect("listed");
+        assert_eq!(
+            s.phase,
+            Phase::Failed("mirrored volume m lists 1 replica; a mirror needs at least 2".into())
+        );
+        assert_eq!(s.replicas.len(), 1);
+        let e = mgr.promote("m", "a").await.expect_err("not open");
+        assert!(matches!(e, AttachError::InProgress(_)), "{e}");
+        let e = mgr.promote("nope", "a").await.expect_err("unknown");
+        assert!(matches!(e, AttachError::NotAttached(_)), "{e}");
     }
 
     #[tokio::test]

@@ -36,6 +36,8 @@ pub enum Command {
     ResetChannel(ResetChannelArgs),
     /// Grow an attached volume's device to the size its server now reports (online resize).
     Resize(ResizeArgs),
+    /// Make one replica of a mirrored volume the only in-sync copy (writes it lacks are lost).
+    Promote(PromoteArgs),
     /// Benchmark the client engine against an NBD server (no device): IOPS, latency, CPU.
     Bench(crate::bench::BenchArgs),
 }
@@ -114,6 +116,32 @@ pub struct AttachArgs {
     pub brownout: String,
     #[arg(long, env = "ENBD_READ_ONLY")]
     pub read_only: bool,
+    /// Mirrored volume: one replica as ID@HOST:PORT@http://HOST:PORT (its server's id, NBD
+    /// address, management address); repeat for each (2 or 3). Replaces --server.
+    #[arg(long = "replica", env = "ENBD_REPLICAS", value_delimiter = ',')]
+    pub replicas: Vec<String>,
+    /// Mirrored volume: a replica that does not answer within this long is dropped.
+    #[arg(long, env = "ENBD_REPLICA_TIMEOUT", default_value = "5s")]
+    pub replica_timeout: String,
+    #[command(flatten)]
+    pub control: ControlSocketArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PromoteArgs {
+    /// Volume id or device path of the attached mirrored volume.
+    #[arg(long)]
+    pub volume: String,
+    /// Id of the replica to make the only in-sync copy.
+    #[arg(long)]
+    pub replica: String,
+    /// Confirms that writes the chosen replica did not receive may be lost for good.
+    #[arg(long)]
+    pub accept_data_loss: bool,
+    /// Promote without a daemon (the volume attached nowhere): every replica as
+    /// ID@HOST:PORT@http://HOST:PORT, as for `attach --replica`.
+    #[arg(long = "member", value_delimiter = ',')]
+    pub members: Vec<String>,
     #[command(flatten)]
     pub control: ControlSocketArg,
 }
@@ -202,6 +230,16 @@ pub fn parse_nbd_url(url: &str) -> Result<Source, CliError> {
 
 impl AttachArgs {
     pub fn source(&self) -> Result<Source, CliError> {
+        if !self.replicas.is_empty() && self.servers.is_empty() && self.url.is_none() {
+            // A mirror's servers are its replicas' data addresses.
+            let export = self.export.clone().ok_or(CliError::NoExport)?;
+            let servers = self
+                .replicas
+                .iter()
+                .map(|r| r.split('@').nth(1).unwrap_or_default().to_owned())
+                .collect();
+            return Ok(Source { servers, export });
+        }
         match &self.url {
             Some(url) => {
                 if !self.servers.is_empty() || self.export.is_some() {
@@ -232,6 +270,7 @@ impl AttachArgs {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -294,6 +333,42 @@ mod tests {
             panic!("not attach")
         };
         assert_eq!(a.source(), Err(CliError::UrlAndFlags));
+    }
+
+    #[test]
+    fn mirrored_attach_and_promote_arguments() {
+        let cli = Cli::try_parse_from([
+            "enbd-node",
+            "attach",
+            "--export",
+            "v",
+            "--replica",
+            "a@h1:10809@http://h1:9100",
+            "--replica",
+            "b@h2:10809@http://h2:9100",
+            "--replica-timeout",
+            "2s",
+        ])
+        .expect("parse");
+        let Command::Attach(a) = cli.command else {
+            panic!("not attach")
+        };
+        assert_eq!(a.replicas.len(), 2);
+        assert_eq!(a.replica_timeout, "2s");
+        assert_eq!(
+            a.source(),
+            Ok(Source {
+                servers: vec!["h1:10809".into(), "h2:10809".into()],
+                export: "v".into()
+            })
+        );
+        let cli = Cli::try_parse_from(["enbd-node", "promote", "--volume", "v", "--replica", "a"])
+            .expect("parse");
+        let Command::Promote(p) = cli.command else {
+            panic!("not promote")
+        };
+        assert!(!p.accept_data_loss);
+        assert!(p.members.is_empty());
     }
 
     #[test]

@@ -30,6 +30,19 @@ pub enum Request {
         queue_depth: u16,
         brownout: String,
         read_only: bool,
+        /// Mirrored volumes: `ID@HOST:PORT@http://HOST:PORT` per replica.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        replicas: Vec<String>,
+        /// Mirrored volumes: e.g. `5s` (default 5s).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replica_timeout: Option<String>,
+    },
+    /// Makes one replica of an attached mirrored volume the only in-sync copy; refused
+    /// unless `accept_data_loss`.
+    Promote {
+        target: String,
+        replica: String,
+        accept_data_loss: bool,
     },
     /// `target` is a volume id or a device path (`/dev/ublkbN`).
     Detach {
@@ -71,6 +84,34 @@ pub struct VolumeView {
     /// Engine state (Healthy, Degraded, Waiting, Failed), or "-" while not connected.
     pub engine: String,
     pub channels: Vec<ChannelView>,
+    /// Mirrored volumes: every replica (empty for a single copy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaView>,
+    /// Mirrored volumes: the generation of the membership record in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub id: String,
+    /// NBD data address.
+    pub address: String,
+    pub mgmt: String,
+    /// Generation its server last reported (0: not known).
+    pub generation: u64,
+    /// in-sync | out | resyncing | down | "-" (mirror not open)
+    pub state: String,
+    /// Resyncing: bytes of missed regions, bytes copied, copy rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_copy: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copied: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_sec: Option<u64>,
+    pub reads: u64,
+    pub writes: u64,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +131,11 @@ pub enum Response {
     Resized {
         volume_id: String,
         size_bytes: u64,
+    },
+    Promoted {
+        volume_id: String,
+        replica: String,
+        generation: u64,
     },
     Done,
     Error {
@@ -136,6 +182,10 @@ impl From<&AttachmentStatus> for VolumeView {
             ),
             None => ("-".to_string(), Vec::new()),
         };
+        let engine = match &s.mirror {
+            Some(m) => format!("{:?}", m.state),
+            None => engine,
+        };
         VolumeView {
             volume_id: s.volume_id.clone(),
             device: s.dev_path.display().to_string(),
@@ -151,8 +201,86 @@ impl From<&AttachmentStatus> for VolumeView {
             },
             engine,
             channels,
+            replicas: replica_views(s),
+            generation: s.mirror.as_ref().map(|m| m.generation),
         }
     }
+}
+
+/// What promoting `replica` throws away, for the refusal without `--accept-data-loss`.
+pub fn promote_warning(volume: &str, replica: &str) -> String {
+    format!(
+        "promoting replica {replica} makes it the only in-sync copy of {volume}: every write \
+         it did not receive (everything acknowledged while it was out or stale) is lost for \
+         good, on every replica once they resync from it. Do this only when the other \
+         replicas are really lost; repeat with --accept-data-loss to proceed"
+    )
+}
+
+fn replica_views(s: &AttachmentStatus) -> Vec<ReplicaView> {
+    use crate::engine::status::ReplicaHealth;
+    if let Some(m) = &s.mirror {
+        return m
+            .replicas
+            .iter()
+            .map(|r| {
+                let (to_copy, copied, rate) = match r.health {
+                    ReplicaHealth::Resyncing {
+                        to_copy,
+                        copied,
+                        bytes_per_sec,
+                    } => (Some(to_copy), Some(copied), Some(bytes_per_sec as u64)),
+                    _ => (None, None, None),
+                };
+                ReplicaView {
+                    id: r.id.clone(),
+                    address: r.address.clone(),
+                    mgmt: r.mgmt_address.clone(),
+                    generation: r.generation,
+                    state: crate::backing::health_word(&r.health).to_owned(),
+                    to_copy,
+                    copied,
+                    bytes_per_sec: rate,
+                    reads: r.reads,
+                    writes: r.writes,
+                    last_error: r.last_error.clone(),
+                }
+            })
+            .collect();
+    }
+    s.replicas
+        .iter()
+        .map(|r| ReplicaView {
+            id: r.id.clone(),
+            address: r.nbd.clone(),
+            mgmt: r.mgmt.clone(),
+            generation: 0,
+            state: "-".into(),
+            to_copy: None,
+            copied: None,
+            bytes_per_sec: None,
+            reads: 0,
+            writes: 0,
+            last_error: None,
+        })
+        .collect()
+}
+
+/// The replicas and replica timeout of an attach request, parsed.
+fn mirror_args(
+    replicas: &[String],
+    timeout: Option<String>,
+) -> Result<(Vec<crate::state::ReplicaRecord>, std::time::Duration), String> {
+    let replicas = replicas
+        .iter()
+        .map(|r| crate::backing::parse_replica(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let timeout = match timeout {
+        Some(t) => crate::engine::config::parse_duration(&t)
+            .map_err(|e| format!("replica timeout: {e}"))?,
+        None => crate::backing::DEFAULT_REPLICA_TIMEOUT,
+    };
+    Ok((replicas, timeout))
 }
 
 /// Binds the control socket (replacing a stale one) and serves it until `shutdown`.
@@ -241,6 +369,8 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
             queue_depth,
             brownout,
             read_only,
+            replicas,
+            replica_timeout,
         } => {
             let brownout: BrownoutPolicy = match brownout.parse() {
                 Ok(b) => b,
@@ -249,6 +379,10 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
                         message: e.to_string(),
                     };
                 }
+            };
+            let (replicas, replica_timeout) = match mirror_args(&replicas, replica_timeout) {
+                Ok(m) => m,
+                Err(message) => return Response::Error { message },
             };
             let req = AttachRequest {
                 volume_id,
@@ -259,6 +393,8 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
                 queue_depth,
                 brownout,
                 read_only,
+                replicas,
+                replica_timeout,
             };
             match mgr.attach(req).await {
                 Ok(a) => Response::Attached {
@@ -282,6 +418,24 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
         Request::ResetChannel { target, channel } => match resolve(&target, mgr) {
             Ok(id) => match mgr.reset_channel(&id, channel) {
                 Ok(()) => Response::Done,
+                Err(e) => err(e),
+            },
+            Err(message) => Response::Error { message },
+        },
+        Request::Promote {
+            target,
+            replica,
+            accept_data_loss,
+        } => match resolve(&target, mgr) {
+            Ok(id) if !accept_data_loss => Response::Error {
+                message: promote_warning(&id, &replica),
+            },
+            Ok(id) => match mgr.promote(&id, &replica).await {
+                Ok(generation) => Response::Promoted {
+                    volume_id: id,
+                    replica,
+                    generation,
+                },
                 Err(e) => err(e),
             },
             Err(message) => Response::Error { message },
@@ -330,6 +484,7 @@ pub async fn call(path: &Path, req: &Request) -> Result<Response, ControlError> 
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -391,6 +546,47 @@ mod tests {
                     message.contains(&format!("{target} is not attached")),
                     "{message}"
                 ),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // Promotion is refused without the data-loss flag, saying what would be lost.
+        let promote = |accept_data_loss| Request::Promote {
+            target: "ghost".into(),
+            replica: "a".into(),
+            accept_data_loss,
+        };
+        match call(&sock, &promote(false)).await.expect("promote") {
+            Response::Error { message } => {
+                assert!(message.contains("is lost for good"), "{message}");
+                assert!(message.contains("--accept-data-loss"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match call(&sock, &promote(true)).await.expect("promote") {
+            Response::Error { message } => {
+                assert_eq!(message, "volume ghost is not attached on this node")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // A malformed or lone replica is refused before anything connects.
+        let attach = |replicas: Vec<&str>| Request::Attach {
+            volume_id: "m".into(),
+            servers: vec!["127.0.0.1:1".into()],
+            export: "m".into(),
+            channels: 1,
+            queues: 1,
+            queue_depth: 64,
+            brownout: "wait".into(),
+            read_only: false,
+            replicas: replicas.into_iter().map(String::from).collect(),
+            replica_timeout: Some("2s".into()),
+        };
+        for (replicas, want) in [
+            (vec!["a@127.0.0.1:1"], "three @-separated parts"),
+            (vec!["a@127.0.0.1:1@http://127.0.0.1:2"], "2 to 3 replicas"),
+        ] {
+            match call(&sock, &attach(replicas)).await.expect("attach") {
+                Response::Error { message } => assert!(message.contains(want), "{message}"),
                 other => panic!("unexpected {other:?}"),
             }
         }

@@ -1,5 +1,6 @@
 //! enbd-node library.
 pub mod attach;
+pub mod backing;
 pub mod bench;
 pub mod cli;
 pub mod control;

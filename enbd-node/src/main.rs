@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use enbd_node::cli::{AttachArgs, Cli, Command, DaemonArgs, LogFormat};
+use enbd_node::cli::{AttachArgs, Cli, Command, DaemonArgs, LogFormat, PromoteArgs};
 use enbd_node::control::{self, Request, Response, VolumeView};
 use enbd_node::daemon::{self, DaemonConfig, ExtraService};
 
@@ -33,6 +33,7 @@ fn main() -> ExitCode {
                 channel: args.channel,
             },
         ),
+        Command::Promote(args) => promote(args),
         Command::Bench(args) => enbd_node::bench::run_bench(args),
     };
     match result {
@@ -156,6 +157,8 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
         queue_depth: args.queue_depth,
         brownout: args.brownout.clone(),
         read_only: args.read_only,
+        replicas: args.replicas.clone(),
+        replica_timeout: (!args.replicas.is_empty()).then(|| args.replica_timeout.clone()),
     };
     match call(&args.control.control_socket, req)? {
         Response::Attached {
@@ -168,6 +171,51 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
         }
         other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
     }
+}
+
+/// Promotes through the daemon that has the volume attached, or (with `--member`) directly
+/// on the replicas' servers when no daemon has it.
+fn promote(args: PromoteArgs) -> anyhow::Result<()> {
+    if !args.accept_data_loss {
+        anyhow::bail!("{}", control::promote_warning(&args.volume, &args.replica));
+    }
+    if args.members.is_empty() {
+        let req = Request::Promote {
+            target: args.volume.clone(),
+            replica: args.replica.clone(),
+            accept_data_loss: true,
+        };
+        return match call(&args.control.control_socket, req)? {
+            Response::Promoted {
+                volume_id,
+                replica,
+                generation,
+            } => {
+                println!("{volume_id}: replica {replica} promoted (generation {generation})");
+                Ok(())
+            }
+            other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+        };
+    }
+    let replicas = args
+        .members
+        .iter()
+        .map(|m| {
+            enbd_node::backing::parse_replica(m).map(|r| enbd_node::engine::mirror::ReplicaConfig {
+                id: r.id,
+                nbd: r.nbd,
+                mgmt: r.mgmt,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let cfg = enbd_node::engine::mirror::MirrorConfig::new(args.volume.clone(), replicas);
+    let rec = runtime()?.block_on(enbd_node::engine::mirror::promote(&cfg, &args.replica))?;
+    println!(
+        "{}: replica {} promoted (generation {})",
+        args.volume, args.replica, rec.generation
+    );
+    Ok(())
 }
 
 fn list(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
@@ -193,8 +241,32 @@ fn list(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
             v.brownout,
             channels(v)
         );
+        for r in &v.replicas {
+            println!("  replica {}", replica_line(r));
+        }
     }
     Ok(())
+}
+
+/// `a 10.0.0.1:10809 gen 3 resyncing 12.0/100.0 MiB at 3.1 MiB/s`
+fn replica_line(r: &control::ReplicaView) -> String {
+    const MIB: f64 = (1u64 << 20) as f64;
+    let mib = |b: u64| b as f64 / MIB;
+    let mut line = format!("{} {} gen {} {}", r.id, r.address, r.generation, r.state);
+    if let (Some(to_copy), Some(copied), Some(rate)) = (r.to_copy, r.copied, r.bytes_per_sec) {
+        line.push_str(&format!(
+            " {:.1}/{:.1} MiB at {:.1} MiB/s",
+            mib(copied),
+            mib(to_copy),
+            mib(rate)
+        ));
+    }
+    if r.state != "in-sync"
+        && let Some(e) = &r.last_error
+    {
+        line.push_str(&format!(" ({e})"));
+    }
+    line
 }
 
 fn channels(v: &VolumeView) -> String {

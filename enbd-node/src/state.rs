@@ -31,6 +31,55 @@ pub struct AttachmentRecord {
     pub brownout: String,
     pub read_only: bool,
     pub size_bytes: u64,
+    /// Replicas of a mirrored volume (two or more); empty for a single copy, and absent
+    /// from records written before mirroring.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaRecord>,
+    /// How long a replica may take to acknowledge before it is dropped (mirrored volumes;
+    /// 0: the default).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub replica_timeout_ms: u64,
+}
+
+/// One replica of a mirrored volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    /// The holding server's `--server-id`.
+    pub id: String,
+    /// NBD data address `HOST:PORT`.
+    pub nbd: String,
+    /// Management gRPC address `HOST:PORT`.
+    pub mgmt: String,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl AttachmentRecord {
+    /// A mirrored record must list at least two distinct replicas: anything else was not
+    /// written by this daemon and cannot be served as a mirror.
+    pub fn check_replicas(&self) -> Result<(), String> {
+        let n = self.replicas.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if n < 2 {
+            return Err(format!(
+                "mirrored volume {} lists {n} replica; a mirror needs at least 2",
+                self.volume_id
+            ));
+        }
+        let mut ids: Vec<&str> = self.replicas.iter().map(|r| r.id.as_str()).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!(
+                "mirrored volume {} lists replica {} twice",
+                self.volume_id, w[0]
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -154,6 +203,7 @@ impl StateStore {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -169,7 +219,65 @@ mod tests {
             brownout: "wait".into(),
             read_only: false,
             size_bytes: 1 << 30,
+            replicas: Vec::new(),
+            replica_timeout_ms: 0,
         }
+    }
+
+    fn replica(id: &str) -> ReplicaRecord {
+        ReplicaRecord {
+            id: id.into(),
+            nbd: format!("{id}:10809"),
+            mgmt: format!("{id}:9100"),
+        }
+    }
+
+    #[test]
+    fn mirrored_records_round_trip_and_old_records_still_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        let mirrored = AttachmentRecord {
+            replicas: vec![replica("a"), replica("b")],
+            replica_timeout_ms: 2000,
+            ..record("m", 1)
+        };
+        store
+            .save(&[record("s", 0), mirrored.clone()])
+            .expect("save");
+        let text = fs::read_to_string(dir.path().join(STATE_FILE)).expect("read");
+        // A single-copy record is written exactly as before mirroring existed.
+        assert_eq!(text.matches("replicas").count(), 1, "{text}");
+        assert_eq!(store.load().expect("load"), vec![record("s", 0), mirrored]);
+        // A record from before mirroring (no replica fields at all).
+        fs::write(
+            dir.path().join(STATE_FILE),
+            br#"{"version":1,"attachments":[{"volume_id":"old","dev_id":2,
+               "servers":["127.0.0.1:10809"],"export":"old","channels":2,"queues":1,
+               "queue_depth":64,"brownout":"wait","read_only":false,"size_bytes":1073741824}]}"#,
+        )
+        .expect("write");
+        assert_eq!(store.load().expect("load old"), vec![record("old", 2)]);
+    }
+
+    #[test]
+    fn malformed_mirrored_records_are_reported() {
+        assert_eq!(record("s", 0).check_replicas(), Ok(()));
+        let one = AttachmentRecord {
+            replicas: vec![replica("a")],
+            ..record("m", 1)
+        };
+        assert_eq!(
+            one.check_replicas(),
+            Err("mirrored volume m lists 1 replica; a mirror needs at least 2".into())
+        );
+        let twice = AttachmentRecord {
+            replicas: vec![replica("a"), replica("b"), replica("a")],
+            ..record("m", 1)
+        };
+        assert_eq!(
+            twice.check_replicas(),
+            Err("mirrored volume m lists replica a twice".into())
+        );
     }
 
     #[test]

@@ -14,7 +14,9 @@ use enbd_proto::params::{Brownout, VolumeContext};
 
 use crate::attach::{AttachError, AttachRequest, AttachmentManager, AttachmentStatus, Phase};
 use crate::device::DeviceError;
+use crate::engine::mirror::MirrorError;
 use crate::engine::{BrownoutPolicy, EngineError, EngineState};
+use crate::state::ReplicaRecord;
 
 /// Everything needed to attach one volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,9 +103,14 @@ pub trait Attacher: Send + Sync + 'static {
 impl Attacher for AttachmentManager {
     async fn attach(&self, spec: AttachSpec) -> Result<AttachedDevice, AttacherError> {
         let p = &spec.context.params;
+        let replicas = replica_records(&spec.context).map_err(AttacherError::Invalid)?;
+        let servers = match replicas.is_empty() {
+            true => vec![spec.context.server.clone()],
+            false => replicas.iter().map(|r| r.nbd.clone()).collect(),
+        };
         let req = AttachRequest {
             volume_id: spec.volume_id.to_string(),
-            servers: vec![spec.context.server.clone()],
+            servers,
             export: spec.context.export.clone(),
             channels: p.channels,
             queues: p.queues,
@@ -113,6 +120,8 @@ impl Attacher for AttachmentManager {
                 Brownout::FailAfter(d) => BrownoutPolicy::FailAfter(d),
             },
             read_only: spec.read_only,
+            replicas,
+            replica_timeout: p.replica_timeout,
         };
         AttachmentManager::attach(self, req)
             .await
@@ -154,6 +163,21 @@ impl Attacher for AttachmentManager {
     }
 }
 
+/// The replicas of a mirrored volume's context, as the attachment records them.
+fn replica_records(ctx: &VolumeContext) -> Result<Vec<ReplicaRecord>, String> {
+    ctx.replicas
+        .iter()
+        .map(|r| {
+            Ok(ReplicaRecord {
+                id: r.id.to_string(),
+                nbd: r.data.clone(),
+                mgmt: crate::backing::mgmt_host_port(&r.mgmt)
+                    .map_err(|why| format!("replica {}: {why}", r.id))?,
+            })
+        })
+        .collect()
+}
+
 fn device_of(s: &AttachmentStatus) -> AttachedDevice {
     AttachedDevice {
         dev_path: s.dev_path.clone(),
@@ -170,6 +194,16 @@ fn health_of(s: &AttachmentStatus) -> VolumeHealth {
         abnormal: true,
         message,
     };
+    if let (Phase::Attached, Some(m)) = (&s.phase, &s.mirror) {
+        // A mirror that lost a replica still serves IO, without the redundancy asked for.
+        return match crate::backing::mirror_problem(m) {
+            Some(problem) => abnormal(problem),
+            None => VolumeHealth {
+                abnormal: false,
+                message: format!("{} replicas in sync", m.replicas.len()),
+            },
+        };
+    }
     match (&s.phase, &s.engine) {
         (Phase::Failed(why), _) => abnormal(format!("device failed: {why}")),
         (Phase::Recovering, _) => {
@@ -228,11 +262,103 @@ fn classify(e: AttachError) -> AttacherError {
             EngineError::Config(_) => AttacherError::Invalid(msg),
             EngineError::IdentityChanged { .. } => AttacherError::Internal(msg),
         },
+        AttachError::Mirror(m) => match m {
+            MirrorError::Config(_) => AttacherError::Invalid(msg),
+            MirrorError::Refused { .. } | MirrorError::Replica { .. } => {
+                AttacherError::Unavailable(msg)
+            }
+        },
         AttachError::Device(DeviceError::ResizeUnsupported | DeviceError::Unavailable(_)) => {
             AttacherError::Unsupported(msg)
         }
         AttachError::Device(_) | AttachError::State(_) | AttachError::Internal(_) => {
             AttacherError::Internal(msg)
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::engine::status::{MirrorState, MirrorStatus, ReplicaHealth, ReplicaStatus};
+
+    fn mirrored(state: MirrorState, b: ReplicaHealth) -> AttachmentStatus {
+        let replica = |id: &str, health| ReplicaStatus {
+            id: id.into(),
+            address: format!("{id}:10809"),
+            mgmt_address: format!("{id}:9100"),
+            generation: 2,
+            health,
+            reads: 0,
+            writes: 0,
+            last_error: None,
+            engine: None,
+        };
+        AttachmentStatus {
+            volume_id: "v".into(),
+            dev_id: 0,
+            dev_path: "/dev/ublkb0".into(),
+            size_bytes: 1 << 30,
+            servers: vec!["a:10809".into(), "b:10809".into()],
+            export: "v".into(),
+            read_only: false,
+            brownout: "wait".into(),
+            phase: Phase::Attached,
+            engine: None,
+            replicas: Vec::new(),
+            mirror: Some(MirrorStatus {
+                state,
+                generation: 2,
+                replicas: vec![replica("a", ReplicaHealth::InSync), replica("b", b)],
+                waiting: None,
+                resync_bytes_copied: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_degraded_mirror_is_an_abnormal_volume() {
+        let ok = health_of(&mirrored(MirrorState::Healthy, ReplicaHealth::InSync));
+        assert_eq!(
+            ok,
+            VolumeHealth {
+                abnormal: false,
+                message: "2 replicas in sync".into()
+            }
+        );
+        let out = health_of(&mirrored(MirrorState::Degraded, ReplicaHealth::Out));
+        assert!(out.abnormal);
+        assert_eq!(
+            out.message,
+            "degraded (generation 2): b out; IO continues on the in-sync replicas"
+        );
+    }
+
+    #[test]
+    fn context_replicas_become_records_with_plain_mgmt_addresses() {
+        let ctx = VolumeContext {
+            server: "h1:10809".into(),
+            export: "v".into(),
+            params: Default::default(),
+            replicas: vec![
+                "a@h1:10809@http://h1:9100".parse().expect("a"),
+                "b@h2:10809@https://h2:9100".parse().expect("b"),
+            ],
+        };
+        let err = replica_records(&ctx).expect_err("https");
+        assert!(err.contains("replica b: TLS"), "{err}");
+        let ctx = VolumeContext {
+            replicas: ctx.replicas[..1].to_vec(),
+            ..ctx
+        };
+        assert_eq!(
+            replica_records(&ctx).expect("records"),
+            vec![ReplicaRecord {
+                id: "a".into(),
+                nbd: "h1:10809".into(),
+                mgmt: "h1:9100".into()
+            }]
+        );
     }
 }
