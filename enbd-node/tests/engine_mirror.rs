@@ -553,3 +553,101 @@ async fn only_in_sync_replica_gone_waits_until_promoted() {
     assert_ne!(m.status().replicas[0].health, ReplicaHealth::InSync);
     m.shutdown().await;
 }
+
+/// The attach layer's side of a mirrored volume, without a ublk device: a state record with
+/// two replicas opens a `Mirror` behind the device target; IO through the target continues
+/// with one replica cut off (the condition says which one is behind); after the record went
+/// through the state file and the mirror was closed, reopening from it (a daemon restart's
+/// takeover) resyncs the replica and the servers' data files end up identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_backing_serves_a_mirror_from_its_state_record_and_reopens_it() {
+    use enbd_node::backing::{Backing, BackingStatus, EngineTarget, mirror_problem};
+    use enbd_node::device::{BlockRequest, BlockTarget};
+    use enbd_node::state::{AttachmentRecord, ReplicaRecord, StateStore};
+
+    let rs = replicas(2).await;
+    let record = AttachmentRecord {
+        volume_id: "pvc-demo".into(),
+        dev_id: 0,
+        servers: rs.iter().map(|r| r.config().nbd).collect(),
+        export: VOLUME.into(),
+        channels: 2,
+        queues: 1,
+        queue_depth: 64,
+        brownout: "wait".into(),
+        read_only: false,
+        size_bytes: 0,
+        replicas: rs
+            .iter()
+            .map(|r| {
+                let c = r.config();
+                ReplicaRecord {
+                    id: c.id,
+                    nbd: c.nbd,
+                    mgmt: c.mgmt,
+                }
+            })
+            .collect(),
+        replica_timeout_ms: 1000,
+    };
+    let mirror_of = |b: &Backing| match b {
+        Backing::Mirror(m) => m.clone(),
+        Backing::Single(_) => panic!("a mirrored record opened a single-copy client"),
+    };
+    let b = Backing::connect(&record, BrownoutPolicy::Wait, 64 << 20)
+        .await
+        .expect("open mirror");
+    let m = mirror_of(&b);
+    healthy(&m, 20).await;
+    let target = EngineTarget(b.clone());
+    let write = |offset: u64, seed: u64| BlockRequest::Write {
+        offset,
+        data: pattern(seed, 256 << 10),
+        fua: true,
+    };
+    target
+        .submit(write(0, 1))
+        .await
+        .expect("write, both in sync");
+    let back = target
+        .submit(BlockRequest::Read {
+            offset: 0,
+            len: 256 << 10,
+        })
+        .await
+        .expect("read");
+    assert_eq!(back, pattern(1, 256 << 10));
+
+    rs[1].cut();
+    for i in 0..8u64 {
+        target
+            .submit(write(MIB * (4 + i), 10 + i))
+            .await
+            .expect("write with one replica cut off");
+    }
+    target.submit(BlockRequest::Flush).await.expect("flush");
+    degraded_with_out(&m, 1).await;
+    let BackingStatus::Mirror(st) = b.status() else {
+        panic!("not a mirror status")
+    };
+    let problem = mirror_problem(&st).expect("degraded is a problem");
+    assert!(problem.contains("srv-1"), "{problem}");
+    b.shutdown().await;
+
+    // The takeover path: the record as the state file returns it, reopened.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = StateStore::open(dir.path()).expect("store");
+    store.save(std::slice::from_ref(&record)).expect("save");
+    let loaded = store.load().expect("load").pop().expect("one record");
+    assert_eq!(loaded, record);
+    rs[1].restore();
+    let b = Backing::connect(&loaded, BrownoutPolicy::Wait, 64 << 20)
+        .await
+        .expect("reopen mirror");
+    let m = mirror_of(&b);
+    healthy(&m, 60).await;
+    assert!(mirror_problem(&m.status()).is_none());
+    b.shutdown().await;
+    assert_identical(&rs);
+    assert_eq!(rs[1].read_file(4 * MIB, 256 << 10), pattern(10, 256 << 10));
+}
