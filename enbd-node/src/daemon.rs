@@ -176,5 +176,35 @@ fn render_metrics(mgr: &AttachmentManager) -> String {
             v.volume_id, e.journal_requests
         );
     }
+    render_replicas(&mut out, &vols);
     out
+}
+
+/// Mirrored volumes: one gauge per replica for being in sync, and the bytes a resync still
+/// has to copy.
+fn render_replicas(out: &mut String, vols: &[crate::attach::AttachmentStatus]) {
+    use crate::engine::status::ReplicaHealth;
+    use std::fmt::Write;
+    let _ = writeln!(
+        out,
+        "# TYPE enbd_node_replica_in_sync gauge\n# TYPE enbd_node_replica_resync_remaining_bytes gauge"
+    );
+    for v in vols {
+        let Some(m) = &v.mirror else { continue };
+        for r in &m.replicas {
+            let labels = format!("volume=\"{}\",replica=\"{}\"", v.volume_id, r.id);
+            let in_sync = u8::from(r.health == ReplicaHealth::InSync);
+            let _ = writeln!(out, "enbd_node_replica_in_sync{{{labels}}} {in_sync}");
+            if let ReplicaHealth::Resyncing {
+                to_copy, copied, ..
+            } = r.health
+            {
+                let left = to_copy.saturating_sub(copied);
+                let _ = writeln!(
+                    out,
+                    "enbd_node_replica_resync_remaining_bytes{{{labels}}} {left}"
+                );
+            }
+        }
+    }
 }
