@@ -1,4 +1,4 @@
-# Scenario 8: a mirrored volume over two enbd-servers. ext4 on it, an fsync'd writer; one
+# Scenario 9: a mirrored volume over two enbd-servers. ext4 on it, an fsync'd writer; one
 # server SIGKILLed mid-write: 0 writer errors, `enbd-node list` shows the volume Degraded with
 # that replica not in sync. The server restarted: the replica is resynced (Healthy again) and
 # both servers' data files are byte-identical (sha256).
