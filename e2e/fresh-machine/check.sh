@@ -12,11 +12,12 @@
 # private network namespace, and waits for enbd-server's readiness line.
 #
 # Usage: e2e/fresh-machine/check.sh [--variants a,b,c] [--profiles demo,test]
-#                                    [--build-in VARIANT|none] [--keep]
+#                                    [--build-in VARIANT|none] [--nextest build|host] [--keep]
 # Needs root (debootstrap, chroot, mounts). Installs debootstrap and dpkg-repack on the host if
 # missing. The apt mirror is the host's own (from its apt sources; FRESH_MIRROR overrides).
 # The host's Rust toolchain (~/.rustup) is mounted read-only into each chroot, with a copy of
-# its rustup proxies as ~/.cargo/bin (no cargo-nextest: the test profile builds it).
+# its rustup proxies as ~/.cargo/bin (no cargo-nextest: the test profile builds it, unless
+# --nextest host puts the host's binary there, for a loaded machine: the build takes long).
 # Caches under FRESH_DIR (default /var/tmp/enbd-fresh): the rootfs, the repacked Node.js, a
 # copy of the host's cargo registry (downloads made in a chroot stay there), and the
 # cargo-nextest build's target directory (so only the first test profile pays for that build:
@@ -29,14 +30,16 @@ SUITE=bookworm
 VARIANTS=no-node,debian-node,thirdparty-node
 BUILD_IN=no-node
 PROFILES=demo,test
+NEXTEST=build
 KEEP=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --variants) VARIANTS=$2; shift 2 ;;
     --profiles) PROFILES=$2; shift 2 ;;
+    --nextest) NEXTEST=$2; shift 2 ;;
     --build-in) BUILD_IN=$2; shift 2 ;;
     --keep) KEEP=1; shift ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -46,14 +49,16 @@ done
 for p in ${PROFILES//,/ }; do
   case "$p" in demo | test) ;; *) echo "check: unknown profile $p" >&2; exit 2 ;; esac
 done
+case "$NEXTEST" in build | host) ;; *) echo "check: --nextest is build or host" >&2; exit 2 ;; esac
 
-log() { echo "check: $*" >&2; }
+log() { echo "check $(date +%T): $*" >&2; }
 die() { log "$*"; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "needs root (debootstrap, chroot and bind mounts)"
 RUSTUP_HOME=${RUSTUP_HOME:-$HOME/.rustup}
 CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
 [ -d "$RUSTUP_HOME/toolchains" ] && [ -x "$CARGO_HOME/bin/rustup" ] ||
   die "needs the host's rustup toolchain ($RUSTUP_HOME, $CARGO_HOME/bin/rustup)"
+[ "$NEXTEST" = build ] || command -v cargo-nextest >/dev/null || die "--nextest host: no cargo-nextest on the host"
 
 # ---- the host's apt mirror --------------------------------------------------------------
 # Prints "URI SUITE..." for each enabled binary source of the host (deb822 and one-line form).
@@ -212,6 +217,7 @@ make_root() { # NAME [SOURCE_ROOTFS] -> the new root in $ACTIVE_ROOT, everything
   mkdir -p "$root/root/.cargo"
   cp -a "$CARGO_HOME/bin" "$root/root/.cargo/bin"
   rm -f "$root/root/.cargo/bin/cargo-nextest"
+  if [ "$NEXTEST" = host ]; then cp "$(command -v cargo-nextest)" "$root/root/.cargo/bin/"; fi
   bind "$FRESH_DIR/cache/cargo-registry" "$root/root/.cargo/registry"
   bind "$FRESH_DIR/cache/nextest-target" "$root/var/cache/enbd-nextest-target"
   # The repository as a fresh clone would have it: tracked and new files, nothing ignored
@@ -395,6 +401,8 @@ printf '%-16s %-5s %-4s %6s  %s\n' variant prof res setup detail
 for r in "${RESULTS[@]}"; do echo "$r"; done
 echo "debootstrap: $([ "$DEBOOTSTRAP_SECS" = cached ] && echo cached || dur "$DEBOOTSTRAP_SECS")" \
   " demo build (cargo build --release -p enbd-server, cold): ${BUILD_SECS:+$(dur "$BUILD_SECS")}${BUILD_SECS:-not run}"
+if [ "$NEXTEST" = host ]; then echo "cargo-nextest: the host's binary, put in place before the setup (--nextest host)"
+else echo "cargo-nextest: built by the setup (cold in the first test profile, then from the cached target dir)"; fi
 n_pass=$(printf '%s\n' "${RESULTS[@]}" | awk '$3 == "PASS"' | wc -l)
 echo "$n_pass passed, $((${#RESULTS[@]} - n_pass)) failed"
 exit $FAILED
