@@ -154,7 +154,7 @@ fi
 NODE_DEB=
 if [[ ",$VARIANTS," == *,thirdparty-node,* ]]; then
   maint=$(dpkg-query -W -f='${Maintainer}' nodejs 2>/dev/null || true)
-  if [ -z "$maint" ] || [[ "$maint" == *debian.org* ]]; then
+  if [ -z "$maint" ] || [[ "${maint,,}" == *debian* ]]; then
     die "variant thirdparty-node needs a non-Debian nodejs package on the host to repack" \
       "(found: ${maint:-none}); choose --variants no-node,debian-node"
   fi
@@ -205,6 +205,14 @@ make_root() { # NAME [SOURCE_ROOTFS] -> the new root in $ACTIVE_ROOT, everything
   cp -a "${2:-$ROOTFS}" "$root"
   ACTIVE_ROOT=$root
   cp /etc/resolv.conf "$root/etc/resolv.conf"
+  # The host's network, as resolv.conf: a network that inspects TLS has its CA among the
+  # host's local certificates (and NODE_EXTRA_CA_CERTS for a Node.js with its own CA list);
+  # without them cargo and npm inside could not reach their registries. A plain network needs
+  # neither.
+  if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+    chroot "$root" update-ca-certificates >/dev/null 2>&1
+  fi
   mount -t proc proc "$root/proc"
   mount -t sysfs sysfs "$root/sys"
   bind /dev "$root/dev"
@@ -232,7 +240,8 @@ CHROOT_ENV=()
 in_root() {
   chroot "$1" /usr/bin/env -i HOME=/root USER=root LOGNAME=root TERM=dumb LANG=C.UTF-8 \
     PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    CARGO_TERM_COLOR=never CARGO_INCREMENTAL=0 "${CHROOT_ENV[@]}" /bin/bash -c "$2"
+    CARGO_TERM_COLOR=never CARGO_INCREMENTAL=0 ${NODE_EXTRA_CA_CERTS:+NODE_EXTRA_CA_CERTS=$NODE_EXTRA_CA_CERTS} \
+    "${CHROOT_ENV[@]}" /bin/bash -c "$2"
 }
 
 RESULTS=()
@@ -272,8 +281,8 @@ variant_rootfs() { # VARIANT
 variant_check() {
   case "$1" in
     no-node) echo '! command -v node && ! command -v npm' ;;
-    debian-node) echo 'npm --version && dpkg-query -W -f="\${Maintainer}\n" nodejs npm | grep -c debian.org | grep -qx 2' ;;
-    thirdparty-node) echo 'npm --version && ! dpkg-query -W -f="\${Maintainer}" nodejs | grep -q debian.org &&
+    debian-node) echo 'npm --version && dpkg-query -W -f="\${Maintainer}\n" nodejs npm | grep -ci debian | grep -qx 2' ;;
+    thirdparty-node) echo 'npm --version && ! dpkg-query -W -f="\${Maintainer}" nodejs | grep -qi debian &&
       ! dpkg-query -W -f="\${Status}" npm 2>/dev/null | grep -q "install ok installed"' ;;
   esac
 }
