@@ -276,6 +276,15 @@ fn stage_filesystem(
     Ok(())
 }
 
+/// What an unstage has to take down once its checks passed.
+enum Unstage {
+    Nothing,
+    /// The staged filesystem's mount point.
+    Unmount(PathBuf),
+    /// The staged device file of a block volume.
+    RemoveFile(PathBuf),
+}
+
 async fn unstage<A: Attacher>(
     inner: Arc<Inner<A>>,
     volume_id: VolumeId,
@@ -288,10 +297,11 @@ async fn unstage<A: Attacher>(
     };
     let staging_c = staging.clone();
     let id = volume_id.clone();
-    blocking(move || {
+    // Checks first (nothing changes when one fails), then the unmount.
+    let plan = blocking(move || {
         let table = MountTable::read()?;
         match layout::inspect_staging(&table, &staging_c)? {
-            Staged::Nothing => Ok(()),
+            Staged::Nothing => Ok(Unstage::Nothing),
             Staged::Filesystem(entry) => {
                 let num = (entry.major, entry.minor);
                 if let Some((_, dev_num)) = &dev_info
@@ -312,8 +322,7 @@ async fn unstage<A: Attacher>(
                         users.len()
                     )));
                 }
-                mount::unmount(&layout::resolve(&staging_c))?;
-                Ok(())
+                Ok(Unstage::Unmount(layout::resolve(&staging_c)))
             }
             Staged::Block {
                 device_file,
@@ -336,12 +345,29 @@ async fn unstage<A: Attacher>(
                         )));
                     }
                 }
-                layout::unmount_and_remove(&device_file)
+                Ok(Unstage::RemoveFile(device_file))
             }
         }
     })
     .await?;
-    if dev.is_some() {
+    // A device still being taken over holds its IO until its server answers; unmounting
+    // first could wait for that forever. The CO wants the volume gone: remove the device
+    // first (the takeover is cancelled, the held IO fails), then unmount.
+    let recovering = dev.as_ref().is_some_and(|d| d.recovering);
+    if recovering {
+        warn!(volume_id = %volume_id, "unstaging a volume still being taken over: removing its device first");
+        inner.attacher.detach(&volume_id).await?;
+    }
+    blocking(move || match plan {
+        Unstage::Nothing => Ok(()),
+        Unstage::Unmount(path) => {
+            mount::unmount(&path)?;
+            Ok(())
+        }
+        Unstage::RemoveFile(file) => layout::unmount_and_remove(&file),
+    })
+    .await?;
+    if dev.is_some() && !recovering {
         inner.attacher.detach(&volume_id).await?;
         info!(volume_id = %volume_id, "detached");
     }

@@ -76,6 +76,7 @@ impl Attacher for FakeAttacher {
             size_bytes: 64 << 20,
             read_only: spec.read_only,
             health: VolumeHealth::default(),
+            recovering: false,
         };
         self.attached
             .lock()
