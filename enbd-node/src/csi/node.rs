@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use enbd_proto::csi::node_server::Node;
 use enbd_proto::csi::node_service_capability::{Rpc, Type as CapType, rpc::Type as RpcType};
+use enbd_proto::csi::volume_capability::access_mode::Mode;
 use enbd_proto::csi::volume_usage::Unit;
 use enbd_proto::csi::*;
 use enbd_proto::ids::VolumeId;
@@ -470,6 +471,22 @@ fn publish_blocking(dev: &AttachedDevice, req: &PublishRequest) -> Result<(), No
         return Ok(());
     }
 
+    if req.cap.mode == Mode::SingleNodeSingleWriter {
+        // Checked before the target is created, so a refused publish leaves nothing behind.
+        let others = match req.cap.access {
+            Access::Mount { .. } => layout::filesystem_binds(&table, dev_num, &req.staging),
+            Access::Block => layout::device_node_binds(&table, &dev.dev_path, dev_num, &source),
+        };
+        if let Some(other) = others.first() {
+            return Err(NodeError::FailedPrecondition(format!(
+                "volume {} is already published at {}; its access mode SINGLE_NODE_SINGLE_WRITER \
+                 allows one target_path",
+                req.volume_id,
+                other.mount_point.display()
+            )));
+        }
+    }
+
     match &req.cap.access {
         Access::Mount { mount_flags, .. } => {
             let flags = mount::options::parse(mount_flags, req.read_only)?.bind_flags();
@@ -775,8 +792,8 @@ impl<A: Attacher> Node for NodeService<A> {
         request: Request<NodeGetVolumeStatsRequest>,
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let r = request.into_inner();
-        let volume_id = validate::volume_id(&r.volume_id)?;
-        let path = validate::path("volume_path", &r.volume_path)?;
+        let volume_id = validate::existing_volume_id(&r.volume_id)?;
+        let path = validate::existing_path("volume_path", &r.volume_path)?;
         validate::optional_path("staging_target_path", &r.staging_target_path)?;
         let dev = attached(&self.inner, &volume_id)?;
         let health = dev.health.clone();
@@ -795,7 +812,7 @@ impl<A: Attacher> Node for NodeService<A> {
         request: Request<NodeExpandVolumeRequest>,
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
         let r = request.into_inner();
-        let volume_id = validate::volume_id(&r.volume_id)?;
+        let volume_id = validate::existing_volume_id(&r.volume_id)?;
         let path = validate::path("volume_path", &r.volume_path)?;
         validate::optional_path("staging_target_path", &r.staging_target_path)?;
         let block_cap = match r.volume_capability.as_ref() {
