@@ -24,3 +24,4 @@ pub mod publish;
 pub mod serve;
 pub mod servers;
 pub mod state;
+pub mod sync;
