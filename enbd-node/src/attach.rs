@@ -637,8 +637,9 @@ impl AttachmentManager {
         };
         let stopped = match device {
             Some(d) => blocking(move || d.stop()).await?,
-            // Never came up here (failed takeover): remove whatever the kernel still has.
-            None => blocking(move || device::delete(dev_id)).await?,
+            // Never came up here (failed or cancelled takeover): remove whatever the kernel
+            // still has, without waiting for a filesystem on it to be unmounted.
+            None => blocking(move || device::abandon(dev_id)).await?,
         };
         if let Some(c) = client {
             c.shutdown().await;

@@ -277,6 +277,41 @@ pub fn delete(dev_id: u32) -> Result<(), DeviceError> {
     }
 }
 
+/// Removes a device this daemon does not serve (a takeover that was cancelled or failed),
+/// even while a filesystem is still mounted on it: STOP_DEV fails the IO the kernel holds
+/// and removes the disk, then the asynchronous DEL_DEV frees the id without waiting for the
+/// last opener (the synchronous one would wait for the unmount, i.e. forever for a caller
+/// that unmounts afterwards). Without a ublk driver there is nothing to remove.
+pub fn abandon(dev_id: u32) -> Result<(), DeviceError> {
+    if !std::path::Path::new("/dev/ublk-control").exists() {
+        return Ok(());
+    }
+    let ctrl = match open_ctrl(dev_id) {
+        Err(DeviceError::NotFound(_)) => return Ok(()),
+        other => other?,
+    };
+    match ctrl.kill_dev() {
+        Ok(_) => {}
+        Err(e) if is_no_device(&e) => return Ok(()),
+        Err(e) => {
+            return Err(DeviceError::Control {
+                dev_id,
+                what: "STOP_DEV",
+                error: describe(&e),
+            });
+        }
+    }
+    match ctrl.del_dev_async() {
+        Ok(_) => Ok(()),
+        Err(e) if is_no_device(&e) => Ok(()),
+        Err(e) => Err(DeviceError::Control {
+            dev_id,
+            what: "DEL_DEV_ASYNC",
+            error: describe(&e),
+        }),
+    }
+}
+
 impl Device {
     /// Creates or recovers a device and returns once `/dev/ublkbN` serves IO.
     pub fn start<T: BlockTarget>(
