@@ -7,18 +7,22 @@
 //!   is gone;
 //! - attach and detach are serialised (one at a time, per node), and `attach` is idempotent
 //!   per volume id;
-//! - a device that is mounted or open exclusively is never detached;
+//! - a device that is mounted or open exclusively is never detached, except one still being
+//!   taken over: detaching that cancels the takeover and removes the device, so the IO the
+//!   kernel holds fails with EIO (the operator gave up on its server);
 //! - no lock is held across an `.await`, and device calls (which block) run on blocking
 //!   threads.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use thiserror::Error;
 use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::device::{
     self, BlockRequest, BlockTarget, Device, DeviceError, DeviceGeometry, DeviceOptions,
@@ -109,6 +113,8 @@ pub enum AttachError {
     Device(#[from] DeviceError),
     #[error("saving attachment state: {0}")]
     State(#[from] StateError),
+    #[error("taking over volume {0} was cancelled (it is being detached)")]
+    Cancelled(String),
     #[error("online resize: {0}")]
     ResizeUnsupported(String),
     #[error("internal error: {0}")]
@@ -128,6 +134,25 @@ struct Volume {
     phase: Phase,
     client: Option<Client>,
     device: Option<Device>,
+    /// The running takeover of a restored volume, so that a detach can cancel it.
+    takeover: Option<Takeover>,
+}
+
+struct Takeover {
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Volume {
+    fn new(record: AttachmentRecord, phase: Phase) -> Self {
+        Volume {
+            record,
+            phase,
+            client: None,
+            device: None,
+            takeover: None,
+        }
+    }
 }
 
 /// Cheap to clone; every clone manages the same volumes.
@@ -196,14 +221,17 @@ fn client_config(
     r: &AttachmentRecord,
     brownout: BrownoutPolicy,
     journal_bytes: usize,
-) -> ClientConfig {
-    let mut cfg = ClientConfig::new(r.servers[0].clone(), r.export.clone());
+) -> Result<ClientConfig, AttachError> {
+    let first = r.servers.first().ok_or_else(|| {
+        AttachError::Invalid(format!("volume {} has no server address", r.volume_id))
+    })?;
+    let mut cfg = ClientConfig::new(first.clone(), r.export.clone());
     cfg.servers = r.servers.clone();
     cfg.channels = r.channels;
     cfg.brownout = brownout;
     cfg.journal_bytes = journal_bytes;
     cfg.queue_depth = cfg.queue_depth.max(r.queue_depth);
-    cfg
+    Ok(cfg)
 }
 
 impl Attachment {
@@ -241,58 +269,105 @@ impl AttachmentManager {
     /// Takes over every device listed in the state directory: each in its own task, which
     /// connects the engine (retrying while the server is unreachable; the device's IO waits
     /// in the kernel meanwhile) and then recovers the device. Returns how many it started.
+    ///
+    /// A record that cannot be served (hand-edited, or written by a buggy version: no server,
+    /// a zero queue count, ...) is not taken over: it is listed as [`Phase::Failed`] with the
+    /// reason, and a detach removes its device.
     pub fn restore(&self) -> Result<usize, AttachError> {
         let records = self.inner.store.load()?;
-        let n = records.len();
+        let mut good = Vec::new();
         {
-            let mut vols = self.lock_volumes()?;
-            for r in &records {
-                vols.insert(
-                    r.volume_id.clone(),
-                    Volume {
-                        record: r.clone(),
-                        phase: Phase::Recovering,
-                        client: None,
-                        device: None,
-                    },
-                );
+            let mut vols = self.lock_volumes();
+            for r in records {
+                if vols.contains_key(&r.volume_id) {
+                    tracing::error!(volume_id = %r.volume_id, dev_id = r.dev_id,
+                        state_dir = %self.inner.store.dir().display(),
+                        "state file lists this volume twice; ignoring the later record");
+                    continue;
+                }
+                let phase = match r.problem() {
+                    Some(why) => {
+                        tracing::error!(volume_id = %r.volume_id, dev_id = r.dev_id, problem = %why,
+                            state_dir = %self.inner.store.dir().display(),
+                            "state record unusable; not taking the device over (detach removes it)");
+                        Phase::Failed(format!("state record unusable: {why}"))
+                    }
+                    None => {
+                        good.push(r.clone());
+                        Phase::Recovering
+                    }
+                };
+                vols.insert(r.volume_id.clone(), Volume::new(r, phase));
             }
         }
-        for r in records {
+        let n = good.len();
+        for r in good {
+            let id = r.volume_id.clone();
+            let cancel = CancellationToken::new();
             let mgr = self.clone();
-            self.inner.rt.spawn(async move {
+            let token = cancel.clone();
+            // The volume table is locked across the spawn, so the task cannot look for its
+            // volume before the handle is stored.
+            let mut vols = self.lock_volumes();
+            let task = self.inner.rt.spawn(async move {
                 let id = r.volume_id.clone();
-                if let Err(e) = mgr.take_over(r).await {
-                    tracing::error!(volume_id = %id, error = %e, "taking over the device failed");
-                    if let Ok(mut vols) = mgr.lock_volumes()
-                        && let Some(v) = vols.get_mut(&id)
-                    {
-                        v.phase = Phase::Failed(e.to_string());
+                match mgr.take_over(r, token).await {
+                    Ok(()) => {}
+                    Err(AttachError::Cancelled(_)) => {
+                        tracing::info!(volume_id = %id, "takeover cancelled by a detach");
+                    }
+                    Err(e) => {
+                        tracing::error!(volume_id = %id, error = %e, "taking over the device failed");
+                        if let Some(v) = mgr.lock_volumes().get_mut(&id) {
+                            v.phase = Phase::Failed(e.to_string());
+                            v.takeover = None;
+                        }
                     }
                 }
             });
+            if let Some(v) = vols.get_mut(&id) {
+                v.takeover = Some(Takeover { cancel, task });
+            }
         }
         Ok(n)
     }
 
-    async fn take_over(&self, r: AttachmentRecord) -> Result<(), AttachError> {
+    async fn take_over(
+        &self,
+        r: AttachmentRecord,
+        cancel: CancellationToken,
+    ) -> Result<(), AttachError> {
+        let cancelled = || AttachError::Cancelled(r.volume_id.clone());
         let brownout: BrownoutPolicy = r
             .brownout
             .parse()
             .map_err(|e| AttachError::Internal(format!("stored brownout policy: {e}")))?;
-        let cfg = client_config(&r, brownout, self.inner.journal_bytes);
+        let cfg = client_config(&r, brownout, self.inner.journal_bytes)?;
         let mut delay = TAKEOVER_RETRY_MIN;
         let client = loop {
-            match Client::connect(cfg.clone()).await {
+            let attempt = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Err(cancelled()),
+                attempt = Client::connect(cfg.clone()) => attempt,
+            };
+            match attempt {
                 Ok(c) => break c,
                 Err(e) => {
                     tracing::warn!(volume_id = %r.volume_id, error = %e, retry_in = ?delay,
                         "server unreachable while taking over; device IO waits");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => return Err(cancelled()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
                     delay = (delay * 2).min(TAKEOVER_RETRY_MAX);
                 }
             }
         };
+        if cancel.is_cancelled() {
+            client.shutdown().await;
+            return Err(cancelled());
+        }
         let dev_id = r.dev_id;
         let start = blocking(move || {
             match device::wait_recoverable(dev_id, QUIESCE_WAIT) {
@@ -308,7 +383,18 @@ impl AttachmentManager {
                 Err(e) => Err(e),
             }
         })
-        .await??;
+        .await;
+        let start = match start {
+            Ok(Ok(s)) if !cancel.is_cancelled() => s,
+            other => {
+                client.shutdown().await;
+                return Err(match other {
+                    Ok(Err(e)) => e.into(),
+                    Err(e) => e,
+                    Ok(Ok(_)) => cancelled(),
+                });
+            }
+        };
         let mut geometry = device_geometry(&client.geometry(), r.read_only);
         let export_size = geometry.size_bytes;
         if matches!(start, Start::Recover { .. }) && r.size_bytes > 0 {
@@ -331,9 +417,25 @@ impl AttachmentManager {
                 return Err(e.into());
             }
         };
+        // A detach that cancelled us holds `ops` while it waits for this task: never wait for
+        // `ops` without also watching the token.
+        let ops = tokio::select! {
+            biased;
+            () = cancel.cancelled() => None,
+            g = self.inner.ops.lock() => Some(g),
+        };
+        let Some(ops_guard) = ops.filter(|_| !cancel.is_cancelled()) else {
+            // The detach removes the device anyway; stopping it here also ends its threads.
+            if let Err(e) = blocking(move || device.stop()).await? {
+                tracing::warn!(volume_id = %r.volume_id, error = %e,
+                    "stopping a device whose takeover was cancelled");
+            }
+            client.shutdown().await;
+            return Err(cancelled());
+        };
         tracing::info!(volume_id = %r.volume_id, dev_id = device.dev_id(), ?start, "device taken over");
-        self.adopt(&r.volume_id, client, device, device_size)
-            .await?;
+        self.adopt(&r.volume_id, client, device, device_size)?;
+        drop(ops_guard);
         if export_size > device_size {
             // Expanded on its server while no daemon ran: catch up, as `resize` would.
             match self.resize(&r.volume_id).await {
@@ -347,17 +449,16 @@ impl AttachmentManager {
         Ok(())
     }
 
-    /// Records a taken-over device as attached and persists the state.
-    async fn adopt(
+    /// Records a taken-over device as attached and persists the state. Caller holds `ops`.
+    fn adopt(
         &self,
         volume_id: &str,
         client: Client,
         device: Device,
         device_size: u64,
     ) -> Result<(), AttachError> {
-        let _g = self.inner.ops.lock().await;
         let records = {
-            let mut vols = self.lock_volumes()?;
+            let mut vols = self.lock_volumes();
             let v = vols
                 .get_mut(volume_id)
                 .ok_or_else(|| AttachError::Internal("volume vanished during takeover".into()))?;
@@ -366,27 +467,23 @@ impl AttachmentManager {
             v.client = Some(client);
             v.device = Some(device);
             v.phase = Phase::Attached;
+            v.takeover = None;
             vols.values().map(|v| v.record.clone()).collect::<Vec<_>>()
         };
         self.inner.store.save(&records)?;
         Ok(())
     }
 
-    fn lock_volumes(
-        &self,
-    ) -> Result<std::sync::MutexGuard<'_, HashMap<String, Volume>>, AttachError> {
-        self.inner
-            .volumes
-            .lock()
-            .map_err(|_| AttachError::Internal("volume table lock poisoned".into()))
+    /// The volume table (poisoning recovered, see [`crate::sync`]).
+    fn lock_volumes(&self) -> MutexGuard<'_, HashMap<String, Volume>> {
+        crate::sync::lock(&self.inner.volumes, "attachment volume table")
     }
 
-    fn records(&self) -> Result<Vec<AttachmentRecord>, AttachError> {
-        Ok(self
-            .lock_volumes()?
+    fn records(&self) -> Vec<AttachmentRecord> {
+        self.lock_volumes()
             .values()
             .map(|v| v.record.clone())
-            .collect())
+            .collect()
     }
 
     /// Attaches a volume and returns its device; a second call for the same volume returns
@@ -395,7 +492,7 @@ impl AttachmentManager {
         validate(&req)?;
         let _g = self.inner.ops.lock().await;
         {
-            let vols = self.lock_volumes()?;
+            let vols = self.lock_volumes();
             if let Some(v) = vols.get(&req.volume_id) {
                 let r = &v.record;
                 if r.export != req.export
@@ -430,7 +527,7 @@ impl AttachmentManager {
             &record,
             req.brownout,
             self.inner.journal_bytes,
-        ))
+        )?)
         .await?;
         let g = client.geometry();
         if g.read_only && !req.read_only {
@@ -462,16 +559,11 @@ impl AttachmentManager {
         }
         let attachment = Attachment::from_record(&record);
         let records = {
-            let mut vols = self.lock_volumes()?;
-            vols.insert(
-                req.volume_id.clone(),
-                Volume {
-                    record,
-                    phase: Phase::Attached,
-                    client: Some(client),
-                    device: Some(device),
-                },
-            );
+            let mut vols = self.lock_volumes();
+            let mut v = Volume::new(record, Phase::Attached);
+            v.client = Some(client);
+            v.device = Some(device);
+            vols.insert(req.volume_id.clone(), v);
             vols.values().map(|v| v.record.clone()).collect::<Vec<_>>()
         };
         if let Err(e) = self.inner.store.save(&records) {
@@ -486,19 +578,42 @@ impl AttachmentManager {
     }
 
     /// Detaches a volume: refuses while its device is in use; unknown volumes are
-    /// [`AttachError::NotAttached`] (the CSI layer treats that as done).
+    /// [`AttachError::NotAttached`] (the CSI layer treats that as done). A volume still being
+    /// taken over after a restart is removed even if mounted: the takeover is cancelled and
+    /// the IO the kernel held for it fails with EIO.
     pub async fn detach(&self, volume_id: &str) -> Result<(), AttachError> {
         let _g = self.inner.ops.lock().await;
-        let dev_path = {
-            let vols = self.lock_volumes()?;
+        let (dev_path, takeover) = {
+            let mut vols = self.lock_volumes();
             let v = vols
-                .get(volume_id)
+                .get_mut(volume_id)
                 .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
-            if v.phase == Phase::Recovering {
-                return Err(AttachError::InProgress(volume_id.to_string()));
-            }
-            device::bdev_path(v.record.dev_id)
+            let takeover = if v.phase == Phase::Recovering {
+                v.takeover.take()
+            } else {
+                None
+            };
+            (device::bdev_path(v.record.dev_id), takeover)
         };
+        if let Some(t) = takeover {
+            tracing::warn!(volume_id, dev = %dev_path.display(),
+                "detaching a volume that is still being taken over: its held IO fails");
+            t.cancel.cancel();
+            // Bounded: the task is between connect attempts, in a bounded device call, or
+            // waiting for `ops`, which it gives up on once cancelled.
+            if let Err(e) = t.task.await {
+                tracing::warn!(volume_id, error = %e, "takeover task ended abnormally");
+            }
+            let adopted = self
+                .lock_volumes()
+                .get(volume_id)
+                .is_some_and(|v| v.phase == Phase::Attached);
+            if !adopted {
+                self.remove(volume_id).await?;
+                tracing::info!(volume_id, dev = %dev_path.display(), "takeover cancelled; device removed");
+                return Ok(());
+            }
+        }
         if let Some(users) = device_users(&dev_path) {
             return Err(AttachError::Busy {
                 volume_id: volume_id.to_string(),
@@ -514,7 +629,7 @@ impl AttachmentManager {
     /// Stops the device and the engine and forgets the volume. Caller holds `ops`.
     async fn remove(&self, volume_id: &str) -> Result<(), AttachError> {
         let (device, client, dev_id) = {
-            let mut vols = self.lock_volumes()?;
+            let mut vols = self.lock_volumes();
             let v = vols
                 .get_mut(volume_id)
                 .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
@@ -529,25 +644,22 @@ impl AttachmentManager {
             c.shutdown().await;
         }
         if let Err(e) = stopped {
-            if let Some(v) = self.lock_volumes()?.get_mut(volume_id) {
+            if let Some(v) = self.lock_volumes().get_mut(volume_id) {
                 v.phase = Phase::Failed(format!("stopping the device: {e}"));
             }
             return Err(e.into());
         }
-        self.lock_volumes()?.remove(volume_id);
-        self.inner.store.save(&self.records()?)?;
+        self.lock_volumes().remove(volume_id);
+        self.inner.store.save(&self.records())?;
         Ok(())
     }
 
     pub fn get(&self, volume_id: &str) -> Option<AttachmentStatus> {
-        let vols = self.inner.volumes.lock().ok()?;
-        vols.get(volume_id).map(status_of)
+        self.lock_volumes().get(volume_id).map(status_of)
     }
 
     pub fn list(&self) -> Vec<AttachmentStatus> {
-        let Ok(vols) = self.inner.volumes.lock() else {
-            return Vec::new();
-        };
+        let vols = self.lock_volumes();
         let mut all: Vec<_> = vols.values().map(status_of).collect();
         all.sort_by_key(|s| s.dev_id);
         all
@@ -565,7 +677,7 @@ impl AttachmentManager {
 
     /// Drops one channel's connection (operators, fault tests): its requests are re-issued.
     pub fn reset_channel(&self, volume_id: &str, channel: usize) -> Result<(), AttachError> {
-        let vols = self.lock_volumes()?;
+        let vols = self.lock_volumes();
         let v = vols
             .get(volume_id)
             .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
@@ -586,7 +698,7 @@ impl AttachmentManager {
     pub async fn resize(&self, volume_id: &str) -> Result<u64, AttachError> {
         let _g = self.inner.ops.lock().await;
         let (client, resizer, size_now) = {
-            let vols = self.lock_volumes()?;
+            let vols = self.lock_volumes();
             let v = vols
                 .get(volume_id)
                 .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
@@ -607,7 +719,7 @@ impl AttachmentManager {
         }
         blocking(move || resizer.resize(size)).await??;
         let records = {
-            let mut vols = self.lock_volumes()?;
+            let mut vols = self.lock_volumes();
             let v = vols
                 .get_mut(volume_id)
                 .ok_or_else(|| AttachError::Internal("volume vanished during resize".into()))?;
@@ -718,6 +830,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -766,6 +879,113 @@ mod tests {
         let f = tempfile::NamedTempFile::new().expect("temp file");
         assert_eq!(device_users(f.path()), None);
         assert_eq!(device_users(Path::new("/nonexistent/ublkb9")), None);
+    }
+
+    fn manager_with(dir: &Path, records: &[AttachmentRecord]) -> AttachmentManager {
+        // Written as a previous daemon would have left it; its lock is released on drop.
+        StateStore::open(dir)
+            .and_then(|s| s.save(records))
+            .expect("seed state");
+        let cfg = ManagerConfig {
+            state_dir: dir.into(),
+            max_volumes: 0,
+            journal_bytes: 1 << 20,
+        };
+        AttachmentManager::new(cfg, Handle::current()).expect("manager")
+    }
+
+    fn stored(id: &str, server: &str, dev_id: u32) -> AttachmentRecord {
+        AttachmentRecord {
+            volume_id: id.into(),
+            // An id far above what the tests' kernels hand out: never a real device.
+            dev_id,
+            servers: vec![server.into()],
+            export: id.into(),
+            channels: 1,
+            queues: 1,
+            queue_depth: 64,
+            brownout: "wait".into(),
+            read_only: false,
+            size_bytes: 1 << 20,
+        }
+    }
+
+    fn saved_volumes(dir: &Path) -> Vec<String> {
+        let text = std::fs::read(dir.join("attachments.json")).expect("state file");
+        let v: serde_json::Value = serde_json::from_slice(&text).expect("json");
+        v["attachments"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|a| a["volume_id"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// A server that refuses connections: the port of a listener that is gone.
+    fn dead_server() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        drop(l);
+        addr.to_string()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn detach_cancels_a_takeover_whose_server_is_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mgr = manager_with(dir.path(), &[stored("vol", &dead_server(), 4001)]);
+        assert_eq!(mgr.restore().expect("restore"), 1);
+        assert_eq!(mgr.get("vol").expect("listed").phase, Phase::Recovering);
+        let detached = tokio::time::timeout(Duration::from_secs(30), mgr.detach("vol"))
+            .await
+            .expect("detach returns instead of waiting for the server");
+        detached.expect("detach of a recovering volume succeeds");
+        assert!(mgr.get("vol").is_none());
+        assert!(saved_volumes(dir.path()).is_empty());
+        // Gone means gone: a second detach is the ordinary "not attached".
+        assert!(matches!(
+            mgr.detach("vol").await,
+            Err(AttachError::NotAttached(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn unusable_state_records_are_failed_with_a_reason_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = AttachmentRecord {
+            servers: vec![],
+            ..stored("bad", "unused", 4002)
+        };
+        let mgr = manager_with(dir.path(), &[bad]);
+        assert_eq!(mgr.restore().expect("restore"), 0, "nothing to take over");
+        match mgr.get("bad").expect("listed").phase {
+            Phase::Failed(why) => assert!(why.contains("server list"), "{why}"),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        mgr.detach("bad").await.expect("detach removes it");
+        assert!(mgr.list().is_empty());
+        assert!(saved_volumes(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_poisoned_volume_table_still_answers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = AttachmentRecord {
+            servers: vec![],
+            ..stored("bad", "unused", 4003)
+        };
+        let mgr = manager_with(dir.path(), &[bad]);
+        mgr.restore().expect("restore");
+        let _ = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _g = mgr.inner.volumes.lock();
+                panic!("poison the volume table");
+            })
+            .join()
+        });
+        assert!(mgr.inner.volumes.is_poisoned());
+        assert_eq!(mgr.list().len(), 1, "list still sees the volume");
+        assert!(mgr.get("bad").is_some());
+        mgr.detach("bad").await.expect("detach still works");
     }
 
     #[tokio::test]
