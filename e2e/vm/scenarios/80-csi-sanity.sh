@@ -17,7 +17,6 @@ EXPAND_SIZE=$((96 << 20))
 # Specs that do not apply, one per line: "<regular expression on the spec text> | <reason>".
 # (csi-sanity's own capability skips need no entry: it prints their reasons itself.)
 SKIPS=$(cat <<'EOF'
-ControllerPublishVolume should fail when the node does not exist | csi-driver keeps no list of nodes: a node id is what the node plugin reports, and Kubernetes publishes only to nodes it has; answering NOT_FOUND needs a node registry (the Kubernetes API), not built
 EOF
 )
 # ublk's UPDATE_SIZE (online resize of a live device) arrived in Linux 6.16: before it,
@@ -46,8 +45,9 @@ controller_sees_server() {
 }
 
 start_server
+# --nodes: the one node that exists here (a publish to any other is NOT_FOUND).
 csi-driver --endpoint "unix://$CTL_SOCK" --discovery static --servers vm=http://127.0.0.1:10810 \
-  --metrics-listen 127.0.0.1:9811 >> controller.log 2>&1 &
+  --nodes vm-node --metrics-listen 127.0.0.1:9811 >> controller.log 2>&1 &
 CTL_PID=$!
 enbd-node daemon --node-id vm-node --topology-zone zone-a --csi-endpoint "unix://$NODE_SOCK" \
   --state-dir "$STATE_DIR" --metrics-listen 127.0.0.1:9812 >> daemon.log 2>&1 &
@@ -116,8 +116,11 @@ done < outcome.txt
 summary=$(grep -E '^(Ran [0-9]+ of [0-9]+ Specs|SUCCESS!|FAIL!)' sanity.log || true)
 echo "$summary"
 if [ $rc -ne 0 ] || ! echo "$summary" | grep -q 'SUCCESS!'; then
-  echo "---- csi-sanity output (failures)"
-  sed -n '/Summarizing/,$p' sanity.log | head -n 60
+  echo "---- csi-sanity failures in full (first lines of each)"
+  awk '/<testcase / { match($0, /name="[^"]*"/); name = substr($0, RSTART + 6, RLENGTH - 7) }
+    /<failure / { match($0, /message="[^"]*"/); m = substr($0, RSTART + 9, RLENGTH - 10)
+      gsub(/&lt;/, "<", m); gsub(/&gt;/, ">", m); gsub(/&#34;/, "\"", m); gsub(/&amp;/, "\\&", m)
+      n = split(m, p, "&#xA;"); print "== " name; for (i = 1; i <= n && i <= 14; i++) print "   " p[i] }' junit.xml || true
   grep -E ' 0 Passed' sanity.log >/dev/null && tail -n 40 sanity.log
   echo "---- controller.log (tail)"; tail -n 20 controller.log
   fail "csi-sanity: $(grep -c '^FAILED' outcome.txt) specs failed (rc=$rc)"
