@@ -1,13 +1,18 @@
 # ENBD CSI — entry points. `make demo` and `make test` are the README's two set-up commands:
-# each installs what it needs (e2e/setup-host.sh is idempotent) and then runs.
+# each installs what it needs (e2e/setup-host.sh --demo / --test, idempotent) and then runs.
 SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup demo test lint test-unit test-vm test-chart build release fuzz-smoke bench
+.PHONY: setup setup-demo demo test lint check-fresh-machine test-unit test-vm test-chart build release fuzz-smoke bench
 
+# Everything the tests need (make test, build, release, bench).
 setup:
-	./e2e/setup-host.sh
+	./e2e/setup-host.sh --test
+
+# Only what building and running enbd-server needs (make demo).
+setup-demo:
+	./e2e/setup-host.sh --demo
 
 build: setup
 	$(CARGO) build --workspace --all-targets
@@ -17,7 +22,7 @@ release: setup
 
 # The main job without Kubernetes: an enbd-server on an embedded default data directory
 # with a demo volume, reachable as nbd://localhost/demo.
-demo: setup
+demo: setup-demo
 	$(CARGO) run --release -p enbd-server -- --demo
 
 # The whole default suite: unit + interop tests on the host, chart/manifest checks,
@@ -55,3 +60,9 @@ fuzz-smoke:
 # enbd-server and the client engine vs qemu-nbd, nbdkit, nbd-server and libnbd.
 bench: release
 	./e2e/bench/run.sh
+
+# Both set-up profiles in clean debootstrap'ed Debian root filesystems, without Node.js, with
+# Debian's and with a third-party one; builds and starts enbd-server --demo in one of them.
+# Needs root; not part of `make test`.
+check-fresh-machine:
+	./e2e/fresh-machine/check.sh

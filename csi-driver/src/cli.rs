@@ -46,6 +46,13 @@ pub struct Cli {
     #[arg(long, env = "ENBD_SERVERS", value_delimiter = ',')]
     pub servers: Vec<String>,
 
+    /// Node ids ControllerPublishVolume accepts, comma separated; any other node is
+    /// NOT_FOUND. A lone `*` accepts every node id (giving up NOT_FOUND). Unset: a node
+    /// exists when a CSINode object registers this driver with that node id (needs the
+    /// Kubernetes API; outside a cluster, set this).
+    #[arg(long, env = "ENBD_NODES", value_delimiter = ',')]
+    pub nodes: Option<Vec<String>>,
+
     /// Kubernetes discovery: namespace of the enbd-server pods (default: the
     /// namespace of the service account, else `default`).
     #[arg(long, env = "ENBD_NAMESPACE")]
@@ -85,6 +92,7 @@ mod tests {
         );
         assert_eq!(cli.metrics_listen, "0.0.0.0:9811");
         assert_eq!(cli.log_format, LogFormat::Text);
+        assert_eq!(cli.nodes, None);
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub enum ConfigError {
     ServersWithoutStatic,
     #[error("--server-selector must not be empty")]
     EmptySelector,
+    #[error("--nodes entry {0:?}: node ids are 1 to 256 printable characters without spaces")]
+    NodeId(String),
     #[error("--metrics-listen {0:?}: expected HOST:PORT with an IP address, or empty to disable")]
     MetricsListen(String),
 }
@@ -66,6 +68,8 @@ pub struct Config {
     /// `None` disables the metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// `--nodes`: the node ids that exist (`*`: any); `None` asks Kubernetes (CSINode).
+    pub nodes: Option<Vec<String>>,
 }
 
 fn valid_driver_name(name: &str) -> bool {
@@ -142,6 +146,24 @@ impl Config {
                 }
             }
         };
+        let nodes = match &cli.nodes {
+            None => None,
+            Some(list) => {
+                let ids: Vec<String> = list
+                    .iter()
+                    .map(|n| n.trim())
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                // The CSI spec's node_id limit is 256 bytes.
+                if let Some(bad) = ids.iter().find(|n| {
+                    n.len() > 256 || n.chars().any(|c| c.is_whitespace() || c.is_control())
+                }) {
+                    return Err(ConfigError::NodeId(bad.clone()));
+                }
+                Some(ids)
+            }
+        };
         let metrics_listen = match cli.metrics_listen.trim() {
             "" => None,
             addr => Some(
@@ -155,6 +177,7 @@ impl Config {
             discovery,
             metrics_listen,
             log_format: cli.log_format,
+            nodes,
         })
     }
 }
@@ -192,6 +215,21 @@ mod tests {
         };
         assert_eq!(servers[0].mgmt_url, "http://127.0.0.1:10810");
         assert_eq!(servers[1].id.as_str(), "s1");
+        assert_eq!(c.nodes, None, "unset: nodes come from CSINode objects");
+        let c = config(&[
+            "--discovery",
+            "static",
+            "--servers",
+            "s0=http://127.0.0.1:10810",
+            "--nodes",
+            "node-1, node-2",
+        ])
+        .unwrap();
+        assert_eq!(c.nodes, Some(vec!["node-1".into(), "node-2".into()]));
+        assert!(matches!(
+            config(&["--nodes", "a b"]),
+            Err(ConfigError::NodeId(_))
+        ));
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 use crate::capability;
 use crate::capacity;
 use crate::error::{CsiError, invalid};
+use crate::names::{self, NAME_LABEL};
 use crate::placement;
 use crate::replicas;
 use crate::servers::{LiveServer, Lookup};
@@ -239,6 +240,43 @@ impl State {
             .snapshots)
     }
 
+    /// The volume a CSI name stands for on any live server: under its name (see
+    /// [`names`]), or under the name an earlier version gave it.
+    async fn find_volume_for(
+        &self,
+        csi_name: &str,
+        name: &ObjectName,
+    ) -> Result<Option<(ObjectName, LiveServer, pb::Volume)>, CsiError> {
+        if let Some((server, vol)) = self.find_volume(name).await? {
+            return Ok(Some((name.clone(), server, vol)));
+        }
+        if let Some(old) = names::legacy_name(csi_name)
+            && let Some((server, vol)) = self.find_volume(&old).await?
+            && VolumeId::new(server.id.clone(), old.clone()).is_ok()
+        {
+            return Ok(Some((old, server, vol)));
+        }
+        Ok(None)
+    }
+
+    /// The snapshot a CSI name stands for on any live server (see [`Self::find_volume_for`]).
+    async fn find_snapshot_for(
+        &self,
+        csi_name: &str,
+        name: &ObjectName,
+    ) -> Result<Option<(ObjectName, LiveServer, pb::Snapshot)>, CsiError> {
+        if let Some((server, snap)) = self.find_snapshot(name).await? {
+            return Ok(Some((name.clone(), server, snap)));
+        }
+        if let Some(old) = names::legacy_name(csi_name)
+            && let Some((server, snap)) = self.find_snapshot(&old).await?
+            && SnapshotId::new(server.id.clone(), old.clone()).is_ok()
+        {
+            return Ok(Some((old, server, snap)));
+        }
+        Ok(None)
+    }
+
     /// A volume named `name` on any live server (CreateVolume's idempotency).
     async fn find_volume(
         &self,
@@ -311,7 +349,7 @@ impl State {
         req: CreateVolumeRequest,
     ) -> Result<CreateVolumeResponse, CsiError> {
         required(&req.name, "name")?;
-        let name = ObjectName::parse(&req.name).map_err(|e| invalid(format!("name: {e}")))?;
+        let name = names::object_name(&req.name)?;
         capability::check_all(&req.volume_capabilities).map_err(invalid)?;
         let params = VolumeParams::from_map(&req.parameters).map_err(|e| invalid(e.to_string()))?;
         if !req.mutable_parameters.is_empty() {
@@ -346,7 +384,15 @@ impl State {
             return self.create_replicated(name, req, params, source).await;
         }
         let range = req.capacity_range.as_ref();
-        if let Some((server, vol)) = self.find_volume(&name).await? {
+        if let Some((name, server, vol)) = self.find_volume_for(&req.name, &name).await? {
+            if let Some(owner) = vol.labels.get(NAME_LABEL)
+                && *owner != req.name
+            {
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume {name} on {} belongs to CSI name {owner:?}, not {:?} (name hash collision)",
+                    server.id, req.name
+                )));
+            }
             if !capacity::satisfies(vol.size_bytes, range) {
                 return Err(CsiError::AlreadyExists(format!(
                     "volume {name} already exists on {} with {} bytes, outside the requested capacity range",
@@ -360,12 +406,15 @@ impl State {
                 )));
             }
             // Volumes made before parameters were recorded carry none: nothing to compare.
+            // The CSI name label is not a parameter (and older volumes lack it).
             let wanted = params.to_context();
-            if !vol.labels.is_empty() && vol.labels != wanted {
+            let mut have = vol.labels.clone();
+            have.remove(NAME_LABEL);
+            if !have.is_empty() && have != wanted {
                 let mut differ: Vec<&str> = wanted
                     .keys()
-                    .chain(vol.labels.keys())
-                    .filter(|k| wanted.get(*k) != vol.labels.get(*k))
+                    .chain(have.keys())
+                    .filter(|k| wanted.get(*k) != have.get(*k))
                     .map(String::as_str)
                     .collect();
                 differ.sort_unstable();
@@ -388,13 +437,16 @@ impl State {
         VolumeId::new(server.id.clone(), name.clone()).map_err(|e| invalid(e.to_string()))?;
         tracing::info!(volume = %name, server = %server.id, size, "creating volume");
         let mut client = server.client.clone();
+        // The validated parameters (defaults filled in), so that a repeated CreateVolume
+        // with other parameters is told AlreadyExists, as the CSI spec requires; and the CSI
+        // name, so that a derived name's owner can be confirmed.
+        let mut labels = params.to_context();
+        labels.insert(NAME_LABEL.to_owned(), req.name.clone());
         let create = pb::CreateVolumeRequest {
             name: name.to_string(),
             size_bytes: size,
             source: pb_source.map(|kind| pb::ContentSource { kind: Some(kind) }),
-            // The validated parameters (defaults filled in), so that a repeated CreateVolume
-            // with other parameters is told AlreadyExists, as the CSI spec requires.
-            labels: params.to_context(),
+            labels,
         };
         let vol = mgmt(&server.id, CREATE_TIMEOUT, client.create_volume(create))
             .await?
@@ -651,6 +703,7 @@ impl State {
         self.ops
             .run(key, async move {
                 let (id, _, _) = this.existing_volume(&req.volume_id).await?;
+                this.nodes.check(&req.node_id).await?;
                 this.publications.publish(&id.to_string(), &req.node_id, req.readonly, cap)?;
                 tracing::info!(volume_id = %id, node_id = req.node_id, readonly = req.readonly, "volume published");
                 Ok(ControllerPublishVolumeResponse { publish_context: HashMap::new() })
@@ -806,7 +859,7 @@ impl State {
     ) -> Result<CreateSnapshotResponse, CsiError> {
         required(&req.name, "name")?;
         required(&req.source_volume_id, "source_volume_id")?;
-        let name = ObjectName::parse(&req.name).map_err(|e| invalid(format!("name: {e}")))?;
+        let name = names::object_name(&req.name)?;
         let mut unknown: Vec<&str> = req
             .parameters
             .keys()
@@ -826,7 +879,8 @@ impl State {
         let this = Arc::clone(&self);
         self.ops
             .run(format!("snapshot:{name}"), async move {
-                if let Some((server, snap)) = this.find_snapshot(&name).await? {
+                if let Some((name, server, snap)) = this.find_snapshot_for(&req.name, &name).await?
+                {
                     let id = SnapshotId::new(server.id.clone(), name.clone())
                         .map_err(|e| invalid(e.to_string()))?;
                     if server.id != *source.server() || snap.source_volume != source.name().as_str()

@@ -2,7 +2,8 @@
 //!
 //! Layers, dependencies pointing one way: [`config`] (validated flags) →
 //! [`discovery`] (which enbd-servers exist) → [`servers`] (health, clients) →
-//! [`placement`], [`capacity`], [`capability`], [`publish`], [`ops`] (policy) →
+//! [`placement`], [`capacity`], [`capability`], [`publish`], [`ops`], [`names`],
+//! [`nodes`] (policy) →
 //! [`identity`], [`controller`] (the CSI services; [`error`] is their one
 //! mapping to gRPC codes) → [`serve`] (unix socket, shutdown) → `main.rs`.
 
@@ -15,6 +16,8 @@ pub mod discovery;
 pub mod error;
 pub mod identity;
 pub mod metrics;
+pub mod names;
+pub mod nodes;
 pub mod ops;
 pub mod placement;
 pub mod publish;
@@ -22,3 +25,4 @@ pub mod replicas;
 pub mod serve;
 pub mod servers;
 pub mod state;
+pub mod sync;

@@ -52,7 +52,7 @@ impl Metrics {
     }
 
     pub fn record(&self, rpc: &'static str, code: tonic::Code) {
-        let mut rpcs = self.rpcs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rpcs = crate::sync::lock(&self.rpcs, "rpc metrics");
         *rpcs.entry((rpc, code_name(code))).or_default() += 1;
     }
 
@@ -62,7 +62,7 @@ impl Metrics {
             "# HELP enbd_csi_controller_rpcs_total CSI RPCs handled, by method and gRPC code.\n",
         );
         out.push_str("# TYPE enbd_csi_controller_rpcs_total counter\n");
-        let rpcs = self.rpcs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let rpcs = crate::sync::lock(&self.rpcs, "rpc metrics").clone();
         for ((rpc, code), n) in rpcs {
             let _ = writeln!(
                 out,

@@ -29,10 +29,7 @@ pub struct OpGuard {
 
 impl Drop for OpGuard {
     fn drop(&mut self) {
-        self.busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
+        crate::sync::lock(&self.busy, "operation guards").remove(&self.key);
     }
 }
 
@@ -43,7 +40,7 @@ impl Ops {
 
     /// Claims `key`, or `Aborted` if an operation on it is running.
     pub fn try_begin(&self, key: &str) -> Result<OpGuard, CsiError> {
-        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let mut busy = crate::sync::lock(&self.busy, "operation guards");
         if !busy.insert(key.to_owned()) {
             return Err(CsiError::Aborted(key.to_owned()));
         }

@@ -44,7 +44,7 @@ impl Publications {
         readonly: bool,
         cap: Checked,
     ) -> Result<(), CsiError> {
-        let mut map = self.by_volume.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::sync::lock(&self.by_volume, "publications");
         let list = map.entry(volume_id.to_owned()).or_default();
         if let Some(existing) = list.iter().find(|p| p.node_id == node_id) {
             if existing.readonly == readonly {
@@ -72,7 +72,7 @@ impl Publications {
     /// Forgets `node_id`'s publication (all nodes' when `None`). Forgetting
     /// what is not recorded succeeds.
     pub fn unpublish(&self, volume_id: &str, node_id: Option<&str>) {
-        let mut map = self.by_volume.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::sync::lock(&self.by_volume, "publications");
         if let Some(list) = map.get_mut(volume_id) {
             match node_id {
                 Some(node) => list.retain(|p| p.node_id != node),
@@ -85,7 +85,7 @@ impl Publications {
     }
 
     pub fn nodes(&self, volume_id: &str) -> Vec<String> {
-        let map = self.by_volume.lock().unwrap_or_else(|p| p.into_inner());
+        let map = crate::sync::lock(&self.by_volume, "publications");
         map.get(volume_id)
             .map(|l| l.iter().map(|p| p.node_id.clone()).collect())
             .unwrap_or_default()

@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::controller::ControllerService;
 use crate::identity::IdentityService;
 use crate::metrics::{self, Metrics};
+use crate::nodes::Nodes;
 use crate::servers::Servers;
 use crate::state::State;
 
@@ -90,9 +91,14 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let servers = Servers::new();
     let metrics = Metrics::new();
+    if config.nodes.is_none() {
+        tracing::info!("ControllerPublish checks nodes against CSINode objects (no --nodes)");
+    }
+    let nodes = Nodes::new(config.nodes.clone(), &config.driver_name);
     let state = State::new(
         config.driver_name.clone(),
         Arc::clone(&servers),
+        nodes,
         Arc::clone(&metrics),
     );
     let background = CancellationToken::new();

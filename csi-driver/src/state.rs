@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::metrics::Metrics;
+use crate::nodes::Nodes;
 use crate::ops::Ops;
 use crate::publish::Publications;
 use crate::servers::Servers;
@@ -12,16 +13,23 @@ pub struct State {
     pub servers: Arc<Servers>,
     pub ops: Ops,
     pub publications: Publications,
+    pub nodes: Nodes,
     pub metrics: Arc<Metrics>,
 }
 
 impl State {
-    pub fn new(driver_name: String, servers: Arc<Servers>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        driver_name: String,
+        servers: Arc<Servers>,
+        nodes: Nodes,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             driver_name,
             servers,
             ops: Ops::new(),
             publications: Publications::new(),
+            nodes,
             metrics,
         })
     }

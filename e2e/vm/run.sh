@@ -52,7 +52,7 @@ VMLINUZ=$( (ls "$KDIR"/boot/vmlinuz-* "$KDIR"/usr/lib/modules/*/vmlinuz 2>/dev/n
 # 2. Static release binaries. --target keeps crt-static away from build scripts and proc-macros.
 TARGET=x86_64-unknown-linux-gnu
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
-pkgs=(-p enbd-node -p enbd-server)
+pkgs=(-p enbd-node -p enbd-server -p csi-driver)
 [ -d "$REPO/e2e/src/bin" ] && pkgs+=(-p enbd-e2e)
 if [ $BUILD = 1 ]; then
   echo "run.sh: building static release binaries (${pkgs[*]})"
@@ -61,12 +61,15 @@ if [ $BUILD = 1 ]; then
 fi
 BINDIR="$CACHE/bin"
 rm -rf "$BINDIR"; mkdir -p "$BINDIR"
-for b in enbd-node enbd-server enbd-faultproxy csi-node-conformance; do
+for b in enbd-node enbd-server csi-driver enbd-faultproxy csi-node-conformance; do
   [ -x "$TARGET_DIR/$TARGET/release/$b" ] && cp "$TARGET_DIR/$TARGET/release/$b" "$BINDIR/"
 done
 for b in enbd-node enbd-server; do
   [ -x "$BINDIR/$b" ] || { echo "run.sh: $b was not built (looked in $TARGET_DIR/$TARGET/release)" >&2; exit 1; }
 done
+# csi-sanity (kubernetes-csi/csi-test, Go): built once from the source in e2e/csi-sanity and
+# cached outside the clone; a warm cache costs nothing.
+cp "$("$REPO/e2e/csi-sanity/build.sh" | tail -1)" "$BINDIR/csi-sanity"
 echo "run.sh: guest binaries: $(ls "$BINDIR" | tr '\n' ' ')"
 
 # 3. Initramfs.

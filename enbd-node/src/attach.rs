@@ -8,17 +8,21 @@
 //!   is gone;
 //! - attach and detach are serialised (one at a time, per node), and `attach` is idempotent
 //!   per volume id;
-//! - a device that is mounted or open exclusively is never detached;
+//! - a device that is mounted or open exclusively is never detached, except one still being
+//!   taken over: detaching that cancels the takeover and removes the device, so the IO the
+//!   kernel holds fails with EIO (the operator gave up on its server);
 //! - no lock is held across an `.await`, and device calls (which block) run on blocking
 //!   threads.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::backing::{Backing, BackingStatus, EngineTarget, MAX_REPLICAS};
 use crate::device::{self, Device, DeviceError, DeviceGeometry, DeviceOptions, DeviceState, Start};
@@ -120,6 +124,8 @@ pub enum AttachError {
     Device(#[from] DeviceError),
     #[error("saving attachment state: {0}")]
     State(#[from] StateError),
+    #[error("taking over volume {0} was cancelled (it is being detached)")]
+    Cancelled(String),
     #[error("online resize: {0}")]
     ResizeUnsupported(String),
     #[error("internal error: {0}")]
@@ -139,6 +145,25 @@ struct Volume {
     phase: Phase,
     client: Option<Backing>,
     device: Option<Device>,
+    /// The running takeover of a restored volume, so that a detach can cancel it.
+    takeover: Option<Takeover>,
+}
+
+struct Takeover {
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Volume {
+    fn new(record: AttachmentRecord, phase: Phase) -> Self {
+        Volume {
+            record,
+            phase,
+            client: None,
+            device: None,
+            takeover: None,
+        }
+    }
 }
 
 /// Cheap to clone; every clone manages the same volumes.
@@ -176,14 +201,17 @@ pub(crate) fn client_config(
     r: &AttachmentRecord,
     brownout: BrownoutPolicy,
     journal_bytes: usize,
-) -> ClientConfig {
-    let mut cfg = ClientConfig::new(r.servers[0].clone(), r.export.clone());
+) -> Result<ClientConfig, AttachError> {
+    let first = r.servers.first().ok_or_else(|| {
+        AttachError::Invalid(format!("volume {} has no server address", r.volume_id))
+    })?;
+    let mut cfg = ClientConfig::new(first.clone(), r.export.clone());
     cfg.servers = r.servers.clone();
     cfg.channels = r.channels;
     cfg.brownout = brownout;
     cfg.journal_bytes = journal_bytes;
     cfg.queue_depth = cfg.queue_depth.max(r.queue_depth);
-    cfg
+    Ok(cfg)
 }
 
 impl Attachment {
@@ -221,55 +249,87 @@ impl AttachmentManager {
     /// Takes over every device listed in the state directory: each in its own task, which
     /// connects the engine (retrying while the server is unreachable; the device's IO waits
     /// in the kernel meanwhile) and then recovers the device. Returns how many it started.
+    ///
+    /// A record that cannot be served (hand-edited, or written by a buggy version: no server,
+    /// a zero queue count, ...) is not taken over: it is listed as [`Phase::Failed`] with the
+    /// reason, and a detach removes its device.
     pub fn restore(&self) -> Result<usize, AttachError> {
         let records = self.inner.store.load()?;
-        let n = records.len();
+        let mut good = Vec::new();
         {
-            let mut vols = self.lock_volumes()?;
-            for r in &records {
-                vols.insert(
-                    r.volume_id.clone(),
-                    Volume {
-                        record: r.clone(),
-                        // A malformed mirrored record is listed as failed, not taken over.
-                        phase: r
-                            .check_replicas()
-                            .map_or_else(Phase::Failed, |()| Phase::Recovering),
-                        client: None,
-                        device: None,
-                    },
-                );
+            let mut vols = self.lock_volumes();
+            for r in records {
+                if vols.contains_key(&r.volume_id) {
+                    tracing::error!(volume_id = %r.volume_id, dev_id = r.dev_id,
+                        state_dir = %self.inner.store.dir().display(),
+                        "state file lists this volume twice; ignoring the later record");
+                    continue;
+                }
+                let phase = match r.problem() {
+                    Some(why) => {
+                        tracing::error!(volume_id = %r.volume_id, dev_id = r.dev_id, problem = %why,
+                            state_dir = %self.inner.store.dir().display(),
+                            "state record unusable; not taking the device over (detach removes it)");
+                        Phase::Failed(format!("state record unusable: {why}"))
+                    }
+                    None => {
+                        good.push(r.clone());
+                        Phase::Recovering
+                    }
+                };
+                vols.insert(r.volume_id.clone(), Volume::new(r, phase));
             }
         }
-        for r in records {
-            if let Err(why) = r.check_replicas() {
-                tracing::error!(volume_id = %r.volume_id, %why, "state record not taken over");
-                continue;
-            }
+        let n = good.len();
+        for r in good {
+            let id = r.volume_id.clone();
+            let cancel = CancellationToken::new();
             let mgr = self.clone();
-            self.inner.rt.spawn(async move {
+            let token = cancel.clone();
+            // The volume table is locked across the spawn, so the task cannot look for its
+            // volume before the handle is stored.
+            let mut vols = self.lock_volumes();
+            let task = self.inner.rt.spawn(async move {
                 let id = r.volume_id.clone();
-                if let Err(e) = mgr.take_over(r).await {
-                    tracing::error!(volume_id = %id, error = %e, "taking over the device failed");
-                    if let Ok(mut vols) = mgr.lock_volumes()
-                        && let Some(v) = vols.get_mut(&id)
-                    {
-                        v.phase = Phase::Failed(e.to_string());
+                match mgr.take_over(r, token).await {
+                    Ok(()) => {}
+                    Err(AttachError::Cancelled(_)) => {
+                        tracing::info!(volume_id = %id, "takeover cancelled by a detach");
+                    }
+                    Err(e) => {
+                        tracing::error!(volume_id = %id, error = %e, "taking over the device failed");
+                        if let Some(v) = mgr.lock_volumes().get_mut(&id) {
+                            v.phase = Phase::Failed(e.to_string());
+                            v.takeover = None;
+                        }
                     }
                 }
             });
+            if let Some(v) = vols.get_mut(&id) {
+                v.takeover = Some(Takeover { cancel, task });
+            }
         }
         Ok(n)
     }
 
-    async fn take_over(&self, r: AttachmentRecord) -> Result<(), AttachError> {
+    async fn take_over(
+        &self,
+        r: AttachmentRecord,
+        cancel: CancellationToken,
+    ) -> Result<(), AttachError> {
+        let cancelled = || AttachError::Cancelled(r.volume_id.clone());
         let brownout: BrownoutPolicy = r
             .brownout
             .parse()
             .map_err(|e| AttachError::Internal(format!("stored brownout policy: {e}")))?;
         let mut delay = TAKEOVER_RETRY_MIN;
         let client = loop {
-            match Backing::connect(&r, brownout, self.inner.journal_bytes).await {
+            let attempt = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Err(cancelled()),
+                attempt = Backing::connect(&r, brownout, self.inner.journal_bytes) => attempt,
+            };
+            match attempt {
                 Ok(c) => break c,
                 Err(
                     e @ (AttachError::Invalid(_) | AttachError::Mirror(MirrorError::Config(_))),
@@ -279,11 +339,19 @@ impl AttachmentManager {
                 Err(e) => {
                     tracing::warn!(volume_id = %r.volume_id, error = %e, retry_in = ?delay,
                         "server unreachable while taking over; device IO waits");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => return Err(cancelled()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
                     delay = (delay * 2).min(TAKEOVER_RETRY_MAX);
                 }
             }
         };
+        if cancel.is_cancelled() {
+            client.shutdown().await;
+            return Err(cancelled());
+        }
         let dev_id = r.dev_id;
         let start = blocking(move || {
             match device::wait_recoverable(dev_id, QUIESCE_WAIT) {
@@ -299,7 +367,18 @@ impl AttachmentManager {
                 Err(e) => Err(e),
             }
         })
-        .await??;
+        .await;
+        let start = match start {
+            Ok(Ok(s)) if !cancel.is_cancelled() => s,
+            other => {
+                client.shutdown().await;
+                return Err(match other {
+                    Ok(Err(e)) => e.into(),
+                    Err(e) => e,
+                    Ok(Ok(_)) => cancelled(),
+                });
+            }
+        };
         let mut geometry = device_geometry(&client.geometry(), r.read_only);
         let export_size = geometry.size_bytes;
         if matches!(start, Start::Recover { .. }) && r.size_bytes > 0 {
@@ -322,9 +401,25 @@ impl AttachmentManager {
                 return Err(e.into());
             }
         };
+        // A detach that cancelled us holds `ops` while it waits for this task: never wait for
+        // `ops` without also watching the token.
+        let ops = tokio::select! {
+            biased;
+            () = cancel.cancelled() => None,
+            g = self.inner.ops.lock() => Some(g),
+        };
+        let Some(ops_guard) = ops.filter(|_| !cancel.is_cancelled()) else {
+            // The detach removes the device anyway; stopping it here also ends its threads.
+            if let Err(e) = blocking(move || device.stop()).await? {
+                tracing::warn!(volume_id = %r.volume_id, error = %e,
+                    "stopping a device whose takeover was cancelled");
+            }
+            client.shutdown().await;
+            return Err(cancelled());
+        };
         tracing::info!(volume_id = %r.volume_id, dev_id = device.dev_id(), ?start, "device taken over");
-        self.adopt(&r.volume_id, client, device, device_size)
-            .await?;
+        self.adopt(&r.volume_id, client, device, device_size)?;
+        drop(ops_guard);
         if export_size > device_size {
             // Expanded on its server while no daemon ran: catch up, as `resize` would.
             match self.resize(&r.volume_id).await {
@@ -338,17 +433,16 @@ impl AttachmentManager {
         Ok(())
     }
 
-    /// Records a taken-over device as attached and persists the state.
-    async fn adopt(
+    /// Records a taken-over device as attached and persists the state. Caller holds `ops`.
+    fn adopt(
         &self,
         volume_id: &str,
         client: Backing,
         device: Device,
         device_size: u64,
     ) -> Result<(), AttachError> {
-        let _g = self.inner.ops.lock().await;
         let records = {
-            let mut vols = self.lock_volumes()?;
+            let mut vols = self.lock_volumes();
             let v = vols
                 .get_mut(volume_id)
                 .ok_or_else(|| AttachError::Internal("volume vanished during takeover".into()))?;
@@ -357,27 +451,23 @@ impl AttachmentManager {
             v.client = Some(client);
             v.device = Some(device);
             v.phase = Phase::Attached;
+            v.takeover = None;
             vols.values().map(|v| v.record.clone()).collect::<Vec<_>>()
         };
         self.inner.store.save(&records)?;
         Ok(())
     }
 
-    fn lock_volumes(
-        &self,
-    ) -> Result<std::sync::MutexGuard<'_, HashMap<String, Volume>>, AttachError> {
-        self.inner
-            .volumes
-            .lock()
-            .map_err(|_| AttachError::Internal("volume table lock poisoned".into()))
+    /// The volume table (poisoning recovered, see [`crate::sync`]).
+    fn lock_volumes(&self) -> MutexGuard<'_, HashMap<String, Volume>> {
+        crate::sync::lock(&self.inner.volumes, "attachment volume table")
     }
 
-    fn records(&self) -> Result<Vec<AttachmentRecord>, AttachError> {
-        Ok(self
-            .lock_volumes()?
+    fn records(&self) -> Vec<AttachmentRecord> {
+        self.lock_volumes()
             .values()
             .map(|v| v.record.clone())
-            .collect())
+            .collect()
     }
 
     /// Attaches a volume and returns its device; a second call for the same volume returns
@@ -386,7 +476,7 @@ impl AttachmentManager {
         validate(&req)?;
         let _g = self.inner.ops.lock().await;
         {
-            let vols = self.lock_volumes()?;
+            let vols = self.lock_volumes();
             if let Some(v) = vols.get(&req.volume_id) {
                 let r = &v.record;
                 if r.export != req.export
@@ -451,16 +541,11 @@ impl AttachmentManager {
         }
         let attachment = Attachment::from_record(&record);
         let records = {
-            let mut vols = self.lock_volumes()?;
-            vols.insert(
-                req.volume_id.clone(),
-                Volume {
-                    record,
-                    phase: Phase::Attached,
-                    client: Some(client),
-                    device: Some(device),
-                },
-            );
+            let mut vols = self.lock_volumes();
+            let mut v = Volume::new(record, Phase::Attached);
+            v.client = Some(client);
+            v.device = Some(device);
+            vols.insert(req.volume_id.clone(), v);
             vols.values().map(|v| v.record.clone()).collect::<Vec<_>>()
         };
         if let Err(e) = self.inner.store.save(&records) {
@@ -475,19 +560,42 @@ impl AttachmentManager {
     }
 
     /// Detaches a volume: refuses while its device is in use; unknown volumes are
-    /// [`AttachError::NotAttached`] (the CSI layer treats that as done).
+    /// [`AttachError::NotAttached`] (the CSI layer treats that as done). A volume still being
+    /// taken over after a restart is removed even if mounted: the takeover is cancelled and
+    /// the IO the kernel held for it fails with EIO.
     pub async fn detach(&self, volume_id: &str) -> Result<(), AttachError> {
         let _g = self.inner.ops.lock().await;
-        let dev_path = {
-            let vols = self.lock_volumes()?;
+        let (dev_path, takeover) = {
+            let mut vols = self.lock_volumes();
             let v = vols
-                .get(volume_id)
+                .get_mut(volume_id)
                 .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
-            if v.phase == Phase::Recovering {
-                return Err(AttachError::InProgress(volume_id.to_string()));
-            }
-            device::bdev_path(v.record.dev_id)
+            let takeover = if v.phase == Phase::Recovering {
+                v.takeover.take()
+            } else {
+                None
+            };
+            (device::bdev_path(v.record.dev_id), takeover)
         };
+        if let Some(t) = takeover {
+            tracing::warn!(volume_id, dev = %dev_path.display(),
+                "detaching a volume that is still being taken over: its held IO fails");
+            t.cancel.cancel();
+            // Bounded: the task is between connect attempts, in a bounded device call, or
+            // waiting for `ops`, which it gives up on once cancelled.
+            if let Err(e) = t.task.await {
+                tracing::warn!(volume_id, error = %e, "takeover task ended abnormally");
+            }
+            let adopted = self
+                .lock_volumes()
+                .get(volume_id)
+                .is_some_and(|v| v.phase == Phase::Attached);
+            if !adopted {
+                self.remove(volume_id).await?;
+                tracing::info!(volume_id, dev = %dev_path.display(), "takeover cancelled; device removed");
+                return Ok(());
+            }
+        }
         if let Some(users) = device_users(&dev_path) {
             return Err(AttachError::Busy {
                 volume_id: volume_id.to_string(),
@@ -503,7 +611,7 @@ impl AttachmentManager {
     /// Stops the device and the engine and forgets the volume. Caller holds `ops`.
     async fn remove(&self, volume_id: &str) -> Result<(), AttachError> {
         let (device, client, dev_id) = {
-            let mut vols = self.lock_volumes()?;
+            let mut vols = self.lock_volumes();
             let v = vols
                 .get_mut(volume_id)
                 .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
@@ -511,32 +619,30 @@ impl AttachmentManager {
         };
         let stopped = match device {
             Some(d) => blocking(move || d.stop()).await?,
-            // Never came up here (failed takeover): remove whatever the kernel still has.
-            None => blocking(move || device::delete(dev_id)).await?,
+            // Never came up here (failed or cancelled takeover): remove whatever the kernel
+            // still has, without waiting for a filesystem on it to be unmounted.
+            None => blocking(move || device::abandon(dev_id)).await?,
         };
         if let Some(c) = client {
             c.shutdown().await;
         }
         if let Err(e) = stopped {
-            if let Some(v) = self.lock_volumes()?.get_mut(volume_id) {
+            if let Some(v) = self.lock_volumes().get_mut(volume_id) {
                 v.phase = Phase::Failed(format!("stopping the device: {e}"));
             }
             return Err(e.into());
         }
-        self.lock_volumes()?.remove(volume_id);
-        self.inner.store.save(&self.records()?)?;
+        self.lock_volumes().remove(volume_id);
+        self.inner.store.save(&self.records())?;
         Ok(())
     }
 
     pub fn get(&self, volume_id: &str) -> Option<AttachmentStatus> {
-        let vols = self.inner.volumes.lock().ok()?;
-        vols.get(volume_id).map(status_of)
+        self.lock_volumes().get(volume_id).map(status_of)
     }
 
     pub fn list(&self) -> Vec<AttachmentStatus> {
-        let Ok(vols) = self.inner.volumes.lock() else {
-            return Vec::new();
-        };
+        let vols = self.lock_volumes();
         let mut all: Vec<_> = vols.values().map(status_of).collect();
         all.sort_by_key(|s| s.dev_id);
         all
@@ -554,7 +660,7 @@ impl AttachmentManager {
 
     /// Drops one channel's connection (operators, fault tests): its requests are re-issued.
     pub fn reset_channel(&self, volume_id: &str, channel: usize) -> Result<(), AttachError> {
-        let vols = self.lock_volumes()?;
+        let vols = self.lock_volumes();
         let v = vols
             .get(volume_id)
             .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
@@ -583,7 +689,7 @@ impl AttachmentManager {
     pub async fn promote(&self, volume_id: &str, replica: &str) -> Result<u64, AttachError> {
         let _g = self.inner.ops.lock().await;
         let mirror = {
-            let vols = self.lock_volumes()?;
+            let vols = self.lock_volumes();
             let v = vols
                 .get(volume_id)
                 .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
@@ -618,7 +724,7 @@ impl AttachmentManager {
     pub async fn resize(&self, volume_id: &str) -> Result<u64, AttachError> {
         let _g = self.inner.ops.lock().await;
         let (client, resizer, size_now) = {
-            let vols = self.lock_volumes()?;
+            let vols = self.lock_volumes();
             let v = vols
                 .get(volume_id)
                 .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
@@ -644,7 +750,7 @@ impl AttachmentManager {
         }
         blocking(move || resizer.resize(size)).await??;
         let records = {
-            let mut vols = self.lock_volumes()?;
+            let mut vols = self.lock_volumes();
             let v = vols
                 .get_mut(volume_id)
                 .ok_or_else(|| AttachError::Internal("volume vanished during resize".into()))?;
@@ -775,7 +881,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 #[cfg(test)]
-#[allow(clippy::expect_used, clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -828,6 +934,115 @@ mod tests {
         assert_eq!(device_users(Path::new("/nonexistent/ublkb9")), None);
     }
 
+    fn manager_with(dir: &Path, records: &[AttachmentRecord]) -> AttachmentManager {
+        // Written as a previous daemon would have left it; its lock is released on drop.
+        StateStore::open(dir)
+            .and_then(|s| s.save(records))
+            .expect("seed state");
+        let cfg = ManagerConfig {
+            state_dir: dir.into(),
+            max_volumes: 0,
+            journal_bytes: 1 << 20,
+        };
+        AttachmentManager::new(cfg, Handle::current()).expect("manager")
+    }
+
+    fn stored(id: &str, server: &str, dev_id: u32) -> AttachmentRecord {
+        AttachmentRecord {
+            volume_id: id.into(),
+            // An id far above what the tests' kernels hand out: never a real device.
+            dev_id,
+            servers: vec![server.into()],
+            export: id.into(),
+            channels: 1,
+            queues: 1,
+            queue_depth: 64,
+            brownout: "wait".into(),
+            read_only: false,
+            size_bytes: 1 << 20,
+            replicas: Vec::new(),
+            replica_timeout_ms: 0,
+        }
+    }
+
+    fn saved_volumes(dir: &Path) -> Vec<String> {
+        let text = std::fs::read(dir.join("attachments.json")).expect("state file");
+        let v: serde_json::Value = serde_json::from_slice(&text).expect("json");
+        v["attachments"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|a| a["volume_id"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// A server that refuses connections: the port of a listener that is gone.
+    fn dead_server() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        drop(l);
+        addr.to_string()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn detach_cancels_a_takeover_whose_server_is_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mgr = manager_with(dir.path(), &[stored("vol", &dead_server(), 4001)]);
+        assert_eq!(mgr.restore().expect("restore"), 1);
+        assert_eq!(mgr.get("vol").expect("listed").phase, Phase::Recovering);
+        let detached = tokio::time::timeout(Duration::from_secs(30), mgr.detach("vol"))
+            .await
+            .expect("detach returns instead of waiting for the server");
+        detached.expect("detach of a recovering volume succeeds");
+        assert!(mgr.get("vol").is_none());
+        assert!(saved_volumes(dir.path()).is_empty());
+        // Gone means gone: a second detach is the ordinary "not attached".
+        assert!(matches!(
+            mgr.detach("vol").await,
+            Err(AttachError::NotAttached(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn unusable_state_records_are_failed_with_a_reason_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = AttachmentRecord {
+            servers: vec![],
+            ..stored("bad", "unused", 4002)
+        };
+        let mgr = manager_with(dir.path(), &[bad]);
+        assert_eq!(mgr.restore().expect("restore"), 0, "nothing to take over");
+        match mgr.get("bad").expect("listed").phase {
+            Phase::Failed(why) => assert!(why.contains("server list"), "{why}"),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        mgr.detach("bad").await.expect("detach removes it");
+        assert!(mgr.list().is_empty());
+        assert!(saved_volumes(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_poisoned_volume_table_still_answers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = AttachmentRecord {
+            servers: vec![],
+            ..stored("bad", "unused", 4003)
+        };
+        let mgr = manager_with(dir.path(), &[bad]);
+        mgr.restore().expect("restore");
+        let _ = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _g = mgr.inner.volumes.lock();
+                panic!("poison the volume table");
+            })
+            .join()
+        });
+        assert!(mgr.inner.volumes.is_poisoned());
+        assert_eq!(mgr.list().len(), 1, "list still sees the volume");
+        assert!(mgr.get("bad").is_some());
+        mgr.detach("bad").await.expect("detach still works");
+    }
+
     #[test]
     fn mirrored_requests_are_validated() {
         let r = |id: &str| crate::backing::parse_replica(&format!("{id}@h:1@h:2")).expect("r");
@@ -857,41 +1072,26 @@ mod tests {
         );
     }
 
-    /// A state file with a malformed mirrored record: the daemon starts, lists that volume
-    /// as failed with the reason, and still takes the others over.
+    /// A state file with a malformed mirrored record: the daemon starts and lists that
+    /// volume as failed with the reason; promote on it is refused by name.
     #[tokio::test]
     async fn a_malformed_mirrored_record_is_listed_as_failed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let one = crate::backing::parse_replica("a@127.0.0.1:1@127.0.0.1:2").expect("r");
         let record = AttachmentRecord {
-            volume_id: "m".into(),
-            dev_id: 7,
-            servers: vec!["127.0.0.1:1".into()],
-            export: "m".into(),
-            channels: 1,
-            queues: 1,
-            queue_depth: 64,
-            brownout: "wait".into(),
-            read_only: false,
-            size_bytes: 1 << 20,
             replicas: vec![one],
-            replica_timeout_ms: 0,
+            ..stored("m", "127.0.0.1:1", 4004)
         };
-        StateStore::open(dir.path())
-            .expect("store")
-            .save(&[record])
-            .expect("save");
-        let cfg = ManagerConfig {
-            state_dir: dir.path().into(),
-            max_volumes: 0,
-            journal_bytes: 1 << 20,
-        };
-        let mgr = AttachmentManager::new(cfg, Handle::current()).expect("manager");
-        assert_eq!(mgr.restore().expect("restore"), 1);
+        let mgr = manager_with(dir.path(), &[record]);
+        assert_eq!(mgr.restore().expect("restore"), 0, "nothing to take over");
         let s = mgr.get("m").expect("listed");
         assert_eq!(
             s.phase,
-            Phase::Failed("mirrored volume m lists 1 replica; a mirror needs at least 2".into())
+            Phase::Failed(
+                "state record unusable: mirrored volume m lists 1 replica; \
+                 a mirror needs at least 2"
+                    .into()
+            )
         );
         assert_eq!(s.replicas.len(), 1);
         let e = mgr.promote("m", "a").await.expect_err("not open");

@@ -47,11 +47,11 @@ impl Backing {
         journal_bytes: usize,
     ) -> Result<Backing, AttachError> {
         if r.replicas.is_empty() {
-            let c = Client::connect(client_config(r, brownout, journal_bytes)).await?;
+            let c = Client::connect(client_config(r, brownout, journal_bytes)?).await?;
             return Ok(Backing::Single(c));
         }
         r.check_replicas().map_err(AttachError::Invalid)?;
-        let m = Mirror::open(mirror_config(r, brownout, journal_bytes)).await?;
+        let m = Mirror::open(mirror_config(r, brownout, journal_bytes)?).await?;
         Ok(Backing::Mirror(m))
     }
 
@@ -142,7 +142,7 @@ pub fn mirror_config(
     r: &AttachmentRecord,
     brownout: BrownoutPolicy,
     journal_bytes: usize,
-) -> MirrorConfig {
+) -> Result<MirrorConfig, AttachError> {
     let replicas = r
         .replicas
         .iter()
@@ -153,13 +153,13 @@ pub fn mirror_config(
         })
         .collect();
     let mut m = MirrorConfig::new(r.export.clone(), replicas);
-    m.client = client_config(r, brownout, journal_bytes);
+    m.client = client_config(r, brownout, journal_bytes)?;
     m.brownout = brownout;
     m.replica_timeout = match r.replica_timeout_ms {
         0 => DEFAULT_REPLICA_TIMEOUT,
         ms => Duration::from_millis(ms),
     };
-    m
+    Ok(m)
 }
 
 /// Parses `ID@HOST:PORT@MGMT`, where MGMT is `HOST:PORT` or `http://HOST:PORT` (the form the
@@ -309,7 +309,8 @@ mod tests {
             &r,
             BrownoutPolicy::FailAfter(Duration::from_secs(30)),
             1 << 20,
-        );
+        )
+        .expect("config");
         assert_eq!(m.volume, "pvc-1");
         assert_eq!(
             m.replicas
@@ -340,7 +341,9 @@ mod tests {
             ..r
         };
         assert_eq!(
-            mirror_config(&old, BrownoutPolicy::Wait, 1 << 20).replica_timeout,
+            mirror_config(&old, BrownoutPolicy::Wait, 1 << 20)
+                .expect("config")
+                .replica_timeout,
             DEFAULT_REPLICA_TIMEOUT
         );
     }

@@ -10,3 +10,4 @@ pub mod device;
 pub mod engine;
 pub mod mount;
 pub mod state;
+pub mod sync;

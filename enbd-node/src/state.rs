@@ -82,6 +82,39 @@ impl AttachmentRecord {
     }
 }
 
+impl AttachmentRecord {
+    /// What makes this record unusable for a takeover, if anything. A record the daemon wrote
+    /// itself always passes; one edited by hand or written by a buggy version may not, and
+    /// must be reported instead of tripping the takeover (which indexes the server list).
+    pub fn problem(&self) -> Option<String> {
+        if self.volume_id.is_empty() || self.volume_id.chars().any(char::is_control) {
+            return Some(format!(
+                "volume id {:?} is empty or not printable",
+                self.volume_id
+            ));
+        }
+        if self.servers.is_empty() || self.servers.iter().any(|s| s.trim().is_empty()) {
+            return Some(format!(
+                "server list {:?} names no usable server",
+                self.servers
+            ));
+        }
+        if self.export.is_empty() {
+            return Some("export name is empty".into());
+        }
+        if self.channels == 0 || self.queues == 0 || self.queue_depth == 0 {
+            return Some(format!(
+                "channels {}, queues {} and queue depth {} must all be at least 1",
+                self.channels, self.queues, self.queue_depth
+            ));
+        }
+        if let Err(e) = self.brownout.parse::<crate::engine::BrownoutPolicy>() {
+            return Some(format!("brownout policy {:?}: {e}", self.brownout));
+        }
+        self.check_replicas().err()
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct StateFile {
     version: u32,
@@ -203,7 +236,7 @@ impl StateStore {
 }
 
 #[cfg(test)]
-#[allow(clippy::expect_used, clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -293,6 +326,47 @@ mod tests {
         store.save(&[record("b", 3)]).expect("save again");
         assert_eq!(store.load().expect("load"), vec![record("b", 3)]);
         assert!(!dir.path().join("attachments.json.tmp").exists());
+    }
+
+    #[test]
+    fn bad_records_are_named() {
+        assert_eq!(record("a", 0).problem(), None);
+        let bad = [
+            AttachmentRecord {
+                servers: vec![],
+                ..record("a", 0)
+            },
+            AttachmentRecord {
+                servers: vec![" ".into()],
+                ..record("a", 0)
+            },
+            AttachmentRecord {
+                volume_id: String::new(),
+                ..record("a", 0)
+            },
+            AttachmentRecord {
+                export: String::new(),
+                ..record("a", 0)
+            },
+            AttachmentRecord {
+                queues: 0,
+                ..record("a", 0)
+            },
+            AttachmentRecord {
+                brownout: "sometimes".into(),
+                ..record("a", 0)
+            },
+        ];
+        for r in bad {
+            assert!(r.problem().is_some(), "{r:?}");
+        }
+        let msg = AttachmentRecord {
+            servers: vec![],
+            ..record("a", 0)
+        }
+        .problem()
+        .unwrap_or_default();
+        assert!(msg.contains("server list"), "{msg}");
     }
 
     #[test]

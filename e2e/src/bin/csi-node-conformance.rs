@@ -797,6 +797,24 @@ impl Suite {
                 Code::NotFound,
             ),
             (
+                "stats/volume id not in our format",
+                NodeGetVolumeStatsRequest {
+                    volume_id: "some-volume-id".into(),
+                    volume_path: rw.to_string_lossy().into(),
+                    ..Default::default()
+                },
+                Code::NotFound,
+            ),
+            (
+                "stats/relative path",
+                NodeGetVolumeStatsRequest {
+                    volume_id: self.vid("fs-ext4"),
+                    volume_path: "some/path".into(),
+                    ..Default::default()
+                },
+                Code::NotFound,
+            ),
+            (
                 "stats/path is not the volume",
                 NodeGetVolumeStatsRequest {
                     volume_id: self.vid("fs-ext4"),
@@ -1285,6 +1303,65 @@ impl Suite {
         self.r.ok("xfs/unstage", &res);
         Ok(())
     }
+
+    /// SINGLE_NODE_SINGLE_WRITER: one target path at a time, and a refused second publish
+    /// leaves nothing behind (a leftover mount there broke every later test's set-up).
+    async fn single_writer(&mut self) -> anyhow::Result<()> {
+        self.create_volume("fs-snsw", 64 * MIB).await?;
+        for (kind, cap) in [
+            ("fs", mount_cap("ext4", Mode::SingleNodeSingleWriter, &[])),
+            ("block", block_cap(Mode::SingleNodeSingleWriter)),
+        ] {
+            let staging = format!("stage-snsw-{kind}");
+            let (first, second) = (format!("snsw-{kind}-1"), format!("snsw-{kind}-2"));
+            let ctx = self.context("fs-snsw", &[]);
+            let res = self
+                .node
+                .node_stage_volume(self.stage_req("fs-snsw", &staging, cap.clone(), ctx))
+                .await;
+            self.r.ok(&format!("snsw/{kind} stage"), &res);
+            let req = self.publish_req("fs-snsw", &staging, &first, cap.clone(), false);
+            let res = self.node.node_publish_volume(req.clone()).await;
+            self.r
+                .ok(&format!("snsw/{kind} publish first target"), &res);
+            let res = self.node.node_publish_volume(req.clone()).await;
+            self.r
+                .ok(&format!("snsw/{kind} publish first target again"), &res);
+            let res = self
+                .node
+                .node_publish_volume(NodePublishVolumeRequest {
+                    target_path: self.dir(&second),
+                    ..req
+                })
+                .await;
+            self.r.code(
+                &format!("snsw/{kind} publish second target"),
+                &res,
+                Code::FailedPrecondition,
+            );
+            let second_path = PathBuf::from(self.dir(&second));
+            self.r.check(
+                &format!("snsw/{kind} refused publish left nothing"),
+                mount_at(&second_path).is_none() && !second_path.exists(),
+                format!(
+                    "mount {:?}, exists {}",
+                    mount_at(&second_path),
+                    second_path.exists()
+                ),
+            );
+            let res = self
+                .node
+                .node_unpublish_volume(self.unpublish_req("fs-snsw", &first))
+                .await;
+            self.r.ok(&format!("snsw/{kind} unpublish"), &res);
+            let res = self
+                .node
+                .node_unstage_volume(self.unstage_req("fs-snsw", &staging))
+                .await;
+            self.r.ok(&format!("snsw/{kind} unstage"), &res);
+        }
+        Ok(())
+    }
 }
 
 fn nix_statvfs_total(path: &Path) -> u64 {
@@ -1335,6 +1412,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Err(e) = suite.xfs().await {
         fatal.push(format!("xfs: {e:#}"));
+    }
+    if let Err(e) = suite.single_writer().await {
+        fatal.push(format!("single writer: {e:#}"));
     }
     for f in &fatal {
         println!("FAIL setup {f}");

@@ -45,3 +45,29 @@ else
   grep -q "held: 134217728 bytes" resize.out || fail "unexpected resize answer: $(cat resize.out)"
 fi
 detach held
+
+# A takeover whose server is gone for good can be abandoned: the daemon dies, the server
+# never comes back, a new daemon keeps retrying it while the kernel holds the device's IO.
+# `detach` cancels the takeover and removes the device although it is mounted; the held IO
+# fails with EIO instead of waiting forever.
+dev=$(attach held --channels 1)
+# Not in MOUNTS: unmounting a device whose IO is held would hang the teardown of a failure.
+mount "$dev" /mnt/held
+kill -9 "$DAEMON_PID"
+wait "$DAEMON_PID" 2>/dev/null || true
+kill_server
+start_daemon
+wait_until 30 sh -c "enbd-node list | awk '\$2 == \"held\" && \$4 == \"recovering\"' | grep -q ."
+dd if="$dev" of=/dev/null bs=4k count=1 skip=1000 iflag=direct 2> held-io.err &
+DD=$!
+# The read is held by the kernel: its process sleeps uninterruptibly on the device.
+wait_until 30 grep -q '^State:.*D' "/proc/$DD/status"
+enbd-node detach held > abandon.out 2>&1 || { cat abandon.out; fail "detach of a recovering volume failed"; }
+cat abandon.out
+if wait "$DD"; then fail "the held read succeeded after its device was removed"; fi
+grep -q "Input/output error" held-io.err || fail "held IO did not fail with EIO: $(cat held-io.err)"
+[ ! -e "$dev" ] || fail "$dev still exists after the abandoned takeover"
+enbd-node list | grep -q held && fail "the volume is still listed"
+grep -q "takeover cancelled" daemon.log || fail "the daemon did not log the cancellation"
+umount /mnt/held 2>/dev/null || umount -l /mnt/held
+log "abandoned takeover: device removed, held IO failed with EIO"

@@ -3,8 +3,9 @@
 //! device layer's own, so either side can change without touching the other.
 //!
 //! Invariants every implementation keeps: `attach` is idempotent per volume id (a second
-//! call returns the existing device); `detach` of an unknown volume succeeds; `get` never
-//! blocks on the network.
+//! call returns the existing device); `detach` of an unknown volume succeeds, and `detach`
+//! of a volume still being taken over after a restart cancels the takeover and removes the
+//! device; `get` never blocks on the network.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -36,6 +37,9 @@ pub struct AttachedDevice {
     pub size_bytes: u64,
     pub read_only: bool,
     pub health: VolumeHealth,
+    /// A restarted daemon is still taking the device over: its IO waits in the kernel, and
+    /// a detach cancels the takeover and fails that IO.
+    pub recovering: bool,
 }
 
 /// Volume condition as CSI reports it.
@@ -184,6 +188,7 @@ fn device_of(s: &AttachmentStatus) -> AttachedDevice {
         size_bytes: s.size_bytes,
         read_only: s.read_only,
         health: health_of(s),
+        recovering: s.phase == Phase::Recovering,
     }
 }
 
@@ -251,7 +256,7 @@ fn classify(e: AttachError) -> AttacherError {
         AttachError::NotAttached(_) => AttacherError::NotFound(msg),
         AttachError::Conflict { .. } => AttacherError::Conflict(msg),
         AttachError::Busy { .. } => AttacherError::Busy(msg),
-        AttachError::InProgress(_) => AttacherError::InProgress(msg),
+        AttachError::InProgress(_) | AttachError::Cancelled(_) => AttacherError::InProgress(msg),
         AttachError::LimitReached(_) => AttacherError::Exhausted(msg),
         AttachError::ResizeUnsupported(_) => AttacherError::Unsupported(msg),
         AttachError::Engine(engine) => match engine {

@@ -6,7 +6,7 @@
 //! ends — not when the gRPC handler is cancelled.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use super::error::NodeError;
 
@@ -25,7 +25,7 @@ pub struct VolumeGuard {
 impl VolumeLocks {
     pub fn try_lock(&self, volume_id: &str) -> Result<VolumeGuard, NodeError> {
         // The set stays consistent even if a holder panicked: insert/remove are atomic.
-        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut held = crate::sync::lock(&self.held, "CSI volume guards");
         if !held.insert(volume_id.to_string()) {
             return Err(NodeError::Aborted(volume_id.to_string()));
         }
@@ -38,10 +38,7 @@ impl VolumeLocks {
 
 impl Drop for VolumeGuard {
     fn drop(&mut self) {
-        self.held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.volume_id);
+        crate::sync::lock(&self.held, "CSI volume guards").remove(&self.volume_id);
     }
 }
 

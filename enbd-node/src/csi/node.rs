@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use enbd_proto::csi::node_server::Node;
 use enbd_proto::csi::node_service_capability::{Rpc, Type as CapType, rpc::Type as RpcType};
+use enbd_proto::csi::volume_capability::access_mode::Mode;
 use enbd_proto::csi::volume_usage::Unit;
 use enbd_proto::csi::*;
 use enbd_proto::ids::VolumeId;
@@ -276,6 +277,15 @@ fn stage_filesystem(
     Ok(())
 }
 
+/// What an unstage has to take down once its checks passed.
+enum Unstage {
+    Nothing,
+    /// The staged filesystem's mount point.
+    Unmount(PathBuf),
+    /// The staged device file of a block volume.
+    RemoveFile(PathBuf),
+}
+
 async fn unstage<A: Attacher>(
     inner: Arc<Inner<A>>,
     volume_id: VolumeId,
@@ -288,10 +298,11 @@ async fn unstage<A: Attacher>(
     };
     let staging_c = staging.clone();
     let id = volume_id.clone();
-    blocking(move || {
+    // Checks first (nothing changes when one fails), then the unmount.
+    let plan = blocking(move || {
         let table = MountTable::read()?;
         match layout::inspect_staging(&table, &staging_c)? {
-            Staged::Nothing => Ok(()),
+            Staged::Nothing => Ok(Unstage::Nothing),
             Staged::Filesystem(entry) => {
                 let num = (entry.major, entry.minor);
                 if let Some((_, dev_num)) = &dev_info
@@ -312,8 +323,7 @@ async fn unstage<A: Attacher>(
                         users.len()
                     )));
                 }
-                mount::unmount(&layout::resolve(&staging_c))?;
-                Ok(())
+                Ok(Unstage::Unmount(layout::resolve(&staging_c)))
             }
             Staged::Block {
                 device_file,
@@ -336,12 +346,29 @@ async fn unstage<A: Attacher>(
                         )));
                     }
                 }
-                layout::unmount_and_remove(&device_file)
+                Ok(Unstage::RemoveFile(device_file))
             }
         }
     })
     .await?;
-    if dev.is_some() {
+    // A device still being taken over holds its IO until its server answers; unmounting
+    // first could wait for that forever. The CO wants the volume gone: remove the device
+    // first (the takeover is cancelled, the held IO fails), then unmount.
+    let recovering = dev.as_ref().is_some_and(|d| d.recovering);
+    if recovering {
+        warn!(volume_id = %volume_id, "unstaging a volume still being taken over: removing its device first");
+        inner.attacher.detach(&volume_id).await?;
+    }
+    blocking(move || match plan {
+        Unstage::Nothing => Ok(()),
+        Unstage::Unmount(path) => {
+            mount::unmount(&path)?;
+            Ok(())
+        }
+        Unstage::RemoveFile(file) => layout::unmount_and_remove(&file),
+    })
+    .await?;
+    if dev.is_some() && !recovering {
         inner.attacher.detach(&volume_id).await?;
         info!(volume_id = %volume_id, "detached");
     }
@@ -442,6 +469,22 @@ fn publish_blocking(dev: &AttachedDevice, req: &PublishRequest) -> Result<(), No
             )));
         }
         return Ok(());
+    }
+
+    if req.cap.mode == Mode::SingleNodeSingleWriter {
+        // Checked before the target is created, so a refused publish leaves nothing behind.
+        let others = match req.cap.access {
+            Access::Mount { .. } => layout::filesystem_binds(&table, dev_num, &req.staging),
+            Access::Block => layout::device_node_binds(&table, &dev.dev_path, dev_num, &source),
+        };
+        if let Some(other) = others.first() {
+            return Err(NodeError::FailedPrecondition(format!(
+                "volume {} is already published at {}; its access mode SINGLE_NODE_SINGLE_WRITER \
+                 allows one target_path",
+                req.volume_id,
+                other.mount_point.display()
+            )));
+        }
     }
 
     match &req.cap.access {
@@ -749,8 +792,8 @@ impl<A: Attacher> Node for NodeService<A> {
         request: Request<NodeGetVolumeStatsRequest>,
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let r = request.into_inner();
-        let volume_id = validate::volume_id(&r.volume_id)?;
-        let path = validate::path("volume_path", &r.volume_path)?;
+        let volume_id = validate::existing_volume_id(&r.volume_id)?;
+        let path = validate::existing_path("volume_path", &r.volume_path)?;
         validate::optional_path("staging_target_path", &r.staging_target_path)?;
         let dev = attached(&self.inner, &volume_id)?;
         let health = dev.health.clone();
@@ -769,7 +812,7 @@ impl<A: Attacher> Node for NodeService<A> {
         request: Request<NodeExpandVolumeRequest>,
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
         let r = request.into_inner();
-        let volume_id = validate::volume_id(&r.volume_id)?;
+        let volume_id = validate::existing_volume_id(&r.volume_id)?;
         let path = validate::path("volume_path", &r.volume_path)?;
         validate::optional_path("staging_target_path", &r.staging_target_path)?;
         let block_cap = match r.volume_capability.as_ref() {

@@ -76,6 +76,7 @@ impl Attacher for FakeAttacher {
             size_bytes: 64 << 20,
             read_only: spec.read_only,
             health: VolumeHealth::default(),
+            recovering: false,
         };
         self.attached
             .lock()
@@ -620,6 +621,24 @@ async fn stats_and_expand_codes() {
         Code::InvalidArgument
     );
 
+    // An id we never issue, or a path no volume can be at, is an unknown volume: NotFound.
+    for (id, path) in [
+        ("some-id", f.path("t")),
+        ("Server/x", f.path("t")),
+        ("server-0/vol-a", "some/path".to_string()),
+        ("server-0/vol-a", format!("{}/../t", f.path("a"))),
+    ] {
+        assert_eq!(
+            code(
+                f.node
+                    .node_get_volume_stats(Request::new(stats(id, path.clone())))
+                    .await
+            ),
+            Code::NotFound,
+            "stats {id} {path}"
+        );
+    }
+
     let expand = |id: &str, path: String, range: Option<CapacityRange>| NodeExpandVolumeRequest {
         volume_id: id.into(),
         volume_path: path,
@@ -649,6 +668,14 @@ async fn stats_and_expand_codes() {
                 .await
         ),
         Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            f.node
+                .node_expand_volume(Request::new(expand("some-id", f.path("t"), None)))
+                .await
+        ),
+        Code::NotFound
     );
     let negative = Some(CapacityRange {
         required_bytes: -1,

@@ -23,6 +23,30 @@ pub fn volume_id(raw: &str) -> Result<VolumeId, NodeError> {
     Ok(VolumeId::parse(raw)?)
 }
 
+/// Parses the volume id of a call about a volume that must already be here (stats,
+/// expansion): an id we could never have issued names a volume that does not exist on this
+/// node, so it is `NotFound`, as the spec asks for an unknown volume; only a missing id is
+/// `InvalidArgument`.
+pub fn existing_volume_id(raw: &str) -> Result<VolumeId, NodeError> {
+    if raw.is_empty() {
+        return Err(NodeError::InvalidArgument("volume_id is required".into()));
+    }
+    VolumeId::parse(raw)
+        .map_err(|e| NodeError::NotFound(format!("volume {raw:?} is not known here ({e})")))
+}
+
+/// Checks the path of a call that looks at what is already there (stats): no volume can be
+/// at a path this node would never have used, so a malformed one is `NotFound`; only a
+/// missing one is `InvalidArgument`.
+pub fn existing_path(field: &str, raw: &str) -> Result<PathBuf, NodeError> {
+    match path(field, raw) {
+        Err(NodeError::InvalidArgument(why)) if !raw.is_empty() => {
+            Err(NodeError::NotFound(format!("no volume at {field}: {why}")))
+        }
+        other => other,
+    }
+}
+
 /// Checks a required path argument (`field` names it in the error).
 pub fn path(field: &str, raw: &str) -> Result<PathBuf, NodeError> {
     if raw.is_empty() {
@@ -195,6 +219,34 @@ mod tests {
         assert!(path("p", &long).is_err());
         assert_eq!(optional_path("p", "").expect("ok"), None);
         assert!(optional_path("p", "x").is_err());
+    }
+
+    #[test]
+    fn lookups_of_what_cannot_exist_are_not_found() {
+        assert_eq!(
+            code(existing_volume_id("").expect_err("empty")),
+            Code::InvalidArgument
+        );
+        for unknown in ["noslash", "Server/x", "some-id"] {
+            assert_eq!(
+                code(existing_volume_id(unknown).expect_err(unknown)),
+                Code::NotFound,
+                "{unknown}"
+            );
+        }
+        assert!(existing_volume_id("server-0/pvc-1").is_ok());
+        assert_eq!(
+            code(existing_path("volume_path", "").expect_err("empty")),
+            Code::InvalidArgument
+        );
+        for bad in ["some/path", "/a/../b", "/"] {
+            assert_eq!(
+                code(existing_path("volume_path", bad).expect_err(bad)),
+                Code::NotFound,
+                "{bad}"
+            );
+        }
+        assert!(existing_path("volume_path", "/var/lib/x").is_ok());
     }
 
     #[test]

@@ -256,8 +256,12 @@ pub fn resize(dev_id: u32, size_bytes: u64) -> Result<(), DeviceError> {
         })
 }
 
-/// Removes a device that has no running server here (e.g. its volume is gone).
+/// Removes a device that has no running server here (e.g. its volume is gone). Without a
+/// ublk driver there is no device to remove, which is success.
 pub fn delete(dev_id: u32) -> Result<(), DeviceError> {
+    if !std::path::Path::new("/dev/ublk-control").exists() {
+        return Ok(());
+    }
     let ctrl = match open_ctrl(dev_id) {
         Err(DeviceError::NotFound(_)) => return Ok(()),
         other => other?,
@@ -273,6 +277,41 @@ pub fn delete(dev_id: u32) -> Result<(), DeviceError> {
     }
 }
 
+/// Removes a device this daemon does not serve (a takeover that was cancelled or failed),
+/// even while a filesystem is still mounted on it: STOP_DEV fails the IO the kernel holds
+/// and removes the disk, then the asynchronous DEL_DEV frees the id without waiting for the
+/// last opener (the synchronous one would wait for the unmount, i.e. forever for a caller
+/// that unmounts afterwards). Without a ublk driver there is nothing to remove.
+pub fn abandon(dev_id: u32) -> Result<(), DeviceError> {
+    if !std::path::Path::new("/dev/ublk-control").exists() {
+        return Ok(());
+    }
+    let ctrl = match open_ctrl(dev_id) {
+        Err(DeviceError::NotFound(_)) => return Ok(()),
+        other => other?,
+    };
+    match ctrl.kill_dev() {
+        Ok(_) => {}
+        Err(e) if is_no_device(&e) => return Ok(()),
+        Err(e) => {
+            return Err(DeviceError::Control {
+                dev_id,
+                what: "STOP_DEV",
+                error: describe(&e),
+            });
+        }
+    }
+    match ctrl.del_dev_async() {
+        Ok(_) => Ok(()),
+        Err(e) if is_no_device(&e) => Ok(()),
+        Err(e) => Err(DeviceError::Control {
+            dev_id,
+            what: "DEL_DEV_ASYNC",
+            error: describe(&e),
+        }),
+    }
+}
+
 impl Device {
     /// Creates or recovers a device and returns once `/dev/ublkbN` serves IO.
     pub fn start<T: BlockTarget>(
@@ -282,32 +321,24 @@ impl Device {
         rt: Handle,
     ) -> Result<Device, DeviceError> {
         let features = features()?;
-        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<u32, DeviceError>>(2);
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<Progress>(4);
         let opts = opts.clone();
         let size = Arc::new(AtomicU64::new(opts.geometry.size_bytes));
         let queue_size = size.clone();
         let thread = std::thread::Builder::new()
             .name("ublk-dev".into())
             .spawn(move || serve_device(opts, start, features, target, rt, queue_size, ready_tx))?;
-        match ready_rx.recv_timeout(START_TIMEOUT) {
-            Ok(Ok(dev_id)) => Ok(Device {
-                dev_id,
-                recoverable: features.recovery(),
-                size,
-                thread: Some(thread),
-            }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(DeviceError::StartTimeout(START_TIMEOUT)),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let _ = thread.join();
-                Err(DeviceError::Create(
-                    "device thread ended before the device started".into(),
-                ))
-            }
-        }
+        let known = match start {
+            Start::Recover { dev_id } => Some(dev_id),
+            Start::New { .. } => None,
+        };
+        let (dev_id, thread) = await_start(ready_rx, thread, START_TIMEOUT, known, remove_now)?;
+        Ok(Device {
+            dev_id,
+            recoverable: features.recovery(),
+            size,
+            thread: Some(thread),
+        })
     }
 
     pub fn dev_id(&self) -> u32 {
@@ -352,6 +383,87 @@ impl Device {
     }
 }
 
+/// What a device's control thread reports while it brings the device up.
+#[derive(Debug)]
+enum Progress {
+    /// The kernel has the device (ADD_DEV or START_USER_RECOVERY done); not serving yet.
+    Added(u32),
+    /// `/dev/ublkbN` serves IO.
+    Started(u32),
+    Failed(DeviceError),
+}
+
+/// Stops and removes a device this process gave up on (best effort: it is already an error
+/// path). Stopping it also ends its control thread's `run_target`.
+fn remove_now(dev_id: u32) {
+    if let Ok(ctrl) = open_ctrl(dev_id)
+        && let Err(e) = ctrl.kill_dev()
+    {
+        tracing::warn!(dev_id, error = %describe(&e), "stopping an abandoned ublk device");
+    }
+    if let Err(e) = delete(dev_id) {
+        tracing::warn!(dev_id, error = %e, "removing an abandoned ublk device");
+    }
+}
+
+/// Waits for the control thread to report the device started. On a timeout the device is
+/// not left behind unrecorded: a device the kernel already has is removed at once, and a
+/// reaper thread removes one that comes up later and joins the control thread, so neither a
+/// serving device nor its threads outlive the error.
+fn await_start(
+    ready: mpsc::Receiver<Progress>,
+    thread: JoinHandle<()>,
+    timeout: Duration,
+    known: Option<u32>,
+    remove: impl Fn(u32) + Send + 'static,
+) -> Result<(u32, JoinHandle<()>), DeviceError> {
+    let deadline = Instant::now() + timeout;
+    let mut added = known;
+    loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match ready.recv_timeout(wait) {
+            Ok(Progress::Added(id)) => added = Some(id),
+            Ok(Progress::Started(id)) => return Ok((id, thread)),
+            Ok(Progress::Failed(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                tracing::error!(dev_id = ?added, ?timeout,
+                    "ublk device did not come up in time; removing it");
+                if let Some(id) = added {
+                    remove(id);
+                }
+                let reaper =
+                    std::thread::Builder::new()
+                        .name("ublk-reap".into())
+                        .spawn(move || {
+                            let mut removed: Vec<u32> = added.into_iter().collect();
+                            for p in ready.iter() {
+                                if let Progress::Started(id) | Progress::Added(id) = p
+                                    && !removed.contains(&id)
+                                {
+                                    remove(id);
+                                    removed.push(id);
+                                }
+                            }
+                            let _ = thread.join();
+                        });
+                if let Err(e) = reaper {
+                    tracing::warn!(error = %e, "no reaper thread for an abandoned ublk device");
+                }
+                return Err(DeviceError::StartTimeout(timeout));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = thread.join();
+                return Err(DeviceError::Create(
+                    "device thread ended before the device started".into(),
+                ));
+            }
+        }
+    }
+}
+
 /// Body of a device's control thread: build, start, serve until stopped.
 fn serve_device<T: BlockTarget>(
     opts: DeviceOptions,
@@ -360,17 +472,18 @@ fn serve_device<T: BlockTarget>(
     target: Arc<T>,
     rt: Handle,
     size: Arc<AtomicU64>,
-    ready: mpsc::SyncSender<Result<u32, DeviceError>>,
+    ready: mpsc::SyncSender<Progress>,
 ) {
     let ctrl = match build_ctrl(&opts, start, features) {
         Ok(c) => c,
         Err(e) => {
-            let _ = ready.send(Err(e));
+            let _ = ready.send(Progress::Failed(e));
             return;
         }
     };
     let info = ctrl.dev_info();
     let dev_id = info.dev_id;
+    let _ = ready.send(Progress::Added(dev_id));
     let depth = info.queue_depth;
     let links = match (0..info.nr_hw_queues)
         .map(|_| bridge::spawn_queue(&rt, target.clone(), depth))
@@ -378,7 +491,7 @@ fn serve_device<T: BlockTarget>(
     {
         Ok(l) => Arc::new(l),
         Err(e) => {
-            let _ = ready.send(Err(e.into()));
+            let _ = ready.send(Progress::Failed(e.into()));
             return;
         }
     };
@@ -402,7 +515,7 @@ fn serve_device<T: BlockTarget>(
         },
         move |ctrl| {
             tracing::info!(dev_id = ctrl.dev_info().dev_id, "ublk device started");
-            let _ = started.send(Ok(ctrl.dev_info().dev_id));
+            let _ = started.send(Progress::Started(ctrl.dev_info().dev_id));
         },
     );
     match result {
@@ -414,7 +527,7 @@ fn serve_device<T: BlockTarget>(
                 error: describe(&e),
             };
             tracing::error!(dev_id, error = %err, "ublk device failed");
-            let _ = ready.send(Err(err));
+            let _ = ready.send(Progress::Failed(err));
         }
     }
 }
@@ -473,5 +586,68 @@ fn build_ctrl(
                     error: describe(&e),
                 })
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// A control thread that comes up too late: `Added` in time, `Started` after the deadline.
+    #[test]
+    fn a_start_that_times_out_removes_the_device_and_reaps_its_thread() {
+        let (tx, rx) = mpsc::sync_channel(4);
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (removed_tx, removed) = mpsc::channel::<u32>();
+        let thread = std::thread::spawn(move || {
+            tx.send(Progress::Added(41)).unwrap();
+            go_rx.recv().unwrap();
+            let _ = tx.send(Progress::Started(41));
+            // A second device id would be a bug, but must not escape either.
+            let _ = tx.send(Progress::Started(42));
+        });
+        let remove = move |id| removed_tx.send(id).unwrap();
+        let err = await_start(rx, thread, Duration::from_millis(50), None, remove)
+            .map(|(id, _)| id)
+            .expect_err("must time out");
+        assert!(matches!(err, DeviceError::StartTimeout(_)), "{err}");
+        let wait = Duration::from_secs(10);
+        assert_eq!(removed.recv_timeout(wait), Ok(41), "removed at the timeout");
+        go_tx.send(()).unwrap();
+        // The reaper sees the late reports: 41 again is not removed twice, 42 is.
+        assert_eq!(removed.recv_timeout(wait), Ok(42));
+        // The reaper ends (dropping the remover) once the control thread is gone.
+        assert_eq!(
+            removed.recv_timeout(wait),
+            Err(mpsc::RecvTimeoutError::Disconnected)
+        );
+    }
+
+    #[test]
+    fn start_reports_success_and_failure() {
+        let (tx, rx) = mpsc::sync_channel(4);
+        let thread = std::thread::spawn(move || {
+            tx.send(Progress::Added(3)).unwrap();
+            tx.send(Progress::Started(3)).unwrap();
+        });
+        let (id, t) = await_start(rx, thread, Duration::from_secs(10), None, |_| {
+            unreachable!("nothing to remove")
+        })
+        .expect("started");
+        assert_eq!(id, 3);
+        t.join().unwrap();
+
+        let (tx, rx) = mpsc::sync_channel(4);
+        let thread = std::thread::spawn(move || {
+            tx.send(Progress::Failed(DeviceError::Create("no".into())))
+                .unwrap();
+        });
+        let err = await_start(rx, thread, Duration::from_secs(10), None, |_| {
+            unreachable!("nothing to remove")
+        })
+        .map(|(id, _)| id)
+        .expect_err("failed");
+        assert!(matches!(err, DeviceError::Create(_)));
     }
 }

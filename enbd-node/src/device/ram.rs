@@ -20,7 +20,7 @@ impl RamTarget {
     }
 
     fn serve(&self, req: BlockRequest) -> Result<Bytes, i32> {
-        let mut data = self.data.lock().map_err(|_| libc::EIO)?;
+        let mut data = crate::sync::lock(&self.data, "RAM target data");
         let range = |offset: u64, len: usize| -> Result<std::ops::Range<usize>, i32> {
             let start = usize::try_from(offset).map_err(|_| libc::EINVAL)?;
             let end = start.checked_add(len).ok_or(libc::EINVAL)?;
