@@ -792,6 +792,8 @@ impl<A: Attacher> Node for NodeService<A> {
         request: Request<NodeGetVolumeStatsRequest>,
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let r = request.into_inner();
+        // Missing arguments first: a call without a path is malformed whatever its id says.
+        validate::present("volume_path", &r.volume_path)?;
         let volume_id = validate::existing_volume_id(&r.volume_id)?;
         let path = validate::existing_path("volume_path", &r.volume_path)?;
         validate::optional_path("staging_target_path", &r.staging_target_path)?;
@@ -812,6 +814,7 @@ impl<A: Attacher> Node for NodeService<A> {
         request: Request<NodeExpandVolumeRequest>,
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
         let r = request.into_inner();
+        validate::present("volume_path", &r.volume_path)?;
         let volume_id = validate::existing_volume_id(&r.volume_id)?;
         let path = validate::path("volume_path", &r.volume_path)?;
         validate::optional_path("staging_target_path", &r.staging_target_path)?;

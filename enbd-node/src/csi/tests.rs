@@ -620,6 +620,15 @@ async fn stats_and_expand_codes() {
         ),
         Code::InvalidArgument
     );
+    // A missing path is InvalidArgument even with an id we never issued (csi-sanity's case).
+    assert_eq!(
+        code(
+            f.node
+                .node_get_volume_stats(Request::new(stats("fake-vol-id", String::new())))
+                .await
+        ),
+        Code::InvalidArgument
+    );
 
     // An id we never issue, or a path no volume can be at, is an unknown volume: NotFound.
     for (id, path) in [

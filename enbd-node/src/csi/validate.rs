@@ -35,6 +35,16 @@ pub fn existing_volume_id(raw: &str) -> Result<VolumeId, NodeError> {
         .map_err(|e| NodeError::NotFound(format!("volume {raw:?} is not known here ({e})")))
 }
 
+/// A required argument is there (checked before anything else, so a call missing one is
+/// `InvalidArgument` even when its other arguments name nothing known).
+pub fn present(field: &str, raw: &str) -> Result<(), NodeError> {
+    if raw.is_empty() {
+        Err(NodeError::InvalidArgument(format!("{field} is required")))
+    } else {
+        Ok(())
+    }
+}
+
 /// Checks the path of a call that looks at what is already there (stats): no volume can be
 /// at a path this node would never have used, so a malformed one is `NotFound`; only a
 /// missing one is `InvalidArgument`.
