@@ -14,7 +14,8 @@
 //! writer and reader), [`journal`] (requests held until acknowledged, byte budget),
 //! [`dispatch`] (how channels share the queue), [`reconnect`] (per-channel supervisor with
 //! backoff and identity checks), [`brownout`] (the outage policy), [`status`] (observability).
-//! Replicas and TLS slot in later as more `servers` and a stream type inside `channel`.
+//! [`mirror`] puts one `Client` per replica under a mirror layer (replicated volumes).
+//! TLS slots in later as a stream type inside `channel`.
 
 pub mod brownout;
 pub mod channel;
@@ -22,6 +23,7 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod journal;
+pub mod mirror;
 pub mod reconnect;
 pub mod status;
 

@@ -170,3 +170,66 @@ pub(crate) fn overall(channels: &[ChannelStatus], failed: bool) -> EngineState {
         _ => EngineState::Degraded,
     }
 }
+
+/// Where one replica of a mirrored volume stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplicaHealth {
+    /// Receives every write and serves reads.
+    InSync,
+    /// Missed writes; the in-sync servers track what it missed.
+    Out,
+    /// Receives writes and is being sent what it missed.
+    Resyncing {
+        /// Bytes of dirty regions found when this pass started.
+        to_copy: u64,
+        copied: u64,
+        /// Copy rate since the pass started.
+        bytes_per_sec: f64,
+    },
+    /// Cannot be reached (management or data path); its record may be anything.
+    Down,
+}
+
+/// A point-in-time view of one replica.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaStatus {
+    pub id: String,
+    /// NBD data address.
+    pub address: String,
+    pub mgmt_address: String,
+    /// The generation its server last reported (0: never answered, or no record).
+    pub generation: u64,
+    pub health: ReplicaHealth,
+    /// Reads it served (balancing is visible here).
+    pub reads: u64,
+    pub writes: u64,
+    pub last_error: Option<String>,
+    /// Its data path's own status, while connected.
+    pub engine: Option<EngineStatus>,
+}
+
+/// Health of a mirrored volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorState {
+    /// Every replica is in sync.
+    Healthy,
+    /// Serving, with some replica not in sync.
+    Degraded,
+    /// IO waits: see `MirrorStatus::waiting`.
+    Waiting,
+    /// Shut down.
+    Stopped,
+}
+
+/// A point-in-time copy of a mirror's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MirrorStatus {
+    pub state: MirrorState,
+    /// The generation of the record in force.
+    pub generation: u64,
+    pub replicas: Vec<ReplicaStatus>,
+    /// Why IO waits, when it does.
+    pub waiting: Option<String>,
+    /// Bytes resync has copied since this mirror was opened.
+    pub resync_bytes_copied: u64,
+}

@@ -1,0 +1,361 @@
+//! What the mirror needs from one replica, as two small traits so the mirror's rules can be
+//! tested against in-memory fakes: [`ReplicaControl`] (the server's `ReplicaService` and
+//! volume facts, over the management gRPC) and [`ReplicaData`] (the NBD data path, a
+//! [`Client`]). The production implementations are [`GrpcControl`] and [`Client`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
+use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
+use enbd_proto::enbd::{
+    ByteRange, ClearDirtyRegionsRequest, DirtyRanges, GetDirtyRegionsRequest, GetMembershipRequest,
+    GetVolumeRequest, Membership, ReplicaMember, ReplicaState, SetMembershipRequest,
+};
+use futures::future::BoxFuture;
+use tonic::transport::{Channel, Endpoint};
+
+use super::membership::{MemberState, Record};
+use crate::engine::{Client, ClientConfig, EngineError, EngineStatus, Geometry, IoError};
+
+/// A management call that failed (the replica counts as unreachable for it).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct ControlError(pub String);
+
+/// Ranges to mark dirty for one member: `(member, [(offset, length)])`.
+pub type ExtraDirty = Vec<(String, Vec<(u64, u64)>)>;
+
+/// Facts about the volume on one replica's server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeFacts {
+    pub size: u64,
+    /// No content source and nothing allocated: newly created.
+    pub fresh: bool,
+}
+
+/// One replica's management side.
+pub trait ReplicaControl: Send + Sync {
+    fn get_membership(&self) -> BoxFuture<'_, Result<Record, ControlError>>;
+    /// Writes `record` (durably) with `extra` dirty ranges; returns the record in force.
+    fn set_membership(
+        &self,
+        record: Record,
+        extra: ExtraDirty,
+    ) -> BoxFuture<'_, Result<Record, ControlError>>;
+    /// Region indexes set in `member`'s bitmap on this server.
+    fn dirty_regions<'a>(
+        &'a self,
+        member: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<u64>, ControlError>>;
+    /// Clears regions of `member`'s bitmap; returns how many remain set.
+    fn clear_dirty<'a>(
+        &'a self,
+        member: &'a str,
+        regions: Vec<u64>,
+    ) -> BoxFuture<'a, Result<u64, ControlError>>;
+    fn volume(&self) -> BoxFuture<'_, Result<VolumeFacts, ControlError>>;
+}
+
+/// One replica's data path.
+pub trait ReplicaData: Send + Sync {
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, IoError>>;
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<(), IoError>>;
+    fn flush(&self) -> BoxFuture<'_, Result<(), IoError>>;
+    fn trim(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<(), IoError>>;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+    ) -> BoxFuture<'_, Result<(), IoError>>;
+    fn geometry(&self) -> Geometry;
+    /// Some channel is connected.
+    fn is_up(&self) -> bool;
+    fn engine_status(&self) -> Option<EngineStatus>;
+    fn shutdown(&self) -> BoxFuture<'_, ()>;
+}
+
+/// Opens a replica's data path (again, after it failed).
+pub trait DataConnector: Send + Sync {
+    fn connect(&self) -> BoxFuture<'_, Result<Arc<dyn ReplicaData>, EngineError>>;
+}
+
+impl ReplicaData for Client {
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, IoError>> {
+        Box::pin(Client::read(self, offset, len))
+    }
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<(), IoError>> {
+        Box::pin(Client::write(self, offset, data, fua))
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<(), IoError>> {
+        Box::pin(Client::flush(self))
+    }
+    fn trim(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<(), IoError>> {
+        Box::pin(Client::trim(self, offset, len))
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+    ) -> BoxFuture<'_, Result<(), IoError>> {
+        Box::pin(Client::write_zeroes(self, offset, len, no_hole))
+    }
+    fn geometry(&self) -> Geometry {
+        Client::geometry(self)
+    }
+    fn is_up(&self) -> bool {
+        let st = Client::status(self);
+        st.failure.is_none()
+            && st
+                .channels
+                .iter()
+                .any(|c| c.state == crate::engine::ChannelState::Up)
+    }
+    fn engine_status(&self) -> Option<EngineStatus> {
+        Some(Client::status(self))
+    }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(Client::shutdown(self))
+    }
+}
+
+/// Connects a [`Client`] with a fixed configuration.
+pub struct ClientConnector(pub ClientConfig);
+
+impl DataConnector for ClientConnector {
+    fn connect(&self) -> BoxFuture<'_, Result<Arc<dyn ReplicaData>, EngineError>> {
+        Box::pin(async move {
+            let c = Client::connect(self.0.clone()).await?;
+            Ok(Arc::new(c) as Arc<dyn ReplicaData>)
+        })
+    }
+}
+
+/// `ReplicaService` + `VolumeService` of one enbd-server, each call bounded by `timeout`.
+pub struct GrpcControl {
+    volume: String,
+    replicas: ReplicaServiceClient<Channel>,
+    volumes: VolumeServiceClient<Channel>,
+}
+
+impl GrpcControl {
+    /// A lazily connected client of the server at `mgmt` (`HOST:PORT`).
+    pub fn new(mgmt: &str, volume: &str, timeout: Duration) -> Result<Self, ControlError> {
+        let endpoint = Endpoint::from_shared(format!("http://{mgmt}"))
+            .map_err(|e| ControlError(format!("management address {mgmt:?}: {e}")))?
+            .connect_timeout(timeout)
+            .timeout(timeout);
+        let channel = endpoint.connect_lazy();
+        Ok(Self {
+            volume: volume.to_owned(),
+            replicas: ReplicaServiceClient::new(channel.clone()),
+            volumes: VolumeServiceClient::new(channel),
+        })
+    }
+}
+
+fn status_err(s: tonic::Status) -> ControlError {
+    ControlError(format!("{:?}: {}", s.code(), s.message()))
+}
+
+fn to_proto(r: &Record) -> Membership {
+    Membership {
+        generation: r.generation,
+        members: r
+            .members
+            .iter()
+            .map(|(id, s)| ReplicaMember {
+                replica_id: id.clone(),
+                state: match s {
+                    MemberState::InSync => ReplicaState::InSync,
+                    MemberState::Out => ReplicaState::Out,
+                    MemberState::Resyncing => ReplicaState::Resyncing,
+                } as i32,
+            })
+            .collect(),
+        region_bytes: r.region_bytes,
+    }
+}
+
+fn from_proto(m: Option<Membership>) -> Result<Record, ControlError> {
+    let Some(m) = m else {
+        return Ok(Record::none());
+    };
+    let mut members = Vec::with_capacity(m.members.len());
+    for mem in m.members {
+        let state = match ReplicaState::try_from(mem.state) {
+            Ok(ReplicaState::InSync) => MemberState::InSync,
+            Ok(ReplicaState::Out) => MemberState::Out,
+            Ok(ReplicaState::Resyncing) => MemberState::Resyncing,
+            _ => {
+                return Err(ControlError(format!(
+                    "member {} has unknown state {}",
+                    mem.replica_id, mem.state
+                )));
+            }
+        };
+        members.push((mem.replica_id, state));
+    }
+    Ok(Record {
+        generation: m.generation,
+        members,
+        region_bytes: m.region_bytes,
+    })
+}
+
+/// Region indexes whose bits are set (bit i = byte i/8, bit i%8, least significant first).
+pub fn bitmap_regions(bitmap: &[u8], region_count: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (byte_idx, byte) in bitmap.iter().enumerate() {
+        if *byte == 0 {
+            continue;
+        }
+        for bit in 0..8 {
+            let r = byte_idx as u64 * 8 + bit;
+            if r < region_count && byte & (1 << bit) != 0 {
+                out.push(r);
+            }
+        }
+    }
+    out
+}
+
+impl ReplicaControl for GrpcControl {
+    fn get_membership(&self) -> BoxFuture<'_, Result<Record, ControlError>> {
+        Box::pin(async move {
+            let resp = self
+                .replicas
+                .clone()
+                .get_membership(GetMembershipRequest {
+                    volume: self.volume.clone(),
+                })
+                .await
+                .map_err(status_err)?;
+            from_proto(resp.into_inner().membership)
+        })
+    }
+
+    fn set_membership(
+        &self,
+        record: Record,
+        extra: ExtraDirty,
+    ) -> BoxFuture<'_, Result<Record, ControlError>> {
+        Box::pin(async move {
+            let resp = self
+                .replicas
+                .clone()
+                .set_membership(SetMembershipRequest {
+                    volume: self.volume.clone(),
+                    membership: Some(to_proto(&record)),
+                    extra_dirty: extra
+                        .into_iter()
+                        .map(|(id, ranges)| DirtyRanges {
+                            replica_id: id,
+                            ranges: ranges
+                                .into_iter()
+                                .map(|(offset, length)| ByteRange { offset, length })
+                                .collect(),
+                        })
+                        .collect(),
+                })
+                .await
+                .map_err(status_err)?;
+            from_proto(resp.into_inner().membership)
+        })
+    }
+
+    fn dirty_regions<'a>(
+        &'a self,
+        member: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<u64>, ControlError>> {
+        Box::pin(async move {
+            let resp = self
+                .replicas
+                .clone()
+                .get_dirty_regions(GetDirtyRegionsRequest {
+                    volume: self.volume.clone(),
+                    replica_id: member.to_owned(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            Ok(bitmap_regions(&resp.bitmap, resp.region_count))
+        })
+    }
+
+    fn clear_dirty<'a>(
+        &'a self,
+        member: &'a str,
+        regions: Vec<u64>,
+    ) -> BoxFuture<'a, Result<u64, ControlError>> {
+        Box::pin(async move {
+            let resp = self
+                .replicas
+                .clone()
+                .clear_dirty_regions(ClearDirtyRegionsRequest {
+                    volume: self.volume.clone(),
+                    replica_id: member.to_owned(),
+                    regions,
+                })
+                .await
+                .map_err(status_err)?;
+            Ok(resp.into_inner().remaining)
+        })
+    }
+
+    fn volume(&self) -> BoxFuture<'_, Result<VolumeFacts, ControlError>> {
+        Box::pin(async move {
+            let resp = self
+                .volumes
+                .clone()
+                .get_volume(GetVolumeRequest {
+                    name: self.volume.clone(),
+                })
+                .await
+                .map_err(status_err)?;
+            let v = resp
+                .into_inner()
+                .volume
+                .ok_or_else(|| ControlError("GetVolume returned no volume".into()))?;
+            Ok(VolumeFacts {
+                size: v.size_bytes,
+                fresh: v.source.is_none() && v.allocated_bytes == 0,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_bits_are_least_significant_first() {
+        assert_eq!(
+            bitmap_regions(&[0b0000_0101, 0b1000_0000], 16),
+            vec![0, 2, 15]
+        );
+        // Bits past region_count are padding.
+        assert_eq!(bitmap_regions(&[0xff], 3), vec![0, 1, 2]);
+        assert!(bitmap_regions(&[], 0).is_empty());
+    }
+
+    #[test]
+    fn records_round_trip_through_the_proto() {
+        let r = Record {
+            generation: 4,
+            members: vec![
+                ("a".into(), MemberState::InSync),
+                ("b".into(), MemberState::Out),
+                ("c".into(), MemberState::Resyncing),
+            ],
+            region_bytes: 1 << 20,
+        };
+        assert_eq!(from_proto(Some(to_proto(&r))), Ok(r));
+        assert_eq!(from_proto(None), Ok(Record::none()));
+    }
+}
