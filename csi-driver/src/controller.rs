@@ -149,6 +149,10 @@ fn csi_snapshot(id: &SnapshotId, snap: &pb::Snapshot) -> Snapshot {
     }
 }
 
+fn not_found_source(source: &VolumeId) -> CsiError {
+    CsiError::NotFound(format!("source volume {source} not found"))
+}
+
 fn normal(server: &ServerId) -> VolumeCondition {
     VolumeCondition {
         abnormal: false,
@@ -883,8 +887,14 @@ impl State {
                 {
                     let id = SnapshotId::new(server.id.clone(), name.clone())
                         .map_err(|e| invalid(e.to_string()))?;
-                    if server.id != *source.server() || snap.source_volume != source.name().as_str()
-                    {
+                    let same_server = server.id == *source.server()
+                        || match this.servers.lookup(source.server()) {
+                            Lookup::Live(home) => {
+                                replicas::is_member(&home, source.name().as_str(), &server.id).await
+                            }
+                            _ => false,
+                        };
+                    if !same_server || snap.source_volume != source.name().as_str() {
                         return Err(CsiError::AlreadyExists(format!(
                             "snapshot {name} already exists with source volume {}/{}",
                             server.id, snap.source_volume
@@ -894,11 +904,19 @@ impl State {
                         snapshot: Some(csi_snapshot(&id, &snap)),
                     });
                 }
-                let server = this
+                let home = this
                     .holder(source.server(), &format!("volume {source}"))?
                     .ok_or_else(|| {
                         CsiError::NotFound(format!("source volume {source} not found"))
                     })?;
+                let server =
+                    match replicas::snapshot_source(&this.servers, &home, source.name().as_str())
+                        .await
+                    {
+                        Ok(s) => s,
+                        Err(e) if e.is_not_found() => return Err(not_found_source(&source)),
+                        Err(e) => return Err(e),
+                    };
                 let id = SnapshotId::new(server.id.clone(), name.clone())
                     .map_err(|e| invalid(e.to_string()))?;
                 let mut client = server.client.clone();

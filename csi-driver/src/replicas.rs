@@ -162,27 +162,15 @@ pub async fn complete_set(
             .collect(),
         region_bytes: REGION_BYTES,
     };
-    let extra_dirty: Vec<pb::DirtyRanges> = if home_has_content {
-        placed[1..]
-            .iter()
-            .map(|s| pb::DirtyRanges {
-                replica_id: s.id.to_string(),
-                ranges: vec![pb::ByteRange {
-                    offset: 0,
-                    length: size,
-                }],
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    // No extra_dirty: a member that enters a record OUT starts with every region dirty on
+    // each in-sync server, which is exactly "copy all of the content to it".
     // The home last: a record on the home is what makes the set visible as complete.
     for server in placed[1..].iter().chain(&placed[..1]) {
         let mut client = server.replica.clone();
         let req = pb::SetMembershipRequest {
             volume: name.to_owned(),
             membership: Some(record.clone()),
-            extra_dirty: extra_dirty.clone(),
+            extra_dirty: Vec::new(),
         };
         call(&server.id, client.set_membership(req)).await?;
     }
@@ -275,4 +263,60 @@ fn state_name(state: ReplicaState) -> &'static str {
         ReplicaState::Resyncing => "resyncing",
         ReplicaState::Unspecified => "in an unknown state",
     }
+}
+
+/// Where a snapshot of volume `name` (home `home`) is taken: the home for a single copy;
+/// for a mirrored volume a replica that is in sync in the newest record *and* holds that
+/// record itself (a replica that missed writes would give a stale point in time).
+pub async fn snapshot_source(
+    servers: &Servers,
+    home: &LiveServer,
+    name: &str,
+) -> Result<LiveServer, CsiError> {
+    let record = membership(home, name).await?;
+    if record.generation == 0 {
+        return Ok(home.clone());
+    }
+    // The newest record among the members that answer.
+    let mut records = Vec::new();
+    for m in &record.members {
+        let Ok(id) = ServerId::parse(&m.replica_id) else {
+            continue;
+        };
+        if let Lookup::Live(s) = servers.lookup(&id)
+            && let Ok(r) = membership(&s, name).await
+        {
+            records.push((s, r));
+        }
+    }
+    let newest = records.iter().map(|(_, r)| r.generation).max().unwrap_or(0);
+    let Some((_, best)) = records.iter().find(|(_, r)| r.generation == newest) else {
+        return Err(CsiError::Unavailable(format!(
+            "volume {name}: no replica answered"
+        )));
+    };
+    let in_sync = |id: &ServerId| {
+        best.members
+            .iter()
+            .any(|m| m.replica_id == id.as_str() && m.state == ReplicaState::InSync as i32)
+    };
+    // Prefer the home: the snapshot then sits where restores of it are placed first.
+    let mut candidates: Vec<&(LiveServer, pb::Membership)> = records
+        .iter()
+        .filter(|(s, r)| r.generation == newest && in_sync(&s.id))
+        .collect();
+    candidates.sort_by_key(|(s, _)| s.id != home.id);
+    candidates.first().map(|(s, _)| s.clone()).ok_or_else(|| {
+        CsiError::Unavailable(format!(
+            "volume {name}: no in-sync replica at generation {newest} is reachable"
+        ))
+    })
+}
+
+/// Whether `server` holds a replica of `name` according to the home's record (a snapshot of
+/// a mirrored volume may sit on any in-sync replica).
+pub async fn is_member(home: &LiveServer, name: &str, server: &ServerId) -> bool {
+    membership(home, name)
+        .await
+        .is_ok_and(|r| r.members.iter().any(|m| m.replica_id == server.as_str()))
 }

@@ -66,6 +66,7 @@ pub struct LiveServer {
 }
 
 /// What the registry knows about one server id.
+#[allow(clippy::large_enum_variant)] // short-lived lookups; boxing would only add an allocation
 pub enum Lookup {
     Live(LiveServer),
     /// Known but not answering (or not checked yet): retry later.

@@ -1736,3 +1736,267 @@ async fn kubernetes_discovery_follows_the_pod_watch() {
         Code::NotFound,
     );
 }
+
+/// Membership record a server keeps for `name`.
+async fn membership_on(server: &EnbdServer, name: &str) -> enbd_proto::enbd::Membership {
+    use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
+    ReplicaServiceClient::connect(format!("http://{}", server.mgmt))
+        .await
+        .expect("replica connect")
+        .get_membership(enbd_proto::enbd::GetMembershipRequest {
+            volume: name.into(),
+        })
+        .await
+        .expect("GetMembership")
+        .into_inner()
+        .membership
+        .unwrap_or_default()
+}
+
+async fn exists_on(server: &EnbdServer, name: &str) -> Option<u64> {
+    server
+        .mgmt_client()
+        .await
+        .get_volume(enbd_proto::enbd::GetVolumeRequest { name: name.into() })
+        .await
+        .ok()
+        .and_then(|r| r.into_inner().volume)
+        .map(|v| v.size_bytes)
+}
+
+#[tokio::test]
+async fn mirrored_volume_lifecycle_on_distinct_servers() {
+    use enbd_proto::enbd::ReplicaState;
+    let a = EnbdServer::start("srv-a").await;
+    let b = EnbdServer::start("srv-b").await;
+    let c = EnbdServer::start("srv-c").await;
+    let d = Driver::start(&[&a, &b, &c]).await;
+
+    let mut req = create_req("mirror", 4 * MIB);
+    req.parameters = params(&[("replicas", "2"), ("replicaTimeout", "2s")]);
+    let vol = d
+        .ctl()
+        .create_volume(req.clone())
+        .await
+        .expect("create mirrored")
+        .into_inner()
+        .volume
+        .expect("volume");
+    let ctx = enbd_proto::params::VolumeContext::from_context(&vol.volume_context)
+        .expect("the node accepts the context");
+    assert_eq!(ctx.replicas.len(), 2);
+    assert_eq!(ctx.params.replica_timeout, Duration::from_secs(2));
+    let holders: Vec<&EnbdServer> = {
+        let mut h = Vec::new();
+        for s in [&a, &b, &c] {
+            if exists_on(s, "mirror").await.is_some() {
+                h.push(s);
+            }
+        }
+        h
+    };
+    assert_eq!(holders.len(), 2, "exactly two servers hold a replica");
+    let home = vol.volume_id.split('/').next().unwrap().to_owned();
+    assert!(
+        holders.iter().any(|s| s.id == home),
+        "the id names a holder"
+    );
+    for s in &holders {
+        let m = membership_on(s, "mirror").await;
+        assert_eq!(m.generation, 1, "{}", s.id);
+        assert_eq!(m.members.len(), 2);
+        assert_eq!(
+            m.members[0].replica_id, home,
+            "the home is the first member"
+        );
+        assert!(
+            m.members
+                .iter()
+                .all(|r| r.state == ReplicaState::InSync as i32)
+        );
+    }
+
+    // A retry is the same volume; other parameters are AlreadyExists.
+    let again = d
+        .ctl()
+        .create_volume(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.volume.unwrap().volume_id, vol.volume_id);
+    let mut other = req.clone();
+    other.parameters = params(&[("replicas", "2"), ("replicaTimeout", "3s")]);
+    assert_code(d.ctl().create_volume(other).await, Code::AlreadyExists);
+
+    // Healthy: the condition is normal.
+    let got = d
+        .ctl()
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cond = got.status.unwrap().volume_condition.unwrap();
+    assert!(!cond.abnormal, "{}", cond.message);
+
+    // Expansion grows every replica.
+    d.ctl()
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 8 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("expand");
+    for s in &holders {
+        assert_eq!(
+            exists_on(s, "mirror").await,
+            Some(8 * MIB as u64),
+            "{}",
+            s.id
+        );
+    }
+
+    // Three replicas on three servers; four cannot be placed.
+    let mut three = create_req("three", MIB);
+    three.parameters = params(&[("replicas", "3")]);
+    d.ctl().create_volume(three).await.expect("three replicas");
+    for s in [&a, &b, &c] {
+        assert!(exists_on(s, "three").await.is_some(), "{}", s.id);
+    }
+
+    // Delete removes every replica.
+    d.ctl()
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    for s in [&a, &b, &c] {
+        assert_eq!(exists_on(s, "mirror").await, None, "{}", s.id);
+    }
+}
+
+#[tokio::test]
+async fn mirrored_restore_starts_with_the_content_holder_in_sync() {
+    use enbd_proto::enbd::ReplicaState;
+    let a = EnbdServer::start("srv-a").await;
+    let b = EnbdServer::start("srv-b").await;
+    let d = Driver::start(&[&a, &b]).await;
+    let src = d.create("src", 2 * MIB).await;
+    let snap = d.snapshot("snap", &src.volume_id).await;
+    let snap_home = snap.snapshot_id.split('/').next().unwrap().to_owned();
+
+    let mut req = create_req("restored", 2 * MIB);
+    req.parameters = params(&[("replicas", "2")]);
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+    });
+    let vol = d
+        .ctl()
+        .create_volume(req)
+        .await
+        .expect("restore")
+        .into_inner()
+        .volume
+        .unwrap();
+    assert!(vol.volume_id.starts_with(&format!("{snap_home}/")));
+    let home = if a.id == snap_home { &a } else { &b };
+    let m = membership_on(home, "restored").await;
+    assert_eq!(m.generation, 1);
+    for r in &m.members {
+        let want = if r.replica_id == snap_home {
+            ReplicaState::InSync
+        } else {
+            ReplicaState::Out
+        };
+        assert_eq!(r.state, want as i32, "{}", r.replica_id);
+    }
+    // The copy still to be made is the condition's news.
+    let got = d
+        .ctl()
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cond = got.status.unwrap().volume_condition.unwrap();
+    assert!(
+        cond.abnormal && cond.message.contains("out of sync"),
+        "{}",
+        cond.message
+    );
+}
+
+#[tokio::test]
+async fn mirrored_snapshot_is_taken_on_an_in_sync_replica() {
+    use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
+    use enbd_proto::enbd::{Membership, ReplicaMember, ReplicaState, SetMembershipRequest};
+    let a = EnbdServer::start("srv-a").await;
+    let b = EnbdServer::start("srv-b").await;
+    let d = Driver::start(&[&a, &b]).await;
+    let mut req = create_req("m", 2 * MIB);
+    req.parameters = params(&[("replicas", "2")]);
+    let vol = d
+        .ctl()
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let home = vol.volume_id.split('/').next().unwrap().to_owned();
+    let (home_srv, other) = if a.id == home { (&a, &b) } else { (&b, &a) };
+
+    // The node's mirror dropped the home: generation 2, home OUT, recorded on the survivor.
+    let first = membership_on(other, "m").await;
+    let record = Membership {
+        generation: 2,
+        members: first
+            .members
+            .iter()
+            .map(|m| ReplicaMember {
+                replica_id: m.replica_id.clone(),
+                state: if m.replica_id == home {
+                    ReplicaState::Out as i32
+                } else {
+                    ReplicaState::InSync as i32
+                },
+            })
+            .collect(),
+        region_bytes: first.region_bytes,
+    };
+    ReplicaServiceClient::connect(format!("http://{}", other.mgmt))
+        .await
+        .unwrap()
+        .set_membership(SetMembershipRequest {
+            volume: "m".into(),
+            membership: Some(record),
+            extra_dirty: Vec::new(),
+        })
+        .await
+        .expect("drop the home");
+    assert_eq!(
+        membership_on(home_srv, "m").await.generation,
+        1,
+        "the home is stale"
+    );
+
+    let snap = d.snapshot("s", &vol.volume_id).await;
+    assert!(
+        snap.snapshot_id.starts_with(&format!("{}/", other.id)),
+        "taken on the in-sync replica, not the stale home: {}",
+        snap.snapshot_id
+    );
+    // Idempotent: the same request finds it.
+    let again = d.snapshot("s", &vol.volume_id).await;
+    assert_eq!(again.snapshot_id, snap.snapshot_id);
+}
