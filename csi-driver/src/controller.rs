@@ -520,7 +520,10 @@ impl State {
         source: Option<Source>,
     ) -> Result<CreateVolumeResponse, CsiError> {
         let range = req.capacity_range.as_ref();
-        let labels = params.to_context();
+        // As for a single copy: the full CSI name is recorded, so a (hashed) long name that
+        // collides with another CSI name is AlreadyExists rather than the other's volume.
+        let mut labels = params.to_context();
+        labels.insert(NAME_LABEL.to_owned(), req.name.clone());
         let n = params.replicas as usize;
         let (record, holders) = replicas::find(&self.servers, name.as_str()).await?;
         for (server, vol) in &holders {
