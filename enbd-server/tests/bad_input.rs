@@ -14,6 +14,8 @@ use raw::*;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
 const EPERM: u32 = 1;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
 
 /// A second, well-behaved client still gets served.
 fn still_serving(addr: SocketAddr) {
@@ -86,6 +88,11 @@ fn bad_requests_get_nbd_errors_and_change_nothing() {
     // Write past the end: ENOSPC, and its payload is consumed (the stream stays in sync).
     c.request(0, CMD_WRITE, 3, size - 2, 4, b"abcd");
     assert_eq!(c.simple_reply(), (ENOSPC, 3));
+    // The document: WRITE_ZEROES past the end is ENOSPC like a write, TRIM is EINVAL like a read.
+    c.request(0, CMD_WRITE_ZEROES, 31, size - 512, 1024, &[]);
+    assert_eq!(c.simple_reply(), (ENOSPC, 31));
+    c.request(0, CMD_TRIM, 32, size - 512, 1024, &[]);
+    assert_eq!(c.simple_reply(), (EINVAL, 32));
     // Read over the request-size limit.
     c.request(0, CMD_READ, 4, 0, 65536 + 1, &[]);
     assert_eq!(c.simple_reply(), (EINVAL, 4));
