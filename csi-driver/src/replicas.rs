@@ -158,6 +158,8 @@ pub async fn complete_set(
             .map(|(i, s)| pb::ReplicaMember {
                 replica_id: s.id.to_string(),
                 state: state(i) as i32,
+                data_address: s.data_address.clone(),
+                mgmt_url: s.mgmt_url.clone(),
             })
             .collect(),
         region_bytes: REGION_BYTES,

@@ -1970,6 +1970,7 @@ async fn mirrored_snapshot_is_taken_on_an_in_sync_replica() {
                 } else {
                     ReplicaState::InSync as i32
                 },
+                ..Default::default()
             })
             .collect(),
         region_bytes: first.region_bytes,

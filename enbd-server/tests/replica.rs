@@ -55,6 +55,7 @@ fn record(generation: u64, members: &[(&str, ReplicaState)]) -> pb::Membership {
             .map(|(id, st)| pb::ReplicaMember {
                 replica_id: (*id).into(),
                 state: *st as i32,
+                ..Default::default()
             })
             .collect(),
     }
@@ -221,11 +222,13 @@ async fn the_membership_contract_is_enforced() {
     let bad_member = |id: &str| pb::ReplicaMember {
         replica_id: id.into(),
         state: InSync as i32,
+        ..Default::default()
     };
     let mut unspecified = record(2, &[(ME, InSync)]);
     unspecified.members.push(pb::ReplicaMember {
         replica_id: "b".into(),
         state: 0,
+        ..Default::default()
     });
     let mut bad_id = record(2, &[(ME, InSync)]);
     bad_id.members.push(bad_member("Not_A_Server"));
