@@ -15,7 +15,7 @@
 //! [`dispatch`] (how channels share the queue), [`reconnect`] (per-channel supervisor with
 //! backoff and identity checks), [`brownout`] (the outage policy), [`status`] (observability).
 //! [`mirror`] puts one `Client` per replica under a mirror layer (replicated volumes).
-//! TLS slots in later as a stream type inside `channel`.
+//! TLS slots in later as a stream type inside `channel` (its `handshake` part).
 
 pub mod brownout;
 pub mod channel;
