@@ -177,7 +177,16 @@ impl State {
             // Not an ID this driver issues, so no such volume exists.
             return Ok(DeleteVolumeResponse {});
         };
-        let Some(server) = self.holder(id.server(), &format!("volume {id}"))? else {
+        // The home, or (replaced away and gone) the in-sync replica that answers for it: a
+        // gone home that is no longer a member never holds the delete up.
+        let home = replicas::acting_home(
+            &self.servers,
+            id.server(),
+            id.name().as_str(),
+            &format!("volume {id}"),
+        )
+        .await?;
+        let Some(server) = home else {
             tracing::warn!(volume_id = %id, "volume on an unknown enbd-server treated as already deleted");
             return Ok(DeleteVolumeResponse {});
         };
