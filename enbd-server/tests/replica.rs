@@ -887,3 +887,38 @@ async fn kill_minus_nine_during_membership_changes_leaves_a_whole_record() {
         acked = m.generation;
     }
 }
+
+/// Member endpoints are kept as given (the record alone names the replica set), survive a
+/// crash, leave records without them working, and junk in them is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_endpoints_are_kept_and_checked() {
+    let s = TestServer::start(&[]);
+    create(&s, "v", SIZE).await;
+    let mut r = replicas(&s).await;
+    let mut rec = record(1, &[(ME, InSync), ("b", InSync)]);
+    rec.members[1].data_address = "10.0.0.2:10809".into();
+    rec.members[1].mgmt_url = "http://10.0.0.2:10810".into();
+    set(&mut r, "v", rec.clone()).await.unwrap();
+    // The same generation with the same members and endpoints is an idempotent retry.
+    set(&mut r, "v", rec.clone()).await.unwrap();
+    let s2 = {
+        let dir = s.crash();
+        TestServer::start_in(dir, &[])
+    };
+    let mut r = replicas(&s2).await;
+    let got = get(&mut r, "v").await.membership.unwrap();
+    assert_eq!(got, rec, "endpoints survive a restart");
+    assert_eq!(got.members[0].data_address, "", "unknown stays empty");
+    let mut bad = record(2, &[(ME, InSync), ("b", Out)]);
+    bad.members[1].mgmt_url = "http://a b".into();
+    let e = set(&mut r, "v", bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("mgmt_url"), "{}", e.message());
+    let mut long = record(2, &[(ME, InSync), ("b", Out)]);
+    long.members[1].data_address = "x".repeat(513);
+    assert_eq!(
+        set(&mut r, "v", long).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(get(&mut r, "v").await.membership.unwrap().generation, 1);
+}
