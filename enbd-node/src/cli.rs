@@ -394,6 +394,32 @@ mod tests {
         };
         assert!(!p.accept_data_loss);
         assert!(p.members.is_empty());
+        let cli = Cli::try_parse_from([
+            "enbd-node",
+            "replace",
+            "--volume",
+            "v",
+            "--replica",
+            "b",
+            "--with",
+            "c@10.0.0.3:10809@http://10.0.0.3:10810",
+            "--resync-bandwidth",
+            "50Mi",
+        ])
+        .expect("parse");
+        let Command::Replace(r) = cli.command else {
+            panic!("not replace")
+        };
+        assert_eq!(
+            (r.volume.as_str(), r.replica.as_str(), r.with.as_str()),
+            ("v", "b", "c@10.0.0.3:10809@http://10.0.0.3:10810")
+        );
+        assert_eq!(r.resync_bandwidth.as_deref(), Some("50Mi"));
+        assert!(
+            Cli::try_parse_from(["enbd-node", "replace", "--volume", "v", "--replica", "b"])
+                .is_err(),
+            "--with is required"
+        );
     }
 
     #[test]

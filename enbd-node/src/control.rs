@@ -632,6 +632,27 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+        // Replacement: a bad new replica or bandwidth is refused by name, before the volume
+        // is looked up; an unknown volume is not attached.
+        let replace = |with: &str, bw: Option<&str>| Request::Replace {
+            target: "ghost".into(),
+            replica: "a".into(),
+            with: with.into(),
+            resync_bandwidth: bw.map(String::from),
+        };
+        for (req, want) in [
+            (replace("c@h:1", None), "three @-separated parts"),
+            (replace("c@h:1@http://h:2", Some("10")), "resync bandwidth"),
+            (
+                replace("c@h:1@http://h:2", Some("50Mi")),
+                "volume ghost is not attached on this node",
+            ),
+        ] {
+            match call(&sock, &req).await.expect("replace") {
+                Response::Error { message } => assert!(message.contains(want), "{message}"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
         // A malformed or lone replica is refused before anything connects.
         let attach = |replicas: Vec<&str>| Request::Attach {
             volume_id: "m".into(),
