@@ -2128,6 +2128,25 @@ async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
             servers[i].id
         );
     }
+    // The condition comes from the survivor's record: the new replica is behind (OUT).
+    let cond = d
+        .ctl()
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+        })
+        .await
+        .expect("get volume with the home gone")
+        .into_inner()
+        .status
+        .unwrap()
+        .volume_condition
+        .unwrap();
+    assert!(cond.abnormal);
+    assert!(
+        cond.message.contains(&servers[spare_i].id) && !cond.message.contains(&home_id),
+        "{}",
+        cond.message
+    );
     let snap = d.snapshot("rep-snap", &vol.volume_id).await;
     assert!(
         snap.snapshot_id

@@ -305,7 +305,17 @@ impl State {
         let not_found = || CsiError::NotFound(format!("volume {} not found", req.volume_id));
         let id = VolumeId::parse(&req.volume_id).map_err(|_| not_found())?;
         let published_node_ids = self.publications.nodes(&id.to_string());
-        let (vol, condition) = match self.servers.lookup(id.server()) {
+        let mut lookup = self.servers.lookup(id.server());
+        if !matches!(lookup, Lookup::Live(_)) {
+            // A home replaced away: the replica answering for it reports the condition.
+            let what = format!("volume {id}");
+            if let Ok(Some(s)) =
+                replicas::acting_home(&self.servers, id.server(), id.name().as_str(), &what).await
+            {
+                lookup = Lookup::Live(s);
+            }
+        }
+        let (vol, condition) = match lookup {
             Lookup::Unknown => return Err(not_found()),
             // The point of a volume condition: say so when the server holding it is gone.
             Lookup::Down(reason) => (
