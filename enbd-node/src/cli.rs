@@ -148,6 +148,10 @@ pub struct ReplaceArgs {
     /// Most bytes per second the full copy (and later resyncs) may take (`50Mi`, `100MB/s`).
     #[arg(long)]
     pub resync_bandwidth: Option<String>,
+    /// Replace without a daemon (the volume attached nowhere): every current replica as
+    /// ID@HOST:PORT@http://HOST:PORT; only the records change, the next attach makes the copy.
+    #[arg(long = "member", value_delimiter = ',')]
+    pub members: Vec<String>,
     #[command(flatten)]
     pub control: ControlSocketArg,
 }

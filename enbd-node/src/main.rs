@@ -224,7 +224,31 @@ fn promote(args: PromoteArgs) -> anyhow::Result<()> {
 /// full copy).
 fn replace(args: ReplaceArgs) -> anyhow::Result<()> {
     control::bandwidth_arg(args.resync_bandwidth.as_deref()).map_err(anyhow::Error::msg)?;
-    enbd_node::backing::parse_replica(&args.with).map_err(anyhow::Error::msg)?;
+    let new = enbd_node::backing::parse_replica(&args.with).map_err(anyhow::Error::msg)?;
+    if !args.members.is_empty() {
+        if args.resync_bandwidth.is_some() {
+            anyhow::bail!(
+                "--resync-bandwidth applies to an attached volume; without a daemon, give it to the next attach"
+            );
+        }
+        let replicas = args
+            .members
+            .iter()
+            .map(|m| enbd_node::backing::parse_replica(m).map(Into::into))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
+        let cfg = enbd_node::engine::mirror::MirrorConfig::new(args.volume.clone(), replicas);
+        let done = runtime()?.block_on(enbd_node::engine::mirror::replace::replace_detached(
+            &cfg,
+            &args.replica,
+            new.into(),
+        ))?;
+        println!(
+            "{}: replica {} replaced by {} (generation {}); the next attach copies it in full",
+            args.volume, args.replica, args.with, done.record.generation
+        );
+        return Ok(());
+    }
     let req = Request::Replace {
         target: args.volume.clone(),
         replica: args.replica.clone(),

@@ -382,8 +382,8 @@ async fn replacement_copy_is_throttled_and_resumes_after_the_node_side_restarts(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replacing_while_io_waits_or_without_a_survivor_is_refused() {
-    let (mut rs, m, _) = degraded_pair().await;
+async fn bad_replacements_are_refused_and_change_nothing() {
+    let (mut rs, m, cfg) = degraded_pair().await;
     // Healthy pair: replacing the only other in-sync member leaves srv-a, fine; but an
     // unknown member or a member as its own replacement is refused.
     assert!(m.replace("srv-x", rs[2].config()).await.is_err());
@@ -398,7 +398,25 @@ async fn replacing_while_io_waits_or_without_a_survivor_is_refused() {
     assert!(e.to_string().contains("already exists"), "{e}");
     assert_eq!(m.status().generation, g);
     assert_eq!(rs[0].record().await.generation, g);
+    // Reopened while srv-b (in sync) does not answer, IO waits: it might hold writes srv-a
+    // lacks, so replacing it is refused until a survivor is promoted.
+    m.shutdown().await;
+    drop(m);
     rs[1].destroy();
+    let m = Mirror::open(cfg).await.expect("open, waiting");
+    assert_eq!(m.status().state, MirrorState::Waiting);
+    let e = m
+        .replace("srv-b", rs[2].config())
+        .await
+        .expect_err("IO waits");
+    assert!(e.to_string().contains("promote a survivor first"), "{e}");
+    assert_eq!(rs[0].record().await.generation, g);
+    m.promote("srv-a").await.expect("promote");
+    let e = m
+        .replace("srv-b", rs[2].config())
+        .await
+        .expect_err("srv-c still has the wrong size");
+    assert!(e.to_string().contains("already exists"), "{e}");
     m.shutdown().await;
 }
 
@@ -445,5 +463,44 @@ async fn an_attached_mirror_grows_online_once_every_replica_grew() {
     m.flush().await.expect("flush");
     assert_eq!(m.status().state, MirrorState::Healthy);
     assert_same_file(&rs[0], &rs[1]);
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_replacement_changes_the_records_and_the_next_open_copies() {
+    use enbd_node::engine::mirror::promote;
+    use enbd_node::engine::mirror::replace::replace_detached;
+    let (mut rs, m, old_cfg) = degraded_pair().await;
+    m.flush().await.expect("flush");
+    m.shutdown().await;
+    drop(m);
+    rs[1].destroy();
+    // srv-b is still in sync in the record and does not answer: it might hold writes srv-a
+    // lacks, so the replacement is refused until a survivor is promoted.
+    let e = replace_detached(&old_cfg, "srv-b", rs[2].config())
+        .await
+        .expect_err("in-sync replica unreachable");
+    assert!(e.to_string().contains("promote"), "{e}");
+    promote(&old_cfg, "srv-a").await.expect("promote srv-a");
+    let done = replace_detached(&old_cfg, "srv-b", rs[2].config())
+        .await
+        .expect("replace");
+    assert!(done.created);
+    // A retry (the same command again) completes or confirms it, changing nothing.
+    let again = replace_detached(&old_cfg, "srv-b", rs[2].config())
+        .await
+        .expect("retry");
+    assert_eq!(again.record.generation, done.record.generation);
+    for s in [&rs[0], &rs[2]] {
+        let rec = s.record().await;
+        assert_eq!(ids(&rec), vec!["srv-a", "srv-c"], "{}", s.id);
+        assert_eq!(rec.generation, done.record.generation, "{}", s.id);
+    }
+    // The next open, from the old list, follows the records and copies everything.
+    let m = Mirror::open(old_cfg).await.expect("open");
+    healthy(&m, 120).await;
+    assert!(m.status().resync_bytes_copied >= SIZE);
+    m.flush().await.expect("flush");
+    assert_same_file(&rs[0], &rs[2]);
     m.shutdown().await;
 }

@@ -144,6 +144,17 @@ impl Mirror {
                 new.id, cfg.volume
             )));
         }
+        // Checked again under the lock; here so that a refusal creates nothing.
+        let blocked = lock(&inner.view).blocked.clone();
+        if let Some(why) = blocked {
+            return Err(MirrorError::Refused {
+                volume: cfg.volume.clone(),
+                why: format!(
+                    "IO waits ({why}); replacing now could discard writes only that replica holds. \
+                     If it is lost for good, promote a survivor first, then replace"
+                ),
+            });
+        }
         let rec = inner.record();
         let template = cfg
             .replicas
@@ -295,6 +306,133 @@ impl Inner {
         }
         Ok((self.record(), previous))
     }
+}
+
+/// Operator action without an open mirror (the volume attached nowhere): the record part of
+/// [`Mirror::replace`]. Creates the volume on `new`, then writes generation g+1 — `old`
+/// removed, `new` in its place OUT — on every in-sync member and on `new`; the next mirror
+/// that opens the volume (from any replica list: it follows the records) gives `new` its
+/// full copy. A retry after a partial write completes it.
+///
+/// Refused, changing nothing, unless every member the newest record lists in sync other than
+/// `old` answers with that record, and `old` is not one of them while unreachable (it may
+/// hold writes the others lack: promote a survivor first if it is lost for good).
+pub async fn replace_detached(
+    cfg: &MirrorConfig,
+    old: &str,
+    new: ReplicaConfig,
+) -> Result<Replaced, MirrorError> {
+    use super::membership::MemberState;
+    cfg.validate()?;
+    let refused = |why: String| MirrorError::Refused {
+        volume: cfg.volume.clone(),
+        why,
+    };
+    let set = follow(cfg).await?;
+    let mut controls = Vec::with_capacity(set.len());
+    for r in &set {
+        controls.push(
+            GrpcControl::new(&r.mgmt, &cfg.volume, cfg.replica_timeout)
+                .map_err(|e| replica_err(&r.id, e.0))?,
+        );
+    }
+    let t = cfg.replica_timeout;
+    let records: Vec<Option<Record>> = join_all(
+        controls
+            .iter()
+            .map(|c| async move { tokio::time::timeout(t, c.get_membership()).await.ok()?.ok() }),
+    )
+    .await;
+    let newest = records
+        .iter()
+        .flatten()
+        .max_by_key(|r| r.generation)
+        .cloned()
+        .filter(|r| r.generation > 0)
+        .ok_or_else(|| refused("no replica answers with a membership record".into()))?;
+    let done_already = newest.state_of(old).is_none() && newest.state_of(&new.id).is_some();
+    for (r, rec) in set.iter().zip(&records) {
+        let in_sync = newest.state_of(&r.id) == Some(MemberState::InSync);
+        let current = rec
+            .as_ref()
+            .is_some_and(|x| x.generation == newest.generation);
+        if in_sync && !current {
+            return Err(refused(if r.id == old {
+                format!(
+                    "{old} is in sync at generation {} and does not answer: it may hold writes \
+                     the others lack. If it is lost for good, promote a survivor first",
+                    newest.generation
+                )
+            } else {
+                format!(
+                    "in-sync replica {} does not answer with generation {}: retry when it does",
+                    r.id, newest.generation
+                )
+            }));
+        }
+    }
+    let (template, facts) = {
+        let mut found = None;
+        for (r, c) in set.iter().zip(&controls) {
+            if r.id != old
+                && newest.state_of(&r.id) == Some(MemberState::InSync)
+                && let Ok(Ok(f)) = tokio::time::timeout(t, c.volume()).await
+            {
+                found = Some((r.clone(), f));
+                break;
+            }
+        }
+        found.ok_or_else(|| {
+            refused(format!(
+                "no replica other than {old} is in sync at generation {}",
+                newest.generation
+            ))
+        })?
+    };
+    let timeout = t.max(Duration::from_secs(5));
+    let created = ensure_volume(&cfg.volume, facts.size, &template, &new, timeout).await?;
+    let mut next = if done_already {
+        newest
+    } else {
+        membership::replace(&newest, old, &new.id, newest.generation + 1)
+            .map_err(|e| refused(e.to_string()))?
+    };
+    let members: Vec<ReplicaConfig> = set
+        .iter()
+        .filter(|r| r.id != old && r.id != new.id)
+        .cloned()
+        .chain(std::iter::once(new.clone()))
+        .collect();
+    next.endpoints = super::endpoints_of(&members);
+    // The survivors first (once one in-sync member holds it, it is in force), then `new`.
+    let new_control = GrpcControl::new(&new.mgmt, &cfg.volume, cfg.replica_timeout)
+        .map_err(|e| replica_err(&new.id, e.0))?;
+    let mut failed = Vec::new();
+    for (r, c) in set.iter().zip(&controls) {
+        if matches!(
+            next.state_of(&r.id),
+            Some(MemberState::InSync | MemberState::Resyncing)
+        ) && let Err(e) = c.set_membership(next.clone(), Vec::new()).await
+        {
+            failed.push(format!("{}: {e}", r.id));
+        }
+    }
+    if let Err(e) = new_control.set_membership(next.clone(), Vec::new()).await {
+        failed.push(format!("{}: {e}", new.id));
+    }
+    if !failed.is_empty() {
+        return Err(refused(format!(
+            "generation {} was not written everywhere ({}); run the same replace again",
+            next.generation,
+            failed.join("; ")
+        )));
+    }
+    tracing::warn!(volume = %cfg.volume, old, new = %new.id, generation = next.generation,
+        "replica replaced by the operator (volume not attached): the next attach copies it");
+    Ok(Replaced {
+        record: next,
+        created,
+    })
 }
 
 /// The replica set `rec` names, with endpoints from the record, else from `known` (by id).
