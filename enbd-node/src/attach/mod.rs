@@ -27,9 +27,12 @@ use crate::backing::{Backing, BackingStatus, EngineTarget, MAX_REPLICAS};
 use crate::device::{self, Device, DeviceError, DeviceGeometry, DeviceOptions, Start};
 use crate::engine::mirror::MirrorError;
 use crate::engine::status::MirrorStatus;
-use crate::engine::{BrownoutPolicy, ClientConfig, EngineError, EngineStatus, Geometry};
+use crate::engine::{
+    BrownoutPolicy, ClientConfig, EngineError, EngineStatus, Geometry, MAX_REQUEST_BYTES,
+};
 use crate::state::{AttachmentRecord, ReplicaRecord, StateError, StateStore};
 
+mod attacher;
 mod takeover;
 
 use takeover::Takeover;
@@ -183,6 +186,8 @@ pub fn device_geometry(g: &Geometry, read_only: bool) -> DeviceGeometry {
         logical_block: g.min_block,
         physical_block: g.pref_block,
         max_io_bytes: g.max_block,
+        // The engine refuses any longer request (EINVAL): the block layer must split.
+        max_discard_bytes: u32::try_from(MAX_REQUEST_BYTES).unwrap_or(u32::MAX),
         read_only: read_only || g.read_only,
         flush: g.can_flush,
         fua: g.can_fua,
@@ -656,13 +661,8 @@ fn validate(req: &AttachRequest) -> Result<(), AttachError> {
 /// Who keeps a block device busy: its mount points, or "open" when it is held exclusively
 /// without a mount. None when it is free.
 pub fn device_users(dev_path: &Path) -> Option<String> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-    let meta = std::fs::metadata(dev_path).ok()?;
-    if !meta.file_type().is_block_device() {
-        return None;
-    }
-    let rdev = meta.rdev();
-    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    use std::os::unix::fs::OpenOptionsExt;
+    let (major, minor) = crate::mount::block_device_number(dev_path).ok().flatten()?;
     let mounts = mount_points(major, minor);
     if !mounts.is_empty() {
         return Some(format!("mounted on {}", mounts.join(", ")));
@@ -679,22 +679,21 @@ pub fn device_users(dev_path: &Path) -> Option<String> {
     }
 }
 
-/// Mount points of device `major:minor` in this mount namespace.
+/// Mount points of device `major:minor` in this mount namespace. A mount table that cannot
+/// be read names none; the exclusive-open probe in [`device_users`] still sees the mount.
 fn mount_points(major: u32, minor: u32) -> Vec<String> {
-    let want = format!("{major}:{minor}");
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|text| {
-            text.lines()
-                .filter_map(|l| {
-                    let mut f = l.split(' ');
-                    let dev = f.nth(2)?;
-                    let _root = f.next()?;
-                    let point = f.next()?;
-                    (dev == want).then(|| point.replace("\\040", " "))
-                })
-                .collect()
-        })
+    crate::mount::MountTable::read()
+        .map(|t| mounts_of(&t, major, minor))
         .unwrap_or_default()
+}
+
+fn mounts_of(table: &crate::mount::MountTable, major: u32, minor: u32) -> Vec<String> {
+    table
+        .entries()
+        .iter()
+        .filter(|e| (e.major, e.minor) == (major, minor))
+        .map(|e| e.mount_point.display().to_string())
+        .collect()
 }
 
 /// Runs blocking device work off the async threads.
@@ -752,6 +751,21 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    #[test]
+    fn mount_points_of_a_device_come_from_the_mount_table() {
+        let table = crate::mount::MountTable::parse(
+            "22 1 259:1 / / rw - ext4 /dev/nvme0n1p1 rw\n\
+             40 22 259:3 / /var/lib/kubelet/a\\040b rw - ext4 /dev/ublkb0 rw\n\
+             41 22 259:3 /sub /pods/x rw - ext4 /dev/ublkb0 rw\n",
+        )
+        .expect("parse");
+        assert_eq!(
+            mounts_of(&table, 259, 3),
+            vec!["/var/lib/kubelet/a b".to_string(), "/pods/x".into()]
+        );
+        assert!(mounts_of(&table, 259, 9).is_empty());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::backing::{Backing, EngineTarget};
 use crate::device::{self, Device, DeviceError, DeviceOptions, DeviceState, Start};
 use crate::engine::BrownoutPolicy;
 use crate::engine::mirror::MirrorError;
+use crate::engine::reconnect::Backoff;
 use crate::state::AttachmentRecord;
 
 /// How long a device whose daemon died may still report LIVE before the kernel quiesces it.
@@ -109,7 +110,7 @@ impl AttachmentManager {
             .brownout
             .parse()
             .map_err(|e| AttachError::Internal(format!("stored brownout policy: {e}")))?;
-        let mut delay = TAKEOVER_RETRY_MIN;
+        let mut backoff = Backoff::new(TAKEOVER_RETRY_MIN, TAKEOVER_RETRY_MAX);
         let client = loop {
             let attempt = tokio::select! {
                 biased;
@@ -124,6 +125,7 @@ impl AttachmentManager {
                     return Err(e);
                 }
                 Err(e) => {
+                    let delay = backoff.next_delay();
                     tracing::warn!(volume_id = %r.volume_id, error = %e, retry_in = ?delay,
                         "server unreachable while taking over; device IO waits");
                     tokio::select! {
@@ -131,7 +133,6 @@ impl AttachmentManager {
                         () = cancel.cancelled() => return Err(cancelled()),
                         () = tokio::time::sleep(delay) => {}
                     }
-                    delay = (delay * 2).min(TAKEOVER_RETRY_MAX);
                 }
             }
         };

@@ -57,7 +57,7 @@ struct Pending {
     data: Option<BytesMut>,
     /// A structured read answered by one chunk covering it all (no copy needed).
     whole: Option<Bytes>,
-    error: Option<u32>,
+    error: Option<NbdError>,
 }
 
 /// A channel's requests awaiting replies.
@@ -197,7 +197,7 @@ async fn write_loop(wr: &mut OwnedWriteHalf, inner: &Inner, slot: &Slot) -> Ende
                 }
                 let cookie = inflight.next_cookie.fetch_add(1, Ordering::Relaxed);
                 let header = WireRequest {
-                    flags: CommandFlags::from_bits_retain(req.flags),
+                    flags: req.flags,
                     command: command(req.op),
                     cookie: Cookie(cookie),
                     offset: req.offset,
@@ -270,10 +270,6 @@ fn protocol(msg: impl Into<String>) -> Ended {
     Ended::Protocol(msg.into())
 }
 
-fn nbd_errno(e: NbdError) -> u32 {
-    e.to_errno() as u32
-}
-
 /// Consumes at most one whole reply (or chunk) from `buf` and completes its request when it
 /// was the last part.
 ///
@@ -317,7 +313,7 @@ fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Pars
             drop(table);
             buf.advance(hlen);
             let result = match reply.error {
-                Some(e) => Err(IoError::Server(nbd_errno(e))),
+                Some(e) => Err(IoError::Server(e)),
                 None => Ok(buf.split_to(data_len).freeze()),
             };
             complete(pending, result, slot);
@@ -373,7 +369,7 @@ fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Pars
                     if error == NbdError::Shutdown {
                         return Err(Ended::ServerShutdown);
                     }
-                    pending.error.get_or_insert(nbd_errno(error));
+                    pending.error.get_or_insert(error);
                 }
                 // `chunk_limit` refused every other type.
                 _ => {}
