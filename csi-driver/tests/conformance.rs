@@ -1879,6 +1879,7 @@ async fn mirrored_snapshot_is_taken_on_an_in_sync_replica() {
                 } else {
                     ReplicaState::InSync as i32
                 },
+                ..Default::default()
             })
             .collect(),
         region_bytes: first.region_bytes,
@@ -1908,4 +1909,175 @@ async fn mirrored_snapshot_is_taken_on_an_in_sync_replica() {
     // Idempotent: the same request finds it.
     let again = d.snapshot("s", &vol.volume_id).await;
     assert_eq!(again.snapshot_id, snap.snapshot_id);
+}
+
+/// After a node replaced the home replica (its server gone for good): expansion and
+/// snapshots reach the new replica through the servers' records, and DeleteVolume removes
+/// every member without waiting for the gone home.
+#[tokio::test]
+async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
+    use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
+    use enbd_proto::enbd::{Membership, ReplicaMember, ReplicaState, SetMembershipRequest};
+    let a = EnbdServer::start("srv-a").await;
+    let b = EnbdServer::start("srv-b").await;
+    let c = EnbdServer::start("srv-c").await;
+    let d = Driver::start(&[&a, &b, &c]).await;
+    let mut req = create_req("rep", 2 * MIB);
+    req.parameters = params(&[("replicas", "2")]);
+    let vol = d
+        .ctl()
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let home_id = vol.volume_id.split('/').next().unwrap().to_owned();
+    let mut servers = vec![a, b, c];
+    let mut holders = Vec::new();
+    for (i, s) in servers.iter().enumerate() {
+        if exists_on(s, "rep").await.is_some() {
+            holders.push(i);
+        }
+    }
+    let spare_i = (0..3).find(|i| !holders.contains(i)).unwrap();
+    let home_i = holders
+        .iter()
+        .copied()
+        .find(|&i| servers[i].id == home_id)
+        .unwrap();
+    let other_i = holders.iter().copied().find(|&i| i != home_i).unwrap();
+
+    // What `enbd-node replace` does: the volume on the spare, then generation 2 with the
+    // spare OUT in the home's place, on the survivor and the spare.
+    let labels = servers[other_i]
+        .mgmt_client()
+        .await
+        .get_volume(enbd_proto::enbd::GetVolumeRequest { name: "rep".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .labels;
+    servers[spare_i]
+        .mgmt_client()
+        .await
+        .create_volume(enbd_proto::enbd::CreateVolumeRequest {
+            name: "rep".into(),
+            size_bytes: 2 * MIB as u64,
+            source: None,
+            labels,
+        })
+        .await
+        .expect("create on the spare");
+    let first = membership_on(&servers[other_i], "rep").await;
+    let record = Membership {
+        generation: 2,
+        members: first
+            .members
+            .iter()
+            .map(|m| {
+                if m.replica_id == home_id {
+                    ReplicaMember {
+                        replica_id: servers[spare_i].id.clone(),
+                        state: ReplicaState::Out as i32,
+                        ..Default::default()
+                    }
+                } else {
+                    m.clone()
+                }
+            })
+            .collect(),
+        region_bytes: first.region_bytes,
+    };
+    for i in [other_i, spare_i] {
+        ReplicaServiceClient::connect(format!("http://{}", servers[i].mgmt))
+            .await
+            .unwrap()
+            .set_membership(SetMembershipRequest {
+                volume: "rep".into(),
+                membership: Some(record.clone()),
+                extra_dirty: Vec::new(),
+            })
+            .await
+            .expect("replacement record");
+    }
+    // The home's server is gone for good.
+    let home = servers.remove(home_i);
+    let (other_i, spare_i) = (
+        other_i - usize::from(other_i > home_i),
+        spare_i - usize::from(spare_i > home_i),
+    );
+    home.stop().await;
+    let expand_req = ControllerExpandVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 4 * MIB,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    // Once the prober marks the home down, the survivor answers for the volume.
+    d.wait_until(
+        || async {
+            d.ctl()
+                .controller_expand_volume(expand_req.clone())
+                .await
+                .is_ok()
+        },
+        "expansion never reached the replicas while the home is gone",
+    )
+    .await;
+    for i in [other_i, spare_i] {
+        assert_eq!(
+            exists_on(&servers[i], "rep").await,
+            Some(4 * MIB as u64),
+            "{} grew",
+            servers[i].id
+        );
+    }
+    // The condition comes from the survivor's record: the new replica is behind (OUT).
+    let cond = d
+        .ctl()
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+        })
+        .await
+        .expect("get volume with the home gone")
+        .into_inner()
+        .status
+        .unwrap()
+        .volume_condition
+        .unwrap();
+    assert!(cond.abnormal);
+    assert!(
+        cond.message.contains(&servers[spare_i].id) && !cond.message.contains(&home_id),
+        "{}",
+        cond.message
+    );
+    let snap = d.snapshot("rep-snap", &vol.volume_id).await;
+    assert!(
+        snap.snapshot_id
+            .starts_with(&format!("{}/", servers[other_i].id)),
+        "the snapshot is taken on the in-sync survivor: {}",
+        snap.snapshot_id
+    );
+    d.ctl()
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete snapshot");
+    d.ctl()
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete with the replaced home gone");
+    for s in &servers {
+        assert_eq!(exists_on(s, "rep").await, None, "{} still holds it", s.id);
+    }
 }

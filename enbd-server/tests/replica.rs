@@ -53,6 +53,7 @@ fn record(generation: u64, members: &[(&str, ReplicaState)]) -> pb::Membership {
             .map(|(id, st)| pb::ReplicaMember {
                 replica_id: (*id).into(),
                 state: *st as i32,
+                ..Default::default()
             })
             .collect(),
     }
@@ -219,11 +220,13 @@ async fn the_membership_contract_is_enforced() {
     let bad_member = |id: &str| pb::ReplicaMember {
         replica_id: id.into(),
         state: InSync as i32,
+        ..Default::default()
     };
     let mut unspecified = record(2, &[(ME, InSync)]);
     unspecified.members.push(pb::ReplicaMember {
         replica_id: "b".into(),
         state: 0,
+        ..Default::default()
     });
     let mut bad_id = record(2, &[(ME, InSync)]);
     bad_id.members.push(bad_member("Not_A_Server"));
@@ -881,4 +884,39 @@ async fn kill_minus_nine_during_membership_changes_leaves_a_whole_record() {
         assert_eq!(names, want, "round {round}: no strays, every needed bitmap");
         acked = m.generation;
     }
+}
+
+/// Member endpoints are kept as given (the record alone names the replica set), survive a
+/// crash, leave records without them working, and junk in them is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_endpoints_are_kept_and_checked() {
+    let s = TestServer::start(&[]);
+    create(&s, "v", SIZE).await;
+    let mut r = replicas(&s).await;
+    let mut rec = record(1, &[(ME, InSync), ("b", InSync)]);
+    rec.members[1].data_address = "10.0.0.2:10809".into();
+    rec.members[1].mgmt_url = "http://10.0.0.2:10810".into();
+    set(&mut r, "v", rec.clone()).await.unwrap();
+    // The same generation with the same members and endpoints is an idempotent retry.
+    set(&mut r, "v", rec.clone()).await.unwrap();
+    let s2 = {
+        let dir = s.crash();
+        TestServer::start_in(dir, &[])
+    };
+    let mut r = replicas(&s2).await;
+    let got = get(&mut r, "v").await.membership.unwrap();
+    assert_eq!(got, rec, "endpoints survive a restart");
+    assert_eq!(got.members[0].data_address, "", "unknown stays empty");
+    let mut bad = record(2, &[(ME, InSync), ("b", Out)]);
+    bad.members[1].mgmt_url = "http://a b".into();
+    let e = set(&mut r, "v", bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("mgmt_url"), "{}", e.message());
+    let mut long = record(2, &[(ME, InSync), ("b", Out)]);
+    long.members[1].data_address = "x".repeat(513);
+    assert_eq!(
+        set(&mut r, "v", long).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(get(&mut r, "v").await.membership.unwrap().generation, 1);
 }
