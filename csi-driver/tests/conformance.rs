@@ -1916,7 +1916,6 @@ async fn mirrored_snapshot_is_taken_on_an_in_sync_replica() {
 /// every member without waiting for the gone home.
 #[tokio::test]
 async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
-    use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
     use enbd_proto::enbd::{Membership, ReplicaMember, ReplicaState, SetMembershipRequest};
     let a = start_server("srv-a");
     let b = start_server("srv-b");
@@ -1980,7 +1979,7 @@ async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
             .map(|m| {
                 if m.replica_id == home_id {
                     ReplicaMember {
-                        replica_id: servers[spare_i].id().to_string(),
+                        replica_id: servers[spare_i].id().to_owned(),
                         state: ReplicaState::Out as i32,
                         ..Default::default()
                     }
@@ -1992,9 +1991,9 @@ async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
         region_bytes: first.region_bytes,
     };
     for i in [other_i, spare_i] {
-        ReplicaServiceClient::connect(format!("http://{}", servers[i].mgmt()))
+        servers[i]
+            .replica_client()
             .await
-            .unwrap()
             .set_membership(SetMembershipRequest {
                 volume: "rep".into(),
                 membership: Some(record.clone()),

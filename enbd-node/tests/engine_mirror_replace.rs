@@ -5,8 +5,6 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod engine_support;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,7 +14,6 @@ use bytes::Bytes;
 use enbd_e2e::faultproxy::FaultProxy;
 use enbd_node::engine::mirror::{Mirror, MirrorConfig, ReplicaConfig};
 use enbd_node::engine::status::{MirrorState, ReplicaHealth};
-use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
 use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
 use enbd_proto::enbd::{
     CreateVolumeRequest, ExpandVolumeRequest, GetMembershipRequest, GetVolumeRequest, Membership,
@@ -59,9 +56,7 @@ impl Server {
     }
 
     async fn volumes(&self) -> VolumeServiceClient<tonic::transport::Channel> {
-        VolumeServiceClient::connect(format!("http://{}", self.server.mgmt()))
-            .await
-            .expect("mgmt connect")
+        self.server.mgmt_client().await
     }
 
     async fn create(&self, size: u64) {
@@ -90,9 +85,9 @@ impl Server {
 
     /// The membership record its server holds, asked directly (not through the proxy).
     async fn record(&self) -> Membership {
-        ReplicaServiceClient::connect(format!("http://{}", self.server.mgmt()))
+        self.server
+            .replica_client()
             .await
-            .expect("mgmt connect")
             .get_membership(GetMembershipRequest {
                 volume: VOLUME.into(),
             })
@@ -109,7 +104,6 @@ impl Server {
             p.refuse(true);
             p.kill_all(enbd_e2e::faultproxy::Kill::Reset);
         }
-        // Killed, but its data directory stays readable for the checks that follow.
         self.server.kill();
     }
 
