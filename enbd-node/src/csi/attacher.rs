@@ -263,7 +263,9 @@ fn classify(e: AttachError) -> AttacherError {
             EngineError::ExportRefused { .. } => AttacherError::NotFound(msg),
             EngineError::Connect { .. }
             | EngineError::ConnectTimeout { .. }
-            | EngineError::Handshake { .. } => AttacherError::Unavailable(msg),
+            | EngineError::Handshake { .. }
+            // A certificate problem can be fixed without touching the volume (rotation).
+            | EngineError::Tls { .. } => AttacherError::Unavailable(msg),
             EngineError::Config(_) => AttacherError::Invalid(msg),
             EngineError::IdentityChanged { .. } => AttacherError::Internal(msg),
         },

@@ -116,6 +116,8 @@ async fn send<W: AsyncWrite + Unpin>(
         r.encode(&mut out)?;
     }
     w.write_all(&out).await?;
+    // Over TLS the replies stay in the session until flushed.
+    w.flush().await?;
     Ok(())
 }
 
@@ -461,6 +463,7 @@ where
                 }
                 .encode_export_name_reply(no_zeroes, &mut out);
                 io.write_all(&out).await?;
+                io.flush().await?;
                 let base_allocation = matches!(&st.meta, Some((n, true)) if *n == name);
                 return Ok(Step::Done(Some(Negotiated {
                     export,
