@@ -36,6 +36,9 @@ pub enum Request {
         /// Mirrored volumes: e.g. `5s` (default 5s).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         replica_timeout: Option<String>,
+        /// `require` or `off`; absent: the daemon's `--tls`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<String>,
     },
     /// Makes one replica of an attached mirrored volume the only in-sync copy; refused
     /// unless `accept_data_loss`.
@@ -371,7 +374,19 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
             read_only,
             replicas,
             replica_timeout,
+            tls,
         } => {
+            let tls = match tls
+                .map(|t| t.parse::<crate::attach::TlsPolicy>())
+                .transpose()
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    return Response::Error {
+                        message: e.to_string(),
+                    };
+                }
+            };
             let brownout: BrownoutPolicy = match brownout.parse() {
                 Ok(b) => b,
                 Err(e) => {
@@ -395,6 +410,7 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
                 read_only,
                 replicas,
                 replica_timeout,
+                tls,
             };
             match mgr.attach(req).await {
                 Ok(a) => Response::Attached {
@@ -509,6 +525,8 @@ mod tests {
     async fn socket_round_trip_against_a_real_manager() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = crate::attach::ManagerConfig {
+            tls_default: crate::attach::TlsPolicy::Off,
+            tls: None,
             state_dir: dir.path().join("state"),
             max_volumes: 0,
             journal_bytes: 1 << 20,
@@ -570,6 +588,7 @@ mod tests {
         }
         // A malformed or lone replica is refused before anything connects.
         let attach = |replicas: Vec<&str>| Request::Attach {
+            tls: None,
             volume_id: "m".into(),
             servers: vec!["127.0.0.1:1".into()],
             export: "m".into(),

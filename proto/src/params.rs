@@ -31,6 +31,9 @@ pub const REPLICAS: &str = "replicas";
 /// With replicas: how long a replica may leave a write unanswered before it is dropped
 /// from the in-sync set (the `brownout` policy governs the case where no replica answers).
 pub const REPLICA_TIMEOUT: &str = "replicaTimeout";
+/// TLS on the volume's data connections: `require` or `off` (absent: the node's
+/// `--tls` default).
+pub const TLS: &str = "tls";
 /// Volume context, replicated volumes only: every replica as
 /// `<replica-id>@<nbd HOST:PORT>@<management URL>`, comma separated.
 pub const CTX_REPLICAS: &str = "enbd.io/replicas";
@@ -109,6 +112,35 @@ impl FromStr for FsType {
                 s,
                 "supported filesystems are ext4 and xfs",
             )),
+        }
+    }
+}
+
+/// Whether a volume's NBD connections use TLS (NBD_OPT_STARTTLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// Plain text.
+    Off,
+    /// TLS or nothing: a server that does not offer TLS is an error, never a fallback.
+    Require,
+}
+
+impl fmt::Display for TlsPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsPolicy::Off => "off",
+            TlsPolicy::Require => "require",
+        })
+    }
+}
+
+impl FromStr for TlsPolicy {
+    type Err = ParamError;
+    fn from_str(s: &str) -> Result<Self, ParamError> {
+        match s {
+            "off" => Ok(TlsPolicy::Off),
+            "require" => Ok(TlsPolicy::Require),
+            _ => Err(invalid(TLS, s, "expected \"require\" or \"off\"")),
         }
     }
 }
@@ -212,6 +244,8 @@ pub struct VolumeParams {
     pub brownout: Brownout,
     pub replicas: u16,
     pub replica_timeout: Duration,
+    /// `None`: the node's default (`enbd-node daemon --tls`).
+    pub tls: Option<TlsPolicy>,
 }
 
 impl Default for VolumeParams {
@@ -225,6 +259,7 @@ impl Default for VolumeParams {
             brownout: Brownout::default(),
             replicas: 1,
             replica_timeout: DEFAULT_REPLICA_TIMEOUT,
+            tls: None,
         }
     }
 }
@@ -288,6 +323,7 @@ impl VolumeParams {
                 }
                 QUEUES => params.queues = parse_bounded(QUEUES, value, MAX_QUEUES)?,
                 BROWNOUT => params.brownout = value.parse()?,
+                TLS => params.tls = Some(value.parse()?),
                 REPLICAS => params.replicas = parse_bounded(REPLICAS, value, MAX_REPLICAS)?,
                 REPLICA_TIMEOUT => {
                     let d = parse_duration(value).map_err(|_| {
@@ -332,6 +368,9 @@ impl VolumeParams {
         }
         if !self.mkfs_options.is_empty() {
             map.insert(MKFS_OPTIONS.to_owned(), self.mkfs_options.join(" "));
+        }
+        if let Some(tls) = self.tls {
+            map.insert(TLS.to_owned(), tls.to_string());
         }
         map
     }
@@ -572,6 +611,8 @@ mod tests {
             ("replicaTimeout", "11m"),
             ("replicaTimeout", "soon"),
             ("mkfsOptions", "-L\tx"),
+            ("tls", "on"),
+            ("tls", "Require"),
         ] {
             let err = VolumeParams::from_map(&map(&[(key, value)])).unwrap_err();
             let msg = err.to_string();
@@ -590,6 +631,11 @@ mod tests {
             p.to_context().get(REPLICA_TIMEOUT).map(String::as_str),
             Some("1500ms")
         );
+        // tls: carried only when the StorageClass sets it (else the node's default applies).
+        let p = VolumeParams::from_map(&map(&[("tls", "require")])).expect("tls");
+        assert_eq!(p.tls, Some(TlsPolicy::Require));
+        assert_eq!(p.to_context().get(TLS).map(String::as_str), Some("require"));
+        assert!(!VolumeParams::default().to_context().contains_key(TLS));
         // A single copy has no replica timeout to carry.
         assert!(
             !VolumeParams::default()
@@ -673,6 +719,7 @@ mod tests {
                 brownout: Brownout::FailAfter(Duration::from_millis(2500)),
                 replicas: 1,
                 replica_timeout: DEFAULT_REPLICA_TIMEOUT,
+                tls: Some(TlsPolicy::Require),
             },
             replicas: Vec::new(),
         };
