@@ -56,7 +56,7 @@ struct Pending {
     data: Option<BytesMut>,
     /// A structured read answered by one chunk covering it all (no copy needed).
     whole: Option<Bytes>,
-    error: Option<u32>,
+    error: Option<NbdError>,
 }
 
 /// A channel's requests awaiting replies.
@@ -226,7 +226,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(wr: &mut W, inner: &Inner, slot: &Slo
                 }
                 let cookie = inflight.next_cookie.fetch_add(1, Ordering::Relaxed);
                 let header = WireRequest {
-                    flags: CommandFlags::from_bits_retain(req.flags),
+                    flags: req.flags,
                     command: command(req.op),
                     cookie: Cookie(cookie),
                     offset: req.offset,
@@ -304,10 +304,6 @@ fn protocol(msg: impl Into<String>) -> Ended {
     Ended::Protocol(msg.into())
 }
 
-fn nbd_errno(e: NbdError) -> u32 {
-    e.to_errno() as u32
-}
-
 /// Consumes at most one whole reply (or chunk) from `buf` and completes its request when it
 /// was the last part.
 ///
@@ -351,7 +347,7 @@ fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Pars
             drop(table);
             buf.advance(hlen);
             let result = match reply.error {
-                Some(e) => Err(IoError::Server(nbd_errno(e))),
+                Some(e) => Err(IoError::Server(e)),
                 None => Ok(buf.split_to(data_len).freeze()),
             };
             complete(pending, result, slot);
@@ -407,7 +403,7 @@ fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Pars
                     if error == NbdError::Shutdown {
                         return Err(Ended::ServerShutdown);
                     }
-                    pending.error.get_or_insert(nbd_errno(error));
+                    pending.error.get_or_insert(error);
                 }
                 // `chunk_limit` refused every other type.
                 _ => {}
