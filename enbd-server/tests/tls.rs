@@ -239,3 +239,141 @@ fn handshake_timeout_holds_after_starttls_and_injected_plain_text_is_refused() {
     r.send(&b);
     assert!(r.is_closed());
 }
+
+/// Resident set of `pid` in bytes.
+fn rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// A byte-level TLS client: STARTTLS, then GO over TLS (rustls, trusting `ca`).
+fn tls_open(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use std::io::{Read, Write};
+    let mut r = Raw::connect(addr);
+    r.send(&3u32.to_be_bytes());
+    r.option(OPT_STARTTLS, &[]);
+    assert_eq!(r.option_reply().1, REP_ACK);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in enbd_server::tls::load_certs(ca).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, r.s);
+    let mut go = IHAVEOPT.to_be_bytes().to_vec();
+    go.extend(OPT_GO.to_be_bytes());
+    go.extend(10u32.to_be_bytes());
+    go.extend(4u32.to_be_bytes());
+    go.extend(b"demo");
+    go.extend(0u16.to_be_bytes());
+    s.write_all(&go).unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data).unwrap();
+        match ty {
+            REP_ACK => return s,
+            3 => {}
+            e => panic!("GO over TLS refused: {e:#x}"),
+        }
+    }
+}
+
+use std::sync::Arc;
+
+/// A TLS client pipelining valid 1 MiB READs and never reading a reply, for 10 s: the
+/// server's RSS stays under idle + 64 MiB (the per-connection budget holds over TLS: the
+/// session stops reading, rustls stops decrypting, TCP pushes back), a plain-text client is
+/// served meanwhile, and a new TLS client afterwards.
+#[test]
+fn hostile_tls_client_reading_no_replies_holds_bounded_memory() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = ToolDir::new(&tmp.path().join("pki"));
+    let a = tls_args(&certs, "optional");
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let s = TestServer::start_with_log(&a, "enbd_server=info");
+    let pid = s.pid();
+    drop(tls_open(s.nbd, &certs.ca.cert));
+    let idle = rss(pid);
+
+    let until = Instant::now() + Duration::from_secs(10);
+    let (addr, ca) = (s.nbd, certs.ca.cert.clone());
+    let hostile = std::thread::spawn(move || {
+        let mut t = tls_open(addr, &ca);
+        t.sock
+            .set_write_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut batch = Vec::new();
+        for i in 0..256u64 {
+            batch.extend(raw::REQUEST_MAGIC.to_be_bytes());
+            batch.extend(0u16.to_be_bytes());
+            batch.extend(raw::CMD_READ.to_be_bytes());
+            batch.extend(i.to_be_bytes());
+            batch.extend(((i << 20) % (512 << 20)).to_be_bytes());
+            batch.extend((1u32 << 20).to_be_bytes());
+        }
+        let mut sent = 0u64;
+        while Instant::now() < until {
+            match t.write(&batch) {
+                Ok(n) => sent += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) => panic!("hostile client: {e}"),
+            }
+        }
+        sent
+    });
+    let mut peak = idle;
+    let mut good_rounds = 0u64;
+    let (mut good, _) = Raw::open(s.nbd, "demo");
+    while Instant::now() < until {
+        let block = vec![(good_rounds % 251) as u8; 4096];
+        let off = (600 << 20) + (good_rounds % 1024) * 4096;
+        good.request(0, raw::CMD_WRITE, 2 * good_rounds, off, 4096, &block);
+        assert_eq!(good.simple_reply(), (0, 2 * good_rounds));
+        assert_eq!(good.read(2 * good_rounds + 1, off, 4096), block);
+        good_rounds += 1;
+        if good_rounds % 64 == 0 {
+            peak = peak.max(rss(pid));
+        }
+    }
+    let sent = hostile.join().unwrap();
+    peak = peak.max(rss(pid));
+    eprintln!(
+        "TLS flood: idle {} MiB, peak {} MiB, hostile sent {sent} bytes of requests, good client {good_rounds} rounds",
+        idle >> 20,
+        peak >> 20
+    );
+    assert!(sent > 0);
+    assert!(
+        peak < idle + (64 << 20),
+        "RSS grew from {} MiB to {} MiB",
+        idle >> 20,
+        peak >> 20
+    );
+    assert!(
+        good_rounds >= 100,
+        "good client starved: {good_rounds} rounds"
+    );
+    drop(tls_open(s.nbd, &certs.ca.cert));
+    let _ = std::io::stdout().flush();
+}
