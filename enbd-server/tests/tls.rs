@@ -11,6 +11,7 @@ mod raw;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, run};
@@ -297,8 +298,6 @@ fn tls_open(
     }
 }
 
-use std::sync::Arc;
-
 /// A TLS client pipelining valid 1 MiB READs and never reading a reply, for 10 s: the
 /// server's RSS stays under idle + 64 MiB (the per-connection budget holds over TLS: the
 /// session stops reading, rustls stops decrypting, TCP pushes back), a plain-text client is
@@ -352,7 +351,7 @@ fn hostile_tls_client_reading_no_replies_holds_bounded_memory() {
         assert_eq!(good.simple_reply(), (0, 2 * good_rounds));
         assert_eq!(good.read(2 * good_rounds + 1, off, 4096), block);
         good_rounds += 1;
-        if good_rounds % 64 == 0 {
+        if good_rounds.is_multiple_of(64) {
             peak = peak.max(rss(pid));
         }
     }
