@@ -43,6 +43,9 @@ pub struct AttachmentRecord {
     /// restart redoes TLS whatever the daemon's default is then); absent in older records.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls: bool,
+    /// Mirrored volumes: resync copy limit in bytes per second (0: unlimited).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resync_bytes_per_sec: u64,
 }
 
 /// One replica of a mirrored volume.
@@ -259,6 +262,7 @@ mod tests {
             size_bytes: 1 << 30,
             replicas: Vec::new(),
             replica_timeout_ms: 0,
+            resync_bytes_per_sec: 0,
         }
     }
 
@@ -277,6 +281,7 @@ mod tests {
         let mirrored = AttachmentRecord {
             replicas: vec![replica("a"), replica("b")],
             replica_timeout_ms: 2000,
+            resync_bytes_per_sec: 0,
             ..record("m", 1)
         };
         store

@@ -37,6 +37,7 @@ impl Attacher for AttachmentManager {
             replicas,
             replica_timeout: p.replica_timeout,
             tls: p.tls,
+            resync_bytes_per_sec: p.resync_bandwidth,
         };
         AttachmentManager::attach(self, req)
             .await
