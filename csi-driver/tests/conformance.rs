@@ -1918,9 +1918,9 @@ async fn mirrored_snapshot_is_taken_on_an_in_sync_replica() {
 async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
     use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
     use enbd_proto::enbd::{Membership, ReplicaMember, ReplicaState, SetMembershipRequest};
-    let a = EnbdServer::start("srv-a").await;
-    let b = EnbdServer::start("srv-b").await;
-    let c = EnbdServer::start("srv-c").await;
+    let a = start_server("srv-a");
+    let b = start_server("srv-b");
+    let c = start_server("srv-c");
     let d = Driver::start(&[&a, &b, &c]).await;
     let mut req = create_req("rep", 2 * MIB);
     req.parameters = params(&[("replicas", "2")]);
@@ -1944,7 +1944,7 @@ async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
     let home_i = holders
         .iter()
         .copied()
-        .find(|&i| servers[i].id == home_id)
+        .find(|&i| servers[i].id() == home_id)
         .unwrap();
     let other_i = holders.iter().copied().find(|&i| i != home_i).unwrap();
 
@@ -1980,7 +1980,7 @@ async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
             .map(|m| {
                 if m.replica_id == home_id {
                     ReplicaMember {
-                        replica_id: servers[spare_i].id.clone(),
+                        replica_id: servers[spare_i].id().to_string(),
                         state: ReplicaState::Out as i32,
                         ..Default::default()
                     }
@@ -1992,7 +1992,7 @@ async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
         region_bytes: first.region_bytes,
     };
     for i in [other_i, spare_i] {
-        ReplicaServiceClient::connect(format!("http://{}", servers[i].mgmt))
+        ReplicaServiceClient::connect(format!("http://{}", servers[i].mgmt()))
             .await
             .unwrap()
             .set_membership(SetMembershipRequest {
@@ -2009,7 +2009,7 @@ async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
         other_i - usize::from(other_i > home_i),
         spare_i - usize::from(spare_i > home_i),
     );
-    home.stop().await;
+    drop(home);
     let expand_req = ControllerExpandVolumeRequest {
         volume_id: vol.volume_id.clone(),
         capacity_range: Some(CapacityRange {
@@ -2034,7 +2034,7 @@ async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
             exists_on(&servers[i], "rep").await,
             Some(4 * MIB as u64),
             "{} grew",
-            servers[i].id
+            servers[i].id()
         );
     }
     // The condition comes from the survivor's record: the new replica is behind (OUT).
@@ -2052,14 +2052,14 @@ async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
         .unwrap();
     assert!(cond.abnormal);
     assert!(
-        cond.message.contains(&servers[spare_i].id) && !cond.message.contains(&home_id),
+        cond.message.contains(servers[spare_i].id()) && !cond.message.contains(&home_id),
         "{}",
         cond.message
     );
     let snap = d.snapshot("rep-snap", &vol.volume_id).await;
     assert!(
         snap.snapshot_id
-            .starts_with(&format!("{}/", servers[other_i].id)),
+            .starts_with(&format!("{}/", servers[other_i].id())),
         "the snapshot is taken on the in-sync survivor: {}",
         snap.snapshot_id
     );
@@ -2078,6 +2078,6 @@ async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
         .await
         .expect("delete with the replaced home gone");
     for s in &servers {
-        assert_eq!(exists_on(s, "rep").await, None, "{} still holds it", s.id);
+        assert_eq!(exists_on(s, "rep").await, None, "{} still holds it", s.id());
     }
 }

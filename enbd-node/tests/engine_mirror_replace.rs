@@ -8,7 +8,6 @@
 mod engine_support;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
 use enbd_proto::enbd::{
     CreateVolumeRequest, ExpandVolumeRequest, GetMembershipRequest, GetVolumeRequest, Membership,
 };
-use enbd_server::ready::{ReadyLine, spawn_until_ready};
+use enbd_test_harness::EnbdServer;
 use rand::{Rng, SeedableRng};
 
 const VOLUME: &str = "rep";
@@ -32,34 +31,20 @@ const SIZE: u64 = 48 * MIB;
 /// One enbd-server with its own data directory, behind an NBD and a management proxy.
 struct Server {
     id: String,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    ready: ReadyLine,
+    server: EnbdServer,
     nbd: FaultProxy,
     mgmt: FaultProxy,
 }
 
 impl Server {
     async fn start(id: &str) -> Server {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (child, ready) = spawn_until_ready(
-            Command::new(engine_support::enbd_server_bin())
-                .args(["--listen=127.0.0.1:0", "--mgmt-listen=127.0.0.1:0"])
-                .args(["--metrics-listen=127.0.0.1:0"])
-                .arg(format!("--server-id={id}"))
-                .arg(format!("--data-dir={}", dir.path().display()))
-                .stdin(Stdio::null())
-                .stderr(Stdio::inherit()),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let server = EnbdServer::builder().id(id).start();
         let any = "127.0.0.1:0".parse().expect("addr");
-        let nbd = FaultProxy::start(any, ready.nbd).await.expect("proxy");
-        let mgmt = FaultProxy::start(any, ready.mgmt).await.expect("proxy");
+        let nbd = FaultProxy::start(any, server.nbd()).await.expect("proxy");
+        let mgmt = FaultProxy::start(any, server.mgmt()).await.expect("proxy");
         Server {
             id: id.to_owned(),
-            dir,
-            child: Some(child),
-            ready,
+            server,
             nbd,
             mgmt,
         }
@@ -74,7 +59,7 @@ impl Server {
     }
 
     async fn volumes(&self) -> VolumeServiceClient<tonic::transport::Channel> {
-        VolumeServiceClient::connect(format!("http://{}", self.ready.mgmt))
+        VolumeServiceClient::connect(format!("http://{}", self.server.mgmt()))
             .await
             .expect("mgmt connect")
     }
@@ -105,7 +90,7 @@ impl Server {
 
     /// The membership record its server holds, asked directly (not through the proxy).
     async fn record(&self) -> Membership {
-        ReplicaServiceClient::connect(format!("http://{}", self.ready.mgmt))
+        ReplicaServiceClient::connect(format!("http://{}", self.server.mgmt()))
             .await
             .expect("mgmt connect")
             .get_membership(GetMembershipRequest {
@@ -124,23 +109,16 @@ impl Server {
             p.refuse(true);
             p.kill_all(enbd_e2e::faultproxy::Kill::Reset);
         }
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        // Killed, but its data directory stays readable for the checks that follow.
+        self.server.kill();
     }
 
     fn data_file(&self) -> PathBuf {
-        self.dir.path().join("volumes").join(VOLUME).join("data")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.server
+            .data_dir()
+            .join("volumes")
+            .join(VOLUME)
+            .join("data")
     }
 }
 

@@ -890,7 +890,7 @@ async fn kill_minus_nine_during_membership_changes_leaves_a_whole_record() {
 /// crash, leave records without them working, and junk in them is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn member_endpoints_are_kept_and_checked() {
-    let s = TestServer::start(&[]);
+    let s = common::start(&[]);
     create(&s, "v", SIZE).await;
     let mut r = replicas(&s).await;
     let mut rec = record(1, &[(ME, InSync), ("b", InSync)]);
@@ -901,7 +901,7 @@ async fn member_endpoints_are_kept_and_checked() {
     set(&mut r, "v", rec.clone()).await.unwrap();
     let s2 = {
         let dir = s.crash();
-        TestServer::start_in(dir, &[])
+        common::start_in(dir, &[])
     };
     let mut r = replicas(&s2).await;
     let got = get(&mut r, "v").await.membership.unwrap();
