@@ -33,13 +33,13 @@ fn tls_args(d: &ToolDir, mode: &str) -> Vec<String> {
 
 fn start(args: &[String]) -> TestServer {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    TestServer::start(&a)
+    common::start(&a)
 }
 
 fn nbds(s: &TestServer, export: &str, dir: &Path) -> String {
     format!(
         "nbds://127.0.0.1:{}/{export}?tls-certificates={}",
-        s.nbd.port(),
+        s.nbd().port(),
         dir.display()
     )
 }
@@ -84,11 +84,11 @@ fn nbdinfo_and_nbdcopy_over_tls_when_required_and_plain_text_refused() {
     assert_eq!(std::fs::metadata(&back).unwrap().len(), 1 << 30);
 
     // libnbd in plain text: refused (its GO gets NBD_REP_ERR_TLS_REQD).
-    let err = run_fails("nbdinfo", &["--size", &s.uri("demo")]);
+    let err = run_fails("nbdinfo", &["--size", &s.nbd_uri("demo")]);
     assert!(err.to_lowercase().contains("tls"), "{err}");
     // Byte-level: every option but STARTTLS/ABORT is refused before TLS, EXPORT_NAME ends
     // the connection.
-    let mut r = Raw::connect(s.nbd);
+    let mut r = Raw::connect(s.nbd());
     r.send(&3u32.to_be_bytes());
     r.option(OPT_LIST, &[]);
     assert_eq!(r.option_reply().1, ERR_TLS_REQD);
@@ -105,7 +105,7 @@ fn qemu_img_over_tls_creds() {
     let tmp = tempfile::tempdir().unwrap();
     let certs = ToolDir::new(&tmp.path().join("pki"));
     let s = start(&tls_args(&certs, "require"));
-    let port = s.nbd.port().to_string();
+    let port = s.nbd().port().to_string();
     let obj = format!(
         "tls-creds-x509,id=tls0,dir={},endpoint=client",
         certs.dir.display()
@@ -138,12 +138,12 @@ fn optional_tls_serves_both_and_off_refuses_starttls() {
         serde_json::from_str(&run("nbdinfo", &["--json", &nbds(&s, "demo", &certs.dir)])).unwrap();
     assert_eq!(tls["TLS"], true);
     let plain: serde_json::Value =
-        serde_json::from_str(&run("nbdinfo", &["--json", &s.uri("demo")])).unwrap();
+        serde_json::from_str(&run("nbdinfo", &["--json", &s.nbd_uri("demo")])).unwrap();
     assert_eq!(plain["TLS"], false);
     drop(s);
 
-    let off = TestServer::start(&[]);
-    let mut r = Raw::connect(off.nbd);
+    let off = common::start(&[]);
+    let mut r = Raw::connect(off.nbd());
     r.send(&3u32.to_be_bytes());
     r.option(OPT_STARTTLS, &[]);
     assert_eq!(r.option_reply().1, ERR_UNSUP);
@@ -220,7 +220,7 @@ fn handshake_timeout_holds_after_starttls_and_injected_plain_text_is_refused() {
     let s = start(&args);
 
     // STARTTLS acknowledged, then the client never starts its TLS handshake.
-    let mut r = Raw::connect(s.nbd);
+    let mut r = Raw::connect(s.nbd());
     r.send(&3u32.to_be_bytes());
     r.option(OPT_STARTTLS, &[]);
     let (opt, ty, _) = r.option_reply();
@@ -230,7 +230,7 @@ fn handshake_timeout_holds_after_starttls_and_injected_plain_text_is_refused() {
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 
     // STARTTLS with a plain-text option right behind it (an injection): closed, no ACK.
-    let mut r = Raw::connect(s.nbd);
+    let mut r = Raw::connect(s.nbd());
     let mut b = 3u32.to_be_bytes().to_vec();
     for code in [OPT_STARTTLS, OPT_GO] {
         b.extend(IHAVEOPT.to_be_bytes());
@@ -309,13 +309,13 @@ fn hostile_tls_client_reading_no_replies_holds_bounded_memory() {
     let certs = ToolDir::new(&tmp.path().join("pki"));
     let a = tls_args(&certs, "optional");
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let s = TestServer::start_with_log(&a, "enbd_server=info");
+    let s = common::start_with_log(&a, "enbd_server=info");
     let pid = s.pid();
-    drop(tls_open(s.nbd, &certs.ca.cert));
+    drop(tls_open(s.nbd(), &certs.ca.cert));
     let idle = rss(pid);
 
     let until = Instant::now() + Duration::from_secs(10);
-    let (addr, ca) = (s.nbd, certs.ca.cert.clone());
+    let (addr, ca) = (s.nbd(), certs.ca.cert.clone());
     let hostile = std::thread::spawn(move || {
         let mut t = tls_open(addr, &ca);
         t.sock
@@ -343,7 +343,7 @@ fn hostile_tls_client_reading_no_replies_holds_bounded_memory() {
     });
     let mut peak = idle;
     let mut good_rounds = 0u64;
-    let (mut good, _) = Raw::open(s.nbd, "demo");
+    let (mut good, _) = Raw::open(s.nbd(), "demo");
     while Instant::now() < until {
         let block = vec![(good_rounds % 251) as u8; 4096];
         let off = (600 << 20) + (good_rounds % 1024) * 4096;
@@ -373,6 +373,6 @@ fn hostile_tls_client_reading_no_replies_holds_bounded_memory() {
         good_rounds >= 100,
         "good client starved: {good_rounds} rounds"
     );
-    drop(tls_open(s.nbd, &certs.ca.cert));
+    drop(tls_open(s.nbd(), &certs.ca.cert));
     let _ = std::io::stdout().flush();
 }
