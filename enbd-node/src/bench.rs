@@ -52,6 +52,8 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long, env = "ENBD_JSON")]
     pub json: bool,
+    #[command(flatten)]
+    pub tls: crate::cli::TlsClientArgs,
 }
 
 /// A byte count written as `4096`, `4k`, `1m`, `1g`.
@@ -169,6 +171,7 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let mut cfg = ClientConfig::new(&args.server, &args.export);
     cfg.channels = args.channels;
     cfg.queue_depth = args.depth.max(1);
+    cfg.tls = args.tls.client_tls()?;
     let client = Client::connect(cfg)
         .await
         .with_context(|| format!("connecting to {}", args.server))?;

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+pub use enbd_proto::params::TlsPolicy;
 use thiserror::Error;
 
 /// Default NBD port when a URL or address gives none.
@@ -51,6 +52,50 @@ pub enum LogFormat {
     Json,
 }
 
+/// The trust root and client identity for TLS connections to servers.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TlsClientArgs {
+    /// CA certificates (PEM) servers' certificates must chain to; TLS is used when given
+    /// (re-read when the file changes).
+    #[arg(long, env = "ENBD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate chain (PEM), presented when a server asks for one.
+    #[arg(long, env = "ENBD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "ENBD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsClientArgs {
+    /// The files as the engine takes them; `None` without --tls-ca.
+    pub fn files(&self) -> Result<Option<crate::engine::tls::TlsFiles>, CliError> {
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => return Err(CliError::TlsPair),
+        };
+        match &self.tls_ca {
+            Some(ca) => Ok(Some(crate::engine::tls::TlsFiles {
+                ca: ca.clone(),
+                identity,
+            })),
+            None if identity.is_some() => Err(CliError::TlsNoCa),
+            None => Ok(None),
+        }
+    }
+
+    /// Loads the files into the engine's TLS settings; `None` without --tls-ca.
+    pub fn client_tls(
+        &self,
+    ) -> anyhow::Result<Option<std::sync::Arc<crate::engine::tls::ClientTls>>> {
+        Ok(match self.files()? {
+            None => None,
+            Some(f) => Some(std::sync::Arc::new(crate::engine::tls::ClientTls::new(f)?)),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ControlSocketArg {
     /// Unix socket between the daemon and the client commands.
@@ -90,6 +135,12 @@ pub struct DaemonArgs {
     /// Bytes of unacknowledged request payload each volume's journal may hold.
     #[arg(long, env = "ENBD_JOURNAL_BYTES", default_value_t = 64 << 20)]
     pub journal_bytes: usize,
+    /// TLS for volumes that do not say (StorageClass parameter `tls`, `attach --tls`):
+    /// `require` (needs --tls-ca) or `off`.
+    #[arg(long, env = "ENBD_TLS", default_value = "off")]
+    pub tls: TlsPolicy,
+    #[command(flatten)]
+    pub tls_files: TlsClientArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -126,6 +177,10 @@ pub struct AttachArgs {
     /// Mirrored volume: a replica that does not answer within this long is dropped.
     #[arg(long, env = "ENBD_REPLICA_TIMEOUT", default_value = "5s")]
     pub replica_timeout: String,
+    /// TLS for this volume: `require` or `off` [default: the daemon's --tls]. The trust
+    /// root and client certificate are the daemon's (--tls-ca, --tls-cert, --tls-key).
+    #[arg(long, env = "ENBD_VOLUME_TLS")]
+    pub tls: Option<TlsPolicy>,
     /// Mirrored volume: most bytes per second a resync copies (`50Mi`, `100MB/s`; default
     /// unlimited).
     #[arg(long, env = "ENBD_RESYNC_BANDWIDTH")]
@@ -220,6 +275,10 @@ pub enum CliError {
     NoServer,
     #[error("missing --export (or an nbd:// URL)")]
     NoExport,
+    #[error("--tls-cert and --tls-key go together")]
+    TlsPair,
+    #[error("a client certificate needs --tls-ca too (the servers' trust root)")]
+    TlsNoCa,
 }
 
 /// Where to attach from: servers and export, from a URL or flags.

@@ -36,6 +36,9 @@ pub enum Request {
         /// Mirrored volumes: e.g. `5s` (default 5s).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         replica_timeout: Option<String>,
+        /// `require` or `off`; absent: the daemon's `--tls`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<String>,
         /// Mirrored volumes: resync copy limit, e.g. `50Mi` (bytes per second).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resync_bandwidth: Option<String>,
@@ -400,8 +403,20 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
             read_only,
             replicas,
             replica_timeout,
+            tls,
             resync_bandwidth,
         } => {
+            let tls = match tls
+                .map(|t| t.parse::<crate::attach::TlsPolicy>())
+                .transpose()
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    return Response::Error {
+                        message: e.to_string(),
+                    };
+                }
+            };
             let resync_bytes_per_sec = match bandwidth_arg(resync_bandwidth.as_deref()) {
                 Ok(b) => b,
                 Err(message) => return Response::Error { message },
@@ -429,6 +444,7 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
                 read_only,
                 replicas,
                 replica_timeout,
+                tls,
                 resync_bytes_per_sec,
             };
             match mgr.attach(req).await {
@@ -573,6 +589,8 @@ mod tests {
     async fn socket_round_trip_against_a_real_manager() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = crate::attach::ManagerConfig {
+            tls_default: crate::attach::TlsPolicy::Off,
+            tls: None,
             state_dir: dir.path().join("state"),
             max_volumes: 0,
             journal_bytes: 1 << 20,
@@ -655,6 +673,7 @@ mod tests {
         }
         // A malformed or lone replica is refused before anything connects.
         let attach = |replicas: Vec<&str>| Request::Attach {
+            tls: None,
             volume_id: "m".into(),
             servers: vec!["127.0.0.1:1".into()],
             export: "m".into(),

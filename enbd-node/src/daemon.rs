@@ -32,6 +32,10 @@ pub struct DaemonConfig {
     pub topology_zone: Option<String>,
     pub metrics_listen: SocketAddr,
     pub journal_bytes: usize,
+    /// TLS for volumes that do not say.
+    pub tls_default: crate::attach::TlsPolicy,
+    /// Trust root and client certificate for TLS connections.
+    pub tls_files: Option<crate::engine::tls::TlsFiles>,
 }
 
 /// A service run beside the control socket, sharing the attachment manager; it must return
@@ -51,6 +55,17 @@ pub async fn run_daemon(cfg: DaemonConfig, extra: Vec<ExtraService>) -> anyhow::
             state_dir: cfg.state_dir.clone(),
             max_volumes: usize::try_from(cfg.max_volumes).unwrap_or(usize::MAX),
             journal_bytes: cfg.journal_bytes,
+            tls_default: cfg.tls_default,
+            tls: match &cfg.tls_files {
+                None if cfg.tls_default == crate::attach::TlsPolicy::Require => {
+                    anyhow::bail!("--tls require needs --tls-ca")
+                }
+                None => None,
+                Some(files) => Some(std::sync::Arc::new(
+                    crate::engine::tls::ClientTls::new(files.clone())
+                        .context("loading the TLS files")?,
+                )),
+            },
         },
         tokio::runtime::Handle::current(),
     )

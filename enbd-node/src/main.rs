@@ -102,6 +102,8 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         topology_zone: args.topology_zone,
         metrics_listen: args.metrics_listen,
         journal_bytes: args.journal_bytes,
+        tls_default: args.tls,
+        tls_files: args.tls_files.files()?,
     };
     let extra = extra_services(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -160,6 +162,7 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
         read_only: args.read_only,
         replicas: args.replicas.clone(),
         replica_timeout: (!args.replicas.is_empty()).then(|| args.replica_timeout.clone()),
+        tls: args.tls.map(|t| t.to_string()),
         resync_bandwidth: args.resync_bandwidth.clone(),
     };
     match call(&args.control.control_socket, req)? {

@@ -39,6 +39,10 @@ pub struct AttachmentRecord {
     /// 0: the default).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub replica_timeout_ms: u64,
+    /// Connections use TLS (the policy settled at attach time, so a takeover after a
+    /// restart redoes TLS whatever the daemon's default is then); absent in older records.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
     /// Mirrored volumes: resync copy limit in bytes per second (0: unlimited).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub resync_bytes_per_sec: u64,
@@ -245,6 +249,7 @@ mod tests {
 
     fn record(id: &str, dev_id: u32) -> AttachmentRecord {
         AttachmentRecord {
+            tls: false,
             volume_id: id.into(),
             dev_id,
             servers: vec!["127.0.0.1:10809".into()],

@@ -26,6 +26,17 @@ pub enum IoEngineKind {
     Uring,
 }
 
+/// TLS on the NBD data path (NBD_OPT_STARTTLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TlsMode {
+    /// No TLS: STARTTLS is answered "unsupported".
+    Off,
+    /// Clients may start TLS or stay in plain text.
+    Optional,
+    /// Clients must start TLS before anything else.
+    Require,
+}
+
 /// NBD volume server with a management gRPC API.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "enbd-server", version, about)]
@@ -75,6 +86,20 @@ pub struct Cli {
     /// Seconds to let in-flight requests finish on SIGTERM/SIGINT before closing connections.
     #[arg(long, env = "ENBD_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// TLS on the NBD data path (STARTTLS, TLS 1.3); optional and require need --tls-cert
+    /// and --tls-key.
+    #[arg(long, env = "ENBD_TLS", value_enum, default_value_t = TlsMode::Off)]
+    pub tls: TlsMode,
+    /// Server certificate chain (PEM, leaf first); re-read when the file changes.
+    #[arg(long, env = "ENBD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM); re-read when the file changes.
+    #[arg(long, env = "ENBD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM): when set, data-path clients must present a certificate they
+    /// signed.
+    #[arg(long, env = "ENBD_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +122,10 @@ pub enum ConfigError {
     HandshakeTimeout,
     #[error("--advertise-address {0:?} is not HOST:PORT")]
     Advertise(String),
+    #[error("--tls {0} needs --tls-cert and --tls-key")]
+    TlsFiles(&'static str),
+    #[error("--tls-cert and --tls-key go together")]
+    TlsPair,
 }
 
 /// Validated settings.
@@ -119,6 +148,9 @@ pub struct Config {
     pub shutdown_grace: std::time::Duration,
     /// With --demo: the volume to create if missing (name, bytes); also the default export.
     pub demo_volume: Option<(String, u64)>,
+    pub tls: TlsMode,
+    /// Certificate and key (and the data path's client CA) when given.
+    pub tls_files: Option<crate::tls::TlsFiles>,
 }
 
 fn demo_data_dir() -> Result<PathBuf, ConfigError> {
@@ -176,6 +208,24 @@ impl Cli {
                 return Err(ConfigError::Advertise(a.clone()));
             }
         }
+        let tls_files = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
+            (None, None) => None,
+            _ => return Err(ConfigError::TlsPair),
+        };
+        match self.tls {
+            TlsMode::Optional if tls_files.is_none() => {
+                return Err(ConfigError::TlsFiles("optional"));
+            }
+            TlsMode::Require if tls_files.is_none() => {
+                return Err(ConfigError::TlsFiles("require"));
+            }
+            _ => {}
+        }
         Ok(Config {
             data_dir,
             listen: self.listen.unwrap_or((host, 10809).into()),
@@ -194,6 +244,8 @@ impl Cli {
             demo_volume: self
                 .demo
                 .then(|| (DEMO_VOLUME.to_owned(), DEMO_VOLUME_BYTES)),
+            tls: self.tls,
+            tls_files,
         })
     }
 }
@@ -223,6 +275,34 @@ mod tests {
         assert_eq!(c.max_inflight_bytes, 256 << 20);
         assert_eq!(c.handshake_timeout, std::time::Duration::from_secs(30));
         assert!(c.demo_volume.is_none());
+        assert_eq!(c.tls, TlsMode::Off);
+        assert!(c.tls_files.is_none());
+    }
+
+    #[test]
+    fn tls_needs_a_certificate_and_its_key() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["x", "--data-dir=/d", "--server-id=a"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).unwrap().into_config()
+        };
+        assert!(parse(&["--tls=require"]).is_err());
+        assert!(parse(&["--tls=optional", "--tls-cert=/c.pem"]).is_err());
+        assert!(parse(&["--tls-key=/k.pem"]).is_err());
+        let c = parse(&[
+            "--tls=require",
+            "--tls-cert=/c.pem",
+            "--tls-key=/k.pem",
+            "--tls-client-ca=/ca.pem",
+        ])
+        .unwrap();
+        assert_eq!(c.tls, TlsMode::Require);
+        let f = c.tls_files.unwrap();
+        assert_eq!(
+            f.client_ca.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        assert!(Cli::try_parse_from(["x", "--tls=wat"]).is_err());
     }
 
     #[test]

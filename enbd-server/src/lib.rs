@@ -20,3 +20,4 @@ mod sys;
 /// not part of the library's API (the `testkit` feature, off by default).
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+pub mod tls;

@@ -19,12 +19,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cli::{Config, IoEngineKind};
+use crate::cli::{Config, IoEngineKind, TlsMode};
 use crate::export::ExportProvider;
 use crate::metrics::{self, Metrics};
 use crate::mgmt::Mgmt;
 use crate::session::{self, IoEngine, SessionConfig, SessionError};
 use crate::store::{StoreError, VolumeStore};
+use crate::tls::ReloadingConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -40,6 +41,8 @@ pub enum ServerError {
     Uring(std::io::Error),
     #[error("management server: {0}")]
     Mgmt(#[from] tonic::transport::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Addresses actually bound (port 0 resolved), reported once the server is ready.
@@ -62,6 +65,28 @@ fn io_engine(kind: IoEngineKind, threads: usize) -> Result<IoEngine, ServerError
         IoEngineKind::Pool => IoEngine::pool(threads).map_err(ServerError::Uring)?,
         IoEngineKind::Uring => IoEngine::uring().map_err(ServerError::Uring)?,
     })
+}
+
+/// The data path's TLS settings; certificates that do not load stop start-up.
+fn data_tls(cfg: &Config) -> Result<Option<session::DataTls>, ServerError> {
+    let required = match cfg.tls {
+        TlsMode::Off => return Ok(None),
+        TlsMode::Optional => false,
+        TlsMode::Require => true,
+    };
+    let Some(files) = &cfg.tls_files else {
+        // `Cli::into_config` refuses this already; never fall back to plain text.
+        return Err(ServerError::Tls(crate::tls::TlsError::Config {
+            what: "--tls",
+            reason: "no --tls-cert/--tls-key given".into(),
+        }));
+    };
+    let config = ReloadingConfig::new(files.clone(), Vec::new())?;
+    tracing::info!(mode = ?cfg.tls, cert = %files.cert.display(), client_ca = ?files.client_ca, "NBD TLS enabled");
+    Ok(Some(session::DataTls {
+        required,
+        config: Arc::new(config),
+    }))
 }
 
 /// Runs the server until `shutdown` is cancelled. `ready` is called once every listener is
@@ -122,6 +147,7 @@ pub async fn run(
         metrics: metrics.clone(),
         budget: Arc::new(session::budget::GlobalBudget::new(cfg.max_inflight_bytes)),
         handshake_timeout: cfg.handshake_timeout,
+        tls: data_tls(&cfg)?,
     });
     let mgmt_service = Mgmt::new(
         store.clone(),
@@ -180,8 +206,7 @@ pub async fn run(
         sessions.spawn(async move {
             metrics.connections_total.fetch_add(1, Ordering::Relaxed);
             metrics.connections_active.fetch_add(1, Ordering::Relaxed);
-            let (rd, wr) = sock.into_split();
-            let result = session::serve(rd, wr, provider, cfg, stop).await;
+            let result = session::serve(sock, provider, cfg, stop).await;
             metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
             match result {
                 Ok(()) | Err(SessionError::Closed) => tracing::debug!(%peer, "connection closed"),

@@ -77,13 +77,12 @@ pub fn run_session_on_bytes(
             session::budget::DEFAULT_GLOBAL_BYTES,
         )),
         handshake_timeout: session::HANDSHAKE_TIMEOUT,
+        tls: None,
     });
     runtime.block_on(async move {
         let (client, server) = tokio::io::duplex(256 * 1024);
-        let (srd, swr) = tokio::io::split(server);
         let session = tokio::spawn(session::serve(
-            srd,
-            swr,
+            server,
             provider,
             cfg,
             CancellationToken::new(),

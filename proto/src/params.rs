@@ -31,6 +31,9 @@ pub const REPLICAS: &str = "replicas";
 /// With replicas: how long a replica may leave a write unanswered before it is dropped
 /// from the in-sync set (the `brownout` policy governs the case where no replica answers).
 pub const REPLICA_TIMEOUT: &str = "replicaTimeout";
+/// TLS on the volume's data connections: `require` or `off` (absent: the node's
+/// `--tls` default).
+pub const TLS: &str = "tls";
 /// With replicas: the most bytes per second a resync (a returning replica's catch-up, or
 /// a replacement's full copy) may copy, so that it does not starve application IO.
 pub const RESYNC_BANDWIDTH: &str = "resyncBandwidth";
@@ -114,6 +117,35 @@ impl FromStr for FsType {
                 s,
                 "supported filesystems are ext4 and xfs",
             )),
+        }
+    }
+}
+
+/// Whether a volume's NBD connections use TLS (NBD_OPT_STARTTLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// Plain text.
+    Off,
+    /// TLS or nothing: a server that does not offer TLS is an error, never a fallback.
+    Require,
+}
+
+impl fmt::Display for TlsPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsPolicy::Off => "off",
+            TlsPolicy::Require => "require",
+        })
+    }
+}
+
+impl FromStr for TlsPolicy {
+    type Err = ParamError;
+    fn from_str(s: &str) -> Result<Self, ParamError> {
+        match s {
+            "off" => Ok(TlsPolicy::Off),
+            "require" => Ok(TlsPolicy::Require),
+            _ => Err(invalid(TLS, s, "expected \"require\" or \"off\"")),
         }
     }
 }
@@ -217,6 +249,8 @@ pub struct VolumeParams {
     pub brownout: Brownout,
     pub replicas: u16,
     pub replica_timeout: Duration,
+    /// `None`: the node's default (`enbd-node daemon --tls`).
+    pub tls: Option<TlsPolicy>,
     /// Resync copy limit in bytes per second (`None`: unlimited).
     pub resync_bandwidth: Option<u64>,
 }
@@ -232,6 +266,7 @@ impl Default for VolumeParams {
             brownout: Brownout::default(),
             replicas: 1,
             replica_timeout: DEFAULT_REPLICA_TIMEOUT,
+            tls: None,
             resync_bandwidth: None,
         }
     }
@@ -325,6 +360,7 @@ impl VolumeParams {
                 }
                 QUEUES => params.queues = parse_bounded(QUEUES, value, MAX_QUEUES)?,
                 BROWNOUT => params.brownout = value.parse()?,
+                TLS => params.tls = Some(value.parse()?),
                 REPLICAS => params.replicas = parse_bounded(REPLICAS, value, MAX_REPLICAS)?,
                 REPLICA_TIMEOUT => {
                     let d = parse_duration(value).map_err(|_| {
@@ -378,6 +414,9 @@ impl VolumeParams {
         }
         if !self.mkfs_options.is_empty() {
             map.insert(MKFS_OPTIONS.to_owned(), self.mkfs_options.join(" "));
+        }
+        if let Some(tls) = self.tls {
+            map.insert(TLS.to_owned(), tls.to_string());
         }
         map
     }
@@ -618,6 +657,8 @@ mod tests {
             ("replicaTimeout", "11m"),
             ("replicaTimeout", "soon"),
             ("mkfsOptions", "-L\tx"),
+            ("tls", "on"),
+            ("tls", "Require"),
         ] {
             let err = VolumeParams::from_map(&map(&[(key, value)])).unwrap_err();
             let msg = err.to_string();
@@ -636,6 +677,11 @@ mod tests {
             p.to_context().get(REPLICA_TIMEOUT).map(String::as_str),
             Some("1500ms")
         );
+        // tls: carried only when the StorageClass sets it (else the node's default applies).
+        let p = VolumeParams::from_map(&map(&[("tls", "require")])).expect("tls");
+        assert_eq!(p.tls, Some(TlsPolicy::Require));
+        assert_eq!(p.to_context().get(TLS).map(String::as_str), Some("require"));
+        assert!(!VolumeParams::default().to_context().contains_key(TLS));
         let p = VolumeParams::from_map(&map(&[("replicas", "2"), ("resyncBandwidth", "50Mi")]))
             .expect("bandwidth");
         assert_eq!(p.resync_bandwidth, Some(50 << 20));
@@ -746,6 +792,7 @@ mod tests {
                 brownout: Brownout::FailAfter(Duration::from_millis(2500)),
                 replicas: 1,
                 replica_timeout: DEFAULT_REPLICA_TIMEOUT,
+                tls: Some(TlsPolicy::Require),
                 resync_bandwidth: None,
             },
             replicas: Vec::new(),

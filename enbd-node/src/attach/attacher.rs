@@ -36,6 +36,7 @@ impl Attacher for AttachmentManager {
             read_only: spec.read_only,
             replicas,
             replica_timeout: p.replica_timeout,
+            tls: p.tls,
             resync_bytes_per_sec: p.resync_bandwidth,
         };
         AttachmentManager::attach(self, req)
@@ -174,7 +175,9 @@ fn classify(e: AttachError) -> AttacherError {
             EngineError::ExportRefused { .. } => AttacherError::NotFound(msg),
             EngineError::Connect { .. }
             | EngineError::ConnectTimeout { .. }
-            | EngineError::Handshake { .. } => AttacherError::Unavailable(msg),
+            | EngineError::Handshake { .. }
+            // A certificate problem can be fixed without touching the volume (rotation).
+            | EngineError::Tls { .. } => AttacherError::Unavailable(msg),
             EngineError::Config(_) => AttacherError::Invalid(msg),
             EngineError::IdentityChanged { .. } => AttacherError::Internal(msg),
         },

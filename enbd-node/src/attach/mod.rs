@@ -27,10 +27,12 @@ use crate::backing::{Backing, BackingStatus, EngineTarget, MAX_REPLICAS};
 use crate::device::{self, Device, DeviceError, DeviceGeometry, DeviceOptions, Start};
 use crate::engine::mirror::MirrorError;
 use crate::engine::status::MirrorStatus;
+use crate::engine::tls::ClientTls;
 use crate::engine::{
     BrownoutPolicy, ClientConfig, EngineError, EngineStatus, Geometry, MAX_REQUEST_BYTES,
 };
 use crate::state::{AttachmentRecord, ReplicaRecord, StateError, StateStore};
+pub use enbd_proto::params::TlsPolicy;
 
 mod attacher;
 mod takeover;
@@ -52,6 +54,8 @@ pub struct AttachRequest {
     pub replicas: Vec<ReplicaRecord>,
     /// Mirrored volumes: how long a replica may take before it is dropped.
     pub replica_timeout: Duration,
+    /// TLS for this volume; `None`: the manager's default.
+    pub tls: Option<TlsPolicy>,
     /// Mirrored volumes: resync copy limit in bytes per second (`None`: unlimited).
     pub resync_bytes_per_sec: Option<u64>,
 }
@@ -140,6 +144,10 @@ pub struct ManagerConfig {
     pub max_volumes: usize,
     /// Journal budget per volume (bytes of payload held until acknowledged).
     pub journal_bytes: usize,
+    /// TLS for volumes whose request does not say.
+    pub tls_default: TlsPolicy,
+    /// The node's trust root and client certificate (`--tls-ca`, ...), if configured.
+    pub tls: Option<Arc<ClientTls>>,
 }
 
 struct Volume {
@@ -174,6 +182,8 @@ struct Inner {
     store: StateStore,
     max_volumes: usize,
     journal_bytes: usize,
+    tls_default: TlsPolicy,
+    tls: Option<Arc<ClientTls>>,
     /// Serialises attach/detach/resize: each is seconds of work that must not interleave.
     ops: tokio::sync::Mutex<()>,
     volumes: Mutex<HashMap<String, Volume>>,
@@ -200,6 +210,7 @@ pub(crate) fn client_config(
     r: &AttachmentRecord,
     brownout: BrownoutPolicy,
     journal_bytes: usize,
+    tls: Option<&Arc<ClientTls>>,
 ) -> Result<ClientConfig, AttachError> {
     let first = r.servers.first().ok_or_else(|| {
         AttachError::Invalid(format!("volume {} has no server address", r.volume_id))
@@ -210,6 +221,15 @@ pub(crate) fn client_config(
     cfg.brownout = brownout;
     cfg.journal_bytes = journal_bytes;
     cfg.queue_depth = cfg.queue_depth.max(r.queue_depth);
+    if r.tls {
+        let tls = tls.ok_or_else(|| {
+            AttachError::Invalid(format!(
+                "volume {} requires TLS but this node has no --tls-ca",
+                r.volume_id
+            ))
+        })?;
+        cfg.tls = Some(tls.clone());
+    }
     Ok(cfg)
 }
 
@@ -234,6 +254,8 @@ impl AttachmentManager {
                 store,
                 max_volumes: cfg.max_volumes,
                 journal_bytes: cfg.journal_bytes,
+                tls_default: cfg.tls_default,
+                tls: cfg.tls,
                 ops: tokio::sync::Mutex::new(()),
                 volumes: Mutex::new(HashMap::new()),
             }),
@@ -298,9 +320,16 @@ impl AttachmentManager {
             size_bytes: 0,
             replicas: req.replicas.clone(),
             replica_timeout_ms: u64::try_from(req.replica_timeout.as_millis()).unwrap_or(u64::MAX),
+            tls: req.tls.unwrap_or(self.inner.tls_default) == TlsPolicy::Require,
             resync_bytes_per_sec: req.resync_bytes_per_sec.unwrap_or(0),
         };
-        let client = Backing::connect(&record, req.brownout, self.inner.journal_bytes).await?;
+        let client = Backing::connect(
+            &record,
+            req.brownout,
+            self.inner.journal_bytes,
+            self.inner.tls.as_ref(),
+        )
+        .await?;
         client.follow_into(&mut record);
         let g = client.geometry();
         if g.read_only && !req.read_only {
@@ -712,6 +741,7 @@ mod tests {
 
     fn req() -> AttachRequest {
         AttachRequest {
+            tls: None,
             volume_id: "vol".into(),
             servers: vec!["127.0.0.1:10809".into()],
             export: "vol".into(),
@@ -781,6 +811,8 @@ mod tests {
             .and_then(|s| s.save(records))
             .expect("seed state");
         let cfg = ManagerConfig {
+            tls_default: TlsPolicy::Off,
+            tls: None,
             state_dir: dir.into(),
             max_volumes: 0,
             journal_bytes: 1 << 20,
@@ -790,6 +822,7 @@ mod tests {
 
     pub(super) fn stored(id: &str, server: &str, dev_id: u32) -> AttachmentRecord {
         AttachmentRecord {
+            tls: false,
             volume_id: id.into(),
             // An id far above what the tests' kernels hand out: never a real device.
             dev_id,
@@ -805,6 +838,23 @@ mod tests {
             replica_timeout_ms: 0,
             resync_bytes_per_sec: 0,
         }
+    }
+
+    #[test]
+    fn a_volume_that_requires_tls_gets_the_nodes_tls_or_a_clear_error() {
+        let mut r = stored("vol", "127.0.0.1:10809", 1);
+        let plain = client_config(&r, BrownoutPolicy::Wait, 64 << 20, None).unwrap();
+        assert!(plain.tls.is_none());
+        r.tls = true;
+        let e = client_config(&r, BrownoutPolicy::Wait, 64 << 20, None).unwrap_err();
+        assert!(e.to_string().contains("requires TLS"), "{e}");
+        // The record keeps the policy across a state-file round trip.
+        let json = serde_json::to_string(&r).unwrap();
+        let back: AttachmentRecord = serde_json::from_str(&json).unwrap();
+        assert!(back.tls);
+        // Records written before TLS read as plain text.
+        let old = serde_json::to_string(&stored("old", "127.0.0.1:10809", 2)).unwrap();
+        assert!(!old.contains("tls"));
     }
 
     pub(super) fn saved_volumes(dir: &Path) -> Vec<String> {
@@ -881,6 +931,8 @@ mod tests {
     async fn unknown_volumes_are_reported_clearly() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = ManagerConfig {
+            tls_default: TlsPolicy::Off,
+            tls: None,
             state_dir: dir.path().into(),
             max_volumes: 0,
             journal_bytes: 1 << 20,

@@ -129,6 +129,8 @@ pub struct ClientConfig {
     /// First and largest delay between reconnect attempts (doubling in between).
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// TLS for every connection (NBD_OPT_STARTTLS required); `None`: plain text.
+    pub tls: Option<std::sync::Arc<super::tls::ClientTls>>,
 }
 
 impl ClientConfig {
@@ -145,6 +147,7 @@ impl ClientConfig {
             io_timeout: Some(Duration::from_secs(30)),
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(2),
+            tls: None,
         }
     }
 

@@ -19,6 +19,10 @@ pub enum EngineError {
     ConnectTimeout { addr: String, secs: f64 },
     #[error("NBD handshake with {addr}: {reason}")]
     Handshake { addr: String, reason: String },
+    /// STARTTLS refused, the TLS handshake failed (untrusted or wrong certificate), or the
+    /// server wants TLS the volume does not use. Never followed by a plain-text attempt.
+    #[error("TLS with {addr}: {reason}")]
+    Tls { addr: String, reason: String },
     #[error("server {addr} refused export {export:?}: {reason}")]
     ExportRefused {
         addr: String,

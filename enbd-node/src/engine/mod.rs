@@ -15,7 +15,8 @@
 //! [`dispatch`] (how channels share the queue), [`reconnect`] (per-channel supervisor with
 //! backoff and identity checks), [`brownout`] (the outage policy), [`status`] (observability).
 //! [`mirror`] puts one `Client` per replica under a mirror layer (replicated volumes).
-//! TLS slots in later as a stream type inside `channel` (its `handshake` part).
+//! [`tls`] holds the client's TLS settings; `channel`'s handshake starts TLS when a volume
+//! has them (never falling back to plain text).
 
 pub mod brownout;
 pub mod channel;
@@ -26,6 +27,7 @@ pub mod journal;
 pub mod mirror;
 pub mod reconnect;
 pub mod status;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -93,7 +95,13 @@ impl Client {
     pub async fn connect(cfg: ClientConfig) -> Result<Client, EngineError> {
         cfg.validate()?;
         let server = cfg.servers[0].clone();
-        let first = channel::open(&server, &cfg.export, cfg.connect_timeout).await?;
+        let first = channel::open(
+            &server,
+            &cfg.export,
+            cfg.connect_timeout,
+            cfg.tls.as_deref(),
+        )
+        .await?;
         let geometry = first.geometry;
         let channels = if geometry.multi_conn {
             cfg.channels
@@ -170,8 +178,13 @@ impl Client {
     /// made after the probe, knows the new size.
     pub async fn refresh_size(&self) -> Result<u64, EngineError> {
         let inner = &self.inner;
-        let conn =
-            channel::open(&inner.server, &inner.cfg.export, inner.cfg.connect_timeout).await?;
+        let conn = channel::open(
+            &inner.server,
+            &inner.cfg.export,
+            inner.cfg.connect_timeout,
+            inner.cfg.tls.as_deref(),
+        )
+        .await?;
         let now = conn.geometry;
         // The probe carried no IO: closing its socket is all the goodbye it needs.
         drop(conn);

@@ -258,10 +258,16 @@ fn try_start_peer(kind: PeerKind, data: &Path) -> Option<Peer> {
 /// Starts enbd-server with `--demo` on `data_dir` (the 1 GiB `demo` volume is created if
 /// missing and reused when present, so a restart serves the same data).
 pub fn start_enbd_server(data_dir: &Path) -> Peer {
+    start_enbd_server_with(data_dir, &[])
+}
+
+/// As [`start_enbd_server`], with `extra` flags (TLS, say).
+pub fn start_enbd_server_with(data_dir: &Path, extra: &[String]) -> Peer {
     let server = EnbdServer::builder()
         .id("engine-test")
         .demo()
         .data_dir(data_dir)
+        .args(extra)
         .start();
     Peer {
         kind: PeerKind::EnbdServer,
@@ -271,6 +277,38 @@ pub fn start_enbd_server(data_dir: &Path) -> Peer {
         enbd: Some(server),
         daemon_pid: None,
         data: data_dir.to_owned(),
+        _conf: None,
+    }
+}
+
+/// nbdkit's file plugin on `data` with `--tls=require` and the x509 certificates of `certs`
+/// (a directory with ca-cert.pem, server-cert.pem, server-key.pem).
+pub fn start_nbdkit_tls(data: &Path, certs: &Path) -> Peer {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let mut child = spawn(
+        "nbdkit",
+        &[
+            "-f".into(),
+            "-p".into(),
+            port.to_string(),
+            "-i".into(),
+            "127.0.0.1".into(),
+            "--tls=require".into(),
+            format!("--tls-certificates={}", certs.display()),
+            "file".into(),
+            data.display().to_string(),
+        ],
+    );
+    wait_listening(&mut child, addr, "nbdkit");
+    Peer {
+        kind: PeerKind::Nbdkit,
+        addr,
+        export: String::new(),
+        child: Some(child),
+        enbd: None,
+        daemon_pid: None,
+        data: data.to_owned(),
         _conf: None,
     }
 }

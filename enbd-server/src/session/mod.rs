@@ -5,6 +5,10 @@
 //! within `handshake_timeout` and answers one option at a time (a client that does not read
 //! its option replies stops being read); transmission holds its requests to the
 //! [`budget`]s, the connection's own and the server-wide one.
+//!
+//! TLS (`--tls`): after NBD_OPT_STARTTLS the rest of the handshake and the whole transmission
+//! phase run over a rustls stream (TLS 1.3), within the same handshake timeout and budgets.
+//! The plain-text path is unchanged: its socket halves are the TCP stream's own.
 
 pub mod budget;
 pub mod io;
@@ -22,6 +26,9 @@ use enbd_proto::wire::WireError;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use self::negotiate::{Negotiated, Step, TlsPhase};
+use crate::tls::ReloadingConfig;
+
 use crate::export::{ExportProvider, OpenError};
 use crate::metrics::Metrics;
 pub use io::IoEngine;
@@ -38,6 +45,44 @@ pub struct SessionConfig {
     pub budget: Arc<budget::GlobalBudget>,
     /// How long a client may take from connecting to finishing the handshake.
     pub handshake_timeout: Duration,
+    /// TLS on the data path; `None` with `--tls off`.
+    pub tls: Option<DataTls>,
+}
+
+/// `--tls optional|require` with its certificates.
+pub struct DataTls {
+    /// Clients must start TLS before anything else.
+    pub required: bool,
+    pub config: Arc<ReloadingConfig>,
+}
+
+/// A connection the session can split into a read half and a write half for transmission.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Rd: AsyncRead + Unpin + Send + 'static;
+    type Wr: AsyncWrite + Unpin + Send + 'static;
+    fn into_halves(self) -> (Self::Rd, Self::Wr);
+}
+
+impl Transport for tokio::net::TcpStream {
+    type Rd = tokio::net::tcp::OwnedReadHalf;
+    type Wr = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Rd, Self::Wr) {
+        self.into_split()
+    }
+}
+
+impl Transport for tokio::io::DuplexStream {
+    type Rd = tokio::io::ReadHalf<Self>;
+    type Wr = tokio::io::WriteHalf<Self>;
+    fn into_halves(self) -> (Self::Rd, Self::Wr) {
+        tokio::io::split(self)
+    }
+}
+
+/// The stream transmission runs on.
+enum Conn<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,25 +99,25 @@ pub enum SessionError {
     HandshakeTimeout(Duration),
     #[error("more than {0} options in one handshake")]
     TooManyOptions(usize),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("client asked for an export without TLS, which this server requires")]
+    TlsRequired,
+    #[error("client sent data after NBD_OPT_STARTTLS before its reply")]
+    DataBeforeTls,
 }
 
 /// Serves one connection to the end. `stop` asks it to finish: no new requests are read,
 /// the ones in flight complete and are answered, then the connection closes.
-pub async fn serve<R, W>(
-    mut rd: R,
-    mut wr: W,
+pub async fn serve<S: Transport>(
+    stream: S,
     provider: Arc<dyn ExportProvider>,
     cfg: Arc<SessionConfig>,
     stop: CancellationToken,
-) -> Result<(), SessionError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
+) -> Result<(), SessionError> {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let negotiated = {
-        let mut io = tokio::io::join(&mut rd, &mut wr);
-        let handshake = negotiate::negotiate(&mut io, &mut buf, &*provider, cfg.max_request_bytes);
+        let handshake = handshake(stream, &mut buf, &*provider, &cfg);
         let limit = cfg.handshake_timeout;
         tokio::select! {
             r = tokio::time::timeout(limit, handshake) => {
@@ -81,10 +126,65 @@ where
             _ = stop.cancelled() => return Ok(()),
         }
     };
-    let Some(n) = negotiated else { return Ok(()) };
+    let Some((conn, n)) = negotiated else {
+        return Ok(());
+    };
     let span = tracing::info_span!("export", export = %n.export.name);
     let _enter = span.enter();
-    tracing::debug!(size = n.export.size, structured = n.structured, style = ?n.style, "transmission");
+    tracing::debug!(size = n.export.size, structured = n.structured, style = ?n.style,
+        tls = matches!(conn, Conn::Tls(_)), "transmission");
     drop(_enter);
-    transmission::transmit(rd, wr, buf, n, cfg, stop).await
+    match conn {
+        Conn::Plain(s) => {
+            let (rd, wr) = s.into_halves();
+            transmission::transmit(rd, wr, buf, n, cfg, stop).await
+        }
+        Conn::Tls(s) => {
+            let (rd, wr) = tokio::io::split(*s);
+            transmission::transmit(rd, wr, buf, n, cfg, stop).await
+        }
+    }
+}
+
+/// Greeting and options, with the TLS handshake in between when the client starts TLS.
+async fn handshake<S: Transport>(
+    mut stream: S,
+    buf: &mut BytesMut,
+    provider: &dyn ExportProvider,
+    cfg: &SessionConfig,
+) -> Result<Option<(Conn<S>, Negotiated)>, SessionError> {
+    let no_zeroes = negotiate::greet(&mut stream, buf).await?;
+    let mut left = negotiate::MAX_OPTIONS;
+    let phase = match &cfg.tls {
+        None => TlsPhase::Unavailable,
+        Some(t) => TlsPhase::Offered {
+            required: t.required,
+        },
+    };
+    let max = cfg.max_request_bytes;
+    let step =
+        negotiate::options(&mut stream, buf, provider, max, no_zeroes, phase, &mut left).await?;
+    let tls = match (step, &cfg.tls) {
+        (Step::Done(n), _) => return Ok(n.map(|n| (Conn::Plain(stream), n))),
+        (Step::StartTls, Some(tls)) => tls,
+        // `options` acknowledges STARTTLS only when TLS is offered.
+        (Step::StartTls, None) => return Err(SessionError::DataBeforeTls),
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.current());
+    let mut stream = acceptor.accept(stream).await.map_err(SessionError::Tls)?;
+    let step = negotiate::options(
+        &mut stream,
+        buf,
+        provider,
+        max,
+        no_zeroes,
+        TlsPhase::Active,
+        &mut left,
+    )
+    .await?;
+    match step {
+        Step::Done(n) => Ok(n.map(|n| (Conn::Tls(Box::new(stream)), n))),
+        // Over TLS a second STARTTLS is refused with NBD_REP_ERR_INVALID, never acknowledged.
+        Step::StartTls => Err(SessionError::DataBeforeTls),
+    }
 }

@@ -9,6 +9,13 @@
 //! Memory: options are answered one at a time and the next one is read only once the replies
 //! to the last are written, so a client that sends options without reading replies is simply
 //! no longer read (and dropped when the handshake timeout in [`super::serve`] passes).
+//!
+//! TLS (NBD_OPT_STARTTLS): [`options`] runs once before TLS and, when the client asks for it,
+//! once more over the TLS stream with a fresh option state (nothing negotiated in plain text
+//! carries over). With TLS required, every option but STARTTLS and ABORT is answered
+//! NBD_REP_ERR_TLS_REQD before TLS, and EXPORT_NAME (which has no error reply) ends the
+//! connection. Bytes the client sent after STARTTLS but before its ACK end the connection:
+//! they would otherwise be read as if they had come over TLS (plain-text injection).
 
 use bytes::{Buf, BytesMut};
 use enbd_proto::wire::{
@@ -109,6 +116,8 @@ async fn send<W: AsyncWrite + Unpin>(
         r.encode(&mut out)?;
     }
     w.write_all(&out).await?;
+    // Over TLS the replies stay in the session until flushed.
+    w.flush().await?;
     Ok(())
 }
 
@@ -225,13 +234,28 @@ fn meta_replies(
     out
 }
 
-/// Runs the handshake. `Ok(None)` means the client left cleanly (NBD_OPT_ABORT).
-pub async fn negotiate<S>(
-    io: &mut S,
-    buf: &mut BytesMut,
-    provider: &dyn ExportProvider,
-    max_request: u32,
-) -> Result<Option<Negotiated>, SessionError>
+/// Where the connection stands with TLS, as the option loop sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPhase {
+    /// The server has no TLS: STARTTLS is unsupported.
+    Unavailable,
+    /// Plain text so far; STARTTLS is accepted. `required`: nothing else is, but ABORT.
+    Offered { required: bool },
+    /// The option phase runs over TLS already.
+    Active,
+}
+
+/// How an option phase ended.
+pub enum Step {
+    /// An export was picked (`Some`) or the client left cleanly with NBD_OPT_ABORT (`None`).
+    Done(Option<Negotiated>),
+    /// STARTTLS was acknowledged: the caller runs the TLS handshake, then [`options`] again.
+    StartTls,
+}
+
+/// Sends the greeting and reads the client flags; returns whether the client asked for
+/// NO_ZEROES.
+pub async fn greet<S>(io: &mut S, buf: &mut BytesMut) -> Result<bool, SessionError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -242,10 +266,28 @@ where
     .encode(&mut greeting);
     io.write_all(&greeting).await?;
     let client = read_frame(io, buf, ClientFlags::decode).await?;
-    let no_zeroes = client.contains(ClientFlags::NO_ZEROES);
+    Ok(client.contains(ClientFlags::NO_ZEROES))
+}
+
+/// Runs the option phase until the client picks an export, leaves, or starts TLS. `left`
+/// counts the options the whole handshake may still send (`MAX_OPTIONS` to begin with).
+#[allow(clippy::too_many_arguments)]
+pub async fn options<S>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    provider: &dyn ExportProvider,
+    max_request: u32,
+    no_zeroes: bool,
+    tls: TlsPhase,
+    left: &mut usize,
+) -> Result<Step, SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut st = State::default();
 
-    for _ in 0..MAX_OPTIONS {
+    while *left > 0 {
+        *left -= 1;
         let header = read_frame(io, buf, |b| OptionHeader::decode(b, u32::MAX)).await?;
         if header.length > MAX_OPTION_DATA {
             if header.length > MAX_SKIPPABLE_OPTION {
@@ -273,6 +315,24 @@ where
                 .then(|| (b[..header.length as usize].to_vec(), header.length as usize)))
         })
         .await?;
+        if tls == (TlsPhase::Offered { required: true }) {
+            match header.option {
+                OptionCode::StartTls | OptionCode::Abort => {}
+                OptionCode::ExportName => return Err(SessionError::TlsRequired),
+                option => {
+                    send(
+                        io,
+                        &[OptionReply::error(
+                            option,
+                            OptionError::TlsRequired,
+                            "TLS is required: send NBD_OPT_STARTTLS first",
+                        )],
+                    )
+                    .await?;
+                    continue;
+                }
+            }
+        }
         let request = match OptionRequest::parse(header.option, &data) {
             Ok(r) => r,
             Err(e) => {
@@ -294,7 +354,7 @@ where
             OptionRequest::Abort => {
                 // The client may already have closed; a failed ACK does not matter.
                 let _ = send(io, &[OptionReply::ack(option)]).await;
-                return Ok(None);
+                return Ok(Step::Done(None));
             }
             OptionRequest::List => {
                 let mut replies: Vec<OptionReply> = provider
@@ -311,17 +371,37 @@ where
                 replies.push(OptionReply::ack(option));
                 send(io, &replies).await?;
             }
-            OptionRequest::StartTls => {
-                send(
-                    io,
-                    &[OptionReply::error(
-                        option,
-                        OptionError::Unsupported,
-                        "TLS is not enabled on this server",
-                    )],
-                )
-                .await?;
-            }
+            OptionRequest::StartTls => match tls {
+                TlsPhase::Unavailable => {
+                    send(
+                        io,
+                        &[OptionReply::error(
+                            option,
+                            OptionError::Unsupported,
+                            "TLS is not enabled on this server",
+                        )],
+                    )
+                    .await?;
+                }
+                TlsPhase::Active => {
+                    send(
+                        io,
+                        &[OptionReply::error(
+                            option,
+                            OptionError::Invalid,
+                            "TLS is already active",
+                        )],
+                    )
+                    .await?;
+                }
+                TlsPhase::Offered { .. } => {
+                    if !buf.is_empty() {
+                        return Err(SessionError::DataBeforeTls);
+                    }
+                    send(io, &[OptionReply::ack(option)]).await?;
+                    return Ok(Step::StartTls);
+                }
+            },
             OptionRequest::StructuredReply => {
                 if st.extended {
                     send(
@@ -363,13 +443,13 @@ where
                     let flags = transmission_flags(&export, &st);
                     let base_allocation =
                         matches!(&st.meta, Some((name, true)) if *name == req.export);
-                    return Ok(Some(Negotiated {
+                    return Ok(Step::Done(Some(Negotiated {
                         export,
                         style: st.style(),
                         structured: st.structured,
                         base_allocation,
                         flags,
-                    }));
+                    })));
                 }
             }
             OptionRequest::ExportName(name) => {
@@ -383,14 +463,15 @@ where
                 }
                 .encode_export_name_reply(no_zeroes, &mut out);
                 io.write_all(&out).await?;
+                io.flush().await?;
                 let base_allocation = matches!(&st.meta, Some((n, true)) if *n == name);
-                return Ok(Some(Negotiated {
+                return Ok(Step::Done(Some(Negotiated {
                     export,
                     style: st.style(),
                     structured: st.structured,
                     base_allocation,
                     flags,
-                }));
+                })));
             }
             OptionRequest::Unknown { option: raw, .. } => {
                 send(

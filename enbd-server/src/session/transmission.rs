@@ -568,6 +568,8 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 segs.push_back(out.split().freeze());
             }
             write_segments(&mut wr, &mut segs).await?;
+            // TLS holds records it could not send yet until flushed (a no-op on TCP).
+            wr.flush().await?;
             // Written: the budget these replies held is free for new requests.
             held.clear();
         }

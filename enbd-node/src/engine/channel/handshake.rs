@@ -3,6 +3,12 @@
 //!
 //! Against a broken or hostile server, option replies are bounded in size
 //! (`MAX_OPTION_REPLY`) and number (`MAX_OPTION_REPLIES`).
+//!
+//! TLS: with a [`ClientTls`], NBD_OPT_STARTTLS goes first and everything after it runs over
+//! TLS 1.3, the server's certificate checked against the CA and the host dialled. A server
+//! that refuses STARTTLS (NBD_REP_ERR_UNSUP, _POLICY or anything else) is an error: the
+//! engine never falls back to plain text. Every reconnect redoes TLS with the files' current
+//! contents.
 
 use std::io;
 use std::time::Duration;
@@ -12,11 +18,13 @@ use enbd_proto::wire::{
     ClientFlags, Greeting, HandshakeFlags, InfoReply, InfoRequest, InfoType, OptionCode,
     OptionError, OptionReply, OptionReplyBody, OptionRequest, WireError,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{Connected, Geometry};
+use super::{Connected, Geometry, Stream};
 use crate::engine::error::EngineError;
+use crate::engine::tls::ClientTls;
 
 /// Largest option reply we accept during the handshake.
 const MAX_OPTION_REPLY: u32 = 64 * 1024;
@@ -28,8 +36,9 @@ pub(crate) async fn open(
     addr: &str,
     export: &str,
     timeout: Duration,
+    tls: Option<&ClientTls>,
 ) -> Result<Connected, EngineError> {
-    match tokio::time::timeout(timeout, handshake(addr, export)).await {
+    match tokio::time::timeout(timeout, handshake(addr, export, tls)).await {
         Ok(r) => r,
         Err(_) => Err(EngineError::ConnectTimeout {
             addr: addr.to_owned(),
@@ -38,7 +47,11 @@ pub(crate) async fn open(
     }
 }
 
-async fn handshake(addr: &str, export: &str) -> Result<Connected, EngineError> {
+async fn handshake(
+    addr: &str,
+    export: &str,
+    tls: Option<&ClientTls>,
+) -> Result<Connected, EngineError> {
     let hs_err = |reason: String| EngineError::Handshake {
         addr: addr.to_owned(),
         reason,
@@ -68,14 +81,94 @@ async fn handshake(addr: &str, export: &str) -> Result<Connected, EngineError> {
     }
     let mut out = Vec::with_capacity(256);
     client.encode(&mut out);
-    OptionRequest::StructuredReply
+    let Some(tls) = tls else {
+        let (geometry, structured) = negotiate(&mut stream, &mut buf, out, addr, export).await?;
+        return Ok(Connected {
+            stream: Stream::Plain(stream),
+            geometry,
+            local_addr,
+            structured,
+        });
+    };
+    OptionRequest::StartTls
         .encode(&mut out)
         .map_err(|e| hs_err(e.to_string()))?;
-    stream
-        .write_all(&out)
+    send(&mut stream, &out)
         .await
         .map_err(|e| hs_err(e.to_string()))?;
     let reply = read_option_reply(&mut stream, &mut buf)
+        .await
+        .map_err(|e| hs_err(e.to_string()))?;
+    let tls_err = |reason: String| EngineError::Tls {
+        addr: addr.to_owned(),
+        reason,
+    };
+    match (reply.option, reply.body) {
+        (OptionCode::StartTls, OptionReplyBody::Ack) => {}
+        (OptionCode::StartTls, OptionReplyBody::Error { error, message }) => {
+            return Err(tls_err(format!(
+                "server refused NBD_OPT_STARTTLS ({error:?}: {message}); this volume requires \
+                 TLS, so the engine does not continue in plain text"
+            )));
+        }
+        (option, body) => {
+            return Err(hs_err(format!(
+                "unexpected reply to NBD_OPT_STARTTLS: {option:?} {body:?}"
+            )));
+        }
+    }
+    if !buf.is_empty() {
+        return Err(tls_err(
+            "server sent data after its NBD_OPT_STARTTLS reply, before TLS".into(),
+        ));
+    }
+    let name = server_name(addr).map_err(tls_err)?;
+    let connector = tokio_rustls::TlsConnector::from(tls.current());
+    let mut stream = connector
+        .connect(name, stream)
+        .await
+        .map_err(|e| tls_err(e.to_string()))?;
+    let (geometry, structured) = negotiate(&mut stream, &mut buf, Vec::new(), addr, export).await?;
+    Ok(Connected {
+        stream: Stream::Tls(Box::new(stream)),
+        geometry,
+        local_addr,
+        structured,
+    })
+}
+
+/// The name the server's certificate must carry: the host of `HOST:PORT` (an IP address or
+/// a DNS name; IPv6 in brackets).
+fn server_name(addr: &str) -> Result<ServerName<'static>, String> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_owned())
+        .map_err(|_| format!("{host:?} is not a valid TLS server name"))
+}
+
+/// The option phase after the client flags (and STARTTLS): structured replies, then GO.
+/// `out` holds bytes still to be sent in front of the first option.
+async fn negotiate<S>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    mut out: Vec<u8>,
+    addr: &str,
+    export: &str,
+) -> Result<(Geometry, bool), EngineError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let hs_err = |reason: String| EngineError::Handshake {
+        addr: addr.to_owned(),
+        reason,
+    };
+    OptionRequest::StructuredReply
+        .encode(&mut out)
+        .map_err(|e| hs_err(e.to_string()))?;
+    send(stream, &out)
+        .await
+        .map_err(|e| hs_err(e.to_string()))?;
+    let reply = read_option_reply(stream, buf)
         .await
         .map_err(|e| hs_err(e.to_string()))?;
     if reply.option != OptionCode::StructuredReply {
@@ -102,8 +195,7 @@ async fn handshake(addr: &str, export: &str) -> Result<Connected, EngineError> {
     OptionRequest::Go(go)
         .encode(&mut out)
         .map_err(|e| hs_err(e.to_string()))?;
-    stream
-        .write_all(&out)
+    send(stream, &out)
         .await
         .map_err(|e| hs_err(e.to_string()))?;
 
@@ -117,7 +209,7 @@ async fn handshake(addr: &str, export: &str) -> Result<Connected, EngineError> {
                 "more than {MAX_OPTION_REPLIES} replies to NBD_OPT_GO without an ACK"
             )));
         }
-        let reply = read_option_reply(&mut stream, &mut buf)
+        let reply = read_option_reply(stream, buf)
             .await
             .map_err(|e| hs_err(e.to_string()))?;
         if reply.option != OptionCode::Go {
@@ -136,11 +228,22 @@ async fn handshake(addr: &str, export: &str) -> Result<Connected, EngineError> {
             },
             OptionReplyBody::Info(_) => {}
             OptionReplyBody::Ack => break,
+            OptionReplyBody::Error {
+                error: OptionError::TlsRequired,
+                message,
+            } => {
+                return Err(EngineError::Tls {
+                    addr: addr.to_owned(),
+                    reason: format!(
+                        "server requires TLS ({message}): give the volume tls=require and the \
+                         node a --tls-ca"
+                    ),
+                });
+            }
             OptionReplyBody::Error { error, message } => {
                 let reason = match error {
                     OptionError::UnknownExport => format!("no such export ({message})"),
                     OptionError::Unsupported => "server does not support NBD_OPT_GO".to_owned(),
-                    OptionError::TlsRequired => format!("server requires TLS ({message})"),
                     other => format!("{other:?}: {message}"),
                 };
                 return Err(EngineError::ExportRefused {
@@ -157,16 +260,17 @@ async fn handshake(addr: &str, export: &str) -> Result<Connected, EngineError> {
     if !buf.is_empty() {
         return Err(hs_err("server sent data before the first request".into()));
     }
-    Ok(Connected {
-        stream,
-        geometry: Geometry::new(info.size, info.flags, blocks),
-        local_addr,
-        structured,
-    })
+    Ok((Geometry::new(info.size, info.flags, blocks), structured))
 }
 
-async fn read_option_reply(
-    stream: &mut TcpStream,
+/// Writes `out` whole; over TLS it is only on the wire once flushed.
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, out: &[u8]) -> io::Result<()> {
+    stream.write_all(out).await?;
+    stream.flush().await
+}
+
+async fn read_option_reply<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
 ) -> Result<OptionReply, WireIoError> {
     read_msg(stream, buf, |b| OptionReply::decode(b, MAX_OPTION_REPLY)).await
@@ -183,8 +287,8 @@ enum WireIoError {
 }
 
 /// Reads until `decode` yields one whole message, consuming exactly its bytes.
-async fn read_msg<T>(
-    stream: &mut TcpStream,
+async fn read_msg<S: AsyncRead + Unpin, T>(
+    stream: &mut S,
     buf: &mut BytesMut,
     decode: impl Fn(&[u8]) -> Result<Option<(T, usize)>, WireError>,
 ) -> Result<T, WireIoError> {

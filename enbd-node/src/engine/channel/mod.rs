@@ -78,9 +78,15 @@ impl Geometry {
     }
 }
 
+/// The byte stream of a channel: plain TCP, or TLS over it after NBD_OPT_STARTTLS.
+pub(super) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
 /// A connection that finished its handshake and is ready for transmission.
 pub(crate) struct Connected {
-    pub(super) stream: TcpStream,
+    pub(super) stream: Stream,
     pub geometry: Geometry,
     pub local_addr: Option<SocketAddr>,
     pub(super) structured: bool,

@@ -15,11 +15,10 @@ use enbd_proto::wire::{
     ChunkBody, ChunkType, Command, CommandFlags, Cookie, HeaderStyle, NbdError, ReplyFlags,
     ReplyHeader, Request as WireRequest,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use super::{Connected, Ended};
+use super::{Connected, Ended, Stream};
 use crate::engine::config::MAX_REQUEST_BYTES;
 use crate::engine::error::IoError;
 use crate::engine::journal::{Op, Request};
@@ -108,10 +107,42 @@ impl InFlight {
 /// to drain.
 pub(crate) async fn run(conn: Connected, inner: &Inner, slot: &Slot) -> Ended {
     let structured = conn.structured;
-    let (mut rd, mut wr) = conn.stream.into_split();
+    match conn.stream {
+        Stream::Plain(s) => {
+            let (mut rd, mut wr) = s.into_split();
+            let ended = transmit(&mut rd, &mut wr, structured, inner, slot).await;
+            if matches!(ended, Ended::Reset) {
+                // Abortive close: any bytes still queued in our socket are discarded, not sent.
+                let _ = wr.as_ref().set_zero_linger();
+            }
+            ended
+        }
+        Stream::Tls(s) => {
+            let (mut rd, mut wr) = tokio::io::split(*s);
+            let ended = transmit(&mut rd, &mut wr, structured, inner, slot).await;
+            if matches!(ended, Ended::Reset) {
+                let s = rd.unsplit(wr);
+                let _ = s.get_ref().0.set_zero_linger();
+            }
+            ended
+        }
+    }
+}
+
+async fn transmit<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    structured: bool,
+    inner: &Inner,
+    slot: &Slot,
+) -> Ended
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let ended = {
-        let writer = write_loop(&mut wr, inner, slot);
-        let reader = read_loop(&mut rd, structured, slot);
+        let writer = write_loop(wr, inner, slot);
+        let reader = read_loop(rd, structured, slot);
         let watchdog = watchdog(inner, slot);
         tokio::pin!(writer, reader, watchdog);
         tokio::select! {
@@ -122,26 +153,24 @@ pub(crate) async fn run(conn: Connected, inner: &Inner, slot: &Slot) -> Ended {
             _ = inner.cancel.cancelled() => Ended::Cancelled,
         }
     };
-    match ended {
-        Ended::Cancelled if slot.inflight.len() == 0 => {
-            // Polite goodbye; the server may close first, which is fine.
-            let mut out = Vec::with_capacity(32);
-            let disc = WireRequest {
-                flags: CommandFlags::empty(),
-                command: Command::Disc,
-                cookie: Cookie(u64::MAX),
-                offset: 0,
-                length: 0,
-            };
-            if disc.encode(HeaderStyle::Compact, &mut out).is_ok() {
-                let _ = tokio::time::timeout(Duration::from_millis(200), wr.write_all(&out)).await;
-            }
+    if matches!(ended, Ended::Cancelled) && slot.inflight.len() == 0 {
+        // Polite goodbye; the server may close first, which is fine.
+        let mut out = Vec::with_capacity(32);
+        let disc = WireRequest {
+            flags: CommandFlags::empty(),
+            command: Command::Disc,
+            cookie: Cookie(u64::MAX),
+            offset: 0,
+            length: 0,
+        };
+        if disc.encode(HeaderStyle::Compact, &mut out).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_millis(200), async {
+                wr.write_all(&out).await?;
+                // Over TLS the request sits in the session until flushed.
+                wr.flush().await
+            })
+            .await;
         }
-        Ended::Reset => {
-            // Abortive close: any bytes still queued in our socket are discarded, not sent.
-            let _ = wr.as_ref().set_zero_linger();
-        }
-        _ => {}
     }
     ended
 }
@@ -156,7 +185,7 @@ fn command(op: Op) -> Command {
     }
 }
 
-async fn write_loop(wr: &mut OwnedWriteHalf, inner: &Inner, slot: &Slot) -> Ended {
+async fn write_loop<W: AsyncWrite + Unpin>(wr: &mut W, inner: &Inner, slot: &Slot) -> Ended {
     let depth = inner.cfg.queue_depth as usize;
     let inflight = &slot.inflight;
     let stats = &slot.stats;
@@ -233,11 +262,16 @@ async fn write_loop(wr: &mut OwnedWriteHalf, inner: &Inner, slot: &Slot) -> Ende
         if let Err(e) = wr.write_all(&out).await {
             return Ended::Io(e);
         }
+        // TLS keeps records it could not send yet in its session until flushed; on TCP this
+        // is a no-op.
+        if let Err(e) = wr.flush().await {
+            return Ended::Io(e);
+        }
         stats.bytes_written.fetch_add(written, Ordering::Relaxed);
     }
 }
 
-async fn read_loop(rd: &mut OwnedReadHalf, structured: bool, slot: &Slot) -> Ended {
+async fn read_loop<R: AsyncRead + Unpin>(rd: &mut R, structured: bool, slot: &Slot) -> Ended {
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
     loop {
         loop {
