@@ -485,8 +485,11 @@ async fn writes_set_exactly_the_touched_regions_uring_engine() {
 async fn writes_after_the_change_are_marked(extra: &[&str]) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    // One region per write, and room for many more writes than the 20 + 20 the test waits
+    // for: on a loaded machine SetMembership (two fsyncs) can outlast hundreds of writes.
+    const REGIONS: u64 = 2048;
     let s = common::start(extra);
-    create(&s, "v", SIZE).await;
+    create(&s, "v", REGIONS * RBU).await;
     let mut r = replicas(&s).await;
     set(&mut r, "v", record(1, &[(ME, InSync), ("b", InSync)]))
         .await
@@ -498,7 +501,7 @@ async fn writes_after_the_change_are_marked(extra: &[&str]) {
         tokio::task::spawn_blocking(move || {
             let (mut c, _) = raw::Raw::open(addr, "v");
             let mut i = 0u64;
-            while !stop.load(Ordering::SeqCst) && i < 128 {
+            while !stop.load(Ordering::SeqCst) && i < REGIONS {
                 let flags = if i.is_multiple_of(3) { FLAG_FUA } else { 0 };
                 c.request(flags, raw::CMD_WRITE, i, i * RBU, 4096, &[7u8; 4096]);
                 assert_eq!(c.simple_reply(), (0, i));
@@ -518,11 +521,14 @@ async fn writes_after_the_change_are_marked(extra: &[&str]) {
         .unwrap();
     // Writes 0..k were acknowledged; k may have been in flight; k+1 on was sent after.
     let k = acked.load(Ordering::SeqCst);
-    while acked.load(Ordering::SeqCst) < k + 20 {
+    // Wait for 20 more, unless the writer already ran out of regions (then the check
+    // below still covers every write it sent after the call).
+    while acked.load(Ordering::SeqCst) < k + 20 && !writer.is_finished() {
         tokio::task::yield_now().await;
     }
     stop.store(true, Ordering::SeqCst);
     let n = writer.await.unwrap();
+    assert!(n > k + 1, "k={k} n={n}: no write was sent after the call returned");
     let got = dirty(&mut r, "v", "b").await;
     let must: BTreeSet<u64> = (k + 1..n).collect();
     assert!(
