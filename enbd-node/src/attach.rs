@@ -52,6 +52,8 @@ pub struct AttachRequest {
     pub replicas: Vec<ReplicaRecord>,
     /// Mirrored volumes: how long a replica may take before it is dropped.
     pub replica_timeout: Duration,
+    /// Mirrored volumes: resync copy limit in bytes per second (`None`: unlimited).
+    pub resync_bytes_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -509,6 +511,7 @@ impl AttachmentManager {
             size_bytes: 0,
             replicas: req.replicas.clone(),
             replica_timeout_ms: u64::try_from(req.replica_timeout.as_millis()).unwrap_or(u64::MAX),
+            resync_bytes_per_sec: req.resync_bytes_per_sec.unwrap_or(0),
         };
         let client = Backing::connect(&record, req.brownout, self.inner.journal_bytes).await?;
         let g = client.geometry();
@@ -818,6 +821,9 @@ fn validate(req: &AttachRequest) -> Result<(), AttachError> {
         if req.replica_timeout.is_zero() {
             return bad("the replica timeout must be positive");
         }
+        if req.resync_bytes_per_sec == Some(0) {
+            return bad("the resync bandwidth limit must be positive (omit it for no limit)");
+        }
         let mut ids: Vec<&str> = req.replicas.iter().map(|r| r.id.as_str()).collect();
         ids.sort_unstable();
         if ids.windows(2).any(|w| w[0] == w[1]) {
@@ -897,6 +903,7 @@ mod tests {
             read_only: false,
             replicas: Vec::new(),
             replica_timeout: Duration::from_secs(5),
+            resync_bytes_per_sec: None,
         }
     }
 
@@ -962,6 +969,7 @@ mod tests {
             size_bytes: 1 << 20,
             replicas: Vec::new(),
             replica_timeout_ms: 0,
+            resync_bytes_per_sec: 0,
         }
     }
 
@@ -1066,10 +1074,16 @@ mod tests {
         assert!(
             validate(&AttachRequest {
                 replica_timeout: Duration::ZERO,
-                ..mirrored
+                ..mirrored.clone()
             })
             .is_err()
         );
+        let e = validate(&AttachRequest {
+            resync_bytes_per_sec: Some(0),
+            ..mirrored
+        })
+        .expect_err("zero bandwidth");
+        assert!(e.to_string().contains("bandwidth"), "{e}");
     }
 
     /// A state file with a malformed mirrored record: the daemon starts and lists that

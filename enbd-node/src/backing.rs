@@ -159,6 +159,7 @@ pub fn mirror_config(
         0 => DEFAULT_REPLICA_TIMEOUT,
         ms => Duration::from_millis(ms),
     };
+    m.resync_bytes_per_sec = (r.resync_bytes_per_sec > 0).then_some(r.resync_bytes_per_sec);
     Ok(m)
 }
 
@@ -275,6 +276,7 @@ mod tests {
                 parse_replica("b@10.0.0.2:10809@10.0.0.2:9100").expect("b"),
             ],
             replica_timeout_ms: 2500,
+            resync_bytes_per_sec: 0,
         }
     }
 
@@ -323,6 +325,17 @@ mod tests {
             ]
         );
         assert_eq!(m.replica_timeout, Duration::from_millis(2500));
+        assert_eq!(m.resync_bytes_per_sec, None, "0 in the record: unlimited");
+        let limited = mirror_config(
+            &AttachmentRecord {
+                resync_bytes_per_sec: 1 << 20,
+                ..mirrored_record()
+            },
+            BrownoutPolicy::Wait,
+            1 << 20,
+        )
+        .expect("config");
+        assert_eq!(limited.resync_bytes_per_sec, Some(1 << 20));
         assert_eq!(
             m.brownout,
             BrownoutPolicy::FailAfter(Duration::from_secs(30))
@@ -338,6 +351,7 @@ mod tests {
         );
         let old = AttachmentRecord {
             replica_timeout_ms: 0,
+            resync_bytes_per_sec: 0,
             ..r
         };
         assert_eq!(

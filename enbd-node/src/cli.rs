@@ -40,6 +40,9 @@ pub enum Command {
     Promote(PromoteArgs),
     /// Benchmark the client engine against an NBD server (no device): IOPS, latency, CPU.
     Bench(crate::bench::BenchArgs),
+    /// Measure a mirror's resync: bytes copied per byte written while a replica was away,
+    /// and the copy rate (the caller kills and restarts that replica's server when told).
+    BenchResync(crate::bench::resync::ResyncBenchArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -123,6 +126,10 @@ pub struct AttachArgs {
     /// Mirrored volume: a replica that does not answer within this long is dropped.
     #[arg(long, env = "ENBD_REPLICA_TIMEOUT", default_value = "5s")]
     pub replica_timeout: String,
+    /// Mirrored volumes: limit resync copies to this many bytes per second (e.g. `4m`;
+    /// default: unlimited). Kept in the state file.
+    #[arg(long, env = "ENBD_RESYNC_BYTES_PER_SEC")]
+    pub resync_bytes_per_sec: Option<crate::bench::ByteSize>,
     #[command(flatten)]
     pub control: ControlSocketArg,
 }
@@ -348,6 +355,8 @@ mod tests {
             "b@h2:10809@http://h2:9100",
             "--replica-timeout",
             "2s",
+            "--resync-bytes-per-sec",
+            "4m",
         ])
         .expect("parse");
         let Command::Attach(a) = cli.command else {
@@ -355,6 +364,7 @@ mod tests {
         };
         assert_eq!(a.replicas.len(), 2);
         assert_eq!(a.replica_timeout, "2s");
+        assert_eq!(a.resync_bytes_per_sec.map(|b| b.0), Some(4 << 20));
         assert_eq!(
             a.source(),
             Ok(Source {

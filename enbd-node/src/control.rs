@@ -36,6 +36,9 @@ pub enum Request {
         /// Mirrored volumes: e.g. `5s` (default 5s).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         replica_timeout: Option<String>,
+        /// Mirrored volumes: resync copy limit in bytes per second (absent: unlimited).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resync_bytes_per_sec: Option<u64>,
     },
     /// Makes one replica of an attached mirrored volume the only in-sync copy; refused
     /// unless `accept_data_loss`.
@@ -371,6 +374,7 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
             read_only,
             replicas,
             replica_timeout,
+            resync_bytes_per_sec,
         } => {
             let brownout: BrownoutPolicy = match brownout.parse() {
                 Ok(b) => b,
@@ -395,6 +399,7 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
                 read_only,
                 replicas,
                 replica_timeout,
+                resync_bytes_per_sec,
             };
             match mgr.attach(req).await {
                 Ok(a) => Response::Attached {
@@ -580,6 +585,7 @@ mod tests {
             read_only: false,
             replicas: replicas.into_iter().map(String::from).collect(),
             replica_timeout: Some("2s".into()),
+            resync_bytes_per_sec: Some(1 << 20),
         };
         for (replicas, want) in [
             (vec!["a@127.0.0.1:1"], "three @-separated parts"),

@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         ),
         Command::Promote(args) => promote(args),
         Command::Bench(args) => enbd_node::bench::run_bench(args),
+        Command::BenchResync(args) => enbd_node::bench::resync::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -159,6 +160,7 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
         read_only: args.read_only,
         replicas: args.replicas.clone(),
         replica_timeout: (!args.replicas.is_empty()).then(|| args.replica_timeout.clone()),
+        resync_bytes_per_sec: args.resync_bytes_per_sec.map(|b| b.0),
     };
     match call(&args.control.control_socket, req)? {
         Response::Attached {

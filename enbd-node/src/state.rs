@@ -39,6 +39,10 @@ pub struct AttachmentRecord {
     /// 0: the default).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub replica_timeout_ms: u64,
+    /// Mirrored volumes: resync copy limit in bytes per second (0: unlimited), kept so a
+    /// restarted daemon resumes a resync at the same pace.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resync_bytes_per_sec: u64,
 }
 
 /// One replica of a mirrored volume.
@@ -254,6 +258,7 @@ mod tests {
             size_bytes: 1 << 30,
             replicas: Vec::new(),
             replica_timeout_ms: 0,
+            resync_bytes_per_sec: 0,
         }
     }
 
@@ -272,6 +277,7 @@ mod tests {
         let mirrored = AttachmentRecord {
             replicas: vec![replica("a"), replica("b")],
             replica_timeout_ms: 2000,
+            resync_bytes_per_sec: 4 << 20,
             ..record("m", 1)
         };
         store
@@ -280,6 +286,7 @@ mod tests {
         let text = fs::read_to_string(dir.path().join(STATE_FILE)).expect("read");
         // A single-copy record is written exactly as before mirroring existed.
         assert_eq!(text.matches("replicas").count(), 1, "{text}");
+        assert_eq!(text.matches("resync_bytes_per_sec").count(), 1, "{text}");
         assert_eq!(store.load().expect("load"), vec![record("s", 0), mirrored]);
         // A record from before mirroring (no replica fields at all).
         fs::write(

@@ -589,6 +589,7 @@ async fn attach_backing_serves_a_mirror_from_its_state_record_and_reopens_it() {
             })
             .collect(),
         replica_timeout_ms: 1000,
+        resync_bytes_per_sec: 0,
     };
     let mirror_of = |b: &Backing| match b {
         Backing::Mirror(m) => m.clone(),

@@ -126,6 +126,7 @@ impl Attacher for AttachmentManager {
             read_only: spec.read_only,
             replicas,
             replica_timeout: p.replica_timeout,
+            resync_bytes_per_sec: None,
         };
         AttachmentManager::attach(self, req)
             .await
