@@ -41,9 +41,13 @@ mirror_volume() {
 }
 
 # attach_mirror NAME [flags] : attaches NAME over vm (10809) and vm-b (10819); prints the device.
+# The replica timeout also bounds the mirror's management calls at open, whose first one sets
+# up an HTTP/2 connection: 5 s, as 2 s was seen to time out on a loaded host.
 attach_mirror() {
   vol_=$1; shift
-  out=$(enbd-node attach --export "$vol_" --channels 2 --replica-timeout 2s \
+  wait_until 30 port_listening 10810
+  wait_until 30 port_listening 10820
+  out=$(enbd-node attach --export "$vol_" --channels 2 --replica-timeout 5s \
     --replica vm@127.0.0.1:10809@http://127.0.0.1:10810 \
     --replica vm-b@127.0.0.1:10819@http://127.0.0.1:10820 "$@") \
     || fail "mirrored attach failed: $out"
