@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use enbd_proto::ids::ServerId;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Discovery;
-use crate::servers::Targets;
+use crate::servers::{Target, Targets};
 
 /// Management port used when the pod names no container port `mgmt`.
 pub const DEFAULT_MGMT_PORT: i32 = 10810;
@@ -40,7 +40,16 @@ pub async fn run(
 ) -> Result<(), DiscoveryError> {
     match discovery {
         Discovery::Static(servers) => {
-            let targets = servers.into_iter().map(|s| (s.id, s.mgmt_url)).collect();
+            let targets = servers
+                .into_iter()
+                .map(|s| {
+                    let t = Target {
+                        mgmt_url: s.mgmt_url,
+                        zone: s.zone,
+                    };
+                    (s.id, t)
+                })
+                .collect();
             tx.send_replace(Some(targets));
             // Keep the sender alive: the prober treats a closed channel as "no
             // more updates", which is true, but it is tidier to end together.
@@ -56,8 +65,9 @@ pub async fn run(
                 .map_err(DiscoveryError::Client)?;
             let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
             tracing::info!(%namespace, %selector, "watching enbd-server pods");
+            let nodes: Api<Node> = Api::all(client.clone());
             let api: Api<Pod> = Api::namespaced(client, &namespace);
-            watch_pods(api, &selector, tx, cancel).await;
+            watch_pods(api, nodes, &selector, tx, cancel).await;
             Ok(())
         }
     }
@@ -65,6 +75,7 @@ pub async fn run(
 
 async fn watch_pods(
     api: Api<Pod>,
+    nodes: Api<Node>,
     selector: &str,
     tx: watch::Sender<Option<Targets>>,
     cancel: CancellationToken,
@@ -73,8 +84,9 @@ async fn watch_pods(
         watcher::watcher(api, watcher::Config::default().labels(selector)).default_backoff();
     futures::pin_mut!(stream);
     // Pod name → its target, if it currently is one.
-    let mut pods: BTreeMap<String, Option<(ServerId, String)>> = BTreeMap::new();
-    let mut relisting: Option<BTreeMap<String, Option<(ServerId, String)>>> = None;
+    let mut pods: BTreeMap<String, Option<(ServerId, Target)>> = BTreeMap::new();
+    let mut relisting: Option<BTreeMap<String, Option<(ServerId, Target)>>> = None;
+    let mut zones = NodeZones::default();
     let mut synced = false;
     loop {
         let event = tokio::select! {
@@ -93,8 +105,9 @@ async fn watch_pods(
                 false
             }
             Some(Ok(Event::InitApply(pod))) => {
+                let t = zoned(target_of(&pod), &pod, &nodes, &mut zones).await;
                 if let Some(buf) = relisting.as_mut() {
-                    buf.insert(pod_name(&pod), target_of(&pod));
+                    buf.insert(pod_name(&pod), t);
                 }
                 false
             }
@@ -104,7 +117,8 @@ async fn watch_pods(
                 true
             }
             Some(Ok(Event::Apply(pod))) => {
-                pods.insert(pod_name(&pod), target_of(&pod));
+                let t = zoned(target_of(&pod), &pod, &nodes, &mut zones).await;
+                pods.insert(pod_name(&pod), t);
                 true
             }
             Some(Ok(Event::Delete(pod))) => {
@@ -120,12 +134,71 @@ async fn watch_pods(
     }
 }
 
+/// The pod label or node label that names a zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Zones of the nodes looked up so far (a node's zone label does not change in practice;
+/// a pod moved to another node is looked up under that node's name).
+#[derive(Default)]
+struct NodeZones(BTreeMap<String, Option<String>>);
+
+/// The pod's zone: its own `topology.kubernetes.io/zone` label if it has one (for servers
+/// whose zone an operator sets on the pod), else its node's.
+async fn zoned(
+    target: Option<(ServerId, Target)>,
+    pod: &Pod,
+    nodes: &Api<Node>,
+    cache: &mut NodeZones,
+) -> Option<(ServerId, Target)> {
+    let (id, mut t) = target?;
+    t.zone = match pod_zone(pod) {
+        Some(z) => Some(z),
+        None => match pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+            None => None,
+            Some(node) => match cache.0.get(&node) {
+                Some(z) => z.clone(),
+                None => {
+                    let z = match nodes.get_opt(&node).await {
+                        Ok(n) => n.as_ref().and_then(node_zone),
+                        Err(e) => {
+                            // Not cached: asked again at the pod's next event.
+                            tracing::warn!(node, error = %e, "cannot read the node's zone label");
+                            return Some((id, t));
+                        }
+                    };
+                    cache.0.insert(node, z.clone());
+                    z
+                }
+            },
+        },
+    };
+    Some((id, t))
+}
+
+fn pod_zone(pod: &Pod) -> Option<String> {
+    pod.metadata
+        .labels
+        .as_ref()?
+        .get(ZONE_LABEL)
+        .filter(|z| !z.is_empty())
+        .cloned()
+}
+
+fn node_zone(node: &Node) -> Option<String> {
+    node.metadata
+        .labels
+        .as_ref()?
+        .get(ZONE_LABEL)
+        .filter(|z| !z.is_empty())
+        .cloned()
+}
+
 fn pod_name(pod: &Pod) -> String {
     pod.metadata.name.clone().unwrap_or_default()
 }
 
 /// The server a pod stands for, if it is running, has an IP and a valid name.
-pub fn target_of(pod: &Pod) -> Option<(ServerId, String)> {
+pub fn target_of(pod: &Pod) -> Option<(ServerId, Target)> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
@@ -155,7 +228,9 @@ pub fn target_of(pod: &Pod) -> Option<(ServerId, String)> {
     } else {
         ip.to_owned()
     };
-    Some((id, format!("http://{host}:{port}")))
+    let mut t = Target::new(format!("http://{host}:{port}"));
+    t.zone = pod_zone(pod);
+    Some((id, t))
 }
 
 #[cfg(test)]
@@ -177,9 +252,10 @@ mod tests {
             ]}]},
             "status": {"phase": "Running", "podIP": "10.1.2.3"}
         }));
-        let (id, url) = target_of(&p).unwrap();
+        let (id, t) = target_of(&p).unwrap();
         assert_eq!(id.as_str(), "enbd-server-1");
-        assert_eq!(url, "http://10.1.2.3:7000");
+        assert_eq!(t.mgmt_url, "http://10.1.2.3:7000");
+        assert_eq!(t.zone, None);
     }
 
     #[test]
@@ -189,7 +265,25 @@ mod tests {
             "spec": {"containers": [{"name": "server"}]},
             "status": {"phase": "Running", "podIP": "fd00::5"}
         }));
-        assert_eq!(target_of(&p).unwrap().1, "http://[fd00::5]:10810");
+        assert_eq!(target_of(&p).unwrap().1.mgmt_url, "http://[fd00::5]:10810");
+    }
+
+    #[test]
+    fn a_zone_comes_from_the_pod_label_or_the_node_label() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "s1", "labels": {"topology.kubernetes.io/zone": "eu-1b"}},
+            "spec": {"containers": [{"name": "server"}], "nodeName": "n1"},
+            "status": {"phase": "Running", "podIP": "10.0.0.9"}
+        }));
+        assert_eq!(target_of(&p).unwrap().1.zone.as_deref(), Some("eu-1b"));
+        let n: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "eu-1c"}}
+        }))
+        .unwrap();
+        assert_eq!(node_zone(&n).as_deref(), Some("eu-1c"));
+        let bare: Node =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "n2"}})).unwrap();
+        assert_eq!(node_zone(&bare), None);
     }
 
     #[test]

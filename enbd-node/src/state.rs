@@ -39,8 +39,7 @@ pub struct AttachmentRecord {
     /// 0: the default).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub replica_timeout_ms: u64,
-    /// Mirrored volumes: resync copy limit in bytes per second (0: unlimited), kept so a
-    /// restarted daemon resumes a resync at the same pace.
+    /// Mirrored volumes: resync copy limit in bytes per second (0: unlimited).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub resync_bytes_per_sec: u64,
 }
@@ -277,7 +276,7 @@ mod tests {
         let mirrored = AttachmentRecord {
             replicas: vec![replica("a"), replica("b")],
             replica_timeout_ms: 2000,
-            resync_bytes_per_sec: 4 << 20,
+            resync_bytes_per_sec: 0,
             ..record("m", 1)
         };
         store

@@ -1,5 +1,5 @@
 # Scenario 9.1: the node daemon SIGKILLed during a mirror's resync. ext4 on a mirrored volume
-# attached with a resync limit of 2 MiB/s (`--resync-bytes-per-sec`, kept in the state file);
+# attached with a resync limit of 2 MiB/s (`--resync-bandwidth 2Mi`, kept in the state file);
 # vm-b down while fio spreads writes over 48 MiB and files are written, so the resync has
 # tens of MiB to copy. vm-b back; once the resync copied more than one batch (16 regions,
 # whose bits are then cleared on the servers) enbd-node is SIGKILLed while a writer runs.
@@ -14,7 +14,7 @@ mirror_volume nvol 128
 start_server
 start_b
 start_daemon
-dev=$(attach_mirror nvol --resync-bytes-per-sec 2m)
+dev=$(attach_mirror nvol --resync-bandwidth 2Mi)
 wait_until 30 is_engine nvol Healthy
 grep -q '"resync_bytes_per_sec": *2097152' "$STATE_DIR/attachments.json" \
   || { cat "$STATE_DIR/attachments.json"; fail "the resync limit is not in the state file"; }

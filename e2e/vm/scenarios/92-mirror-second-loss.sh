@@ -13,7 +13,7 @@ mirror_volume svol 128
 start_server
 start_b
 start_daemon
-dev=$(attach_mirror svol --resync-bytes-per-sec 1m)
+dev=$(attach_mirror svol --resync-bandwidth 1Mi)
 wait_until 30 is_engine svol Healthy
 mkfs_ext4 "$dev"
 do_mount "$dev" /mnt/svol
