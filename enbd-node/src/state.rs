@@ -276,7 +276,7 @@ mod tests {
         let mirrored = AttachmentRecord {
             replicas: vec![replica("a"), replica("b")],
             replica_timeout_ms: 2000,
-            resync_bytes_per_sec: 0,
+            resync_bytes_per_sec: 4 << 20,
             ..record("m", 1)
         };
         store
