@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup setup-demo demo test lint check-fresh-machine test-unit test-vm test-chart build release fuzz-smoke bench
+.PHONY: setup setup-demo demo test lint check-fresh-machine test-unit test-vm test-chart build release fuzz-smoke bench bench-mirror
 
 # Everything the tests need (make test, build, release, bench).
 setup:
@@ -60,6 +60,10 @@ fuzz-smoke:
 # enbd-server and the client engine vs qemu-nbd, nbdkit, nbd-server and libnbd.
 bench: release
 	./e2e/bench/run.sh
+
+# Mirrored volumes on loopback: 1/2/3 replicas through the engine, and the resync measurement.
+bench-mirror: release
+	./e2e/bench/mirror.sh
 
 # Both set-up profiles in clean debootstrap'ed Debian root filesystems, without Node.js, with
 # Debian's and with a third-party one; builds and starts enbd-server --demo in one of them.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The VM suite: real ublk devices on a real Debian kernel, booted under qemu TCG.
 #
-# usage: e2e/vm/run.sh [--kernel trixie|sid] [--only SUBSTRING] [--timeout SECS] [--verbose]
+# usage: e2e/vm/run.sh [--kernel trixie|sid] [--only SUBSTRING[,SUBSTRING..]] [--timeout SECS] [--verbose]
 #                      [--skip-build]   (reuse the binaries already built in the target dir)
 #
 # Builds static release binaries, fetches and verifies Debian's kernel package (cached in

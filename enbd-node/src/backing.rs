@@ -372,6 +372,18 @@ mod tests {
             ]
         );
         assert_eq!(m.replica_timeout, Duration::from_millis(2500));
+        assert_eq!(m.resync_bytes_per_sec, None, "0 in the record: unlimited");
+        let limited = mirror_config(
+            &AttachmentRecord {
+                resync_bytes_per_sec: 1 << 20,
+                ..mirrored_record()
+            },
+            BrownoutPolicy::Wait,
+            1 << 20,
+            None,
+        )
+        .expect("config");
+        assert_eq!(limited.resync_bytes_per_sec, Some(1 << 20));
         assert_eq!(
             m.brownout,
             BrownoutPolicy::FailAfter(Duration::from_secs(30))
@@ -387,6 +399,7 @@ mod tests {
         );
         let old = AttachmentRecord {
             replica_timeout_ms: 0,
+            resync_bytes_per_sec: 0,
             ..r
         };
         assert_eq!(

@@ -1,7 +1,10 @@
 //! `enbd-node bench`: drives the client engine directly (no ublk device) against an NBD
-//! server with a fixed number of requests in flight, and reports IOPS, bandwidth, latency
-//! percentiles and the engine's own CPU time per request — the numbers e2e/bench/engine.sh
-//! sets next to fio's nbd engine (libnbd) run with the same connections and depth.
+//! server — or, with `--replica`, a mirror over several — with a fixed number of requests in
+//! flight, and reports IOPS, bandwidth, latency percentiles and the engine's own CPU time per
+//! request: the numbers e2e/bench/engine.sh sets next to fio's nbd engine (libnbd) run with
+//! the same connections and depth, and e2e/bench/mirror.sh per replica count.
+
+pub mod resync;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -12,6 +15,8 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 
+use crate::backing::Backing;
+use crate::engine::mirror::{Mirror, MirrorConfig, ReplicaConfig};
 use crate::engine::{Client, ClientConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -25,8 +30,20 @@ pub enum Pattern {
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// NBD server HOST:PORT.
-    #[arg(long, env = "ENBD_SERVER")]
+    #[arg(
+        long,
+        env = "ENBD_SERVER",
+        required_unless_present = "replicas",
+        default_value = ""
+    )]
     pub server: String,
+    /// A mirror instead of one server: ID@HOST:PORT@http://HOST:PORT per replica (2 or 3),
+    /// as for `attach --replica`; `--channels` is then per replica.
+    #[arg(long = "replica", value_delimiter = ',')]
+    pub replicas: Vec<String>,
+    /// Mirror only: a replica silent this long is dropped.
+    #[arg(long, default_value = "5s")]
+    pub replica_timeout: String,
     #[arg(long, env = "ENBD_EXPORT", default_value = "demo")]
     pub export: String,
     /// Connections (used only if the server advertises CAN_MULTI_CONN, else 1).
@@ -115,15 +132,63 @@ fn cpu_seconds() -> anyhow::Result<f64> {
 }
 
 /// xorshift64*: cheap per-worker offsets, no shared RNG on the hot path.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
+}
+
+/// The engine under test: one `Client`, or a `Mirror` when replicas are given (it waits until
+/// every replica is in sync, so the numbers are those of the full write fan-out).
+async fn open(args: &BenchArgs) -> anyhow::Result<Backing> {
+    let mut cfg = ClientConfig::new(&args.server, &args.export);
+    cfg.channels = args.channels;
+    cfg.queue_depth = args.depth.max(1);
+    cfg.tls = args.tls.client_tls()?;
+    if args.replicas.is_empty() {
+        let client = Client::connect(cfg)
+            .await
+            .with_context(|| format!("connecting to {}", args.server))?;
+        return Ok(Backing::Single(client));
+    }
+    let mut m = mirror_config(&args.export, &args.replicas, &args.replica_timeout)?;
+    m.client.channels = cfg.channels;
+    m.client.queue_depth = cfg.queue_depth;
+    m.client.tls = cfg.tls;
+    let mirror = Mirror::open(m).await.context("opening the mirror")?;
+    resync::wait_healthy(&mirror, Duration::from_secs(120)).await?;
+    Ok(Backing::Mirror(mirror))
+}
+
+/// A mirror configuration from `--replica` specs.
+pub(crate) fn mirror_config(
+    export: &str,
+    replicas: &[String],
+    replica_timeout: &str,
+) -> anyhow::Result<MirrorConfig> {
+    if replicas.len() < 2 {
+        bail!("a mirror needs at least two --replica");
+    }
+    let replicas = replicas
+        .iter()
+        .map(|s| {
+            crate::backing::parse_replica(s).map(|r| ReplicaConfig {
+                id: r.id,
+                nbd: r.nbd,
+                mgmt: r.mgmt,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let mut m = MirrorConfig::new(export, replicas);
+    m.replica_timeout = crate::engine::config::parse_duration(replica_timeout)
+        .map_err(|e| anyhow::anyhow!("--replica-timeout: {e}"))?;
+    Ok(m)
 }
 
 /// Runs the benchmark on its own Tokio runtime and prints the report.
@@ -168,20 +233,17 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     if args.depth == 0 || args.seconds <= 0.0 {
         bail!("--depth and --seconds must be positive");
     }
-    let mut cfg = ClientConfig::new(&args.server, &args.export);
-    cfg.channels = args.channels;
-    cfg.queue_depth = args.depth.max(1);
-    cfg.tls = args.tls.client_tls()?;
-    let client = Client::connect(cfg)
-        .await
-        .with_context(|| format!("connecting to {}", args.server))?;
+    let client = open(args).await?;
     let g = client.geometry();
     let range = args.range.map_or(g.size, |r| r.0.min(g.size));
     let slots = range / bs;
     if slots == 0 {
         bail!("the export ({} bytes) is smaller than one request", range);
     }
-    let channels = client.status().channels.len();
+    let channels = match &client {
+        Backing::Single(c) => c.status().channels.len(),
+        Backing::Mirror(_) => usize::from(args.channels),
+    };
     let workers = channels * args.depth as usize;
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
@@ -208,10 +270,11 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                     Pattern::Randrw => (r >> 56) % 10 < 3,
                 };
                 let t = Instant::now();
-                if write {
-                    client.write(offset, payload.clone(), false).await?;
-                } else {
-                    client.read(offset, bs as u32).await?;
+                match (&client, write) {
+                    (Backing::Single(c), true) => c.write(offset, payload.clone(), false).await?,
+                    (Backing::Mirror(m), true) => m.write(offset, payload.clone(), false).await?,
+                    (Backing::Single(c), false) => drop(c.read(offset, bs as u32).await?),
+                    (Backing::Mirror(m), false) => drop(m.read(offset, bs as u32).await?),
                 }
                 if measuring.load(Ordering::Relaxed) {
                     lat_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);

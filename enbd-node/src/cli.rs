@@ -44,6 +44,9 @@ pub enum Command {
     Replace(ReplaceArgs),
     /// Benchmark the client engine against an NBD server (no device): IOPS, latency, CPU.
     Bench(crate::bench::BenchArgs),
+    /// Measure a mirror's resync: bytes copied per byte written while a replica was away,
+    /// and the copy rate (the caller kills and restarts that replica's server when told).
+    BenchResync(crate::bench::resync::ResyncBenchArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

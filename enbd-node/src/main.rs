@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         Command::Promote(args) => promote(args),
         Command::Replace(args) => replace(args),
         Command::Bench(args) => enbd_node::bench::run_bench(args),
+        Command::BenchResync(args) => enbd_node::bench::resync::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

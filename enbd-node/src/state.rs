@@ -281,7 +281,7 @@ mod tests {
         let mirrored = AttachmentRecord {
             replicas: vec![replica("a"), replica("b")],
             replica_timeout_ms: 2000,
-            resync_bytes_per_sec: 0,
+            resync_bytes_per_sec: 4 << 20,
             ..record("m", 1)
         };
         store
@@ -290,6 +290,7 @@ mod tests {
         let text = fs::read_to_string(dir.path().join(STATE_FILE)).expect("read");
         // A single-copy record is written exactly as before mirroring existed.
         assert_eq!(text.matches("replicas").count(), 1, "{text}");
+        assert_eq!(text.matches("resync_bytes_per_sec").count(), 1, "{text}");
         assert_eq!(store.load().expect("load"), vec![record("s", 0), mirrored]);
         // A record from before mirroring (no replica fields at all).
         fs::write(

@@ -528,7 +528,10 @@ async fn writes_after_the_change_are_marked(extra: &[&str]) {
     }
     stop.store(true, Ordering::SeqCst);
     let n = writer.await.unwrap();
-    assert!(n > k + 1, "k={k} n={n}: no write was sent after the call returned");
+    assert!(
+        n > k + 1,
+        "k={k} n={n}: no write was sent after the call returned"
+    );
     let got = dirty(&mut r, "v", "b").await;
     let must: BTreeSet<u64> = (k + 1..n).collect();
     assert!(

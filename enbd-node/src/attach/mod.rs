@@ -678,6 +678,9 @@ fn validate(req: &AttachRequest) -> Result<(), AttachError> {
         if req.replica_timeout.is_zero() {
             return bad("the replica timeout must be positive");
         }
+        if req.resync_bytes_per_sec == Some(0) {
+            return bad("the resync bandwidth limit must be positive (omit it for no limit)");
+        }
         let mut ids: Vec<&str> = req.replicas.iter().map(|r| r.id.as_str()).collect();
         ids.sort_unstable();
         if ids.windows(2).any(|w| w[0] == w[1]) {
@@ -921,10 +924,16 @@ mod tests {
         assert!(
             validate(&AttachRequest {
                 replica_timeout: Duration::ZERO,
-                ..mirrored
+                ..mirrored.clone()
             })
             .is_err()
         );
+        let e = validate(&AttachRequest {
+            resync_bytes_per_sec: Some(0),
+            ..mirrored
+        })
+        .expect_err("zero bandwidth");
+        assert!(e.to_string().contains("bandwidth"), "{e}");
     }
 
     #[tokio::test]

@@ -1,0 +1,97 @@
+# Helpers for the mirrored-volume scenarios (busybox sh), sourced after common.sh: a second
+# enbd-server (replica vm-b), mirrored attach, replica status from `enbd-node list`, and the
+# byte comparison of both replicas' data files.
+
+# Mirror status from `enbd-node list` (read from a file: `grep -q` closing the pipe early
+# would break enbd-node's stdout).
+# engine_of VOLUME : the ENGINE column (Healthy / Degraded / Waiting).
+engine_of() { enbd-node list > list.now; awk -v v="$1" '$2 == v {print $5}' list.now; }
+is_engine() { [ "$(engine_of "$1")" = "$2" ]; }
+# replica_state ID : in-sync / out / resyncing / down.
+replica_state() { enbd-node list > list.now; awk -v r="$1" '$1 == "replica" && $2 == r {print $6}' list.now; }
+is_replica() { [ "$(replica_state "$1")" = "$2" ]; }
+# resync_copied ID / resync_to_copy ID : MiB copied / to copy in the pass running now.
+resync_copied() { enbd-node list > list.now; awk -v r="$1" '$1 == "replica" && $2 == r && $6 == "resyncing" {split($7, a, "/"); print a[1]}' list.now; }
+resync_to_copy() { enbd-node list > list.now; awk -v r="$1" '$1 == "replica" && $2 == r && $6 == "resyncing" {split($7, a, "/"); print a[2]}' list.now; }
+# copied_at_least ID MIB : the running pass has copied at least MIB MiB.
+copied_at_least() { c=$(resync_copied "$1"); [ -n "$c" ] && awk -v c="$c" -v m="$2" 'BEGIN{exit !(c >= m)}'; }
+
+# Second enbd-server (replica vm-b) on 127.0.0.1:10819, data in B_DATA.
+B_DATA=/tmp/srv-b
+B_PID=""
+start_b() {
+  mkdir -p "$B_DATA"
+  enbd-server --data-dir "$B_DATA" --listen 127.0.0.1:10819 --mgmt-listen 127.0.0.1:10820 \
+    --metrics-listen 127.0.0.1:9820 --server-id vm-b --shutdown-grace-secs 1 \
+    >> server-b.log 2>&1 &
+  B_PID=$!
+  wait_until 30 port_listening 10819
+  log "enbd-server vm-b up (pid $B_PID)"
+}
+kill_b() {
+  kill -9 "$B_PID"; wait "$B_PID" 2>/dev/null || true; B_PID=""
+  wait_until 10 port_closed 10819
+  log "enbd-server vm-b killed with SIGKILL"
+}
+
+# mirror_volume NAME SIZE_MIB : the volume on both servers' data directories.
+mirror_volume() {
+  new_volume "$1" "$2"
+  a_=$SRV_DATA; SRV_DATA=$B_DATA; new_volume "$1" "$2"; SRV_DATA=$a_
+}
+
+# attach_mirror NAME [flags] : attaches NAME over vm (10809) and vm-b (10819); prints the device.
+# The replica timeout also bounds the mirror's management calls at open, whose first one sets
+# up an HTTP/2 connection: 5 s, as 2 s was seen to time out on a loaded host.
+attach_mirror() {
+  vol_=$1; shift
+  wait_until 30 port_listening 10810
+  wait_until 30 port_listening 10820
+  out=$(enbd-node attach --export "$vol_" --channels 2 --replica-timeout 5s \
+    --replica vm@127.0.0.1:10809@http://127.0.0.1:10810 \
+    --replica vm-b@127.0.0.1:10819@http://127.0.0.1:10820 "$@") \
+    || fail "mirrored attach failed: $out"
+  echo "$out" >&2
+  dev_=$(echo "$out" | sed -n 's/.* as \(\/dev\/ublkb[0-9]*\) .*/\1/p')
+  [ -b "$dev_" ] || fail "no device in: $out"
+  echo "$dev_"
+}
+
+# replicas_equal NAME : both servers' data files of NAME have the same sha256 (nothing may be
+# writing: unmount first).
+replicas_equal() {
+  a_=$(sha256sum "$SRV_DATA/volumes/$1/data" | cut -d' ' -f1)
+  b_=$(sha256sum "$B_DATA/volumes/$1/data" | cut -d' ' -f1)
+  log "replica data sha256: vm=$a_ vm-b=$b_"
+  [ "$a_" = "$b_" ] || fail "the replicas of $1 differ"
+}
+
+mirror_cleanup() {
+  rc=$?
+  set +e   # teardown is best effort (see cleanup); its statuses must not replace rc
+  [ -n "$B_PID" ] && { kill -9 "$B_PID" 2>/dev/null; wait "$B_PID" 2>/dev/null; }
+  [ $rc -ne 0 ] && { echo "---- server-b.log (tail)"; tail -n 20 server-b.log 2>/dev/null; enbd-node list 2>/dev/null; }
+  rm -rf "$B_DATA"
+  (exit $rc)
+  cleanup
+}
+trap mirror_cleanup EXIT
+
+# mkfs_ext4 DEV : ext4 with its inode tables and journal initialised now, so no background
+# lazy-init writes reach the device later (the replica comparisons need a quiet device).
+mkfs_ext4() { mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$1"; }
+
+# wait_resynced VOLUME REPLICA SECS : waits until VOLUME is Healthy again, noting the largest
+# "to copy" of REPLICA's resync seen meanwhile (in RESYNC_SEEN, MiB; empty if the resync was
+# too quick to be seen).
+wait_resynced() {
+  RESYNC_SEEN=""; n_=0
+  while ! is_engine "$1" Healthy; do
+    t_=$(resync_to_copy "$2")
+    [ -n "$t_" ] && RESYNC_SEEN=$t_
+    n_=$((n_+1))
+    [ $n_ -lt $(($3 * 5)) ] || fail "$1 not Healthy after $3 s: $(cat list.now)"
+    sleep 0.2
+  done
+  log "$1 Healthy again; resync of $2 seen with ${RESYNC_SEEN:-?} MiB to copy"
+}
