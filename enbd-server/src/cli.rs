@@ -26,6 +26,16 @@ pub enum IoEngineKind {
     Uring,
 }
 
+/// `--mgmt-tls`: whether the management API speaks mutual TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MgmtTlsMode {
+    /// Plain-text gRPC, no authentication (a lab, `--demo`).
+    Off,
+    /// TLS with the `--tls-cert` certificate; every method but grpc.health.v1 needs a
+    /// client certificate signed by `--mgmt-client-ca` whose CN allows it (README: "Security").
+    Require,
+}
+
 /// NBD volume server with a management gRPC API.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "enbd-server", version, about)]
@@ -75,6 +85,23 @@ pub struct Cli {
     /// Seconds to let in-flight requests finish on SIGTERM/SIGINT before closing connections.
     #[arg(long, env = "ENBD_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// Server certificate chain (PEM), reloaded when the file changes.
+    #[arg(long, env = "ENBD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM), reloaded when the file changes.
+    #[arg(long, env = "ENBD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Management API transport: `require` is mutual TLS with per-method roles.
+    #[arg(long, env = "ENBD_MGMT_TLS", value_enum, default_value_t = MgmtTlsMode::Off)]
+    pub mgmt_tls: MgmtTlsMode,
+    /// CA certificates (PEM) that sign management client certificates; needed by
+    /// `--mgmt-tls require`. Reloaded when the file changes.
+    #[arg(long, env = "ENBD_MGMT_CLIENT_CA")]
+    pub mgmt_client_ca: Option<PathBuf>,
+    /// Plain-text grpc.health.v1 listener for probes that cannot speak TLS (the kubelet's
+    /// `grpc:` probe); only the health service is served there. Off when not given.
+    #[arg(long, env = "ENBD_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +124,8 @@ pub enum ConfigError {
     HandshakeTimeout,
     #[error("--advertise-address {0:?} is not HOST:PORT")]
     Advertise(String),
+    #[error("--mgmt-tls require needs {0}")]
+    MgmtTls(&'static str),
 }
 
 /// Validated settings.
@@ -119,6 +148,9 @@ pub struct Config {
     pub shutdown_grace: std::time::Duration,
     /// With --demo: the volume to create if missing (name, bytes); also the default export.
     pub demo_volume: Option<(String, u64)>,
+    /// `--mgmt-tls require`; None: plain-text management API.
+    pub mgmt_tls: Option<crate::mgmt::auth::MgmtTls>,
+    pub health_listen: Option<SocketAddr>,
 }
 
 fn demo_data_dir() -> Result<PathBuf, ConfigError> {
@@ -176,7 +208,19 @@ impl Cli {
                 return Err(ConfigError::Advertise(a.clone()));
             }
         }
+        let mgmt_tls = match self.mgmt_tls {
+            MgmtTlsMode::Off => None,
+            MgmtTlsMode::Require => Some(crate::mgmt::auth::MgmtTls {
+                cert: self.tls_cert.ok_or(ConfigError::MgmtTls("--tls-cert"))?,
+                key: self.tls_key.ok_or(ConfigError::MgmtTls("--tls-key"))?,
+                client_ca: self
+                    .mgmt_client_ca
+                    .ok_or(ConfigError::MgmtTls("--mgmt-client-ca"))?,
+            }),
+        };
         Ok(Config {
+            mgmt_tls,
+            health_listen: self.health_listen,
             data_dir,
             listen: self.listen.unwrap_or((host, 10809).into()),
             mgmt_listen: self.mgmt_listen.unwrap_or((host, 10810).into()),
@@ -268,5 +312,19 @@ mod tests {
             "--server-id=a",
             "--handshake-timeout-secs=0"
         ]));
+        let tls = ["x", "--data-dir=/d", "--server-id=a", "--mgmt-tls=require"];
+        assert!(bad(&tls));
+        assert!(bad(&[&tls[..], &["--tls-cert=/c", "--tls-key=/k"]].concat()));
+        let ok = Cli::try_parse_from(
+            [
+                &tls[..],
+                &["--tls-cert=/c", "--tls-key=/k", "--mgmt-client-ca=/ca"],
+            ]
+            .concat(),
+        )
+        .unwrap()
+        .into_config()
+        .unwrap();
+        assert_eq!(ok.mgmt_tls.unwrap().client_ca, PathBuf::from("/ca"));
     }
 }

@@ -17,3 +17,4 @@ pub mod session;
 pub mod store;
 mod sys;
 pub mod testkit;
+pub mod tls;

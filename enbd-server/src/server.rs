@@ -40,6 +40,8 @@ pub enum ServerError {
     Uring(std::io::Error),
     #[error("management server: {0}")]
     Mgmt(#[from] tonic::transport::Error),
+    #[error("management TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Addresses actually bound (port 0 resolved), reported once the server is ready.
@@ -48,6 +50,8 @@ pub struct Bound {
     pub nbd: SocketAddr,
     pub mgmt: SocketAddr,
     pub metrics: SocketAddr,
+    /// Plain-text grpc.health.v1 listener (`--health-listen`).
+    pub health: Option<SocketAddr>,
     pub data_address: String,
 }
 
@@ -86,6 +90,19 @@ pub async fn run(
     let nbd = bind("NBD", cfg.listen).await?;
     let mgmt = bind("management gRPC", cfg.mgmt_listen).await?;
     let metrics_listener = bind("metrics", cfg.metrics_listen).await?;
+    let health_listener = match cfg.health_listen {
+        Some(a) => Some(bind("health gRPC", a).await?),
+        None => None,
+    };
+    let mgmt_tls = match &cfg.mgmt_tls {
+        Some(t) => Some(crate::tls::server_config(
+            &t.cert,
+            &t.key,
+            Some((&t.client_ca, false)),
+            &[b"h2"],
+        )?),
+        None => None,
+    };
     let nbd_addr = nbd.local_addr().map_err(|source| ServerError::Bind {
         what: "NBD",
         addr: cfg.listen,
@@ -105,6 +122,7 @@ pub async fn run(
                 addr: cfg.metrics_listen,
                 source,
             })?,
+        health: health_listener.as_ref().and_then(|l| l.local_addr().ok()),
         data_address: cfg
             .advertise_address
             .clone()
@@ -128,15 +146,36 @@ pub async fn run(
         cfg.server_id.as_str().to_owned(),
         bound.data_address.clone(),
     );
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<VolumeServiceServer<Mgmt>>()
+        .await;
+    health_reporter
+        .set_serving::<ReplicaServiceServer<Mgmt>>()
+        .await;
     let mgmt_stop = shutdown.clone();
+    let enforce = mgmt_tls.is_some();
     let mgmt_task = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(crate::mgmt::auth::AuthLayer { enforce })
+            .add_service(health_service.clone())
             .add_service(ReplicaServiceServer::new(mgmt_service.clone()))
             .add_service(VolumeServiceServer::new(mgmt_service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(mgmt), async move {
-                mgmt_stop.cancelled().await
-            }),
+            .serve_with_incoming_shutdown(
+                crate::mgmt::auth::incoming(mgmt, mgmt_tls, shutdown.clone()),
+                async move { mgmt_stop.cancelled().await },
+            ),
     );
+    let health_task = health_listener.map(|l| {
+        let stop = shutdown.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(l), async move {
+                    stop.cancelled().await
+                }),
+        )
+    });
     let metrics_task = tokio::spawn(metrics::serve(
         metrics_listener,
         metrics.clone(),
@@ -144,7 +183,7 @@ pub async fn run(
     ));
 
     tracing::info!(
-        nbd = %bound.nbd, mgmt = %bound.mgmt, metrics = %bound.metrics, server_id = %cfg.server_id.as_str(),
+        nbd = %bound.nbd, mgmt = %bound.mgmt, mgmt_tls = enforce, metrics = %bound.metrics, server_id = %cfg.server_id.as_str(),
         data_dir = %store.root().display(), io_engine = ?cfg.io_engine, "enbd-server ready"
     );
     ready(&bound);
@@ -206,6 +245,9 @@ pub async fn run(
         );
     }
     let _ = metrics_task.await;
+    if let Some(t) = health_task {
+        let _ = t.await;
+    }
     match mgmt_task.await {
         Ok(r) => r?,
         Err(e) => tracing::warn!(error = %e, "management task failed"),
