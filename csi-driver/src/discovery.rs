@@ -35,6 +35,7 @@ pub enum DiscoveryError {
 /// Runs discovery until cancelled, publishing target sets on `tx`.
 pub async fn run(
     discovery: Discovery,
+    tls: bool,
     tx: watch::Sender<Option<Targets>>,
     cancel: CancellationToken,
 ) -> Result<(), DiscoveryError> {
@@ -57,7 +58,7 @@ pub async fn run(
             let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
             tracing::info!(%namespace, %selector, "watching enbd-server pods");
             let api: Api<Pod> = Api::namespaced(client, &namespace);
-            watch_pods(api, &selector, tx, cancel).await;
+            watch_pods(api, &selector, tls, tx, cancel).await;
             Ok(())
         }
     }
@@ -66,6 +67,7 @@ pub async fn run(
 async fn watch_pods(
     api: Api<Pod>,
     selector: &str,
+    tls: bool,
     tx: watch::Sender<Option<Targets>>,
     cancel: CancellationToken,
 ) {
@@ -94,7 +96,7 @@ async fn watch_pods(
             }
             Some(Ok(Event::InitApply(pod))) => {
                 if let Some(buf) = relisting.as_mut() {
-                    buf.insert(pod_name(&pod), target_of(&pod));
+                    buf.insert(pod_name(&pod), target_of(&pod, tls));
                 }
                 false
             }
@@ -104,7 +106,7 @@ async fn watch_pods(
                 true
             }
             Some(Ok(Event::Apply(pod))) => {
-                pods.insert(pod_name(&pod), target_of(&pod));
+                pods.insert(pod_name(&pod), target_of(&pod, tls));
                 true
             }
             Some(Ok(Event::Delete(pod))) => {
@@ -125,7 +127,11 @@ fn pod_name(pod: &Pod) -> String {
 }
 
 /// The server a pod stands for, if it is running, has an IP and a valid name.
-pub fn target_of(pod: &Pod) -> Option<(ServerId, String)> {
+///
+/// Plain text: `http://<pod IP>:<port>`. With management TLS (`tls`): the pod's stable DNS
+/// name through its StatefulSet's headless Service, `https://<hostname>.<subdomain>.<namespace>.svc:<port>`,
+/// the name the server certificate is issued for (a pod IP is not in it).
+pub fn target_of(pod: &Pod, tls: bool) -> Option<(ServerId, String)> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
@@ -155,7 +161,29 @@ pub fn target_of(pod: &Pod) -> Option<(ServerId, String)> {
     } else {
         ip.to_owned()
     };
-    Some((id, format!("http://{host}:{port}")))
+    if !tls {
+        return Some((id, format!("http://{host}:{port}")));
+    }
+    let spec = pod.spec.as_ref();
+    let subdomain = spec
+        .and_then(|s| s.subdomain.as_deref())
+        .filter(|s| !s.is_empty());
+    let namespace = pod.metadata.namespace.as_deref().filter(|s| !s.is_empty());
+    let Some((subdomain, namespace)) = subdomain.zip(namespace) else {
+        tracing::warn!(
+            pod = name,
+            "enbd-server pod has no subdomain or namespace: its management certificate cannot be checked by DNS name; dialing its IP"
+        );
+        return Some((id, format!("https://{host}:{port}")));
+    };
+    let hostname = spec
+        .and_then(|s| s.hostname.as_deref())
+        .filter(|s| !s.is_empty())
+        .unwrap_or(name);
+    Some((
+        id,
+        format!("https://{hostname}.{subdomain}.{namespace}.svc:{port}"),
+    ))
 }
 
 #[cfg(test)]
@@ -177,9 +205,30 @@ mod tests {
             ]}]},
             "status": {"phase": "Running", "podIP": "10.1.2.3"}
         }));
-        let (id, url) = target_of(&p).unwrap();
+        let (id, url) = target_of(&p, false).unwrap();
         assert_eq!(id.as_str(), "enbd-server-1");
         assert_eq!(url, "http://10.1.2.3:7000");
+    }
+
+    #[test]
+    fn tls_dials_the_stable_dns_name() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "enbd-server-1", "namespace": "storage"},
+            "spec": {"hostname": "enbd-server-1", "subdomain": "enbd-server", "containers": [{"name": "server", "ports": [
+                {"name": "mgmt", "containerPort": 10810}
+            ]}]},
+            "status": {"phase": "Running", "podIP": "10.1.2.3"}
+        }));
+        assert_eq!(
+            target_of(&p, true).unwrap().1,
+            "https://enbd-server-1.enbd-server.storage.svc:10810"
+        );
+        let bare = pod(serde_json::json!({
+            "metadata": {"name": "s0"},
+            "spec": {"containers": [{"name": "server"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.1"}
+        }));
+        assert_eq!(target_of(&bare, true).unwrap().1, "https://10.0.0.1:10810");
     }
 
     #[test]
@@ -189,7 +238,7 @@ mod tests {
             "spec": {"containers": [{"name": "server"}]},
             "status": {"phase": "Running", "podIP": "fd00::5"}
         }));
-        assert_eq!(target_of(&p).unwrap().1, "http://[fd00::5]:10810");
+        assert_eq!(target_of(&p, false).unwrap().1, "http://[fd00::5]:10810");
     }
 
     #[test]
@@ -201,7 +250,7 @@ mod tests {
             serde_json::json!({"metadata": {"name": "s0", "deletionTimestamp": "2026-01-01T00:00:00Z"},
                                "status": {"phase": "Running", "podIP": "10.0.0.1"}}),
         ] {
-            assert!(target_of(&pod(json.clone())).is_none(), "{json}");
+            assert!(target_of(&pod(json.clone()), false).is_none(), "{json}");
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod discovery;
 pub mod error;
 pub mod identity;
 pub mod metrics;
+pub mod mgmt_tls;
 pub mod names;
 pub mod nodes;
 pub mod ops;
