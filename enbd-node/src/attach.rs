@@ -177,6 +177,9 @@ struct Inner {
     store: StateStore,
     max_volumes: usize,
     journal_bytes: usize,
+    /// The node's management TLS files (mirrored volumes with `https://` replicas); set once
+    /// at start-up by [`AttachmentManager::set_mgmt_tls`].
+    mgmt_tls: std::sync::OnceLock<crate::mgmt_tls::MgmtTlsFiles>,
     /// Serialises attach/detach/resize: each is seconds of work that must not interleave.
     ops: tokio::sync::Mutex<()>,
     volumes: Mutex<HashMap<String, Volume>>,
@@ -235,10 +238,17 @@ impl AttachmentManager {
                 store,
                 max_volumes: cfg.max_volumes,
                 journal_bytes: cfg.journal_bytes,
+                mgmt_tls: std::sync::OnceLock::new(),
                 ops: tokio::sync::Mutex::new(()),
                 volumes: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// Sets the management TLS files mirrored volumes use (start-up only: a second call is
+    /// ignored and reported as false).
+    pub fn set_mgmt_tls(&self, files: crate::mgmt_tls::MgmtTlsFiles) -> bool {
+        self.inner.mgmt_tls.set(files).is_ok()
     }
 
     /// Whether this kernel can host devices at all.
@@ -327,7 +337,7 @@ impl AttachmentManager {
             let attempt = tokio::select! {
                 biased;
                 () = cancel.cancelled() => return Err(cancelled()),
-                attempt = Backing::connect(&r, brownout, self.inner.journal_bytes) => attempt,
+                attempt = Backing::connect_with(&r, brownout, self.inner.journal_bytes, self.inner.mgmt_tls.get()) => attempt,
             };
             match attempt {
                 Ok(c) => break c,
@@ -510,7 +520,13 @@ impl AttachmentManager {
             replicas: req.replicas.clone(),
             replica_timeout_ms: u64::try_from(req.replica_timeout.as_millis()).unwrap_or(u64::MAX),
         };
-        let client = Backing::connect(&record, req.brownout, self.inner.journal_bytes).await?;
+        let client = Backing::connect_with(
+            &record,
+            req.brownout,
+            self.inner.journal_bytes,
+            self.inner.mgmt_tls.get(),
+        )
+        .await?;
         let g = client.geometry();
         if g.read_only && !req.read_only {
             client.shutdown().await;

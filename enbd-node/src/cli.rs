@@ -87,6 +87,15 @@ pub struct DaemonArgs {
     /// Bytes of unacknowledged request payload each volume's journal may hold.
     #[arg(long, env = "ENBD_JOURNAL_BYTES", default_value_t = 64 << 20)]
     pub journal_bytes: usize,
+    /// CA certificates (PEM) that sign the enbd-servers' certificates.
+    #[arg(long, env = "ENBD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's client certificate (PEM; CN enbd-node for the management API).
+    #[arg(long, env = "ENBD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, env = "ENBD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

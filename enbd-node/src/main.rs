@@ -101,6 +101,12 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         topology_zone: args.topology_zone,
         metrics_listen: args.metrics_listen,
         journal_bytes: args.journal_bytes,
+        mgmt_tls: enbd_node::mgmt_tls::MgmtTlsFiles::from_flags(
+            args.tls_ca,
+            args.tls_cert,
+            args.tls_key,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?,
     };
     let extra = extra_services(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
