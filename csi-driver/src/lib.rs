@@ -2,6 +2,7 @@
 //!
 //! Layers, dependencies pointing one way: [`config`] (validated flags) →
 //! [`discovery`] (which enbd-servers exist) → [`servers`] (health, clients) →
+//! [`mgmt`] (one management call under a deadline) →
 //! [`placement`], [`capacity`], [`capability`], [`publish`], [`ops`], [`names`],
 //! [`nodes`] (policy) →
 //! [`identity`], [`controller`] (the CSI services; [`error`] is their one
@@ -16,6 +17,7 @@ pub mod discovery;
 pub mod error;
 pub mod identity;
 pub mod metrics;
+pub mod mgmt;
 pub mod mgmt_tls;
 pub mod names;
 pub mod nodes;

@@ -20,6 +20,7 @@ use enbd_proto::params::ReplicaEndpoint;
 use tonic::{Response, Status};
 
 use crate::error::CsiError;
+use crate::mgmt;
 use crate::servers::{LiveServer, Lookup, Servers};
 
 /// Write-intent granularity of every mirrored volume this controller creates.
@@ -30,14 +31,7 @@ async fn call<T>(
     server: &ServerId,
     call: impl Future<Output = Result<Response<T>, Status>>,
 ) -> Result<T, CsiError> {
-    match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Err(_) => Err(CsiError::Unavailable(format!(
-            "enbd-server {server} did not answer within {}s",
-            CALL_TIMEOUT.as_secs()
-        ))),
-        Ok(Err(status)) => Err(CsiError::server(server, status)),
-        Ok(Ok(resp)) => Ok(resp.into_inner()),
-    }
+    mgmt::call(server, CALL_TIMEOUT, call).await
 }
 
 /// The membership record one server holds for `name` (generation 0: none).
@@ -90,27 +84,16 @@ pub fn member_servers(
 
 /// The record with the highest generation among the live servers holding `name`, with the
 /// servers that hold a copy of the volume at all (a partial set left by an interrupted
-/// create has copies but no record).
+/// create has copies but no record). Unlike a single copy's lookup, an error from any live
+/// server is the answer: the set is only judged with every holder heard.
 pub async fn find(
     servers: &Servers,
     name: &str,
 ) -> Result<(Option<pb::Membership>, Vec<(LiveServer, pb::Volume)>), CsiError> {
-    let live = servers.live();
-    let asks = live.iter().map(|s| async move {
-        let mut client = s.client.clone();
-        let req = pb::GetVolumeRequest {
-            name: name.to_owned(),
-        };
-        match call(&s.id, client.get_volume(req)).await {
-            Ok(resp) => Ok(resp.volume.map(|v| (s.clone(), v))),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e),
-        }
-    });
     let mut holders = Vec::new();
-    for found in futures::future::join_all(asks).await {
-        if let Some(h) = found? {
-            holders.push(h);
+    for (server, found) in mgmt::volume_on_each(servers, name, CALL_TIMEOUT).await {
+        if let Some(vol) = found? {
+            holders.push((server, vol));
         }
     }
     let mut best: Option<pb::Membership> = None;

@@ -10,7 +10,6 @@
 mod bridge;
 mod params;
 mod queue;
-mod ram;
 mod request;
 
 use std::path::PathBuf;
@@ -26,7 +25,6 @@ use thiserror::Error;
 use tokio::runtime::Handle;
 
 pub use params::DeviceGeometry;
-pub use ram::RamTarget;
 pub use request::{BlockRequest, BlockTarget};
 
 /// How long a new or recovered device may take to come up (≈2 s measured under TCG).

@@ -14,6 +14,9 @@ pub struct DeviceGeometry {
     pub physical_block: u32,
     /// Largest single request the server accepts (NBD maximum block size).
     pub max_io_bytes: u32,
+    /// Largest discard / write-zeroes request the target accepts; the block layer splits
+    /// bigger ones (mkfs and fstrim discard whole devices). 0 turns both off.
+    pub max_discard_bytes: u32,
     pub read_only: bool,
     /// The server has a volatile cache: FLUSH must reach it.
     pub flush: bool,
@@ -24,10 +27,6 @@ pub struct DeviceGeometry {
 
 /// Largest IO buffer per tag. Bigger requests are split by the block layer.
 pub const MAX_IO_BUF_BYTES: u32 = 512 * 1024;
-/// Largest discard / write-zeroes request passed down: the engine refuses any request longer
-/// than its limit (EINVAL), so the block layer must split bigger ones (mkfs and fstrim discard
-/// whole devices).
-const MAX_DISCARD_BYTES: u32 = crate::engine::MAX_REQUEST_BYTES as u32;
 
 /// log2 of a block size, clamped to what the block layer accepts (512 B ..= 64 KiB) and
 /// rounded down to a power of two.
@@ -87,12 +86,12 @@ pub fn ublk_params(geo: &DeviceGeometry, io_buf_bytes: u32) -> sys::ublk_params 
             discard_alignment: 0,
             discard_granularity: 1 << physical_shift,
             max_discard_sectors: if geo.discard {
-                MAX_DISCARD_BYTES >> 9
+                geo.max_discard_bytes >> 9
             } else {
                 0
             },
             max_write_zeroes_sectors: if geo.write_zeroes {
-                MAX_DISCARD_BYTES >> 9
+                geo.max_discard_bytes >> 9
             } else {
                 0
             },
@@ -113,6 +112,7 @@ mod tests {
             logical_block: 512,
             physical_block: 4096,
             max_io_bytes: 32 << 20,
+            max_discard_bytes: 16 << 20,
             read_only: false,
             flush: true,
             fua: true,
@@ -138,7 +138,20 @@ mod tests {
         assert_eq!(p.basic.max_sectors, MAX_IO_BUF_BYTES >> 9);
         assert_eq!(p.discard.discard_granularity, 4096);
         assert_eq!(p.discard.max_discard_segments, 1);
-        assert!(p.discard.max_write_zeroes_sectors > 0);
+        assert_eq!(p.discard.max_discard_sectors, (16 << 20) >> 9);
+        assert_eq!(p.discard.max_write_zeroes_sectors, (16 << 20) >> 9);
+    }
+
+    #[test]
+    fn discard_limit_comes_from_the_geometry() {
+        let g = DeviceGeometry {
+            max_discard_bytes: 1 << 20,
+            write_zeroes: false,
+            ..geo()
+        };
+        let p = ublk_params(&g, io_buf_bytes(&g));
+        assert_eq!(p.discard.max_discard_sectors, 2048);
+        assert_eq!(p.discard.max_write_zeroes_sectors, 0);
     }
 
     #[test]

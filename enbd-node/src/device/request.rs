@@ -31,7 +31,7 @@ pub enum BlockRequest {
     },
 }
 
-/// What serves a device's IO: the client engine in production, a RAM disk in tests.
+/// What serves a device's IO: the client engine (through `backing::EngineTarget`).
 /// Errors are positive errno values, passed to the kernel as the request's status.
 pub trait BlockTarget: Send + Sync + 'static {
     /// Read data for `Read`, empty bytes for everything else.

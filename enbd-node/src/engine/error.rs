@@ -3,6 +3,7 @@
 
 use std::io;
 
+use enbd_proto::wire::NbdError;
 use thiserror::Error;
 
 use super::config::ConfigError;
@@ -35,9 +36,9 @@ pub enum EngineError {
 /// (brownout policy `wait`), except errors the server itself returned.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum IoError {
-    /// The server answered the request with an NBD error (its errno-like value).
-    #[error("server returned error {0} ({name})", name = nbd_error_name(*.0))]
-    Server(u32),
+    /// The server answered the request with an NBD error.
+    #[error("server returned {0}")]
+    Server(NbdError),
     #[error("request [{offset}, +{len}) lies beyond the end of the {size}-byte export")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("request of {len} bytes is invalid: {why}")]
@@ -56,40 +57,20 @@ pub enum IoError {
     Protocol(String),
 }
 
-const EPERM: i32 = 1;
 const EIO: i32 = 5;
-const ENOMEM: i32 = 12;
 const EINVAL: i32 = 22;
-const ENOSPC: i32 = 28;
 const EROFS: i32 = 30;
-const EOVERFLOW: i32 = 75;
 const EOPNOTSUPP: i32 = 95;
-const ESHUTDOWN: i32 = 108;
-
-fn nbd_error_name(e: u32) -> &'static str {
-    match e as i32 {
-        EPERM => "EPERM",
-        EIO => "EIO",
-        ENOMEM => "ENOMEM",
-        EINVAL => "EINVAL",
-        ENOSPC => "ENOSPC",
-        EOVERFLOW => "EOVERFLOW",
-        EOPNOTSUPP => "ENOTSUP",
-        ESHUTDOWN => "ESHUTDOWN",
-        _ => "unknown",
-    }
-}
 
 impl IoError {
-    /// Positive errno for the block layer. NBD error values are Linux errno numbers for the
-    /// ones the protocol defines; anything else becomes EIO.
+    /// Positive errno for the block layer. A server's error is the protocol's errno for it
+    /// ([`NbdError::to_errno`]: the same number, EINVAL for a value the protocol does not
+    /// define), except ESHUTDOWN: the engine re-issues a request the server refused while
+    /// shutting down, so one that still ends so has lost its server and reads as EIO.
     pub fn errno(&self) -> i32 {
         match self {
-            Self::Server(e) => match *e as i32 {
-                v @ (EPERM | EIO | ENOMEM | EINVAL | ENOSPC | EOVERFLOW | EOPNOTSUPP) => v,
-                ESHUTDOWN => EIO,
-                _ => EIO,
-            },
+            Self::Server(NbdError::Shutdown) => EIO,
+            Self::Server(e) => e.to_errno(),
             Self::OutOfRange { .. } | Self::Invalid { .. } => EINVAL,
             Self::ReadOnly => EROFS,
             Self::Unsupported(_) => EOPNOTSUPP,
@@ -107,9 +88,16 @@ mod tests {
 
     #[test]
     fn errno_mapping() {
-        assert_eq!(IoError::Server(28).errno(), 28);
-        assert_eq!(IoError::Server(108).errno(), 5);
-        assert_eq!(IoError::Server(9999).errno(), 5);
+        assert_eq!(IoError::Server(NbdError::NoSpc).errno(), 28);
+        assert_eq!(IoError::Server(NbdError::Perm).errno(), 1);
+        assert_eq!(IoError::Server(NbdError::Overflow).errno(), 75);
+        assert_eq!(IoError::Server(NbdError::Shutdown).errno(), 5);
+        // The protocol: an unknown value reads as EINVAL.
+        assert_eq!(IoError::Server(NbdError::Unknown(9999)).errno(), 22);
+        assert_eq!(
+            IoError::Server(NbdError::NoSpc).to_string(),
+            "server returned NBD_ENOSPC (28)"
+        );
         assert_eq!(IoError::ReadOnly.errno(), 30);
         assert_eq!(IoError::Unsupported("trim").errno(), 95);
         assert_eq!(

@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use bytes::Bytes;
+use enbd_proto::wire::CommandFlags;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::error::IoError;
@@ -35,7 +36,7 @@ pub(crate) type Completion = Result<Bytes, IoError>;
 pub(crate) struct Request {
     pub op: Op,
     /// NBD command flags (FUA, NO_HOLE), already filtered by what the server supports.
-    pub flags: u16,
+    pub flags: CommandFlags,
     pub offset: u64,
     pub len: u32,
     /// Write payload; kept until acknowledged so the request can be re-issued.
@@ -93,7 +94,7 @@ impl Journal {
     pub async fn admit(
         &self,
         op: Op,
-        flags: u16,
+        flags: CommandFlags,
         offset: u64,
         len: u32,
         payload: Bytes,

@@ -15,7 +15,7 @@
 //! [`dispatch`] (how channels share the queue), [`reconnect`] (per-channel supervisor with
 //! backoff and identity checks), [`brownout`] (the outage policy), [`status`] (observability).
 //! [`mirror`] puts one `Client` per replica under a mirror layer (replicated volumes).
-//! TLS slots in later as a stream type inside `channel`.
+//! TLS slots in later as a stream type inside `channel` (its `handshake` part).
 
 pub mod brownout;
 pub mod channel;
@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
+use enbd_proto::wire::CommandFlags;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -45,11 +46,6 @@ pub use self::status::{ChannelState, ChannelStatus, EngineState, EngineStatus};
 use self::channel::InFlight;
 use self::journal::{Journal, Op, Request};
 use self::status::ChannelStats;
-
-/// NBD command flag: force unit access.
-const CMD_FLAG_FUA: u16 = 1 << 0;
-/// NBD command flag: WRITE_ZEROES must allocate (no hole).
-const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
 /// A connected volume. Cheap to clone; every clone drives the same channels and journal.
 /// Dropping the last clone stops the channels (as `shutdown` does, without waiting).
@@ -228,7 +224,8 @@ impl Client {
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
         self.check_range(offset, len)?;
-        self.submit(Op::Read, 0, offset, len, Bytes::new()).await
+        self.submit(Op::Read, CommandFlags::empty(), offset, len, Bytes::new())
+            .await
     }
 
     /// Writes `data` at `offset`; with `fua` it is durable when this returns (emulated with a
@@ -242,7 +239,11 @@ impl Client {
         self.check_writable()?;
         let g = &self.inner.geometry;
         let native_fua = fua && g.can_fua;
-        let flags = if native_fua { CMD_FLAG_FUA } else { 0 };
+        let flags = if native_fua {
+            CommandFlags::FUA
+        } else {
+            CommandFlags::empty()
+        };
         self.submit(Op::Write, flags, offset, len, data).await?;
         if fua && !native_fua {
             self.flush().await?;
@@ -257,7 +258,7 @@ impl Client {
             // No FLUSH advertised: the server has no volatile cache to flush.
             return Ok(());
         }
-        self.submit(Op::Flush, 0, 0, 0, Bytes::new())
+        self.submit(Op::Flush, CommandFlags::empty(), 0, 0, Bytes::new())
             .await
             .map(drop)
     }
@@ -268,7 +269,7 @@ impl Client {
         if !self.inner.geometry.can_trim {
             return Err(IoError::Unsupported("TRIM"));
         }
-        self.submit(Op::Trim, 0, offset, len, Bytes::new())
+        self.submit(Op::Trim, CommandFlags::empty(), offset, len, Bytes::new())
             .await
             .map(drop)
     }
@@ -283,7 +284,11 @@ impl Client {
                 .write(offset, Bytes::from(vec![0u8; len as usize]), false)
                 .await;
         }
-        let flags = if no_hole { CMD_FLAG_NO_HOLE } else { 0 };
+        let flags = if no_hole {
+            CommandFlags::NO_HOLE
+        } else {
+            CommandFlags::empty()
+        };
         self.submit(Op::WriteZeroes, flags, offset, len, Bytes::new())
             .await
             .map(drop)
@@ -340,7 +345,7 @@ impl Client {
     async fn submit(
         &self,
         op: Op,
-        flags: u16,
+        flags: CommandFlags,
         offset: u64,
         len: u32,
         payload: Bytes,

@@ -331,6 +331,7 @@ impl Backend for FileBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use enbd_proto::wire::NbdError;
 
     fn backend(size: u64) -> (tempfile::TempDir, FileBackend) {
         let dir = tempfile::tempdir().unwrap();
@@ -413,6 +414,6 @@ mod tests {
             Err(ExportError::ReadOnly)
         ));
         assert!(matches!(ro.trim(0, 512), Err(ExportError::ReadOnly)));
-        assert_eq!(ExportError::ReadOnly.nbd_errno(), 1);
+        assert_eq!(ExportError::ReadOnly.nbd_error(), NbdError::Perm);
     }
 }

@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
+use enbd_proto::wire::NbdError;
 use tokio_util::sync::CancellationToken;
 
 pub mod file;
@@ -45,27 +46,14 @@ pub enum ExportError {
 }
 
 impl ExportError {
-    /// The errno to put in the NBD reply (the NBD spec's subset of Linux errno values).
-    pub fn nbd_errno(&self) -> u32 {
-        const EPERM: u32 = 1;
-        const EIO: u32 = 5;
-        const ENOMEM: u32 = 12;
-        const EINVAL: u32 = 22;
-        const ENOSPC: u32 = 28;
-        const EOVERFLOW: u32 = 75;
-        const ENOTSUP: u32 = 95;
+    /// The error to put in the NBD reply: the protocol's mapping of the backend's errno
+    /// ([`NbdError::from_errno`], e.g. EFBIG and EDQUOT are `NBD_ENOSPC`).
+    pub fn nbd_error(&self) -> NbdError {
         match self {
-            Self::ReadOnly => EPERM,
-            Self::NotFast(_) => ENOTSUP,
-            Self::Io(e) => match e.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) => ENOSPC,
-                Some(libc::ENOMEM) => ENOMEM,
-                Some(libc::EINVAL) => EINVAL,
-                Some(libc::EOVERFLOW) | Some(libc::EFBIG) => EOVERFLOW,
-                Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => EPERM,
-                Some(libc::EOPNOTSUPP) => ENOTSUP,
-                _ => EIO,
-            },
+            Self::ReadOnly => NbdError::Perm,
+            Self::NotFast(_) => NbdError::NotSup,
+            // An error without an errno is the backend's own failure.
+            Self::Io(e) => e.raw_os_error().map_or(NbdError::Io, NbdError::from_errno),
         }
     }
 }
@@ -163,5 +151,27 @@ pub trait ExportProvider: Send + Sync + 'static {
     /// The export served to clients that ask for the empty name, if any.
     fn default_export(&self) -> Option<String> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_errors_take_the_protocols_nbd_values() {
+        let io = |errno| ExportError::Io(io::Error::from_raw_os_error(errno)).nbd_error();
+        // The document: EFBIG and EDQUOT are ENOSPC; read-only is EPERM.
+        assert_eq!(io(libc::EFBIG), NbdError::NoSpc);
+        assert_eq!(io(libc::EDQUOT), NbdError::NoSpc);
+        assert_eq!(io(libc::ENOSPC), NbdError::NoSpc);
+        assert_eq!(io(libc::EROFS), NbdError::Perm);
+        assert_eq!(io(libc::EACCES), NbdError::Perm);
+        assert_eq!(io(libc::EOVERFLOW), NbdError::Inval);
+        assert_eq!(io(libc::ENOENT), NbdError::Io);
+        let plain = ExportError::Io(io::Error::other("no errno"));
+        assert_eq!(plain.nbd_error(), NbdError::Io);
+        assert_eq!(ExportError::ReadOnly.nbd_error(), NbdError::Perm);
+        assert_eq!(ExportError::NotFast("zero").nbd_error(), NbdError::NotSup);
     }
 }

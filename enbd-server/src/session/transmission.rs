@@ -36,7 +36,6 @@ use super::budget::{CONNECTION_BYTES, CONNECTION_REQUESTS, ConnBudget, Ticket};
 use super::io::{Op, OpResult, Output};
 use super::negotiate::{BASE_ALLOCATION_ID, Negotiated};
 use super::{SessionConfig, SessionError};
-use crate::export::ExportError;
 
 /// Most extents returned for one BLOCK_STATUS request.
 const MAX_EXTENTS: usize = 2048;
@@ -76,10 +75,6 @@ fn data_cost(req: &Request, style: HeaderStyle, max_request: u32) -> u64 {
         }
         _ => req.payload_len(style),
     }
-}
-
-fn nbd_error(e: &ExportError) -> NbdError {
-    NbdError::from_raw(e.nbd_errno())
 }
 
 /// Why a request is refused before it touches the backend.
@@ -375,7 +370,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             let result = r.map_err(|e| {
                 metrics.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(cookie = cookie.0, command = ?command, error = %e, "request failed");
-                (nbd_error(&e), e.to_string())
+                (e.nbd_error(), e.to_string())
             });
             // The writer is gone only if the client is; then the reply has nowhere to go.
             send_reply(&tx, Reply { cookie, offset, result, ticket });

@@ -1,8 +1,10 @@
 //! The volume store: volumes and snapshots as sparse files in a data directory, and the
 //! registry of volumes open over NBD.
 //!
-//! Layout: `DATA/volumes/<name>/{data,meta.json}`, `DATA/snapshots/<name>/{data,meta.json}`,
-//! `DATA/staging/` (work in progress). Invariants:
+//! The store's operations live here; [`layout`] owns the files (paths, staging and the
+//! rename that commits, the volume and snapshot files) and [`registry`] owns who is using a
+//! name (the one management operation per name, the NBD connections sharing a backend).
+//! Invariants:
 //! - An entry exists iff its directory was renamed into `volumes/` or `snapshots/`; that
 //!   rename, followed by an fsync of the parent, is the commit point of a create. Everything
 //!   is built and fsynced in `staging/` first, and a delete renames the entry back into
@@ -18,37 +20,35 @@
 //!   clones. Every open volume's writes go through its write intent.
 
 pub mod bitmap;
+mod layout;
 pub mod membership;
 pub mod meta;
 pub mod name;
+mod registry;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{self, File};
+use std::collections::BTreeMap;
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-
-use tokio_util::sync::CancellationToken;
+use std::path::Path;
+use std::sync::Arc;
 
 use enbd_proto::ids::ServerId;
 
 use crate::export::file::FrozenBackend;
 use crate::export::{Backend, Export, ExportEntry, ExportProvider, FileBackend, OpenError};
 use crate::sys;
+use layout::{Kind, Layout};
 use membership::{Membership, Mirror, Mirrors, ReplicaError, SetRequest};
 pub use meta::ContentSource;
 use meta::{SnapshotMeta, VolumeMeta};
 pub use name::{NameError, VolumeName};
+use registry::{BusyGuard, Lease, Registry};
 
 /// Volume sizes are rounded up to this.
 pub const SIZE_ALIGN: u64 = 4096;
 /// Export-name prefix under which snapshots are served read-only.
 pub const SNAPSHOT_EXPORT_PREFIX: &str = "snapshot/";
-
-const DATA_FILE: &str = "data";
-const META_FILE: &str = "meta.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -145,34 +145,10 @@ pub struct Capacity {
     pub provisioned_bytes: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Kind {
-    Volume,
-    Snapshot,
-}
-
-impl Kind {
-    fn label(self) -> &'static str {
-        match self {
-            Kind::Volume => "volume",
-            Kind::Snapshot => "snapshot",
-        }
-    }
-}
-
-/// A volume or snapshot open over NBD: one backend shared by all its connections.
-struct OpenVolume {
-    backend: Arc<FileBackend>,
-    closed: CancellationToken,
-    leases: AtomicU64,
-}
-
 struct Inner {
-    root: PathBuf,
-    busy: Mutex<HashSet<(Kind, String)>>,
-    open: Mutex<HashMap<(Kind, String), Arc<OpenVolume>>>,
+    layout: Layout,
+    registry: Arc<Registry>,
     default_export: Option<String>,
-    staging_seq: AtomicU64,
     mirrors: Mirrors,
 }
 
@@ -180,44 +156,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct VolumeStore {
     inner: Arc<Inner>,
-}
-
-/// Releases one claim on an open volume when dropped (one per NBD connection).
-struct Lease {
-    inner: Arc<Inner>,
-    key: (Kind, String),
-    vol: Arc<OpenVolume>,
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        let mut open = lock(&self.inner.open);
-        if self.vol.leases.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // Only forget the entry if it is still ours (a force delete may have replaced it).
-            if open
-                .get(&self.key)
-                .is_some_and(|v| Arc::ptr_eq(v, &self.vol))
-            {
-                open.remove(&self.key);
-            }
-        }
-    }
-}
-
-/// Marks one name busy for the duration of a management operation.
-struct BusyGuard {
-    inner: Arc<Inner>,
-    key: (Kind, String),
-}
-
-impl Drop for BusyGuard {
-    fn drop(&mut self) {
-        lock(&self.inner.busy).remove(&self.key);
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn parse_name(name: &str) -> Result<VolumeName, StoreError> {
@@ -253,40 +191,18 @@ impl VolumeStore {
         default_export: Option<String>,
         server_id: Option<ServerId>,
     ) -> Result<Self, StoreError> {
-        for sub in ["volumes", "snapshots", "staging"] {
-            fs::create_dir_all(root.join(sub))
-                .map_err(io_err(format!("creating {}", root.join(sub).display())))?;
-        }
-        let root =
-            fs::canonicalize(root).map_err(io_err(format!("resolving {}", root.display())))?;
-        let staging = root.join("staging");
-        let mut cleaned = 0;
-        for entry in fs::read_dir(&staging).map_err(io_err("scanning staging"))? {
-            let path = entry.map_err(io_err("scanning staging"))?.path();
-            let r = if path.is_dir() {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            };
-            r.map_err(io_err(format!("removing leftover {}", path.display())))?;
-            cleaned += 1;
-        }
-        if cleaned > 0 {
-            meta::fsync_dir(&staging).map_err(io_err("syncing staging"))?;
-            tracing::info!(cleaned, "removed leftovers of interrupted operations");
-        }
+        let layout = Layout::open(root)?;
+        let volumes = layout.dir_of(Kind::Volume);
         let store = Self {
             inner: Arc::new(Inner {
-                busy: Mutex::new(HashSet::new()),
-                open: Mutex::new(HashMap::new()),
+                layout,
+                registry: Arc::default(),
                 default_export,
-                staging_seq: AtomicU64::new(0),
-                mirrors: Mirrors::new(root.join("volumes"), server_id),
-                root,
+                mirrors: Mirrors::new(volumes, server_id),
             }),
         };
         for kind in [Kind::Volume, Kind::Snapshot] {
-            for name in store.names(kind)? {
+            for name in store.inner.layout.names(kind)? {
                 if let Err(e) = store.check_entry(kind, &name) {
                     tracing::warn!(kind = kind.label(), name = %name, error = %e, "skipping damaged entry");
                 } else if kind == Kind::Volume {
@@ -299,54 +215,11 @@ impl VolumeStore {
     }
 
     pub fn root(&self) -> &Path {
-        &self.inner.root
-    }
-
-    fn dir_of(&self, kind: Kind) -> PathBuf {
-        self.inner.root.join(match kind {
-            Kind::Volume => "volumes",
-            Kind::Snapshot => "snapshots",
-        })
-    }
-
-    fn entry_dir(&self, kind: Kind, name: &VolumeName) -> PathBuf {
-        self.dir_of(kind).join(name.as_str())
-    }
-
-    fn staging_path(&self, what: &str, name: &VolumeName) -> PathBuf {
-        let seq = self.inner.staging_seq.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .root
-            .join("staging")
-            .join(format!("{what}-{name}-{}-{seq}", std::process::id()))
+        self.inner.layout.root()
     }
 
     fn claim(&self, kind: Kind, name: &VolumeName) -> Result<BusyGuard, StoreError> {
-        let key = (kind, name.to_string());
-        if !lock(&self.inner.busy).insert(key.clone()) {
-            return Err(StoreError::Busy(name.to_string()));
-        }
-        Ok(BusyGuard {
-            inner: self.inner.clone(),
-            key,
-        })
-    }
-
-    fn names(&self, kind: Kind) -> Result<Vec<VolumeName>, StoreError> {
-        let dir = self.dir_of(kind);
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io_err(format!("listing {}", dir.display())))? {
-            let entry = entry.map_err(io_err(format!("listing {}", dir.display())))?;
-            if let Some(name) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| VolumeName::parse(n).ok())
-            {
-                out.push(name);
-            }
-        }
-        out.sort();
-        Ok(out)
+        self.inner.registry.claim(kind, name)
     }
 
     fn check_entry(&self, kind: Kind, name: &VolumeName) -> Result<(), StoreError> {
@@ -356,48 +229,24 @@ impl VolumeStore {
         }
     }
 
-    fn open_connections(&self, kind: Kind, name: &VolumeName) -> u64 {
-        lock(&self.inner.open)
-            .get(&(kind, name.to_string()))
-            .map_or(0, |v| v.leases.load(Ordering::Acquire))
-    }
-
-    fn data_stat(&self, kind: Kind, name: &VolumeName) -> Result<fs::Metadata, StoreError> {
-        let path = self.entry_dir(kind, name).join(DATA_FILE);
-        fs::metadata(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => StoreError::NotFound {
-                kind: kind.label(),
-                name: name.to_string(),
-            },
-            _ => StoreError::Io {
-                context: format!("stat {}", path.display()),
-                source: e,
-            },
-        })
-    }
-
     fn volume_info(&self, name: &VolumeName) -> Result<VolumeInfo, StoreError> {
-        let st = self.data_stat(Kind::Volume, name)?;
-        let path = self.entry_dir(Kind::Volume, name).join(META_FILE);
-        let m: VolumeMeta =
-            meta::read_json(&path).map_err(io_err(format!("reading {}", path.display())))?;
+        let st = self.inner.layout.data_stat(Kind::Volume, name)?;
+        let m = self.inner.layout.volume_meta(name)?;
         Ok(VolumeInfo {
             name: name.to_string(),
             size_bytes: st.len(),
             source: m.source,
             created_at_unix: m.created_at_unix,
             export_name: name.to_string(),
-            open_connections: self.open_connections(Kind::Volume, name),
+            open_connections: self.inner.registry.connections(Kind::Volume, name),
             allocated_bytes: st.blocks() * 512,
             labels: m.labels,
         })
     }
 
     fn snapshot_info(&self, name: &VolumeName) -> Result<SnapshotInfo, StoreError> {
-        let st = self.data_stat(Kind::Snapshot, name)?;
-        let path = self.entry_dir(Kind::Snapshot, name).join(META_FILE);
-        let m: SnapshotMeta =
-            meta::read_json(&path).map_err(io_err(format!("reading {}", path.display())))?;
+        let st = self.inner.layout.data_stat(Kind::Snapshot, name)?;
+        let m = self.inner.layout.snapshot_meta(name)?;
         Ok(SnapshotInfo {
             name: name.to_string(),
             source_volume: m.source_volume,
@@ -418,6 +267,8 @@ impl VolumeStore {
     /// All volumes, sorted by name. Damaged entries are logged and left out.
     pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>, StoreError> {
         Ok(self
+            .inner
+            .layout
             .names(Kind::Volume)?
             .iter()
             .filter_map(|n| self.volume_info(n).ok())
@@ -427,6 +278,8 @@ impl VolumeStore {
     /// All snapshots, sorted by name.
     pub fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
         Ok(self
+            .inner
+            .layout
             .names(Kind::Snapshot)?
             .iter()
             .filter_map(|n| self.snapshot_info(n).ok())
@@ -434,8 +287,8 @@ impl VolumeStore {
     }
 
     pub fn capacity(&self) -> Result<Capacity, StoreError> {
-        let (total_bytes, available_bytes) =
-            sys::statvfs(&self.inner.root).map_err(io_err("statvfs on the data directory"))?;
+        let (total_bytes, available_bytes) = sys::statvfs(self.inner.layout.root())
+            .map_err(io_err("statvfs on the data directory"))?;
         let provisioned_bytes = self.list_volumes()?.iter().map(|v| v.size_bytes).sum();
         Ok(Capacity {
             total_bytes,
@@ -484,8 +337,7 @@ impl VolumeStore {
             Err(e) => return Err(e),
         }
 
-        let stage = self.staging_path("create", &name);
-        fs::create_dir(&stage).map_err(io_err("creating staging directory"))?;
+        let stage = self.inner.layout.new_stage("create", &name)?;
         let result = self.build_volume(
             &stage,
             &name,
@@ -495,10 +347,10 @@ impl VolumeStore {
             labels,
         );
         if let Err(e) = result {
-            let _ = fs::remove_dir_all(&stage);
+            Layout::abandon(&stage);
             return Err(e);
         }
-        self.commit(&stage, Kind::Volume, &name)?;
+        self.inner.layout.commit(&stage, Kind::Volume, &name)?;
         tracing::info!(volume = %name, "volume created");
         Ok((self.volume_info(&name)?, true))
     }
@@ -512,13 +364,7 @@ impl VolumeStore {
         source: Option<ContentSource>,
         labels: BTreeMap<String, String>,
     ) -> Result<(), StoreError> {
-        let data_path = stage.join(DATA_FILE);
-        let data = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&data_path)
-            .map_err(io_err("creating data file"))?;
+        let data = Layout::new_data_file(stage).map_err(io_err("creating data file"))?;
         let size = match source_ref {
             None => {
                 let size = requested.unwrap_or(SIZE_ALIGN);
@@ -545,8 +391,7 @@ impl VolumeStore {
             created_at_unix: meta::now_unix(),
             labels,
         };
-        meta::write_json(&stage.join(META_FILE), &m).map_err(io_err("writing volume metadata"))?;
-        meta::fsync_dir(stage).map_err(io_err("syncing staging directory"))?;
+        Layout::seal_stage(stage, &m, "volume")?;
         tracing::debug!(volume = %name, size, "volume built in staging");
         Ok(())
     }
@@ -568,8 +413,8 @@ impl VolumeStore {
                 source,
             },
         })?;
-        let _frozen = lease.vol.backend.freeze();
-        let src_file = lease.vol.backend.inner_file();
+        let _frozen = lease.backend().freeze();
+        let src_file = lease.backend().inner_file();
         let size = src_file.metadata().map_err(io_err("stat source"))?.len();
         match sys::reflink(src_file, dst) {
             Ok(()) => tracing::debug!(source = %src, "reflinked"),
@@ -581,46 +426,19 @@ impl VolumeStore {
         Ok(size)
     }
 
-    /// Moves a fully built staging directory into place: the commit point.
-    fn commit(&self, stage: &Path, kind: Kind, name: &VolumeName) -> Result<(), StoreError> {
-        let dst = self.entry_dir(kind, name);
-        fs::rename(stage, &dst).map_err(io_err(format!("committing {}", dst.display())))?;
-        meta::fsync_dir(&self.dir_of(kind)).map_err(io_err("syncing directory"))?;
-        Ok(())
-    }
-
-    /// Moves an entry out of sight (into staging), durably, then removes it. Holding the open
-    /// registry lock while moving makes the check-then-delete atomic against new connections.
+    /// Moves an entry out of sight (into staging), durably, then removes it. The registry
+    /// stays locked while moving, which makes the check-then-delete atomic against new
+    /// connections.
     fn remove_entry(&self, kind: Kind, name: &VolumeName, force: bool) -> Result<(), StoreError> {
-        let key = (kind, name.to_string());
-        let trash = self.staging_path("delete", name);
-        {
-            let mut open = lock(&self.inner.open);
-            if let Some(vol) = open.get(&key) {
-                let connections = vol.leases.load(Ordering::Acquire);
-                if connections > 0 && !force {
-                    return Err(StoreError::InUse {
-                        name: name.to_string(),
-                        connections,
-                    });
-                }
-                vol.closed.cancel();
-                open.remove(&key);
-            }
-            match fs::rename(self.entry_dir(kind, name), &trash) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => {
-                    return Err(StoreError::Io {
-                        context: format!("deleting {name}"),
-                        source: e,
-                    });
-                }
-            }
-            meta::fsync_dir(&self.dir_of(kind)).map_err(io_err("syncing directory"))?;
+        let layout = &self.inner.layout;
+        let hidden = self
+            .inner
+            .registry
+            .close(kind, name, force, || layout.hide(kind, name))?;
+        match hidden {
+            Some(trash) => Layout::discard(&trash),
+            None => Ok(()),
         }
-        fs::remove_dir_all(&trash).map_err(io_err(format!("removing {}", trash.display())))?;
-        Ok(())
     }
 
     /// Deletes a volume; a missing volume is success. Open connections block it unless
@@ -650,7 +468,7 @@ impl VolumeStore {
             });
         }
         if size > current.size_bytes {
-            let path = self.entry_dir(Kind::Volume, &name).join(DATA_FILE);
+            let path = self.inner.layout.data_path(Kind::Volume, &name);
             let grow_data = || {
                 let f = File::options().write(true).open(&path)?;
                 f.set_len(size)?;
@@ -686,15 +504,9 @@ impl VolumeStore {
             Err(e) => return Err(e),
         }
         self.volume_info(&source)?;
-        let stage = self.staging_path("snapshot", &name);
-        fs::create_dir(&stage).map_err(io_err("creating staging directory"))?;
+        let stage = self.inner.layout.new_stage("snapshot", &name)?;
         let built = (|| {
-            let data = File::options()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(stage.join(DATA_FILE))
-                .map_err(io_err("creating snapshot file"))?;
+            let data = Layout::new_data_file(&stage).map_err(io_err("creating snapshot file"))?;
             self.copy_entry(Kind::Volume, &source, &data)?;
             data.sync_all().map_err(io_err("syncing snapshot file"))?;
             let m = SnapshotMeta {
@@ -702,15 +514,13 @@ impl VolumeStore {
                 source_volume: source.to_string(),
                 created_at_unix: meta::now_unix(),
             };
-            meta::write_json(&stage.join(META_FILE), &m)
-                .map_err(io_err("writing snapshot metadata"))?;
-            meta::fsync_dir(&stage).map_err(io_err("syncing staging directory"))
+            Layout::seal_stage(&stage, &m, "snapshot")
         })();
         if let Err(e) = built {
-            let _ = fs::remove_dir_all(&stage);
+            Layout::abandon(&stage);
             return Err(e);
         }
-        self.commit(&stage, Kind::Snapshot, &name)?;
+        self.inner.layout.commit(&stage, Kind::Snapshot, &name)?;
         tracing::info!(snapshot = %name, volume = %source, "snapshot created");
         Ok((self.snapshot_info(&name)?, true))
     }
@@ -726,66 +536,51 @@ impl VolumeStore {
 
     /// Registers one more user of a volume or snapshot, opening its file if nobody has it open.
     fn lease_entry(&self, kind: Kind, name: &VolumeName) -> Result<Lease, OpenError> {
-        let key = (kind, name.to_string());
-        let mut open = lock(&self.inner.open);
-        let vol = match open.get(&key) {
-            Some(v) => v.clone(),
-            None => {
-                let path = self.entry_dir(kind, name).join(DATA_FILE);
-                let read_only = kind == Kind::Snapshot;
-                let file = File::options()
-                    .read(true)
-                    .write(!read_only)
-                    .open(&path)
-                    .map_err(|e| {
-                        if e.kind() == io::ErrorKind::NotFound {
-                            OpenError::NotFound(name.to_string())
-                        } else {
-                            OpenError::Io {
-                                name: name.to_string(),
-                                source: e,
-                            }
-                        }
-                    })?;
-                if let Err(e) = sys::advise_random(&file) {
-                    tracing::debug!(error = %e, volume = %name, "posix_fadvise(RANDOM) refused");
-                }
-                let intent = match kind {
-                    Kind::Volume => self.inner.mirrors.get(name.as_str()),
-                    Kind::Snapshot => None,
-                };
-                let backend = match intent.map(|m| m.intent()) {
-                    None => FileBackend::new(file, read_only),
-                    Some(Ok(intent)) => FileBackend::with_intent(file, read_only, intent),
-                    Some(Err(e)) => {
-                        return Err(OpenError::Io {
-                            name: name.to_string(),
-                            source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
-                        });
+        self.inner
+            .registry
+            .lease(kind, name, || self.open_backend(kind, name))
+    }
+
+    /// Opens an entry's data file as the backend its connections will share, behind the
+    /// volume's write intent if it is a mirror member.
+    fn open_backend(&self, kind: Kind, name: &VolumeName) -> Result<FileBackend, OpenError> {
+        let path = self.inner.layout.data_path(kind, name);
+        let read_only = kind == Kind::Snapshot;
+        let file = File::options()
+            .read(true)
+            .write(!read_only)
+            .open(&path)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    OpenError::NotFound(name.to_string())
+                } else {
+                    OpenError::Io {
+                        name: name.to_string(),
+                        source: e,
                     }
-                };
-                let vol = Arc::new(OpenVolume {
-                    backend: Arc::new(backend),
-                    closed: CancellationToken::new(),
-                    leases: AtomicU64::new(0),
-                });
-                open.insert(key.clone(), vol.clone());
-                vol
-            }
+                }
+            })?;
+        if let Err(e) = sys::advise_random(&file) {
+            tracing::debug!(error = %e, volume = %name, "posix_fadvise(RANDOM) refused");
+        }
+        let intent = match kind {
+            Kind::Volume => self.inner.mirrors.get(name.as_str()),
+            Kind::Snapshot => None,
         };
-        vol.leases.fetch_add(1, Ordering::AcqRel);
-        Ok(Lease {
-            inner: self.inner.clone(),
-            key,
-            vol,
-        })
+        match intent.map(|m| m.intent()) {
+            None => Ok(FileBackend::new(file, read_only)),
+            Some(Ok(intent)) => Ok(FileBackend::with_intent(file, read_only, intent)),
+            Some(Err(e)) => Err(OpenError::Io {
+                name: name.to_string(),
+                source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+            }),
+        }
     }
 
     fn open_entry(&self, kind: Kind, name: &VolumeName) -> Result<Export, OpenError> {
         let lease = self.lease_entry(kind, name)?;
-        let vol = lease.vol.clone();
-        let size = vol
-            .backend
+        let backend = lease.backend().clone();
+        let size = backend
             .inner_file()
             .metadata()
             .map_err(|e| OpenError::Io {
@@ -801,8 +596,8 @@ impl VolumeStore {
             name: export_name,
             size,
             read_only: kind == Kind::Snapshot,
-            backend: vol.backend.clone() as Arc<dyn Backend>,
-            closed: vol.closed.child_token(),
+            backend: backend as Arc<dyn Backend>,
+            closed: lease.closed(),
             lease: Some(Box::new(lease)),
         })
     }
@@ -836,7 +631,7 @@ impl VolumeStore {
             },
         })?;
         Ok(Paused {
-            _frozen: lease.vol.backend.freeze_owned(),
+            _frozen: lease.backend().freeze_owned(),
             _lease: lease,
         })
     }

@@ -1,4 +1,5 @@
 use super::*;
+use std::fs;
 use std::os::unix::fs::FileExt;
 
 fn store() -> (tempfile::TempDir, VolumeStore) {

@@ -61,6 +61,7 @@
 
 mod buf;
 pub mod consts;
+mod errno;
 mod error;
 mod flags;
 mod handshake;

@@ -170,6 +170,7 @@ impl ChunkType {
 
 wire_enum! {
     /// Error value of a simple reply or an error chunk. Zero (success) is never an `NbdError`.
+    /// Its errno mapping, both ways, is in `wire::errno`.
     NbdError: u32 {
         /// `NBD_EPERM`.
         Perm = NBD_EPERM,
@@ -187,37 +188,6 @@ wire_enum! {
         NotSup = NBD_ENOTSUP,
         /// `NBD_ESHUTDOWN`.
         Shutdown = NBD_ESHUTDOWN,
-    }
-}
-
-impl NbdError {
-    /// The Linux errno a client reports upward. Unknown values read as EINVAL, as the
-    /// protocol document tells clients to treat them; the named values equal Linux errnos.
-    pub const fn to_errno(self) -> i32 {
-        match self {
-            Self::Unknown(_) => NBD_EINVAL as i32,
-            known => known.raw() as i32,
-        }
-    }
-
-    /// The NBD error a server sends for a (positive) Linux errno from its backend. EDQUOT and
-    /// EFBIG become ENOSPC and EROFS becomes EPERM as the document recommends; EOPNOTSUPP
-    /// equals ENOTSUP on Linux; anything else without an NBD equivalent becomes EIO.
-    pub const fn from_errno(errno: i32) -> Self {
-        const EFBIG: i32 = 27;
-        const EROFS: i32 = 30;
-        const EDQUOT: i32 = 122;
-        match errno {
-            1 => Self::Perm,
-            12 => Self::NoMem,
-            22 => Self::Inval,
-            28 | EFBIG | EDQUOT => Self::NoSpc,
-            75 => Self::Overflow,
-            95 => Self::NotSup,
-            108 => Self::Shutdown,
-            EROFS => Self::Perm,
-            _ => Self::Io,
-        }
     }
 }
 
@@ -254,14 +224,5 @@ mod tests {
             OptionError::from_raw(0x8000_0006),
             OptionError::UnknownExport
         );
-    }
-
-    #[test]
-    fn errno_mapping() {
-        assert_eq!(NbdError::from_errno(122), NbdError::NoSpc);
-        assert_eq!(NbdError::from_errno(30), NbdError::Perm);
-        assert_eq!(NbdError::from_errno(2), NbdError::Io);
-        assert_eq!(NbdError::Unknown(9999).to_errno(), 22);
-        assert_eq!(NbdError::Shutdown.to_errno(), 108);
     }
 }

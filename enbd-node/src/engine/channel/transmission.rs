@@ -1,317 +1,35 @@
-//! One NBD channel: a TCP connection through the fixed-newstyle handshake (structured
-//! replies when offered, block-size constraints), then the transmission phase with a writer
-//! and a reader sharing an in-flight table keyed by cookie.
+//! The transmission phase of one channel: a writer that takes requests from the journal and
+//! a reader that matches replies to them by cookie, sharing the in-flight table.
 //!
-//! Invariants: a request is inserted into the in-flight table before its bytes are written
-//! (its reply can never outrun it) and leaves only when its final reply was fully read; the
-//! writer and reader never hold a request across an await outside that table, so dropping
-//! them at any point loses nothing — the supervisor drains the table back into the journal.
-//! Cookies are never reused within a connection.
-//!
-//! Against a broken or hostile server, memory stays bounded and nothing panics: option replies
-//! are bounded in size (`MAX_OPTION_REPLY`) and number (`MAX_OPTION_REPLIES`); a reply or
-//! chunk for a cookie not in the table, a chunk bigger than its request can need, or a chunk
-//! type never asked for ends the connection with a protocol error before its payload is
-//! buffered (the supervisor reconnects and re-issues the requests).
+//! Invariants: see [`super`]; the reader checks every reply or chunk against its request
+//! before buffering its payload.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::io;
-use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use enbd_proto::wire::{
-    ChunkBody, ChunkType, ClientFlags, Command, CommandFlags, Cookie, Greeting, HandshakeFlags,
-    HeaderStyle, InfoReply, InfoRequest, InfoType, NbdError, OptionCode, OptionError, OptionReply,
-    OptionReplyBody, OptionRequest, ReplyFlags, ReplyHeader, Request as WireRequest,
-    TransmissionFlags, WireError,
+    ChunkBody, ChunkType, Command, CommandFlags, Cookie, HeaderStyle, NbdError, ReplyFlags,
+    ReplyHeader, Request as WireRequest,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 
-use super::config::MAX_REQUEST_BYTES;
-use super::error::{EngineError, IoError};
-use super::journal::{Op, Request};
-use super::{Inner, Slot, dispatch};
+use super::{Connected, Ended};
+use crate::engine::config::MAX_REQUEST_BYTES;
+use crate::engine::error::IoError;
+use crate::engine::journal::{Op, Request};
+use crate::engine::{Inner, Slot, dispatch};
 
-/// Largest option reply we accept during the handshake.
-const MAX_OPTION_REPLY: u32 = 64 * 1024;
-/// Most replies we read for one option: NBD_OPT_GO needs a handful of INFOs and an ACK.
-const MAX_OPTION_REPLIES: usize = 64;
 /// Largest error chunk: error (4) + message length (2) + a message the protocol asks to keep
 /// under 4 KiB + an ERROR_OFFSET's offset (8), with room to spare.
 const MAX_ERROR_CHUNK: u64 = 8 * 1024;
-/// Block size defaults when the server sends no constraints (the protocol's defaults).
-const DEFAULT_MIN_BLOCK: u32 = 1;
-const DEFAULT_PREF_BLOCK: u32 = 4096;
 /// Read buffer: large enough for many 4 KiB replies per syscall.
 const READ_BUFFER: usize = 256 * 1024;
-
-/// What the handshake says about the export: its identity, which reconnects must match.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Geometry {
-    pub size: u64,
-    pub min_block: u32,
-    pub pref_block: u32,
-    pub max_block: u32,
-    pub read_only: bool,
-    pub can_flush: bool,
-    pub can_fua: bool,
-    pub can_trim: bool,
-    pub can_write_zeroes: bool,
-    pub can_fast_zero: bool,
-    pub multi_conn: bool,
-    /// Raw transmission flags as sent.
-    pub flags: u16,
-}
-
-impl Geometry {
-    fn new(size: u64, flags: TransmissionFlags, blocks: Option<(u32, u32, u32)>) -> Self {
-        let (min_block, pref_block, max_block) = blocks.unwrap_or((
-            DEFAULT_MIN_BLOCK,
-            DEFAULT_PREF_BLOCK,
-            MAX_REQUEST_BYTES as u32,
-        ));
-        let has = |f| flags.contains(f);
-        Self {
-            size,
-            min_block,
-            pref_block,
-            // We never send more than our own request limit, whatever the server allows.
-            max_block: max_block.min(MAX_REQUEST_BYTES as u32),
-            read_only: has(TransmissionFlags::READ_ONLY),
-            can_flush: has(TransmissionFlags::SEND_FLUSH),
-            can_fua: has(TransmissionFlags::SEND_FUA),
-            can_trim: has(TransmissionFlags::SEND_TRIM),
-            can_write_zeroes: has(TransmissionFlags::SEND_WRITE_ZEROES),
-            can_fast_zero: has(TransmissionFlags::SEND_FAST_ZERO),
-            multi_conn: has(TransmissionFlags::CAN_MULTI_CONN),
-            flags: flags.bits(),
-        }
-    }
-}
-
-/// A connection that finished its handshake and is ready for transmission.
-pub(crate) struct Connected {
-    stream: TcpStream,
-    pub geometry: Geometry,
-    pub local_addr: Option<SocketAddr>,
-    structured: bool,
-}
-
-/// Why a connection's transmission phase ended.
-#[derive(Debug)]
-pub(crate) enum Ended {
-    /// The engine is shutting down.
-    Cancelled,
-    /// Reset on request (operator, test, or an abandoned request on it).
-    Reset,
-    /// The server closed the connection.
-    Eof,
-    Io(io::Error),
-    /// The server sent something we cannot parse or match.
-    Protocol(String),
-    /// The oldest request got no reply within the io timeout.
-    Timeout(Duration),
-    /// The server answered ESHUTDOWN: it is going away; its requests go elsewhere.
-    ServerShutdown,
-}
-
-impl fmt::Display for Ended {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Cancelled => f.write_str("engine shut down"),
-            Self::Reset => f.write_str("reset on request"),
-            Self::Eof => f.write_str("server closed the connection"),
-            Self::Io(e) => write!(f, "socket error: {e}"),
-            Self::Protocol(m) => write!(f, "protocol error: {m}"),
-            Self::Timeout(d) => write!(f, "no reply for {:.1}s", d.as_secs_f64()),
-            Self::ServerShutdown => f.write_str("server is shutting down (ESHUTDOWN)"),
-        }
-    }
-}
-
-/// Opens a connection to `addr` and negotiates `export`, all within `timeout`.
-pub(crate) async fn open(
-    addr: &str,
-    export: &str,
-    timeout: Duration,
-) -> Result<Connected, EngineError> {
-    match tokio::time::timeout(timeout, handshake(addr, export)).await {
-        Ok(r) => r,
-        Err(_) => Err(EngineError::ConnectTimeout {
-            addr: addr.to_owned(),
-            secs: timeout.as_secs_f64(),
-        }),
-    }
-}
-
-async fn handshake(addr: &str, export: &str) -> Result<Connected, EngineError> {
-    let hs_err = |reason: String| EngineError::Handshake {
-        addr: addr.to_owned(),
-        reason,
-    };
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .map_err(|source| EngineError::Connect {
-            addr: addr.to_owned(),
-            source,
-        })?;
-    // Latency matters more than segment count: every request is a small write.
-    let _ = stream.set_nodelay(true);
-    let local_addr = stream.local_addr().ok();
-    let mut buf = BytesMut::with_capacity(4096);
-
-    let greeting = read_msg(&mut stream, &mut buf, Greeting::decode)
-        .await
-        .map_err(|e| hs_err(e.to_string()))?;
-    if !greeting.flags.contains(HandshakeFlags::FIXED_NEWSTYLE) {
-        return Err(hs_err(
-            "server does not speak fixed newstyle negotiation".into(),
-        ));
-    }
-    let mut client = ClientFlags::FIXED_NEWSTYLE;
-    if greeting.flags.contains(HandshakeFlags::NO_ZEROES) {
-        client |= ClientFlags::NO_ZEROES;
-    }
-    let mut out = Vec::with_capacity(256);
-    client.encode(&mut out);
-    OptionRequest::StructuredReply
-        .encode(&mut out)
-        .map_err(|e| hs_err(e.to_string()))?;
-    stream
-        .write_all(&out)
-        .await
-        .map_err(|e| hs_err(e.to_string()))?;
-    let reply = read_option_reply(&mut stream, &mut buf)
-        .await
-        .map_err(|e| hs_err(e.to_string()))?;
-    if reply.option != OptionCode::StructuredReply {
-        return Err(hs_err(format!(
-            "reply for option {:?} to NBD_OPT_STRUCTURED_REPLY",
-            reply.option
-        )));
-    }
-    let structured = match reply.body {
-        OptionReplyBody::Ack => true,
-        OptionReplyBody::Error { .. } => false,
-        other => {
-            return Err(hs_err(format!(
-                "unexpected reply to NBD_OPT_STRUCTURED_REPLY: {other:?}"
-            )));
-        }
-    };
-
-    out.clear();
-    let go = InfoRequest {
-        export: export.to_owned(),
-        requests: vec![InfoType::BlockSize],
-    };
-    OptionRequest::Go(go)
-        .encode(&mut out)
-        .map_err(|e| hs_err(e.to_string()))?;
-    stream
-        .write_all(&out)
-        .await
-        .map_err(|e| hs_err(e.to_string()))?;
-
-    let mut export_info = None;
-    let mut blocks = None;
-    let mut replies = 0;
-    loop {
-        replies += 1;
-        if replies > MAX_OPTION_REPLIES {
-            return Err(hs_err(format!(
-                "more than {MAX_OPTION_REPLIES} replies to NBD_OPT_GO without an ACK"
-            )));
-        }
-        let reply = read_option_reply(&mut stream, &mut buf)
-            .await
-            .map_err(|e| hs_err(e.to_string()))?;
-        if reply.option != OptionCode::Go {
-            return Err(hs_err(format!(
-                "reply for option {:?} to NBD_OPT_GO",
-                reply.option
-            )));
-        }
-        match reply.body {
-            OptionReplyBody::Info(InfoReply::Export(info)) => export_info = Some(info),
-            OptionReplyBody::Info(InfoReply::BlockSize(b)) => match b.validate() {
-                Ok(()) => blocks = Some((b.minimum, b.preferred, b.maximum)),
-                Err(e) => {
-                    tracing::warn!(server = addr, error = %e, "ignoring invalid block size constraints")
-                }
-            },
-            OptionReplyBody::Info(_) => {}
-            OptionReplyBody::Ack => break,
-            OptionReplyBody::Error { error, message } => {
-                let reason = match error {
-                    OptionError::UnknownExport => format!("no such export ({message})"),
-                    OptionError::Unsupported => "server does not support NBD_OPT_GO".to_owned(),
-                    OptionError::TlsRequired => format!("server requires TLS ({message})"),
-                    other => format!("{other:?}: {message}"),
-                };
-                return Err(EngineError::ExportRefused {
-                    addr: addr.to_owned(),
-                    export: export.to_owned(),
-                    reason,
-                });
-            }
-            other => return Err(hs_err(format!("unexpected reply to NBD_OPT_GO: {other:?}"))),
-        }
-    }
-    let info =
-        export_info.ok_or_else(|| hs_err("NBD_OPT_GO ended without NBD_INFO_EXPORT".into()))?;
-    if !buf.is_empty() {
-        return Err(hs_err("server sent data before the first request".into()));
-    }
-    Ok(Connected {
-        stream,
-        geometry: Geometry::new(info.size, info.flags, blocks),
-        local_addr,
-        structured,
-    })
-}
-
-async fn read_option_reply(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
-) -> Result<OptionReply, WireIoError> {
-    read_msg(stream, buf, |b| OptionReply::decode(b, MAX_OPTION_REPLY)).await
-}
-
-#[derive(Debug, thiserror::Error)]
-enum WireIoError {
-    #[error("{0}")]
-    Wire(#[from] WireError),
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("server closed the connection during the handshake")]
-    Eof,
-}
-
-/// Reads until `decode` yields one whole message, consuming exactly its bytes.
-async fn read_msg<T>(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
-    decode: impl Fn(&[u8]) -> Result<Option<(T, usize)>, WireError>,
-) -> Result<T, WireIoError> {
-    loop {
-        if let Some((msg, used)) = decode(buf)? {
-            buf.advance(used);
-            return Ok(msg);
-        }
-        if stream.read_buf(buf).await? == 0 {
-            return Err(WireIoError::Eof);
-        }
-    }
-}
 
 /// Hashes cookies (sequential integers) with one multiply: cheap and spreads the high bits.
 #[derive(Default)]
@@ -339,7 +57,7 @@ struct Pending {
     data: Option<BytesMut>,
     /// A structured read answered by one chunk covering it all (no copy needed).
     whole: Option<Bytes>,
-    error: Option<u32>,
+    error: Option<NbdError>,
 }
 
 /// A channel's requests awaiting replies.
@@ -479,7 +197,7 @@ async fn write_loop(wr: &mut OwnedWriteHalf, inner: &Inner, slot: &Slot) -> Ende
                 }
                 let cookie = inflight.next_cookie.fetch_add(1, Ordering::Relaxed);
                 let header = WireRequest {
-                    flags: CommandFlags::from_bits_retain(req.flags),
+                    flags: req.flags,
                     command: command(req.op),
                     cookie: Cookie(cookie),
                     offset: req.offset,
@@ -552,10 +270,6 @@ fn protocol(msg: impl Into<String>) -> Ended {
     Ended::Protocol(msg.into())
 }
 
-fn nbd_errno(e: NbdError) -> u32 {
-    e.to_errno() as u32
-}
-
 /// Consumes at most one whole reply (or chunk) from `buf` and completes its request when it
 /// was the last part.
 ///
@@ -599,7 +313,7 @@ fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Pars
             drop(table);
             buf.advance(hlen);
             let result = match reply.error {
-                Some(e) => Err(IoError::Server(nbd_errno(e))),
+                Some(e) => Err(IoError::Server(e)),
                 None => Ok(buf.split_to(data_len).freeze()),
             };
             complete(pending, result, slot);
@@ -655,7 +369,7 @@ fn parse_reply(buf: &mut BytesMut, structured: bool, slot: &Slot) -> Result<Pars
                     if error == NbdError::Shutdown {
                         return Err(Ended::ServerShutdown);
                     }
-                    pending.error.get_or_insert(nbd_errno(error));
+                    pending.error.get_or_insert(error);
                 }
                 // `chunk_limit` refused every other type.
                 _ => {}
