@@ -34,6 +34,8 @@ pub enum ConfigError {
     NoServers,
     #[error("--servers is only used with --discovery static")]
     ServersWithoutStatic,
+    #[error("--servers entry {0:?}: a zone (after @) is 1 to 63 letters, digits, '-', '_' or '.'")]
+    ServerZone(String),
     #[error("--server-selector must not be empty")]
     EmptySelector,
     #[error("--nodes entry {0:?}: node ids are 1 to 256 printable characters without spaces")]
@@ -50,6 +52,8 @@ pub struct StaticServer {
     pub id: ServerId,
     /// Management gRPC URL, e.g. `http://127.0.0.1:10810`.
     pub mgmt_url: String,
+    /// `ID=URL@ZONE`: the server's failure domain.
+    pub zone: Option<String>,
 }
 
 /// Where the server list comes from.
@@ -102,7 +106,19 @@ fn parse_static_server(entry: &str) -> Result<StaticServer, ConfigError> {
         entry: entry.to_owned(),
         source,
     })?;
-    let url = url.trim();
+    let (url, zone) = match url.trim().rsplit_once('@') {
+        Some((u, z)) => {
+            let ok = !z.is_empty()
+                && z.len() <= 63
+                && z.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !ok {
+                return Err(ConfigError::ServerZone(entry.to_owned()));
+            }
+            (u, Some(z.to_owned()))
+        }
+        None => (url.trim(), None),
+    };
     let host = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"));
@@ -113,6 +129,7 @@ fn parse_static_server(entry: &str) -> Result<StaticServer, ConfigError> {
     Ok(StaticServer {
         id,
         mgmt_url: url.trim_end_matches('/').to_owned(),
+        zone,
     })
 }
 
@@ -219,7 +236,7 @@ mod tests {
             "--discovery",
             "static",
             "--servers",
-            "s0=http://127.0.0.1:10810/,s1=https://srv:1",
+            "s0=http://127.0.0.1:10810/,s1=https://srv:1@zone-b",
             "--metrics-listen",
             "",
         ])
@@ -231,6 +248,9 @@ mod tests {
         };
         assert_eq!(servers[0].mgmt_url, "http://127.0.0.1:10810");
         assert_eq!(servers[1].id.as_str(), "s1");
+        assert_eq!(servers[0].zone, None);
+        assert_eq!(servers[1].zone.as_deref(), Some("zone-b"));
+        assert_eq!(servers[1].mgmt_url, "https://srv:1");
         assert_eq!(c.nodes, None, "unset: nodes come from CSINode objects");
         let c = config(&[
             "--discovery",
@@ -278,6 +298,15 @@ mod tests {
             config(&["--discovery", "static", "--servers", "s0=a:1"]),
             Err(ConfigError::ServerUrl(_))
         ));
+        for bad in ["s0=http://a:1@", "s0=http://a:1@a b", "s0=http://a:1@x/y"] {
+            assert!(
+                matches!(
+                    config(&["--discovery", "static", "--servers", bad]),
+                    Err(ConfigError::ServerZone(_))
+                ),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             config(&[
                 "--discovery",

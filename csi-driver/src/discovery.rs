@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use enbd_proto::ids::ServerId;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Discovery;
-use crate::servers::Targets;
+use crate::servers::{Target, Targets};
 
 /// Management port used when the pod names no container port `mgmt`.
 pub const DEFAULT_MGMT_PORT: i32 = 10810;
@@ -41,7 +41,16 @@ pub async fn run(
 ) -> Result<(), DiscoveryError> {
     match discovery {
         Discovery::Static(servers) => {
-            let targets = servers.into_iter().map(|s| (s.id, s.mgmt_url)).collect();
+            let targets = servers
+                .into_iter()
+                .map(|s| {
+                    let t = Target {
+                        mgmt_url: s.mgmt_url,
+                        zone: s.zone,
+                    };
+                    (s.id, t)
+                })
+                .collect();
             tx.send_replace(Some(targets));
             // Keep the sender alive: the prober treats a closed channel as "no
             // more updates", which is true, but it is tidier to end together.
@@ -57,8 +66,9 @@ pub async fn run(
                 .map_err(DiscoveryError::Client)?;
             let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
             tracing::info!(%namespace, %selector, "watching enbd-server pods");
+            let nodes: Api<Node> = Api::all(client.clone());
             let api: Api<Pod> = Api::namespaced(client, &namespace);
-            watch_pods(api, &selector, tls, tx, cancel).await;
+            watch_pods(api, nodes, &selector, tls, tx, cancel).await;
             Ok(())
         }
     }
@@ -66,6 +76,7 @@ pub async fn run(
 
 async fn watch_pods(
     api: Api<Pod>,
+    nodes: Api<Node>,
     selector: &str,
     tls: bool,
     tx: watch::Sender<Option<Targets>>,
@@ -75,8 +86,9 @@ async fn watch_pods(
         watcher::watcher(api, watcher::Config::default().labels(selector)).default_backoff();
     futures::pin_mut!(stream);
     // Pod name → its target, if it currently is one.
-    let mut pods: BTreeMap<String, Option<(ServerId, String)>> = BTreeMap::new();
-    let mut relisting: Option<BTreeMap<String, Option<(ServerId, String)>>> = None;
+    let mut pods: BTreeMap<String, Option<(ServerId, Target)>> = BTreeMap::new();
+    let mut relisting: Option<BTreeMap<String, Option<(ServerId, Target)>>> = None;
+    let mut zones = NodeZones::default();
     let mut synced = false;
     loop {
         let event = tokio::select! {
@@ -95,8 +107,9 @@ async fn watch_pods(
                 false
             }
             Some(Ok(Event::InitApply(pod))) => {
+                let t = zoned(target_of(&pod, tls), &pod, &nodes, &mut zones).await;
                 if let Some(buf) = relisting.as_mut() {
-                    buf.insert(pod_name(&pod), target_of(&pod, tls));
+                    buf.insert(pod_name(&pod), t);
                 }
                 false
             }
@@ -106,7 +119,8 @@ async fn watch_pods(
                 true
             }
             Some(Ok(Event::Apply(pod))) => {
-                pods.insert(pod_name(&pod), target_of(&pod, tls));
+                let t = zoned(target_of(&pod, tls), &pod, &nodes, &mut zones).await;
+                pods.insert(pod_name(&pod), t);
                 true
             }
             Some(Ok(Event::Delete(pod))) => {
@@ -122,6 +136,72 @@ async fn watch_pods(
     }
 }
 
+/// The pod label or node label that names a zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Zones of the nodes looked up so far (a node's zone label does not change in practice;
+/// a pod moved to another node is looked up under that node's name).
+#[derive(Default)]
+struct NodeZones(BTreeMap<String, Option<String>>);
+
+/// The pod's zone: its own `topology.kubernetes.io/zone` label if it has one (for servers
+/// whose zone an operator sets on the pod), else its node's.
+async fn zoned(
+    target: Option<(ServerId, Target)>,
+    pod: &Pod,
+    nodes: &Api<Node>,
+    cache: &mut NodeZones,
+) -> Option<(ServerId, Target)> {
+    let (id, mut t) = target?;
+    t.zone = match pod_zone(pod) {
+        Some(z) => Some(z),
+        None => match pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+            None => None,
+            Some(node) => match cache.0.get(&node) {
+                Some(z) => z.clone(),
+                None => {
+                    let z = match nodes.get_opt(&node).await {
+                        Ok(n) => n.as_ref().and_then(node_zone),
+                        Err(e) => {
+                            // Not cached: asked again at the pod's next event.
+                            tracing::warn!(node, error = %e, "cannot read the node's zone label");
+                            return Some((id, t));
+                        }
+                    };
+                    cache.0.insert(node, z.clone());
+                    z
+                }
+            },
+        },
+    };
+    Some((id, t))
+}
+
+fn pod_zone(pod: &Pod) -> Option<String> {
+    pod.metadata
+        .labels
+        .as_ref()?
+        .get(ZONE_LABEL)
+        .filter(|z| !z.is_empty())
+        .cloned()
+}
+
+fn node_zone(node: &Node) -> Option<String> {
+    node.metadata
+        .labels
+        .as_ref()?
+        .get(ZONE_LABEL)
+        .filter(|z| !z.is_empty())
+        .cloned()
+}
+
+/// A target for `url` with the zone the pod's labels name, if any.
+fn zoned_target(pod: &Pod, url: String) -> Target {
+    let mut t = Target::new(url);
+    t.zone = pod_zone(pod);
+    t
+}
+
 fn pod_name(pod: &Pod) -> String {
     pod.metadata.name.clone().unwrap_or_default()
 }
@@ -131,7 +211,7 @@ fn pod_name(pod: &Pod) -> String {
 /// Plain text: `http://<pod IP>:<port>`. With management TLS (`tls`): the pod's stable DNS
 /// name through its StatefulSet's headless Service, `https://<hostname>.<subdomain>.<namespace>.svc:<port>`,
 /// the name the server certificate is issued for (a pod IP is not in it).
-pub fn target_of(pod: &Pod, tls: bool) -> Option<(ServerId, String)> {
+pub fn target_of(pod: &Pod, tls: bool) -> Option<(ServerId, Target)> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
@@ -162,7 +242,7 @@ pub fn target_of(pod: &Pod, tls: bool) -> Option<(ServerId, String)> {
         ip.to_owned()
     };
     if !tls {
-        return Some((id, format!("http://{host}:{port}")));
+        return Some((id, zoned_target(pod, format!("http://{host}:{port}"))));
     }
     let spec = pod.spec.as_ref();
     let subdomain = spec
@@ -174,16 +254,14 @@ pub fn target_of(pod: &Pod, tls: bool) -> Option<(ServerId, String)> {
             pod = name,
             "enbd-server pod has no subdomain or namespace: its management certificate cannot be checked by DNS name; dialing its IP"
         );
-        return Some((id, format!("https://{host}:{port}")));
+        return Some((id, zoned_target(pod, format!("https://{host}:{port}"))));
     };
     let hostname = spec
         .and_then(|s| s.hostname.as_deref())
         .filter(|s| !s.is_empty())
         .unwrap_or(name);
-    Some((
-        id,
-        format!("https://{hostname}.{subdomain}.{namespace}.svc:{port}"),
-    ))
+    let url = format!("https://{hostname}.{subdomain}.{namespace}.svc:{port}");
+    Some((id, zoned_target(pod, url)))
 }
 
 #[cfg(test)]
@@ -205,9 +283,10 @@ mod tests {
             ]}]},
             "status": {"phase": "Running", "podIP": "10.1.2.3"}
         }));
-        let (id, url) = target_of(&p, false).unwrap();
+        let (id, t) = target_of(&p, false).unwrap();
         assert_eq!(id.as_str(), "enbd-server-1");
-        assert_eq!(url, "http://10.1.2.3:7000");
+        assert_eq!(t.mgmt_url, "http://10.1.2.3:7000");
+        assert_eq!(t.zone, None);
     }
 
     #[test]
@@ -220,7 +299,7 @@ mod tests {
             "status": {"phase": "Running", "podIP": "10.1.2.3"}
         }));
         assert_eq!(
-            target_of(&p, true).unwrap().1,
+            target_of(&p, true).unwrap().1.mgmt_url,
             "https://enbd-server-1.enbd-server.storage.svc:10810"
         );
         let bare = pod(serde_json::json!({
@@ -228,7 +307,10 @@ mod tests {
             "spec": {"containers": [{"name": "server"}]},
             "status": {"phase": "Running", "podIP": "10.0.0.1"}
         }));
-        assert_eq!(target_of(&bare, true).unwrap().1, "https://10.0.0.1:10810");
+        assert_eq!(
+            target_of(&bare, true).unwrap().1.mgmt_url,
+            "https://10.0.0.1:10810"
+        );
     }
 
     #[test]
@@ -238,7 +320,31 @@ mod tests {
             "spec": {"containers": [{"name": "server"}]},
             "status": {"phase": "Running", "podIP": "fd00::5"}
         }));
-        assert_eq!(target_of(&p, false).unwrap().1, "http://[fd00::5]:10810");
+        assert_eq!(
+            target_of(&p, false).unwrap().1.mgmt_url,
+            "http://[fd00::5]:10810"
+        );
+    }
+
+    #[test]
+    fn a_zone_comes_from_the_pod_label_or_the_node_label() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "s1", "labels": {"topology.kubernetes.io/zone": "eu-1b"}},
+            "spec": {"containers": [{"name": "server"}], "nodeName": "n1"},
+            "status": {"phase": "Running", "podIP": "10.0.0.9"}
+        }));
+        assert_eq!(
+            target_of(&p, false).unwrap().1.zone.as_deref(),
+            Some("eu-1b")
+        );
+        let n: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "eu-1c"}}
+        }))
+        .unwrap();
+        assert_eq!(node_zone(&n).as_deref(), Some("eu-1c"));
+        let bare: Node =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "n2"}})).unwrap();
+        assert_eq!(node_zone(&bare), None);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Chooses the enbd-server(s) for a new volume: the live servers with the most free
 //! bytes, among those with room for the whole volume; a mirrored volume's replicas each go
-//! to a different server (zones are not considered: servers carry none yet).
+//! to a different server, and to different zones while servers in unused zones have room
+//! (a spread preference, not a requirement: with fewer zones than replicas, the rest go by
+//! free space). A server without a zone counts as a zone of its own.
 //!
 //! "Room" is judged against the filesystem's free space now, as reported by
 //! each server's GetCapacity. Volumes are sparse, so this admits a volume that
@@ -43,6 +45,43 @@ pub fn pick_many(candidates: &[(ServerId, u64)], size: u64, n: usize) -> Option<
     (fit.len() >= n).then(|| fit.into_iter().take(n).collect())
 }
 
+/// Indexes of `n` distinct candidates `(id, free, zone)` for `size`: each pick is the one
+/// with the most free space (ties to the smaller id) among those whose zone no earlier pick
+/// (nor `taken`, the zones of servers already chosen) has, else among all that are left.
+/// `None` when fewer than `n` have room.
+pub fn pick_spread(
+    candidates: &[(ServerId, u64, Option<String>)],
+    size: u64,
+    n: usize,
+    taken: &[Option<String>],
+) -> Option<Vec<usize>> {
+    let flat: Vec<(ServerId, u64)> = candidates
+        .iter()
+        .map(|(id, free, _)| (id.clone(), *free))
+        .collect();
+    // Every candidate with room, most free first.
+    let fit = flat.iter().filter(|(_, f)| *f >= size).count();
+    let mut left = pick_many(&flat, size, fit).unwrap_or_default();
+    if left.len() < n {
+        return None;
+    }
+    let mut used: Vec<String> = taken.iter().flatten().cloned().collect();
+    let mut chosen = Vec::with_capacity(n);
+    while chosen.len() < n {
+        let fresh = left.iter().position(|&i| match &candidates[i].2 {
+            Some(z) => !used.contains(z),
+            None => true,
+        });
+        let at = fresh.unwrap_or(0);
+        let i = left.remove(at);
+        if let Some(z) = &candidates[i].2 {
+            used.push(z.clone());
+        }
+        chosen.push(i);
+    }
+    Some(chosen)
+}
+
 /// The `n` distinct servers the replicas of a new `size`-byte volume go to. `fixed` (the
 /// source's server, which holds a clone's or restore's content, and copies an interrupted
 /// create left) come first, in order; the rest are placed by free space. The first holds
@@ -60,12 +99,13 @@ pub async fn place_replicas(
         .collect();
     let wanted = n.saturating_sub(fixed.len());
     let answered = free_space(&others).await;
-    let candidates: Vec<(ServerId, u64)> = answered
+    let candidates: Vec<(ServerId, u64, Option<String>)> = answered
         .iter()
-        .map(|(s, free)| (s.id.clone(), *free))
+        .map(|(s, free)| (s.id.clone(), *free, s.zone.clone()))
         .collect();
-    let Some(chosen) = pick_many(&candidates, size, wanted) else {
-        let fit = candidates.iter().filter(|(_, f)| *f >= size).count();
+    let taken: Vec<Option<String>> = fixed.iter().take(n).map(|f| f.zone.clone()).collect();
+    let Some(chosen) = pick_spread(&candidates, size, wanted, &taken) else {
+        let fit = candidates.iter().filter(|(_, f, _)| *f >= size).count();
         return Err(CsiError::ResourceExhausted(format!(
             "{n} replicas of {size} bytes need {n} distinct live enbd-servers with room; \
              {} eligible (of {} live)",
@@ -167,6 +207,52 @@ mod tests {
         assert_eq!(
             pick_many(&c(&[("b", 10), ("a", 10)]), 1, 2),
             Some(vec![1, 0])
+        );
+    }
+
+    fn z(entries: &[(&str, u64, Option<&str>)]) -> Vec<(ServerId, u64, Option<String>)> {
+        entries
+            .iter()
+            .map(|(id, f, zone)| (ServerId::parse(id).unwrap(), *f, zone.map(str::to_owned)))
+            .collect()
+    }
+
+    #[test]
+    fn replicas_prefer_distinct_zones_then_free_space() {
+        // a and b share zone-1 and have the most room; c (zone-2) has less.
+        let cands = z(&[
+            ("a", 100, Some("zone-1")),
+            ("b", 90, Some("zone-1")),
+            ("c", 50, Some("zone-2")),
+            ("d", 10, Some("zone-3")),
+        ]);
+        assert_eq!(pick_spread(&cands, 5, 2, &[]), Some(vec![0, 2]));
+        assert_eq!(pick_spread(&cands, 5, 3, &[]), Some(vec![0, 2, 3]));
+        // More replicas than zones: the fourth goes by free space.
+        assert_eq!(pick_spread(&cands, 5, 4, &[]), Some(vec![0, 2, 3, 1]));
+        // A zone already taken by a fixed replica (the source's server) is avoided.
+        assert_eq!(
+            pick_spread(&cands, 5, 2, &[Some("zone-1".into())]),
+            Some(vec![2, 3])
+        );
+        // d cannot hold 20 bytes: the spread never places where there is no room.
+        assert_eq!(pick_spread(&cands, 20, 3, &[]), Some(vec![0, 2, 1]));
+        assert_eq!(pick_spread(&cands, 60, 3, &[]), None);
+    }
+
+    #[test]
+    fn servers_without_a_zone_count_as_their_own() {
+        let cands = z(&[
+            ("a", 100, Some("zone-1")),
+            ("b", 90, Some("zone-1")),
+            ("c", 5, None),
+        ]);
+        assert_eq!(pick_spread(&cands, 1, 2, &[]), Some(vec![0, 2]));
+        // No zones at all: the same as free space alone.
+        let plain = z(&[("a", 10, None), ("b", 30, None), ("c", 20, None)]);
+        assert_eq!(
+            pick_spread(&plain, 6, 2, &[]),
+            pick_many(&c(&[("a", 10), ("b", 30), ("c", 20)]), 6, 2)
         );
     }
 

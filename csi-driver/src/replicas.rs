@@ -46,6 +46,89 @@ pub async fn membership(server: &LiveServer, name: &str) -> Result<pb::Membershi
         .unwrap_or_default())
 }
 
+/// Most hops when following records to newer ones (each may name other members).
+const FOLLOW_ROUNDS: usize = 4;
+
+/// The newest record of `name`, starting from `home`'s and following the members it names
+/// to any newer record they hold (a replacement writes its record on the survivors and the
+/// new member, never on the replaced one). Members that are down are skipped; the home's
+/// own record must be readable.
+pub async fn newest(
+    servers: &Servers,
+    home: &LiveServer,
+    name: &str,
+) -> Result<pb::Membership, CsiError> {
+    let mut best = membership(home, name).await?;
+    if best.generation == 0 {
+        return Ok(best);
+    }
+    for _ in 0..FOLLOW_ROUNDS {
+        let mut next: Option<pb::Membership> = None;
+        for m in &best.members {
+            let Ok(id) = ServerId::parse(&m.replica_id) else {
+                continue;
+            };
+            if id == home.id {
+                continue;
+            }
+            if let Lookup::Live(s) = servers.lookup(&id)
+                && let Ok(r) = membership(&s, name).await
+                && r.generation > next.as_ref().map_or(best.generation, |n| n.generation)
+            {
+                next = Some(r);
+            }
+        }
+        match next {
+            Some(n) => best = n,
+            None => break,
+        }
+    }
+    Ok(best)
+}
+
+/// The server that answers for volume `name` whose id names `home`.
+///
+/// The home while it is live. When it is down or unknown, a replacement may have moved the
+/// volume off it for good: then a live in-sync member of the newest record that the live
+/// servers hold *and that no longer lists the home* answers instead. Otherwise the home's
+/// own state decides: `Unavailable` while it is down (it may come back), `None` when it is
+/// unknown (nothing of it exists as far as discovery can tell).
+pub async fn acting_home(
+    servers: &Servers,
+    home: &ServerId,
+    name: &str,
+    what: &str,
+) -> Result<Option<LiveServer>, CsiError> {
+    let down = match servers.lookup(home) {
+        Lookup::Live(s) => return Ok(Some(s)),
+        Lookup::Down(reason) => Some(reason),
+        Lookup::Unknown => None,
+    };
+    let (record, holders) = find(servers, name).await?;
+    if let Some(rec) = record.filter(|r| r.members.iter().all(|m| m.replica_id != home.as_str())) {
+        let in_sync = |id: &ServerId| {
+            rec.members
+                .iter()
+                .any(|m| m.replica_id == id.as_str() && m.state == ReplicaState::InSync as i32)
+        };
+        if let Some((s, _)) = holders.iter().find(|(s, _)| in_sync(&s.id)) {
+            tracing::info!(volume = %name, %home, acting = %s.id, generation = rec.generation,
+                "the volume's home was replaced away: its in-sync replica answers for it");
+            return Ok(Some(s.clone()));
+        }
+        return Err(CsiError::Unavailable(format!(
+            "volume {name}: its home {home} was replaced and no in-sync replica of generation {} is live",
+            rec.generation
+        )));
+    }
+    match down {
+        Some(reason) => Err(CsiError::Unavailable(format!(
+            "enbd-server {home} holding {what} is unavailable: {reason}"
+        ))),
+        None => Ok(None),
+    }
+}
+
 /// The endpoint nodes use for a replica on `server`.
 pub fn endpoint(server: &LiveServer) -> ReplicaEndpoint {
     ReplicaEndpoint {
@@ -141,6 +224,8 @@ pub async fn complete_set(
             .map(|(i, s)| pb::ReplicaMember {
                 replica_id: s.id.to_string(),
                 state: state(i) as i32,
+                data_address: s.data_address.clone(),
+                mgmt_url: s.mgmt_url.clone(),
             })
             .collect(),
         region_bytes: REGION_BYTES,
@@ -164,8 +249,13 @@ pub async fn complete_set(
 
 /// Deletes every replica named by the home's record, the home last (so a retry after a
 /// partial delete still finds the record).
+///
+/// The members are the newest record's (followed from the home's): a replica added by a
+/// replacement is deleted too, and one replaced away is not a member — if its server is
+/// gone it does not hold the delete up (if it comes back, its stale copy stays until an
+/// operator deletes it, or it is the home, deleted last here when live).
 pub async fn delete_all(servers: &Servers, home: &LiveServer, name: &str) -> Result<(), CsiError> {
-    let record = membership(home, name).await?;
+    let record = newest(servers, home, name).await?;
     let members = member_servers(servers, name, &record)?;
     for server in members.iter().filter(|s| s.id != home.id) {
         delete_one(server, name).await?;
@@ -194,7 +284,7 @@ pub async fn expand_all(
     name: &str,
     size: u64,
 ) -> Result<u64, CsiError> {
-    let record = membership(home, name).await?;
+    let record = newest(servers, home, name).await?;
     let members = member_servers(servers, name, &record)?;
     let mut smallest = u64::MAX;
     for server in &members {
@@ -212,7 +302,7 @@ pub async fn expand_all(
 /// A one-line account of the replicas for ControllerGetVolume's condition: `None` when every
 /// member is in sync at the record's generation.
 pub async fn abnormal(servers: &Servers, home: &LiveServer, name: &str) -> Option<String> {
-    let record = match membership(home, name).await {
+    let record = match newest(servers, home, name).await {
         Ok(r) => r,
         Err(e) => return Some(format!("replica membership unreadable on {}: {e}", home.id)),
     };
@@ -256,7 +346,7 @@ pub async fn snapshot_source(
     home: &LiveServer,
     name: &str,
 ) -> Result<LiveServer, CsiError> {
-    let record = membership(home, name).await?;
+    let record = newest(servers, home, name).await?;
     if record.generation == 0 {
         return Ok(home.clone());
     }
@@ -298,8 +388,13 @@ pub async fn snapshot_source(
 
 /// Whether `server` holds a replica of `name` according to the home's record (a snapshot of
 /// a mirrored volume may sit on any in-sync replica).
-pub async fn is_member(home: &LiveServer, name: &str, server: &ServerId) -> bool {
-    membership(home, name)
+pub async fn is_member(
+    servers: &Servers,
+    home: &LiveServer,
+    name: &str,
+    server: &ServerId,
+) -> bool {
+    newest(servers, home, name)
         .await
         .is_ok_and(|r| r.members.iter().any(|m| m.replica_id == server.as_str()))
 }

@@ -28,8 +28,26 @@ pub type MgmtClient = VolumeServiceClient<Channel>;
 /// Replica membership client of one enbd-server (same connection as its [`MgmtClient`]).
 pub type ReplicaClient = ReplicaServiceClient<Channel>;
 
-/// Discovery's view: every server that should exist, with its management URL.
-pub type Targets = BTreeMap<ServerId, String>;
+/// Discovery's view: every server that should exist, with its management URL and zone.
+pub type Targets = BTreeMap<ServerId, Target>;
+
+/// One server as discovery sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub mgmt_url: String,
+    /// Failure domain (`topology.kubernetes.io/zone`, or the static list's `@ZONE`);
+    /// placement spreads a volume's replicas across zones when servers have one.
+    pub zone: Option<String>,
+}
+
+impl Target {
+    pub fn new(mgmt_url: impl Into<String>) -> Self {
+        Self {
+            mgmt_url: mgmt_url.into(),
+            zone: None,
+        }
+    }
+}
 
 /// How long a health check may take before the server counts as down.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
@@ -51,6 +69,7 @@ pub enum Health {
 #[derive(Clone)]
 struct Entry {
     mgmt_url: String,
+    zone: Option<String>,
     client: Option<(MgmtClient, ReplicaClient)>,
     health: Health,
 }
@@ -65,6 +84,8 @@ pub struct LiveServer {
     pub mgmt_url: String,
     /// NBD `HOST:PORT` nodes should dial for this server's volumes.
     pub data_address: String,
+    /// Failure domain, if discovery knows one.
+    pub zone: Option<String>,
 }
 
 /// What the registry knows about one server id.
@@ -150,8 +171,14 @@ impl Servers {
     /// client and health, so a discovery update does not flap liveness.
     pub fn set_targets(&self, targets: &Targets) {
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        entries.retain(|id, e| targets.get(id) == Some(&e.mgmt_url));
-        for (id, url) in targets {
+        entries.retain(|id, e| targets.get(id).map(|t| &t.mgmt_url) == Some(&e.mgmt_url));
+        for (id, t) in targets {
+            let url = &t.mgmt_url;
+            if let Some(e) = entries.get_mut(id) {
+                // A zone change (a relabelled node) keeps the client and its health.
+                e.zone.clone_from(&t.zone);
+                continue;
+            }
             entries.entry(id.clone()).or_insert_with(|| {
                 let (client, health) = match lazy_client(url, self.tls_config()) {
                     Ok(c) => (Some(c), Health::Unknown),
@@ -159,6 +186,7 @@ impl Servers {
                 };
                 Entry {
                     mgmt_url: url.clone(),
+                    zone: t.zone.clone(),
                     client,
                     health,
                 }
@@ -192,6 +220,7 @@ impl Servers {
                     replica,
                     mgmt_url: e.mgmt_url,
                     data_address,
+                    zone: e.zone,
                 }),
                 _ => None,
             })
@@ -210,6 +239,7 @@ impl Servers {
                         replica: replica.clone(),
                         mgmt_url: e.mgmt_url.clone(),
                         data_address: data_address.clone(),
+                        zone: e.zone.clone(),
                     })
                 }
                 (Health::Down { reason }, _) => Lookup::Down(reason.clone()),
@@ -349,7 +379,7 @@ mod tests {
     fn targets(entries: &[(&str, &str)]) -> Targets {
         entries
             .iter()
-            .map(|(id, url)| (ServerId::parse(id).unwrap(), url.to_string()))
+            .map(|(id, url)| (ServerId::parse(id).unwrap(), Target::new(*url)))
             .collect()
     }
 

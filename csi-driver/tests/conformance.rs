@@ -3,9 +3,9 @@
 //! directories). Every Identity and Controller RPC is covered with positive and
 //! negative cases, checking exact gRPC codes.
 //!
-//! The enbd-server binary is looked up next to the csi-driver binary (a
-//! workspace test build produces both) or at `$ENBD_SERVER_BIN`; if it is
-//! missing the suite fails and says how to build it.
+//! The enbd-server binary is looked up in the target directory of this test (a
+//! workspace test build produces it) or at `$ENBD_SERVER_BIN`; if it is
+//! missing the suite fails and says how to build it (enbd-test-harness).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -21,105 +21,26 @@ use enbd_proto::csi::volume_capability::access_mode::Mode;
 use enbd_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use enbd_proto::csi::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use enbd_proto::csi::*;
-use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
-use hyper_util::rt::TokioIo;
+use enbd_test_harness::lines::{field, wait_for_line};
+use enbd_test_harness::{EnbdServer, unix_channel};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const MIB: i64 = 1 << 20;
 
 // ---------------------------------------------------------------- harness
 
-fn enbd_server_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("ENBD_SERVER_BIN") {
-        return PathBuf::from(p);
-    }
-    let driver = PathBuf::from(env!("CARGO_BIN_EXE_csi-driver"));
-    let bin = driver.with_file_name("enbd-server");
-    assert!(
-        bin.exists(),
-        "enbd-server binary not found at {}: build it first (cargo build -p enbd-server, same \
-         CARGO_TARGET_DIR) or set ENBD_SERVER_BIN",
-        bin.display()
-    );
-    bin
+/// An enbd-server with id `id` on a fresh data directory (see [`enbd_test_harness::server`]).
+fn start_server(id: &str) -> EnbdServer {
+    EnbdServer::builder().id(id).start()
 }
 
-/// Reads stdout lines until one starts with `prefix`; the child's remaining
-/// output is drained in the background so it never blocks on a full pipe.
-async fn wait_for_line(child: &mut Child, prefix: &str) -> String {
-    let stdout = child.stdout.take().expect("stdout piped");
-    let mut lines = BufReader::new(stdout).lines();
-    let found = tokio::time::timeout(READY_TIMEOUT, async {
-        while let Some(line) = lines.next_line().await.expect("read stdout") {
-            if line.starts_with(prefix) {
-                return Some(line);
-            }
-        }
-        None
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {prefix:?} line within {READY_TIMEOUT:?}"))
-    .unwrap_or_else(|| panic!("process exited before printing {prefix:?}"));
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    found
-}
-
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-        .unwrap_or_else(|| panic!("{key}= missing in {line:?}"))
-}
-
-struct EnbdServer {
-    id: String,
-    mgmt: SocketAddr,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl EnbdServer {
-    async fn start(id: &str) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut child = Command::new(enbd_server_bin())
-            .args(["--listen", "127.0.0.1:0", "--mgmt-listen", "127.0.0.1:0"])
-            .args(["--metrics-listen", "127.0.0.1:0", "--server-id", id])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn enbd-server");
-        let line = wait_for_line(&mut child, "enbd-server ready").await;
-        let mgmt = enbd_server::ready::ReadyLine::parse(&line)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .mgmt;
-        Self {
-            id: id.to_owned(),
-            mgmt,
-            child,
-            _dir: dir,
-        }
-    }
-
-    fn entry(&self) -> String {
-        format!("{}=http://{}", self.id, self.mgmt)
-    }
-
-    async fn mgmt_client(&self) -> VolumeServiceClient<Channel> {
-        VolumeServiceClient::connect(format!("http://{}", self.mgmt))
-            .await
-            .expect("mgmt connect")
-    }
-
-    async fn stop(mut self) {
-        self.child.kill().await.expect("kill enbd-server");
-    }
+/// The server's entry in the driver's static `--servers` list.
+fn entry(server: &EnbdServer) -> String {
+    format!("{}={}", server.id(), server.mgmt_url())
 }
 
 struct Driver {
@@ -128,18 +49,6 @@ struct Driver {
     metrics: SocketAddr,
     channel: Channel,
     _dir: tempfile::TempDir,
-}
-
-async fn unix_channel(path: &Path) -> Channel {
-    let path = path.to_owned();
-    Endpoint::try_from("http://[::1]:50051")
-        .expect("static URI")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .expect("connect to the CSI socket")
 }
 
 impl Driver {
@@ -172,9 +81,11 @@ impl Driver {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn csi-driver");
-        let line = wait_for_line(&mut child, "csi-driver ready").await;
+        let line = wait_for_line(&mut child, "csi-driver ready", READY_TIMEOUT).await;
         let metrics = field(&line, "metrics").parse().expect("metrics address");
-        let channel = unix_channel(&socket).await;
+        let channel = unix_channel(&socket)
+            .await
+            .expect("connect to the CSI socket");
         Self {
             child,
             socket,
@@ -186,7 +97,7 @@ impl Driver {
 
     /// Starts the driver and waits until Probe reports ready.
     async fn start(servers: &[&EnbdServer]) -> Self {
-        let entries: Vec<String> = servers.iter().map(|s| s.entry()).collect();
+        let entries: Vec<String> = servers.iter().map(|s| entry(s)).collect();
         let d = Self::start_with(&entries).await;
         d.wait_until(|| async { d.probe().await }, "Probe ready")
             .await;
@@ -304,7 +215,7 @@ fn assert_code<T: std::fmt::Debug>(
 
 #[tokio::test]
 async fn identity_reports_name_capabilities_and_readiness() {
-    let server = EnbdServer::start("s0").await;
+    let server = start_server("s0");
     let d = Driver::start(&[&server]).await;
     let info = d
         .identity()
@@ -354,7 +265,7 @@ async fn probe_is_not_ready_without_a_live_server() {
 
 #[tokio::test]
 async fn controller_capabilities_are_exact() {
-    let server = EnbdServer::start("s0").await;
+    let server = start_server("s0");
     let d = Driver::start(&[&server]).await;
     let caps = d
         .ctl()
@@ -404,7 +315,7 @@ async fn controller_capabilities_are_exact() {
 
 #[tokio::test]
 async fn create_volume_positive_and_idempotent() {
-    let server = EnbdServer::start("s0").await;
+    let server = start_server("s0");
     let d = Driver::start(&[&server]).await;
 
     let mut req = create_req("pvc-a", 4097);
@@ -518,7 +429,7 @@ async fn create_volume_positive_and_idempotent() {
 /// and idempotency by name must hold across a controller restart.
 #[tokio::test]
 async fn longest_names_yield_valid_ids_and_stay_idempotent() {
-    let server = EnbdServer::start("s0").await;
+    let server = start_server("s0");
     let d = Driver::start(&[&server]).await;
     let long = format!("pvc-{}", "a".repeat(124));
     assert_eq!(long.len(), 128);
@@ -560,7 +471,7 @@ async fn longest_names_yield_valid_ids_and_stay_idempotent() {
 
 #[tokio::test]
 async fn create_volume_negative() {
-    let server = EnbdServer::start("s0").await;
+    let server = start_server("s0");
     let d = Driver::start(&[&server]).await;
     let ctl = || d.ctl();
 
@@ -662,7 +573,7 @@ async fn create_volume_negative() {
 
 #[tokio::test]
 async fn concurrent_creates_of_one_name_agree() {
-    let server = EnbdServer::start("s0").await;
+    let server = start_server("s0");
     let d = Driver::start(&[&server]).await;
     let calls = (0..8).map(|_| {
         let mut ctl = d.ctl();
@@ -690,7 +601,7 @@ async fn concurrent_creates_of_one_name_agree() {
 
 #[tokio::test]
 async fn delete_volume() {
-    let server = EnbdServer::start("s0").await;
+    let server = start_server("s0");
     let d = Driver::start(&[&server]).await;
     let v = d.create("pvc-del", MIB).await;
     let del = |id: &str| {
@@ -720,7 +631,7 @@ async fn delete_volume() {
 
 #[tokio::test]
 async fn publish_enforces_single_node_access() {
-    let server = EnbdServer::start("s0").await;
+    let server = start_server("s0");
     let d = Driver::start(&[&server]).await;
     let v = d.create("pvc-pub", MIB).await;
     let publish = |node: &str, mode: Mode, readonly: bool| {
@@ -919,7 +830,7 @@ async fn publish_enforces_single_node_access() {
 
 #[tokio::test]
 async fn validate_volume_capabilities() {
-    let server = EnbdServer::start("s0").await;
+    let server = start_server("s0");
     let d = Driver::start(&[&server]).await;
     let v = d.create("pvc-val", MIB).await;
     let validate = |caps: Vec<VolumeCapability>, id: &str, p: HashMap<String, String>| {
@@ -994,8 +905,8 @@ async fn validate_volume_capabilities() {
 
 #[tokio::test]
 async fn list_volumes_pages_across_servers() {
-    let a = EnbdServer::start("srv-a").await;
-    let b = EnbdServer::start("srv-b").await;
+    let a = start_server("srv-a");
+    let b = start_server("srv-b");
     let d = Driver::start(&[&a, &b]).await;
     for name in ["v1", "v2", "v3"] {
         d.create(name, MIB).await;
@@ -1069,9 +980,9 @@ async fn list_volumes_pages_across_servers() {
 
 #[tokio::test]
 async fn placement_skips_servers_that_are_down() {
-    let live = EnbdServer::start("zz-live").await;
+    let live = start_server("zz-live");
     // "aa-dead" sorts first and would win ties; it must never be chosen.
-    let d = Driver::start_with(&["aa-dead=http://127.0.0.1:1".to_owned(), live.entry()]).await;
+    let d = Driver::start_with(&["aa-dead=http://127.0.0.1:1".to_owned(), entry(&live)]).await;
     d.wait_until(|| async { d.probe().await }, "Probe ready")
         .await;
     for i in 0..3 {
@@ -1100,7 +1011,7 @@ async fn placement_skips_servers_that_are_down() {
 
 #[tokio::test]
 async fn get_capacity() {
-    let a = EnbdServer::start("s0").await;
+    let a = start_server("s0");
     let d = Driver::start(&[&a]).await;
     let cap = d
         .ctl()
@@ -1149,7 +1060,7 @@ async fn get_capacity() {
 
 #[tokio::test]
 async fn expand_volume() {
-    let server = EnbdServer::start("s0").await;
+    let server = start_server("s0");
     let d = Driver::start(&[&server]).await;
     let v = d.create("pvc-grow", MIB).await;
     let expand = |id: &str, r: Option<CapacityRange>, cap: Option<VolumeCapability>| {
@@ -1229,7 +1140,7 @@ async fn expand_volume() {
 
 #[tokio::test]
 async fn snapshots_and_restores() {
-    let server = EnbdServer::start("s0").await;
+    let server = start_server("s0");
     let d = Driver::start(&[&server]).await;
     let v = d.create("pvc-src", 2 * MIB).await;
     let other = d.create("pvc-other", MIB).await;
@@ -1478,8 +1389,8 @@ async fn snapshots_and_restores() {
 
 #[tokio::test]
 async fn controller_get_volume_reports_condition() {
-    let a = EnbdServer::start("srv-a").await;
-    let b = EnbdServer::start("srv-b").await;
+    let a = start_server("srv-a");
+    let b = start_server("srv-b");
     let d = Driver::start(&[&a, &b]).await;
     let v = d.create("pvc-cond", MIB).await;
     let get = |id: &str| {
@@ -1500,7 +1411,7 @@ async fn controller_get_volume_reports_condition() {
     // Stop the server holding the volume: the condition turns abnormal.
     let holder = v.volume_id.split('/').next().unwrap().to_owned();
     let (down, up) = if holder == "srv-a" { (a, b) } else { (b, a) };
-    down.stop().await;
+    drop(down);
     let abnormal = || async {
         match get(&v.volume_id).await {
             Ok(r) => {
@@ -1522,7 +1433,7 @@ async fn controller_get_volume_reports_condition() {
     assert!(d.probe().await);
     let w = d.create("pvc-after", MIB).await;
     assert!(
-        w.volume_id.starts_with(&format!("{}/", up.id)),
+        w.volume_id.starts_with(&format!("{}/", up.id())),
         "{}",
         w.volume_id
     );
@@ -1532,7 +1443,7 @@ async fn controller_get_volume_reports_condition() {
 
 #[tokio::test]
 async fn metrics_and_graceful_shutdown() {
-    let server = EnbdServer::start("s0").await;
+    let server = start_server("s0");
     let mut d = Driver::start(&[&server]).await;
     d.create("pvc-m", MIB).await;
 
@@ -1685,8 +1596,8 @@ impl FakeApiServer {
 
 #[tokio::test]
 async fn kubernetes_discovery_follows_the_pod_watch() {
-    let server = EnbdServer::start("enbd-server-0").await;
-    let api = FakeApiServer::start(vec![pod_json("enbd-server-0", server.mgmt.port())]).await;
+    let server = start_server("enbd-server-0");
+    let api = FakeApiServer::start(vec![pod_json("enbd-server-0", server.mgmt().port())]).await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = api.kubeconfig(dir.path());
     let d = Driver::spawn(
@@ -1715,7 +1626,7 @@ async fn kubernetes_discovery_follows_the_pod_watch() {
     // The pod goes away: the server is forgotten, nothing is live, Probe says so.
     let deleted = serde_json::json!({
         "type": "DELETED",
-        "object": pod_json("enbd-server-0", server.mgmt.port())
+        "object": pod_json("enbd-server-0", server.mgmt().port())
     });
     // A watch connection may not be open yet when we send; resend until seen.
     d.wait_until(
@@ -1739,10 +1650,9 @@ async fn kubernetes_discovery_follows_the_pod_watch() {
 
 /// Membership record a server keeps for `name`.
 async fn membership_on(server: &EnbdServer, name: &str) -> enbd_proto::enbd::Membership {
-    use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
-    ReplicaServiceClient::connect(format!("http://{}", server.mgmt))
+    server
+        .replica_client()
         .await
-        .expect("replica connect")
         .get_membership(enbd_proto::enbd::GetMembershipRequest {
             volume: name.into(),
         })
@@ -1767,9 +1677,9 @@ async fn exists_on(server: &EnbdServer, name: &str) -> Option<u64> {
 #[tokio::test]
 async fn mirrored_volume_lifecycle_on_distinct_servers() {
     use enbd_proto::enbd::ReplicaState;
-    let a = EnbdServer::start("srv-a").await;
-    let b = EnbdServer::start("srv-b").await;
-    let c = EnbdServer::start("srv-c").await;
+    let a = start_server("srv-a");
+    let b = start_server("srv-b");
+    let c = start_server("srv-c");
     let d = Driver::start(&[&a, &b, &c]).await;
 
     let mut req = create_req("mirror", 4 * MIB);
@@ -1798,12 +1708,12 @@ async fn mirrored_volume_lifecycle_on_distinct_servers() {
     assert_eq!(holders.len(), 2, "exactly two servers hold a replica");
     let home = vol.volume_id.split('/').next().unwrap().to_owned();
     assert!(
-        holders.iter().any(|s| s.id == home),
+        holders.iter().any(|s| s.id() == home),
         "the id names a holder"
     );
     for s in &holders {
         let m = membership_on(s, "mirror").await;
-        assert_eq!(m.generation, 1, "{}", s.id);
+        assert_eq!(m.generation, 1, "{}", s.id());
         assert_eq!(m.members.len(), 2);
         assert_eq!(
             m.members[0].replica_id, home,
@@ -1857,7 +1767,7 @@ async fn mirrored_volume_lifecycle_on_distinct_servers() {
             exists_on(s, "mirror").await,
             Some(8 * MIB as u64),
             "{}",
-            s.id
+            s.id()
         );
     }
 
@@ -1866,7 +1776,7 @@ async fn mirrored_volume_lifecycle_on_distinct_servers() {
     three.parameters = params(&[("replicas", "3")]);
     d.ctl().create_volume(three).await.expect("three replicas");
     for s in [&a, &b, &c] {
-        assert!(exists_on(s, "three").await.is_some(), "{}", s.id);
+        assert!(exists_on(s, "three").await.is_some(), "{}", s.id());
     }
 
     // Delete removes every replica.
@@ -1878,15 +1788,15 @@ async fn mirrored_volume_lifecycle_on_distinct_servers() {
         .await
         .expect("delete");
     for s in [&a, &b, &c] {
-        assert_eq!(exists_on(s, "mirror").await, None, "{}", s.id);
+        assert_eq!(exists_on(s, "mirror").await, None, "{}", s.id());
     }
 }
 
 #[tokio::test]
 async fn mirrored_restore_starts_with_the_content_holder_in_sync() {
     use enbd_proto::enbd::ReplicaState;
-    let a = EnbdServer::start("srv-a").await;
-    let b = EnbdServer::start("srv-b").await;
+    let a = start_server("srv-a");
+    let b = start_server("srv-b");
     let d = Driver::start(&[&a, &b]).await;
     let src = d.create("src", 2 * MIB).await;
     let snap = d.snapshot("snap", &src.volume_id).await;
@@ -1908,7 +1818,7 @@ async fn mirrored_restore_starts_with_the_content_holder_in_sync() {
         .volume
         .unwrap();
     assert!(vol.volume_id.starts_with(&format!("{snap_home}/")));
-    let home = if a.id == snap_home { &a } else { &b };
+    let home = if a.id() == snap_home { &a } else { &b };
     let m = membership_on(home, "restored").await;
     assert_eq!(m.generation, 1);
     for r in &m.members {
@@ -1938,10 +1848,9 @@ async fn mirrored_restore_starts_with_the_content_holder_in_sync() {
 
 #[tokio::test]
 async fn mirrored_snapshot_is_taken_on_an_in_sync_replica() {
-    use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
     use enbd_proto::enbd::{Membership, ReplicaMember, ReplicaState, SetMembershipRequest};
-    let a = EnbdServer::start("srv-a").await;
-    let b = EnbdServer::start("srv-b").await;
+    let a = start_server("srv-a");
+    let b = start_server("srv-b");
     let d = Driver::start(&[&a, &b]).await;
     let mut req = create_req("m", 2 * MIB);
     req.parameters = params(&[("replicas", "2")]);
@@ -1954,7 +1863,7 @@ async fn mirrored_snapshot_is_taken_on_an_in_sync_replica() {
         .volume
         .unwrap();
     let home = vol.volume_id.split('/').next().unwrap().to_owned();
-    let (home_srv, other) = if a.id == home { (&a, &b) } else { (&b, &a) };
+    let (home_srv, other) = if a.id() == home { (&a, &b) } else { (&b, &a) };
 
     // The node's mirror dropped the home: generation 2, home OUT, recorded on the survivor.
     let first = membership_on(other, "m").await;
@@ -1970,13 +1879,14 @@ async fn mirrored_snapshot_is_taken_on_an_in_sync_replica() {
                 } else {
                     ReplicaState::InSync as i32
                 },
+                ..Default::default()
             })
             .collect(),
         region_bytes: first.region_bytes,
     };
-    ReplicaServiceClient::connect(format!("http://{}", other.mgmt))
+    other
+        .replica_client()
         .await
-        .unwrap()
         .set_membership(SetMembershipRequest {
             volume: "m".into(),
             membership: Some(record),
@@ -1992,11 +1902,182 @@ async fn mirrored_snapshot_is_taken_on_an_in_sync_replica() {
 
     let snap = d.snapshot("s", &vol.volume_id).await;
     assert!(
-        snap.snapshot_id.starts_with(&format!("{}/", other.id)),
+        snap.snapshot_id.starts_with(&format!("{}/", other.id())),
         "taken on the in-sync replica, not the stale home: {}",
         snap.snapshot_id
     );
     // Idempotent: the same request finds it.
     let again = d.snapshot("s", &vol.volume_id).await;
     assert_eq!(again.snapshot_id, snap.snapshot_id);
+}
+
+/// After a node replaced the home replica (its server gone for good): expansion and
+/// snapshots reach the new replica through the servers' records, and DeleteVolume removes
+/// every member without waiting for the gone home.
+#[tokio::test]
+async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
+    use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
+    use enbd_proto::enbd::{Membership, ReplicaMember, ReplicaState, SetMembershipRequest};
+    let a = start_server("srv-a");
+    let b = start_server("srv-b");
+    let c = start_server("srv-c");
+    let d = Driver::start(&[&a, &b, &c]).await;
+    let mut req = create_req("rep", 2 * MIB);
+    req.parameters = params(&[("replicas", "2")]);
+    let vol = d
+        .ctl()
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let home_id = vol.volume_id.split('/').next().unwrap().to_owned();
+    let mut servers = vec![a, b, c];
+    let mut holders = Vec::new();
+    for (i, s) in servers.iter().enumerate() {
+        if exists_on(s, "rep").await.is_some() {
+            holders.push(i);
+        }
+    }
+    let spare_i = (0..3).find(|i| !holders.contains(i)).unwrap();
+    let home_i = holders
+        .iter()
+        .copied()
+        .find(|&i| servers[i].id() == home_id)
+        .unwrap();
+    let other_i = holders.iter().copied().find(|&i| i != home_i).unwrap();
+
+    // What `enbd-node replace` does: the volume on the spare, then generation 2 with the
+    // spare OUT in the home's place, on the survivor and the spare.
+    let labels = servers[other_i]
+        .mgmt_client()
+        .await
+        .get_volume(enbd_proto::enbd::GetVolumeRequest { name: "rep".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .labels;
+    servers[spare_i]
+        .mgmt_client()
+        .await
+        .create_volume(enbd_proto::enbd::CreateVolumeRequest {
+            name: "rep".into(),
+            size_bytes: 2 * MIB as u64,
+            source: None,
+            labels,
+        })
+        .await
+        .expect("create on the spare");
+    let first = membership_on(&servers[other_i], "rep").await;
+    let record = Membership {
+        generation: 2,
+        members: first
+            .members
+            .iter()
+            .map(|m| {
+                if m.replica_id == home_id {
+                    ReplicaMember {
+                        replica_id: servers[spare_i].id().to_string(),
+                        state: ReplicaState::Out as i32,
+                        ..Default::default()
+                    }
+                } else {
+                    m.clone()
+                }
+            })
+            .collect(),
+        region_bytes: first.region_bytes,
+    };
+    for i in [other_i, spare_i] {
+        ReplicaServiceClient::connect(format!("http://{}", servers[i].mgmt()))
+            .await
+            .unwrap()
+            .set_membership(SetMembershipRequest {
+                volume: "rep".into(),
+                membership: Some(record.clone()),
+                extra_dirty: Vec::new(),
+            })
+            .await
+            .expect("replacement record");
+    }
+    // The home's server is gone for good.
+    let home = servers.remove(home_i);
+    let (other_i, spare_i) = (
+        other_i - usize::from(other_i > home_i),
+        spare_i - usize::from(spare_i > home_i),
+    );
+    drop(home);
+    let expand_req = ControllerExpandVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 4 * MIB,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    // Once the prober marks the home down, the survivor answers for the volume.
+    d.wait_until(
+        || async {
+            d.ctl()
+                .controller_expand_volume(expand_req.clone())
+                .await
+                .is_ok()
+        },
+        "expansion never reached the replicas while the home is gone",
+    )
+    .await;
+    for i in [other_i, spare_i] {
+        assert_eq!(
+            exists_on(&servers[i], "rep").await,
+            Some(4 * MIB as u64),
+            "{} grew",
+            servers[i].id()
+        );
+    }
+    // The condition comes from the survivor's record: the new replica is behind (OUT).
+    let cond = d
+        .ctl()
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+        })
+        .await
+        .expect("get volume with the home gone")
+        .into_inner()
+        .status
+        .unwrap()
+        .volume_condition
+        .unwrap();
+    assert!(cond.abnormal);
+    assert!(
+        cond.message.contains(servers[spare_i].id()) && !cond.message.contains(&home_id),
+        "{}",
+        cond.message
+    );
+    let snap = d.snapshot("rep-snap", &vol.volume_id).await;
+    assert!(
+        snap.snapshot_id
+            .starts_with(&format!("{}/", servers[other_i].id())),
+        "the snapshot is taken on the in-sync survivor: {}",
+        snap.snapshot_id
+    );
+    d.ctl()
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete snapshot");
+    d.ctl()
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete with the replaced home gone");
+    for s in &servers {
+        assert_eq!(exists_on(s, "rep").await, None, "{} still holds it", s.id());
+    }
 }

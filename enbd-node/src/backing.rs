@@ -40,6 +40,16 @@ pub enum BackingStatus {
     Mirror(MirrorStatus),
 }
 
+impl From<ReplicaRecord> for ReplicaConfig {
+    fn from(r: ReplicaRecord) -> Self {
+        ReplicaConfig {
+            id: r.id,
+            nbd: r.nbd,
+            mgmt: r.mgmt,
+        }
+    }
+}
+
 impl Backing {
     /// Connects what `r` describes: a `Client` to its server, or a `Mirror` over its replicas.
     pub async fn connect(
@@ -94,6 +104,37 @@ impl Backing {
         match self {
             Backing::Single(c) => Some(c),
             Backing::Mirror(_) => None,
+        }
+    }
+
+    /// Re-reads the size (every in-sync replica's, for a mirror) and serves up to it; only
+    /// grows. Returns the size now in force.
+    pub async fn refresh_size(&self) -> Result<u64, AttachError> {
+        Ok(match self {
+            Backing::Single(c) => c.refresh_size().await?,
+            Backing::Mirror(m) => m.refresh_size().await?,
+        })
+    }
+
+    /// Makes a mirrored record list the replica set the mirror serves (it follows the
+    /// servers' membership records, which a replacement changes); a no-op for a single copy.
+    pub fn follow_into(&self, r: &mut AttachmentRecord) {
+        let Backing::Mirror(m) = self else { return };
+        let set: Vec<ReplicaRecord> = m
+            .replica_configs()
+            .into_iter()
+            .map(|c| ReplicaRecord {
+                id: c.id,
+                nbd: c.nbd,
+                mgmt: c.mgmt,
+            })
+            .collect();
+        if set != r.replicas {
+            tracing::info!(volume_id = %r.volume_id,
+                replicas = ?set.iter().map(|x| &x.id).collect::<Vec<_>>(),
+                "the mirror's replica set differs from the record's: recording the one in force");
+            r.servers = set.iter().map(|x| x.nbd.clone()).collect();
+            r.replicas = set;
         }
     }
 
@@ -179,6 +220,7 @@ pub fn mirror_config(
         0 => DEFAULT_REPLICA_TIMEOUT,
         ms => Duration::from_millis(ms),
     };
+    m.resync_bytes_per_sec = Some(r.resync_bytes_per_sec).filter(|b| *b > 0);
     Ok(m)
 }
 
@@ -298,6 +340,7 @@ mod tests {
                 parse_replica("b@10.0.0.2:10809@10.0.0.2:9100").expect("b"),
             ],
             replica_timeout_ms: 2500,
+            resync_bytes_per_sec: 0,
         }
     }
 

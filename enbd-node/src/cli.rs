@@ -38,6 +38,9 @@ pub enum Command {
     Resize(ResizeArgs),
     /// Make one replica of a mirrored volume the only in-sync copy (writes it lacks are lost).
     Promote(PromoteArgs),
+    /// Replace a replica of an attached mirrored volume whose server is gone for good by a
+    /// new one on another server, which receives a full (throttleable) copy.
+    Replace(ReplaceArgs),
     /// Benchmark the client engine against an NBD server (no device): IOPS, latency, CPU.
     Bench(crate::bench::BenchArgs),
 }
@@ -132,6 +135,32 @@ pub struct AttachArgs {
     /// Mirrored volume: a replica that does not answer within this long is dropped.
     #[arg(long, env = "ENBD_REPLICA_TIMEOUT", default_value = "5s")]
     pub replica_timeout: String,
+    /// Mirrored volume: most bytes per second a resync copies (`50Mi`, `100MB/s`; default
+    /// unlimited).
+    #[arg(long, env = "ENBD_RESYNC_BANDWIDTH")]
+    pub resync_bandwidth: Option<String>,
+    #[command(flatten)]
+    pub control: ControlSocketArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplaceArgs {
+    /// Volume id or device path of the attached mirrored volume.
+    #[arg(long)]
+    pub volume: String,
+    /// Id of the replica to replace (its server is gone for good, or being retired).
+    #[arg(long)]
+    pub replica: String,
+    /// The new replica as ID@HOST:PORT@http://HOST:PORT: a server that holds no copy yet.
+    #[arg(long = "with")]
+    pub with: String,
+    /// Most bytes per second the full copy (and later resyncs) may take (`50Mi`, `100MB/s`).
+    #[arg(long)]
+    pub resync_bandwidth: Option<String>,
+    /// Replace without a daemon (the volume attached nowhere): every current replica as
+    /// ID@HOST:PORT@http://HOST:PORT; only the records change, the next attach makes the copy.
+    #[arg(long = "member", value_delimiter = ',')]
+    pub members: Vec<String>,
     #[command(flatten)]
     pub control: ControlSocketArg,
 }
@@ -378,6 +407,32 @@ mod tests {
         };
         assert!(!p.accept_data_loss);
         assert!(p.members.is_empty());
+        let cli = Cli::try_parse_from([
+            "enbd-node",
+            "replace",
+            "--volume",
+            "v",
+            "--replica",
+            "b",
+            "--with",
+            "c@10.0.0.3:10809@http://10.0.0.3:10810",
+            "--resync-bandwidth",
+            "50Mi",
+        ])
+        .expect("parse");
+        let Command::Replace(r) = cli.command else {
+            panic!("not replace")
+        };
+        assert_eq!(
+            (r.volume.as_str(), r.replica.as_str(), r.with.as_str()),
+            ("v", "b", "c@10.0.0.3:10809@http://10.0.0.3:10810")
+        );
+        assert_eq!(r.resync_bandwidth.as_deref(), Some("50Mi"));
+        assert!(
+            Cli::try_parse_from(["enbd-node", "replace", "--volume", "v", "--replica", "b"])
+                .is_err(),
+            "--with is required"
+        );
     }
 
     #[test]

@@ -36,6 +36,18 @@ pub enum Request {
         /// Mirrored volumes: e.g. `5s` (default 5s).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         replica_timeout: Option<String>,
+        /// Mirrored volumes: resync copy limit, e.g. `50Mi` (bytes per second).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resync_bandwidth: Option<String>,
+    },
+    /// Replaces replica `replica` of an attached mirrored volume by `with`
+    /// (`ID@HOST:PORT@http://HOST:PORT`), which receives a full copy.
+    Replace {
+        target: String,
+        replica: String,
+        with: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resync_bandwidth: Option<String>,
     },
     /// Makes one replica of an attached mirrored volume the only in-sync copy; refused
     /// unless `accept_data_loss`.
@@ -136,6 +148,14 @@ pub enum Response {
         volume_id: String,
         replica: String,
         generation: u64,
+    },
+    Replaced {
+        volume_id: String,
+        replica: String,
+        with: String,
+        generation: u64,
+        /// The new replica's volume was created by this call.
+        created: bool,
     },
     Done,
     Error {
@@ -283,6 +303,15 @@ fn mirror_args(
     Ok((replicas, timeout))
 }
 
+/// A resync limit as given on the command line or in a request (`50Mi`, `100MB/s`).
+pub fn bandwidth_arg(v: Option<&str>) -> Result<Option<u64>, String> {
+    v.map(|b| {
+        enbd_proto::params::parse_bandwidth(b)
+            .map_err(|why| format!("resync bandwidth {b:?}: {why}"))
+    })
+    .transpose()
+}
+
 /// Binds the control socket (replacing a stale one) and serves it until `shutdown`.
 pub async fn serve(
     path: &Path,
@@ -371,7 +400,12 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
             read_only,
             replicas,
             replica_timeout,
+            resync_bandwidth,
         } => {
+            let resync_bytes_per_sec = match bandwidth_arg(resync_bandwidth.as_deref()) {
+                Ok(b) => b,
+                Err(message) => return Response::Error { message },
+            };
             let brownout: BrownoutPolicy = match brownout.parse() {
                 Ok(b) => b,
                 Err(e) => {
@@ -395,6 +429,7 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
                 read_only,
                 replicas,
                 replica_timeout,
+                resync_bytes_per_sec,
             };
             match mgr.attach(req).await {
                 Ok(a) => Response::Attached {
@@ -440,6 +475,35 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
             },
             Err(message) => Response::Error { message },
         },
+        Request::Replace {
+            target,
+            replica,
+            with,
+            resync_bandwidth,
+        } => {
+            let limit = match bandwidth_arg(resync_bandwidth.as_deref()) {
+                Ok(b) => b,
+                Err(message) => return Response::Error { message },
+            };
+            let new = match crate::backing::parse_replica(&with) {
+                Ok(n) => n,
+                Err(message) => return Response::Error { message },
+            };
+            let new_id = new.id.clone();
+            match resolve(&target, mgr) {
+                Ok(id) => match mgr.replace(&id, &replica, new, limit).await {
+                    Ok(done) => Response::Replaced {
+                        volume_id: id,
+                        replica,
+                        with: new_id,
+                        generation: done.record.generation,
+                        created: done.created,
+                    },
+                    Err(e) => err(e),
+                },
+                Err(message) => Response::Error { message },
+            }
+        }
         Request::Resize { target } => match resolve(&target, mgr) {
             Ok(id) => match mgr.resize(&id).await {
                 Ok(size_bytes) => Response::Resized {
@@ -568,6 +632,27 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+        // Replacement: a bad new replica or bandwidth is refused by name, before the volume
+        // is looked up; an unknown volume is not attached.
+        let replace = |with: &str, bw: Option<&str>| Request::Replace {
+            target: "ghost".into(),
+            replica: "a".into(),
+            with: with.into(),
+            resync_bandwidth: bw.map(String::from),
+        };
+        for (req, want) in [
+            (replace("c@h:1", None), "three @-separated parts"),
+            (replace("c@h:1@http://h:2", Some("10")), "resync bandwidth"),
+            (
+                replace("c@h:1@http://h:2", Some("50Mi")),
+                "volume ghost is not attached on this node",
+            ),
+        ] {
+            match call(&sock, &req).await.expect("replace") {
+                Response::Error { message } => assert!(message.contains(want), "{message}"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
         // A malformed or lone replica is refused before anything connects.
         let attach = |replicas: Vec<&str>| Request::Attach {
             volume_id: "m".into(),
@@ -580,6 +665,7 @@ mod tests {
             read_only: false,
             replicas: replicas.into_iter().map(String::from).collect(),
             replica_timeout: Some("2s".into()),
+            resync_bandwidth: None,
         };
         for (replicas, want) in [
             (vec!["a@127.0.0.1:1"], "three @-separated parts"),

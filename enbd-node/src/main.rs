@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use enbd_node::cli::{AttachArgs, Cli, Command, DaemonArgs, LogFormat, PromoteArgs};
+use enbd_node::cli::{AttachArgs, Cli, Command, DaemonArgs, LogFormat, PromoteArgs, ReplaceArgs};
 use enbd_node::control::{self, Request, Response, VolumeView};
 use enbd_node::daemon::{self, DaemonConfig, ExtraService};
 
@@ -34,6 +34,7 @@ fn main() -> ExitCode {
             },
         ),
         Command::Promote(args) => promote(args),
+        Command::Replace(args) => replace(args),
         Command::Bench(args) => enbd_node::bench::run_bench(args),
     };
     match result {
@@ -165,6 +166,7 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
         read_only: args.read_only,
         replicas: args.replicas.clone(),
         replica_timeout: (!args.replicas.is_empty()).then(|| args.replica_timeout.clone()),
+        resync_bandwidth: args.resync_bandwidth.clone(),
     };
     match call(&args.control.control_socket, req)? {
         Response::Attached {
@@ -222,6 +224,60 @@ fn promote(args: PromoteArgs) -> anyhow::Result<()> {
         args.volume, args.replica, rec.generation
     );
     Ok(())
+}
+
+/// Replaces a replica through the daemon that has the volume attached (its mirror makes the
+/// full copy).
+fn replace(args: ReplaceArgs) -> anyhow::Result<()> {
+    control::bandwidth_arg(args.resync_bandwidth.as_deref()).map_err(anyhow::Error::msg)?;
+    let new = enbd_node::backing::parse_replica(&args.with).map_err(anyhow::Error::msg)?;
+    if !args.members.is_empty() {
+        if args.resync_bandwidth.is_some() {
+            anyhow::bail!(
+                "--resync-bandwidth applies to an attached volume; without a daemon, give it to the next attach"
+            );
+        }
+        let replicas = args
+            .members
+            .iter()
+            .map(|m| enbd_node::backing::parse_replica(m).map(Into::into))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
+        let cfg = enbd_node::engine::mirror::MirrorConfig::new(args.volume.clone(), replicas);
+        let done = runtime()?.block_on(enbd_node::engine::mirror::replace::replace_detached(
+            &cfg,
+            &args.replica,
+            new.into(),
+        ))?;
+        println!(
+            "{}: replica {} replaced by {} (generation {}); the next attach copies it in full",
+            args.volume, args.replica, args.with, done.record.generation
+        );
+        return Ok(());
+    }
+    let req = Request::Replace {
+        target: args.volume.clone(),
+        replica: args.replica.clone(),
+        with: args.with.clone(),
+        resync_bandwidth: args.resync_bandwidth.clone(),
+    };
+    match call(&args.control.control_socket, req)? {
+        Response::Replaced {
+            volume_id,
+            replica,
+            with,
+            generation,
+            created,
+        } => {
+            let how = if created { "created" } else { "found" };
+            println!(
+                "{volume_id}: replica {replica} replaced by {with} (generation {generation}; \
+                 volume {how} there); it is resyncing a full copy: see `enbd-node list`"
+            );
+            Ok(())
+        }
+        other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+    }
 }
 
 fn list(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {

@@ -39,6 +39,9 @@ pub struct AttachmentRecord {
     /// 0: the default).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub replica_timeout_ms: u64,
+    /// Mirrored volumes: resync copy limit in bytes per second (0: unlimited).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resync_bytes_per_sec: u64,
 }
 
 /// One replica of a mirrored volume.
@@ -254,6 +257,7 @@ mod tests {
             size_bytes: 1 << 30,
             replicas: Vec::new(),
             replica_timeout_ms: 0,
+            resync_bytes_per_sec: 0,
         }
     }
 
@@ -272,6 +276,7 @@ mod tests {
         let mirrored = AttachmentRecord {
             replicas: vec![replica("a"), replica("b")],
             replica_timeout_ms: 2000,
+            resync_bytes_per_sec: 0,
             ..record("m", 1)
         };
         store

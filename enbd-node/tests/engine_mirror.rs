@@ -5,10 +5,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod engine_support;
-
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,8 +14,7 @@ use enbd_node::engine::mirror::{Mirror, MirrorConfig, ReplicaConfig, promote};
 use enbd_node::engine::status::{MirrorState, ReplicaHealth};
 use enbd_node::engine::{BrownoutPolicy, IoError};
 use enbd_proto::enbd::GetMembershipRequest;
-use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
-use enbd_server::ready::{ReadyLine, spawn_until_ready};
+use enbd_test_harness::EnbdServer;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
@@ -27,38 +23,20 @@ const MIB: u64 = 1 << 20;
 
 struct Replica {
     id: String,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    ready: ReadyLine,
+    server: EnbdServer,
     nbd: FaultProxy,
     mgmt: FaultProxy,
 }
 
-fn spawn_server(dir: &std::path::Path, id: &str) -> (Child, ReadyLine) {
-    spawn_until_ready(
-        Command::new(engine_support::enbd_server_bin())
-            .args(["--demo", "--listen=127.0.0.1:0"])
-            .arg(format!("--server-id={id}"))
-            .args(["--mgmt-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"])
-            .arg(format!("--data-dir={}", dir.display()))
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit()),
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
-}
-
 impl Replica {
     async fn start(id: &str) -> Replica {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (child, ready) = spawn_server(dir.path(), id);
+        let server = EnbdServer::builder().id(id).demo().start();
         let any = "127.0.0.1:0".parse().expect("addr");
-        let nbd = FaultProxy::start(any, ready.nbd).await.expect("proxy");
-        let mgmt = FaultProxy::start(any, ready.mgmt).await.expect("proxy");
+        let nbd = FaultProxy::start(any, server.nbd()).await.expect("proxy");
+        let mgmt = FaultProxy::start(any, server.mgmt()).await.expect("proxy");
         Replica {
             id: id.to_owned(),
-            dir,
-            child: Some(child),
-            ready,
+            server,
             nbd,
             mgmt,
         }
@@ -86,27 +64,21 @@ impl Replica {
         }
     }
 
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
     /// SIGKILL, then a new server on the same data directory behind the same proxies.
     fn restart(&mut self) {
-        self.kill();
-        let (child, ready) = spawn_server(self.dir.path(), &self.id);
-        self.nbd.set_upstream(ready.nbd);
-        self.mgmt.set_upstream(ready.mgmt);
+        self.server.restart();
+        self.nbd.set_upstream(self.server.nbd());
+        self.mgmt.set_upstream(self.server.mgmt());
         self.nbd.kill_all(Kill::Reset);
         self.mgmt.kill_all(Kill::Reset);
-        self.child = Some(child);
-        self.ready = ready;
     }
 
     fn data_file(&self) -> PathBuf {
-        self.dir.path().join("volumes").join(VOLUME).join("data")
+        self.server
+            .data_dir()
+            .join("volumes")
+            .join(VOLUME)
+            .join("data")
     }
 
     fn read_file(&self, offset: u64, len: usize) -> Vec<u8> {
@@ -119,9 +91,7 @@ impl Replica {
 
     /// The generation its server holds, asked directly (not through the proxy).
     async fn generation(&self) -> u64 {
-        let mut c = ReplicaServiceClient::connect(format!("http://{}", self.ready.mgmt))
-            .await
-            .expect("mgmt connect");
+        let mut c = self.server.replica_client().await;
         c.get_membership(GetMembershipRequest {
             volume: VOLUME.into(),
         })
@@ -130,12 +100,6 @@ impl Replica {
         .into_inner()
         .membership
         .map_or(0, |m| m.generation)
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -589,6 +553,7 @@ async fn attach_backing_serves_a_mirror_from_its_state_record_and_reopens_it() {
             })
             .collect(),
         replica_timeout_ms: 1000,
+        resync_bytes_per_sec: 0,
     };
     let mirror_of = |b: &Backing| match b {
         Backing::Mirror(m) => m.clone(),

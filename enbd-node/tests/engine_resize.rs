@@ -2,58 +2,18 @@
 //! becomes usable past its old end after `Client::refresh_size`, on the same connected engine.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod engine_support;
-
-use std::process::{Child, Command, Stdio};
-
 use bytes::Bytes;
 use enbd_node::engine::{Client, ClientConfig, IoError};
-use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
 use enbd_proto::enbd::{CreateVolumeRequest, ExpandVolumeRequest};
-use enbd_server::ready::spawn_until_ready;
-use engine_support::enbd_server_bin;
+use enbd_test_harness::EnbdServer;
 
 const OLD: u64 = 8 << 20;
 const NEW: u64 = 24 << 20;
 
-/// enbd-server on port-0 listeners; killed on drop.
-struct Server {
-    child: Child,
-    nbd: String,
-    mgmt: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(data: &std::path::Path) -> Server {
-    let (child, ready) = spawn_until_ready(
-        Command::new(enbd_server_bin())
-            .args(["--server-id=resize-test", "--listen=127.0.0.1:0"])
-            .args(["--mgmt-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"])
-            .arg(format!("--data-dir={}", data.display()))
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit()),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    Server {
-        nbd: ready.nbd.to_string(),
-        mgmt: ready.mgmt.to_string(),
-        child,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_refresh_size_serves_a_grown_export() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = start_server(dir.path());
-    let mut mgmt = VolumeServiceClient::connect(format!("http://{}", server.mgmt))
-        .await
-        .expect("mgmt connect");
+    let server = EnbdServer::builder().id("resize-test").start();
+    let mut mgmt = server.mgmt_client().await;
     mgmt.create_volume(CreateVolumeRequest {
         name: "grow".into(),
         size_bytes: OLD,
@@ -63,7 +23,7 @@ async fn engine_refresh_size_serves_a_grown_export() {
     .await
     .expect("create volume");
 
-    let mut cfg = ClientConfig::new(server.nbd.clone(), "grow");
+    let mut cfg = ClientConfig::new(server.nbd().to_string(), "grow");
     cfg.channels = 2;
     let client = Client::connect(cfg).await.expect("connect");
     assert_eq!(client.geometry().size, OLD);
@@ -130,7 +90,7 @@ async fn engine_refresh_size_serves_a_grown_export() {
     }
 
     // A second engine sees the same bytes: they are on the server, not in a cache.
-    let other = Client::connect(ClientConfig::new(server.nbd.clone(), "grow"))
+    let other = Client::connect(ClientConfig::new(server.nbd().to_string(), "grow"))
         .await
         .expect("connect");
     assert_eq!(other.geometry().size, NEW);

@@ -5,7 +5,6 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod engine_support;
 #[path = "../../enbd-server/tests/common/pki.rs"]
 mod pki;
 
@@ -18,6 +17,24 @@ use enbd_node::engine::status::MirrorState;
 use enbd_node::mgmt_tls::MgmtTlsFiles;
 use enbd_server::ready::{ReadyLine, spawn_until_ready};
 use pki::{Ca, write};
+
+fn enbd_server_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("ENBD_SERVER_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap()
+        .join("enbd-server");
+    assert!(
+        bin.exists(),
+        "build enbd-server first (cargo build -p enbd-server): {}",
+        bin.display()
+    );
+    bin
+}
 
 struct Server(Child, ReadyLine);
 
@@ -34,7 +51,7 @@ fn start(dir: &std::path::Path, id: &str, ca: &Ca) -> Server {
     let key = write(dir, &format!("{id}.key"), &pair.key);
     let client_ca = write(dir, "ca.crt", &ca.pem());
     let (child, ready) = spawn_until_ready(
-        Command::new(engine_support::enbd_server_bin())
+        Command::new(enbd_server_bin())
             .args(["--demo", "--listen=127.0.0.1:0"])
             .arg(format!("--server-id={id}"))
             .args(["--mgmt-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"])

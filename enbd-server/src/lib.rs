@@ -16,5 +16,8 @@ pub mod server;
 pub mod session;
 pub mod store;
 mod sys;
+/// In-memory exports and a socket-free session driver, for tests and the fuzz target only:
+/// not part of the library's API (the `testkit` feature, off by default).
+#[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod tls;

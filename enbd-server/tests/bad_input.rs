@@ -8,12 +8,13 @@ mod raw;
 
 use std::net::SocketAddr;
 
-use common::TestServer;
 use raw::*;
 
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
 const EPERM: u32 = 1;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
 
 /// A second, well-behaved client still gets served.
 fn still_serving(addr: SocketAddr) {
@@ -26,18 +27,18 @@ fn still_serving(addr: SocketAddr) {
 
 #[test]
 fn malformed_handshakes_close_only_that_connection() {
-    let s = TestServer::start(&[]);
+    let s = common::start(&[]);
     // Unknown client flag bits.
-    let mut c = Raw::connect(s.nbd);
+    let mut c = Raw::connect(s.nbd());
     c.send(&0xffff_ffffu32.to_be_bytes());
     assert!(c.is_closed());
     // Garbage where an option header belongs.
-    let mut c = Raw::connect(s.nbd);
+    let mut c = Raw::connect(s.nbd());
     c.send(&3u32.to_be_bytes());
     c.send(b"GET / HTTP/1.1\r\n\r\n");
     assert!(c.is_closed());
     // An option length no server should buffer.
-    let mut c = Raw::connect(s.nbd);
+    let mut c = Raw::connect(s.nbd());
     c.send(&3u32.to_be_bytes());
     let mut h = IHAVEOPT.to_be_bytes().to_vec();
     h.extend(OPT_GO.to_be_bytes());
@@ -45,15 +46,15 @@ fn malformed_handshakes_close_only_that_connection() {
     c.send(&h);
     assert!(c.is_closed());
     // Client leaves in the middle of the greeting exchange.
-    let c = Raw::connect(s.nbd);
+    let c = Raw::connect(s.nbd());
     drop(c);
-    still_serving(s.nbd);
+    still_serving(s.nbd());
 }
 
 #[test]
 fn unknown_and_malformed_options_get_errors_and_the_session_goes_on() {
-    let s = TestServer::start(&[]);
-    let mut c = Raw::connect(s.nbd);
+    let s = common::start(&[]);
+    let mut c = Raw::connect(s.nbd());
     c.send(&3u32.to_be_bytes());
     c.option(99, b"whatever");
     assert_eq!(c.option_reply().1, ERR_UNSUP);
@@ -71,13 +72,13 @@ fn unknown_and_malformed_options_get_errors_and_the_session_goes_on() {
     assert_eq!(c.go("demo"), Ok(1 << 30));
     c.request(0, CMD_FLUSH, 7, 0, 0, &[]);
     assert_eq!(c.simple_reply(), (0, 7));
-    still_serving(s.nbd);
+    still_serving(s.nbd());
 }
 
 #[test]
 fn bad_requests_get_nbd_errors_and_change_nothing() {
-    let s = TestServer::start(&["--max-request-bytes=65536"]);
-    let (mut c, size) = Raw::open(s.nbd, "demo");
+    let s = common::start(&["--max-request-bytes=65536"]);
+    let (mut c, size) = Raw::open(s.nbd(), "demo");
     // Read past the end, and a range whose end overflows u64.
     c.request(0, CMD_READ, 1, size - 512, 1024, &[]);
     assert_eq!(c.simple_reply(), (EINVAL, 1));
@@ -86,6 +87,11 @@ fn bad_requests_get_nbd_errors_and_change_nothing() {
     // Write past the end: ENOSPC, and its payload is consumed (the stream stays in sync).
     c.request(0, CMD_WRITE, 3, size - 2, 4, b"abcd");
     assert_eq!(c.simple_reply(), (ENOSPC, 3));
+    // The document: WRITE_ZEROES past the end is ENOSPC like a write, TRIM is EINVAL like a read.
+    c.request(0, CMD_WRITE_ZEROES, 31, size - 512, 1024, &[]);
+    assert_eq!(c.simple_reply(), (ENOSPC, 31));
+    c.request(0, CMD_TRIM, 32, size - 512, 1024, &[]);
+    assert_eq!(c.simple_reply(), (EINVAL, 32));
     // Read over the request-size limit.
     c.request(0, CMD_READ, 4, 0, 65536 + 1, &[]);
     assert_eq!(c.simple_reply(), (EINVAL, 4));
@@ -105,26 +111,26 @@ fn bad_requests_get_nbd_errors_and_change_nothing() {
     c.request(0, CMD_WRITE, 10, 0, 1 << 20, &[]);
     assert!(c.is_closed());
     // ...and everybody else carries on.
-    still_serving(s.nbd);
+    still_serving(s.nbd());
 }
 
 #[test]
 fn bad_request_magic_closes_the_connection() {
-    let s = TestServer::start(&[]);
-    let (mut c, _) = Raw::open(s.nbd, "demo");
+    let s = common::start(&[]);
+    let (mut c, _) = Raw::open(s.nbd(), "demo");
     c.send(&[
         0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         0, 0,
     ]);
     assert!(c.is_closed());
-    still_serving(s.nbd);
+    still_serving(s.nbd());
 }
 
 #[test]
 fn abrupt_disconnect_mid_request_leaves_the_server_serving() {
-    let s = TestServer::start(&[]);
+    let s = common::start(&[]);
     for cut in [3usize, 20, 28 + 1000] {
-        let (mut c, _) = Raw::open(s.nbd, "demo");
+        let (mut c, _) = Raw::open(s.nbd(), "demo");
         let mut req = REQUEST_MAGIC.to_be_bytes().to_vec();
         req.extend(0u16.to_be_bytes());
         req.extend(CMD_WRITE.to_be_bytes());
@@ -136,21 +142,21 @@ fn abrupt_disconnect_mid_request_leaves_the_server_serving() {
         drop(c);
     }
     // A client that vanishes with requests in flight.
-    let (mut c, _) = Raw::open(s.nbd, "demo");
+    let (mut c, _) = Raw::open(s.nbd(), "demo");
     for i in 0..64 {
         c.request(0, CMD_READ, i, i * 4096, 4096, &[]);
     }
     drop(c);
-    still_serving(s.nbd);
+    still_serving(s.nbd());
     // The partial write never happened.
-    let (mut c, _) = Raw::open(s.nbd, "demo");
+    let (mut c, _) = Raw::open(s.nbd(), "demo");
     assert_eq!(c.read(1, 0, 4096), vec![0u8; 4096]);
 }
 
 #[test]
 fn pipelined_requests_all_get_exactly_one_reply_matched_by_cookie() {
-    let s = TestServer::start(&[]);
-    let (mut c, _) = Raw::open(s.nbd, "demo");
+    let s = common::start(&[]);
+    let (mut c, _) = Raw::open(s.nbd(), "demo");
     let n = 200u64;
     let mut batch = Vec::new();
     for i in 0..n {
@@ -198,8 +204,8 @@ fn pipelined_requests_all_get_exactly_one_reply_matched_by_cookie() {
 
 #[test]
 fn graceful_shutdown_answers_requests_in_flight() {
-    let s = TestServer::start(&[]);
-    let (mut c, _) = Raw::open(s.nbd, "demo");
+    let s = common::start(&[]);
+    let (mut c, _) = Raw::open(s.nbd(), "demo");
     let mut batch = Vec::new();
     for i in 0..64u64 {
         batch.extend(REQUEST_MAGIC.to_be_bytes());
@@ -214,7 +220,7 @@ fn graceful_shutdown_answers_requests_in_flight() {
     // Wait until the server has read at least one request, so it is mid-work.
     let first = c.simple_reply();
     assert_eq!(first.0, 0);
-    let status = s.terminate();
+    let status = s.terminate(std::time::Duration::from_secs(6));
     let mut answered = 1;
     while answered < 64 {
         let (err, _) = c.simple_reply();
@@ -227,10 +233,10 @@ fn graceful_shutdown_answers_requests_in_flight() {
 
 #[test]
 fn snapshots_are_served_read_only() {
-    let s = TestServer::start(&[]);
+    let s = common::start(&[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut m = s.client().await;
+        let mut m = s.mgmt_client().await;
         m.create_snapshot(enbd_proto::enbd::CreateSnapshotRequest {
             name: "s1".into(),
             source_volume: "demo".into(),
@@ -238,7 +244,7 @@ fn snapshots_are_served_read_only() {
         .await
         .unwrap();
     });
-    let (mut c, size) = Raw::open(s.nbd, "snapshot/s1");
+    let (mut c, size) = Raw::open(s.nbd(), "snapshot/s1");
     assert_eq!(size, 1 << 30);
     c.request(0, CMD_WRITE, 1, 0, 4, b"nope");
     assert_eq!(c.simple_reply(), (EPERM, 1));

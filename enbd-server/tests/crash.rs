@@ -9,7 +9,6 @@ mod raw;
 
 use std::time::Duration;
 
-use common::TestServer;
 use enbd_proto::enbd::{self as pb, content_source::Kind};
 use rand::Rng;
 
@@ -32,9 +31,9 @@ fn check_content(addr: std::net::SocketAddr, export: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_minus_nine_during_management_work_leaves_a_consistent_store() {
-    let mut s = TestServer::start(&[]);
+    let mut s = common::start(&[]);
     {
-        let mut m = s.client().await;
+        let mut m = s.mgmt_client().await;
         m.create_volume(pb::CreateVolumeRequest {
             name: "src".into(),
             size_bytes: SRC_BYTES,
@@ -43,7 +42,7 @@ async fn kill_minus_nine_during_management_work_leaves_a_consistent_store() {
         })
         .await
         .unwrap();
-        let addr = s.nbd;
+        let addr = s.nbd();
         tokio::task::spawn_blocking(move || {
             let (mut c, _) = raw::Raw::open(addr, "src");
             for b in (0..SRC_BYTES / 4096).step_by(64) {
@@ -58,7 +57,7 @@ async fn kill_minus_nine_during_management_work_leaves_a_consistent_store() {
     }
     let mut rng = rand::rng();
     for round in 0..6 {
-        let mut m = s.client().await;
+        let mut m = s.mgmt_client().await;
         let work = tokio::spawn(async move {
             for i in 0..4 {
                 let name = format!("clone-{round}-{i}");
@@ -93,20 +92,24 @@ async fn kill_minus_nine_during_management_work_leaves_a_consistent_store() {
         let dir = s.crash();
         work.abort();
         let _ = work.await;
-        s = TestServer::start_in(dir, &[]);
+        s = common::start_in(dir, &[]);
         assert_eq!(
-            std::fs::read_dir(s.path().join("staging")).unwrap().count(),
+            std::fs::read_dir(s.data_dir().join("staging"))
+                .unwrap()
+                .count(),
             0,
             "staging not cleaned"
         );
-        let mut m = s.client().await;
+        let mut m = s.mgmt_client().await;
         let vols = m
             .list_volumes(pb::ListVolumesRequest::default())
             .await
             .unwrap()
             .into_inner()
             .volumes;
-        let on_disk = std::fs::read_dir(s.path().join("volumes")).unwrap().count();
+        let on_disk = std::fs::read_dir(s.data_dir().join("volumes"))
+            .unwrap()
+            .count();
         assert_eq!(
             vols.len(),
             on_disk,
@@ -118,7 +121,7 @@ async fn kill_minus_nine_during_management_work_leaves_a_consistent_store() {
             .unwrap()
             .into_inner()
             .snapshots;
-        let addr = s.nbd;
+        let addr = s.nbd();
         let exports: Vec<String> = vols
             .iter()
             .filter(|v| v.name != "demo")

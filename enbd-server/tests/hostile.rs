@@ -179,18 +179,18 @@ fn storm(
     min_rounds: u64,
 ) -> Vec<FloodResult> {
     // Idle: the server has started, served one client and is quiet again.
-    still_serving(s.nbd);
+    still_serving(s.nbd());
     let idle = rss(s.pid());
     let until = Instant::now() + time;
     let floods: Vec<_> = (0..hostile)
         .map(|_| {
-            let addr = s.nbd;
+            let addr = s.nbd();
             std::thread::spawn(move || flood(addr, kind, until))
         })
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let good = {
-        let (addr, stop) = (s.nbd, stop.clone());
+        let (addr, stop) = (s.nbd(), stop.clone());
         std::thread::spawn(move || good_client(addr, stop))
     };
     let mut peak = idle;
@@ -226,13 +226,13 @@ fn storm(
         "{kind:?}: the good client completed only {} rounds in {time:?}",
         good.rounds
     );
-    still_serving(s.nbd);
+    still_serving(s.nbd());
     floods
 }
 
 /// Logs at info: a debug line per refused request would make stderr the bottleneck.
 fn quiet_server(extra: &[&str]) -> TestServer {
-    TestServer::start_with_log(extra, "enbd_server=info")
+    common::start_with_log(extra, "enbd_server=info")
 }
 
 #[test]
@@ -306,12 +306,12 @@ fn hostile_clients_share_the_global_cap_and_never_stall_others() {
 fn silent_client_is_dropped_after_the_handshake_timeout() {
     let s = quiet_server(&["--handshake-timeout-secs=1"]);
     let t = Instant::now();
-    let mut c = Raw::connect(s.nbd);
+    let mut c = Raw::connect(s.nbd());
     assert!(c.is_closed());
     let took = t.elapsed();
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(5),
         "closed after {took:?}, expected about 1 s"
     );
-    still_serving(s.nbd);
+    still_serving(s.nbd());
 }

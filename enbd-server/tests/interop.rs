@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{TestServer, run};
+use common::run;
 use rand::RngCore;
 
 fn sha(path: &std::path::Path, len: u64) -> String {
@@ -20,13 +20,13 @@ fn sha(path: &std::path::Path, len: u64) -> String {
 
 #[test]
 fn qemu_img_writes_a_pattern_and_reads_it_back() {
-    let s = TestServer::start(&[]);
+    let s = common::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let pattern = dir.path().join("pattern.raw");
     let mut data = vec![0u8; 4 << 20];
     rand::rng().fill_bytes(&mut data);
     std::fs::write(&pattern, &data).unwrap();
-    let uri = s.uri("demo");
+    let uri = s.nbd_uri("demo");
     run(
         "qemu-img",
         &[
@@ -71,8 +71,8 @@ fn qemu_img_writes_a_pattern_and_reads_it_back() {
 
 #[test]
 fn nbdinfo_sees_size_exports_multi_conn_and_holes() {
-    let s = TestServer::start(&[]);
-    let uri = s.uri("demo");
+    let s = common::start(&[]);
+    let uri = s.nbd_uri("demo");
     assert_eq!(run("nbdinfo", &["--size", &uri]).trim(), "1073741824");
     let json: serde_json::Value = serde_json::from_str(&run("nbdinfo", &["--json", &uri])).unwrap();
     let export = &json["exports"][0];
@@ -101,7 +101,7 @@ fn nbdinfo_sees_size_exports_multi_conn_and_holes() {
 
     let list = run(
         "nbdinfo",
-        &["--list", "--json", &format!("nbd://{}", s.nbd)],
+        &["--list", "--json", &format!("nbd://{}", s.nbd())],
     );
     let list: serde_json::Value = serde_json::from_str(&list).unwrap();
     let names: Vec<&str> = list["exports"]
@@ -115,13 +115,13 @@ fn nbdinfo_sees_size_exports_multi_conn_and_holes() {
 
 #[test]
 fn nbdcopy_round_trip() {
-    let s = TestServer::start(&[]);
+    let s = common::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
     let mut data = vec![0u8; 8 << 20];
     rand::rng().fill_bytes(&mut data[..3 << 20]); // the tail stays zero (sparse)
     std::fs::write(&src, &data).unwrap();
-    let uri = s.uri("demo");
+    let uri = s.nbd_uri("demo");
     run(
         "nbdcopy",
         &[
@@ -178,8 +178,8 @@ fn fio_verify_with_a_single_io_thread() {
 }
 
 fn fio_verify_workload(server_args: &[&str]) {
-    let s = TestServer::start(server_args);
-    let uri = s.uri("demo");
+    let s = common::start(server_args);
+    let uri = s.nbd_uri("demo");
     // Big requests first (past the inline-read limit: they take the engine's own paths),
     // written and verified over 2 connections in the last 16 MiB of the export's first 48.
     fio(

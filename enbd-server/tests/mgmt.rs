@@ -6,7 +6,6 @@ mod common;
 #[path = "common/raw.rs"]
 mod raw;
 
-use common::TestServer;
 use enbd_proto::enbd::{self as pb, content_source::Kind};
 use tonic::Code;
 
@@ -21,8 +20,8 @@ fn create(name: &str, size: u64) -> pb::CreateVolumeRequest {
 
 #[tokio::test]
 async fn create_and_delete_are_idempotent() {
-    let s = TestServer::start(&[]);
-    let mut m = s.client().await;
+    let s = common::start(&[]);
+    let mut m = s.mgmt_client().await;
     let v = m
         .create_volume(create("pvc-1", 10 << 20))
         .await
@@ -119,15 +118,15 @@ async fn create_and_delete_are_idempotent() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    assert!(!s.path().join("volumes/pvc-1").exists());
+    assert!(!s.data_dir().join("volumes/pvc-1").exists());
 }
 
 #[tokio::test]
 async fn volumes_in_use_are_not_deleted_without_force() {
-    let s = TestServer::start(&[]);
-    let mut m = s.client().await;
+    let s = common::start(&[]);
+    let mut m = s.mgmt_client().await;
     m.create_volume(create("busy", 1 << 20)).await.unwrap();
-    let addr = s.nbd;
+    let addr = s.nbd();
     let mut c = tokio::task::spawn_blocking(move || raw::Raw::open(addr, "busy").0)
         .await
         .unwrap();
@@ -178,10 +177,10 @@ async fn volumes_in_use_are_not_deleted_without_force() {
 
 #[tokio::test]
 async fn expand_snapshot_clone() {
-    let s = TestServer::start(&[]);
-    let mut m = s.client().await;
+    let s = common::start(&[]);
+    let mut m = s.mgmt_client().await;
     m.create_volume(create("v", 4 << 20)).await.unwrap();
-    let addr = s.nbd;
+    let addr = s.nbd();
     tokio::task::spawn_blocking(move || {
         let (mut c, _) = raw::Raw::open(addr, "v");
         c.request(0, raw::CMD_WRITE, 1, 8192, 5, b"hello");
@@ -343,8 +342,8 @@ async fn expand_snapshot_clone() {
 
 #[tokio::test]
 async fn listing_pages_capacity_and_health() {
-    let s = TestServer::start(&["--advertise-address=enbd-0.enbd.svc:10809"]);
-    let mut m = s.client().await;
+    let s = common::start(&["--advertise-address=enbd-0.enbd.svc:10809"]);
+    let mut m = s.mgmt_client().await;
     for i in 0..5 {
         m.create_volume(create(&format!("vol-{i}"), 1 << 20))
             .await
@@ -388,7 +387,7 @@ async fn listing_pages_capacity_and_health() {
     assert_eq!(h.server_id, "test-server");
     assert_eq!(h.data_address, "enbd-0.enbd.svc:10809");
     assert!(h.ready);
-    let addr = s.metrics;
+    let addr = s.metrics();
     let body = tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};
         let mut t = std::net::TcpStream::connect(addr).unwrap();

@@ -28,13 +28,11 @@ const FLAG_FUA: u16 = 1;
 use ReplicaState::{InSync, Out, Resyncing};
 
 async fn replicas(s: &TestServer) -> ReplicaServiceClient<Channel> {
-    ReplicaServiceClient::connect(format!("http://{}", s.mgmt))
-        .await
-        .expect("mgmt connect")
+    s.replica_client().await
 }
 
 async fn create(s: &TestServer, name: &str, size: u64) {
-    s.client()
+    s.mgmt_client()
         .await
         .create_volume(pb::CreateVolumeRequest {
             name: name.into(),
@@ -55,6 +53,7 @@ fn record(generation: u64, members: &[(&str, ReplicaState)]) -> pb::Membership {
             .map(|(id, st)| pb::ReplicaMember {
                 replica_id: (*id).into(),
                 state: *st as i32,
+                ..Default::default()
             })
             .collect(),
     }
@@ -138,7 +137,7 @@ async fn nbd(addr: SocketAddr, export: &str, reqs: Vec<(u16, u16, u64, u32)>) {
 
 /// The value of an unlabelled metric on the server's metrics port.
 async fn metric(s: &TestServer, name: &str) -> u64 {
-    let addr = s.metrics;
+    let addr = s.metrics();
     let body = tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};
         let mut t = std::net::TcpStream::connect(addr).unwrap();
@@ -163,7 +162,7 @@ fn write(offset: u64, len: u32) -> (u16, u16, u64, u32) {
 
 #[tokio::test]
 async fn the_membership_contract_is_enforced() {
-    let s = TestServer::start(&[]);
+    let s = common::start(&[]);
     create(&s, "v", SIZE).await;
     let mut r = replicas(&s).await;
 
@@ -221,11 +220,13 @@ async fn the_membership_contract_is_enforced() {
     let bad_member = |id: &str| pb::ReplicaMember {
         replica_id: id.into(),
         state: InSync as i32,
+        ..Default::default()
     };
     let mut unspecified = record(2, &[(ME, InSync)]);
     unspecified.members.push(pb::ReplicaMember {
         replica_id: "b".into(),
         state: 0,
+        ..Default::default()
     });
     let mut bad_id = record(2, &[(ME, InSync)]);
     bad_id.members.push(bad_member("Not_A_Server"));
@@ -297,7 +298,7 @@ async fn the_membership_contract_is_enforced() {
         g1,
         "refusals changed nothing"
     );
-    let data_dir = s.path().join("volumes/v");
+    let data_dir = s.data_dir().join("volumes/v");
     assert!(
         !data_dir.join("dirty-c.bitmap").exists(),
         "a refused call leaves no bitmap"
@@ -372,7 +373,7 @@ async fn the_membership_contract_is_enforced() {
 }
 
 async fn writes_set_exactly_the_touched_regions(extra: &[&str]) {
-    let s = TestServer::start(extra);
+    let s = common::start(extra);
     create(&s, "v", SIZE).await;
     let mut r = replicas(&s).await;
     set(
@@ -392,7 +393,7 @@ async fn writes_set_exactly_the_touched_regions(extra: &[&str]) {
     .unwrap();
     assert_eq!(dirty(&mut r, "v", "b").await, BTreeSet::new());
     nbd(
-        s.nbd,
+        s.nbd(),
         "v",
         vec![
             write(0, 4096),
@@ -426,7 +427,7 @@ async fn writes_set_exactly_the_touched_regions(extra: &[&str]) {
     )
     .await
     .unwrap();
-    nbd(s.nbd, "v", vec![write(40 * RBU, 4096)]).await;
+    nbd(s.nbd(), "v", vec![write(40 * RBU, 4096)]).await;
     set(
         &mut r,
         "v",
@@ -435,7 +436,7 @@ async fn writes_set_exactly_the_touched_regions(extra: &[&str]) {
     .await
     .unwrap();
     nbd(
-        s.nbd,
+        s.nbd(),
         "v",
         vec![write(50 * RBU, 4096), (FLAG_FUA, CMD_TRIM, 51 * RBU, 4096)],
     )
@@ -459,9 +460,9 @@ async fn writes_set_exactly_the_touched_regions(extra: &[&str]) {
     )
     .await
     .unwrap();
-    nbd(s.nbd, "v", vec![write(70 * RBU, 4096)]).await;
+    nbd(s.nbd(), "v", vec![write(70 * RBU, 4096)]).await;
     assert_eq!(get(&mut r, "v").await.dirty_regions, Default::default());
-    let files: Vec<_> = std::fs::read_dir(s.path().join("volumes/v"))
+    let files: Vec<_> = std::fs::read_dir(s.data_dir().join("volumes/v"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n.starts_with("dirty-"))
@@ -484,7 +485,7 @@ async fn writes_set_exactly_the_touched_regions_uring_engine() {
 async fn writes_after_the_change_are_marked(extra: &[&str]) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    let s = TestServer::start(extra);
+    let s = common::start(extra);
     create(&s, "v", SIZE).await;
     let mut r = replicas(&s).await;
     set(&mut r, "v", record(1, &[(ME, InSync), ("b", InSync)]))
@@ -493,7 +494,7 @@ async fn writes_after_the_change_are_marked(extra: &[&str]) {
     let acked = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (acked, stop, addr) = (acked.clone(), stop.clone(), s.nbd);
+        let (acked, stop, addr) = (acked.clone(), stop.clone(), s.nbd());
         tokio::task::spawn_blocking(move || {
             let (mut c, _) = raw::Raw::open(addr, "v");
             let mut i = 0u64;
@@ -547,7 +548,7 @@ async fn writes_after_the_change_are_marked_uring_engine() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_bits_survive_kill_minus_nine() {
-    let mut s = TestServer::start(&[]);
+    let mut s = common::start(&[]);
     create(&s, "v", SIZE).await;
     let g2 = record(2, &[(ME, InSync), ("b", Out)]);
     {
@@ -563,14 +564,14 @@ async fn acknowledged_bits_survive_kill_minus_nine() {
         // Acknowledged, then the server dies at once: no flush, no clean shutdown.
         let fua = if round % 2 == 0 { 0 } else { FLAG_FUA };
         nbd(
-            s.nbd,
+            s.nbd(),
             "v",
             vec![(fua, raw::CMD_WRITE, region * RBU + 100, 200)],
         )
         .await;
         written.insert(region);
         let dir = s.crash();
-        s = TestServer::start_in(dir, &[]);
+        s = common::start_in(dir, &[]);
         let mut r = replicas(&s).await;
         assert_eq!(
             get(&mut r, "v").await.membership.unwrap(),
@@ -583,7 +584,7 @@ async fn acknowledged_bits_survive_kill_minus_nine() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clearing_and_extra_dirty() {
-    let s = TestServer::start(&[]);
+    let s = common::start(&[]);
     create(&s, "v", SIZE).await;
     let mut r = replicas(&s).await;
     set(&mut r, "v", record(1, &[(ME, InSync), ("b", InSync)]))
@@ -616,7 +617,7 @@ async fn clearing_and_extra_dirty() {
     });
     r.set_membership(req).await.unwrap();
     assert_eq!(dirty(&mut r, "v", "b").await, set_of(&[0, 7, 8, 100]));
-    nbd(s.nbd, "v", vec![write(3 * RBU, 4096)]).await;
+    nbd(s.nbd(), "v", vec![write(3 * RBU, 4096)]).await;
 
     let clear = |regions: Vec<u64>| pb::ClearDirtyRegionsRequest {
         volume: "v".into(),
@@ -647,7 +648,7 @@ async fn clearing_and_extra_dirty() {
         .unwrap();
     let s2 = {
         let dir = s.crash();
-        TestServer::start_in(dir, &[])
+        common::start_in(dir, &[])
     };
     let mut r = replicas(&s2).await;
     assert_eq!(
@@ -678,22 +679,22 @@ async fn clearing_and_extra_dirty() {
     .await
     .unwrap();
     assert_eq!(dirty(&mut r, "v", "b").await, BTreeSet::new());
-    assert!(!s2.path().join("volumes/v/dirty-b.bitmap").exists());
+    assert!(!s2.data_dir().join("volumes/v/dirty-b.bitmap").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expand_delete_snapshots_and_clones() {
-    let s = TestServer::start(&[]);
+    let s = common::start(&[]);
     create(&s, "v", SIZE).await;
     let mut r = replicas(&s).await;
-    let mut m = s.client().await;
+    let mut m = s.mgmt_client().await;
     set(&mut r, "v", record(1, &[(ME, InSync), ("b", InSync)]))
         .await
         .unwrap();
     set(&mut r, "v", record(2, &[(ME, InSync), ("b", Out)]))
         .await
         .unwrap();
-    nbd(s.nbd, "v", vec![write(SIZE - 1, 1), write(5 * RBU, 1)]).await;
+    nbd(s.nbd(), "v", vec![write(SIZE - 1, 1), write(5 * RBU, 1)]).await;
     m.expand_volume(pb::ExpandVolumeRequest {
         name: "v".into(),
         size_bytes: 2 * SIZE,
@@ -710,7 +711,7 @@ async fn expand_delete_snapshots_and_clones() {
         .into_inner();
     assert_eq!(d.region_count, 256, "the bitmap grew with the volume");
     assert_eq!(dirty(&mut r, "v", "b").await, set_of(&[5, 127]));
-    nbd(s.nbd, "v", vec![write(200 * RBU, 4096)]).await;
+    nbd(s.nbd(), "v", vec![write(200 * RBU, 4096)]).await;
     assert_eq!(dirty(&mut r, "v", "b").await, set_of(&[5, 127, 200]));
 
     // Snapshots and clones carry no membership.
@@ -732,7 +733,7 @@ async fn expand_delete_snapshots_and_clones() {
     .unwrap();
     assert_eq!(get(&mut r, "clone").await.membership.unwrap().generation, 0);
     for dir in ["volumes/clone", "snapshots/snap"] {
-        let names: Vec<_> = std::fs::read_dir(s.path().join(dir))
+        let names: Vec<_> = std::fs::read_dir(s.data_dir().join(dir))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
@@ -745,7 +746,7 @@ async fn expand_delete_snapshots_and_clones() {
     }
 
     // Delete removes everything; a new volume of the same name starts without a record.
-    let vdir = s.path().join("volumes/v");
+    let vdir = s.data_dir().join("volumes/v");
     assert!(vdir.join("membership.json").exists() && vdir.join("dirty-b.bitmap").exists());
     m.delete_volume(pb::DeleteVolumeRequest {
         name: "v".into(),
@@ -767,7 +768,7 @@ async fn expand_delete_snapshots_and_clones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_metadata_is_reported_never_dropped() {
-    let s = TestServer::start(&[]);
+    let s = common::start(&[]);
     create(&s, "v", SIZE).await;
     create(&s, "w", SIZE).await;
     {
@@ -780,7 +781,7 @@ async fn damaged_metadata_is_reported_never_dropped() {
                 .await
                 .unwrap();
         }
-        nbd(s.nbd, "w", vec![write(0, 4096)]).await;
+        nbd(s.nbd(), "w", vec![write(0, 4096)]).await;
     }
     let dir = s.crash();
     std::fs::write(
@@ -789,7 +790,7 @@ async fn damaged_metadata_is_reported_never_dropped() {
     )
     .unwrap();
     std::fs::write(dir.path().join("volumes/w/dirty-b.bitmap"), b"junk").unwrap();
-    let s = TestServer::start_in(dir, &[]);
+    let s = common::start_in(dir, &[]);
     let mut r = replicas(&s).await;
     let e = r
         .get_membership(pb::GetMembershipRequest { volume: "v".into() })
@@ -801,7 +802,7 @@ async fn damaged_metadata_is_reported_never_dropped() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::DataLoss);
-    let addr = s.nbd;
+    let addr = s.nbd();
     let refused = tokio::task::spawn_blocking(move || {
         let mut c = raw::Raw::connect(addr);
         c.send(&3u32.to_be_bytes());
@@ -820,7 +821,7 @@ async fn damaged_metadata_is_reported_never_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_minus_nine_during_membership_changes_leaves_a_whole_record() {
     use rand::Rng;
-    let mut s = TestServer::start(&[]);
+    let mut s = common::start(&[]);
     create(&s, "v", SIZE).await;
     let mut acked = 1;
     {
@@ -859,7 +860,7 @@ async fn kill_minus_nine_during_membership_changes_leaves_a_whole_record() {
             "round {round}: {} changes acknowledged before the kill",
             done - start
         );
-        s = TestServer::start_in(dir, &[]);
+        s = common::start_in(dir, &[]);
         let mut r = replicas(&s).await;
         let m = get(&mut r, "v").await.membership.unwrap();
         // Every acknowledged change is there; at most the one in flight beyond it.
@@ -869,7 +870,7 @@ async fn kill_minus_nine_during_membership_changes_leaves_a_whole_record() {
             m.generation
         );
         let b = m.members.iter().find(|x| x.replica_id == "b").unwrap();
-        let names: BTreeSet<String> = std::fs::read_dir(s.path().join("volumes/v"))
+        let names: BTreeSet<String> = std::fs::read_dir(s.data_dir().join("volumes/v"))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
@@ -883,4 +884,39 @@ async fn kill_minus_nine_during_membership_changes_leaves_a_whole_record() {
         assert_eq!(names, want, "round {round}: no strays, every needed bitmap");
         acked = m.generation;
     }
+}
+
+/// Member endpoints are kept as given (the record alone names the replica set), survive a
+/// crash, leave records without them working, and junk in them is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_endpoints_are_kept_and_checked() {
+    let s = common::start(&[]);
+    create(&s, "v", SIZE).await;
+    let mut r = replicas(&s).await;
+    let mut rec = record(1, &[(ME, InSync), ("b", InSync)]);
+    rec.members[1].data_address = "10.0.0.2:10809".into();
+    rec.members[1].mgmt_url = "http://10.0.0.2:10810".into();
+    set(&mut r, "v", rec.clone()).await.unwrap();
+    // The same generation with the same members and endpoints is an idempotent retry.
+    set(&mut r, "v", rec.clone()).await.unwrap();
+    let s2 = {
+        let dir = s.crash();
+        common::start_in(dir, &[])
+    };
+    let mut r = replicas(&s2).await;
+    let got = get(&mut r, "v").await.membership.unwrap();
+    assert_eq!(got, rec, "endpoints survive a restart");
+    assert_eq!(got.members[0].data_address, "", "unknown stays empty");
+    let mut bad = record(2, &[(ME, InSync), ("b", Out)]);
+    bad.members[1].mgmt_url = "http://a b".into();
+    let e = set(&mut r, "v", bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("mgmt_url"), "{}", e.message());
+    let mut long = record(2, &[(ME, InSync), ("b", Out)]);
+    long.members[1].data_address = "x".repeat(513);
+    assert_eq!(
+        set(&mut r, "v", long).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(get(&mut r, "v").await.membership.unwrap().generation, 1);
 }

@@ -31,6 +31,11 @@ pub const REPLICAS: &str = "replicas";
 /// With replicas: how long a replica may leave a write unanswered before it is dropped
 /// from the in-sync set (the `brownout` policy governs the case where no replica answers).
 pub const REPLICA_TIMEOUT: &str = "replicaTimeout";
+/// With replicas: the most bytes per second a resync (a returning replica's catch-up, or
+/// a replacement's full copy) may copy, so that it does not starve application IO.
+pub const RESYNC_BANDWIDTH: &str = "resyncBandwidth";
+/// Lowest `resyncBandwidth` accepted (1 MiB/s): anything lower is a typo, not a limit.
+pub const MIN_RESYNC_BANDWIDTH: u64 = 1 << 20;
 /// Volume context, replicated volumes only: every replica as
 /// `<replica-id>@<nbd HOST:PORT>@<management URL>`, comma separated.
 pub const CTX_REPLICAS: &str = "enbd.io/replicas";
@@ -212,6 +217,8 @@ pub struct VolumeParams {
     pub brownout: Brownout,
     pub replicas: u16,
     pub replica_timeout: Duration,
+    /// Resync copy limit in bytes per second (`None`: unlimited).
+    pub resync_bandwidth: Option<u64>,
 }
 
 impl Default for VolumeParams {
@@ -225,6 +232,7 @@ impl Default for VolumeParams {
             brownout: Brownout::default(),
             replicas: 1,
             replica_timeout: DEFAULT_REPLICA_TIMEOUT,
+            resync_bandwidth: None,
         }
     }
 }
@@ -241,6 +249,35 @@ fn parse_bounded(key: &'static str, value: &str, max: u16) -> Result<u16, ParamE
         return Err(invalid(key, value, format!("must be from 1 to {max}")));
     }
     Ok(n)
+}
+
+/// Parses a bandwidth in bytes per second: a whole number with an optional unit (`K`, `M`,
+/// `G` decimal; `Ki`, `Mi`, `Gi` binary; each optionally followed by `B`) and an optional
+/// `/s`, e.g. `50Mi`, `100MB/s`, `20000000`. At least [`MIN_RESYNC_BANDWIDTH`].
+pub fn parse_bandwidth(value: &str) -> Result<u64, String> {
+    let v = value.trim();
+    let v = v.strip_suffix("/s").unwrap_or(v);
+    let v = v.strip_suffix('B').unwrap_or(v);
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected bytes per second such as 50Mi or 100MB/s".to_owned())?;
+    let mult: u64 = match unit {
+        "" => 1,
+        "K" | "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        u => return Err(format!("unknown unit {u:?} (K, M, G, Ki, Mi, Gi)")),
+    };
+    let bytes = n.checked_mul(mult).ok_or_else(|| "too large".to_owned())?;
+    if bytes < MIN_RESYNC_BANDWIDTH {
+        return Err("must be at least 1Mi (1 MiB/s)".into());
+    }
+    Ok(bytes)
 }
 
 fn parse_mkfs_options(value: &str) -> Result<Vec<String>, ParamError> {
@@ -302,6 +339,12 @@ impl VolumeParams {
                     }
                     params.replica_timeout = d;
                 }
+                RESYNC_BANDWIDTH => {
+                    params.resync_bandwidth = Some(
+                        parse_bandwidth(value)
+                            .map_err(|why| invalid(RESYNC_BANDWIDTH, value, why))?,
+                    );
+                }
                 k if k.starts_with(KUBERNETES_PREFIX) || extra_known.contains(&k) => {}
                 k => {
                     unknown.insert(k.to_owned());
@@ -329,6 +372,9 @@ impl VolumeParams {
                 REPLICA_TIMEOUT.to_owned(),
                 format_duration(self.replica_timeout),
             );
+        }
+        if let Some(b) = self.resync_bandwidth.filter(|_| self.replicas > 1) {
+            map.insert(RESYNC_BANDWIDTH.to_owned(), b.to_string());
         }
         if !self.mkfs_options.is_empty() {
             map.insert(MKFS_OPTIONS.to_owned(), self.mkfs_options.join(" "));
@@ -590,6 +636,33 @@ mod tests {
             p.to_context().get(REPLICA_TIMEOUT).map(String::as_str),
             Some("1500ms")
         );
+        let p = VolumeParams::from_map(&map(&[("replicas", "2"), ("resyncBandwidth", "50Mi")]))
+            .expect("bandwidth");
+        assert_eq!(p.resync_bandwidth, Some(50 << 20));
+        let ctx = p.to_context();
+        assert_eq!(
+            ctx.get(RESYNC_BANDWIDTH).map(String::as_str),
+            Some("52428800")
+        );
+        // The canonical form parses back to the same value.
+        let again: HashMap<String, String> = ctx.into_iter().collect();
+        assert_eq!(VolumeParams::from_map(&again).expect("again"), p);
+        for (v, want) in [
+            ("100MB/s", 100_000_000),
+            ("2Gi", 2 << 30),
+            ("1048576", 1 << 20),
+        ] {
+            assert_eq!(parse_bandwidth(v), Ok(want), "{v}");
+        }
+        for bad in ["", "fast", "10", "5Ti", "-1Mi", "99999999999999999999"] {
+            assert!(
+                VolumeParams::from_map(&map(&[("resyncBandwidth", bad)]))
+                    .unwrap_err()
+                    .to_string()
+                    .starts_with("parameter resyncBandwidth="),
+                "{bad:?}"
+            );
+        }
         // A single copy has no replica timeout to carry.
         assert!(
             !VolumeParams::default()
@@ -673,6 +746,7 @@ mod tests {
                 brownout: Brownout::FailAfter(Duration::from_millis(2500)),
                 replicas: 1,
                 replica_timeout: DEFAULT_REPLICA_TIMEOUT,
+                resync_bandwidth: None,
             },
             replicas: Vec::new(),
         };

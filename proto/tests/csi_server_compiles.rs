@@ -7,7 +7,7 @@
 //! (`csi_spec.rs` checks every field; this checks that the generated services agree.)
 #![allow(clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use enbd_proto::csi::controller_server::{Controller, ControllerServer};
 use enbd_proto::csi::group_controller_server::{GroupController, GroupControllerServer};
@@ -15,11 +15,10 @@ use enbd_proto::csi::identity_server::{Identity, IdentityServer};
 use enbd_proto::csi::node_server::{Node, NodeServer};
 use enbd_proto::csi::snapshot_metadata_server::{SnapshotMetadata, SnapshotMetadataServer};
 use enbd_proto::csi::*;
-use hyper_util::rt::TokioIo;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Channel, Endpoint, Server, Uri};
+use tonic::transport::{Channel, Server};
 use tonic::{Request, Response, Status};
 
 type Rpc<T> = Result<Response<T>, Status>;
@@ -274,15 +273,8 @@ impl Node for Plugin {
     }
 }
 
-/// A tonic channel over a unix socket; the URI is a placeholder tonic requires.
 async fn unix_channel(path: &Path) -> Channel {
-    let path: PathBuf = path.to_owned();
-    Endpoint::try_from("http://[::1]:50051")
-        .expect("static URI parses")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
+    enbd_test_harness::unix_channel(path)
         .await
         .expect("connect to the unix socket")
 }

@@ -8,6 +8,7 @@ use super::{CALL_TIMEOUT, required};
 use crate::error::CsiError;
 use crate::mgmt;
 use crate::names;
+use crate::replicas;
 use crate::servers::{LiveServer, Lookup};
 use crate::state::State;
 
@@ -138,9 +139,15 @@ impl State {
         required(volume_id, "volume_id")?;
         let not_found = || CsiError::NotFound(format!("volume {volume_id} not found"));
         let id = VolumeId::parse(volume_id).map_err(|_| not_found())?;
-        let server = self
-            .holder(id.server(), &format!("volume {id}"))?
-            .ok_or_else(not_found)?;
+        // A replacement may have moved a mirrored volume off the server its id names.
+        let server = replicas::acting_home(
+            &self.servers,
+            id.server(),
+            id.name().as_str(),
+            &format!("volume {id}"),
+        )
+        .await?
+        .ok_or_else(not_found)?;
         let vol = self
             .get_volume(&server, id.name())
             .await?

@@ -49,7 +49,13 @@ impl State {
                     let same_server = server.id == *source.server()
                         || match this.servers.lookup(source.server()) {
                             Lookup::Live(home) => {
-                                replicas::is_member(&home, source.name().as_str(), &server.id).await
+                                replicas::is_member(
+                                    &this.servers,
+                                    &home,
+                                    source.name().as_str(),
+                                    &server.id,
+                                )
+                                .await
                             }
                             _ => false,
                         };
@@ -63,11 +69,14 @@ impl State {
                         snapshot: Some(csi_snapshot(&id, &snap)),
                     });
                 }
-                let home = this
-                    .holder(source.server(), &format!("volume {source}"))?
-                    .ok_or_else(|| {
-                        CsiError::NotFound(format!("source volume {source} not found"))
-                    })?;
+                let home = replicas::acting_home(
+                    &this.servers,
+                    source.server(),
+                    source.name().as_str(),
+                    &format!("volume {source}"),
+                )
+                .await?
+                .ok_or_else(|| CsiError::NotFound(format!("source volume {source} not found")))?;
                 let server =
                     match replicas::snapshot_source(&this.servers, &home, source.name().as_str())
                         .await

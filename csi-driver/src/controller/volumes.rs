@@ -177,7 +177,16 @@ impl State {
             // Not an ID this driver issues, so no such volume exists.
             return Ok(DeleteVolumeResponse {});
         };
-        let Some(server) = self.holder(id.server(), &format!("volume {id}"))? else {
+        // The home, or (replaced away and gone) the in-sync replica that answers for it: a
+        // gone home that is no longer a member never holds the delete up.
+        let home = replicas::acting_home(
+            &self.servers,
+            id.server(),
+            id.name().as_str(),
+            &format!("volume {id}"),
+        )
+        .await?;
+        let Some(server) = home else {
             tracing::warn!(volume_id = %id, "volume on an unknown enbd-server treated as already deleted");
             return Ok(DeleteVolumeResponse {});
         };
@@ -296,7 +305,17 @@ impl State {
         let not_found = || CsiError::NotFound(format!("volume {} not found", req.volume_id));
         let id = VolumeId::parse(&req.volume_id).map_err(|_| not_found())?;
         let published_node_ids = self.publications.nodes(&id.to_string());
-        let (vol, condition) = match self.servers.lookup(id.server()) {
+        let mut lookup = self.servers.lookup(id.server());
+        if !matches!(lookup, Lookup::Live(_)) {
+            // A home replaced away: the replica answering for it reports the condition.
+            let what = format!("volume {id}");
+            if let Ok(Some(s)) =
+                replicas::acting_home(&self.servers, id.server(), id.name().as_str(), &what).await
+            {
+                lookup = Lookup::Live(s);
+            }
+        }
+        let (vol, condition) = match lookup {
             Lookup::Unknown => return Err(not_found()),
             // The point of a volume condition: say so when the server holding it is gone.
             Lookup::Down(reason) => (

@@ -28,9 +28,7 @@ use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
 use enbd_proto::enbd::{
     CreateVolumeRequest, DeleteVolumeRequest, ExpandVolumeRequest, HealthRequest, HealthResponse,
 };
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 const MIB: u64 = 1 << 20;
@@ -104,15 +102,8 @@ impl Report {
 }
 
 async fn connect_unix(endpoint: &str) -> anyhow::Result<Channel> {
-    let path = PathBuf::from(endpoint.strip_prefix("unix://").unwrap_or(endpoint));
-    // The URI is required by the API but unused: every connection goes to the socket.
-    let channel = Endpoint::try_from("http://[::1]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await?;
-    Ok(channel)
+    let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+    Ok(enbd_test_harness::unix_channel(path).await?)
 }
 
 /// Waits until the plugin's socket accepts connections and Probe says ready.

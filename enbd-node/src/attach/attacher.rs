@@ -36,6 +36,7 @@ impl Attacher for AttachmentManager {
             read_only: spec.read_only,
             replicas,
             replica_timeout: p.replica_timeout,
+            resync_bytes_per_sec: p.resync_bandwidth,
         };
         AttachmentManager::attach(self, req)
             .await

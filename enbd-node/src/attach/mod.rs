@@ -52,6 +52,8 @@ pub struct AttachRequest {
     pub replicas: Vec<ReplicaRecord>,
     /// Mirrored volumes: how long a replica may take before it is dropped.
     pub replica_timeout: Duration,
+    /// Mirrored volumes: resync copy limit in bytes per second (`None`: unlimited).
+    pub resync_bytes_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,9 +276,11 @@ impl AttachmentManager {
             let vols = self.lock_volumes();
             if let Some(v) = vols.get(&req.volume_id) {
                 let r = &v.record;
+                // A mirror follows its membership records, which a replacement changes after
+                // the caller's list was written: its replica set is not the caller's to judge.
+                let mirrored = !r.replicas.is_empty() && !req.replicas.is_empty();
                 if r.export != req.export
-                    || r.servers != req.servers
-                    || r.replicas != req.replicas
+                    || (!mirrored && (r.servers != req.servers || r.replicas != req.replicas))
                     || r.read_only != req.read_only
                 {
                     return Err(AttachError::Conflict {
@@ -304,6 +308,7 @@ impl AttachmentManager {
             size_bytes: 0,
             replicas: req.replicas.clone(),
             replica_timeout_ms: u64::try_from(req.replica_timeout.as_millis()).unwrap_or(u64::MAX),
+            resync_bytes_per_sec: req.resync_bytes_per_sec.unwrap_or(0),
         };
         let client = Backing::connect_with(
             &record,
@@ -312,6 +317,7 @@ impl AttachmentManager {
             self.inner.mgmt_tls.get(),
         )
         .await?;
+        client.follow_into(&mut record);
         let g = client.geometry();
         if g.read_only && !req.read_only {
             client.shutdown().await;
@@ -521,6 +527,51 @@ impl AttachmentManager {
         Ok(rec.generation)
     }
 
+    /// Operator action on an attached mirrored volume: replaces replica `old` (its server
+    /// gone for good) by `new` (see [`Mirror::replace`](crate::engine::mirror::Mirror::replace)),
+    /// optionally setting the resync limit for its full copy first, and records the new
+    /// replica set so that a restarted daemon reopens it.
+    pub async fn replace(
+        &self,
+        volume_id: &str,
+        old: &str,
+        new: ReplicaRecord,
+        resync_bytes_per_sec: Option<u64>,
+    ) -> Result<crate::engine::mirror::replace::Replaced, AttachError> {
+        let _g = self.inner.ops.lock().await;
+        let mirror = {
+            let vols = self.lock_volumes();
+            let v = vols
+                .get(volume_id)
+                .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
+            match &v.client {
+                Some(Backing::Mirror(m)) => m.clone(),
+                Some(Backing::Single(_)) => {
+                    return Err(AttachError::Invalid(format!(
+                        "volume {volume_id} is not mirrored"
+                    )));
+                }
+                None => return Err(AttachError::InProgress(volume_id.to_string())),
+            }
+        };
+        if resync_bytes_per_sec.is_some() {
+            mirror.set_resync_limit(resync_bytes_per_sec);
+        }
+        let done = mirror.replace(old, new.into()).await?;
+        let records = {
+            let mut vols = self.lock_volumes();
+            if let Some(v) = vols.get_mut(volume_id) {
+                Backing::Mirror(mirror).follow_into(&mut v.record);
+                if let Some(b) = resync_bytes_per_sec {
+                    v.record.resync_bytes_per_sec = b;
+                }
+            }
+            vols.values().map(|v| v.record.clone()).collect::<Vec<_>>()
+        };
+        self.inner.store.save(&records)?;
+        Ok(done)
+    }
+
     /// Re-reads the volume's size from its server and grows the device online.
     pub async fn resize(&self, volume_id: &str) -> Result<u64, AttachError> {
         let _g = self.inner.ops.lock().await;
@@ -529,13 +580,8 @@ impl AttachmentManager {
             let v = vols
                 .get(volume_id)
                 .ok_or_else(|| AttachError::NotAttached(volume_id.to_string()))?;
-            match (v.client.as_ref().map(Backing::client), &v.device) {
-                (Some(None), _) => {
-                    return Err(AttachError::ResizeUnsupported(
-                        "a mirrored volume keeps the size it was opened with".into(),
-                    ));
-                }
-                (Some(Some(c)), Some(d)) => (c.clone(), d.resizer(), v.record.size_bytes),
+            match (&v.client, &v.device) {
+                (Some(c), Some(d)) => (c.clone(), d.resizer(), v.record.size_bytes),
                 _ => return Err(AttachError::InProgress(volume_id.to_string())),
             }
         };
@@ -692,6 +738,7 @@ mod tests {
             read_only: false,
             replicas: Vec::new(),
             replica_timeout: Duration::from_secs(5),
+            resync_bytes_per_sec: None,
         }
     }
 
@@ -772,6 +819,7 @@ mod tests {
             size_bytes: 1 << 20,
             replicas: Vec::new(),
             replica_timeout_ms: 0,
+            resync_bytes_per_sec: 0,
         }
     }
 

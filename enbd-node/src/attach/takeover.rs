@@ -236,6 +236,7 @@ impl AttachmentManager {
                 .ok_or_else(|| AttachError::Internal("volume vanished during takeover".into()))?;
             v.record.dev_id = device.dev_id();
             v.record.size_bytes = device_size;
+            client.follow_into(&mut v.record);
             v.client = Some(client);
             v.device = Some(device);
             v.phase = Phase::Attached;

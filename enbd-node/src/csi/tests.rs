@@ -882,9 +882,6 @@ fn bind_endpoint_replaces_stale_socket_but_not_other_files() {
 async fn serves_over_a_unix_socket_and_stops_on_cancel() {
     use enbd_proto::csi::identity_client::IdentityClient;
     use enbd_proto::csi::node_client::NodeClient;
-    use hyper_util::rt::TokioIo;
-    use tokio::net::UnixStream;
-    use tonic::transport::{Endpoint, Uri};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("csi/csi.sock");
@@ -895,13 +892,7 @@ async fn serves_over_a_unix_socket_and_stops_on_cancel() {
     let listener = bind_endpoint(&endpoint).expect("bind");
     let server = tokio::spawn(serve_on(listener, config(8), attacher, stop.clone()));
 
-    let path = sock.clone();
-    let channel = Endpoint::try_from("http://[::1]:50051")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
+    let channel = enbd_test_harness::unix_channel(&sock)
         .await
         .expect("connect");
     let probe = IdentityClient::new(channel.clone())

@@ -1,5 +1,6 @@
 //! Shared harness of the engine tests: NBD peer servers as real processes on 127.0.0.1
-//! (enbd-server, qemu-nbd, nbdkit, nbd-server), readiness by connecting, kill by pid on drop;
+//! (enbd-server through enbd-test-harness; qemu-nbd, nbdkit, nbd-server here), readiness by
+//! the server's readiness line or by connecting, kill by pid on drop;
 //! and the checksummed workload that proves no acknowledged write is ever lost.
 //! A missing peer program fails the test loudly; nothing here skips.
 #![allow(dead_code)]
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use enbd_e2e::faultproxy::FaultProxy;
 use enbd_node::engine::ClientConfig;
-use enbd_server::ready::spawn_until_ready;
+use enbd_test_harness::EnbdServer;
 
 /// The NBD servers the engine is checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +31,8 @@ pub struct Peer {
     pub addr: SocketAddr,
     pub export: String,
     child: Option<Child>,
+    /// enbd-server, run by the shared harness.
+    enbd: Option<EnbdServer>,
     /// A daemonised peer (nbd-server) is killed by pid.
     daemon_pid: Option<String>,
     /// For file-backed peers: the file; for enbd-server: its data directory.
@@ -45,6 +48,9 @@ impl Peer {
     /// SIGTERM and wait for the exit: a graceful shutdown (enbd-server lets in-flight
     /// requests finish, then closes its connections).
     pub fn terminate(mut self) {
+        if let Some(server) = self.enbd.take() {
+            server.terminate(Duration::from_secs(40));
+        }
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
@@ -64,6 +70,7 @@ impl Peer {
     }
 
     fn kill_now(&mut self) {
+        drop(self.enbd.take());
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -78,23 +85,6 @@ impl Drop for Peer {
     fn drop(&mut self) {
         self.kill_now();
     }
-}
-
-/// Path of the enbd-server binary built next to this test (`cargo build -p enbd-server`;
-/// a workspace build or `cargo nextest run --workspace` builds it).
-pub fn enbd_server_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("ENBD_SERVER_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("enbd-server");
-    assert!(
-        bin.exists(),
-        "enbd-server binary not found at {} — build it first: cargo build -p enbd-server",
-        bin.display()
-    );
-    bin
 }
 
 fn free_port() -> u16 {
@@ -242,6 +232,7 @@ fn try_start_peer(kind: PeerKind, data: &Path) -> Option<Peer> {
             addr,
             export,
             child: None,
+            enbd: None,
             daemon_pid: Some(pid),
             data: data.to_owned(),
             _conf: conf,
@@ -257,6 +248,7 @@ fn try_start_peer(kind: PeerKind, data: &Path) -> Option<Peer> {
         addr,
         export,
         child: Some(child),
+        enbd: None,
         daemon_pid: None,
         data: data.to_owned(),
         _conf: conf,
@@ -266,21 +258,17 @@ fn try_start_peer(kind: PeerKind, data: &Path) -> Option<Peer> {
 /// Starts enbd-server with `--demo` on `data_dir` (the 1 GiB `demo` volume is created if
 /// missing and reused when present, so a restart serves the same data).
 pub fn start_enbd_server(data_dir: &Path) -> Peer {
-    let (child, ready) = spawn_until_ready(
-        Command::new(enbd_server_bin())
-            .args(["--demo", "--server-id=engine-test", "--listen=127.0.0.1:0"])
-            .args(["--mgmt-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"])
-            .arg(format!("--data-dir={}", data_dir.display()))
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit()),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let addr = ready.nbd;
+    let server = EnbdServer::builder()
+        .id("engine-test")
+        .demo()
+        .data_dir(data_dir)
+        .start();
     Peer {
         kind: PeerKind::EnbdServer,
-        addr,
+        addr: server.nbd(),
         export: "demo".into(),
-        child: Some(child),
+        child: None,
+        enbd: Some(server),
         daemon_pid: None,
         data: data_dir.to_owned(),
         _conf: None,

@@ -23,6 +23,8 @@ fn membership_to_pb(m: Membership) -> pb::Membership {
                     MemberState::Out => ReplicaState::Out,
                     MemberState::Resyncing => ReplicaState::Resyncing,
                 } as i32,
+                data_address: x.data_address,
+                mgmt_url: x.mgmt_url,
             })
             .collect(),
     }
@@ -47,6 +49,8 @@ fn membership_from_pb(m: pb::Membership) -> Result<Membership, Status> {
             Ok(Member {
                 replica_id: x.replica_id,
                 state,
+                data_address: x.data_address,
+                mgmt_url: x.mgmt_url,
             })
         })
         .collect::<Result<_, _>>()?;

@@ -132,7 +132,9 @@ fn validate(
         .is_some_and(|end| end <= n.export.size);
     let ranged = !matches!(req.command, Command::Flush | Command::Disc);
     if ranged && !in_range {
-        let err = if writes {
+        // The document: ENOSPC for a write (WRITE, WRITE_ZEROES) past the end, EINVAL for a
+        // read or a trim (and the rest).
+        let err = if matches!(req.command, Command::Write | Command::WriteZeroes) {
             NbdError::NoSpc
         } else {
             NbdError::Inval

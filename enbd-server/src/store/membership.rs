@@ -108,7 +108,16 @@ pub enum MemberState {
 pub struct Member {
     pub replica_id: String,
     pub state: MemberState,
+    /// Where nodes reach the member (NBD `HOST:PORT`, management URL); empty = unknown.
+    /// Kept as given so the record alone names the replica set.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub data_address: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mgmt_url: String,
 }
+
+/// Longest endpoint string a member may carry.
+pub const MAX_ENDPOINT_BYTES: usize = 512;
 
 /// One membership record; generation 0 with no members means "no record".
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -229,6 +238,19 @@ fn check_record(m: &Membership, self_id: Option<&ServerId>, size: u64) -> Result
         ServerId::parse(&mem.replica_id).map_err(|e| format!("replica id: {e}"))?;
         if !seen.insert(mem.replica_id.as_str()) {
             return Err(format!("replica {:?} is listed twice", mem.replica_id));
+        }
+        for (what, v) in [
+            ("data_address", &mem.data_address),
+            ("mgmt_url", &mem.mgmt_url),
+        ] {
+            if v.len() > MAX_ENDPOINT_BYTES
+                || v.chars().any(|c| c.is_control() || c.is_whitespace())
+            {
+                return Err(format!(
+                    "member {:?}: {what} must be at most {MAX_ENDPOINT_BYTES} printable bytes without spaces",
+                    mem.replica_id
+                ));
+            }
         }
     }
     if !m.members.iter().any(|x| x.state == MemberState::InSync) {

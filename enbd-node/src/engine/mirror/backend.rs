@@ -3,6 +3,7 @@
 //! volume facts, over the management gRPC) and [`ReplicaData`] (the NBD data path, a
 //! [`Client`]). The production implementations are [`GrpcControl`] and [`Client`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use enbd_proto::enbd::{
 use futures::future::BoxFuture;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use super::membership::{MemberState, Record};
+use super::membership::{Endpoint as MemberEndpoint, MemberState, Record};
 use crate::engine::{Client, ClientConfig, EngineError, EngineStatus, Geometry, IoError};
 
 /// A management call that failed (the replica counts as unreachable for it).
@@ -74,6 +75,8 @@ pub trait ReplicaData: Send + Sync {
     /// Some channel is connected.
     fn is_up(&self) -> bool;
     fn engine_status(&self) -> Option<EngineStatus>;
+    /// Re-reads the export's size and serves up to it (only grows); returns the size now.
+    fn refresh_size(&self) -> BoxFuture<'_, Result<u64, EngineError>>;
     fn shutdown(&self) -> BoxFuture<'_, ()>;
 }
 
@@ -116,6 +119,9 @@ impl ReplicaData for Client {
     }
     fn engine_status(&self) -> Option<EngineStatus> {
         Some(Client::status(self))
+    }
+    fn refresh_size(&self) -> BoxFuture<'_, Result<u64, EngineError>> {
+        Box::pin(Client::refresh_size(self))
     }
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(Client::shutdown(self))
@@ -181,30 +187,39 @@ fn status_err(s: tonic::Status) -> ControlError {
     ControlError(format!("{:?}: {}", s.code(), s.message()))
 }
 
-fn to_proto(r: &Record) -> Membership {
+pub(crate) fn to_proto(r: &Record) -> Membership {
     Membership {
         generation: r.generation,
         members: r
             .members
             .iter()
-            .map(|(id, s)| ReplicaMember {
-                replica_id: id.clone(),
-                state: match s {
-                    MemberState::InSync => ReplicaState::InSync,
-                    MemberState::Out => ReplicaState::Out,
-                    MemberState::Resyncing => ReplicaState::Resyncing,
-                } as i32,
+            .map(|(id, s)| {
+                let ep = r.endpoints.get(id);
+                ReplicaMember {
+                    replica_id: id.clone(),
+                    state: match s {
+                        MemberState::InSync => ReplicaState::InSync,
+                        MemberState::Out => ReplicaState::Out,
+                        MemberState::Resyncing => ReplicaState::Resyncing,
+                    } as i32,
+                    data_address: ep.map(|e| e.nbd.clone()).unwrap_or_default(),
+                    mgmt_url: ep
+                        .filter(|e| !e.mgmt.is_empty())
+                        .map(|e| format!("http://{}", e.mgmt))
+                        .unwrap_or_default(),
+                }
             })
             .collect(),
         region_bytes: r.region_bytes,
     }
 }
 
-fn from_proto(m: Option<Membership>) -> Result<Record, ControlError> {
+pub(crate) fn from_proto(m: Option<Membership>) -> Result<Record, ControlError> {
     let Some(m) = m else {
         return Ok(Record::none());
     };
     let mut members = Vec::with_capacity(m.members.len());
+    let mut endpoints = BTreeMap::new();
     for mem in m.members {
         let state = match ReplicaState::try_from(mem.state) {
             Ok(ReplicaState::InSync) => MemberState::InSync,
@@ -217,12 +232,28 @@ fn from_proto(m: Option<Membership>) -> Result<Record, ControlError> {
                 )));
             }
         };
+        if !mem.data_address.is_empty() || !mem.mgmt_url.is_empty() {
+            let mgmt = mem
+                .mgmt_url
+                .strip_prefix("http://")
+                .unwrap_or(&mem.mgmt_url)
+                .trim_end_matches('/')
+                .to_owned();
+            endpoints.insert(
+                mem.replica_id.clone(),
+                MemberEndpoint {
+                    nbd: mem.data_address,
+                    mgmt,
+                },
+            );
+        }
         members.push((mem.replica_id, state));
     }
     Ok(Record {
         generation: m.generation,
         members,
         region_bytes: m.region_bytes,
+        endpoints,
     })
 }
 
@@ -374,8 +405,22 @@ mod tests {
                 ("c".into(), MemberState::Resyncing),
             ],
             region_bytes: 1 << 20,
+            endpoints: [(
+                "b".to_owned(),
+                MemberEndpoint {
+                    nbd: "10.0.0.2:10809".into(),
+                    mgmt: "10.0.0.2:10810".into(),
+                },
+            )]
+            .into(),
         };
-        assert_eq!(from_proto(Some(to_proto(&r))), Ok(r));
+        let p = to_proto(&r);
+        assert_eq!(p.members[1].mgmt_url, "http://10.0.0.2:10810");
+        assert_eq!(
+            p.members[0].data_address, "",
+            "unknown endpoints stay empty"
+        );
+        assert_eq!(from_proto(Some(p)), Ok(r));
         assert_eq!(from_proto(None), Ok(Record::none()));
     }
 }

@@ -259,6 +259,9 @@ impl ReplicaData for FakeServer {
     fn engine_status(&self) -> Option<EngineStatus> {
         None
     }
+    fn refresh_size(&self) -> BoxFuture<'_, Result<u64, EngineError>> {
+        Box::pin(async move { Ok(self.lock().data.len() as u64) })
+    }
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }

@@ -10,6 +10,8 @@
 //!   report that same generation (an unreachable one may have moved on);
 //! - no record produced here leaves a volume without an in-sync member.
 
+use std::collections::BTreeMap;
+
 use thiserror::Error;
 
 /// A member's state in one record (the proto's `ReplicaState`).
@@ -24,12 +26,24 @@ pub enum MemberState {
     Resyncing,
 }
 
+/// Where a member is reached, as its record says (either part may be empty: unknown).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// NBD data address, `HOST:PORT`.
+    pub nbd: String,
+    /// Management address, `HOST:PORT`.
+    pub mgmt: String,
+}
+
 /// One membership record: generation 0 with no members means "no record" (a single copy).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub generation: u64,
     pub members: Vec<(String, MemberState)>,
     pub region_bytes: u32,
+    /// Endpoints by member id, as read from (or to be written into) the servers' records, so
+    /// that the record alone names the replica set. Records from before the fields have none.
+    pub endpoints: BTreeMap<String, Endpoint>,
 }
 
 impl Record {
@@ -39,7 +53,13 @@ impl Record {
             generation: 0,
             members: Vec::new(),
             region_bytes: 0,
+            endpoints: BTreeMap::new(),
         }
+    }
+
+    /// Member ids in record order.
+    pub fn ids(&self) -> Vec<String> {
+        self.members.iter().map(|(m, _)| m.clone()).collect()
     }
 
     pub fn state_of(&self, id: &str) -> Option<MemberState> {
@@ -71,6 +91,7 @@ impl Record {
             generation,
             members,
             region_bytes: self.region_bytes,
+            endpoints: self.endpoints.clone(),
         }
     }
 }
@@ -116,6 +137,8 @@ pub enum OpenPlan {
 pub enum MembershipError {
     #[error("replica {0} is not a member of generation {1}")]
     NotAMember(String, u64),
+    #[error("replica {0} is already a member of generation {1}")]
+    AlreadyAMember(String, u64),
     #[error("dropping {dropped:?} would leave generation {generation} with no in-sync replica")]
     LastInSync {
         dropped: Vec<String>,
@@ -250,6 +273,7 @@ fn plan_create(ids: &[String], probes: &[Probe], region_bytes: u32) -> OpenPlan 
             .map(|id| (id.clone(), MemberState::InSync))
             .collect(),
         region_bytes,
+        endpoints: BTreeMap::new(),
     })
 }
 
@@ -319,7 +343,59 @@ pub fn promote(ids: &[String], id: &str, generation: u64, region_bytes: u32) -> 
             })
             .collect(),
         region_bytes,
+        endpoints: BTreeMap::new(),
     }
+}
+
+/// The record an operator's replacement writes: `new` takes `old`'s place in the member list
+/// (so member order, and with it every node's replica order, stays put), OUT — its server
+/// then starts it with every region dirty on each in-sync server, so the resync gives it a
+/// full copy — and `old` is no longer a member. Refused if `old` is not a member, `new`
+/// already is, or no member other than `old` is in sync (promote one first).
+pub fn replace(
+    current: &Record,
+    old: &str,
+    new: &str,
+    generation: u64,
+) -> Result<Record, MembershipError> {
+    if current.state_of(old).is_none() {
+        return Err(MembershipError::NotAMember(
+            old.to_owned(),
+            current.generation,
+        ));
+    }
+    if current.state_of(new).is_some() {
+        return Err(MembershipError::AlreadyAMember(
+            new.to_owned(),
+            current.generation,
+        ));
+    }
+    let members: Vec<(String, MemberState)> = current
+        .members
+        .iter()
+        .map(|(id, s)| {
+            if id == old {
+                (new.to_owned(), MemberState::Out)
+            } else {
+                (id.clone(), *s)
+            }
+        })
+        .collect();
+    let mut endpoints = current.endpoints.clone();
+    endpoints.remove(old);
+    let next = Record {
+        generation,
+        members,
+        region_bytes: current.region_bytes,
+        endpoints,
+    };
+    if next.ids_in(MemberState::InSync).is_empty() {
+        return Err(MembershipError::LastInSync {
+            dropped: vec![old.to_owned()],
+            generation: current.generation,
+        });
+    }
+    Ok(next)
 }
 
 #[cfg(test)]
@@ -337,6 +413,7 @@ mod tests {
             generation,
             members: ids().into_iter().zip(states.iter().copied()).collect(),
             region_bytes: 1 << 20,
+            endpoints: BTreeMap::new(),
         }
     }
 
@@ -461,6 +538,7 @@ mod tests {
             generation: 2,
             members: vec![("a".into(), InSync), ("z".into(), InSync)],
             region_bytes: 1 << 20,
+            endpoints: BTreeMap::new(),
         };
         let probes = [
             reached(other.clone()),
@@ -502,6 +580,47 @@ mod tests {
         assert!(matches!(
             transition(&g, "a", Out, Resyncing, 8),
             Err(MembershipError::WrongState { .. })
+        ));
+    }
+
+    #[test]
+    fn replace_puts_the_new_member_in_the_old_ones_place_out() {
+        let mut g = rec(7, &[InSync, Out, InSync]);
+        g.endpoints.insert(
+            "b".into(),
+            Endpoint {
+                nbd: "b:1".into(),
+                mgmt: "b:2".into(),
+            },
+        );
+        let r = replace(&g, "b", "d", 8).expect("replace");
+        assert_eq!(r.generation, 8);
+        assert_eq!(
+            r.members,
+            vec![
+                ("a".into(), InSync),
+                ("d".into(), Out),
+                ("c".into(), InSync)
+            ]
+        );
+        assert!(
+            r.endpoints.is_empty(),
+            "the old member's endpoint stays behind"
+        );
+        // An in-sync member may be replaced while another is in sync (decommissioning).
+        assert!(replace(&g, "a", "d", 8).is_ok());
+        assert!(matches!(
+            replace(&g, "q", "d", 8),
+            Err(MembershipError::NotAMember(..))
+        ));
+        assert!(matches!(
+            replace(&g, "b", "c", 8),
+            Err(MembershipError::AlreadyAMember(..))
+        ));
+        let alone = rec(9, &[InSync, Out, Out]);
+        assert!(matches!(
+            replace(&alone, "a", "d", 10),
+            Err(MembershipError::LastInSync { .. })
         ));
     }
 

@@ -23,12 +23,14 @@
 //! landed on some of them, and a node crash with writes in flight may leave in-sync
 //! replicas differing in those writes' ranges (DRBD's activity log closes this; there is
 //! none yet) — in both cases nothing was acknowledged, but reads of that range may differ
-//! by replica until it is rewritten. The size is fixed at open (no online growth) and the
-//! replica set is fixed by the first record (no adding or replacing members).
+//! by replica until it is rewritten. The size grows online only ([`grow`]); the replica set
+//! changes only by an operator's replacement ([`replace`]), which keeps each member's slot.
 
 pub mod backend;
+pub mod grow;
 pub mod membership;
 pub mod regions;
+pub mod replace;
 pub mod resync;
 
 #[cfg(test)]
@@ -38,7 +40,7 @@ mod fake;
 #[allow(clippy::expect_used, clippy::unwrap_used)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -54,7 +56,7 @@ use self::backend::{
     ClientConnector, ControlError, DataConnector, ExtraDirty, GrpcControl, ReplicaControl,
     ReplicaData,
 };
-use self::membership::{MemberState, OpenPlan, Probe, Record, Report};
+use self::membership::{Endpoint, MemberState, OpenPlan, Probe, Record, Report};
 use self::regions::RegionLocks;
 use super::status::{MirrorState, MirrorStatus, ReplicaHealth, ReplicaStatus};
 use super::{BrownoutPolicy, ClientConfig, Geometry, IoError};
@@ -203,6 +205,24 @@ pub(crate) struct Replica {
 }
 
 impl Replica {
+    fn new(cfg: ReplicaConfig, b: Backend) -> Self {
+        Replica {
+            cfg,
+            control: b.control,
+            connector: b.connector,
+            data: Mutex::new(None),
+            pending: Mutex::new(HashMap::new()),
+            unflushed: Mutex::new(BTreeSet::new()),
+            reported_generation: AtomicU64::new(0),
+            reachable: AtomicBool::new(false),
+            reads: AtomicU64::new(0),
+            reads_in_flight: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            resync: resync::Progress::default(),
+        }
+    }
+
     pub(crate) fn data(&self) -> Option<Arc<dyn ReplicaData>> {
         lock(&self.data).clone()
     }
@@ -218,9 +238,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub(crate) struct Inner {
+    /// `cfg.replicas` is the set the mirror was opened with; the set in force is `slots`.
     pub cfg: MirrorConfig,
-    pub replicas: Vec<Replica>,
+    /// One per replica, in record order. A slot changes hands only by a replacement, made
+    /// under the exclusive `membership` lock, so a fan-out (which holds it shared) sees one
+    /// replica per slot throughout; an index held across that lock may name the successor,
+    /// whose state in the record is then checked afresh.
+    slots: Vec<Mutex<Arc<Replica>>>,
+    /// The geometry at open; its size is superseded by `size` (online growth).
     geometry: Geometry,
+    size: AtomicU64,
+    /// Resync copy limit in bytes per second; 0 = unlimited. Starts as configured.
+    resync_limit: AtomicU64,
     /// Writes hold it shared across their fan-out; membership changes hold it exclusively.
     pub membership: RwLock<()>,
     view: Mutex<View>,
@@ -269,6 +298,10 @@ impl Mirror {
     /// Opens the volume on real servers: a `GrpcControl` and a `Client` per replica.
     pub async fn open(cfg: MirrorConfig) -> Result<Mirror, MirrorError> {
         cfg.validate()?;
+        // The set in force may differ from the one given (a replacement since).
+        let mut cfg = cfg;
+        cfg.replicas = replace::follow(&cfg).await?;
+        cfg.validate()?;
         let mut backends = Vec::with_capacity(cfg.replicas.len());
         for r in &cfg.replicas {
             let control = GrpcControl::new(
@@ -312,21 +345,7 @@ impl Mirror {
             .replicas
             .iter()
             .zip(backends)
-            .map(|(rc, b)| Replica {
-                cfg: rc.clone(),
-                control: b.control,
-                connector: b.connector,
-                data: Mutex::new(None),
-                pending: Mutex::new(HashMap::new()),
-                unflushed: Mutex::new(BTreeSet::new()),
-                reported_generation: AtomicU64::new(0),
-                reachable: AtomicBool::new(false),
-                reads: AtomicU64::new(0),
-                reads_in_flight: AtomicU64::new(0),
-                writes: AtomicU64::new(0),
-                last_error: Mutex::new(None),
-                resync: resync::Progress::default(),
-            })
+            .map(|(rc, b)| Replica::new(rc.clone(), b))
             .collect();
         // Data paths first: the geometry comes from the first that connects.
         let timeout = cfg.client.connect_timeout + cfg.replica_timeout;
@@ -363,11 +382,17 @@ impl Mirror {
             why: "no replica's data path could be connected".into(),
         })?;
         let region_bytes = cfg.region_bytes;
+        let resync_limit = AtomicU64::new(cfg.resync_bytes_per_sec.unwrap_or(0));
         let (changed, _) = watch::channel(0);
         let inner = Arc::new(Inner {
             regions: RegionLocks::new(region_bytes),
             cfg,
-            replicas,
+            slots: replicas
+                .into_iter()
+                .map(|r| Mutex::new(Arc::new(r)))
+                .collect(),
+            size: AtomicU64::new(geometry.size),
+            resync_limit,
             geometry,
             membership: RwLock::new(()),
             view: Mutex::new(View {
@@ -401,7 +426,10 @@ impl Mirror {
     }
 
     pub fn geometry(&self) -> Geometry {
-        self.inner.geometry
+        Geometry {
+            size: self.inner.size(),
+            ..self.inner.geometry
+        }
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
@@ -454,9 +482,10 @@ impl Mirror {
     pub async fn promote(&self, replica_id: &str) -> Result<Record, MirrorError> {
         let inner = &self.inner;
         let _w = inner.membership.write().await;
+        let replicas = inner.replicas();
         let backends: Vec<&dyn ReplicaControl> =
-            inner.replicas.iter().map(|r| r.control.as_ref()).collect();
-        let rec = promote_on(&inner.cfg, &backends, replica_id, inner.geometry.size).await?;
+            replicas.iter().map(|r| r.control.as_ref()).collect();
+        let rec = promote_on(&inner.current_cfg(), &backends, replica_id, inner.size()).await?;
         inner
             .top_generation
             .fetch_max(rec.generation, Ordering::AcqRel);
@@ -472,7 +501,7 @@ impl Mirror {
         inner.cancel.cancel();
         inner.tasks.close();
         inner.tasks.wait().await;
-        for r in &inner.replicas {
+        for r in &inner.replicas() {
             let d = lock(&r.data).take();
             if let Some(d) = d {
                 d.shutdown().await;
@@ -552,7 +581,8 @@ pub async fn promote_on(
     } else {
         cfg.region_bytes
     };
-    let rec = membership::promote(&ids, replica_id, top + PROMOTE_STRIDE, region_bytes);
+    let mut rec = membership::promote(&ids, replica_id, top + PROMOTE_STRIDE, region_bytes);
+    rec.endpoints = endpoints_of(&cfg.replicas);
     let extra: ExtraDirty = ids
         .iter()
         .filter(|m| *m != replica_id)
@@ -579,7 +609,52 @@ pub async fn promote_on(
     Ok(rec)
 }
 
+/// The endpoints a record written by this mirror names for its members.
+fn endpoints_of(replicas: &[ReplicaConfig]) -> BTreeMap<String, Endpoint> {
+    replicas
+        .iter()
+        .map(|r| {
+            (
+                r.id.clone(),
+                Endpoint {
+                    nbd: r.nbd.clone(),
+                    mgmt: r.mgmt.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
 impl Inner {
+    /// The configuration with the replica set in force.
+    pub(crate) fn current_cfg(&self) -> MirrorConfig {
+        let mut c = self.cfg.clone();
+        c.replicas = self.replicas().iter().map(|r| r.cfg.clone()).collect();
+        c
+    }
+
+    pub(crate) fn replica(&self, i: usize) -> Arc<Replica> {
+        lock(&self.slots[i]).clone()
+    }
+
+    /// The replicas in force, in slot order.
+    pub(crate) fn replicas(&self) -> Vec<Arc<Replica>> {
+        self.slots.iter().map(|s| lock(s).clone()).collect()
+    }
+
+    pub(crate) fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn resync_limit(&self) -> Option<u64> {
+        Some(self.resync_limit.load(Ordering::Relaxed)).filter(|b| *b > 0)
+    }
+
+    pub(crate) fn set_resync_limit(&self, bytes_per_sec: Option<u64>) {
+        self.resync_limit
+            .store(bytes_per_sec.unwrap_or(0), Ordering::Relaxed);
+    }
+
     fn deadline(&self) -> Option<Instant> {
         match self.cfg.brownout {
             BrownoutPolicy::Wait => None,
@@ -595,7 +670,7 @@ impl Inner {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), IoError> {
-        let size = self.geometry.size;
+        let size = self.size();
         if len as usize > super::MAX_REQUEST_BYTES {
             return Err(IoError::Invalid {
                 len,
@@ -613,7 +688,7 @@ impl Inner {
     }
 
     pub(crate) fn state_of(&self, idx: usize) -> Option<MemberState> {
-        lock(&self.view).record.state_of(&self.replicas[idx].cfg.id)
+        lock(&self.view).record.state_of(&self.replica(idx).cfg.id)
     }
 
     fn set_view(&self, record: Record, blocked: Option<String>) {
@@ -682,14 +757,14 @@ impl Inner {
     /// In-sync replicas with a data path, least-loaded first (ties broken round-robin).
     fn read_candidates(&self) -> Vec<(usize, Arc<dyn ReplicaData>)> {
         let rec = self.record();
-        let n = self.replicas.len();
+        let n = self.slots.len();
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
         let mut c: Vec<(usize, Arc<dyn ReplicaData>)> = (0..n)
             .map(|k| (start + k) % n)
-            .filter(|&i| rec.state_of(&self.replicas[i].cfg.id) == Some(MemberState::InSync))
-            .filter_map(|i| self.replicas[i].data().map(|d| (i, d)))
+            .filter(|&i| rec.state_of(&self.replica(i).cfg.id) == Some(MemberState::InSync))
+            .filter_map(|i| self.replica(i).data().map(|d| (i, d)))
             .collect();
-        c.sort_by_key(|(i, _)| self.replicas[*i].reads_in_flight.load(Ordering::Relaxed));
+        c.sort_by_key(|(i, _)| self.replica(*i).reads_in_flight.load(Ordering::Relaxed));
         c
     }
 
@@ -705,7 +780,7 @@ impl Inner {
             self.wait_unblocked(deadline).await?;
             let mut failed = Vec::new();
             for (i, d) in self.read_candidates() {
-                let r = &self.replicas[i];
+                let r = self.replica(i);
                 r.reads_in_flight.fetch_add(1, Ordering::Relaxed);
                 let res = d.read(offset, len).await;
                 r.reads_in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -748,7 +823,7 @@ impl Inner {
                 let _shared = self.membership.read().await;
                 let rec = self.record();
                 let targets: Vec<(usize, MemberState)> = self
-                    .replicas
+                    .replicas()
                     .iter()
                     .enumerate()
                     .filter_map(|(i, r)| match rec.state_of(&r.cfg.id) {
@@ -785,7 +860,7 @@ impl Inner {
             let applied = legs.iter().any(|l| matches!(l, Leg::Ok));
             if let Some(e) = first_refusal.filter(|_| !applied) {
                 for &i in &indexes {
-                    lock(&self.replicas[i].pending).remove(&seq);
+                    lock(&self.replica(i).pending).remove(&seq);
                 }
                 return Err(e);
             }
@@ -812,7 +887,7 @@ impl Inner {
 
     /// One replica's part of a fan-out, with its pending-write bookkeeping.
     async fn leg(&self, i: usize, seq: u64, offset: u64, len: u64, m: Mutation) -> Leg {
-        let r = &self.replicas[i];
+        let r = self.replica(i);
         let tracked = !matches!(m, Mutation::Flush);
         if tracked {
             lock(&r.pending).insert(seq, (offset, len));
@@ -867,13 +942,13 @@ impl Inner {
     /// regions it acknowledged since its last flush, as region-aligned byte ranges (merged;
     /// the whole volume if there are more than a server takes in one call).
     fn suspect_ranges(&self, i: usize) -> Vec<(u64, u64)> {
-        let r = &self.replicas[i];
+        let r = self.replica(i);
         let mut regions: BTreeSet<u64> = lock(&r.unflushed).clone();
         for &(o, l) in lock(&r.pending).values() {
             regions.extend(self.regions.span(o, l));
         }
         let rb = u64::from(self.cfg.region_bytes);
-        let size = self.geometry.size;
+        let size = self.size();
         let mut out: Vec<(u64, u64)> = Vec::new();
         for reg in regions {
             match out.last_mut() {
@@ -906,7 +981,7 @@ impl Inner {
             let rec = self.record();
             set.retain(|&i| {
                 matches!(
-                    rec.state_of(&self.replicas[i].cfg.id),
+                    rec.state_of(&self.replica(i).cfg.id),
                     Some(MemberState::InSync | MemberState::Resyncing)
                 )
             });
@@ -915,22 +990,22 @@ impl Inner {
             }
             let ids: Vec<String> = set
                 .iter()
-                .map(|&i| self.replicas[i].cfg.id.clone())
+                .map(|&i| self.replica(i).cfg.id.clone())
                 .collect();
             let generation = self.next_generation(rec.generation);
             let next =
                 membership::drop_members(&rec, &ids, generation).map_err(|e| e.to_string())?;
             let extra: ExtraDirty = set
                 .iter()
-                .map(|&i| (self.replicas[i].cfg.id.clone(), self.suspect_ranges(i)))
+                .map(|&i| (self.replica(i).cfg.id.clone(), self.suspect_ranges(i)))
                 .collect();
             let failures = self.publish(&next, &extra, &[]).await;
             if failures.is_empty() {
                 tracing::warn!(volume = %self.cfg.volume, dropped = ?ids, generation,
                     "replicas dropped: recorded OUT on every surviving replica");
                 for &i in &set {
-                    lock(&self.replicas[i].pending).clear();
-                    lock(&self.replicas[i].unflushed).clear();
+                    lock(&self.replica(i).pending).clear();
+                    lock(&self.replica(i).unflushed).clear();
                 }
                 self.set_view(next, None);
                 return Ok(());
@@ -947,8 +1022,12 @@ impl Inner {
         extra: &ExtraDirty,
         also: &[usize],
     ) -> Vec<usize> {
+        // Every record this mirror writes names where its members are reached.
+        let mut record = record.clone();
+        record.endpoints = endpoints_of(&self.current_cfg().replicas);
+        let record = &record;
         let targets: Vec<usize> = self
-            .replicas
+            .replicas()
             .iter()
             .enumerate()
             .filter(|(i, r)| {
@@ -963,7 +1042,7 @@ impl Inner {
         self.top_generation
             .fetch_max(record.generation, Ordering::AcqRel);
         let results = join_all(targets.iter().map(|&i| {
-            let r = &self.replicas[i];
+            let r = self.replica(i);
             let rec = record.clone();
             let extra = extra.clone();
             async move {
@@ -981,7 +1060,7 @@ impl Inner {
         .await;
         let mut failed = Vec::new();
         for (&i, res) in targets.iter().zip(results) {
-            let r = &self.replicas[i];
+            let r = self.replica(i);
             match res {
                 Ok(_) => {
                     r.reported_generation
@@ -1003,7 +1082,7 @@ impl Inner {
     /// Asks every replica for its record and volume facts.
     async fn probe_all(&self) -> Vec<Probe> {
         let t = self.cfg.replica_timeout;
-        join_all(self.replicas.iter().map(|r| async move {
+        join_all(self.replicas().iter().map(|r| async move {
             let asked = tokio::time::timeout(t, async {
                 let rec = r.control.get_membership().await?;
                 let facts = r.control.volume().await?;
@@ -1038,9 +1117,9 @@ impl Inner {
     /// for a refusal; a wait is `Ok` with the view blocked.
     async fn replan(&self) -> Result<(), String> {
         let probes = self.probe_all().await;
-        let ids: Vec<String> = self.replicas.iter().map(|r| r.cfg.id.clone()).collect();
-        let size = self.geometry.size;
-        for (r, p) in self.replicas.iter().zip(&probes) {
+        let ids: Vec<String> = self.replicas().iter().map(|r| r.cfg.id.clone()).collect();
+        let size = self.size();
+        for (r, p) in self.replicas().iter().zip(&probes) {
             if let Probe::Reached(rep) = p
                 && rep.size != size
             {
@@ -1060,14 +1139,14 @@ impl Inner {
                 Ok(())
             }
             OpenPlan::Create(record) => {
-                let all: Vec<usize> = (0..self.replicas.len()).collect();
+                let all: Vec<usize> = (0..self.slots.len()).collect();
                 let failed = self.publish(&record, &Vec::new(), &all).await;
                 if !failed.is_empty() {
                     return Err(format!(
                         "the first membership record could not be written to {:?}",
                         failed
                             .iter()
-                            .map(|&i| &self.replicas[i].cfg.id)
+                            .map(|&i| self.replica(i).cfg.id.clone())
                             .collect::<Vec<_>>()
                     ));
                 }
@@ -1118,7 +1197,7 @@ impl Inner {
         let rec = self.record();
         let mut without = Vec::new();
         let mut with = 0;
-        for (i, r) in self.replicas.iter().enumerate() {
+        for (i, r) in self.replicas().iter().enumerate() {
             if rec.state_of(&r.cfg.id) == Some(MemberState::InSync) {
                 if r.data().is_some() {
                     with += 1;
@@ -1147,7 +1226,7 @@ impl Inner {
             (v.record.clone(), v.blocked.clone())
         };
         let replicas: Vec<ReplicaStatus> = self
-            .replicas
+            .replicas()
             .iter()
             .map(|r| {
                 let data = r.data();
@@ -1209,7 +1288,7 @@ async fn supervise(inner: Arc<Inner>) {
             continue;
         }
         // One member at a time: each pass copies from the in-sync ones.
-        let candidates: Vec<usize> = (0..inner.replicas.len())
+        let candidates: Vec<usize> = (0..inner.slots.len())
             .filter(|&i| {
                 matches!(
                     inner.state_of(i),
@@ -1221,7 +1300,7 @@ async fn supervise(inner: Arc<Inner>) {
             if inner.cancel.is_cancelled() {
                 return;
             }
-            let r = &inner.replicas[i];
+            let r = inner.replica(i);
             let Some(d) = r.data() else { continue };
             if !d.is_up() {
                 continue;
@@ -1253,7 +1332,7 @@ async fn supervise(inner: Arc<Inner>) {
 
 /// Connects data paths that are absent or whose engine has failed for good.
 async fn reconnect_data(inner: &Inner) {
-    for r in &inner.replicas {
+    for r in &inner.replicas() {
         let dead = r
             .data()
             .is_some_and(|d| d.engine_status().is_some_and(|s| s.failure.is_some()));
@@ -1268,14 +1347,14 @@ async fn reconnect_data(inner: &Inner) {
         }
         let t = inner.cfg.client.connect_timeout + inner.cfg.replica_timeout;
         match tokio::time::timeout(t, r.connector.connect()).await {
-            Ok(Ok(d)) if d.geometry().size == inner.geometry.size => {
+            Ok(Ok(d)) if d.geometry().size == inner.size() => {
                 *lock(&r.data) = Some(d);
             }
             Ok(Ok(d)) => {
                 r.set_error(format!(
                     "export size {} differs from the mirror's {}",
                     d.geometry().size,
-                    inner.geometry.size
+                    inner.size()
                 ));
                 d.shutdown().await;
             }

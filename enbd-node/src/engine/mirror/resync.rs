@@ -61,7 +61,7 @@ impl Progress {
 async fn union_dirty(inner: &Inner, id: &str) -> Result<BTreeSet<u64>, String> {
     let rec = inner.record();
     let mut all = BTreeSet::new();
-    for r in &inner.replicas {
+    for r in &inner.replicas() {
         if rec.state_of(&r.cfg.id) != Some(MemberState::InSync) {
             continue;
         }
@@ -77,7 +77,7 @@ async fn union_dirty(inner: &Inner, id: &str) -> Result<BTreeSet<u64>, String> {
 /// Moves replica `i` from OUT to RESYNCING (if it is OUT) at a new generation written to
 /// every in-sync member and to it.
 async fn begin(inner: &Inner, i: usize) -> Result<(), String> {
-    let id = inner.replicas[i].cfg.id.clone();
+    let id = inner.replica(i).cfg.id.clone();
     let _w = inner.membership.write().await;
     let rec = inner.record();
     if rec.state_of(&id) != Some(MemberState::Out) {
@@ -108,7 +108,7 @@ async fn begin(inner: &Inner, i: usize) -> Result<(), String> {
 /// One resync of replica `i` to the end (IN_SYNC), or an error saying where it stopped.
 pub(crate) async fn run(inner: &Arc<Inner>, i: usize) -> Result<(), String> {
     begin(inner, i).await?;
-    let r = &inner.replicas[i];
+    let r = inner.replica(i);
     let id = r.cfg.id.clone();
     let rec = inner.record();
     let rb = u64::from(if rec.region_bytes != 0 {
@@ -116,7 +116,7 @@ pub(crate) async fn run(inner: &Arc<Inner>, i: usize) -> Result<(), String> {
     } else {
         inner.cfg.region_bytes
     });
-    let size = inner.geometry.size;
+    let size = inner.size();
     loop {
         let dirty: Vec<u64> = union_dirty(inner, &id).await?.into_iter().collect();
         if dirty.is_empty() {
@@ -153,7 +153,7 @@ pub(crate) async fn run(inner: &Arc<Inner>, i: usize) -> Result<(), String> {
                 if len == 0 {
                     continue;
                 }
-                if let Some(bw) = inner.cfg.resync_bytes_per_sec.filter(|b| *b > 0) {
+                if let Some(bw) = inner.resync_limit() {
                     let due = started + Duration::from_secs_f64(pass_bytes as f64 / bw as f64);
                     tokio::time::sleep_until(due.into()).await;
                 }
@@ -182,7 +182,7 @@ pub(crate) async fn run(inner: &Arc<Inner>, i: usize) -> Result<(), String> {
                 return Err(format!("flushing the target: {e}"));
             }
             let rec = inner.record();
-            for s in &inner.replicas {
+            for s in &inner.replicas() {
                 if rec.state_of(&s.cfg.id) != Some(MemberState::InSync) {
                     continue;
                 }
