@@ -73,6 +73,21 @@ pub struct Cli {
     /// Log output format.
     #[arg(long, env = "ENBD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// CA certificates (PEM) that sign the enbd-servers' management certificates. With
+    /// --mgmt-tls-cert and --mgmt-tls-key: management calls use https with this client
+    /// certificate (CN enbd-controller), and Kubernetes discovery dials each server by its
+    /// stable DNS name. The files are re-read when they change.
+    #[arg(long, env = "ENBD_MGMT_TLS_CA")]
+    pub mgmt_tls_ca: Option<std::path::PathBuf>,
+
+    /// The controller's management client certificate (PEM).
+    #[arg(long, env = "ENBD_MGMT_TLS_CERT")]
+    pub mgmt_tls_cert: Option<std::path::PathBuf>,
+
+    /// Private key of --mgmt-tls-cert (PEM).
+    #[arg(long, env = "ENBD_MGMT_TLS_KEY")]
+    pub mgmt_tls_key: Option<std::path::PathBuf>,
 }
 
 #[cfg(test)]

@@ -42,6 +42,8 @@ pub enum ConfigError {
     NodeId(String),
     #[error("--metrics-listen {0:?}: expected HOST:PORT with an IP address, or empty to disable")]
     MetricsListen(String),
+    #[error("--mgmt-tls-ca, --mgmt-tls-cert and --mgmt-tls-key go together (missing {0})")]
+    MgmtTls(&'static str),
 }
 
 /// One statically configured enbd-server.
@@ -74,6 +76,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `--nodes`: the node ids that exist (`*`: any); `None` asks Kubernetes (CSINode).
     pub nodes: Option<Vec<String>>,
+    /// Management mTLS files; `None`: plain-text management calls.
+    pub mgmt_tls: Option<crate::mgmt_tls::MgmtTlsFiles>,
 }
 
 fn valid_driver_name(name: &str) -> bool {
@@ -188,7 +192,19 @@ impl Config {
                     .map_err(|_| ConfigError::MetricsListen(cli.metrics_listen.clone()))?,
             ),
         };
+        let mgmt_tls = match (&cli.mgmt_tls_ca, &cli.mgmt_tls_cert, &cli.mgmt_tls_key) {
+            (None, None, None) => None,
+            (Some(ca), Some(cert), Some(key)) => Some(crate::mgmt_tls::MgmtTlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, _, _) => return Err(ConfigError::MgmtTls("--mgmt-tls-ca")),
+            (_, None, _) => return Err(ConfigError::MgmtTls("--mgmt-tls-cert")),
+            (_, _, None) => return Err(ConfigError::MgmtTls("--mgmt-tls-key")),
+        };
         Ok(Config {
+            mgmt_tls,
             socket_path,
             driver_name: cli.driver_name.clone(),
             discovery,
@@ -321,5 +337,24 @@ mod tests {
             }
         );
         assert_eq!(c.metrics_listen, Some("0.0.0.0:9811".parse().unwrap()));
+        assert_eq!(c.mgmt_tls, None);
+    }
+
+    #[test]
+    fn mgmt_tls_files_go_together() {
+        let all = [
+            "--mgmt-tls-ca=/ca",
+            "--mgmt-tls-cert=/c",
+            "--mgmt-tls-key=/k",
+        ];
+        let c = config(&all).unwrap();
+        assert_eq!(c.mgmt_tls.unwrap().key, PathBuf::from("/k"));
+        for missing in 0..3 {
+            let args: Vec<&str> = (0..3).filter(|i| *i != missing).map(|i| all[i]).collect();
+            assert!(
+                matches!(config(&args), Err(ConfigError::MgmtTls(_))),
+                "{args:?}"
+            );
+        }
     }
 }

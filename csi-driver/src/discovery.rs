@@ -35,6 +35,7 @@ pub enum DiscoveryError {
 /// Runs discovery until cancelled, publishing target sets on `tx`.
 pub async fn run(
     discovery: Discovery,
+    tls: bool,
     tx: watch::Sender<Option<Targets>>,
     cancel: CancellationToken,
 ) -> Result<(), DiscoveryError> {
@@ -67,7 +68,7 @@ pub async fn run(
             tracing::info!(%namespace, %selector, "watching enbd-server pods");
             let nodes: Api<Node> = Api::all(client.clone());
             let api: Api<Pod> = Api::namespaced(client, &namespace);
-            watch_pods(api, nodes, &selector, tx, cancel).await;
+            watch_pods(api, nodes, &selector, tls, tx, cancel).await;
             Ok(())
         }
     }
@@ -77,6 +78,7 @@ async fn watch_pods(
     api: Api<Pod>,
     nodes: Api<Node>,
     selector: &str,
+    tls: bool,
     tx: watch::Sender<Option<Targets>>,
     cancel: CancellationToken,
 ) {
@@ -105,7 +107,7 @@ async fn watch_pods(
                 false
             }
             Some(Ok(Event::InitApply(pod))) => {
-                let t = zoned(target_of(&pod), &pod, &nodes, &mut zones).await;
+                let t = zoned(target_of(&pod, tls), &pod, &nodes, &mut zones).await;
                 if let Some(buf) = relisting.as_mut() {
                     buf.insert(pod_name(&pod), t);
                 }
@@ -117,7 +119,7 @@ async fn watch_pods(
                 true
             }
             Some(Ok(Event::Apply(pod))) => {
-                let t = zoned(target_of(&pod), &pod, &nodes, &mut zones).await;
+                let t = zoned(target_of(&pod, tls), &pod, &nodes, &mut zones).await;
                 pods.insert(pod_name(&pod), t);
                 true
             }
@@ -193,12 +195,23 @@ fn node_zone(node: &Node) -> Option<String> {
         .cloned()
 }
 
+/// A target for `url` with the zone the pod's labels name, if any.
+fn zoned_target(pod: &Pod, url: String) -> Target {
+    let mut t = Target::new(url);
+    t.zone = pod_zone(pod);
+    t
+}
+
 fn pod_name(pod: &Pod) -> String {
     pod.metadata.name.clone().unwrap_or_default()
 }
 
 /// The server a pod stands for, if it is running, has an IP and a valid name.
-pub fn target_of(pod: &Pod) -> Option<(ServerId, Target)> {
+///
+/// Plain text: `http://<pod IP>:<port>`. With management TLS (`tls`): the pod's stable DNS
+/// name through its StatefulSet's headless Service, `https://<hostname>.<subdomain>.<namespace>.svc:<port>`,
+/// the name the server certificate is issued for (a pod IP is not in it).
+pub fn target_of(pod: &Pod, tls: bool) -> Option<(ServerId, Target)> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
@@ -228,9 +241,27 @@ pub fn target_of(pod: &Pod) -> Option<(ServerId, Target)> {
     } else {
         ip.to_owned()
     };
-    let mut t = Target::new(format!("http://{host}:{port}"));
-    t.zone = pod_zone(pod);
-    Some((id, t))
+    if !tls {
+        return Some((id, zoned_target(pod, format!("http://{host}:{port}"))));
+    }
+    let spec = pod.spec.as_ref();
+    let subdomain = spec
+        .and_then(|s| s.subdomain.as_deref())
+        .filter(|s| !s.is_empty());
+    let namespace = pod.metadata.namespace.as_deref().filter(|s| !s.is_empty());
+    let Some((subdomain, namespace)) = subdomain.zip(namespace) else {
+        tracing::warn!(
+            pod = name,
+            "enbd-server pod has no subdomain or namespace: its management certificate cannot be checked by DNS name; dialing its IP"
+        );
+        return Some((id, zoned_target(pod, format!("https://{host}:{port}"))));
+    };
+    let hostname = spec
+        .and_then(|s| s.hostname.as_deref())
+        .filter(|s| !s.is_empty())
+        .unwrap_or(name);
+    let url = format!("https://{hostname}.{subdomain}.{namespace}.svc:{port}");
+    Some((id, zoned_target(pod, url)))
 }
 
 #[cfg(test)]
@@ -252,10 +283,34 @@ mod tests {
             ]}]},
             "status": {"phase": "Running", "podIP": "10.1.2.3"}
         }));
-        let (id, t) = target_of(&p).unwrap();
+        let (id, t) = target_of(&p, false).unwrap();
         assert_eq!(id.as_str(), "enbd-server-1");
         assert_eq!(t.mgmt_url, "http://10.1.2.3:7000");
         assert_eq!(t.zone, None);
+    }
+
+    #[test]
+    fn tls_dials_the_stable_dns_name() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "enbd-server-1", "namespace": "storage"},
+            "spec": {"hostname": "enbd-server-1", "subdomain": "enbd-server", "containers": [{"name": "server", "ports": [
+                {"name": "mgmt", "containerPort": 10810}
+            ]}]},
+            "status": {"phase": "Running", "podIP": "10.1.2.3"}
+        }));
+        assert_eq!(
+            target_of(&p, true).unwrap().1.mgmt_url,
+            "https://enbd-server-1.enbd-server.storage.svc:10810"
+        );
+        let bare = pod(serde_json::json!({
+            "metadata": {"name": "s0"},
+            "spec": {"containers": [{"name": "server"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.1"}
+        }));
+        assert_eq!(
+            target_of(&bare, true).unwrap().1.mgmt_url,
+            "https://10.0.0.1:10810"
+        );
     }
 
     #[test]
@@ -265,7 +320,10 @@ mod tests {
             "spec": {"containers": [{"name": "server"}]},
             "status": {"phase": "Running", "podIP": "fd00::5"}
         }));
-        assert_eq!(target_of(&p).unwrap().1.mgmt_url, "http://[fd00::5]:10810");
+        assert_eq!(
+            target_of(&p, false).unwrap().1.mgmt_url,
+            "http://[fd00::5]:10810"
+        );
     }
 
     #[test]
@@ -275,7 +333,10 @@ mod tests {
             "spec": {"containers": [{"name": "server"}], "nodeName": "n1"},
             "status": {"phase": "Running", "podIP": "10.0.0.9"}
         }));
-        assert_eq!(target_of(&p).unwrap().1.zone.as_deref(), Some("eu-1b"));
+        assert_eq!(
+            target_of(&p, false).unwrap().1.zone.as_deref(),
+            Some("eu-1b")
+        );
         let n: Node = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "eu-1c"}}
         }))
@@ -295,7 +356,7 @@ mod tests {
             serde_json::json!({"metadata": {"name": "s0", "deletionTimestamp": "2026-01-01T00:00:00Z"},
                                "status": {"phase": "Running", "podIP": "10.0.0.1"}}),
         ] {
-            assert!(target_of(&pod(json.clone())).is_none(), "{json}");
+            assert!(target_of(&pod(json.clone()), false).is_none(), "{json}");
         }
     }
 }

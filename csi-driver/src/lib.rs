@@ -18,6 +18,7 @@ pub mod error;
 pub mod identity;
 pub mod metrics;
 pub mod mgmt;
+pub mod mgmt_tls;
 pub mod names;
 pub mod nodes;
 pub mod ops;

@@ -42,6 +42,8 @@ pub enum ServeError {
         path: String,
         source: std::io::Error,
     },
+    #[error("management TLS: {0}")]
+    MgmtTls(crate::mgmt_tls::MgmtTlsError),
     #[error("cannot listen for metrics on {addr}: {source}")]
     Metrics {
         addr: String,
@@ -89,7 +91,14 @@ pub async fn run(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(&Ready),
 ) -> Result<(), ServeError> {
-    let servers = Servers::new();
+    let tls = match &config.mgmt_tls {
+        Some(files) => {
+            Some(crate::mgmt_tls::MgmtTls::load(files.clone()).map_err(ServeError::MgmtTls)?)
+        }
+        None => None,
+    };
+    let tls_on = tls.is_some();
+    let servers = Servers::with_tls(tls);
     let metrics = Metrics::new();
     if config.nodes.is_none() {
         tracing::info!("ControllerPublish checks nodes against CSINode objects (no --nodes)");
@@ -109,7 +118,7 @@ pub async fn run(
         let cancel = background.clone();
         let discovery = config.discovery.clone();
         async move {
-            if let Err(e) = crate::discovery::run(discovery, targets_tx, cancel).await {
+            if let Err(e) = crate::discovery::run(discovery, tls_on, targets_tx, cancel).await {
                 tracing::error!(error = %e, "server discovery stopped; Probe will report not ready");
             }
         }

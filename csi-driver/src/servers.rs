@@ -19,7 +19,9 @@ use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
 use enbd_proto::ids::ServerId;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use crate::mgmt_tls::MgmtTls;
 
 /// Management gRPC client of one enbd-server.
 pub type MgmtClient = VolumeServiceClient<Channel>;
@@ -109,12 +111,26 @@ pub struct Servers {
     entries: RwLock<BTreeMap<ServerId, Entry>>,
     /// Set once discovery delivered its first complete list.
     synced: AtomicBool,
+    /// Client certificate and server CA for `https://` management URLs.
+    tls: Option<MgmtTls>,
 }
 
-fn lazy_client(url: &str) -> Option<(MgmtClient, ReplicaClient)> {
-    let endpoint = Endpoint::from_shared(url.to_owned()).ok()?;
+fn lazy_client(
+    url: &str,
+    tls: Option<ClientTlsConfig>,
+) -> Result<(MgmtClient, ReplicaClient), String> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|_| format!("invalid management URL {url:?}"))?;
+    if url.starts_with("https://") {
+        let tls = tls.ok_or_else(|| {
+            format!("{url} is https but no --mgmt-tls-ca/--mgmt-tls-cert/--mgmt-tls-key were given")
+        })?;
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("management TLS for {url}: {e}"))?;
+    }
     let channel = endpoint.connect_timeout(HEALTH_TIMEOUT).connect_lazy();
-    Some((
+    Ok((
         VolumeServiceClient::new(channel.clone()),
         ReplicaServiceClient::new(channel),
     ))
@@ -123,6 +139,32 @@ fn lazy_client(url: &str) -> Option<(MgmtClient, ReplicaClient)> {
 impl Servers {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// A registry whose `https://` servers are called with this client TLS configuration.
+    pub fn with_tls(tls: Option<MgmtTls>) -> Arc<Self> {
+        Arc::new(Self {
+            tls,
+            ..Self::default()
+        })
+    }
+
+    fn tls_config(&self) -> Option<ClientTlsConfig> {
+        self.tls.as_ref().map(MgmtTls::config)
+    }
+
+    /// After a certificate rotation (the files changed), every client is rebuilt so new
+    /// connections present the new certificate and trust the new CA.
+    fn reload_tls(&self) {
+        let Some(tls) = &self.tls else { return };
+        if !tls.reload_if_changed() {
+            return;
+        }
+        let config = tls.config();
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        for e in entries.values_mut() {
+            e.client = lazy_client(&e.mgmt_url, Some(config.clone())).ok();
+        }
     }
 
     /// Replaces the server set. Entries whose URL did not change keep their
@@ -138,12 +180,9 @@ impl Servers {
                 continue;
             }
             entries.entry(id.clone()).or_insert_with(|| {
-                let client = lazy_client(url);
-                let health = match client {
-                    Some(_) => Health::Unknown,
-                    None => Health::Down {
-                        reason: format!("invalid management URL {url:?}"),
-                    },
+                let (client, health) = match lazy_client(url, self.tls_config()) {
+                    Ok(c) => (Some(c), Health::Unknown),
+                    Err(reason) => (None, Health::Down { reason }),
                 };
                 Entry {
                     mgmt_url: url.clone(),
@@ -284,7 +323,10 @@ impl Servers {
                         self.mark_synced();
                     }
                 }
-                _ = tick.tick() => self.probe_all().await,
+                _ = tick.tick() => {
+                    self.reload_tls();
+                    self.probe_all().await
+                }
             }
         }
     }

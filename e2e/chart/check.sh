@@ -6,7 +6,9 @@
 #   4. deploy/manifests is what deploy/render-manifests.sh renders now;
 #   5. the Rust tests e2e/tests/deploy_*.rs: every rendered object and every manifest
 #      deserialised strictly into its Kubernetes API type, cross-checked against the
-#      binaries' real command lines.
+#      binaries' real command lines; management TLS (deploy_tls.rs): flags, mounted
+#      certificate Secrets, NetworkPolicy peers, and Helm's generated certificates used
+#      against a real enbd-server (needs target/debug/enbd-server: cargo build -p enbd-server).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 HELM="${HELM:-$ROOT/e2e/.tools/helm}"
@@ -56,6 +58,9 @@ refuse "static discovery without servers" --set controller.discovery=static
 refuse "an unknown fsType" --set 'storageClasses[0].name=x' --set 'storageClasses[0].fsType=zfs' \
   --set 'storageClasses[0].reclaimPolicy=Delete' --set 'storageClasses[0].allowVolumeExpansion=true' \
   --set 'storageClasses[0].volumeBindingMode=Immediate'
+refuse "an unknown TLS source" --set tls.source=vault
+refuse "a management TLS mode other than require" --set tls.mgmtMode=optional
+refuse "a cert-manager duration that is not a Go duration" --set tls.source=cert-manager --set tls.certManager.duration=90d
 refuse "a malformed static server entry" --set controller.discovery=static --set 'controller.servers[0]=no-equals-sign'
 
 step "helm template -> e2e/chart/.rendered/"

@@ -20,6 +20,7 @@ use crate::engine::mirror::{Mirror, MirrorConfig, ReplicaConfig};
 use crate::engine::status::{MirrorStatus, ReplicaHealth};
 use crate::engine::tls::ClientTls;
 use crate::engine::{BrownoutPolicy, Client, EngineStatus, Geometry, IoError};
+use crate::mgmt_tls::MgmtTlsFiles;
 use crate::state::{AttachmentRecord, ReplicaRecord};
 
 /// Most replicas a mirrored volume may have (the StorageClass allows 1..=3).
@@ -53,18 +54,30 @@ impl From<ReplicaRecord> for ReplicaConfig {
 
 impl Backing {
     /// Connects what `r` describes: a `Client` to its server, or a `Mirror` over its replicas.
+    /// `tls` secures the data path; `mgmt_tls` are the node's management TLS files, for
+    /// mirrored volumes whose replicas have `https://` management addresses (read on every
+    /// open).
     pub async fn connect(
         r: &AttachmentRecord,
         brownout: BrownoutPolicy,
         journal_bytes: usize,
         tls: Option<&Arc<ClientTls>>,
+        mgmt_tls: Option<&MgmtTlsFiles>,
     ) -> Result<Backing, AttachError> {
         if r.replicas.is_empty() {
             let c = Client::connect(client_config(r, brownout, journal_bytes, tls)?).await?;
             return Ok(Backing::Single(c));
         }
         r.check_replicas().map_err(AttachError::Invalid)?;
-        let m = Mirror::open(mirror_config(r, brownout, journal_bytes, tls)?).await?;
+        let mut cfg = mirror_config(r, brownout, journal_bytes, tls)?;
+        if let Some(files) = mgmt_tls {
+            cfg.mgmt_tls = Some(
+                files
+                    .load()
+                    .map_err(|e| AttachError::Invalid(format!("management TLS: {e}")))?,
+            );
+        }
+        let m = Mirror::open(cfg).await?;
         Ok(Backing::Mirror(m))
     }
 
@@ -208,8 +221,8 @@ pub fn mirror_config(
     Ok(m)
 }
 
-/// Parses `ID@HOST:PORT@MGMT`, where MGMT is `HOST:PORT` or `http://HOST:PORT` (the form the
-/// controller puts in the volume context). TLS management is not spoken by the engine.
+/// Parses `ID@HOST:PORT@MGMT`, where MGMT is `HOST:PORT`, `http://HOST:PORT` or
+/// `https://HOST:PORT` (the forms the controller puts in the volume context).
 pub fn parse_replica(s: &str) -> Result<ReplicaRecord, String> {
     let bad = |why: &str| format!("replica {s:?}: {why} (expected ID@HOST:PORT@http://HOST:PORT)");
     let mut parts = s.split('@');
@@ -228,10 +241,13 @@ pub fn parse_replica(s: &str) -> Result<ReplicaRecord, String> {
     })
 }
 
-/// The management address as the engine dials it (`HOST:PORT`), from a URL or an address.
+/// The management address as the engine dials it, from a URL or an address: `HOST:PORT` for
+/// plain text, `https://HOST:PORT` (scheme kept) for TLS.
 pub fn mgmt_host_port(mgmt: &str) -> Result<String, String> {
-    if mgmt.starts_with("https://") {
-        return Err("TLS management endpoints are not supported by the node engine".into());
+    if let Some(rest) = mgmt.strip_prefix("https://") {
+        return host_port(rest.trim_end_matches('/'))
+            .map(|hp| format!("https://{hp}"))
+            .ok_or_else(|| "management address is not https://HOST:PORT".into());
     }
     let bare = mgmt.strip_prefix("http://").unwrap_or(mgmt);
     host_port(bare.trim_end_matches('/'))
@@ -337,11 +353,13 @@ mod tests {
                 mgmt: "host:9100".into()
             }
         );
+        let tls = parse_replica("srv-1@host:10809@https://srv-1.enbd.ns.svc:10810/").unwrap();
+        assert_eq!(tls.mgmt, "https://srv-1.enbd.ns.svc:10810");
         for bad in [
             "a@host:1",
             "a@host@http://h:2",
             "@h:1@h:2",
-            "a@h:1@https://h:2",
+            "a@h:1@https://h",
             "a@h:0@h:2",
             "a@h:1@h:2@x",
         ] {
@@ -414,7 +432,7 @@ mod tests {
     async fn a_bad_mirrored_record_is_refused_before_connecting() {
         let mut r = mirrored_record();
         r.replicas.truncate(1);
-        let Err(e) = Backing::connect(&r, BrownoutPolicy::Wait, 1 << 20, None).await else {
+        let Err(e) = Backing::connect(&r, BrownoutPolicy::Wait, 1 << 20, None, None).await else {
             panic!("one replica accepted");
         };
         assert!(e.to_string().contains("at least 2"), "{e}");

@@ -36,6 +36,8 @@ pub struct DaemonConfig {
     pub tls_default: crate::attach::TlsPolicy,
     /// Trust root and client certificate for TLS connections.
     pub tls_files: Option<crate::engine::tls::TlsFiles>,
+    /// `--tls-ca/--tls-cert/--tls-key`: management calls of mirrored volumes.
+    pub mgmt_tls: Option<crate::mgmt_tls::MgmtTlsFiles>,
 }
 
 /// A service run beside the control socket, sharing the attachment manager; it must return
@@ -70,6 +72,13 @@ pub async fn run_daemon(cfg: DaemonConfig, extra: Vec<ExtraService>) -> anyhow::
         tokio::runtime::Handle::current(),
     )
     .with_context(|| format!("opening state directory {}", cfg.state_dir.display()))?;
+    if let Some(files) = cfg.mgmt_tls.clone() {
+        // Checked now so a wrong path fails the start, not the first mirrored attach.
+        files
+            .load()
+            .map_err(|e| anyhow::anyhow!("management TLS: {e}"))?;
+        mgr.set_mgmt_tls(files);
+    }
     if let Err(why) = mgr.ready() {
         tracing::warn!(reason = %why, "ublk unavailable: attaching will fail until the module is loaded");
     }

@@ -105,6 +105,12 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         journal_bytes: args.journal_bytes,
         tls_default: args.tls,
         tls_files: args.tls_files.files()?,
+        mgmt_tls: enbd_node::mgmt_tls::MgmtTlsFiles::from_flags(
+            args.tls_files.tls_ca.clone(),
+            args.tls_files.tls_cert.clone(),
+            args.tls_files.tls_key.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?,
     };
     let extra = extra_services(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

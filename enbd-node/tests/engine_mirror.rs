@@ -560,7 +560,7 @@ async fn attach_backing_serves_a_mirror_from_its_state_record_and_reopens_it() {
         Backing::Mirror(m) => m.clone(),
         Backing::Single(_) => panic!("a mirrored record opened a single-copy client"),
     };
-    let b = Backing::connect(&record, BrownoutPolicy::Wait, 64 << 20, None)
+    let b = Backing::connect(&record, BrownoutPolicy::Wait, 64 << 20, None, None)
         .await
         .expect("open mirror");
     let m = mirror_of(&b);
@@ -607,7 +607,7 @@ async fn attach_backing_serves_a_mirror_from_its_state_record_and_reopens_it() {
     let loaded = store.load().expect("load").pop().expect("one record");
     assert_eq!(loaded, record);
     rs[1].restore();
-    let b = Backing::connect(&loaded, BrownoutPolicy::Wait, 64 << 20, None)
+    let b = Backing::connect(&loaded, BrownoutPolicy::Wait, 64 << 20, None, None)
         .await
         .expect("reopen mirror");
     let m = mirror_of(&b);

@@ -37,6 +37,16 @@ pub enum TlsMode {
     Require,
 }
 
+/// `--mgmt-tls`: whether the management API speaks mutual TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MgmtTlsMode {
+    /// Plain-text gRPC, no authentication (a lab, `--demo`).
+    Off,
+    /// TLS with the `--tls-cert` certificate; every method but grpc.health.v1 needs a
+    /// client certificate signed by `--mgmt-client-ca` whose CN allows it (README: "Security").
+    Require,
+}
+
 /// NBD volume server with a management gRPC API.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "enbd-server", version, about)]
@@ -100,6 +110,17 @@ pub struct Cli {
     /// signed.
     #[arg(long, env = "ENBD_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Management API transport: `require` is mutual TLS with per-method roles.
+    #[arg(long, env = "ENBD_MGMT_TLS", value_enum, default_value_t = MgmtTlsMode::Off)]
+    pub mgmt_tls: MgmtTlsMode,
+    /// CA certificates (PEM) that sign management client certificates; needed by
+    /// `--mgmt-tls require`. Reloaded when the file changes.
+    #[arg(long, env = "ENBD_MGMT_CLIENT_CA")]
+    pub mgmt_client_ca: Option<PathBuf>,
+    /// Plain-text grpc.health.v1 listener for probes that cannot speak TLS (the kubelet's
+    /// `grpc:` probe); only the health service is served there. Off when not given.
+    #[arg(long, env = "ENBD_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +147,8 @@ pub enum ConfigError {
     TlsFiles(&'static str),
     #[error("--tls-cert and --tls-key go together")]
     TlsPair,
+    #[error("--mgmt-tls require needs {0}")]
+    MgmtTls(&'static str),
 }
 
 /// Validated settings.
@@ -151,6 +174,9 @@ pub struct Config {
     pub tls: TlsMode,
     /// Certificate and key (and the data path's client CA) when given.
     pub tls_files: Option<crate::tls::TlsFiles>,
+    /// `--mgmt-tls require`; None: plain-text management API.
+    pub mgmt_tls: Option<crate::mgmt::auth::MgmtTls>,
+    pub health_listen: Option<SocketAddr>,
 }
 
 fn demo_data_dir() -> Result<PathBuf, ConfigError> {
@@ -213,6 +239,7 @@ impl Cli {
                 cert,
                 key,
                 client_ca: self.tls_client_ca,
+                client_cert_optional: false,
             }),
             (None, None) => None,
             _ => return Err(ConfigError::TlsPair),
@@ -226,7 +253,24 @@ impl Cli {
             }
             _ => {}
         }
+        let mgmt_tls = match self.mgmt_tls {
+            MgmtTlsMode::Off => None,
+            MgmtTlsMode::Require => {
+                let files = tls_files
+                    .as_ref()
+                    .ok_or(ConfigError::MgmtTls("--tls-cert and --tls-key"))?;
+                Some(crate::mgmt::auth::MgmtTls {
+                    cert: files.cert.clone(),
+                    key: files.key.clone(),
+                    client_ca: self
+                        .mgmt_client_ca
+                        .ok_or(ConfigError::MgmtTls("--mgmt-client-ca"))?,
+                })
+            }
+        };
         Ok(Config {
+            mgmt_tls,
+            health_listen: self.health_listen,
             data_dir,
             listen: self.listen.unwrap_or((host, 10809).into()),
             mgmt_listen: self.mgmt_listen.unwrap_or((host, 10810).into()),
@@ -348,5 +392,19 @@ mod tests {
             "--server-id=a",
             "--handshake-timeout-secs=0"
         ]));
+        let tls = ["x", "--data-dir=/d", "--server-id=a", "--mgmt-tls=require"];
+        assert!(bad(&tls));
+        assert!(bad(&[&tls[..], &["--tls-cert=/c", "--tls-key=/k"]].concat()));
+        let ok = Cli::try_parse_from(
+            [
+                &tls[..],
+                &["--tls-cert=/c", "--tls-key=/k", "--mgmt-client-ca=/ca"],
+            ]
+            .concat(),
+        )
+        .unwrap()
+        .into_config()
+        .unwrap();
+        assert_eq!(ok.mgmt_tls.unwrap().client_ca, PathBuf::from("/ca"));
     }
 }

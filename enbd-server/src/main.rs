@@ -65,6 +65,7 @@ fn main() -> anyhow::Result<()> {
                 nbd: b.nbd,
                 mgmt: b.mgmt,
                 metrics: b.metrics,
+                health: b.health,
             };
             let mut text = format!("{ready}\n");
             if demo {

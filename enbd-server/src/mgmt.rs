@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::store::membership::ReplicaError;
 use crate::store::{ContentSource, SnapshotInfo, StoreError, VolumeInfo, VolumeStore};
 
+pub mod auth;
 pub mod replica;
 
 /// Management service state: the store and this server's identity.

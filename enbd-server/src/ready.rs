@@ -1,5 +1,6 @@
 //! The readiness line: the first line enbd-server prints on stdout once every listener is
-//! bound and the store is open, `enbd-server ready nbd=ADDR mgmt=ADDR metrics=ADDR`.
+//! bound and the store is open, `enbd-server ready nbd=ADDR mgmt=ADDR metrics=ADDR`
+//! (then ` health=ADDR` when `--health-listen` is set).
 //! Scripts and tests wait for it to learn the ports the server got (`:0` listeners).
 //!
 //! Producer and parser live together so they cannot drift apart.
@@ -17,6 +18,8 @@ pub struct ReadyLine {
     pub nbd: SocketAddr,
     pub mgmt: SocketAddr,
     pub metrics: SocketAddr,
+    /// The plain-text grpc.health.v1 listener, when there is one.
+    pub health: Option<SocketAddr>,
 }
 
 impl fmt::Display for ReadyLine {
@@ -25,7 +28,11 @@ impl fmt::Display for ReadyLine {
             f,
             "{PREFIX} nbd={} mgmt={} metrics={}",
             self.nbd, self.mgmt, self.metrics
-        )
+        )?;
+        match self.health {
+            Some(h) => write!(f, " health={h}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -36,19 +43,26 @@ impl ReadyLine {
             .trim_end()
             .strip_prefix(PREFIX)
             .ok_or_else(|| format!("not a readiness line: {line:?}"))?;
-        let field = |key: &str| -> Result<SocketAddr, String> {
-            let value = rest
+        let optional = |key: &str| -> Result<Option<SocketAddr>, String> {
+            let Some(value) = rest
                 .split_whitespace()
                 .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-                .ok_or_else(|| format!("{key}= missing in {line:?}"))?;
+            else {
+                return Ok(None);
+            };
             value
                 .parse()
+                .map(Some)
                 .map_err(|e| format!("{key}={value}: {e} (in {line:?})"))
+        };
+        let field = |key: &str| -> Result<SocketAddr, String> {
+            optional(key)?.ok_or_else(|| format!("{key}= missing in {line:?}"))
         };
         Ok(Self {
             nbd: field("nbd")?,
             mgmt: field("mgmt")?,
             metrics: field("metrics")?,
+            health: optional("health")?,
         })
     }
 }
@@ -91,12 +105,19 @@ mod tests {
             nbd: "127.0.0.1:10809".parse().unwrap(),
             mgmt: "[::1]:10810".parse().unwrap(),
             metrics: "0.0.0.0:9810".parse().unwrap(),
+            health: None,
         };
         assert_eq!(
             r.to_string(),
             "enbd-server ready nbd=127.0.0.1:10809 mgmt=[::1]:10810 metrics=0.0.0.0:9810"
         );
         assert_eq!(ReadyLine::parse(&format!("{r}\n")), Ok(r));
+        let h = ReadyLine {
+            health: Some("127.0.0.1:10811".parse().unwrap()),
+            ..r
+        };
+        assert!(h.to_string().ends_with(" health=127.0.0.1:10811"));
+        assert_eq!(ReadyLine::parse(&h.to_string()), Ok(h));
         assert!(ReadyLine::parse("demo volume: nbd://localhost/demo").is_err());
         assert!(ReadyLine::parse("enbd-server ready nbd=127.0.0.1:1 mgmt=127.0.0.1:2").is_err());
         assert!(

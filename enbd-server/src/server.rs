@@ -51,6 +51,8 @@ pub struct Bound {
     pub nbd: SocketAddr,
     pub mgmt: SocketAddr,
     pub metrics: SocketAddr,
+    /// Plain-text grpc.health.v1 listener (`--health-listen`).
+    pub health: Option<SocketAddr>,
     pub data_address: String,
 }
 
@@ -111,6 +113,24 @@ pub async fn run(
     let nbd = bind("NBD", cfg.listen).await?;
     let mgmt = bind("management gRPC", cfg.mgmt_listen).await?;
     let metrics_listener = bind("metrics", cfg.metrics_listen).await?;
+    let health_listener = match cfg.health_listen {
+        Some(a) => Some(bind("health gRPC", a).await?),
+        None => None,
+    };
+    // The management API's certificate follows its files like the data path's does; client
+    // certificates are checked at the handshake and authorised per method (auth.rs).
+    let mgmt_tls = match &cfg.mgmt_tls {
+        Some(t) => Some(Arc::new(ReloadingConfig::new(
+            crate::tls::TlsFiles {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                client_ca: Some(t.client_ca.clone()),
+                client_cert_optional: true,
+            },
+            vec![b"h2".to_vec()],
+        )?)),
+        None => None,
+    };
     let nbd_addr = nbd.local_addr().map_err(|source| ServerError::Bind {
         what: "NBD",
         addr: cfg.listen,
@@ -130,6 +150,7 @@ pub async fn run(
                 addr: cfg.metrics_listen,
                 source,
             })?,
+        health: health_listener.as_ref().and_then(|l| l.local_addr().ok()),
         data_address: cfg
             .advertise_address
             .clone()
@@ -154,15 +175,36 @@ pub async fn run(
         cfg.server_id.as_str().to_owned(),
         bound.data_address.clone(),
     );
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<VolumeServiceServer<Mgmt>>()
+        .await;
+    health_reporter
+        .set_serving::<ReplicaServiceServer<Mgmt>>()
+        .await;
     let mgmt_stop = shutdown.clone();
+    let enforce = mgmt_tls.is_some();
     let mgmt_task = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(crate::mgmt::auth::AuthLayer { enforce })
+            .add_service(health_service.clone())
             .add_service(ReplicaServiceServer::new(mgmt_service.clone()))
             .add_service(VolumeServiceServer::new(mgmt_service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(mgmt), async move {
-                mgmt_stop.cancelled().await
-            }),
+            .serve_with_incoming_shutdown(
+                crate::mgmt::auth::incoming(mgmt, mgmt_tls, shutdown.clone()),
+                async move { mgmt_stop.cancelled().await },
+            ),
     );
+    let health_task = health_listener.map(|l| {
+        let stop = shutdown.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(l), async move {
+                    stop.cancelled().await
+                }),
+        )
+    });
     let metrics_task = tokio::spawn(metrics::serve(
         metrics_listener,
         metrics.clone(),
@@ -170,7 +212,7 @@ pub async fn run(
     ));
 
     tracing::info!(
-        nbd = %bound.nbd, mgmt = %bound.mgmt, metrics = %bound.metrics, server_id = %cfg.server_id.as_str(),
+        nbd = %bound.nbd, mgmt = %bound.mgmt, mgmt_tls = enforce, metrics = %bound.metrics, server_id = %cfg.server_id.as_str(),
         data_dir = %store.root().display(), io_engine = ?cfg.io_engine, "enbd-server ready"
     );
     ready(&bound);
@@ -231,6 +273,9 @@ pub async fn run(
         );
     }
     let _ = metrics_task.await;
+    if let Some(t) = health_task {
+        let _ = t.await;
+    }
     match mgmt_task.await {
         Ok(r) => r?,
         Err(e) => tracing::warn!(error = %e, "management task failed"),

@@ -39,6 +39,10 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// When set, clients must present a certificate that chains to one of these CAs.
     pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: a client without a certificate still completes the handshake
+    /// (the management API then authorises per method; its health service needs none).
+    /// A certificate that is presented must still chain to `client_ca`.
+    pub client_cert_optional: bool,
 }
 
 impl TlsFiles {
@@ -106,13 +110,15 @@ pub fn build_server_config(files: &TlsFiles, alpn: &[Vec<u8>]) -> Result<ServerC
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider)
-                    .build()
-                    .map_err(|e| TlsError::Config {
-                        what: "client CA",
-                        reason: e.to_string(),
-                    })?;
+            let mut verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider);
+            if files.client_cert_optional {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let verifier = verifier.build().map_err(|e| TlsError::Config {
+                what: "client CA",
+                reason: e.to_string(),
+            })?;
             builder.with_client_cert_verifier(verifier)
         }
     };

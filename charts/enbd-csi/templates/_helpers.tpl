@@ -73,3 +73,20 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "enbd-csi.pluginDir" -}}
 {{- printf "%s/plugins/%s" (trimSuffix "/" .Values.kubeletDir) .Values.driverName -}}
 {{- end -}}
+
+{{/* Secret names of the management TLS material (the same in helm and cert-manager mode). */}}
+{{- define "enbd-csi.tlsSecret" -}}
+{{- printf "%s-%s-tls" (include "enbd-csi.fullname" .ctx) .who -}}
+{{- end -}}
+
+{{/* Where every binary finds its TLS files (a Secret volume: ca.crt, tls.crt, tls.key). */}}
+{{- define "enbd-csi.tlsDir" -}}
+/etc/enbd/tls
+{{- end -}}
+
+{{/* DNS names of the server certificate: every StatefulSet pod through the headless Service. */}}
+{{- define "enbd-csi.serverDnsNames" -}}
+{{- $svc := include "enbd-csi.serverServiceName" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- list (printf "*.%s.%s.svc" $svc $ns) (printf "*.%s.%s.svc.%s" $svc $ns .Values.clusterDomain) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.clusterDomain) | toJson -}}
+{{- end -}}

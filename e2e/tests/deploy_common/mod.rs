@@ -14,7 +14,8 @@ use std::process::Command;
 
 use k8s_openapi::Resource;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Namespace, PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, PodSpec, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -49,6 +50,17 @@ pub struct VolumeSnapshotClass {
     pub parameters: Option<BTreeMap<String, String>>,
 }
 
+/// A cert-manager `cert-manager.io/v1` object (Issuer or Certificate): a CRD, so not in
+/// k8s-openapi. The envelope is strict; `spec` is checked field by field in checks.rs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CertManagerObject {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: Value,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeletionPolicy {
     Delete,
@@ -71,6 +83,10 @@ pub enum Object {
     Deployment(Deployment),
     DaemonSet(DaemonSet),
     StatefulSet(StatefulSet),
+    Secret(Secret),
+    NetworkPolicy(NetworkPolicy),
+    /// cert-manager Issuer or Certificate.
+    CertManager(CertManagerObject),
 }
 
 impl Object {
@@ -89,6 +105,10 @@ impl Object {
             Object::Deployment(_) => Deployment::KIND,
             Object::DaemonSet(_) => DaemonSet::KIND,
             Object::StatefulSet(_) => StatefulSet::KIND,
+            Object::Secret(_) => Secret::KIND,
+            Object::NetworkPolicy(_) => NetworkPolicy::KIND,
+            Object::CertManager(o) if o.kind == "Issuer" => "Issuer",
+            Object::CertManager(_) => "Certificate",
         }
     }
 
@@ -107,6 +127,9 @@ impl Object {
             Object::Deployment(o) => &o.metadata,
             Object::DaemonSet(o) => &o.metadata,
             Object::StatefulSet(o) => &o.metadata,
+            Object::Secret(o) => &o.metadata,
+            Object::NetworkPolicy(o) => &o.metadata,
+            Object::CertManager(o) => &o.metadata,
         }
     }
 
@@ -223,7 +246,12 @@ pub fn parse_object(v: &Value) -> Result<Object, String> {
         Deployment => Deployment,
         DaemonSet => DaemonSet,
         StatefulSet => StatefulSet,
+        Secret => Secret,
+        NetworkPolicy => NetworkPolicy,
     );
+    if api_version == "cert-manager.io/v1" && (kind == "Issuer" || kind == "Certificate") {
+        return strict::<CertManagerObject>(v).map(Object::CertManager);
+    }
     if api_version == "snapshot.storage.k8s.io/v1" && kind == "VolumeSnapshotClass" {
         return strict::<VolumeSnapshotClass>(v).map(Object::VolumeSnapshotClass);
     }

@@ -255,7 +255,7 @@ mod tests {
     }
 
     #[test]
-    fn context_replicas_become_records_with_plain_mgmt_addresses() {
+    fn context_replicas_become_records_with_their_mgmt_addresses() {
         let ctx = VolumeContext {
             server: "h1:10809".into(),
             export: "v".into(),
@@ -265,19 +265,22 @@ mod tests {
                 "b@h2:10809@https://h2:9100".parse().expect("b"),
             ],
         };
-        let err = replica_records(&ctx).expect_err("https");
-        assert!(err.contains("replica b: TLS"), "{err}");
-        let ctx = VolumeContext {
-            replicas: ctx.replicas[..1].to_vec(),
-            ..ctx
-        };
+        // Plain text: HOST:PORT; TLS keeps its scheme, so the mirror's calls use the node's
+        // management certificate.
         assert_eq!(
             replica_records(&ctx).expect("records"),
-            vec![ReplicaRecord {
-                id: "a".into(),
-                nbd: "h1:10809".into(),
-                mgmt: "h1:9100".into()
-            }]
+            vec![
+                ReplicaRecord {
+                    id: "a".into(),
+                    nbd: "h1:10809".into(),
+                    mgmt: "h1:9100".into()
+                },
+                ReplicaRecord {
+                    id: "b".into(),
+                    nbd: "h2:10809".into(),
+                    mgmt: "https://h2:9100".into()
+                }
+            ]
         );
     }
 }

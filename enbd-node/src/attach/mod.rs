@@ -184,6 +184,9 @@ struct Inner {
     journal_bytes: usize,
     tls_default: TlsPolicy,
     tls: Option<Arc<ClientTls>>,
+    /// The node's management TLS files (mirrored volumes with `https://` replicas); set once
+    /// at start-up by [`AttachmentManager::set_mgmt_tls`].
+    mgmt_tls: std::sync::OnceLock<crate::mgmt_tls::MgmtTlsFiles>,
     /// Serialises attach/detach/resize: each is seconds of work that must not interleave.
     ops: tokio::sync::Mutex<()>,
     volumes: Mutex<HashMap<String, Volume>>,
@@ -256,10 +259,17 @@ impl AttachmentManager {
                 journal_bytes: cfg.journal_bytes,
                 tls_default: cfg.tls_default,
                 tls: cfg.tls,
+                mgmt_tls: std::sync::OnceLock::new(),
                 ops: tokio::sync::Mutex::new(()),
                 volumes: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// Sets the management TLS files mirrored volumes use (start-up only: a second call is
+    /// ignored and reported as false).
+    pub fn set_mgmt_tls(&self, files: crate::mgmt_tls::MgmtTlsFiles) -> bool {
+        self.inner.mgmt_tls.set(files).is_ok()
     }
 
     /// Whether this kernel can host devices at all.
@@ -328,6 +338,7 @@ impl AttachmentManager {
             req.brownout,
             self.inner.journal_bytes,
             self.inner.tls.as_ref(),
+            self.inner.mgmt_tls.get(),
         )
         .await?;
         client.follow_into(&mut record);

@@ -115,7 +115,7 @@ impl AttachmentManager {
             let attempt = tokio::select! {
                 biased;
                 () = cancel.cancelled() => return Err(cancelled()),
-                attempt = Backing::connect(&r, brownout, self.inner.journal_bytes, self.inner.tls.as_ref()) => attempt,
+                attempt = Backing::connect(&r, brownout, self.inner.journal_bytes, self.inner.tls.as_ref(), self.inner.mgmt_tls.get()) => attempt,
             };
             match attempt {
                 Ok(c) => break c,

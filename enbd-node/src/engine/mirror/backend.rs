@@ -15,7 +15,7 @@ use enbd_proto::enbd::{
     GetVolumeRequest, Membership, ReplicaMember, ReplicaState, SetMembershipRequest,
 };
 use futures::future::BoxFuture;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::membership::{Endpoint as MemberEndpoint, MemberState, Record};
 use crate::engine::{Client, ClientConfig, EngineError, EngineStatus, Geometry, IoError};
@@ -148,12 +148,32 @@ pub struct GrpcControl {
 }
 
 impl GrpcControl {
-    /// A lazily connected client of the server at `mgmt` (`HOST:PORT`).
-    pub fn new(mgmt: &str, volume: &str, timeout: Duration) -> Result<Self, ControlError> {
-        let endpoint = Endpoint::from_shared(format!("http://{mgmt}"))
+    /// A lazily connected client of the server at `mgmt`: `HOST:PORT` (plain text) or
+    /// `https://HOST:PORT` (TLS with `tls`, the node's client certificate).
+    pub fn new(
+        mgmt: &str,
+        volume: &str,
+        timeout: Duration,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<Self, ControlError> {
+        let url = match mgmt.strip_prefix("https://") {
+            Some(_) => mgmt.to_owned(),
+            None => format!("http://{mgmt}"),
+        };
+        let mut endpoint = Endpoint::from_shared(url)
             .map_err(|e| ControlError(format!("management address {mgmt:?}: {e}")))?
             .connect_timeout(timeout)
             .timeout(timeout);
+        if mgmt.starts_with("https://") {
+            let tls = tls.ok_or_else(|| {
+                ControlError(format!(
+                    "management address {mgmt} is https but the node has no --tls-ca/--tls-cert/--tls-key"
+                ))
+            })?;
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| ControlError(format!("management TLS for {mgmt}: {e}")))?;
+        }
         let channel = endpoint.connect_lazy();
         Ok(Self {
             volume: volume.to_owned(),

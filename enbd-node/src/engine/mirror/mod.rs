@@ -97,6 +97,8 @@ pub struct MirrorConfig {
     pub resync_batch: usize,
     /// How often absent replicas are looked for.
     pub probe_interval: Duration,
+    /// Client TLS for `https://` management addresses (CA + the node's certificate).
+    pub mgmt_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl MirrorConfig {
@@ -112,6 +114,7 @@ impl MirrorConfig {
             resync_bytes_per_sec: None,
             resync_batch: 16,
             probe_interval: Duration::from_secs(1),
+            mgmt_tls: None,
         }
     }
 
@@ -301,13 +304,16 @@ impl Mirror {
         cfg.validate()?;
         let mut backends = Vec::with_capacity(cfg.replicas.len());
         for r in &cfg.replicas {
-            let control =
-                GrpcControl::new(&r.mgmt, &cfg.volume, cfg.replica_timeout).map_err(|e| {
-                    MirrorError::Replica {
-                        id: r.id.clone(),
-                        why: e.0,
-                    }
-                })?;
+            let control = GrpcControl::new(
+                &r.mgmt,
+                &cfg.volume,
+                cfg.replica_timeout,
+                cfg.mgmt_tls.as_ref(),
+            )
+            .map_err(|e| MirrorError::Replica {
+                id: r.id.clone(),
+                why: e.0,
+            })?;
             backends.push(Backend {
                 control: Arc::new(control),
                 connector: Arc::new(ClientConnector(cfg.client_config(r))),
@@ -511,11 +517,15 @@ pub async fn promote(cfg: &MirrorConfig, replica_id: &str) -> Result<Record, Mir
     let mut controls = Vec::with_capacity(cfg.replicas.len());
     for r in &cfg.replicas {
         controls.push(
-            GrpcControl::new(&r.mgmt, &cfg.volume, cfg.replica_timeout).map_err(|e| {
-                MirrorError::Replica {
-                    id: r.id.clone(),
-                    why: e.0,
-                }
+            GrpcControl::new(
+                &r.mgmt,
+                &cfg.volume,
+                cfg.replica_timeout,
+                cfg.mgmt_tls.as_ref(),
+            )
+            .map_err(|e| MirrorError::Replica {
+                id: r.id.clone(),
+                why: e.0,
             })?,
         );
     }
