@@ -93,6 +93,8 @@ fn check_set(set: &RenderSet) -> Vec<String> {
                     "--tls-cert=",
                     "--tls-key=",
                     "--mgmt-client-ca=",
+                    "--tls=require",
+                    "--tls-client-ca=",
                 ],
             )
         } else if container(spec, "csi-driver").is_some() {
@@ -101,7 +103,10 @@ fn check_set(set: &RenderSet) -> Vec<String> {
                 &["--mgmt-tls-ca=", "--mgmt-tls-cert=", "--mgmt-tls-key="],
             )
         } else if container(spec, "enbd-node").is_some() {
-            ("enbd-node", &["--tls-ca=", "--tls-cert=", "--tls-key="])
+            (
+                "enbd-node",
+                &["--tls-ca=", "--tls-cert=", "--tls-key=", "--tls=require"],
+            )
         } else {
             continue;
         };
@@ -439,6 +444,9 @@ async fn helm_generated_certificates_work_with_the_real_server() {
             .arg(format!("--tls-cert={}", dir.join("tls.crt").display()))
             .arg(format!("--tls-key={}", dir.join("tls.key").display()))
             .arg(format!("--mgmt-client-ca={}", dir.join("ca.crt").display()))
+            // The chart's data-path flags too: the same certificate, node certificates required.
+            .arg("--tls=require")
+            .arg(format!("--tls-client-ca={}", dir.join("ca.crt").display()))
             .stderr(Stdio::inherit()),
     )
     .unwrap_or_else(|e| panic!("{e}"));
