@@ -350,6 +350,8 @@ def node_host_paths(cache: Path) -> list[str]:
         if pkg != "ca-certificates":  # its generated bundle is all the image needs of it
             paths += host_package_files(pkg)
     paths += shared_libraries(sorted({os.path.realpath(p) for p in paths if os.path.isfile(p)}))
+    for old in cache.glob("node-paths-*.json"):
+        old.unlink()
     f.write_text(json.dumps(paths))
     return paths
 
@@ -405,6 +407,8 @@ def pause_image(work: Path) -> Image:
                         f"-DVERSION=v{PAUSE_TAG}-microshift-{rev}", "-o", f"{binary}.tmp",
                         str(c)], check=True)
         subprocess.run(["strip", f"{binary}.tmp"], check=True)
+        for old in work.glob("pause-*"):
+            old.unlink()
         os.replace(f"{binary}.tmp", binary)
     fs = Rootfs()
     fs.file("pause", src=str(binary), mode=0o755)
@@ -581,7 +585,7 @@ def build(args: argparse.Namespace) -> int:
                 write_archive(img, dest, work)
                 keyfile.write_text(key)
                 state = "built"
-            lines.append(f"{img.ref} {dest}\n")
+            lines.append(f"{img.ref} {img.file}\n")
             print(f"images: {state:6} {img.ref:60} {dest.stat().st_size / 2**20:6.1f} MiB",
                   file=sys.stderr)
         (out / "images.txt").write_text("".join(lines))

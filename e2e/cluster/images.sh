@@ -5,10 +5,11 @@
 #
 # Builds the project's static release binaries (as e2e/vm/run.sh does; --skip-build reuses
 # them), takes the CSI sidecars from build-kube.sh's bin dir (--kube-bin, else
-# $ENBD_CLUSTER_BIN, else the last line build-kube.sh prints), and writes with images.py one archive per image and
-# OUT_DIR/images.txt ("<ref> <file>" lines, for `ctr -n k8s.io images import`). Unchanged
-# images are reused from OUT_DIR. Last, the archives are checked against deploy/Dockerfile
-# (images.py parity --archives). Prints OUT_DIR as its last line.
+# $ENBD_CLUSTER_BIN, else the last line build-kube.sh prints), and writes with images.py one
+# archive per image and OUT_DIR/images.txt ("<ref> <file>" lines, the file relative to
+# OUT_DIR, for `ctr -n k8s.io images import`). Unchanged images are reused from OUT_DIR.
+# Last, the archives are checked against deploy/Dockerfile (images.py parity --archives).
+# Prints OUT_DIR as its last line.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
