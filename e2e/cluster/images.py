@@ -268,6 +268,7 @@ SIDECARS = {
     "csi-attacher": ("sidecars", "attacher"),
     "csi-resizer": ("sidecars", "resizer"),
     "csi-snapshotter": ("sidecars", "snapshotter"),
+    "csi-external-health-monitor-controller": ("sidecars", "healthMonitor"),
     "livenessprobe": ("sidecars", "livenessProbe"),
     "csi-node-driver-registrar": ("sidecars", "nodeDriverRegistrar"),
     "snapshot-controller": None,
