@@ -354,6 +354,7 @@ async fn max_volumes_is_resource_exhausted() {
             context: enbd_proto::params::VolumeContext::from_context(&context("vol-b"))
                 .expect("ctx"),
             read_only: false,
+            access_token: None,
         })
         .await
         .expect("attach");
@@ -727,6 +728,7 @@ async fn stats_and_expand_codes() {
             context: enbd_proto::params::VolumeContext::from_context(&context("vol-a"))
                 .expect("ctx"),
             read_only: false,
+            access_token: None,
         })
         .await
         .expect("attach");

@@ -27,6 +27,7 @@ pub mod journal;
 pub mod mirror;
 pub mod reconnect;
 pub mod status;
+pub mod access;
 pub mod tls;
 
 use std::sync::Arc;
@@ -100,6 +101,7 @@ impl Client {
             &cfg.export,
             cfg.connect_timeout,
             cfg.tls.as_deref(),
+            cfg.access.as_deref(),
         )
         .await?;
         let geometry = first.geometry;
@@ -183,6 +185,7 @@ impl Client {
             &inner.cfg.export,
             inner.cfg.connect_timeout,
             inner.cfg.tls.as_deref(),
+            inner.cfg.access.as_deref(),
         )
         .await?;
         let now = conn.geometry;
