@@ -138,8 +138,15 @@ impl State {
                 let name = id.name().as_str();
                 let home = replicas::acting_home(&this.servers, id.server(), name, &format!("volume {id}")).await?;
                 // No server knows the volume: nothing can be open, nothing is granted.
-                if let Some(home) = home {
-                    let (live, down) = holders(&this, home, name).await?;
+                let found = match home {
+                    Some(home) => match holders(&this, home, name).await {
+                        Ok(h) => Some(h),
+                        Err(e) if e.is_not_found() => None,
+                        Err(e) => return Err(e),
+                    },
+                    None => None,
+                };
+                if let Some((live, down)) = found {
                     if let Some(d) = down.first() {
                         return Err(CsiError::Unavailable(format!(
                             "volume {id}: replica server {d} is unavailable; its access grant for \
