@@ -889,6 +889,30 @@ mod tests {
         assert!(!old.contains("tls"));
     }
 
+    #[test]
+    fn the_access_token_is_kept_for_a_takeover_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = stored("vol", "127.0.0.1:10809", 1);
+        let token = "ab".repeat(32);
+        r.access_token = Some(crate::state::Secret::new(token.clone()));
+        // The state file keeps it (mode 0600), so a restarted daemon presents it again.
+        let store = StateStore::open(dir.path()).unwrap();
+        store.save(std::slice::from_ref(&r)).unwrap();
+        let back = store.load().unwrap();
+        assert_eq!(back[0].access_token, r.access_token);
+        let meta = std::fs::metadata(dir.path().join("attachments.json")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // Debug output (logs, `enbd-node list` diagnostics) never shows it.
+        assert!(!format!("{r:?}").contains(&token));
+        // The engine gets it; without the lab setting it refuses to send it in plain text
+        // (tests/engine_access.rs).
+        let cfg = client_config(&r, BrownoutPolicy::Wait, 64 << 20, None).unwrap();
+        let access = cfg.access.expect("the engine gets the token");
+        assert!(!access.allow_plaintext);
+        assert!(!format!("{access:?}").contains(&token));
+    }
+
     pub(super) fn saved_volumes(dir: &Path) -> Vec<String> {
         let text = std::fs::read(dir.join("attachments.json")).expect("state file");
         let v: serde_json::Value = serde_json::from_slice(&text).expect("json");
