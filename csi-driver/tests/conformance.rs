@@ -2155,7 +2155,10 @@ async fn publish_grants_access_on_every_replica_and_unpublish_revokes_it() {
         .into_iter()
         .find(|s| !holders.iter().any(|h| h.id() == s.id()))
         .unwrap();
-    assert!(!token_opens(outsider, &token).await, "a server without the volume");
+    assert!(
+        !token_opens(outsider, &token).await,
+        "a server without the volume"
+    );
 
     // The attacher's retry and a restarted controller hand out the same token.
     let again = d
@@ -2165,7 +2168,10 @@ async fn publish_grants_access_on_every_replica_and_unpublish_revokes_it() {
         .expect("repeat publish")
         .into_inner()
         .publish_context;
-    assert_eq!(again.get(enbd_proto::params::PUBLISH_ACCESS_TOKEN), Some(&token));
+    assert_eq!(
+        again.get(enbd_proto::params::PUBLISH_ACCESS_TOKEN),
+        Some(&token)
+    );
     drop(d);
     d = Driver::start(&[&a, &b, &c]).await;
     let after_restart = d
@@ -2191,7 +2197,11 @@ async fn publish_grants_access_on_every_replica_and_unpublish_revokes_it() {
         .await
         .expect("unpublish");
     for s in &holders {
-        assert!(!token_opens(s, &token).await, "{} still takes the token", s.id());
+        assert!(
+            !token_opens(s, &token).await,
+            "{} still takes the token",
+            s.id()
+        );
     }
     d.ctl()
         .controller_unpublish_volume(unpublish)

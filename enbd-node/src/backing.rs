@@ -397,7 +397,7 @@ mod tests {
             &AttachmentRecord {
                 resync_bytes_per_sec: 1 << 20,
                 access_token: None,
-            access_plaintext: false,
+                access_plaintext: false,
                 ..mirrored_record()
             },
             BrownoutPolicy::Wait,

@@ -102,7 +102,10 @@ async fn the_engine_opens_only_while_granted_and_loses_the_volume_on_revoke() {
         .err()
         .expect("opened with a made-up token");
     assert!(matches!(e, EngineError::ExportRefused { .. }), "{e:?}");
-    assert!(!e.to_string().contains(&fake), "the error names the token: {e}");
+    assert!(
+        !e.to_string().contains(&fake),
+        "the error names the token: {e}"
+    );
 
     // Granted: opens on two channels, IO works.
     let token = grant(&peer, "node-1").await;
@@ -204,7 +207,9 @@ async fn the_token_is_never_sent_without_tls_unless_allowed() {
     // A lab may allow it.
     let mut cfg = config(&peer, None, None);
     cfg.access = Some(Arc::new(AccessCredential::new(&token, true).unwrap()));
-    let client = Client::connect(cfg).await.expect("plain-text token allowed");
+    let client = Client::connect(cfg)
+        .await
+        .expect("plain-text token allowed");
     client.read(0, 4096).await.unwrap();
     client.shutdown().await;
 }

@@ -199,7 +199,10 @@ impl Grants {
                 .iter()
                 .filter(|(_, n)| !n.is_empty())
                 .map(|(v, n)| {
-                    let nodes = n.iter().map(|(k, g)| (k.clone(), g.token.clone())).collect();
+                    let nodes = n
+                        .iter()
+                        .map(|(k, g)| (k.clone(), g.token.clone()))
+                        .collect();
                     (v.clone(), nodes)
                 })
                 .collect(),
@@ -220,7 +223,8 @@ impl Grants {
         f.write_all(&bytes).map_err(io_err(ctx()))?;
         f.sync_all().map_err(io_err(ctx()))?;
         drop(f);
-        fs::rename(&tmp, &self.path).map_err(io_err(format!("replacing {}", self.path.display())))?;
+        fs::rename(&tmp, &self.path)
+            .map_err(io_err(format!("replacing {}", self.path.display())))?;
         if let Some(dir) = self.path.parent() {
             fs::File::open(dir)
                 .and_then(|d| d.sync_all())
@@ -273,7 +277,11 @@ impl Grants {
         }
         if let Some(old) = old {
             old.revoked.cancel();
-            tracing::info!(volume, node_id = node, "access token replaced; old sessions closed");
+            tracing::info!(
+                volume,
+                node_id = node,
+                "access token replaced; old sessions closed"
+            );
         } else {
             tracing::info!(volume, node_id = node, "access granted");
         }
@@ -288,7 +296,11 @@ impl Grants {
             return Ok(0);
         };
         let removed: Vec<(String, Grant)> = match node {
-            Some(n) => nodes.remove(n).map(|g| (n.to_owned(), g)).into_iter().collect(),
+            Some(n) => nodes
+                .remove(n)
+                .map(|g| (n.to_owned(), g))
+                .into_iter()
+                .collect(),
             None => std::mem::take(nodes).into_iter().collect(),
         };
         if nodes.is_empty() {
@@ -369,7 +381,11 @@ mod tests {
         let g = Grants::open(dir.path()).unwrap();
         let t = g.grant("vol", "node-a", None).unwrap();
         assert_eq!(t.len(), TOKEN_HEX_LEN);
-        assert_eq!(g.grant("vol", "node-a", None).unwrap(), t, "same token again");
+        assert_eq!(
+            g.grant("vol", "node-a", None).unwrap(),
+            t,
+            "same token again"
+        );
         assert_eq!(g.grant("vol", "node-a", Some(&t)).unwrap(), t);
         let other = g.grant("vol", "node-b", None).unwrap();
         assert_ne!(other, t);
@@ -417,7 +433,10 @@ mod tests {
             g.grant("vol", "n", Some("ABC")),
             Err(AccessError::BadToken)
         ));
-        assert!(matches!(g.grant("vol", "", None), Err(AccessError::BadNode)));
+        assert!(matches!(
+            g.grant("vol", "", None),
+            Err(AccessError::BadNode)
+        ));
     }
 
     #[test]

@@ -122,13 +122,20 @@ async fn a_client_without_a_grant_gets_nothing() {
     create(&s, "vol-a").await;
 
     let mut r = connect(&s);
-    assert!(list(&mut r).is_empty(), "LIST shows nothing without a grant");
+    assert!(
+        list(&mut r).is_empty(),
+        "LIST shows nothing without a grant"
+    );
     assert_eq!(r.go("vol-a"), Err(ERR_POLICY));
     // The same answer for a volume that does not exist: nothing is learnt.
     assert_eq!(r.go("no-such-volume"), Err(ERR_POLICY));
     assert_eq!(r.go(""), Err(ERR_POLICY), "not the default export either");
     assert_eq!(info(&mut r, "vol-a"), ERR_POLICY);
-    assert_eq!(access(&mut r, &"0".repeat(64)), ERR_POLICY, "a made-up token");
+    assert_eq!(
+        access(&mut r, &"0".repeat(64)),
+        ERR_POLICY,
+        "a made-up token"
+    );
     assert_eq!(r.go("vol-a"), Err(ERR_POLICY));
 
     // EXPORT_NAME has no error reply: the connection ends.
@@ -139,14 +146,24 @@ async fn a_client_without_a_grant_gets_nothing() {
     // A standard client gets neither the list nor the volume.
     let uri = format!("nbd://127.0.0.1:{}/vol-a", s.nbd().port());
     let out = Command::new("nbdinfo").arg(&uri).output().expect("nbdinfo");
-    assert!(!out.status.success(), "nbdinfo opened an unpublished volume");
+    assert!(
+        !out.status.success(),
+        "nbdinfo opened an unpublished volume"
+    );
     eprintln!("nbdinfo refused: {}", String::from_utf8_lossy(&out.stderr));
     let listed = Command::new("nbdinfo")
-        .args(["--list", "--json", &format!("nbd://127.0.0.1:{}", s.nbd().port())])
+        .args([
+            "--list",
+            "--json",
+            &format!("nbd://127.0.0.1:{}", s.nbd().port()),
+        ])
         .output()
         .expect("nbdinfo --list");
     let text = String::from_utf8_lossy(&listed.stdout);
-    assert!(!text.contains("vol-a"), "nbdinfo --list shows vol-a: {text}");
+    assert!(
+        !text.contains("vol-a"),
+        "nbdinfo --list shows vol-a: {text}"
+    );
     assert!(!text.contains("demo"), "nbdinfo --list shows demo: {text}");
 }
 
@@ -196,10 +213,18 @@ async fn grants_survive_a_restart_and_go_with_their_volume() {
     );
     s.restart();
     let mut r = connect(&s);
-    assert_eq!(access(&mut r, &token), REP_ACK, "the grant outlived the restart");
+    assert_eq!(
+        access(&mut r, &token),
+        REP_ACK,
+        "the grant outlived the restart"
+    );
     assert_eq!(r.go("vol-a"), Ok(1 << 20));
     drop(r);
-    assert_eq!(grant(&s, "vol-a", "node-1").await, token, "same token after restart");
+    assert_eq!(
+        grant(&s, "vol-a", "node-1").await,
+        token,
+        "same token after restart"
+    );
 
     s.mgmt_client()
         .await
@@ -211,7 +236,11 @@ async fn grants_survive_a_restart_and_go_with_their_volume() {
         .expect("delete");
     create(&s, "vol-a").await;
     let mut r = connect(&s);
-    assert_eq!(access(&mut r, &token), ERR_POLICY, "a re-created volume has no grants");
+    assert_eq!(
+        access(&mut r, &token),
+        ERR_POLICY,
+        "a re-created volume has no grants"
+    );
 
     let missing = s
         .mgmt_client()

@@ -68,9 +68,11 @@ async fn grant(
         node_id: node_id.to_owned(),
         token: token.to_owned(),
     };
-    Ok(mgmt::call(&server.id, CALL_TIMEOUT, client.grant_access(req))
-        .await?
-        .token)
+    Ok(
+        mgmt::call(&server.id, CALL_TIMEOUT, client.grant_access(req))
+            .await?
+            .token,
+    )
 }
 
 async fn revoke(server: &LiveServer, volume: &str, node_id: &str) -> Result<u32, CsiError> {
@@ -79,9 +81,11 @@ async fn revoke(server: &LiveServer, volume: &str, node_id: &str) -> Result<u32,
         volume: volume.to_owned(),
         node_id: node_id.to_owned(),
     };
-    Ok(mgmt::call(&server.id, CALL_TIMEOUT, client.revoke_access(req))
-        .await?
-        .closed_connections)
+    Ok(
+        mgmt::call(&server.id, CALL_TIMEOUT, client.revoke_access(req))
+            .await?
+            .closed_connections,
+    )
 }
 
 impl State {
@@ -102,7 +106,8 @@ impl State {
             .run(key, async move {
                 let (id, home, _) = this.existing_volume(&req.volume_id).await?;
                 this.nodes.check(&req.node_id).await?;
-                this.publications.publish(&id.to_string(), &req.node_id, req.readonly, cap)?;
+                this.publications
+                    .publish(&id.to_string(), &req.node_id, req.readonly, cap)?;
                 let name = id.name().as_str();
                 let (live, down) = holders(&this, home, name).await?;
                 // The home's token (existing or new) is the one every replica gets.
@@ -136,7 +141,13 @@ impl State {
             .run(format!("volume:{}", id.name()), async move {
                 let node = Some(req.node_id.as_str()).filter(|n| !n.is_empty());
                 let name = id.name().as_str();
-                let home = replicas::acting_home(&this.servers, id.server(), name, &format!("volume {id}")).await?;
+                let home = replicas::acting_home(
+                    &this.servers,
+                    id.server(),
+                    name,
+                    &format!("volume {id}"),
+                )
+                .await?;
                 // No server knows the volume: nothing can be open, nothing is granted.
                 let found = match home {
                     Some(home) => match holders(&this, home, name).await {
@@ -150,13 +161,16 @@ impl State {
                     if let Some(d) = down.first() {
                         return Err(CsiError::Unavailable(format!(
                             "volume {id}: replica server {d} is unavailable; its access grant for \
-                             node {} cannot be revoked yet", req.node_id
+                             node {} cannot be revoked yet",
+                            req.node_id
                         )));
                     }
                     for server in &live {
                         match revoke(server, name, &req.node_id).await {
-                            Ok(closed) if closed > 0 => tracing::info!(volume_id = %id, server = %server.id,
-                                node_id = req.node_id, closed, "access revoked; connections closed"),
+                            Ok(closed) if closed > 0 => {
+                                tracing::info!(volume_id = %id, server = %server.id,
+                                node_id = req.node_id, closed, "access revoked; connections closed")
+                            }
                             Ok(_) => {}
                             // Deleted meanwhile: nothing to revoke.
                             Err(e) if e.is_not_found() => {}

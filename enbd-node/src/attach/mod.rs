@@ -25,9 +25,9 @@ use tokio::runtime::Handle;
 
 use crate::backing::{Backing, BackingStatus, EngineTarget, MAX_REPLICAS};
 use crate::device::{self, Device, DeviceError, DeviceGeometry, DeviceOptions, Start};
+use crate::engine::access::AccessCredential;
 use crate::engine::mirror::MirrorError;
 use crate::engine::status::MirrorStatus;
-use crate::engine::access::AccessCredential;
 use crate::engine::tls::ClientTls;
 use crate::engine::{
     BrownoutPolicy, ClientConfig, EngineError, EngineStatus, Geometry, MAX_REQUEST_BYTES,

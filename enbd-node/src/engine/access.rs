@@ -20,8 +20,9 @@ pub struct AccessCredential {
 impl AccessCredential {
     /// A credential from the token's text (printable ASCII, at most 256 bytes).
     pub fn new(token: &str, allow_plaintext: bool) -> Result<Self, String> {
-        let token = AccessToken::new(token.as_bytes().to_vec())
-            .map_err(|_| "the access token is not 1 to 256 printable ASCII characters".to_owned())?;
+        let token = AccessToken::new(token.as_bytes().to_vec()).map_err(|_| {
+            "the access token is not 1 to 256 printable ASCII characters".to_owned()
+        })?;
         Ok(Self {
             token,
             allow_plaintext,

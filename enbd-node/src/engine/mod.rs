@@ -18,6 +18,7 @@
 //! [`tls`] holds the client's TLS settings; `channel`'s handshake starts TLS when a volume
 //! has them (never falling back to plain text).
 
+pub mod access;
 pub mod brownout;
 pub mod channel;
 pub mod config;
@@ -27,7 +28,6 @@ pub mod journal;
 pub mod mirror;
 pub mod reconnect;
 pub mod status;
-pub mod access;
 pub mod tls;
 
 use std::sync::Arc;

@@ -392,7 +392,10 @@ mod tests {
             "/enbd.v1.VolumeService/GrantAccess",
             "/enbd.v1.VolumeService/RevokeAccess",
         ] {
-            assert!(matches!(authorize(Some("enbd-node"), m), Decision::Denied(_)));
+            assert!(matches!(
+                authorize(Some("enbd-node"), m),
+                Decision::Denied(_)
+            ));
             assert_eq!(authorize(Some("enbd-controller"), m), Decision::Allow);
             assert_eq!(authorize(Some("enbd-admin"), m), Decision::Allow);
         }

@@ -93,7 +93,11 @@ impl Access<'_> {
         } else {
             export.to_owned()
         };
-        match st.held.iter().find(|h| !name.is_empty() && h.volume == name) {
+        match st
+            .held
+            .iter()
+            .find(|h| !name.is_empty() && h.volume == name)
+        {
             Some(h) => Ok(Some(h.share())),
             None => Err(()),
         }

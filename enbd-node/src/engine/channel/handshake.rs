@@ -194,7 +194,13 @@ where
             .map_err(|e| hs_err(e.to_string()))?;
         match (reply.option, reply.body) {
             (OptionCode::Access, OptionReplyBody::Ack) => {}
-            (OptionCode::Access, OptionReplyBody::Error { error: OptionError::Unsupported, .. }) => {
+            (
+                OptionCode::Access,
+                OptionReplyBody::Error {
+                    error: OptionError::Unsupported,
+                    ..
+                },
+            ) => {
                 tracing::debug!(server = addr, "server does not check access tokens");
             }
             (OptionCode::Access, OptionReplyBody::Error { error, message }) => {
