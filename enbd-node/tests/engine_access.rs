@@ -136,7 +136,7 @@ async fn the_engine_opens_only_while_granted_and_loses_the_volume_on_revoke() {
             .all(|c| c.state != ChannelState::Up)
     })
     .await;
-    let e = client.read(0, 4096).await.err().expect("read after revoke");
+    let e = client.read(0, 4096).await.expect_err("read after revoke");
     println!("IO after revoke failed as the brownout policy says: {e}");
     client.shutdown().await;
 
