@@ -2114,3 +2114,131 @@ async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
         assert_eq!(exists_on(s, "rep").await, None, "{} still holds it", s.id());
     }
 }
+
+// ---------------------------------------------------------------- node-scoped access
+
+/// ENBD_OPT_ACCESS with `token` on `server`'s NBD port; true if it was acknowledged
+/// (written from the protocol, independent of the codec).
+async fn token_opens(server: &EnbdServer, token: &str) -> bool {
+    use tokio::net::TcpStream;
+    let mut s = TcpStream::connect(server.nbd()).await.expect("connect");
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).await.expect("greeting");
+    let mut out = 3u32.to_be_bytes().to_vec(); // fixed newstyle, no zeroes
+    out.extend(0x4948_4156_454f_5054u64.to_be_bytes());
+    out.extend(0x454e_4244u32.to_be_bytes());
+    out.extend((token.len() as u32).to_be_bytes());
+    out.extend(token.as_bytes());
+    s.write_all(&out).await.expect("send");
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).await.expect("reply");
+    let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    ty == 1
+}
+
+#[tokio::test]
+async fn publish_grants_access_on_every_replica_and_unpublish_revokes_it() {
+    let published = |id: &str| {
+        EnbdServer::builder()
+            .id(id)
+            .args(["--access=published"])
+            .start()
+    };
+    let (a, b, c) = (published("srv-a"), published("srv-b"), published("srv-c"));
+    let mut d = Driver::start(&[&a, &b, &c]).await;
+    let mut req = create_req("guarded", 4 * MIB);
+    req.parameters = params(&[("replicas", "2")]);
+    let vol = d
+        .ctl()
+        .create_volume(req)
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .unwrap();
+    let publish_req = ControllerPublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        node_id: "node-1".into(),
+        volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+        ..Default::default()
+    };
+    let ctx = d
+        .ctl()
+        .controller_publish_volume(publish_req.clone())
+        .await
+        .expect("publish")
+        .into_inner()
+        .publish_context;
+    let token = ctx
+        .get(enbd_proto::params::PUBLISH_ACCESS_TOKEN)
+        .expect("the token is in publish_context")
+        .clone();
+    assert_eq!(token.len(), 64);
+
+    let mut holders = Vec::new();
+    for s in [&a, &b, &c] {
+        if exists_on(s, "guarded").await.is_some() {
+            holders.push(s);
+        }
+    }
+    assert_eq!(holders.len(), 2);
+    for s in &holders {
+        assert!(token_opens(s, &token).await, "{} refused the token", s.id());
+    }
+    let outsider = [&a, &b, &c]
+        .into_iter()
+        .find(|s| !holders.iter().any(|h| h.id() == s.id()))
+        .unwrap();
+    assert!(
+        !token_opens(outsider, &token).await,
+        "a server without the volume"
+    );
+
+    // The attacher's retry and a restarted controller hand out the same token.
+    let again = d
+        .ctl()
+        .controller_publish_volume(publish_req.clone())
+        .await
+        .expect("repeat publish")
+        .into_inner()
+        .publish_context;
+    assert_eq!(
+        again.get(enbd_proto::params::PUBLISH_ACCESS_TOKEN),
+        Some(&token)
+    );
+    drop(d);
+    d = Driver::start(&[&a, &b, &c]).await;
+    let after_restart = d
+        .ctl()
+        .controller_publish_volume(publish_req.clone())
+        .await
+        .expect("publish after a controller restart")
+        .into_inner()
+        .publish_context;
+    assert_eq!(
+        after_restart.get(enbd_proto::params::PUBLISH_ACCESS_TOKEN),
+        Some(&token)
+    );
+
+    // Unpublish revokes on every replica; repeating it succeeds.
+    let unpublish = ControllerUnpublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        node_id: "node-1".into(),
+        ..Default::default()
+    };
+    d.ctl()
+        .controller_unpublish_volume(unpublish.clone())
+        .await
+        .expect("unpublish");
+    for s in &holders {
+        assert!(
+            !token_opens(s, &token).await,
+            "{} still takes the token",
+            s.id()
+        );
+    }
+    d.ctl()
+        .controller_unpublish_volume(unpublish)
+        .await
+        .expect("repeat unpublish");
+}

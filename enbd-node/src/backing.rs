@@ -339,6 +339,8 @@ mod tests {
             ],
             replica_timeout_ms: 2500,
             resync_bytes_per_sec: 0,
+            access_token: None,
+            access_plaintext: false,
         }
     }
 
@@ -394,6 +396,8 @@ mod tests {
         let limited = mirror_config(
             &AttachmentRecord {
                 resync_bytes_per_sec: 1 << 20,
+                access_token: None,
+                access_plaintext: false,
                 ..mirrored_record()
             },
             BrownoutPolicy::Wait,
@@ -418,6 +422,8 @@ mod tests {
         let old = AttachmentRecord {
             replica_timeout_ms: 0,
             resync_bytes_per_sec: 0,
+            access_token: None,
+            access_plaintext: false,
             ..r
         };
         assert_eq!(
