@@ -129,6 +129,7 @@ fn snapshot_to_pb(s: SnapshotInfo) -> pb::Snapshot {
         source_volume: s.source_volume,
         size_bytes: s.size_bytes,
         created_at_unix: s.created_at_unix,
+        created_at_nanos: s.created_at_nanos,
         export_name: s.export_name,
         ready_to_use: s.ready,
         copy: s.copy.map(progress_to_pb),

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use enbd_proto::enbd::{self as pb, content_source::Kind};
 use enbd_test_harness::pit::{self, Nbd};
@@ -90,10 +90,12 @@ async fn snapshot_under_writes_is_the_instant_of_the_call() {
 
     let writers = pit::Writers::start(addr, "v", 4);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let called = Instant::now();
+    let called = SystemTime::now();
     let first = snapshot(&mut m, "snap", "v").await.unwrap();
-    let returned = Instant::now();
+    let returned = SystemTime::now();
     assert!(!first.ready_to_use, "a 4 s copy cannot be ready at once");
+    let instant = pit::instant_of(first.created_at_unix, first.created_at_nanos);
+    assert!(called <= instant && instant <= returned, "the instant is within the call");
     // While copying: not served, not a source.
     let e = tokio::task::spawn_blocking(move || Nbd::open(addr, "snapshot/snap").err())
         .await
@@ -106,7 +108,7 @@ async fn snapshot_under_writes_is_the_instant_of_the_call() {
     let content = tokio::task::spawn_blocking(move || pit::read_blocks(addr, "snapshot/snap"))
         .await
         .unwrap();
-    let report = pit::check_point_in_time(&content, &writes, called, returned)
+    let report = pit::check_point_in_time(&content, &writes, instant)
         .unwrap_or_else(|e| panic!("snapshot is not the point in time of its call: {e}"));
     assert!(report.before > 0 && report.after > 100, "{report:?}");
     // The writers did change the volume after the instant, and the copy kept none of it.

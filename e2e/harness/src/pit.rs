@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 pub const BLOCK: u64 = 4096;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -144,8 +144,9 @@ pub fn fill(addr: SocketAddr, export: &str) {
 pub struct Written {
     pub seq: u64,
     pub offset: u64,
-    pub sent: Instant,
-    pub acked: Instant,
+    /// Wall-clock times, comparable with the instant the server reports for a snapshot.
+    pub sent: SystemTime,
+    pub acked: SystemTime,
 }
 
 /// Writers running on their own connections until stopped.
@@ -176,13 +177,13 @@ impl Writers {
                         x ^= x << 17;
                         let offset = (x % blocks) * BLOCK;
                         let data = block(seq, offset);
-                        let sent = Instant::now();
+                        let sent = SystemTime::now();
                         c.write(offset, &data);
                         out.push(Written {
                             seq,
                             offset,
                             sent,
-                            acked: Instant::now(),
+                            acked: SystemTime::now(),
                         });
                         seq += n;
                     }
@@ -230,24 +231,30 @@ pub fn read_blocks(addr: SocketAddr, export: &str) -> Vec<(u64, u64)> {
 /// What [`check_point_in_time`] found.
 #[derive(Debug, Clone, Copy)]
 pub struct PitReport {
-    /// Blocks whose content was decided by a write in flight during the snapshot call.
+    /// Blocks whose content was decided by a write in flight at the instant.
     pub ambiguous_blocks: usize,
-    /// Writes acknowledged before the call (all must be in the snapshot).
+    /// Writes acknowledged before the instant (all must be in the snapshot).
     pub before: usize,
-    /// Writes sent after the call returned (none may be in the snapshot).
+    /// Writes sent after the instant (none may be in the snapshot).
     pub after: usize,
 }
 
+/// The instant a snapshot reports, as a wall-clock time.
+pub fn instant_of(created_at_unix: i64, created_at_nanos: u32) -> SystemTime {
+    SystemTime::UNIX_EPOCH
+        + Duration::new(u64::try_from(created_at_unix).unwrap_or(0), created_at_nanos)
+}
+
 /// Checks that `snapshot` (every block's `(seq, offset)`) holds, for each block, the last
-/// write acknowledged before `called` (the snapshot call was sent), or one of the writes
-/// in flight across the call (sent before `returned`, acknowledged after `called`), and
-/// never a write sent after `returned`. Returns the counts, or the first violation.
+/// write acknowledged before `instant` (the snapshot's point in time, as the server
+/// reported it), or one of the writes in flight at it (sent before, acknowledged after),
+/// and never a write sent after it. Returns the counts, or the first violation.
 pub fn check_point_in_time(
     snapshot: &[(u64, u64)],
     writes: &[Written],
-    called: Instant,
-    returned: Instant,
+    instant: SystemTime,
 ) -> Result<PitReport, String> {
+    let (called, returned) = (instant, instant);
     let mut pre: HashMap<u64, Vec<&Written>> = HashMap::new();
     let mut in_flight: HashMap<u64, Vec<u64>> = HashMap::new();
     let (mut before, mut after) = (0, 0);
@@ -266,7 +273,7 @@ pub fn check_point_in_time(
     let last_before: HashMap<u64, Vec<u64>> = pre
         .into_iter()
         .map(|(off, ws)| {
-            let newest_sent = ws.iter().map(|w| w.sent).max().unwrap_or(called);
+            let newest_sent = ws.iter().map(|w| w.sent).max().unwrap_or(instant);
             let ok = ws
                 .iter()
                 .filter(|w| w.acked >= newest_sent)
@@ -290,10 +297,10 @@ pub fn check_point_in_time(
             let w = writes.iter().find(|w| w.seq == seq);
             return Err(format!(
                 "block at {at} holds write {seq} ({}), want {want:?} (the last acknowledged \
-                 before the snapshot call) or one in flight during it ({maybe:?})",
+                 before the instant) or one in flight at it ({maybe:?})",
                 match w {
-                    Some(w) if w.sent >= returned => "sent after the snapshot call returned",
-                    Some(_) => "acknowledged before the call, but not the last",
+                    Some(w) if w.sent >= returned => "sent after the snapshot's instant",
+                    Some(_) => "acknowledged before the instant, but not the last",
                     None => "never written",
                 }
             ));
@@ -309,13 +316,13 @@ pub fn check_point_in_time(
 /// Latency percentiles of the writes acknowledged in `[from, to)`: (count, p50, p99, max).
 pub fn latencies(
     writes: &[Written],
-    from: Instant,
-    to: Instant,
+    from: SystemTime,
+    to: SystemTime,
 ) -> (usize, Duration, Duration, Duration) {
     let mut l: Vec<Duration> = writes
         .iter()
         .filter(|w| w.acked >= from && w.acked < to)
-        .map(|w| w.acked - w.sent)
+        .map(|w| w.acked.duration_since(w.sent).unwrap_or_default())
         .collect();
     if l.is_empty() {
         return (0, Duration::ZERO, Duration::ZERO, Duration::ZERO);

@@ -354,6 +354,7 @@ mod tests {
                 format: 1,
                 source_volume: "v".into(),
                 created_at_unix: 0,
+                created_at_nanos: 0,
             }),
             PathBuf::new(),
             src.try_clone().unwrap(),

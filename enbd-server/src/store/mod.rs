@@ -164,6 +164,8 @@ pub struct SnapshotInfo {
     pub source_volume: String,
     pub size_bytes: u64,
     pub created_at_unix: i64,
+    /// The instant's nanoseconds (within `created_at_unix`).
+    pub created_at_nanos: u32,
     pub export_name: String,
     /// Its copy has finished: it can be read and restored from.
     pub ready: bool,
@@ -302,6 +304,7 @@ impl VolumeStore {
             source_volume: m.source_volume,
             size_bytes: st.len(),
             created_at_unix: m.created_at_unix,
+            created_at_nanos: m.created_at_nanos,
             export_name: format!("{SNAPSHOT_EXPORT_PREFIX}{name}"),
             ready: true,
             copy: None,
@@ -563,10 +566,12 @@ impl VolumeStore {
         }
         self.volume_info(&source)?;
         let target = |_size: u64| {
+            let (created_at_unix, created_at_nanos) = meta::now_unix_nanos();
             Ok(Target::Snapshot(SnapshotMeta {
                 format: meta::FORMAT,
                 source_volume: source.to_string(),
-                created_at_unix: meta::now_unix(),
+                created_at_unix,
+                created_at_nanos,
             }))
         };
         match self.start_copy(Kind::Volume, &source, &name, "snapshot", target)? {
@@ -969,15 +974,20 @@ fn finalize(stage: &Path, dst: &File, target: &Target) -> Result<(), StoreError>
 }
 
 fn copying_snapshot(job: &CopyJob) -> SnapshotInfo {
-    let (source_volume, created_at_unix) = match &job.target {
-        Target::Snapshot(m) => (m.source_volume.clone(), m.created_at_unix),
-        Target::Volume { meta, .. } => (String::new(), meta.created_at_unix),
+    let (source_volume, created_at_unix, created_at_nanos) = match &job.target {
+        Target::Snapshot(m) => (
+            m.source_volume.clone(),
+            m.created_at_unix,
+            m.created_at_nanos,
+        ),
+        Target::Volume { meta, .. } => (String::new(), meta.created_at_unix, 0),
     };
     SnapshotInfo {
         name: job.name.to_string(),
         source_volume,
         size_bytes: job.size(),
         created_at_unix,
+        created_at_nanos,
         export_name: format!("{SNAPSHOT_EXPORT_PREFIX}{}", job.name),
         ready: false,
         copy: Some(job.progress()),
