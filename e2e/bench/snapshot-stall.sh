@@ -28,10 +28,9 @@ BIN=$TARGET/$PROFILE
 for tool in mkfs.ext4 mkfs.xfs losetup mount; do
   command -v "$tool" >/dev/null || { echo "missing $tool (run e2e/setup-host.sh)" >&2; exit 1; }
 done
-if [[ ! -x $BIN/enbd-server || ! -x $BIN/enbd-snapshot-stall ]]; then
-  flag=(); [[ $PROFILE == release ]] && flag=(--release)
-  (cd "$ROOT" && cargo build "${flag[@]}" -p enbd-server -p enbd-e2e --bin enbd-server --bin enbd-snapshot-stall)
-fi
+# Always (a no-op when up to date): a stale binary would measure old code.
+flag=(); [[ $PROFILE == release ]] && flag=(--release)
+(cd "$ROOT" && cargo build -q "${flag[@]}" -p enbd-server -p enbd-e2e --bin enbd-server --bin enbd-snapshot-stall)
 
 WORK=$(mktemp -d /var/tmp/enbd-snapshot-bench.XXXXXX)
 PID=0

@@ -285,8 +285,11 @@ pub fn check_point_in_time(
     let mut ambiguous_blocks = 0;
     for (i, &(seq, off)) in snapshot.iter().enumerate() {
         let at = i as u64 * BLOCK;
-        if off != at && seq != 0 {
-            return Err(format!("block at {at} holds the block written at {off}"));
+        // Every block was filled, so a block naming another offset (or zeroes) is wrong.
+        if off != at {
+            return Err(format!(
+                "block at {at} holds ({seq}, {off}): another block's write, or zeroes"
+            ));
         }
         let want = last_before.get(&at).cloned().unwrap_or_else(|| vec![0]);
         let maybe = in_flight.get(&at);

@@ -189,6 +189,8 @@ struct Inner {
     copies: Mutex<HashMap<(Kind, String), Arc<CopyJob>>>,
     /// Background copy rate limit, bytes per second (0: none).
     copy_rate: AtomicU64,
+    /// The data directory's filesystem can reflink (probed at open).
+    reflink: bool,
 }
 
 /// How long a create waits for its copy before answering "not ready yet": long enough that a
@@ -236,6 +238,8 @@ impl VolumeStore {
     ) -> Result<Self, StoreError> {
         let layout = Layout::open(root)?;
         let volumes = layout.dir_of(Kind::Volume);
+        let reflink = layout.probe_reflink();
+        tracing::info!(reflink, "snapshots and clones: {}", if reflink { "reflink" } else { "background copy with copy-before-write" });
         let store = Self {
             inner: Arc::new(Inner {
                 layout,
@@ -244,6 +248,7 @@ impl VolumeStore {
                 mirrors: Mirrors::new(volumes, server_id),
                 copies: Mutex::default(),
                 copy_rate: AtomicU64::new(0),
+                reflink,
             }),
         };
         for kind in [Kind::Volume, Kind::Snapshot] {
@@ -712,7 +717,7 @@ impl VolumeStore {
             let file = File::open(&path).map_err(io_err(format!("opening snapshot {src}")))?;
             let size = file.metadata().map_err(io_err("stat source"))?.len();
             let target = target(size)?;
-            if sys::reflink(&file, &dst).is_ok() {
+            if self.inner.reflink && sys::reflink(&file, &dst).is_ok() {
                 self.commit_now(stage, &dst, &target, name)?;
                 return Ok(Started::Done);
             }
@@ -740,19 +745,43 @@ impl VolumeStore {
         let backend = lease.backend().clone();
         // A reflink first writes back the source's dirty pages: most of that now, before the
         // pause rather than inside it.
-        if let Err(e) = sys::fdatasync(backend.inner_file()) {
+        // A reflink first writes back the source's dirty pages: most of that now, before the
+        // pause rather than inside it. (A copy needs no writeback.)
+        let t = std::time::Instant::now();
+        if self.inner.reflink
+            && let Err(e) = sys::fdatasync(backend.inner_file())
+        {
             tracing::debug!(source = %src, error = %e, "fdatasync before snapshot failed");
         }
+        let synced = t.elapsed();
         let file = backend
             .inner_file()
             .try_clone()
             .map_err(io_err(format!("opening {src}")))?;
+        let t = std::time::Instant::now();
         let frozen = backend.freeze();
+        let drained = t.elapsed();
         let size = file.metadata().map_err(io_err("stat source"))?.len();
         let target = target(size)?;
-        match sys::reflink(&file, &dst) {
+        let paused = |how: &str| {
+            tracing::info!(
+                source = %src,
+                name = %name,
+                how,
+                sync_ms = synced.as_secs_f64() * 1e3,
+                drain_ms = drained.as_secs_f64() * 1e3,
+                paused_ms = t.elapsed().saturating_sub(drained).as_secs_f64() * 1e3,
+                "point in time taken"
+            )
+        };
+        let reflinked = match self.inner.reflink {
+            true => sys::reflink(&file, &dst),
+            false => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        };
+        match reflinked {
             Ok(()) => {
                 drop(frozen);
+                paused("reflink");
                 self.commit_now(stage, &dst, &target, name)?;
                 Ok(Started::Done)
             }
@@ -771,6 +800,7 @@ impl VolumeStore {
                 let hook: Arc<dyn PreWrite> = job.clone();
                 backend.attach_pre_write(&frozen, hook.clone());
                 drop(frozen);
+                paused("copy-before-write");
                 if let Err(e) = self.spawn_copy(&job, Some((backend.clone(), lease))) {
                     backend.detach_pre_write(&hook);
                     return Err(e);
