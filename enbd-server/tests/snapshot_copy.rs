@@ -61,9 +61,14 @@ async fn until_ready(m: &mut Mgmt, name: &str, source: &str) -> usize {
             assert!(s.copy.is_none(), "a ready snapshot has no copy progress");
             return not_ready;
         }
-        let p = s.copy.expect("a snapshot that is not ready reports progress");
+        let p = s
+            .copy
+            .expect("a snapshot that is not ready reports progress");
         assert_eq!(p.total_bytes, s.size_bytes);
-        assert!(p.copied_bytes >= last && p.copied_bytes <= p.total_bytes, "{p:?}");
+        assert!(
+            p.copied_bytes >= last && p.copied_bytes <= p.total_bytes,
+            "{p:?}"
+        );
         last = p.copied_bytes;
         not_ready += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -95,7 +100,10 @@ async fn snapshot_under_writes_is_the_instant_of_the_call() {
     let returned = SystemTime::now();
     assert!(!first.ready_to_use, "a 4 s copy cannot be ready at once");
     let instant = pit::instant_of(first.created_at_unix, first.created_at_nanos);
-    assert!(called <= instant && instant <= returned, "the instant is within the call");
+    assert!(
+        called <= instant && instant <= returned,
+        "the instant is within the call"
+    );
     // While copying: not served, not a source.
     let e = tokio::task::spawn_blocking(move || Nbd::open(addr, "snapshot/snap").err())
         .await
@@ -116,7 +124,10 @@ async fn snapshot_under_writes_is_the_instant_of_the_call() {
         .await
         .unwrap();
     let changed = now.iter().zip(&content).filter(|(a, b)| a != b).count();
-    assert!(changed > 100, "only {changed} blocks changed after the snapshot");
+    assert!(
+        changed > 100,
+        "only {changed} blocks changed after the snapshot"
+    );
     eprintln!(
         "{} writes before the call, {} after it returned, {} blocks changed since, {} ambiguous",
         report.before, report.after, changed, report.ambiguous_blocks
@@ -186,7 +197,13 @@ async fn copying_snapshot_is_not_a_source_and_delete_cancels_it() {
         .volume
         .unwrap();
     assert_eq!(c.copy.unwrap().total_bytes, 32 << 20);
-    let again = m.create_volume(clone).await.unwrap().into_inner().volume.unwrap();
+    let again = m
+        .create_volume(clone)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     assert!(again.copy.is_some(), "a retry reports the copy in progress");
     let names: Vec<String> = m
         .list_volumes(pb::ListVolumesRequest::default())
@@ -241,7 +258,10 @@ async fn restart_mid_copy_forgets_the_snapshot_and_a_retry_makes_it_anew() {
         .await
         .unwrap();
     assert!(!snapshot(&mut m, "snap", "v").await.unwrap().ready_to_use);
-    assert!(!staging_is_empty(s.data_dir()).is_empty(), "the copy lives in staging");
+    assert!(
+        !staging_is_empty(s.data_dir()).is_empty(),
+        "the copy lives in staging"
+    );
     drop(m);
 
     let dir = s.crash();
@@ -270,5 +290,8 @@ async fn restart_mid_copy_forgets_the_snapshot_and_a_retry_makes_it_anew() {
     .await
     .unwrap();
     assert_eq!(snap[1], (42, 4096));
-    assert!(snap == vol, "with no writes since, the snapshot equals the volume");
+    assert!(
+        snap == vol,
+        "with no writes since, the snapshot equals the volume"
+    );
 }

@@ -37,11 +37,14 @@ impl Nbd {
     /// Opens `export`, or returns the option error reply type the server answered.
     pub fn open(addr: SocketAddr, export: &str) -> Result<Self, u32> {
         let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        s.set_nodelay(true).unwrap_or_else(|e| panic!("nodelay: {e}"));
+        s.set_nodelay(true)
+            .unwrap_or_else(|e| panic!("nodelay: {e}"));
         let mut g = [0u8; 18];
-        s.read_exact(&mut g).unwrap_or_else(|e| panic!("greeting: {e}"));
+        s.read_exact(&mut g)
+            .unwrap_or_else(|e| panic!("greeting: {e}"));
         assert_eq!(&g[..8], b"NBDMAGIC");
-        s.write_all(&3u32.to_be_bytes()).unwrap_or_else(|e| panic!("client flags: {e}"));
+        s.write_all(&3u32.to_be_bytes())
+            .unwrap_or_else(|e| panic!("client flags: {e}"));
         let mut d = (export.len() as u32).to_be_bytes().to_vec();
         d.extend(export.as_bytes());
         d.extend(0u16.to_be_bytes());
@@ -53,15 +56,22 @@ impl Nbd {
         let mut size = None;
         loop {
             let mut h = [0u8; 20];
-            s.read_exact(&mut h).unwrap_or_else(|e| panic!("option reply: {e}"));
-            assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap_or_default()), REP_MAGIC);
+            s.read_exact(&mut h)
+                .unwrap_or_else(|e| panic!("option reply: {e}"));
+            assert_eq!(
+                u64::from_be_bytes(h[..8].try_into().unwrap_or_default()),
+                REP_MAGIC
+            );
             let ty = u32::from_be_bytes(h[12..16].try_into().unwrap_or_default());
             let len = u32::from_be_bytes(h[16..20].try_into().unwrap_or_default()) as usize;
             let mut data = vec![0u8; len];
-            s.read_exact(&mut data).unwrap_or_else(|e| panic!("option data: {e}"));
+            s.read_exact(&mut data)
+                .unwrap_or_else(|e| panic!("option data: {e}"));
             match ty {
                 REP_INFO if len >= 10 && data[..2] == [0, 0] => {
-                    size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap_or_default()));
+                    size = Some(u64::from_be_bytes(
+                        data[2..10].try_into().unwrap_or_default(),
+                    ));
                 }
                 REP_INFO => {}
                 REP_ACK => {
@@ -86,9 +96,13 @@ impl Nbd {
         b.extend(offset.to_be_bytes());
         b.extend(len.to_be_bytes());
         b.extend(payload);
-        self.s.write_all(&b).unwrap_or_else(|e| panic!("send request: {e}"));
+        self.s
+            .write_all(&b)
+            .unwrap_or_else(|e| panic!("send request: {e}"));
         let mut h = [0u8; 16];
-        self.s.read_exact(&mut h).unwrap_or_else(|e| panic!("reply: {e}"));
+        self.s
+            .read_exact(&mut h)
+            .unwrap_or_else(|e| panic!("reply: {e}"));
         assert_eq!(
             u32::from_be_bytes(h[..4].try_into().unwrap_or_default()),
             SIMPLE_REPLY_MAGIC
@@ -108,7 +122,9 @@ impl Nbd {
     pub fn read(&mut self, offset: u64, len: u32) -> Vec<u8> {
         self.request(CMD_READ, offset, len, &[]);
         let mut b = vec![0u8; len as usize];
-        self.s.read_exact(&mut b).unwrap_or_else(|e| panic!("read data: {e}"));
+        self.s
+            .read_exact(&mut b)
+            .unwrap_or_else(|e| panic!("read data: {e}"));
         b
     }
 }
@@ -242,7 +258,10 @@ pub struct PitReport {
 /// The instant a snapshot reports, as a wall-clock time.
 pub fn instant_of(created_at_unix: i64, created_at_nanos: u32) -> SystemTime {
     SystemTime::UNIX_EPOCH
-        + Duration::new(u64::try_from(created_at_unix).unwrap_or(0), created_at_nanos)
+        + Duration::new(
+            u64::try_from(created_at_unix).unwrap_or(0),
+            created_at_nanos,
+        )
 }
 
 /// Checks that `snapshot` (every block's `(seq, offset)`) holds, for each block, the last

@@ -58,7 +58,11 @@ async fn main() -> anyhow::Result<()> {
     let addr = cli.nbd;
     let t = Instant::now();
     tokio::task::spawn_blocking(move || pit::fill(addr, vol)).await?;
-    eprintln!("filled {} MiB in {:.1} s", cli.size_mib, t.elapsed().as_secs_f64());
+    eprintln!(
+        "filled {} MiB in {:.1} s",
+        cli.size_mib,
+        t.elapsed().as_secs_f64()
+    );
 
     let started = SystemTime::now();
     let writers = pit::Writers::start(addr, vol, cli.writers);
@@ -99,10 +103,9 @@ async fn main() -> anyhow::Result<()> {
     // The window the snapshot could stall: from the call to ready.
     let (n1, p50_1, p99_1, max_1) = pit::latencies(&writes, call_wall, ready_at);
 
-    let content = tokio::task::spawn_blocking(move || {
-        pit::read_blocks(addr, &format!("snapshot/{snap}"))
-    })
-    .await?;
+    let content =
+        tokio::task::spawn_blocking(move || pit::read_blocks(addr, &format!("snapshot/{snap}")))
+            .await?;
     let check = pit::check_point_in_time(&content, &writes, instant);
     let verdict = match &check {
         Ok(r) => format!("ok ({} in flight)", r.ambiguous_blocks),
@@ -112,7 +115,11 @@ async fn main() -> anyhow::Result<()> {
         "| {} | {} MiB | {} | {} | {:.2} s | {} | {} / {} / {} | {} | {} / {} / {} | {} |",
         cli.label,
         cli.size_mib,
-        if first.ready_to_use { "reflink" } else { "copy-before-write" },
+        if first.ready_to_use {
+            "reflink"
+        } else {
+            "copy-before-write"
+        },
         ms(call_took),
         copy_took.as_secs_f64(),
         n0,

@@ -195,17 +195,33 @@ impl FileBackend {
     /// Attaches a copy-before-write hook; `_frozen` proves writes are paused, so every write
     /// that starts later sees it and none is half-applied when it is attached.
     pub fn attach_pre_write(&self, _frozen: &Frozen<'_>, hook: Arc<dyn PreWrite>) {
-        let mut hooks = self.gate.copies.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut hooks = self
+            .gate
+            .copies
+            .hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         hooks.push(hook);
-        self.gate.copies.active.store(hooks.len(), Ordering::Release);
+        self.gate
+            .copies
+            .active
+            .store(hooks.len(), Ordering::Release);
     }
 
     /// Detaches a hook attached with [`FileBackend::attach_pre_write`] (a no-op if it is not
     /// attached). Writes already inside the gate may still call it once.
     pub fn detach_pre_write(&self, hook: &Arc<dyn PreWrite>) {
-        let mut hooks = self.gate.copies.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut hooks = self
+            .gate
+            .copies
+            .hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         hooks.retain(|h| !Arc::ptr_eq(h, hook));
-        self.gate.copies.active.store(hooks.len(), Ordering::Release);
+        self.gate
+            .copies
+            .active
+            .store(hooks.len(), Ordering::Release);
     }
 
     /// How many copy-before-write hooks are attached.

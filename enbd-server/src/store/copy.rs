@@ -60,7 +60,10 @@ pub struct CopyProgress {
 pub(super) enum Target {
     Snapshot(SnapshotMeta),
     /// A clone: `size` is the new volume's size (at least the source's).
-    Volume { meta: VolumeMeta, size: u64 },
+    Volume {
+        meta: VolumeMeta,
+        size: u64,
+    },
 }
 
 impl Target {
@@ -132,7 +135,9 @@ impl CopyJob {
             dst,
             size,
             regions,
-            copied: (0..regions.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            copied: (0..regions.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             done: AtomicU64::new(0),
             data: AtomicU64::new(0),
@@ -261,7 +266,8 @@ impl CopyJob {
         if self.rate == 0 {
             return;
         }
-        let due = Duration::from_secs_f64(self.done.load(Ordering::Acquire) as f64 / self.rate as f64);
+        let due =
+            Duration::from_secs_f64(self.done.load(Ordering::Acquire) as f64 / self.rate as f64);
         let mut st = lock(&self.state);
         loop {
             let elapsed = started.elapsed();
@@ -427,7 +433,10 @@ mod tests {
         bg.join().unwrap();
         assert!(j.error().is_none());
         let after = std::fs::read(dir.path().join("d")).unwrap();
-        assert!(after == before, "the copy differs from the content at the instant");
+        assert!(
+            after == before,
+            "the copy differs from the content at the instant"
+        );
         let now = std::fs::read(dir.path().join("s")).unwrap();
         assert!(now != before, "the writers did change the source");
     }

@@ -178,7 +178,10 @@ impl Layout {
     /// Whether files in the data directory can be reflinked (FICLONE between two scratch
     /// files in `staging/`). Any failure counts as "no": copies then never try.
     pub(super) fn probe_reflink(&self) -> bool {
-        let dir = self.root.join("staging").join(format!("reflink-probe-{}", std::process::id()));
+        let dir = self
+            .root
+            .join("staging")
+            .join(format!("reflink-probe-{}", std::process::id()));
         let r = (|| {
             fs::create_dir(&dir)?;
             let a = Self::new_data_file(&dir)?;

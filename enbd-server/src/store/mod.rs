@@ -47,9 +47,9 @@ use crate::export::file::FrozenBackend;
 use crate::export::{
     Backend, Export, ExportEntry, ExportProvider, FileBackend, OpenError, PreWrite,
 };
-use copy::{CopyJob, CopyState, Target};
-pub use copy::CopyProgress;
 use crate::sys;
+pub use copy::CopyProgress;
+use copy::{CopyJob, CopyState, Target};
 use layout::{Kind, Layout};
 use membership::{Membership, Mirror, Mirrors, ReplicaError, SetRequest};
 pub use meta::ContentSource;
@@ -239,7 +239,15 @@ impl VolumeStore {
         let layout = Layout::open(root)?;
         let volumes = layout.dir_of(Kind::Volume);
         let reflink = layout.probe_reflink();
-        tracing::info!(reflink, "snapshots and clones: {}", if reflink { "reflink" } else { "background copy with copy-before-write" });
+        tracing::info!(
+            reflink,
+            "snapshots and clones: {}",
+            if reflink {
+                "reflink"
+            } else {
+                "background copy with copy-before-write"
+            }
+        );
         let store = Self {
             inner: Arc::new(Inner {
                 layout,
@@ -431,9 +439,7 @@ impl VolumeStore {
                     name: name.to_string(),
                 });
             }
-            return self
-                .volume_answer(&job, Duration::ZERO)
-                .map(|v| (v, false));
+            return self.volume_answer(&job, Duration::ZERO).map(|v| (v, false));
         }
 
         let Some((src_kind, src)) = source_ref else {
@@ -977,7 +983,11 @@ fn open_error(kind: Kind, name: &VolumeName, e: OpenError) -> StoreError {
 }
 
 /// Builds an empty volume of `size` bytes in `stage`.
-fn build_empty(stage: &Path, size: u64, labels: BTreeMap<String, String>) -> Result<(), StoreError> {
+fn build_empty(
+    stage: &Path,
+    size: u64,
+    labels: BTreeMap<String, String>,
+) -> Result<(), StoreError> {
     let data = Layout::new_data_file(stage).map_err(io_err("creating data file"))?;
     data.set_len(size).map_err(io_err("sizing data file"))?;
     data.sync_all().map_err(io_err("syncing data file"))?;
