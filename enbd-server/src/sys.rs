@@ -61,6 +61,22 @@ pub fn seek_hole(file: &File, from: u64) -> io::Result<Option<u64>> {
     seek(file, from, libc::SEEK_HOLE)
 }
 
+/// Starts writeback of `[offset, offset + len)` (`wait`: and waits for it, including
+/// writeback already running there). Not durability (no metadata, no cache flush): a bulk
+/// copy uses it to keep its dirty pages few, so the kernel's dirty throttling does not
+/// fall on other writers.
+pub fn writeback(file: &File, offset: u64, len: u64, wait: bool) -> io::Result<()> {
+    let flags = if wait {
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER
+    } else {
+        libc::SYNC_FILE_RANGE_WRITE
+    };
+    // SAFETY: plain syscall on a valid descriptor; no memory is passed.
+    check(unsafe { libc::sync_file_range(file.as_raw_fd(), off(offset)?, off(len)?, flags) })
+}
+
 /// Durability of the file's data (and the metadata needed to read it back).
 pub fn fdatasync(file: &File) -> io::Result<()> {
     file.sync_data()

@@ -34,8 +34,13 @@ use crate::export::PreWrite;
 use crate::sys;
 
 /// Copy-before-write granularity: the first write to a region after the instant copies this
-/// much (less if the region is partly holes) before it proceeds.
-pub const REGION_BYTES: u64 = 1 << 20;
+/// much (less if the region is partly holes) before it proceeds. Small, because that copy is
+/// latency added to an application write; the background pass is not slowed by it.
+pub const REGION_BYTES: u64 = 128 << 10;
+/// The background pass starts writeback of what it copied every this many bytes and waits
+/// for the window before that: the copy never holds more than about twice this in dirty
+/// pages, so the kernel's dirty-page throttling does not stall the source's writers.
+const WRITEBACK_WINDOW: u64 = 16 << 20;
 /// Stripe locks serialising the copy of a region against writes to it.
 const STRIPES: u64 = 64;
 
@@ -253,11 +258,26 @@ impl CopyJob {
     /// limit. Returns early on cancel or failure.
     pub(super) fn copy_all(&self) {
         let started = Instant::now();
+        let mut window = 0;
         for r in 0..self.regions {
             if self.is_cancelled() || self.failed.load(Ordering::Acquire) {
                 return;
             }
             self.copy_region(r);
+            let end = ((r + 1) * REGION_BYTES).min(self.size);
+            if end - window >= WRITEBACK_WINDOW || end == self.size {
+                // Best effort: a failure here only means more dirty pages.
+                let _ = sys::writeback(&self.dst, window, end - window, false);
+                if window >= WRITEBACK_WINDOW {
+                    let _ = sys::writeback(
+                        &self.dst,
+                        window - WRITEBACK_WINDOW,
+                        WRITEBACK_WINDOW,
+                        true,
+                    );
+                }
+                window = end;
+            }
             self.pace(started);
         }
     }
