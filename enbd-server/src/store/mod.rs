@@ -753,11 +753,19 @@ impl VolumeStore {
         // pause rather than inside it.
         // A reflink first writes back the source's dirty pages: most of that now, before the
         // pause rather than inside it. (A copy needs no writeback.)
+        // Repeated while writes keep dirtying it: each round has less left to write back.
         let t = std::time::Instant::now();
-        if self.inner.reflink
-            && let Err(e) = sys::fdatasync(backend.inner_file())
-        {
-            tracing::debug!(source = %src, error = %e, "fdatasync before snapshot failed");
+        if self.inner.reflink {
+            for _ in 0..4 {
+                let round = std::time::Instant::now();
+                if let Err(e) = sys::fdatasync(backend.inner_file()) {
+                    tracing::debug!(source = %src, error = %e, "fdatasync before snapshot failed");
+                    break;
+                }
+                if round.elapsed() < Duration::from_millis(20) {
+                    break;
+                }
+            }
         }
         let synced = t.elapsed();
         let file = backend
