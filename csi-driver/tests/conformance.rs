@@ -1419,6 +1419,71 @@ async fn snapshots_and_restores() {
         .expect("restored volume still there");
 }
 
+/// A server without reflink copies snapshots in the background (paced here to 4 MiB/s, so a
+/// 16 MiB volume takes about four seconds): CreateSnapshot answers not ready, then ready as
+/// the snapshotter polls; a restore from it is refused until then; a clone waits out its copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_not_ready_until_copied_refuses_restores() {
+    let server = EnbdServer::builder()
+        .id("s0")
+        .args(["--copy-rate-bytes=4194304"])
+        .start();
+    let d = Driver::start(&[&server]).await;
+    let v = d.create("pvc-src", 16 * MIB).await;
+    let s1 = d.snapshot("snap-1", &v.volume_id).await;
+    assert!(!s1.ready_to_use, "a 4 s copy is not ready at once");
+    let listed = d
+        .ctl()
+        .list_snapshots(ListSnapshotsRequest {
+            snapshot_id: s1.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!listed.entries[0].snapshot.as_ref().unwrap().ready_to_use);
+
+    let snap_source = VolumeContentSource {
+        r#type: Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: s1.snapshot_id.clone(),
+        })),
+    };
+    let mut restore = create_req("pvc-restore", 16 * MIB);
+    restore.volume_content_source = Some(snap_source);
+    let msg = assert_code(
+        d.ctl().create_volume(restore.clone()).await,
+        Code::FailedPrecondition,
+    );
+    assert!(msg.contains("not ready"), "{msg}");
+
+    // A clone copies the same way; CreateVolume waits for it (it is well under 20 s).
+    let mut clone = create_req("pvc-clone", 16 * MIB);
+    clone.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(SourceType::Volume(VolumeSource {
+            volume_id: v.volume_id.clone(),
+        })),
+    });
+    let c = d.ctl().create_volume(clone).await.unwrap().into_inner();
+    assert!(c.volume.unwrap().content_source.is_some());
+
+    let mut polls = 0;
+    loop {
+        let s = d.snapshot("snap-1", &v.volume_id).await;
+        assert_eq!(s.snapshot_id, s1.snapshot_id);
+        assert_eq!(
+            s.creation_time, s1.creation_time,
+            "the instant does not move"
+        );
+        if s.ready_to_use {
+            break;
+        }
+        polls += 1;
+        assert!(polls < 600, "the snapshot never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    d.ctl().create_volume(restore).await.unwrap();
+}
+
 // ---------------------------------------------------------------- volume condition
 
 #[tokio::test]

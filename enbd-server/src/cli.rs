@@ -132,6 +132,10 @@ pub struct Cli {
     /// `grpc:` probe); only the health service is served there. Off when not given.
     #[arg(long, env = "ENBD_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Bytes per second each background snapshot or clone copy may read, 0 for no limit.
+    /// Copy-before-write copies done for the source's writes are never held back.
+    #[arg(long, env = "ENBD_COPY_RATE_BYTES", default_value_t = 0)]
+    pub copy_rate_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +195,8 @@ pub struct Config {
     pub mgmt_tls: Option<crate::mgmt::auth::MgmtTls>,
     pub health_listen: Option<SocketAddr>,
     pub access: AccessMode,
+    /// `--copy-rate-bytes` (0: unlimited).
+    pub copy_rate_bytes: u64,
 }
 
 fn demo_data_dir() -> Result<PathBuf, ConfigError> {
@@ -286,6 +292,7 @@ impl Cli {
             access: self.access,
             mgmt_tls,
             health_listen: self.health_listen,
+            copy_rate_bytes: self.copy_rate_bytes,
             data_dir,
             listen: self.listen.unwrap_or((host, 10809).into()),
             mgmt_listen: self.mgmt_listen.unwrap_or((host, 10810).into()),

@@ -16,7 +16,9 @@ use tonic::{Request, Response, Status};
 use crate::access::{AccessError, Grants};
 
 use crate::store::membership::ReplicaError;
-use crate::store::{ContentSource, SnapshotInfo, StoreError, VolumeInfo, VolumeStore};
+use crate::store::{
+    ContentSource, CopyProgress, SnapshotInfo, StoreError, VolumeInfo, VolumeStore,
+};
 
 pub mod auth;
 pub mod replica;
@@ -80,6 +82,9 @@ pub fn status_of(e: &StoreError) -> Status {
             Status::out_of_range(msg)
         }
         StoreError::Busy(_) => Status::aborted(msg),
+        StoreError::NotReady { .. } => Status::failed_precondition(msg),
+        StoreError::CopyFailed { no_space: true, .. } => Status::resource_exhausted(msg),
+        StoreError::CopyFailed { .. } => Status::internal(msg),
         StoreError::Io { source, .. } | StoreError::Replica(ReplicaError::Io { source, .. }) => {
             match source.raw_os_error() {
                 Some(libc::ENOSPC) | Some(libc::EDQUOT) => Status::resource_exhausted(msg),
@@ -133,6 +138,14 @@ fn volume_to_pb(v: VolumeInfo) -> pb::Volume {
         open_connections: u32::try_from(v.open_connections).unwrap_or(u32::MAX),
         allocated_bytes: v.allocated_bytes,
         labels: v.labels.into_iter().collect(),
+        copy: v.copy.map(progress_to_pb),
+    }
+}
+
+fn progress_to_pb(p: CopyProgress) -> pb::CopyProgress {
+    pb::CopyProgress {
+        total_bytes: p.total_bytes,
+        copied_bytes: p.copied_bytes,
     }
 }
 
@@ -142,8 +155,10 @@ fn snapshot_to_pb(s: SnapshotInfo) -> pb::Snapshot {
         source_volume: s.source_volume,
         size_bytes: s.size_bytes,
         created_at_unix: s.created_at_unix,
+        created_at_nanos: s.created_at_nanos,
         export_name: s.export_name,
-        ready_to_use: true,
+        ready_to_use: s.ready,
+        copy: s.copy.map(progress_to_pb),
     }
 }
 

@@ -102,6 +102,7 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let default_export = cfg.demo_volume.as_ref().map(|(name, _)| name.clone());
     let store = VolumeStore::open_as(&cfg.data_dir, default_export, Some(cfg.server_id.clone()))?;
+    store.set_copy_rate(cfg.copy_rate_bytes);
     if let Some((name, size)) = &cfg.demo_volume {
         match store.create_volume(name, *size, None, Default::default()) {
             Ok((v, created)) => {

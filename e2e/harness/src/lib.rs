@@ -6,6 +6,8 @@
 //! - [`bin`]: where the built workspace binaries are.
 //! - [`unix`]: gRPC channels over unix sockets (the CSI endpoints of our daemons).
 //! - [`lines`]: waiting for another daemon's readiness line on its stdout.
+//! - [`pit`]: writers of sequence-numbered blocks and the point-in-time check of a snapshot
+//!   taken under them (with a minimal blocking NBD client).
 //!
 //! A missing binary or a server that does not come up fails the test loudly (these helpers
 //! panic with the reason); nothing here skips. Test code only: this crate is a
@@ -13,6 +15,7 @@
 
 pub mod bin;
 pub mod lines;
+pub mod pit;
 pub mod server;
 pub mod unix;
 
