@@ -1575,7 +1575,12 @@ impl Inner {
 
     /// Sends one activity-log batch to `targets`; returns those that did not take it.
     async fn al_send(&self, batch: &Batch, targets: &[usize]) -> Vec<usize> {
-        let rb = self.al.region_bytes() as u32;
+        self.al_send_in(self.al.region_bytes() as u32, batch, targets)
+            .await
+    }
+
+    /// [`Self::al_send`] in `rb`-byte regions (before the log is loaded).
+    async fn al_send_in(&self, rb: u32, batch: &Batch, targets: &[usize]) -> Vec<usize> {
         let results = join_all(targets.iter().map(|&i| {
             let r = self.replica(i);
             let (mark, clear) = (batch.mark.clone(), batch.clear.clone());
@@ -1711,7 +1716,7 @@ impl Inner {
                 mark: regions.iter().copied().collect(),
                 clear: Vec::new(),
             };
-            let failed = self.al_send(&batch, &targets).await;
+            let failed = self.al_send_in(record.region_bytes, &batch, &targets).await;
             if failed.iter().any(|&i| {
                 record.state_of(&self.replica(i).cfg.id) == Some(MemberState::InSync)
             }) {
