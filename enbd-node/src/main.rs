@@ -307,6 +307,9 @@ fn list(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
             v.brownout,
             channels(v)
         );
+        if let Some(why) = &v.waiting {
+            println!("  waiting: {why}");
+        }
         for r in &v.replicas {
             println!("  replica {}", replica_line(r));
         }

@@ -108,6 +108,7 @@ fn mirror_config(rs: &[Replica]) -> MirrorConfig {
     c.activity = ActivityConfig {
         capacity: 1024,
         idle: Duration::from_millis(300),
+        enabled: true,
     };
     c
 }

@@ -34,6 +34,9 @@ pub struct ActivityConfig {
     pub capacity: usize,
     /// A region idle this long leaves the log at the next supervisor pass.
     pub idle: Duration,
+    /// Off only to measure what the log costs (`enbd-node bench --no-activity-log`): a
+    /// mirror without it gives no consistency guarantee after a node crash.
+    pub enabled: bool,
 }
 
 impl Default for ActivityConfig {
@@ -41,6 +44,7 @@ impl Default for ActivityConfig {
         Self {
             capacity: 1024,
             idle: Duration::from_secs(5),
+            enabled: true,
         }
     }
 }
@@ -334,6 +338,7 @@ mod tests {
         let l = ActivityLog::new(ActivityConfig {
             capacity,
             idle: Duration::from_secs(5),
+            enabled: true,
         });
         l.load(4096, &BTreeSet::new());
         l

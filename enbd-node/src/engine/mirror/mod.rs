@@ -517,7 +517,12 @@ impl Mirror {
         inner
             .top_generation
             .fetch_max(rec.generation, Ordering::AcqRel);
-        inner.set_view(rec.clone(), None);
+        // A mirror that never served (it waited from its open) has not read the activity
+        // log yet: the promoted replica's comes first, or IO keeps waiting until it can.
+        match inner.al_load(&rec).await {
+            Ok(()) => inner.set_view(rec.clone(), None),
+            Err(why) => inner.set_view(rec.clone(), Some(why)),
+        }
         Ok(rec)
     }
 
@@ -868,7 +873,10 @@ impl Inner {
         let mut held = Held::new(&self.held);
         loop {
             self.wait_unblocked(deadline).await?;
-            if hold.regions.is_none() && !matches!(m, Mutation::Flush) {
+            if hold.regions.is_none()
+                && self.cfg.activity.enabled
+                && !matches!(m, Mutation::Flush)
+            {
                 let regions = self.al.span(offset, len);
                 // Counted in flight before marking: no eviction can undo our marks.
                 self.al.enter(regions.clone());
@@ -1673,6 +1681,10 @@ impl Inner {
     /// exclusively. `Err` (IO waits, retried) if an in-sync member cannot be asked.
     async fn al_load(&self, record: &Record) -> Result<(), String> {
         if self.al.is_loaded() {
+            return Ok(());
+        }
+        if !self.cfg.activity.enabled {
+            self.al.load(record.region_bytes, &BTreeSet::new());
             return Ok(());
         }
         let targets: Vec<usize> = (0..self.slots.len())
