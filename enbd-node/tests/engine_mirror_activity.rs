@@ -162,7 +162,9 @@ async fn unclean_stop_resyncs_the_logged_regions_only_before_reads_balance() {
         node.spawn(async move {
             // Old content everywhere in the hot regions, and in region 10 (written, then idle).
             for r in HOT.chain([10]) {
-                m.write(r * MIB + AT, old.clone(), false).await.expect("write");
+                m.write(r * MIB + AT, old.clone(), false)
+                    .await
+                    .expect("write");
             }
             m.flush().await.expect("flush");
         })
@@ -170,8 +172,7 @@ async fn unclean_stop_resyncs_the_logged_regions_only_before_reads_balance() {
         .expect("task");
     }
     wait_until("idle regions to leave the activity log", 20, || {
-        m.status().activity.active_regions == 0
-            && rs.iter().all(|r| r.activity_file().is_empty())
+        m.status().activity.active_regions == 0 && rs.iter().all(|r| r.activity_file().is_empty())
     })
     .await;
 
@@ -186,7 +187,7 @@ async fn unclean_stop_resyncs_the_logged_regions_only_before_reads_balance() {
         });
     }
     wait_until("the writes to land on srv-0", 20, || {
-        HOT.all(|r| rs[0].read_file(r * MIB + AT, new.len()) == new)
+        HOT.clone().all(|r| rs[0].read_file(r * MIB + AT, new.len()) == new)
     })
     .await;
     // Logged on both servers before anything was sent.
@@ -199,7 +200,11 @@ async fn unclean_stop_resyncs_the_logged_regions_only_before_reads_balance() {
     rs[1].nbd.kill_all(Kill::Reset);
     rs[1].nbd.resume();
     for r in HOT {
-        assert_eq!(rs[1].read_file(r * MIB + AT, old.len()), old, "srv-1 region {r}");
+        assert_eq!(
+            rs[1].read_file(r * MIB + AT, old.len()),
+            old,
+            "srv-1 region {r}"
+        );
     }
 
     // Reopen: the log names the four regions; they are copied from srv-0 (same generation,
@@ -213,7 +218,10 @@ async fn unclean_stop_resyncs_the_logged_regions_only_before_reads_balance() {
     let st = m.status().activity;
     assert_eq!(st.found_at_open, HOT.count() as u64, "{st:?}");
     let first = HOT.start;
-    let got = m.read(first * MIB + AT, new.len() as u32).await.expect("read");
+    let got = m
+        .read(first * MIB + AT, new.len() as u32)
+        .await
+        .expect("read");
     assert_eq!(got, new, "the source's version is served");
     assert_eq!(
         rs[1].read_file(first * MIB + AT, new.len()),
@@ -232,20 +240,36 @@ async fn unclean_stop_resyncs_the_logged_regions_only_before_reads_balance() {
         "only the logged regions are copied: {st:?}"
     );
     for r in HOT {
-        assert_eq!(rs[0].read_file(r * MIB, MIB as usize), rs[1].read_file(r * MIB, MIB as usize), "region {r}");
+        assert_eq!(
+            rs[0].read_file(r * MIB, MIB as usize),
+            rs[1].read_file(r * MIB, MIB as usize),
+            "region {r}"
+        );
         for _ in 0..8 {
-            assert_eq!(m.read(r * MIB + AT, 4096).await.expect("read"), new.slice(..4096));
+            assert_eq!(
+                m.read(r * MIB + AT, 4096).await.expect("read"),
+                new.slice(..4096)
+            );
         }
     }
     // Never logged at the crash: not copied, and equal anyway.
     assert_eq!(rs[1].read_file(10 * MIB + AT, old.len()), old);
-    assert_eq!(m.status().resync_bytes_copied, 0, "no bitmap resync: nobody was OUT");
+    assert_eq!(
+        m.status().resync_bytes_copied,
+        0,
+        "no bitmap resync: nobody was OUT"
+    );
     assert_eq!(m.status().state, MirrorState::Healthy);
 
     // A clean close empties the log: the next open copies nothing.
     m.shutdown().await;
     for r in &rs {
-        assert!(r.activity_file().is_empty(), "{} logs {:?} after a clean close", r.id, r.activity_file());
+        assert!(
+            r.activity_file().is_empty(),
+            "{} logs {:?} after a clean close",
+            r.id,
+            r.activity_file()
+        );
     }
     let m = Mirror::open(cfg).await.expect("reopen after a clean close");
     assert_eq!(m.status().activity.found_at_open, 0);

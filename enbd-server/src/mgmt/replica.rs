@@ -145,8 +145,7 @@ impl ReplicaService for Mgmt {
         req: Request<pb::GetActivityRequest>,
     ) -> Result<Response<pb::GetActivityResponse>, Status> {
         let r = req.into_inner();
-        let (region_bytes, region_count, bitmap) =
-            self.run(move |s| s.activity(&r.volume)).await?;
+        let (region_bytes, region_count, bitmap) = self.run(move |s| s.activity(&r.volume)).await?;
         Ok(Response::new(pb::GetActivityResponse {
             region_bytes,
             region_count,

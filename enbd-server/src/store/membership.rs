@@ -724,10 +724,13 @@ impl Mirror {
     ) -> Result<u64, ReplicaError> {
         let mut st = self.live()?;
         let size = self.size()?;
-        let rec = st.record.clone().ok_or_else(|| ReplicaError::Precondition {
-            volume: self.name.clone(),
-            reason: "no membership record (single copy): no activity log".into(),
-        })?;
+        let rec = st
+            .record
+            .clone()
+            .ok_or_else(|| ReplicaError::Precondition {
+                volume: self.name.clone(),
+                reason: "no membership record (single copy): no activity log".into(),
+            })?;
         if region_bytes != rec.region_bytes {
             return Err(ReplicaError::Precondition {
                 volume: self.name.clone(),
@@ -768,8 +771,11 @@ impl Mirror {
                 j += 1;
             }
             let (first, n) = (sorted[i], (j - i) as u64);
-            a.mark(first * rb, (n * rb).min(size.saturating_sub(first * rb)).max(1))
-                .map_err(io_err(format!("marking {}", a.path().display())))?;
+            a.mark(
+                first * rb,
+                (n * rb).min(size.saturating_sub(first * rb)).max(1),
+            )
+            .map_err(io_err(format!("marking {}", a.path().display())))?;
             i = j;
         }
         if clear.is_empty() {
@@ -783,12 +789,19 @@ impl Mirror {
     pub fn activity(&self) -> Result<(u32, u64, Vec<u8>), ReplicaError> {
         let st = self.live()?;
         let size = self.size()?;
-        let rec = st.record.clone().ok_or_else(|| ReplicaError::Precondition {
-            volume: self.name.clone(),
-            reason: "no membership record (single copy): no activity log".into(),
-        })?;
+        let rec = st
+            .record
+            .clone()
+            .ok_or_else(|| ReplicaError::Precondition {
+                volume: self.name.clone(),
+                reason: "no membership record (single copy): no activity log".into(),
+            })?;
         let regions = bitmap::region_count(size, rec.region_bytes);
-        let mut bytes = st.activity.as_ref().map(|a| a.to_bytes()).unwrap_or_default();
+        let mut bytes = st
+            .activity
+            .as_ref()
+            .map(|a| a.to_bytes())
+            .unwrap_or_default();
         bytes.resize(regions.div_ceil(8) as usize, 0);
         Ok((rec.region_bytes, regions, bytes))
     }

@@ -376,7 +376,11 @@ mod tests {
         l.synced(0, 4096);
         assert!(!l.any_unsynced(0, 4096));
         let b = l.take_batch();
-        assert_eq!(b.clear, vec![0], "LRU evictable region goes when over capacity");
+        assert_eq!(
+            b.clear,
+            vec![0],
+            "LRU evictable region goes when over capacity"
+        );
         assert_eq!(l.status().synced_bytes, 4096);
     }
 

@@ -12,7 +12,8 @@ use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
 use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
 use enbd_proto::enbd::{
     ByteRange, ClearDirtyRegionsRequest, DirtyRanges, GetActivityRequest, GetDirtyRegionsRequest,
-    GetMembershipRequest, GetVolumeRequest, UpdateActivityRequest, Membership, ReplicaMember, ReplicaState, SetMembershipRequest,
+    GetMembershipRequest, GetVolumeRequest, Membership, ReplicaMember, ReplicaState,
+    SetMembershipRequest, UpdateActivityRequest,
 };
 use futures::future::BoxFuture;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};

@@ -141,8 +141,7 @@ impl MirrorConfig {
                 self.region_bytes
             )));
         }
-        if self.replica_timeout.is_zero() || self.resync_batch == 0 || self.activity.capacity == 0
-        {
+        if self.replica_timeout.is_zero() || self.resync_batch == 0 || self.activity.capacity == 0 {
             return Err(MirrorError::Config(
                 "replica_timeout, resync_batch and the activity log's capacity must be positive"
                     .into(),
@@ -873,9 +872,7 @@ impl Inner {
         let mut held = Held::new(&self.held);
         loop {
             self.wait_unblocked(deadline).await?;
-            if hold.regions.is_none()
-                && self.cfg.activity.enabled
-                && !matches!(m, Mutation::Flush)
+            if hold.regions.is_none() && self.cfg.activity.enabled && !matches!(m, Mutation::Flush)
             {
                 let regions = self.al.span(offset, len);
                 // Counted in flight before marking: no eviction can undo our marks.
@@ -1696,11 +1693,16 @@ impl Inner {
             })
             .collect();
         let rb = u64::from(record.region_bytes);
-        let answers = join_all(targets.iter().map(|&i| {
-            let r = self.replica(i);
-            async move { tokio::time::timeout(self.cfg.replica_timeout, r.control.activity()).await }
-        }))
-        .await;
+        let answers =
+            join_all(
+                targets.iter().map(|&i| {
+                    let r = self.replica(i);
+                    async move {
+                        tokio::time::timeout(self.cfg.replica_timeout, r.control.activity()).await
+                    }
+                }),
+            )
+            .await;
         let mut found = BTreeSet::new();
         for (&i, a) in targets.iter().zip(answers) {
             let r = self.replica(i);
@@ -1717,7 +1719,10 @@ impl Inner {
                     return Err(format!("reading the activity log of {}: {e}", r.cfg.id));
                 }
                 Err(_) if in_sync => {
-                    return Err(format!("reading the activity log of {}: timed out", r.cfg.id));
+                    return Err(format!(
+                        "reading the activity log of {}: timed out",
+                        r.cfg.id
+                    ));
                 }
                 _ => {}
             }
@@ -1729,10 +1734,14 @@ impl Inner {
                 clear: Vec::new(),
             };
             let failed = self.al_send_in(record.region_bytes, &batch, &targets).await;
-            if failed.iter().any(|&i| {
-                record.state_of(&self.replica(i).cfg.id) == Some(MemberState::InSync)
-            }) {
-                return Err("writing the activity log found at open back failed on an in-sync replica".into());
+            if failed
+                .iter()
+                .any(|&i| record.state_of(&self.replica(i).cfg.id) == Some(MemberState::InSync))
+            {
+                return Err(
+                    "writing the activity log found at open back failed on an in-sync replica"
+                        .into(),
+                );
             }
             tracing::warn!(volume = %self.cfg.volume, regions = regions.len(),
                 "stopped without a clean close: the activity log's regions are copied from one in-sync replica to the others before reads of them are balanced");
