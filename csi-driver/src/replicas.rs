@@ -308,18 +308,14 @@ pub struct MirrorHealth {
     pub problems: Vec<String>,
     /// Some member is copying missed regions back (it will be in sync when done).
     pub resyncing: bool,
+    /// Some member in sync in the record has a live server (else IO on the node waits).
+    pub in_sync_live: bool,
 }
 
 impl MirrorHealth {
     /// ControllerGetVolume's condition message: `None` when every member is in sync.
     pub fn abnormal(&self) -> Option<String> {
-        (!self.problems.is_empty()).then(|| {
-            format!(
-                "degraded at generation {}: {}",
-                self.generation,
-                self.problems.join("; ")
-            )
-        })
+        condition(self.generation, self.in_sync_live, &self.problems)
     }
 }
 
@@ -333,17 +329,14 @@ pub async fn health(
         .await
         .map_err(|e| format!("replica membership unreadable on {}: {e}", home.id))?;
     let mut problems = Vec::new();
-<<<<<<< HEAD
-    let mut in_sync_live = false;
-=======
     let mut resyncing = false;
->>>>>>> main
+    let mut in_sync_live = false;
     for m in &record.members {
         let state = ReplicaState::try_from(m.state).unwrap_or(ReplicaState::Unspecified);
         if state != ReplicaState::InSync {
             problems.push(format!("replica {} is {}", m.replica_id, state_name(state)));
         }
-<<<<<<< HEAD
+        resyncing |= state == ReplicaState::Resyncing;
         let live = ServerId::parse(&m.replica_id)
             .is_ok_and(|id| matches!(servers.lookup(&id), Lookup::Live(_)));
         if live {
@@ -352,7 +345,12 @@ pub async fn health(
             problems.push(format!("enbd-server {} is unreachable", m.replica_id));
         }
     }
-    condition(record.generation, in_sync_live, &problems)
+    Ok(MirrorHealth {
+        generation: record.generation,
+        problems,
+        resyncing,
+        in_sync_live,
+    })
 }
 
 /// The condition message for a record at `generation` (None when nothing is wrong): IO on
@@ -372,19 +370,7 @@ fn condition(generation: u64, in_sync_live: bool, problems: &[String]) -> Option
             "degraded at generation {generation}: {}",
             problems.join("; ")
         ))
-=======
-        resyncing |= state == ReplicaState::Resyncing;
-        if let Ok(id) = ServerId::parse(&m.replica_id)
-            && !matches!(servers.lookup(&id), Lookup::Live(_))
-        {
-            problems.push(format!("enbd-server {id} is unreachable"));
-        }
     }
-    Ok(MirrorHealth {
-        generation: record.generation,
-        problems,
-        resyncing,
-    })
 }
 
 /// A one-line account of the replicas for ControllerGetVolume's condition: `None` when every
@@ -393,7 +379,6 @@ pub async fn abnormal(servers: &Servers, home: &LiveServer, name: &str) -> Optio
     match health(servers, home, name).await {
         Ok(h) => h.abnormal(),
         Err(message) => Some(message),
->>>>>>> main
     }
 }
 

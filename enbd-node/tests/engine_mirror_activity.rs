@@ -187,7 +187,8 @@ async fn unclean_stop_resyncs_the_logged_regions_only_before_reads_balance() {
         });
     }
     wait_until("the writes to land on srv-0", 20, || {
-        HOT.clone().all(|r| rs[0].read_file(r * MIB + AT, new.len()) == new)
+        HOT.clone()
+            .all(|r| rs[0].read_file(r * MIB + AT, new.len()) == new)
     })
     .await;
     // Logged on both servers before anything was sent.
