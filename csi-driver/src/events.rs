@@ -356,12 +356,14 @@ mod tests {
             generation: 3,
             problems: vec![],
             resyncing: false,
+            in_sync_live: true,
         };
         assert_eq!(Observed::from_health(&healthy), Observed::Serving);
         let out = MirrorHealth {
             generation: 4,
             problems: vec!["replica b is out of sync (missed writes)".into()],
             resyncing: false,
+            in_sync_live: true,
         };
         assert!(
             matches!(Observed::from_health(&out), Observed::Degraded { detail } if detail.contains("generation 4"))

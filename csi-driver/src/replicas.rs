@@ -308,18 +308,14 @@ pub struct MirrorHealth {
     pub problems: Vec<String>,
     /// Some member is copying missed regions back (it will be in sync when done).
     pub resyncing: bool,
+    /// Some member in sync in the record has a live server (else IO on the node waits).
+    pub in_sync_live: bool,
 }
 
 impl MirrorHealth {
     /// ControllerGetVolume's condition message: `None` when every member is in sync.
     pub fn abnormal(&self) -> Option<String> {
-        (!self.problems.is_empty()).then(|| {
-            format!(
-                "degraded at generation {}: {}",
-                self.generation,
-                self.problems.join("; ")
-            )
-        })
+        condition(self.generation, self.in_sync_live, &self.problems)
     }
 }
 
@@ -334,23 +330,47 @@ pub async fn health(
         .map_err(|e| format!("replica membership unreadable on {}: {e}", home.id))?;
     let mut problems = Vec::new();
     let mut resyncing = false;
+    let mut in_sync_live = false;
     for m in &record.members {
         let state = ReplicaState::try_from(m.state).unwrap_or(ReplicaState::Unspecified);
         if state != ReplicaState::InSync {
             problems.push(format!("replica {} is {}", m.replica_id, state_name(state)));
         }
         resyncing |= state == ReplicaState::Resyncing;
-        if let Ok(id) = ServerId::parse(&m.replica_id)
-            && !matches!(servers.lookup(&id), Lookup::Live(_))
-        {
-            problems.push(format!("enbd-server {id} is unreachable"));
+        let live = ServerId::parse(&m.replica_id)
+            .is_ok_and(|id| matches!(servers.lookup(&id), Lookup::Live(_)));
+        if live {
+            in_sync_live |= state == ReplicaState::InSync;
+        } else {
+            problems.push(format!("enbd-server {} is unreachable", m.replica_id));
         }
     }
     Ok(MirrorHealth {
         generation: record.generation,
         problems,
         resyncing,
+        in_sync_live,
     })
+}
+
+/// The condition message for a record at `generation` (None when nothing is wrong): IO on
+/// the node waits when no in-sync member's server is live (the node cannot serve from the
+/// others: they missed writes), else the volume is only degraded.
+fn condition(generation: u64, in_sync_live: bool, problems: &[String]) -> Option<String> {
+    if generation > 0 && !in_sync_live {
+        return Some(format!(
+            "waiting at generation {generation}: no in-sync replica reachable, IO on the node waits: {}",
+            problems.join("; ")
+        ));
+    }
+    if problems.is_empty() {
+        None
+    } else {
+        Some(format!(
+            "degraded at generation {generation}: {}",
+            problems.join("; ")
+        ))
+    }
 }
 
 /// A one-line account of the replicas for ControllerGetVolume's condition: `None` when every
@@ -430,4 +450,30 @@ pub async fn is_member(
     newest(servers, home, name)
         .await
         .is_ok_and(|r| r.members.iter().any(|m| m.replica_id == server.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::condition;
+
+    #[test]
+    fn no_live_in_sync_member_is_waiting_not_degraded() {
+        assert_eq!(condition(0, false, &[]), None, "a single copy");
+        assert_eq!(condition(3, true, &[]), None);
+        let p = vec![
+            "replica b is resyncing".to_owned(),
+            "enbd-server a is unreachable".to_owned(),
+        ];
+        assert_eq!(
+            condition(3, true, &p[..1]).as_deref(),
+            Some("degraded at generation 3: replica b is resyncing")
+        );
+        assert_eq!(
+            condition(3, false, &p).as_deref(),
+            Some(
+                "waiting at generation 3: no in-sync replica reachable, IO on the node waits: \
+                 replica b is resyncing; enbd-server a is unreachable"
+            )
+        );
+    }
 }

@@ -5,16 +5,21 @@
 # (`enbd-node bench-resync`, one replica's server SIGKILLed while it writes, restarted
 # after): bytes copied / bytes written while degraded, and the resync rate next to a raw copy
 # of the same bytes (nbdcopy between two of the enbd-servers, and dd of the data file).
+# And what the mirror's activity log costs: 4k random writes with 1 replica (one Client), and
+# 2 replicas without (`--no-activity-log`) and with it, in the same run, client CPU per write.
 # Not a timed test: numbers move with the machine's load.
 #
 #   e2e/bench/mirror.sh                      # make bench-mirror; 10 s per cell
 #   RUNTIME=5 VOL_MIB=128 SPAN_MIB=32 e2e/bench/mirror.sh
+#   AL_ONLY=1 ROUNDS=3 e2e/bench/mirror.sh   # the activity-log table only, 3 rounds
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 RUNTIME=${RUNTIME:-10}
 VOL_MIB=${VOL_MIB:-256}      # volume size for the throughput table (prefilled: reads hit data)
 SPAN_MIB=${SPAN_MIB:-64}     # volume (and write span) size for the resync measurement
 BASE_PORT=${MIRROR_BENCH_PORT:-12830}
+AL_ONLY=${AL_ONLY:-0}        # 1: only the activity-log cost table
+ROUNDS=${ROUNDS:-1}          # rounds of the activity-log cells (interleaved)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 ENBD_SERVER_BIN=${ENBD_SERVER_BIN:-$TARGET/release/enbd-server}
 ENBD_NODE_BIN=${ENBD_NODE_BIN:-$TARGET/release/enbd-node}
@@ -87,17 +92,54 @@ volume raw "$SPAN_MIB" "$WORK/span" 1
 rm -f "$WORK/fill"
 for i in 0 1 2; do start_server "$i"; done
 
-# cell REPLICAS RW BS CHANNELS DEPTH -> JSON report of `enbd-node bench`
+# cell REPLICAS RW BS CHANNELS DEPTH [BENCH FLAGS] -> JSON report of `enbd-node bench`
 cell() {
-  local n=$1 rw=$2 bs=$3 ch=$4 depth=$5 target=()
+  local n=$1 rw=$2 bs=$3 ch=$4 depth=$5 target=(); shift 5
   if [[ $n == 1 ]]; then
     target=(--server "127.0.0.1:$(nbd_port 0)")
   else
     for i in $(seq 0 $((n - 1))); do target+=(--replica "$(spec "$i")"); done
   fi
   "$ENBD_NODE_BIN" bench "${target[@]}" --export "r$n" --channels "$ch" --depth "$depth" \
-    --rw "$rw" --bs "$bs" --seconds "$RUNTIME" --ramp 1 --json
+    --rw "$rw" --bs "$bs" --seconds "$RUNTIME" --ramp 1 --json "$@"
 }
+
+# The activity log's cost: the same 4k random writes on 1 replica, 2 without the log, 2 with
+# it, interleaved round by round so load drifts hit all three alike.
+ALRES=$WORK/al.tsv
+: >"$ALRES"
+for round in $(seq 1 "$ROUNDS"); do
+  printf '1\t%s\n' "$(cell 1 randwrite 4k 4 16)" >>"$ALRES"
+  printf '2-off\t%s\n' "$(cell 2 randwrite 4k 4 16 --no-activity-log)" >>"$ALRES"
+  printf '2-on\t%s\n' "$(cell 2 randwrite 4k 4 16)" >>"$ALRES"
+  echo "activity-log round $round done" >&2
+done
+python3 - "$ALRES" "$RUNTIME" <<'PY'
+import json, sys
+from collections import defaultdict
+rows = defaultdict(list)
+for line in open(sys.argv[1]):
+    k, js = line.rstrip("\n").split("\t", 1)
+    rows[k].append(json.loads(js))
+def mean(k, f):
+    return sum(r[f] for r in rows[k]) / len(rows[k])
+print()
+print(f"activity log: 4k random writes (4 channels x QD16 per replica), {sys.argv[2]} s per cell, "
+      f"{len(rows['1'])} round(s), means")
+print("| mirror | IOPS | client CPU µs per write | p99 µs |")
+print("|---|---:|---:|---:|")
+names = {"1": "1 replica (one Client)", "2-off": "2 replicas, no activity log",
+         "2-on": "2 replicas, activity log"}
+for k in ("1", "2-off", "2-on"):
+    print(f"| {names[k]} | {mean(k, 'iops'):,.0f} | {mean(k, 'cpu_us_per_op'):.1f} | "
+          f"{mean(k, 'p99_us'):,.0f} |".replace(",", " "))
+one, off, on = (mean(k, "cpu_us_per_op") for k in ("1", "2-off", "2-on"))
+print(f"activity log: {100 * (on - off) / off:+.1f}% client CPU per write; "
+      f"mirroring over sending each write to 2 replicas (2 x one Client's {one:.1f} µs): "
+      f"without the log {100 * (off - 2 * one) / (2 * one):+.1f}%, with it "
+      f"{100 * (on - 2 * one) / (2 * one):+.1f}% (target <= +30%)")
+PY
+[[ $AL_ONLY == 1 ]] && exit 0
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 for n in 1 2 3; do

@@ -469,6 +469,7 @@ mod tests {
             ],
             waiting: None,
             resync_bytes_copied: 0,
+            activity: Default::default(),
         };
         assert_eq!(mirror_problem(&m), None);
         m.state = MirrorState::Degraded;

@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// Mirror only: a replica silent this long is dropped.
     #[arg(long, default_value = "5s")]
     pub replica_timeout: String,
+    /// Mirror only, for measuring its cost: run without the activity log (a node crash
+    /// with writes in flight may then leave the replicas differing). Never for real data.
+    #[arg(long)]
+    pub no_activity_log: bool,
     /// Export (volume) name on the server.
     #[arg(long, env = "ENBD_EXPORT", default_value = "demo")]
     pub export: String,
@@ -162,6 +166,7 @@ async fn open(args: &BenchArgs) -> anyhow::Result<Backing> {
     m.client.channels = cfg.channels;
     m.client.queue_depth = cfg.queue_depth;
     m.client.tls = cfg.tls;
+    m.activity.enabled = !args.no_activity_log;
     let mirror = Mirror::open(m).await.context("opening the mirror")?;
     resync::wait_healthy(&mirror, Duration::from_secs(120)).await?;
     Ok(Backing::Mirror(mirror))

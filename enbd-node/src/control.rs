@@ -105,6 +105,15 @@ pub struct VolumeView {
     /// Mirrored volumes: the generation of the membership record in force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// Mirrored volumes, ENGINE `Waiting`: why IO is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// Mirrored volumes: regions in the activity log, and those of them not yet brought
+    /// together on every replica (after an unclean stop or a write that failed everywhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity_regions: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity_unsynced: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,6 +313,9 @@ impl From<&AttachmentStatus> for VolumeView {
             channels,
             replicas: replica_views(s),
             generation: s.mirror.as_ref().map(|m| m.generation),
+            waiting: s.mirror.as_ref().and_then(|m| m.waiting.clone()),
+            activity_regions: s.mirror.as_ref().map(|m| m.activity.active_regions),
+            activity_unsynced: s.mirror.as_ref().map(|m| m.activity.unsynced_regions),
         }
     }
 }

@@ -364,6 +364,9 @@ fn list_table(volumes: &[VolumeView]) -> String {
             v.brownout,
             channels(v)
         );
+        if let Some(why) = &v.waiting {
+            println!("  waiting: {why}");
+        }
         for r in &v.replicas {
             let _ = writeln!(out, "  replica {}", replica_line(r));
         }

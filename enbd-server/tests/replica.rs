@@ -929,3 +929,87 @@ async fn member_endpoints_are_kept_and_checked() {
     );
     assert_eq!(get(&mut r, "v").await.membership.unwrap().generation, 1);
 }
+
+async fn activity(r: &mut ReplicaServiceClient<Channel>, volume: &str) -> BTreeSet<u64> {
+    let a = r
+        .get_activity(pb::GetActivityRequest {
+            volume: volume.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.region_bytes, RB);
+    assert_eq!(a.region_count, SIZE / RBU);
+    let mut out = BTreeSet::new();
+    for (i, byte) in a.bitmap.iter().enumerate() {
+        for bit in 0..8 {
+            if byte & (1 << bit) != 0 {
+                out.insert(i as u64 * 8 + bit);
+            }
+        }
+    }
+    out
+}
+
+fn update(mark: &[u64], clear: &[u64]) -> pb::UpdateActivityRequest {
+    pb::UpdateActivityRequest {
+        volume: "v".into(),
+        region_bytes: RB,
+        mark: mark.to_vec(),
+        clear: clear.to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_activity_log_is_durable_checked_and_kept_across_changes() {
+    let mut s = common::start(&[]);
+    create(&s, "v", SIZE).await;
+    {
+        let mut r = replicas(&s).await;
+        // No record: no log.
+        let e = r.update_activity(update(&[1], &[])).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        set(&mut r, "v", record(1, &[(ME, InSync), ("b", InSync)]))
+            .await
+            .unwrap();
+        assert!(activity(&mut r, "v").await.is_empty(), "missing = empty");
+        let active = r
+            .update_activity(update(&[3, 4, 5, 90], &[]))
+            .await
+            .unwrap()
+            .into_inner()
+            .active;
+        assert_eq!(active, 4);
+        // Marks first, then clears, in one call.
+        let active = r
+            .update_activity(update(&[7], &[4, 90, 100]))
+            .await
+            .unwrap()
+            .into_inner()
+            .active;
+        assert_eq!(active, 3);
+        // Wrong region size or an index past the end: refused, nothing changes.
+        let mut bad = update(&[8], &[]);
+        bad.region_bytes = RB * 2;
+        let e = r.update_activity(bad).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        let e = r
+            .update_activity(update(&[SIZE / RBU], &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert_eq!(activity(&mut r, "v").await, set_of(&[3, 5, 7]));
+        // Not tied to a generation: a membership change keeps it.
+        set(&mut r, "v", record(2, &[(ME, InSync), ("b", Out)]))
+            .await
+            .unwrap();
+        assert_eq!(activity(&mut r, "v").await, set_of(&[3, 5, 7]));
+    }
+    // Acknowledged marks survive kill -9.
+    let dir = s.crash();
+    s = common::start_in(dir, &[]);
+    let mut r = replicas(&s).await;
+    assert_eq!(activity(&mut r, "v").await, set_of(&[3, 5, 7]));
+    r.update_activity(update(&[], &[3, 5, 7])).await.unwrap();
+    assert!(activity(&mut r, "v").await.is_empty());
+}

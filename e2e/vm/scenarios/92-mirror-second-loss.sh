@@ -2,7 +2,8 @@
 # over vm and vm-b, resync limited to 1 MiB/s. vm SIGKILLed; files and fio writes land on
 # vm-b alone. vm back: its resync starts; before it finishes vm-b is SIGKILLed. Now no replica
 # in sync is reachable: IO waits (a reader of the files written while vm was away, page cache
-# dropped, gets nothing, and a writer gets no further) and the volume is not Healthy; vm's
+# dropped, gets nothing, and a writer gets no further) and the volume says Waiting with the
+# reason (vm-b down, vm resyncing N%); vm's
 # un-synced regions are never read. vm-b back: the held IO completes, the reader's checksums
 # match, the resync completes, 0 writer errors, fio re-verifies, fsck clean, replicas equal.
 . /scenarios/lib/common.sh
@@ -50,7 +51,11 @@ files_writer_done p2 && fail "the writer finished with vm-b down"
 [ -s p1.read ] && fail "the reader got checksums with vm-b down: $(head -n 2 p1.read)"
 engine=$(engine_of svol)
 cat list.now
-[ "$engine" != Healthy ] || fail "the volume is Healthy with its only in-sync replica down"
+[ "$engine" = Waiting ] || fail "the volume says $engine, not Waiting, with its only in-sync replica down"
+grep -q '^  waiting: no in-sync replica reachable: .*vm-b down' list.now \
+  || fail "the Waiting status does not say why (vm-b down): $(cat list.now)"
+grep -q '^  waiting: .*vm resyncing [0-9]*%' list.now \
+  || fail "the Waiting status does not name vm's resync progress: $(cat list.now)"
 is_replica vm in-sync && fail "vm reported in sync before its resync finished"
 log "IO held for $(elapsed "$t_wait") s with vm-b down (engine $engine): no read, no write completed"
 

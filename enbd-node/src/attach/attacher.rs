@@ -233,6 +233,7 @@ mod tests {
                 replicas: vec![replica("a", ReplicaHealth::InSync), replica("b", b)],
                 waiting: None,
                 resync_bytes_copied: 0,
+                activity: Default::default(),
             }),
         }
     }

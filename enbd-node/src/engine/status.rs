@@ -232,4 +232,24 @@ pub struct MirrorStatus {
     pub waiting: Option<String>,
     /// Bytes resync has copied since this mirror was opened.
     pub resync_bytes_copied: u64,
+    /// The activity log (regions that may have writes in flight).
+    pub activity: ActivityStatus,
+}
+
+/// The mirror's activity log: see `engine::mirror::activity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ActivityStatus {
+    /// Regions in the log now (hot, or not yet synced).
+    pub active_regions: u64,
+    /// The log's region size (0 until the record is known).
+    pub region_bytes: u64,
+    /// Regions that may differ between replicas until copied from one in-sync replica.
+    pub unsynced_regions: u64,
+    /// Regions the log held when the mirror opened (a stop without a clean close).
+    pub found_at_open: u64,
+    /// Regions copied to bring replicas together, and the bytes read for that.
+    pub synced_regions: u64,
+    pub synced_bytes: u64,
+    /// `UpdateActivity` batches that marked regions (each cost one sync per server).
+    pub updates: u64,
 }

@@ -128,4 +128,28 @@ impl ReplicaService for Mgmt {
             .await?;
         Ok(Response::new(pb::ClearDirtyRegionsResponse { remaining }))
     }
+
+    async fn update_activity(
+        &self,
+        req: Request<pb::UpdateActivityRequest>,
+    ) -> Result<Response<pb::UpdateActivityResponse>, Status> {
+        let r = req.into_inner();
+        let active = self
+            .run(move |s| s.update_activity(&r.volume, r.region_bytes, &r.mark, &r.clear))
+            .await?;
+        Ok(Response::new(pb::UpdateActivityResponse { active }))
+    }
+
+    async fn get_activity(
+        &self,
+        req: Request<pb::GetActivityRequest>,
+    ) -> Result<Response<pb::GetActivityResponse>, Status> {
+        let r = req.into_inner();
+        let (region_bytes, region_count, bitmap) = self.run(move |s| s.activity(&r.volume)).await?;
+        Ok(Response::new(pb::GetActivityResponse {
+            region_bytes,
+            region_count,
+            bitmap,
+        }))
+    }
 }

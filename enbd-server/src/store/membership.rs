@@ -35,6 +35,14 @@
 //! may land on either side: the caller covers writes the OUT member may have missed with
 //! `extra_dirty`.
 //!
+//! Activity log (`activity.bitmap`, the bitmap format with the record's region size): the
+//! regions the node's mirror may have writes in flight to (`UpdateActivity`). It is only
+//! ever changed by that call, under the state lock: marks are durable before it returns,
+//! clears after. Missing = empty (no mirror has logged activity here); unreadable = every
+//! region set (logged), so a crash never loses an entry. It is not tied to a generation:
+//! entries survive membership changes, and growing the volume grows it first like the
+//! write-intent bitmaps.
+//!
 //! Damage: an unreadable or invalid `membership.json` makes the volume refuse mirror calls and
 //! NBD connections (`Damaged`, naming the file) — serving writes would drop the dirty bits of
 //! members we can no longer name — until an operator repairs or removes the file and restarts
@@ -57,6 +65,7 @@ use super::bitmap::{self, DirtyBitmap};
 use crate::export::WriteIntent;
 
 pub const MEMBERSHIP_FILE: &str = "membership.json";
+pub const ACTIVITY_FILE: &str = "activity.bitmap";
 pub const MAX_MEMBERS: usize = 3;
 pub const MIN_REGION_BYTES: u32 = 4096;
 pub const MAX_REGION_BYTES: u32 = 64 << 20;
@@ -179,6 +188,8 @@ struct State {
     record: Option<Membership>,
     /// Members OUT or RESYNCING (this server excluded).
     bitmaps: BTreeMap<String, Arc<DirtyBitmap>>,
+    /// The activity log, once it exists (see the module doc).
+    activity: Option<DirtyBitmap>,
 }
 
 /// One volume's mirror metadata. `state`'s lock serializes every change on the volume and
@@ -366,6 +377,16 @@ impl Mirror {
                 }
                 keep.insert(path.file_name().map(|f| f.to_owned()));
                 state.bitmaps.insert(m.replica_id.clone(), Arc::new(b));
+            }
+            let path = dir.join(ACTIVITY_FILE);
+            if path.exists() {
+                let (b, problem) = DirtyBitmap::load(&path, rec.region_bytes, regions)
+                    .map_err(|e| (path.clone(), e.to_string()))?;
+                if let Some(p) = problem {
+                    tracing::warn!(volume = name, path = %path.display(), problem = %p,
+                        "activity log cannot be trusted: every region marked active");
+                }
+                state.activity = Some(b);
             }
         }
         // Strays: bitmaps of an uncommitted change or not yet removed after one, temp files.
@@ -671,6 +692,12 @@ impl Mirror {
                 rec.region_bytes
             )));
         }
+        if let Some(a) = &st.activity {
+            let g = a
+                .grown(regions)
+                .map_err(io_err(format!("growing {}", a.path().display())))?;
+            st.activity = Some(g);
+        }
         if !st.bitmaps.is_empty() {
             // Paused: no mark may land on the old in-memory bitmaps while they are copied.
             let _paused = pause()?;
@@ -685,6 +712,103 @@ impl Mirror {
             self.intent.install(out_bitmaps(&st));
         }
         grow_data()
+    }
+
+    /// Applies an UpdateActivity call: `mark` durably, then `clear`; returns how many
+    /// regions stay active. Indexes are in `region_bytes` regions, which must be the record's.
+    pub fn update_activity(
+        &self,
+        region_bytes: u32,
+        mark: &[u64],
+        clear: &[u64],
+    ) -> Result<u64, ReplicaError> {
+        let mut st = self.live()?;
+        let size = self.size()?;
+        let rec = st
+            .record
+            .clone()
+            .ok_or_else(|| ReplicaError::Precondition {
+                volume: self.name.clone(),
+                reason: "no membership record (single copy): no activity log".into(),
+            })?;
+        if region_bytes != rec.region_bytes {
+            return Err(ReplicaError::Precondition {
+                volume: self.name.clone(),
+                reason: format!(
+                    "activity in {region_bytes}-byte regions; the record's are {}",
+                    rec.region_bytes
+                ),
+            });
+        }
+        let regions = bitmap::region_count(size, rec.region_bytes);
+        if let Some(bad) = mark.iter().chain(clear).find(|&&r| r >= regions) {
+            return Err(ReplicaError::Invalid(format!(
+                "region {bad} is past the last region ({regions} regions)"
+            )));
+        }
+        if st.activity.is_none() {
+            if mark.is_empty() {
+                return Ok(0);
+            }
+            let path = self.dir.join(ACTIVITY_FILE);
+            let b = DirtyBitmap::create(&path, rec.region_bytes, regions, false)
+                .map_err(io_err(format!("creating {}", path.display())))?;
+            fsync_dir(&self.dir).map_err(io_err("syncing the volume directory"))?;
+            st.activity = Some(b);
+        }
+        let Some(a) = st.activity.as_ref() else {
+            return Ok(0);
+        };
+        let rb = u64::from(rec.region_bytes);
+        // Runs of adjacent regions share one call (one sync for the whole list).
+        let mut sorted = mark.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut i = 0;
+        while i < sorted.len() {
+            let mut j = i + 1;
+            while j < sorted.len() && sorted[j] == sorted[j - 1] + 1 {
+                j += 1;
+            }
+            let (first, n) = (sorted[i], (j - i) as u64);
+            a.mark(
+                first * rb,
+                (n * rb).min(size.saturating_sub(first * rb)).max(1),
+            )
+            .map_err(io_err(format!("marking {}", a.path().display())))?;
+            i = j;
+        }
+        if clear.is_empty() {
+            return Ok(a.count());
+        }
+        a.clear(clear)
+            .map_err(io_err(format!("clearing {}", a.path().display())))
+    }
+
+    /// `(region_bytes, region_count, bitmap)` of the activity log; all clear if none.
+    pub fn activity(&self) -> Result<(u32, u64, Vec<u8>), ReplicaError> {
+        let st = self.live()?;
+        let size = self.size()?;
+        let rec = st
+            .record
+            .clone()
+            .ok_or_else(|| ReplicaError::Precondition {
+                volume: self.name.clone(),
+                reason: "no membership record (single copy): no activity log".into(),
+            })?;
+        let regions = bitmap::region_count(size, rec.region_bytes);
+        let mut bytes = st
+            .activity
+            .as_ref()
+            .map(|a| a.to_bytes())
+            .unwrap_or_default();
+        bytes.resize(regions.div_ceil(8) as usize, 0);
+        Ok((rec.region_bytes, regions, bytes))
+    }
+
+    /// Regions in the activity log (for the metrics gauge).
+    pub fn active_total(&self) -> u64 {
+        lock(&self.state).activity.as_ref().map_or(0, |a| a.count())
     }
 
     /// Dirty regions summed over members (for the metrics gauge).

@@ -1134,6 +1134,24 @@ impl VolumeStore {
         Ok(self.mirror(&parse_name(name)?)?.clear(replica, regions)?)
     }
 
+    /// Applies an UpdateActivity call; returns how many regions stay active.
+    pub fn update_activity(
+        &self,
+        name: &str,
+        region_bytes: u32,
+        mark: &[u64],
+        clear: &[u64],
+    ) -> Result<u64, StoreError> {
+        Ok(self
+            .mirror(&parse_name(name)?)?
+            .update_activity(region_bytes, mark, clear)?)
+    }
+
+    /// `(region_bytes, region_count, bitmap)` of the volume's activity log.
+    pub fn activity(&self, name: &str) -> Result<(u32, u64, Vec<u8>), StoreError> {
+        Ok(self.mirror(&parse_name(name)?)?.activity()?)
+    }
+
     /// Dirty regions over every volume and member (the metrics gauge).
     pub fn dirty_regions_total(&self) -> u64 {
         self.inner.mirrors.dirty_total()

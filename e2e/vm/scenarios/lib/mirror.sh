@@ -1,5 +1,5 @@
 # Helpers for the mirrored-volume scenarios (busybox sh), sourced after common.sh: a second
-# enbd-server (replica vm-b), mirrored attach, replica status from `enbd-node list`, and the
+# and a third enbd-server (replicas vm-b, vm-c), mirrored attach, replica status from `enbd-node list`, and the
 # byte comparison of both replicas' data files.
 
 # Mirror status from `enbd-node list` (read from a file: `grep -q` closing the pipe early
@@ -32,6 +32,42 @@ kill_b() {
   kill -9 "$B_PID"; wait "$B_PID" 2>/dev/null || true; B_PID=""
   wait_until 10 port_closed 10819
   log "enbd-server vm-b killed with SIGKILL"
+}
+
+# Third enbd-server (replica vm-c) on 127.0.0.1:10829, data in C_DATA (3-replica scenarios).
+C_DATA=/tmp/srv-c
+C_PID=""
+start_c() {
+  mkdir -p "$C_DATA"
+  enbd-server --data-dir "$C_DATA" --listen 127.0.0.1:10829 --mgmt-listen 127.0.0.1:10830 \
+    --metrics-listen 127.0.0.1:9830 --server-id vm-c --shutdown-grace-secs 1 \
+    >> server-c.log 2>&1 &
+  C_PID=$!
+  wait_until 30 port_listening 10829
+  log "enbd-server vm-c up (pid $C_PID)"
+}
+kill_c() {
+  kill -9 "$C_PID"; wait "$C_PID" 2>/dev/null || true; C_PID=""
+  wait_until 10 port_closed 10829
+  log "enbd-server vm-c killed with SIGKILL"
+}
+# mirror_volume3 NAME SIZE_MIB : the volume on all three servers' data directories.
+mirror_volume3() {
+  mirror_volume "$1" "$2"
+  a_=$SRV_DATA; SRV_DATA=$C_DATA; new_volume "$1" "$2"; SRV_DATA=$a_
+}
+# attach_mirror3 NAME [flags] : as attach_mirror, over vm, vm-b and vm-c.
+attach_mirror3() {
+  vol_=$1; shift
+  wait_until 30 port_listening 10830
+  attach_mirror "$vol_" --replica vm-c@127.0.0.1:10829@http://127.0.0.1:10830 "$@"
+}
+# replicas_equal3 NAME : as replicas_equal, with vm-c's copy too.
+replicas_equal3() {
+  replicas_equal "$1"
+  c_=$(sha256sum "$C_DATA/volumes/$1/data" | cut -d' ' -f1)
+  log "replica data sha256: vm-c=$c_"
+  [ "$a_" = "$c_" ] || fail "the replicas of $1 differ (vm-c)"
 }
 
 # mirror_volume NAME SIZE_MIB : the volume on both servers' data directories.
@@ -70,8 +106,9 @@ mirror_cleanup() {
   rc=$?
   set +e   # teardown is best effort (see cleanup); its statuses must not replace rc
   [ -n "$B_PID" ] && { kill -9 "$B_PID" 2>/dev/null; wait "$B_PID" 2>/dev/null; }
+  [ -n "$C_PID" ] && { kill -9 "$C_PID" 2>/dev/null; wait "$C_PID" 2>/dev/null; }
   [ $rc -ne 0 ] && { echo "---- server-b.log (tail)"; tail -n 20 server-b.log 2>/dev/null; enbd-node list 2>/dev/null; }
-  rm -rf "$B_DATA"
+  rm -rf "$B_DATA" "$C_DATA"
   (exit $rc)
   cleanup
 }

@@ -11,8 +11,9 @@ use bytes::Bytes;
 use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
 use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
 use enbd_proto::enbd::{
-    ByteRange, ClearDirtyRegionsRequest, DirtyRanges, GetDirtyRegionsRequest, GetMembershipRequest,
-    GetVolumeRequest, Membership, ReplicaMember, ReplicaState, SetMembershipRequest,
+    ByteRange, ClearDirtyRegionsRequest, DirtyRanges, GetActivityRequest, GetDirtyRegionsRequest,
+    GetMembershipRequest, GetVolumeRequest, Membership, ReplicaMember, ReplicaState,
+    SetMembershipRequest, UpdateActivityRequest,
 };
 use futures::future::BoxFuture;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -57,6 +58,16 @@ pub trait ReplicaControl: Send + Sync {
         regions: Vec<u64>,
     ) -> BoxFuture<'a, Result<u64, ControlError>>;
     fn volume(&self) -> BoxFuture<'_, Result<VolumeFacts, ControlError>>;
+    /// Sets `mark` (durably) then clears `clear` in the activity log (indexes in
+    /// `region_bytes` regions); returns how many regions stay set.
+    fn update_activity(
+        &self,
+        region_bytes: u32,
+        mark: Vec<u64>,
+        clear: Vec<u64>,
+    ) -> BoxFuture<'_, Result<u64, ControlError>>;
+    /// The activity log: its region size and the regions set.
+    fn activity(&self) -> BoxFuture<'_, Result<(u32, Vec<u64>), ControlError>>;
 }
 
 /// One replica's data path.
@@ -375,6 +386,46 @@ impl ReplicaControl for GrpcControl {
                 size: v.size_bytes,
                 fresh: v.source.is_none() && v.allocated_bytes == 0,
             })
+        })
+    }
+
+    fn update_activity(
+        &self,
+        region_bytes: u32,
+        mark: Vec<u64>,
+        clear: Vec<u64>,
+    ) -> BoxFuture<'_, Result<u64, ControlError>> {
+        Box::pin(async move {
+            let resp = self
+                .replicas
+                .clone()
+                .update_activity(UpdateActivityRequest {
+                    volume: self.volume.clone(),
+                    region_bytes,
+                    mark,
+                    clear,
+                })
+                .await
+                .map_err(status_err)?;
+            Ok(resp.into_inner().active)
+        })
+    }
+
+    fn activity(&self) -> BoxFuture<'_, Result<(u32, Vec<u64>), ControlError>> {
+        Box::pin(async move {
+            let resp = self
+                .replicas
+                .clone()
+                .get_activity(GetActivityRequest {
+                    volume: self.volume.clone(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            Ok((
+                resp.region_bytes,
+                bitmap_regions(&resp.bitmap, resp.region_count),
+            ))
         })
     }
 }

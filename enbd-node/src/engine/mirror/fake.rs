@@ -21,6 +21,7 @@ pub struct State {
     pub data: Vec<u8>,
     pub record: Record,
     pub bitmaps: HashMap<String, BTreeSet<u64>>,
+    pub activity: BTreeSet<u64>,
     pub up: bool,
     pub written: bool,
     /// Reads fail (as a dead server's would) once this many were served.
@@ -45,6 +46,7 @@ impl FakeServer {
                 data: vec![0; size],
                 record: Record::none(),
                 bitmaps: HashMap::new(),
+                activity: BTreeSet::new(),
                 up: true,
                 written: false,
                 fail_reads_after: None,
@@ -100,6 +102,38 @@ impl FakeServer {
 }
 
 impl ReplicaControl for FakeServer {
+    fn update_activity(
+        &self,
+        _region_bytes: u32,
+        mark: Vec<u64>,
+        clear: Vec<u64>,
+    ) -> BoxFuture<'_, Result<u64, ControlError>> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            if !st.up {
+                return Err(ControlError("unreachable".into()));
+            }
+            st.activity.extend(mark);
+            for r in clear {
+                st.activity.remove(&r);
+            }
+            Ok(st.activity.len() as u64)
+        })
+    }
+
+    fn activity(&self) -> BoxFuture<'_, Result<(u32, Vec<u64>), ControlError>> {
+        Box::pin(async move {
+            let st = self.lock();
+            if !st.up {
+                return Err(ControlError("unreachable".into()));
+            }
+            Ok((
+                st.record.region_bytes,
+                st.activity.iter().copied().collect(),
+            ))
+        })
+    }
+
     fn get_membership(&self) -> BoxFuture<'_, Result<Record, ControlError>> {
         Box::pin(async move {
             let st = self.lock();

@@ -19,13 +19,15 @@
 //!   fanned out entirely under one record, so a server's bitmap never misses a write that
 //!   a member did not receive.
 //!
-//! Known gaps: a write that fails on every in-sync replica (EIO under `FailAfter`) may have
-//! landed on some of them, and a node crash with writes in flight may leave in-sync
-//! replicas differing in those writes' ranges (DRBD's activity log closes this; there is
-//! none yet) — in both cases nothing was acknowledged, but reads of that range may differ
-//! by replica until it is rewritten. The size grows online only ([`grow`]); the replica set
+//! - a region is in the activity log ([`activity`]) on every replica receiving writes
+//!   before a mutation of it is sent; regions where replicas may differ (the log found at
+//!   an open after an unclean stop, a mutation that failed everywhere) are read from one
+//!   replica only until copied from it to the others.
+//!
+//! The size grows online only ([`grow`]); the replica set
 //! changes only by an operator's replacement ([`replace`]), which keeps each member's slot.
 
+pub mod activity;
 pub mod backend;
 pub mod grow;
 pub mod membership;
@@ -52,6 +54,7 @@ use tokio::sync::{RwLock, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::activity::{ActivityConfig, ActivityLog, Batch};
 use self::backend::{
     ClientConnector, ControlError, DataConnector, ExtraDirty, GrpcControl, ReplicaControl,
     ReplicaData,
@@ -99,6 +102,8 @@ pub struct MirrorConfig {
     pub probe_interval: Duration,
     /// Client TLS for `https://` management addresses (CA + the node's certificate).
     pub mgmt_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The activity log's capacity and idle time.
+    pub activity: ActivityConfig,
 }
 
 impl MirrorConfig {
@@ -115,6 +120,7 @@ impl MirrorConfig {
             resync_batch: 16,
             probe_interval: Duration::from_secs(1),
             mgmt_tls: None,
+            activity: ActivityConfig::default(),
         }
     }
 
@@ -135,9 +141,10 @@ impl MirrorConfig {
                 self.region_bytes
             )));
         }
-        if self.replica_timeout.is_zero() || self.resync_batch == 0 {
+        if self.replica_timeout.is_zero() || self.resync_batch == 0 || self.activity.capacity == 0 {
             return Err(MirrorError::Config(
-                "replica_timeout and resync_batch must be positive".into(),
+                "replica_timeout, resync_batch and the activity log's capacity must be positive"
+                    .into(),
             ));
         }
         self.client
@@ -261,6 +268,9 @@ pub(crate) struct Inner {
     seq: AtomicU64,
     rr: AtomicUsize,
     pub resync_copied: AtomicU64,
+    pub(crate) al: ActivityLog,
+    /// Requests held because no in-sync replica could take them (the `Waiting` state).
+    held: AtomicUsize,
     cancel: CancellationToken,
     tasks: TaskTracker,
     stopped: AtomicBool,
@@ -382,6 +392,7 @@ impl Mirror {
             why: "no replica's data path could be connected".into(),
         })?;
         let region_bytes = cfg.region_bytes;
+        let activity_cfg = cfg.activity;
         let resync_limit = AtomicU64::new(cfg.resync_bytes_per_sec.unwrap_or(0));
         let (changed, _) = watch::channel(0);
         let inner = Arc::new(Inner {
@@ -404,6 +415,8 @@ impl Mirror {
             seq: AtomicU64::new(0),
             rr: AtomicUsize::new(0),
             resync_copied: AtomicU64::new(0),
+            al: ActivityLog::new(activity_cfg),
+            held: AtomicUsize::new(0),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             stopped: AtomicBool::new(false),
@@ -434,7 +447,21 @@ impl Mirror {
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
         self.inner.check_range(offset, u64::from(len))?;
-        self.inner.read(offset, len, self.inner.deadline()).await
+        let deadline = self.inner.deadline();
+        if self.inner.al.any_unsynced(offset, u64::from(len)) {
+            // Bring the replicas together first; if that cannot be done now, the read is
+            // served by the source alone (`read_candidates`).
+            self.inner.wait_unblocked(deadline).await?;
+            let regions = self
+                .inner
+                .al
+                .unsynced(Some(self.inner.al.span(offset, u64::from(len))));
+            if let Err(why) = self.inner.al_sync(&regions).await {
+                tracing::warn!(volume = %self.inner.cfg.volume, %why,
+                    "activity-log regions not synced before a read: read from the source only");
+            }
+        }
+        self.inner.read(offset, len, deadline).await
     }
 
     /// Writes `data` at `offset` on every replica that receives writes; with `fua` it is
@@ -489,7 +516,12 @@ impl Mirror {
         inner
             .top_generation
             .fetch_max(rec.generation, Ordering::AcqRel);
-        inner.set_view(rec.clone(), None);
+        // A mirror that never served (it waited from its open) has not read the activity
+        // log yet: the promoted replica's comes first, or IO keeps waiting until it can.
+        match inner.al_load(&rec).await {
+            Ok(()) => inner.set_view(rec.clone(), None),
+            Err(why) => inner.set_view(rec.clone(), Some(why)),
+        }
         Ok(rec)
     }
 
@@ -497,6 +529,11 @@ impl Mirror {
     /// submitting and wait for their IO first.
     pub async fn shutdown(&self) {
         let inner = &self.inner;
+        // A clean close empties the activity log of every region with nothing in flight
+        // and nothing unsynced, so the next open copies nothing.
+        if inner.al.is_loaded() && lock(&inner.view).blocked.is_none() {
+            inner.al_evict(Duration::ZERO).await;
+        }
         inner.stopped.store(true, Ordering::Release);
         inner.cancel.cancel();
         inner.tasks.close();
@@ -754,8 +791,15 @@ impl Inner {
         }
     }
 
-    /// In-sync replicas with a data path, least-loaded first (ties broken round-robin).
-    fn read_candidates(&self) -> Vec<(usize, Arc<dyn ReplicaData>)> {
+    /// In-sync replicas with a data path, least-loaded first (ties broken round-robin); only
+    /// the activity log's source while the range has unsynced regions.
+    fn read_candidates(&self, offset: u64, len: u64) -> Vec<(usize, Arc<dyn ReplicaData>)> {
+        if self.al.any_unsynced(offset, len) {
+            return self
+                .al_source()
+                .and_then(|i| self.replica(i).data().map(|d| vec![(i, d)]))
+                .unwrap_or_default();
+        }
         let rec = self.record();
         let n = self.slots.len();
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
@@ -776,10 +820,11 @@ impl Inner {
         len: u32,
         deadline: Option<Instant>,
     ) -> Result<Bytes, IoError> {
+        let mut held = Held::new(&self.held);
         loop {
             self.wait_unblocked(deadline).await?;
             let mut failed = Vec::new();
-            for (i, d) in self.read_candidates() {
+            for (i, d) in self.read_candidates(offset, u64::from(len)) {
                 let r = self.replica(i);
                 r.reads_in_flight.fetch_add(1, Ordering::Relaxed);
                 let res = d.read(offset, len).await;
@@ -804,6 +849,7 @@ impl Inner {
                     }
                 }
             }
+            held.set();
             self.pause(deadline).await?;
         }
     }
@@ -817,8 +863,41 @@ impl Inner {
         let _regions = self.regions.write_range(offset, len).await;
         // One key for every attempt: a replica that takes a retry clears what it missed.
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        // In the activity log from the first attempt until this returns (or is dropped).
+        let mut hold = AlHold {
+            al: &self.al,
+            regions: None,
+            clean: false,
+        };
+        let mut held = Held::new(&self.held);
         loop {
             self.wait_unblocked(deadline).await?;
+            if hold.regions.is_none() && self.cfg.activity.enabled && !matches!(m, Mutation::Flush)
+            {
+                let regions = self.al.span(offset, len);
+                // Counted in flight before marking: no eviction can undo our marks.
+                self.al.enter(regions.clone());
+                hold.regions = Some(regions);
+            }
+            if let Some(regions) = hold.regions.clone()
+                && !self.al.durable(regions.clone())
+            {
+                let marked = {
+                    let _shared = self.membership.read().await;
+                    self.al_mark(regions).await
+                };
+                if let Err(failed) = marked {
+                    // A replica that cannot log activity cannot take writes safely: drop it
+                    // (nothing of this write was sent yet); the last in-sync one waits.
+                    if let Err(why) = self.drop_replicas(failed).await {
+                        tracing::warn!(volume = %self.cfg.volume, %why,
+                            "activity log not durable on every replica: retrying");
+                        held.set();
+                        self.pause(deadline).await?;
+                    }
+                    continue;
+                }
+            }
             let (legs, in_sync_ok, faulted, indexes) = {
                 let _shared = self.membership.read().await;
                 let rec = self.record();
@@ -862,6 +941,7 @@ impl Inner {
                 for &i in &indexes {
                     lock(&self.replica(i).pending).remove(&seq);
                 }
+                hold.clean = true;
                 return Err(e);
             }
             // Refused by some replicas but applied by others: those that refused now differ,
@@ -869,18 +949,23 @@ impl Inner {
             let mut faulted = faulted;
             faulted.extend(refused);
             if faulted.is_empty() {
+                hold.clean = true;
                 return Ok(());
             }
             if in_sync_ok > 0 {
                 // Durable OUT records for the failed replicas before the acknowledgement.
                 match self.drop_replicas(faulted).await {
-                    Ok(()) => return Ok(()),
+                    Ok(()) => {
+                        hold.clean = true;
+                        return Ok(());
+                    }
                     Err(why) => {
                         tracing::warn!(volume = %self.cfg.volume, %why, "could not record a drop: retrying the write");
                     }
                 }
             }
             // No in-sync replica took it: nobody is dropped; the volume's policy decides.
+            held.set();
             self.pause(deadline).await?;
         }
     }
@@ -946,6 +1031,12 @@ impl Inner {
         let mut regions: BTreeSet<u64> = lock(&r.unflushed).clone();
         for &(o, l) in lock(&r.pending).values() {
             regions.extend(self.regions.span(o, l));
+        }
+        // Regions where replicas may differ: whichever version the survivors keep, this
+        // one must be brought to it.
+        let arb = self.al.region_bytes();
+        for u in self.al.unsynced(None) {
+            regions.extend(self.regions.span(u * arb, arb));
         }
         let rb = u64::from(self.cfg.region_bytes);
         let size = self.size();
@@ -1151,6 +1242,10 @@ impl Inner {
                     ));
                 }
                 tracing::info!(volume = %self.cfg.volume, replicas = ?ids, "first membership record written: all in sync");
+                if !self.al.is_loaded() {
+                    // A first record: nothing was ever written through a mirror.
+                    self.al.load(record.region_bytes, &BTreeSet::new());
+                }
                 self.set_view(record, None);
                 self.drop_disconnected().await
             }
@@ -1185,6 +1280,10 @@ impl Inner {
                         rw
                     }
                 };
+                if let Err(why) = self.al_load(&record).await {
+                    self.set_view(record, Some(why));
+                    return Ok(());
+                }
                 self.set_view(record, None);
                 self.drop_disconnected().await
             }
@@ -1251,6 +1350,37 @@ impl Inner {
                 }
             })
             .collect();
+        // IO is held, or would be: no in-sync replica can take it.
+        let no_in_sync = !replicas.iter().any(|r| r.health == ReplicaHealth::InSync);
+        let held = self.held.load(Ordering::Relaxed) > 0;
+        let blocked = blocked.or_else(|| {
+            (no_in_sync || held).then(|| {
+                let parts: Vec<String> = replicas
+                    .iter()
+                    .map(|r| match &r.health {
+                        ReplicaHealth::InSync => format!(
+                            "{} in sync but failing IO ({})",
+                            r.id,
+                            r.last_error.as_deref().unwrap_or("no answer")
+                        ),
+                        ReplicaHealth::Down => format!("{} down", r.id),
+                        ReplicaHealth::Out => format!("{} out", r.id),
+                        ReplicaHealth::Resyncing {
+                            to_copy, copied, ..
+                        } => format!(
+                            "{} resyncing {}%",
+                            r.id,
+                            if *to_copy == 0 {
+                                0
+                            } else {
+                                copied.saturating_mul(100) / to_copy
+                            }
+                        ),
+                    })
+                    .collect();
+                format!("no in-sync replica reachable: {}", parts.join("; "))
+            })
+        });
         let state = if self.stopped.load(Ordering::Acquire) {
             MirrorState::Stopped
         } else if blocked.is_some() {
@@ -1266,6 +1396,7 @@ impl Inner {
             replicas,
             waiting: blocked,
             resync_bytes_copied: self.resync_copied.load(Ordering::Relaxed),
+            activity: self.al.status(),
         }
     }
 }
@@ -1287,6 +1418,14 @@ async fn supervise(inner: Arc<Inner>) {
             }
             continue;
         }
+        // Regions where replicas may differ first: reads of them are not balanced until then.
+        let unsynced = inner.al.unsynced(None);
+        if !unsynced.is_empty()
+            && let Err(why) = inner.al_sync(&unsynced).await
+        {
+            tracing::warn!(volume = %inner.cfg.volume, %why, "activity-log sync stopped early");
+        }
+        inner.al_evict(inner.cfg.activity.idle).await;
         // One member at a time: each pass copies from the in-sync ones.
         let candidates: Vec<usize> = (0..inner.slots.len())
             .filter(|&i| {
@@ -1362,4 +1501,333 @@ async fn reconnect_data(inner: &Inner) {
             Err(_) => r.set_error("data connection timed out"),
         }
     }
+}
+
+/// A mutation's regions in the activity log, released (clean or not) when it ends or is
+/// dropped: an abandoned mutation may have reached some replicas only.
+struct AlHold<'a> {
+    al: &'a ActivityLog,
+    regions: Option<std::ops::Range<u64>>,
+    clean: bool,
+}
+
+impl Drop for AlHold<'_> {
+    fn drop(&mut self) {
+        if let Some(r) = self.regions.take() {
+            self.al.leave(r, self.clean);
+        }
+    }
+}
+
+/// Counts a request in `Inner::held` from its first pause to its end.
+struct Held<'a> {
+    count: &'a AtomicUsize,
+    set: bool,
+}
+
+impl<'a> Held<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        Self { count, set: false }
+    }
+
+    fn set(&mut self) {
+        if !self.set {
+            self.set = true;
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if self.set {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Inner {
+    /// Replicas receiving writes (in sync or resyncing) under the record in force.
+    fn writers(&self) -> Vec<usize> {
+        let rec = self.record();
+        (0..self.slots.len())
+            .filter(|&i| {
+                matches!(
+                    rec.state_of(&self.replica(i).cfg.id),
+                    Some(MemberState::InSync | MemberState::Resyncing)
+                )
+            })
+            .collect()
+    }
+
+    /// The replica unsynced activity-log regions are read from and copied from: the in-sync
+    /// replica with a data path that reported the highest generation, then the lowest id.
+    pub(crate) fn al_source(&self) -> Option<usize> {
+        let rec = self.record();
+        (0..self.slots.len())
+            .filter(|&i| {
+                let r = self.replica(i);
+                rec.state_of(&r.cfg.id) == Some(MemberState::InSync) && r.data().is_some()
+            })
+            .max_by(|&a, &b| {
+                let (ra, rb) = (self.replica(a), self.replica(b));
+                ra.reported_generation
+                    .load(Ordering::Acquire)
+                    .cmp(&rb.reported_generation.load(Ordering::Acquire))
+                    .then_with(|| rb.cfg.id.cmp(&ra.cfg.id))
+            })
+    }
+
+    /// Sends one activity-log batch to `targets`; returns those that did not take it.
+    async fn al_send(&self, batch: &Batch, targets: &[usize]) -> Vec<usize> {
+        self.al_send_in(self.al.region_bytes() as u32, batch, targets)
+            .await
+    }
+
+    /// [`Self::al_send`] in `rb`-byte regions (before the log is loaded).
+    async fn al_send_in(&self, rb: u32, batch: &Batch, targets: &[usize]) -> Vec<usize> {
+        let results = join_all(targets.iter().map(|&i| {
+            let r = self.replica(i);
+            let (mark, clear) = (batch.mark.clone(), batch.clear.clone());
+            async move {
+                match tokio::time::timeout(
+                    self.cfg.replica_timeout,
+                    r.control.update_activity(rb, mark, clear),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e.0),
+                    Err(_) => Err("UpdateActivity timed out".into()),
+                }
+            }
+        }))
+        .await;
+        let mut failed = Vec::new();
+        for (&i, res) in targets.iter().zip(results) {
+            if let Err(e) = res {
+                let r = self.replica(i);
+                tracing::warn!(volume = %self.cfg.volume, replica = %r.cfg.id, error = %e,
+                    "replica did not take an activity-log update");
+                r.set_error(format!("UpdateActivity: {e}"));
+                failed.push(i);
+            }
+        }
+        failed
+    }
+
+    /// Makes `regions` (entered) durable in the activity log of every replica receiving
+    /// writes, batched with every other writer waiting. With the membership lock shared.
+    /// `Err` names the replicas that did not take the batch.
+    async fn al_mark(&self, regions: std::ops::Range<u64>) -> Result<(), Vec<usize>> {
+        let _m = self.al.marker.lock().await;
+        if self.al.durable(regions) {
+            return Ok(());
+        }
+        let batch = self.al.take_batch();
+        let failed = self.al_send(&batch, &self.writers()).await;
+        if failed.is_empty() {
+            self.al.batch_done(&batch);
+            Ok(())
+        } else {
+            self.al.batch_failed(&batch);
+            Err(failed)
+        }
+    }
+
+    /// Clears the regions idle for `idle` from the activity log on every replica receiving
+    /// writes (a replica that misses the clear keeps them: at worst copied once for nothing).
+    pub(crate) async fn al_evict(&self, idle: Duration) {
+        let _shared = self.membership.read().await;
+        let _m = self.al.marker.lock().await;
+        let clear = self.al.take_idle(idle);
+        if clear.is_empty() {
+            return;
+        }
+        let batch = Batch {
+            mark: Vec::new(),
+            clear,
+        };
+        let failed = self.al_send(&batch, &self.writers()).await;
+        if !failed.is_empty() {
+            self.al.batch_failed(&batch);
+        }
+    }
+
+    /// Makes a replica about to receive writes hold every region that is durably in the
+    /// log. With the membership lock held exclusively (no mark can run meanwhile).
+    pub(crate) async fn al_join(&self, i: usize) -> Result<(), String> {
+        let regions = self.al.durable_regions();
+        if regions.is_empty() || !self.al.is_loaded() {
+            return Ok(());
+        }
+        let batch = Batch {
+            mark: regions,
+            clear: Vec::new(),
+        };
+        if self.al_send(&batch, &[i]).await.is_empty() {
+            Ok(())
+        } else {
+            Err("the activity log could not be written to the target".into())
+        }
+    }
+
+    /// At the first open that serves: reads the activity log of every replica receiving
+    /// writes under `record`; what they hold (a stop without a clean close) is made
+    /// durable on all of them and becomes unsynced. With the membership lock held
+    /// exclusively. `Err` (IO waits, retried) if an in-sync member cannot be asked.
+    async fn al_load(&self, record: &Record) -> Result<(), String> {
+        if self.al.is_loaded() {
+            return Ok(());
+        }
+        if !self.cfg.activity.enabled {
+            self.al.load(record.region_bytes, &BTreeSet::new());
+            return Ok(());
+        }
+        let targets: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| {
+                matches!(
+                    record.state_of(&self.replica(i).cfg.id),
+                    Some(MemberState::InSync | MemberState::Resyncing)
+                )
+            })
+            .collect();
+        let rb = u64::from(record.region_bytes);
+        let answers =
+            join_all(
+                targets.iter().map(|&i| {
+                    let r = self.replica(i);
+                    async move {
+                        tokio::time::timeout(self.cfg.replica_timeout, r.control.activity()).await
+                    }
+                }),
+            )
+            .await;
+        let mut found = BTreeSet::new();
+        for (&i, a) in targets.iter().zip(answers) {
+            let r = self.replica(i);
+            let in_sync = record.state_of(&r.cfg.id) == Some(MemberState::InSync);
+            match a {
+                Ok(Ok((srb, regions))) => {
+                    let srb = u64::from(srb);
+                    for reg in regions {
+                        // Another granularity (not written by this code): cover its bytes.
+                        found.extend(span_of(reg * srb, srb, rb));
+                    }
+                }
+                Ok(Err(e)) if in_sync => {
+                    return Err(format!("reading the activity log of {}: {e}", r.cfg.id));
+                }
+                Err(_) if in_sync => {
+                    return Err(format!(
+                        "reading the activity log of {}: timed out",
+                        r.cfg.id
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let regions = bitmap_limit(found, self.size(), rb);
+        if !regions.is_empty() {
+            let batch = Batch {
+                mark: regions.iter().copied().collect(),
+                clear: Vec::new(),
+            };
+            let failed = self.al_send_in(record.region_bytes, &batch, &targets).await;
+            if failed
+                .iter()
+                .any(|&i| record.state_of(&self.replica(i).cfg.id) == Some(MemberState::InSync))
+            {
+                return Err(
+                    "writing the activity log found at open back failed on an in-sync replica"
+                        .into(),
+                );
+            }
+            tracing::warn!(volume = %self.cfg.volume, regions = regions.len(),
+                "stopped without a clean close: the activity log's regions are copied from one in-sync replica to the others before reads of them are balanced");
+        }
+        self.al.load(record.region_bytes, &regions);
+        Ok(())
+    }
+
+    /// Copies each of `regions` that is still unsynced from the source to every other
+    /// replica receiving writes, holding the region against application writes. Replicas
+    /// that fail are dropped (the region dirty for them); `Err` if no source is left.
+    pub(crate) async fn al_sync(&self, regions: &[u64]) -> Result<(), String> {
+        let rb = self.al.region_bytes();
+        let size = self.size();
+        for &reg in regions {
+            let offset = reg * rb;
+            let len = rb.min(size.saturating_sub(offset));
+            if len == 0 {
+                self.al.synced(reg, 0);
+                continue;
+            }
+            let _g = self.regions.copy_range(offset, len).await;
+            while self.al.is_unsynced(reg) {
+                if self.stopped.load(Ordering::Acquire) {
+                    return Err("mirror stopped".into());
+                }
+                let src = self
+                    .al_source()
+                    .ok_or("no in-sync replica with a data path to copy from")?;
+                let others: Vec<usize> = self.writers().into_iter().filter(|&i| i != src).collect();
+                if others.is_empty() {
+                    // One replica receives writes: nothing can differ from it.
+                    self.al.synced(reg, 0);
+                    break;
+                }
+                let s = self.replica(src);
+                let data = match s.data() {
+                    Some(d) => d.read(offset, len as u32).await,
+                    None => continue,
+                };
+                let data = match data {
+                    Ok(d) => d,
+                    Err(e) => {
+                        s.set_error(&e);
+                        // The region stays unsynced: it is dirty for the source when dropped.
+                        self.drop_replicas(vec![src]).await?;
+                        continue;
+                    }
+                };
+                let mut failed = Vec::new();
+                for &t in &others {
+                    let r = self.replica(t);
+                    let res = match r.data() {
+                        Some(d) => d.write(offset, data.clone(), false).await,
+                        None => Err(IoError::Shutdown),
+                    };
+                    match res {
+                        Ok(()) => lock(&r.unflushed).extend(self.regions.span(offset, len)),
+                        Err(e) => {
+                            r.set_error(&e);
+                            failed.push(t);
+                        }
+                    }
+                }
+                if !failed.is_empty() {
+                    // Still unsynced here, so the drop marks this region dirty for them.
+                    self.drop_replicas(failed).await?;
+                }
+                self.al.synced(reg, len);
+                tracing::debug!(volume = %self.cfg.volume, region = reg, source = %s.cfg.id, "activity-log region synced");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Regions of `rb` bytes covering `[offset, offset + len)`.
+fn span_of(offset: u64, len: u64, rb: u64) -> std::ops::Range<u64> {
+    if len == 0 || rb == 0 {
+        return 0..0;
+    }
+    offset / rb..(offset + len - 1) / rb + 1
+}
+
+/// `found` without regions past the volume's end.
+fn bitmap_limit(found: BTreeSet<u64>, size: u64, rb: u64) -> BTreeSet<u64> {
+    let regions = size.div_ceil(rb.max(1));
+    found.into_iter().filter(|&r| r < regions).collect()
 }

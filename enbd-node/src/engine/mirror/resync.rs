@@ -91,6 +91,8 @@ async fn begin(inner: &Inner, i: usize) -> Result<(), String> {
         inner.next_generation(rec.generation),
     )
     .map_err(|e| e.to_string())?;
+    // It receives writes from the record on: it must hold the activity log first.
+    inner.al_join(i).await?;
     let failed = inner.publish(&next, &Vec::new(), &[i]).await;
     // Whoever took it stops tracking writes for the target: the view must follow before any
     // write goes out, and whoever did not take it is dropped from there.
@@ -156,6 +158,11 @@ pub(crate) async fn run(inner: &Arc<Inner>, i: usize) -> Result<(), String> {
                 if let Some(bw) = inner.resync_limit() {
                     let due = started + Duration::from_secs_f64(pass_bytes as f64 / bw as f64);
                     tokio::time::sleep_until(due.into()).await;
+                }
+                // The copy reads balanced: regions where the replicas may differ go first.
+                let unsynced = inner.al.unsynced(Some(inner.al.span(offset, len)));
+                if !unsynced.is_empty() {
+                    inner.al_sync(&unsynced).await?;
                 }
                 let guard = inner.regions.copy_range(offset, len).await;
                 if inner.state_of(i) != Some(MemberState::Resyncing) {
