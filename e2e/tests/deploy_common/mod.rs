@@ -375,13 +375,18 @@ pub fn helm_path() -> PathBuf {
 }
 
 /// The value sets: "default", "kind" (e2e/kind/values-kind.yaml, what the kind suite
-/// installs) and each e2e/chart/values-<name>.yaml. e2e/chart/check.sh renders the same.
+/// installs), "cluster" (e2e/cluster/values-cluster.yaml, what the real-cluster run installs)
+/// and each e2e/chart/values-<name>.yaml. e2e/chart/check.sh renders the same.
 pub fn value_sets() -> Vec<(String, Option<PathBuf>)> {
     let mut sets = vec![
         ("default".to_string(), None),
         (
             "kind".to_string(),
             Some(repo_root().join("e2e/kind/values-kind.yaml")),
+        ),
+        (
+            "cluster".to_string(),
+            Some(repo_root().join("e2e/cluster/values-cluster.yaml")),
         ),
     ];
     let dir = repo_root().join("e2e/chart");
