@@ -22,7 +22,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 STATE=${ENBD_CLUSTER_STATE:-/var/tmp/enbd-cluster}
-NETNS=enbd-cluster
+NETNS=${ENBD_CLUSTER_NETNS:-enbd-cluster}   # another name only to test beside a running cluster
 TAP=enbdtap0
 HOST_IP=10.88.0.1
 NODE_IP=10.88.0.2

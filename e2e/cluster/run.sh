@@ -11,7 +11,7 @@
 #   e2e/cluster/run.sh --upstream           also build and run Kubernetes' external storage
 #                                           suite (e2e.test) with e2e/kind/test-driver.yaml
 #
-# Steps: build-kube.sh (cached Go builds) -> static release binaries -> images.sh ->
+# Steps: build-kube.sh (cached Go builds) -> images.sh (static release binaries, images) ->
 # control-plane.sh up --fresh -> node-vm.sh up -> Node Ready -> snapshot CRDs and
 # snapshot-controller -> helm install -> tests inside the netns -> on failure the pods' logs
 # and descriptions in $STATE/logs -> teardown. Exit 0 only when every test passed.
@@ -24,12 +24,11 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 STATE=${ENBD_CLUSTER_STATE:-/var/tmp/enbd-cluster}
 export ENBD_CLUSTER_STATE=$STATE
-NETNS=enbd-cluster
+NETNS=${ENBD_CLUSTER_NETNS:-enbd-cluster}   # another name only to test beside a running cluster
 NODE_NAME=enbd-vm
 NAMESPACE=enbd-csi
 RELEASE=enbd-csi
 HELM=${HELM:-$ROOT/e2e/.tools/helm}
-TARGET=x86_64-unknown-linux-gnu
 KEEP=0 ONLY="" UPSTREAM=0
 
 while [ $# -gt 0 ]; do
@@ -111,12 +110,8 @@ BIN=$("$HERE/build-kube.sh" "${build_args[@]}" | tail -n 1)
 [ -x "$BIN/kubectl" ] || die "build-kube.sh printed no bin dir with kubectl ($BIN)"
 export ENBD_CLUSTER_BIN=$BIN
 
-say "static release binaries (as e2e/vm/run.sh builds them)"
-(cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' \
-  cargo build --release --quiet --target "$TARGET" --bins -p enbd-server -p enbd-node -p csi-driver)
-
-say "images (e2e/cluster/images.sh)"
-"$HERE/images.sh" "$STATE/images"
+say "images: static release binaries and OCI archives (e2e/cluster/images.sh)"
+"$HERE/images.sh" --kube-bin "$BIN" "$STATE/images" >/dev/null
 
 say "test binaries (built here: the netns has no network)"
 (cd "$ROOT" && cargo nextest list -p enbd-e2e --run-ignored only -E 'binary(/^kind_/)' >/dev/null)
