@@ -12,9 +12,9 @@
 #            --purge also deletes the state dir
 #   status   which processes run, and the API server's /readyz
 #
-# State: ${ENBD_CLUSTER_STATE:-/var/tmp/enbd-cluster}: pki/ (X.509 v3: ca, apiserver,
+# State: ${ENBD_CLUSTER_STATE:-/var/tmp/enbd-cluster}: pki/ (X.509 v3: ca, front-proxy-ca, apiserver,
 # apiserver-kubelet-client, admin, kubelet (system:node:enbd-vm), kubelet-server,
-# controller-manager, scheduler, kube-proxy; sa.key/sa.pub), *.kubeconfig (server
+# controller-manager, scheduler, kube-proxy, front-proxy-client; sa.key/sa.pub), *.kubeconfig (server
 # https://10.88.0.1:6443), etcd/, logs/<process>.log, run/<process>.pid.
 # Binaries: $ENBD_CLUSTER_BIN, else the bin dir e2e/cluster/build-kube.sh prints.
 # Needs root (netns, tap), openssl, iproute2.
@@ -60,17 +60,26 @@ netns_up() {
 }
 
 # ---- certificates -----------------------------------------------------------------------------
-# issue NAME SUBJECT EXTENSIONS : a key and a certificate signed by the CA, X.509 v3 (the
-# extensions make it v3; kube-rs refuses v1 certificates).
+# new_ca NAME CN : a self-signed CA key and certificate.
+new_ca() {
+  [ -s "$PKI/$1.crt" ] && return 0
+  openssl genrsa -out "$PKI/$1.key" 2048 2>/dev/null
+  openssl req -x509 -new -key "$PKI/$1.key" -subj "/CN=$2" -days 3650 -sha256 \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -addext "subjectKeyIdentifier=hash" -out "$PKI/$1.crt"
+}
+
+# issue NAME SUBJECT EXTENSIONS [CA] : a key and a certificate signed by CA (default ca),
+# X.509 v3 (the extensions make it v3; kube-rs refuses v1 certificates).
 issue() {
-  local name=$1 subject=$2 ext=$3
+  local name=$1 subject=$2 ext=$3 ca=${4:-ca}
   [ -s "$PKI/$name.crt" ] && return 0
   openssl genrsa -out "$PKI/$name.key" 2048 2>/dev/null
   openssl req -new -key "$PKI/$name.key" -subj "$subject" -out "$PKI/$name.csr"
   printf '%s\n' "basicConstraints=critical,CA:FALSE" \
     "keyUsage=critical,digitalSignature,keyEncipherment" \
     "subjectKeyIdentifier=hash" "authorityKeyIdentifier=keyid" "$ext" > "$PKI/$name.ext"
-  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" \
+  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/$ca.crt" -CAkey "$PKI/$ca.key" \
     -CAcreateserial -days 3650 -sha256 -extfile "$PKI/$name.ext" -out "$PKI/$name.crt" 2>/dev/null
   rm -f "$PKI/$name.csr" "$PKI/$name.ext"
 }
@@ -78,12 +87,11 @@ issue() {
 pki() {
   mkdir -p "$PKI"
   chmod 700 "$PKI"
-  if [ ! -s "$PKI/ca.crt" ]; then
-    openssl genrsa -out "$PKI/ca.key" 2048 2>/dev/null
-    openssl req -x509 -new -key "$PKI/ca.key" -subj "/CN=enbd-cluster-ca" -days 3650 -sha256 \
-      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-      -addext "subjectKeyIdentifier=hash" -out "$PKI/ca.crt"
-  fi
+  new_ca ca enbd-cluster-ca
+  # The request-header (front proxy) CA, as kubeadm makes it: components that delegate
+  # authentication to the API server read it from kube-system/extension-apiserver-authentication.
+  new_ca front-proxy-ca enbd-cluster-front-proxy-ca
+  issue front-proxy-client "/CN=front-proxy-client" "extendedKeyUsage=clientAuth" front-proxy-ca
   issue apiserver "/CN=kube-apiserver" "extendedKeyUsage=serverAuth
 subjectAltName=IP:$HOST_IP,IP:127.0.0.1,IP:$API_SERVICE_IP,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
   # The API server's client certificate towards kubelets (logs, exec, port-forward); RBAC
@@ -172,12 +180,26 @@ kubectl_admin() { in_ns "$BIN/kubectl" --kubeconfig "$STATE/admin.kubeconfig" "$
 wait_ready() {
   local deadline=$(( $(date +%s) + $1 )) name
   until kubectl_admin get --raw /readyz >/dev/null 2>&1; do
-    for name in "${PROCS[@]}"; do
+    for name in etcd kube-apiserver; do
       running "$name" || { tail -n 30 "$LOGS/$name.log" >&2; die "$name exited (log: $LOGS/$name.log)"; }
     done
     if [ "$(date +%s)" -ge "$deadline" ]; then
-      for name in "${PROCS[@]}"; do log "--- $name"; tail -n 15 "$LOGS/$name.log" >&2; done
+      for name in etcd kube-apiserver; do log "--- $name"; tail -n 15 "$LOGS/$name.log" >&2; done
       die "the API server did not become ready within $1 s"
+    fi
+    sleep 1
+  done
+}
+
+# wait_healthy NAME PORT SECONDS : polls a component's /healthz on the netns' loopback
+# (served without authentication, as for a kubelet's liveness probe).
+wait_healthy() {
+  local name=$1 port=$2 deadline=$(( $(date +%s) + $3 ))
+  until in_ns curl -sfk -o /dev/null "https://127.0.0.1:$port/healthz"; do
+    running "$name" || { tail -n 30 "$LOGS/$name.log" >&2; die "$name exited (log: $LOGS/$name.log)"; }
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      tail -n 15 "$LOGS/$name.log" >&2
+      die "$name was not healthy within $3 s"
     fi
     sleep 1
   done
@@ -226,32 +248,19 @@ EOF
     --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" \
     --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
     --kubelet-preferred-address-types=InternalIP \
+    --requestheader-client-ca-file="$PKI/front-proxy-ca.crt" \
+    --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- \
+    --proxy-client-cert-file="$PKI/front-proxy-client.crt" \
+    --proxy-client-key-file="$PKI/front-proxy-client.key" \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$PKI/sa.pub" \
     --service-account-signing-key-file="$PKI/sa.key" \
     --profiling=false
 
-  start kube-controller-manager \
-    --kubeconfig="$STATE/controller-manager.kubeconfig" \
-    --authentication-kubeconfig="$STATE/controller-manager.kubeconfig" \
-    --authorization-kubeconfig="$STATE/controller-manager.kubeconfig" \
-    --bind-address=127.0.0.1 --leader-elect=false \
-    --controllers='*' \
-    --cluster-name=enbd-cluster \
-    --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
-    --root-ca-file="$PKI/ca.crt" \
-    --service-account-private-key-file="$PKI/sa.key" \
-    --use-service-account-credentials=true \
-    --service-cluster-ip-range="$SERVICE_CIDR" \
-    --allocate-node-cidrs=true --cluster-cidr="$CLUSTER_CIDR" --node-cidr-mask-size=24 \
-    --profiling=false
-
-  start kube-scheduler \
-    --kubeconfig="$STATE/scheduler.kubeconfig" \
-    --authentication-kubeconfig="$STATE/scheduler.kubeconfig" \
-    --authorization-kubeconfig="$STATE/scheduler.kubeconfig" \
-    --bind-address=127.0.0.1 --leader-elect=false --profiling=false
-
+  # The controller manager and the scheduler read RBAC-protected objects at start-up and
+  # exit when the API server's bootstrap roles are not there yet: they start after /readyz.
   wait_ready 180
   # What kubeadm sets up besides the built-in roles: the API server's kubelet client may use
   # the kubelet API (logs, exec), and nodes may renew their own client certificates.
@@ -275,6 +284,30 @@ roleRef:
 subjects:
 - {apiGroup: rbac.authorization.k8s.io, kind: Group, name: system:nodes}
 EOF
+
+  start kube-controller-manager \
+    --kubeconfig="$STATE/controller-manager.kubeconfig" \
+    --authentication-kubeconfig="$STATE/controller-manager.kubeconfig" \
+    --authorization-kubeconfig="$STATE/controller-manager.kubeconfig" \
+    --bind-address=127.0.0.1 --leader-elect=false \
+    --controllers='*' \
+    --cluster-name=enbd-cluster \
+    --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
+    --root-ca-file="$PKI/ca.crt" \
+    --service-account-private-key-file="$PKI/sa.key" \
+    --use-service-account-credentials=true \
+    --service-cluster-ip-range="$SERVICE_CIDR" \
+    --allocate-node-cidrs=true --cluster-cidr="$CLUSTER_CIDR" --node-cidr-mask-size=24 \
+    --profiling=false
+
+  start kube-scheduler \
+    --kubeconfig="$STATE/scheduler.kubeconfig" \
+    --authentication-kubeconfig="$STATE/scheduler.kubeconfig" \
+    --authorization-kubeconfig="$STATE/scheduler.kubeconfig" \
+    --bind-address=127.0.0.1 --leader-elect=false --profiling=false
+
+  wait_healthy kube-controller-manager 10257 120
+  wait_healthy kube-scheduler 10259 120
   log "ready in $(( $(date +%s) - t0 ))s: KUBECONFIG=$STATE/admin.kubeconfig, inside 'ip netns exec $NETNS'"
 }
 
