@@ -52,7 +52,6 @@ kubectl_admin() { in_ns "$KUBE_BIN/kubectl" --kubeconfig "$STATE/admin.kubeconfi
 # 10.96.0.10 (no selector: its EndpointSlice names 10.88.0.1, kube-proxy does the rest).
 start_dns() {
   local dns
-  dns=$(dns_binary)
   kubectl_admin apply -f - >/dev/null <<'EOF'
 apiVersion: v1
 kind: Service
@@ -83,8 +82,9 @@ ports:
   - { name: dns-tcp, port: 53, protocol: TCP }
 EOF
   alive "$DNS_PIDFILE" && return 0
-  in_ns env KUBECONFIG="$STATE/admin.kubeconfig" RUST_LOG=info \
-    "$dns" --listen 10.88.0.1:53 --domain cluster.local >> "$LOGS/enbd-dns.log" 2>&1 &
+  dns=$(dns_binary)
+  in_ns setsid env KUBECONFIG="$STATE/admin.kubeconfig" RUST_LOG=info \
+    "$dns" --listen 10.88.0.1:53 --domain cluster.local >> "$LOGS/enbd-dns.log" 2>&1 < /dev/null &
   echo $! > "$DNS_PIDFILE"
   log "enbd-dns on 10.88.0.1:53 (pid $(cat "$DNS_PIDFILE"), log $LOGS/enbd-dns.log)"
 }
@@ -166,7 +166,7 @@ cmd_up() {
   rm -f "$CTL.in" "$CTL.out"; mkfifo "$CTL.in" "$CTL.out"
   : > "$LOGS/vm-console.log"; : > "$LOGS/node-daemons.log"
   # ttyS0 console, ttyS1 control port (node-vm.sh down writes "poweroff"), ttyS2 daemon logs.
-  in_ns qemu-system-x86_64 -accel tcg -cpu max -m ${ENBD_NODE_MEMORY:-8G} -smp 2 -nodefaults -no-reboot \
+  in_ns qemu-system-x86_64 -accel tcg -cpu max -m "${ENBD_NODE_MEMORY:-8G}" -smp 2 -nodefaults -no-reboot \
     -display none -daemonize -pidfile "$PIDFILE" \
     -kernel "$vmlinuz" -initrd "$initrd" -append "console=ttyS0 panic=-1 quiet" \
     -serial "file:$LOGS/vm-console.log" -serial "pipe:$CTL" -serial "file:$LOGS/node-daemons.log" \

@@ -17,7 +17,7 @@ KDIR=$(realpath "$1"); NODE_ROOT=$2; OUT=$3
 CLUSTER=$(cd "$(dirname "$0")/.." && pwd)
 REPO=$(cd "$CLUSTER/../.." && pwd)
 KVER=$(ls "$KDIR/usr/lib/modules")
-# shellcheck source=../../vm/lib/rootfs.sh
+# shellcheck source=../../vm/lib/rootfs.sh source-path=SCRIPTDIR
 . "$REPO/e2e/vm/lib/rootfs.sh"
 
 # The initramfs.
@@ -66,7 +66,10 @@ rootfs_copy_tool "$(rootfs_tool xtables-nft-multi)" /usr/sbin/xtables-nft-multi
 for l in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
   ln -sf xtables-nft-multi "$ROOT/usr/sbin/$l"
 done
-xt=$(dirname "$(ldd "$(command -v xtables-nft-multi)" | grep -o '/[^ ]*libxtables[^ ]*')")/xtables
+# Their directory is compiled in (/usr/lib/<triplet>/xtables); ldd names /lib/<triplet>, a
+# symlink on a merged-/usr host but a directory in the guest: the real path counts.
+xt=$(realpath "$(dirname "$(ldd "$(command -v xtables-nft-multi)" | grep -o '/[^ ]*libxtables[^ ]*')")/xtables")
+[ -f "$xt/libxt_comment.so" ] || { echo "mknode-root: no xtables extensions in $xt" >&2; exit 1; }
 mkdir -p "$ROOT$xt"; cp -r "$xt/." "$ROOT$xt/"
 rootfs_copy_tool "$(rootfs_tool nft)" /usr/sbin/nft
 # util-linux mount/umount: kubelet's mount options go beyond busybox's.
