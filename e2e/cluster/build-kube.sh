@@ -57,7 +57,7 @@ snapshot_dir() { echo "$SOURCES/${1/\//+}/repo"; }
 # Every snapshot must be there before anything is built; list all that are missing at once.
 missing=()
 for repo in "$KUBE_REPO" $(for s in "${SIDECARS[@]}"; do echo "${s%% *}"; done); do
-  git -C "$(snapshot_dir "$repo")" rev-parse --verify -q HEAD^{commit} >/dev/null 2>&1 || missing+=("$repo")
+  git -C "$(snapshot_dir "$repo")" rev-parse --verify -q 'HEAD^{commit}' >/dev/null 2>&1 || missing+=("$repo")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   for repo in "${missing[@]}"; do

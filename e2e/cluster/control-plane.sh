@@ -164,11 +164,11 @@ start() {
 }
 
 stop() {
-  local name=$1 pid i
+  local name=$1 pid
   pid=$(cat "$RUN/$name.pid" 2>/dev/null) || return 0
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -0 "$pid" 2>/dev/null && { log "$name ($pid) ignored SIGTERM for 10 s; killing it"; kill -KILL "$pid" 2>/dev/null || true; }
   fi
   rm -f "$RUN/$name.pid"
