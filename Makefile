@@ -55,8 +55,10 @@ test-vm:
 # The chart installed with Helm on a real single-node cluster built here offline (control
 # plane in a network namespace, node in a TCG VM with ublk), and the kind tests against it.
 # Needs root and the repository snapshots e2e/cluster/build-kube.sh names; not part of
-# `make test` (cold: the Kubernetes builds; see README "Real cluster").
-test-cluster: setup
+# `make test` (cold: the Kubernetes builds; see README "Real cluster"). CLUSTER_ARGS: run.sh's
+# options (--keep, --only BINARY, --upstream).
+test-cluster:
+	./e2e/setup-host.sh --cluster
 	./e2e/cluster/run.sh $(CLUSTER_ARGS)
 
 # A short run of every fuzz target (needs the nightly toolchain).
