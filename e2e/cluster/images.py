@@ -270,6 +270,7 @@ SIDECARS = {
     "csi-snapshotter": ("sidecars", "snapshotter"),
     "livenessprobe": ("sidecars", "livenessProbe"),
     "csi-node-driver-registrar": ("sidecars", "nodeDriverRegistrar"),
+    "csi-external-health-monitor-controller": ("sidecars", "healthMonitor"),
     "snapshot-controller": None,
 }
 
