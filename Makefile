@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup setup-demo demo test lint check-fresh-machine test-unit test-vm test-chart build release fuzz-smoke bench bench-mirror
+.PHONY: setup setup-demo demo test lint check-fresh-machine test-unit test-vm test-chart build release fuzz-smoke bench bench-mirror test-cluster
 
 # Everything the tests need (make test, build, release, bench).
 setup:
@@ -51,6 +51,15 @@ test-chart:
 # Real ublk devices on a real kernel, in a TCG VM (KERNEL=trixie|sid).
 test-vm:
 	./e2e/vm/run.sh --kernel $${KERNEL:-trixie}
+
+# The chart installed with Helm on a real single-node cluster built here offline (control
+# plane in a network namespace, node in a TCG VM with ublk), and the kind tests against it.
+# Needs root and the repository snapshots e2e/cluster/build-kube.sh names; not part of
+# `make test` (cold: the Kubernetes builds; see README "Real cluster"). CLUSTER_ARGS: run.sh's
+# options (--keep, --only BINARY, --upstream).
+test-cluster:
+	./e2e/setup-host.sh --cluster
+	./e2e/cluster/run.sh $(CLUSTER_ARGS)
 
 # A short run of every fuzz target (needs the nightly toolchain).
 fuzz-smoke:

@@ -10,6 +10,10 @@
 #                              (qemu-system-x86, busybox, kmod, cpio, ...), clang for the
 #                              bindgen build of enbd-node, Node.js/npm (for helm), cargo-nextest
 #                              and helm
+#   e2e/setup-host.sh --cluster what `make test-cluster` needs: the above, plus the real
+#                              cluster's node runtime, copied from the host's packages into
+#                              the node VM (containerd, runc, containernetworking-plugins,
+#                              iptables, nftables) and iproute2 for its network namespace
 #
 # Rust itself is not installed here: rust-toolchain.toml pins 1.95.0, newer than any
 # distribution's rustc package, so it comes from rustup.
@@ -18,11 +22,12 @@
 # without a preinstalled Node.js.
 set -euo pipefail
 
-usage() { echo "usage: $0 [--demo | --test]" >&2; }
+usage() { echo "usage: $0 [--demo | --test | --cluster]" >&2; }
 profile='test'
 case "${1:-}" in
   --demo) profile=demo ;;
   --test | "") profile='test' ;;
+  --cluster) profile=cluster ;;
   -h | --help) usage; exit 0 ;;
   *) usage; exit 2 ;;
 esac
@@ -40,7 +45,10 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install o
 # protoc is vendored, so no clang, cmake or pkg-config. ca-certificates: cargo fetches
 # crates over HTTPS.
 PKGS=(gcc libc6-dev make ca-certificates)
-if [ "$profile" = test ]; then
+# The cluster profile is the test profile plus the node's runtime.
+with_test=0
+case "$profile" in test | cluster) with_test=1 ;; esac
+if [ $with_test = 1 ]; then
   # libclang-dev/clang: bindgen in libublk's build (enbd-node); the rest are the interop,
   # fault and VM suites' tools. qemu-system-x86 and qemu-utils are handled below.
   PKGS+=(busybox-static libclang-dev clang cpio xz-utils kmod nbdkit libnbd-bin fio
@@ -61,6 +69,12 @@ if [ "$profile" = test ]; then
     PKGS+=(nodejs npm)
   fi
 fi
+if [ "$profile" = cluster ]; then
+  # e2e/cluster/lib/mknode-root.sh copies these binaries (and their libraries) into the node
+  # VM's root disk; the harness runs none of them on the host (on a machine with systemd,
+  # Debian's containerd package enables its own containerd.service, which the harness ignores).
+  PKGS+=(containerd runc containernetworking-plugins iptables nftables iproute2)
+fi
 
 missing=()
 for p in "${PKGS[@]}"; do installed "$p" || missing+=("$p"); done
@@ -68,7 +82,7 @@ for p in "${PKGS[@]}"; do installed "$p" || missing+=("$p"); done
 # missing, name qemu-utils pinned to qemu-system-x86's candidate, so that a backported
 # qemu-utils already on the machine does not block the install (it is downgraded instead).
 qemu_missing=0
-if [ "$profile" = test ]; then
+if [ $with_test = 1 ]; then
   installed qemu-system-x86 || qemu_missing=1
   installed qemu-utils || qemu_missing=1
 fi
@@ -104,7 +118,7 @@ EOF
   exit 1
 fi
 
-if [ "$profile" = test ]; then
+if [ $with_test = 1 ]; then
   if ! cargo nextest --version >/dev/null 2>&1; then
     echo "setup-host (test): installing cargo-nextest (a cargo build, several minutes cold)"
     cargo install --locked cargo-nextest

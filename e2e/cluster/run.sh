@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# The real-cluster suite (make test-cluster): a single-node Kubernetes v1.36 cluster built
+# here offline — control plane on the host inside the network namespace enbd-cluster, node
+# enbd-vm in a TCG VM where ublk exists — the chart installed with Helm from charts/ with
+# locally built images, and the kind tests (e2e/tests/kind_*.rs, the same test binaries)
+# run against it.
+#
+#   e2e/cluster/run.sh                      everything; the cluster is torn down at the end
+#   e2e/cluster/run.sh --keep               keep it running afterwards (see the last lines)
+#   e2e/cluster/run.sh --only kind_faults   run one test binary
+#   e2e/cluster/run.sh --upstream           also build and run Kubernetes' external storage
+#                                           suite (e2e.test) with e2e/kind/test-driver.yaml
+#
+# Steps: build-kube.sh (cached Go builds) -> images.sh (static release binaries, images) ->
+# control-plane.sh up --fresh -> node-vm.sh up -> Node Ready -> snapshot CRDs and
+# snapshot-controller -> helm install -> tests inside the netns -> on failure the pods' logs
+# and descriptions in $STATE/logs -> teardown. Exit 0 only when every test passed.
+# State and logs: ${ENBD_CLUSTER_STATE:-/var/tmp/enbd-cluster}. Needs root, qemu, cargo,
+# cargo-nextest, helm (e2e/.tools/helm from e2e/setup-host.sh, or HELM=), openssl, iproute2,
+# and the repository snapshots build-kube.sh names.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+STATE=${ENBD_CLUSTER_STATE:-/var/tmp/enbd-cluster}
+export ENBD_CLUSTER_STATE=$STATE
+NETNS=${ENBD_CLUSTER_NETNS:-enbd-cluster}   # another name only to test beside a running cluster
+NODE_NAME=enbd-vm
+NAMESPACE=enbd-csi
+RELEASE=enbd-csi
+HELM=${HELM:-$ROOT/e2e/.tools/helm}
+KEEP=0 ONLY="" UPSTREAM=0
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --keep) KEEP=1 ;;
+    --only) ONLY="$2"; shift ;;
+    --upstream) UPSTREAM=1 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+START=$(date +%s)
+say() { echo "== cluster-e2e $(date -u +%H:%M:%S) (+$(( $(date +%s) - START ))s): $*"; }
+die() { echo "cluster-e2e: $*" >&2; exit 1; }
+
+# ---- preflight: fail before the builds ---------------------------------------------------------
+[ "$(id -u)" = 0 ] || die "needs root (network namespace, tap device, VM)"
+for tool in ip openssl cargo cargo-nextest qemu-system-x86_64; do
+  command -v "$tool" >/dev/null || die "$tool not found in PATH"
+done
+[ -x "$HELM" ] || die "helm not found at $HELM (run e2e/setup-host.sh or set HELM=)"
+for part in images.sh node-vm.sh values-cluster.yaml; do
+  [ -e "$HERE/$part" ] || die "e2e/cluster/$part is missing (the images and node parts of the harness)"
+done
+
+LOGS=$STATE/logs
+mkdir -p "$LOGS"
+KUBECONFIG_FILE=$STATE/admin.kubeconfig
+in_ns() { ip netns exec "$NETNS" "$@"; }
+kc() { in_ns "$BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
+
+collect() {
+  local dir=$LOGS/diagnostics pod
+  mkdir -p "$dir"
+  say "collecting diagnostics in $dir"
+  kc get nodes,all,pvc,pv,volumeattachments,csinodes,volumesnapshots,volumesnapshotcontents \
+    -A -o wide > "$dir/objects.txt" 2>&1 || true
+  kc get events -A --sort-by=.lastTimestamp > "$dir/events.txt" 2>&1 || true
+  kc describe nodes > "$dir/nodes.describe.txt" 2>&1 || true
+  for ns in "$NAMESPACE" kube-system $(kc get ns -l enbd.io/e2e -o name 2>/dev/null | sed 's|namespace/||'); do
+    kc -n "$ns" describe pods > "$dir/$ns.pods.describe.txt" 2>&1 || true
+    for pod in $(kc -n "$ns" get pods -o name 2>/dev/null); do
+      kc -n "$ns" logs "$pod" --all-containers --prefix --timestamps \
+        > "$dir/$ns.$(basename "$pod").log" 2>&1 || true
+      kc -n "$ns" logs "$pod" --all-containers --prefix --timestamps --previous \
+        > "$dir/$ns.$(basename "$pod").previous.log" 2>/dev/null || rm -f "$dir/$ns.$(basename "$pod").previous.log"
+    done
+  done
+}
+
+teardown() {
+  "$HERE/node-vm.sh" down || true
+  "$HERE/control-plane.sh" down || true
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT
+  if [ $rc -ne 0 ] && [ -n "${BIN:-}" ] && [ -e "$KUBECONFIG_FILE" ]; then collect; fi
+  if [ $KEEP = 0 ]; then
+    say "tearing the cluster down"
+    teardown
+  else
+    say "cluster kept: ip netns exec $NETNS $BIN/kubectl --kubeconfig $KUBECONFIG_FILE ...;" \
+      "stop it with e2e/cluster/node-vm.sh down && e2e/cluster/control-plane.sh down"
+  fi
+  say "finished rc=$rc; logs in $LOGS"
+  exit $rc
+}
+trap cleanup EXIT
+
+# ---- builds ----------------------------------------------------------------------------------
+say "Kubernetes, etcd and the CSI sidecars (e2e/cluster/build-kube.sh, cached)"
+build_args=()
+[ $UPSTREAM = 0 ] || build_args+=(--upstream)
+BIN=$("$HERE/build-kube.sh" "${build_args[@]}" | tail -n 1)
+[ -x "$BIN/kubectl" ] || die "build-kube.sh printed no bin dir with kubectl ($BIN)"
+export ENBD_CLUSTER_BIN=$BIN
+
+say "images: static release binaries and OCI archives (e2e/cluster/images.sh)"
+"$HERE/images.sh" --kube-bin "$BIN" "$STATE/images" >/dev/null
+
+say "test binaries (built here: the netns has no network)"
+(cd "$ROOT" && cargo nextest list -p enbd-e2e --run-ignored only -E 'binary(/^kind_/)' >/dev/null)
+
+# ---- cluster ---------------------------------------------------------------------------------
+say "control plane (e2e/cluster/control-plane.sh up --fresh)"
+"$HERE/control-plane.sh" up --fresh
+
+say "node $NODE_NAME (e2e/cluster/node-vm.sh up)"
+"$HERE/node-vm.sh" up --kube-bin "$BIN" --images "$STATE/images"
+# Under TCG the kubelet takes a while to register and report Ready.
+deadline=$(( $(date +%s) + 600 ))
+until kc get node "$NODE_NAME" >/dev/null 2>&1; do
+  [ "$(date +%s)" -lt "$deadline" ] || die "node $NODE_NAME did not register within 600 s"
+  sleep 2
+done
+kc wait --for=condition=Ready "node/$NODE_NAME" --timeout=600s
+kc get nodes -o wide
+
+# ---- snapshot CRDs and controller (external-snapshotter's, from the same build) --------------
+say "snapshot CRDs and snapshot-controller"
+for crd in "$BIN"/crds/*.storage.k8s.io_*.yaml; do kc apply --server-side -f "$crd"; done
+kc wait --for=condition=Established crd --all --timeout=120s >/dev/null
+kc apply -f "$BIN/crds/rbac-snapshot-controller.yaml" -f "$BIN/crds/setup-snapshot-controller.yaml"
+kc -n kube-system rollout status deploy/snapshot-controller --timeout=600s
+
+# ---- chart -----------------------------------------------------------------------------------
+say "helm install $RELEASE (charts/enbd-csi, e2e/cluster/values-cluster.yaml)"
+in_ns "$HELM" --kubeconfig "$KUBECONFIG_FILE" upgrade --install "$RELEASE" "$ROOT/charts/enbd-csi" \
+  --namespace "$NAMESPACE" --create-namespace \
+  -f "$HERE/values-cluster.yaml" --wait --timeout 20m
+kc -n "$NAMESPACE" get pods -o wide
+
+# ---- tests -----------------------------------------------------------------------------------
+say "the kind tests, inside the netns"
+filter='binary(/^kind_/)'
+[ -z "$ONLY" ] || filter="binary($ONLY)"
+# One test at a time: the fault tests delete the server and node-plugin pods.
+in_ns env KUBECONFIG="$KUBECONFIG_FILE" ENBD_E2E_NAMESPACE="$NAMESPACE" ENBD_E2E_RELEASE="$RELEASE" \
+  CARGO_NET_OFFLINE=true bash -c "cd '$ROOT' && cargo nextest run -p enbd-e2e --run-ignored only \
+    --test-threads 1 --no-fail-fast -E '$filter'" 2>&1 | tee "$LOGS/tests.log"
+
+if [ $UPSTREAM = 1 ]; then
+  say "Kubernetes external storage suite (e2e.test) with e2e/kind/test-driver.yaml"
+  in_ns "$BIN/e2e.test" -kubeconfig "$KUBECONFIG_FILE" \
+    -storage.testdriver="$ROOT/e2e/kind/test-driver.yaml" \
+    -ginkgo.focus='External.Storage.*csi.enbd.io' \
+    -ginkgo.skip='\[Disruptive\]|\[Serial\]' \
+    -ginkgo.timeout=3h -report-dir="$LOGS/upstream" 2>&1 | tee "$LOGS/upstream.log"
+fi
+say "all cluster tests passed"
