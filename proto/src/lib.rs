@@ -13,6 +13,7 @@ pub mod enbd {
     tonic::include_proto!("enbd.v1");
 }
 
+pub mod cli;
 pub mod ids;
 pub mod params;
 pub mod wire;
