@@ -9,7 +9,8 @@
 #           mke2fs -d, plus kubelet, kube-proxy, kubeconfigs, the CA and the image archives),
 #           boots the VM inside the network namespace enbd-cluster (tap enbdtap0, guest
 #           10.88.0.2), starts enbd-dns there on 10.88.0.1:53 behind the Service
-#           kube-system/kube-dns (10.96.0.10), and waits for "ENBD-NODE: ready" on the console.
+#           kube-system/kube-dns (10.96.0.10), waits for "ENBD-NODE: ready" on the console
+#           (containerd, the images, kubelet and kube-proxy started) and for Node enbd-vm Ready.
 #   down    powers the VM off cleanly (the guest's control port) and stops enbd-dns.
 #   status  says what runs.
 #
@@ -191,7 +192,14 @@ cmd_up() {
     fi
     sleep 2; waited=$((waited + 2))
   done
-  log "node ready: $(grep -ao 'ENBD-NODE: ready.*' "$LOGS/vm-console.log" | tr -d '\r') (up took $(( $(date +%s) - t0 ))s in all)"
+  log "guest: $(grep -ao 'ENBD-NODE: ready.*' "$LOGS/vm-console.log" | tr -d '\r'); waiting for Node enbd-vm Ready"
+  local left=$((TIMEOUT - waited)); [ $left -gt 60 ] || left=60
+  until kubectl_admin get node enbd-vm >/dev/null 2>&1; do
+    [ $left -gt 0 ] || die "FAIL: node enbd-vm never registered"; sleep 2; left=$((left - 2))
+  done
+  kubectl_admin wait --for=condition=Ready node/enbd-vm --timeout="${left}s" >/dev/null \
+    || { tail -n 40 "$LOGS/node-daemons.log" >&2; die "FAIL: node enbd-vm not Ready"; }
+  log "node enbd-vm Ready (up took $(( $(date +%s) - t0 ))s in all)"
 }
 
 cmd_down() {

@@ -11,7 +11,7 @@ VM=$(cd "$(dirname "$0")/.." && pwd)
 KVER=$(ls "$KDIR/usr/lib/modules")
 ROOT=$(mktemp -d)
 trap 'rm -rf "$ROOT"' EXIT
-# shellcheck source=rootfs.sh
+# shellcheck source-path=SCRIPTDIR
 . "$VM/lib/rootfs.sh"
 
 rootfs_base
