@@ -6,6 +6,7 @@
 //! - [`bin`]: where the built workspace binaries are.
 //! - [`unix`]: gRPC channels over unix sockets (the CSI endpoints of our daemons).
 //! - [`lines`]: waiting for another daemon's readiness line on its stdout.
+//! - [`prom`]: scraping `/metrics` and parsing the Prometheus text format strictly.
 //!
 //! A missing binary or a server that does not come up fails the test loudly (these helpers
 //! panic with the reason); nothing here skips. Test code only: this crate is a
@@ -13,6 +14,7 @@
 
 pub mod bin;
 pub mod lines;
+pub mod prom;
 pub mod server;
 pub mod unix;
 
