@@ -91,6 +91,17 @@ refuse "a ServiceMonitor without the metrics Services" --set metrics.skipApiChec
   --set metrics.serviceMonitor.enabled=true --set metrics.services=false
 echo "   ServiceMonitor: off by default, off without the API, on with it (and with skipApiCheck)"
 
+step "promtool check rules on the PrometheusRule's groups"
+PROMTOOL="${PROMTOOL:-$(command -v promtool || true)}"
+if [ -z "$PROMTOOL" ]; then
+  echo "check: promtool not found (Debian package prometheus; e2e/setup-host.sh --test installs it)" >&2
+  exit 2
+fi
+rules="$OUT/prometheusrule-groups.yaml"
+"$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" -f "$ROOT/e2e/chart/values-monitoring.yaml" \
+  --show-only templates/metrics-prometheusrule.yaml | sed -n '/^spec:/,$p' | tail -n +2 | sed 's/^  //' >"$rules"
+"$PROMTOOL" check rules "$rules"
+
 step "NOTES.txt renders for every value set (helm install --dry-run=client)"
 for s in "${sets[@]}"; do
   # shellcheck disable=SC2046

@@ -8,11 +8,10 @@
 //! static server list. The binaries are found beside this test (`cargo build -p
 //! enbd-server -p enbd-node -p csi-driver` first, or a workspace build).
 //!
-//! `promtool` (Go, from the prometheus project) cannot be built here: its module does not
-//! vendor its dependencies. The strict parser stands in for `promtool check metrics`, and
-//! `alert_rules_and_dashboard_use_exported_metrics` for the part of `promtool check rules`
-//! that matters most: every expression parses as far as brackets, quotes and template
-//! holes go, and names only metrics that exist.
+//! Each exposition also goes through `promtool check metrics` (Debian's `prometheus`
+//! package, which e2e/setup-host.sh --test installs; `$PROMTOOL` names another). The chart's
+//! rules go through `promtool check rules` in e2e/chart/check.sh; here every alert and
+//! dashboard expression is checked to name only metrics the binaries export.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
@@ -121,6 +120,39 @@ struct Scrapes {
     server: Exposition,
     controller: Exposition,
     node_body: String,
+    /// Raw bodies of the three, for promtool.
+    bodies: Vec<(&'static str, String)>,
+}
+
+/// `promtool check metrics` on `body`: panics with its findings unless it is clean.
+fn promtool_check_metrics(what: &str, body: &str) {
+    use std::io::Write;
+    let tool = std::env::var_os("PROMTOOL").unwrap_or_else(|| "promtool".into());
+    let mut child = std::process::Command::new(&tool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {tool:?}: {e} (Debian package prometheus: e2e/setup-host.sh --test \
+                 installs it; or set PROMTOOL)"
+            )
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics on the {what} exposition: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 async fn scrape_all() -> Scrapes {
@@ -283,15 +315,21 @@ async fn scrape_all() -> Scrapes {
         controller.value("enbd_csi_controller_operations_in_progress", &[]),
         0.0
     );
-    let server = scrape_until(server.metrics(), "the new volume counted", |e| {
+    let srv_exp = scrape_until(server.metrics(), "the new volume counted", |e| {
         e.value("enbd_server_volumes", &[]) == 2.0
     })
     .await;
+    let bodies = vec![
+        ("node", node_body.clone()),
+        ("server", raw_scrape(server.metrics())),
+        ("controller", raw_scrape(ctl.metrics)),
+    ];
     Scrapes {
         node,
-        server,
+        server: srv_exp,
         controller,
         node_body,
+        bodies,
     }
 }
 
@@ -432,6 +470,9 @@ fn chart_file(rel: &str) -> String {
 #[tokio::test]
 async fn each_binary_exports_well_formed_metrics_that_follow_io() {
     let s = scrape_all().await;
+    for (what, body) in &s.bodies {
+        promtool_check_metrics(what, body);
+    }
 
     // The parser refuses a malformed sample taken from the real output.
     let line = s
