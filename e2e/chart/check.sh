@@ -97,7 +97,8 @@ if [ -z "$PROMTOOL" ]; then
   echo "check: promtool not found (Debian package prometheus; e2e/setup-host.sh --test installs it)" >&2
   exit 2
 fi
-rules="$OUT/prometheusrule-groups.yaml"
+# Outside $OUT: every file there is read as a render set.
+rules=$(mktemp --suffix=.yaml); trap 'rm -f "$rules"' EXIT
 "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" -f "$ROOT/e2e/chart/values-monitoring.yaml" \
   --show-only templates/metrics-prometheusrule.yaml | sed -n '/^spec:/,$p' | tail -n +2 | sed 's/^  //' >"$rules"
 "$PROMTOOL" check rules "$rules"
