@@ -127,9 +127,7 @@ fn parse_value(s: &str) -> Option<f64> {
 
 /// Splits `name{labels} value [timestamp]`.
 fn parse_sample(line: &str) -> Result<Sample, String> {
-    let name_end = line
-        .find(|c: char| c == '{' || c == ' ')
-        .ok_or("a sample needs a value")?;
+    let name_end = line.find(['{', ' ']).ok_or("a sample needs a value")?;
     let name = &line[..name_end];
     if !valid_metric_name(name) {
         return Err(format!("invalid metric name {name:?}"));
@@ -328,7 +326,7 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
         if f.kind.is_empty() {
             return Err(err(format!("{fam}: sample before TYPE")));
         }
-        if f.kind == "counter" && !(s.value >= 0.0) {
+        if f.kind == "counter" && (s.value.is_nan() || s.value < 0.0) {
             return Err(err(format!("{fam}: negative or NaN counter")));
         }
         if f.kind == "histogram" && s.name.ends_with("_bucket") && !s.labels.contains_key("le") {

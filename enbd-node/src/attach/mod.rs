@@ -286,7 +286,7 @@ impl AttachmentManager {
     /// The volume's device-side IO counters, created on first use (attach or takeover).
     pub(crate) fn io_metrics(&self, volume_id: &str) -> Arc<VolumeIo> {
         let mut io = crate::sync::lock(&self.inner.io, "volume IO metrics");
-        Arc::clone(io.entry(volume_id.to_owned()).or_insert_with(VolumeIo::new))
+        Arc::clone(io.entry(volume_id.to_owned()).or_default())
     }
 
     /// Every volume as the metrics endpoint shows it.
