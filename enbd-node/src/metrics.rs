@@ -505,3 +505,123 @@ impl Collector for Scrape {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::status::{MirrorStatus, ReplicaStatus};
+    use enbd_test_harness::prom;
+
+    fn replica(id: &str, health: ReplicaHealth, generation: u64) -> ReplicaStatus {
+        ReplicaStatus {
+            id: id.into(),
+            address: "127.0.0.1:1".into(),
+            mgmt_address: "127.0.0.1:2".into(),
+            generation,
+            health,
+            reads: 3,
+            writes: 5,
+            last_error: None,
+            engine: None,
+        }
+    }
+
+    /// A mirrored volume with one replica in sync and one resyncing: the replica series
+    /// are well formed and say what the status says.
+    #[test]
+    fn mirror_and_replica_series() {
+        let io = VolumeIo::new();
+        io.started();
+        io.finished(0, 4096, Duration::from_micros(200), None);
+        io.started();
+        io.finished(1, 4096, Duration::from_millis(3), Some(libc::EIO));
+        let view = VolumeView {
+            volume: "pvc-1".into(),
+            device: "/dev/ublkb0".into(),
+            attached: true,
+            size_bytes: 1 << 20,
+            backing: Some(BackingStatus::Mirror(MirrorStatus {
+                state: MirrorState::Degraded,
+                generation: 7,
+                replicas: vec![
+                    replica("a", ReplicaHealth::InSync, 7),
+                    replica(
+                        "b",
+                        ReplicaHealth::Resyncing {
+                            to_copy: 10 << 20,
+                            copied: 4 << 20,
+                            bytes_per_sec: 1.5e6,
+                        },
+                        6,
+                    ),
+                ],
+                waiting: None,
+                resync_bytes_copied: 4 << 20,
+            })),
+            io: Some(io),
+        };
+        let body = render(vec![view]);
+        let e = prom::parse(&body).unwrap_or_else(|err| panic!("{err}\n{body}"));
+        let v = ("volume", "pvc-1");
+        assert_eq!(
+            e.value("enbd_node_mirror_state", &[v, ("state", "degraded")]),
+            1.0
+        );
+        assert_eq!(e.sum("enbd_node_mirror_state", &[v]), 1.0);
+        assert_eq!(e.value("enbd_node_mirror_generation", &[v]), 7.0);
+        let b = [v, ("replica", "b")];
+        assert_eq!(
+            e.value(
+                "enbd_node_replica_state",
+                &[b[0], b[1], ("state", "resyncing")]
+            ),
+            1.0
+        );
+        assert_eq!(e.value("enbd_node_replica_generation", &b), 6.0);
+        assert_eq!(
+            e.value("enbd_node_replica_resync_remaining_bytes", &b),
+            (6u64 << 20) as f64
+        );
+        assert_eq!(
+            e.value("enbd_node_replica_resync_rate_bytes_per_second", &b),
+            1.5e6
+        );
+        assert_eq!(
+            e.value(
+                "enbd_node_replica_resync_remaining_bytes",
+                &[v, ("replica", "a")]
+            ),
+            0.0
+        );
+        assert_eq!(e.value("enbd_node_replica_writes_total", &b), 5.0);
+        // Device-side IO: the failed write counts as a request, an error and an EIO, not bytes.
+        assert_eq!(
+            e.value("enbd_node_volume_requests_total", &[v, ("op", "write")]),
+            1.0
+        );
+        assert_eq!(
+            e.value("enbd_node_volume_bytes_total", &[v, ("op", "write")]),
+            0.0
+        );
+        assert_eq!(
+            e.value("enbd_node_volume_bytes_total", &[v, ("op", "read")]),
+            4096.0
+        );
+        assert_eq!(e.value("enbd_node_volume_eio_total", &[v]), 1.0);
+        assert_eq!(e.value("enbd_node_volume_in_flight_requests", &[v]), 0.0);
+        assert_eq!(
+            e.value(
+                "enbd_node_volume_request_duration_seconds_bucket",
+                &[v, ("op", "write"), ("le", "0.0025")]
+            ),
+            0.0
+        );
+        assert_eq!(
+            e.value(
+                "enbd_node_volume_request_duration_seconds_bucket",
+                &[v, ("op", "write"), ("le", "0.005")]
+            ),
+            1.0
+        );
+    }
+}
