@@ -74,6 +74,17 @@ pub struct Cli {
     #[arg(long, env = "ENBD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
+    /// Log verbosity: a level (trace, debug, info, warn, error, off) or directives
+    /// `[TARGET=]LEVEL,...` such as `info,csi_driver::servers=debug`. RUST_LOG, when set, overrides it.
+    #[arg(long, env = "ENBD_LOG_LEVEL", default_value = enbd_proto::cli::DEFAULT_LOG_LEVEL, value_parser = enbd_proto::cli::parse_log_level)]
+    pub log_level: String,
+
+    /// Record Kubernetes Events on PVs and PVCs when a volume's server becomes unreachable
+    /// or answers again, and when a mirrored volume is degraded, resyncing or recovered
+    /// (one Event per change, never one per poll). Needs the Kubernetes API.
+    #[arg(long, env = "ENBD_EVENTS")]
+    pub events: bool,
+
     /// CA certificates (PEM) that sign the enbd-servers' management certificates. With
     /// --mgmt-tls-cert and --mgmt-tls-key: management calls use https with this client
     /// certificate (CN enbd-controller), and Kubernetes discovery dials each server by its
@@ -108,6 +119,11 @@ mod tests {
         assert_eq!(cli.metrics_listen, "0.0.0.0:9811");
         assert_eq!(cli.log_format, LogFormat::Text);
         assert_eq!(cli.nodes, None);
+        assert!(
+            !cli.events,
+            "events need the Kubernetes API: off unless asked for"
+        );
+        assert_eq!(cli.log_level, "info");
     }
 
     #[test]

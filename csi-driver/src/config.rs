@@ -74,6 +74,10 @@ pub struct Config {
     /// `None` disables the metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// `--log-level` directives (checked by the parser).
+    pub log_level: String,
+    /// `--events`: Kubernetes Events on volume state changes.
+    pub events: bool,
     /// `--nodes`: the node ids that exist (`*`: any); `None` asks Kubernetes (CSINode).
     pub nodes: Option<Vec<String>>,
     /// Management mTLS files; `None`: plain-text management calls.
@@ -210,6 +214,8 @@ impl Config {
             discovery,
             metrics_listen,
             log_format: cli.log_format,
+            log_level: cli.log_level.clone(),
+            events: cli.events,
             nodes,
         })
     }

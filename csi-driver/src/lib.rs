@@ -6,7 +6,8 @@
 //! [`placement`], [`capacity`], [`capability`], [`publish`], [`ops`], [`names`],
 //! [`nodes`] (policy) →
 //! [`identity`], [`controller`] (the CSI services; [`error`] is their one
-//! mapping to gRPC codes) → [`serve`] (unix socket, shutdown) → `main.rs`.
+//! mapping to gRPC codes), [`events`] (Kubernetes Events on state changes) →
+//! [`serve`] (unix socket, shutdown) → `main.rs`.
 
 pub mod capability;
 pub mod capacity;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod controller;
 pub mod discovery;
 pub mod error;
+pub mod events;
 pub mod identity;
 pub mod metrics;
 pub mod mgmt;

@@ -16,6 +16,8 @@
 //! match. Earlier versions used any valid name that fit beside its server's id;
 //! [`legacy_name`] lets a lookup still find those.
 
+use std::collections::HashMap;
+
 use enbd_proto::ids::{MAX_ID_LEN, MAX_SERVER_ID_LEN, ObjectName};
 
 use crate::error::CsiError;
@@ -24,6 +26,44 @@ use crate::error::CsiError;
 pub const KEEP_LEN: usize = MAX_ID_LEN - 1 - MAX_SERVER_ID_LEN;
 /// Volume label holding the CSI name the volume was created for.
 pub const NAME_LABEL: &str = "enbd.io/csi-name";
+/// The external-provisioner's `--extra-create-metadata` parameters. CreateVolume stores
+/// them as labels of the volume on its server, so that an operator looking at a server's
+/// volumes (management `ListVolumes`, the volume's metadata file) sees which claim each is.
+pub const METADATA_KEYS: [&str; 3] = [
+    "csi.storage.k8s.io/pvc/name",
+    "csi.storage.k8s.io/pvc/namespace",
+    "csi.storage.k8s.io/pv/name",
+];
+
+/// The labels CreateVolume gives a volume: the validated parameters in canonical form
+/// (`params_context`), the CSI name ([`NAME_LABEL`]) and the claim's metadata when the
+/// provisioner passed it.
+pub fn volume_labels(
+    params_context: HashMap<String, String>,
+    csi_name: &str,
+    parameters: &HashMap<String, String>,
+) -> HashMap<String, String> {
+    let mut labels = params_context;
+    labels.insert(NAME_LABEL.to_owned(), csi_name.to_owned());
+    for key in METADATA_KEYS {
+        if let Some(v) = parameters.get(key).filter(|v| !v.is_empty()) {
+            labels.insert(key.to_owned(), v.clone());
+        }
+    }
+    labels
+}
+
+/// The labels a repeated CreateVolume must match: all but the claim's metadata (a volume
+/// made before the metadata was recorded, or by a provisioner without the flag, is still
+/// the same volume).
+pub fn comparable_labels(labels: &HashMap<String, String>) -> HashMap<String, String> {
+    labels
+        .iter()
+        .filter(|(k, _)| !METADATA_KEYS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// Hex digits of the name's hash in a derived name.
 const HASH_HEX: usize = 32;
 
@@ -147,5 +187,35 @@ mod tests {
             sha256_hex("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn claim_metadata_is_recorded_but_not_compared() {
+        let params = HashMap::from([("fsType".to_owned(), "ext4".to_owned())]);
+        let given = HashMap::from([
+            ("csi.storage.k8s.io/pvc/name".to_owned(), "data".to_owned()),
+            (
+                "csi.storage.k8s.io/pvc/namespace".to_owned(),
+                "db".to_owned(),
+            ),
+            (
+                "csi.storage.k8s.io/pv/name".to_owned(),
+                "pvc-1234".to_owned(),
+            ),
+            ("fsType".to_owned(), "ext4".to_owned()),
+        ]);
+        let labels = volume_labels(params.clone(), "pvc-1234", &given);
+        assert_eq!(
+            labels
+                .get("csi.storage.k8s.io/pvc/namespace")
+                .map(String::as_str),
+            Some("db")
+        );
+        assert_eq!(labels.get(NAME_LABEL).map(String::as_str), Some("pvc-1234"));
+        assert_eq!(labels.len(), 5);
+        // Without the provisioner flag: same volume as far as idempotency goes.
+        let bare = volume_labels(params, "pvc-1234", &HashMap::new());
+        assert_eq!(bare.len(), 2);
+        assert_eq!(comparable_labels(&labels), comparable_labels(&bare));
     }
 }

@@ -299,33 +299,66 @@ pub async fn expand_all(
     Ok(smallest)
 }
 
-/// A one-line account of the replicas for ControllerGetVolume's condition: `None` when every
-/// member is in sync at the record's generation.
-pub async fn abnormal(servers: &Servers, home: &LiveServer, name: &str) -> Option<String> {
-    let record = match newest(servers, home, name).await {
-        Ok(r) => r,
-        Err(e) => return Some(format!("replica membership unreadable on {}: {e}", home.id)),
-    };
+/// How a volume's replica set stands, as the controller sees it (a single copy has no
+/// members and is always healthy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorHealth {
+    pub generation: u64,
+    /// One line per member that is not in sync, or whose server does not answer.
+    pub problems: Vec<String>,
+    /// Some member is copying missed regions back (it will be in sync when done).
+    pub resyncing: bool,
+}
+
+impl MirrorHealth {
+    /// ControllerGetVolume's condition message: `None` when every member is in sync.
+    pub fn abnormal(&self) -> Option<String> {
+        (!self.problems.is_empty()).then(|| {
+            format!(
+                "degraded at generation {}: {}",
+                self.generation,
+                self.problems.join("; ")
+            )
+        })
+    }
+}
+
+/// The replica set of `name` read from its servers (the newest record reached from `home`).
+pub async fn health(
+    servers: &Servers,
+    home: &LiveServer,
+    name: &str,
+) -> Result<MirrorHealth, String> {
+    let record = newest(servers, home, name)
+        .await
+        .map_err(|e| format!("replica membership unreadable on {}: {e}", home.id))?;
     let mut problems = Vec::new();
+    let mut resyncing = false;
     for m in &record.members {
         let state = ReplicaState::try_from(m.state).unwrap_or(ReplicaState::Unspecified);
         if state != ReplicaState::InSync {
             problems.push(format!("replica {} is {}", m.replica_id, state_name(state)));
         }
+        resyncing |= state == ReplicaState::Resyncing;
         if let Ok(id) = ServerId::parse(&m.replica_id)
             && !matches!(servers.lookup(&id), Lookup::Live(_))
         {
             problems.push(format!("enbd-server {id} is unreachable"));
         }
     }
-    if problems.is_empty() {
-        None
-    } else {
-        Some(format!(
-            "degraded at generation {}: {}",
-            record.generation,
-            problems.join("; ")
-        ))
+    Ok(MirrorHealth {
+        generation: record.generation,
+        problems,
+        resyncing,
+    })
+}
+
+/// A one-line account of the replicas for ControllerGetVolume's condition: `None` when every
+/// member is in sync at the record's generation.
+pub async fn abnormal(servers: &Servers, home: &LiveServer, name: &str) -> Option<String> {
+    match health(servers, home, name).await {
+        Ok(h) => h.abnormal(),
+        Err(message) => Some(message),
     }
 }
 

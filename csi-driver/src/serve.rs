@@ -49,6 +49,8 @@ pub enum ServeError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("--events needs the Kubernetes API: {0}")]
+    Events(#[source] kube::Error),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
 }
@@ -124,6 +126,22 @@ pub async fn run(
         }
     });
     tasks.spawn(Arc::clone(&servers).run_prober(targets_rx, background.clone()));
+    if config.events {
+        let client = match kube::Client::try_default().await {
+            Ok(c) => c,
+            Err(e) => {
+                background.cancel();
+                return Err(ServeError::Events(e));
+            }
+        };
+        tracing::info!("recording Kubernetes Events on volume state changes");
+        tasks.spawn(crate::events::run(
+            client,
+            config.driver_name.clone(),
+            Arc::clone(&servers),
+            background.clone(),
+        ));
+    }
 
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics_listen {

@@ -361,6 +361,40 @@ async fn create_volume_positive_and_idempotent() {
         .unwrap();
     assert_eq!(again, v);
 
+    // The provisioner's --extra-create-metadata is stored with the volume on its server,
+    // and not compared: the same request without it is still the same volume.
+    let labels = server
+        .mgmt_client()
+        .await
+        .get_volume(enbd_proto::enbd::GetVolumeRequest {
+            name: "pvc-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .labels;
+    assert_eq!(
+        labels
+            .get("csi.storage.k8s.io/pvc/name")
+            .map(String::as_str),
+        Some("data"),
+        "{labels:?}"
+    );
+    let mut bare = req.clone();
+    bare.parameters
+        .retain(|k, _| !k.starts_with("csi.storage.k8s.io/"));
+    let same = d
+        .ctl()
+        .create_volume(bare)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(same.volume_id, v.volume_id);
+
     // Same name, incompatible capacity.
     let mut bigger = req.clone();
     bigger.capacity_range = range(1 << 30, 0);

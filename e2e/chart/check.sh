@@ -25,16 +25,27 @@ if [ ! -x "$HELM" ]; then
 fi
 step() { echo "== check: $*"; }
 
-# Value sets: the defaults, each e2e/chart/values-*.yaml, and what the kind suite installs.
-sets=(default kind)
+# Value sets: the defaults, each e2e/chart/values-*.yaml, and what the kind suite installs,
+# each rendered as for a cluster that serves the snapshot API (--api-versions); and
+# default-nosnapshot: the defaults on a cluster without the snapshot CRDs. The Rust side
+# (deploy_common::value_sets) lists the same sets.
+SNAPSHOT_API=snapshot.storage.k8s.io/v1
+sets=(default default-nosnapshot kind)
 for f in "$ROOT"/e2e/chart/values-*.yaml; do
   s=$(basename "$f" .yaml); sets+=("${s#values-}")
 done
 values_args() {
   case "$1" in
-    default) ;;
+    default|default-nosnapshot) ;;
     kind) echo "-f $ROOT/e2e/kind/values-kind.yaml" ;;
     *) echo "-f $ROOT/e2e/chart/values-$1.yaml" ;;
+  esac
+}
+# The cluster's API versions as `helm template` sees them (lint and install take none).
+api_args() {
+  case "$1" in
+    default-nosnapshot) ;;
+    *) echo "--api-versions $SNAPSHOT_API" ;;
   esac
 }
 
@@ -64,12 +75,17 @@ refuse "an unknown TLS source" --set tls.source=vault
 refuse "a management TLS mode other than require" --set tls.mgmtMode=optional
 refuse "a cert-manager duration that is not a Go duration" --set tls.source=cert-manager --set tls.certManager.duration=90d
 refuse "a malformed static server entry" --set controller.discovery=static --set 'controller.servers[0]=no-equals-sign'
+refuse "two controller replicas (in-memory publish records)" --set controller.replicas=2
+refuse "a log level with spaces" --set 'node.logLevel=info debug'
+refuse "extraArgs that are not a list" --set server.extraArgs=--x
+refuse "a PriorityClass value above the non-system maximum" --set server.priorityClass.value=2000000000
+refuse "the removed node.topologyZone" --set node.topologyZone=zone-a
 
 step "helm template -> e2e/chart/.rendered/"
 rm -rf "$OUT"; mkdir -p "$OUT"
 for s in "${sets[@]}"; do
   # shellcheck disable=SC2046
-  "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" $(values_args "$s") >"$OUT/$s.yaml"
+  "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" $(values_args "$s") $(api_args "$s") >"$OUT/$s.yaml"
   echo "   $s: $(grep -c '^kind:' "$OUT/$s.yaml") objects"
 done
 
@@ -102,6 +118,26 @@ rules=$(mktemp --suffix=.yaml); trap 'rm -f "$rules"' EXIT
 "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" -f "$ROOT/e2e/chart/values-monitoring.yaml" \
   --show-only templates/metrics-prometheusrule.yaml | sed -n '/^spec:/,$p' | tail -n +2 | sed 's/^  //' >"$rules"
 "$PROMTOOL" check rules "$rules"
+
+step "snapshot API present / absent; image overrides"
+has() { grep -q -- "$2" "$OUT/$1.yaml" || { echo "check: $1 lacks $2" >&2; exit 1; }; }
+lacks() { ! grep -q -- "$2" "$OUT/$1.yaml" || { echo "check: $1 has $2" >&2; exit 1; }; }
+has default "kind: VolumeSnapshotClass"
+has default "name: csi-snapshotter"
+lacks default-nosnapshot "kind: VolumeSnapshotClass"
+lacks default-nosnapshot "name: csi-snapshotter"
+has default-nosnapshot "name: csi-provisioner"
+# A plain `helm install` without the CRDs (what `helm template` assumes) must not need them.
+"$HELM" install --dry-run=client "$RELEASE" "$CHART" --namespace "$NAMESPACE" >/dev/null
+mirror=$("$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" \
+  --set sidecars.provisioner.repository=mirror.example/sig-storage/csi-provisioner \
+  --set sidecars.attacher.tag=v4.99.0 --set node.image.repository=mirror.example/enbd/node \
+  --set node.image.tag=1.2.3)
+for want in "image: mirror.example/sig-storage/csi-provisioner:v6.3.0" \
+  "image: registry.k8s.io/sig-storage/csi-attacher:v4.99.0" "image: mirror.example/enbd/node:1.2.3" \
+  "image: ghcr.io/enbd-csi/enbd-server:"; do
+  grep -qF "$want" <<<"$mirror" || { echo "check: image override: no '$want'" >&2; exit 1; }
+done
 
 step "NOTES.txt renders for every value set (helm install --dry-run=client)"
 for s in "${sets[@]}"; do

@@ -41,6 +41,7 @@ fn default_values_deploy_the_whole_product() {
         "CSIDriver",
         "StorageClass",
         "VolumeSnapshotClass",
+        "PriorityClass",
         "Deployment",
         "DaemonSet",
         "StatefulSet",
@@ -98,8 +99,153 @@ fn default_values_deploy_the_whole_product() {
             "csi-attacher",
             "csi-resizer",
             "csi-snapshotter",
+            "csi-external-health-monitor-controller",
             "liveness-probe"
         ]
+    );
+}
+
+fn controller_containers(set: &deploy_common::RenderSet) -> Vec<String> {
+    set.objects
+        .iter()
+        .find(|o| matches!(o, Object::Deployment(_)))
+        .and_then(Object::pod_spec)
+        .map(|(_, s)| s.containers.iter().map(|c| c.name.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_snapshot_api_decides_the_snapshot_class_and_sidecar() {
+    let sets = chart_renders();
+    let find = |name: &str| {
+        sets.iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("{name} render"))
+    };
+    let with = find("default");
+    let without = find(deploy_common::NO_SNAPSHOT_SET);
+    let classes = |s: &deploy_common::RenderSet| {
+        s.objects
+            .iter()
+            .filter(|o| matches!(o, Object::VolumeSnapshotClass(_)))
+            .count()
+    };
+    assert_eq!(classes(with), 1, "the API is served: the class is created");
+    assert_eq!(
+        classes(without),
+        0,
+        "no snapshot API: no class, install succeeds"
+    );
+    let mut expected = controller_containers(with);
+    expected.retain(|c| c != "csi-snapshotter");
+    assert_eq!(
+        controller_containers(without),
+        expected,
+        "without the API only the snapshotter is left out"
+    );
+    // Everything else is the same install.
+    let others = |s: &deploy_common::RenderSet| {
+        let mut v: Vec<String> = s
+            .objects
+            .iter()
+            .filter(|o| !matches!(o, Object::VolumeSnapshotClass(_)))
+            .map(|o| format!("{} {}", o.kind(), o.name()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(others(with), others(without));
+}
+
+#[test]
+fn default_values_hold_on_real_clusters() {
+    use deploy_common::checks::{args, flag};
+    let sets = chart_renders();
+    let default = sets.iter().find(|s| s.name == "default").expect("default");
+    let pod = |kind: &str| {
+        default
+            .objects
+            .iter()
+            .find(|o| o.kind() == kind)
+            .and_then(Object::pod_spec)
+            .unwrap_or_else(|| panic!("a {kind}"))
+            .1
+    };
+    // Priority: servers get the chart's own class, the node plugin system-node-critical.
+    let server = pod("StatefulSet");
+    let class = server
+        .priority_class_name
+        .as_deref()
+        .expect("server priority");
+    let pc = default
+        .objects
+        .iter()
+        .find_map(|o| match o {
+            Object::PriorityClass(pc) if o.name() == class => Some(pc),
+            _ => None,
+        })
+        .expect("the chart creates the servers' PriorityClass");
+    assert_eq!(pc.value, Some(1_000_000_000));
+    assert_eq!(
+        pod("DaemonSet").priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    for kind in ["StatefulSet", "Deployment"] {
+        let seccomp = pod(kind)
+            .security_context
+            .as_ref()
+            .and_then(|s| s.seccomp_profile.as_ref())
+            .map(|s| s.type_.clone());
+        assert_eq!(seccomp.as_deref(), Some("RuntimeDefault"), "{kind}");
+    }
+    // One controller, no PodDisruptionBudget (the kinds the chart renders have none).
+    let d = default
+        .objects
+        .iter()
+        .find_map(|o| match o {
+            Object::Deployment(d) => Some(d),
+            _ => None,
+        })
+        .expect("controller");
+    assert_eq!(d.spec.replicas, Some(1));
+    // The provisioner passes the claim's names; the driver records events.
+    let controller = pod("Deployment");
+    let c = |name: &str| {
+        controller
+            .containers
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("container {name}"))
+    };
+    assert!(
+        args(c("csi-provisioner"))
+            .iter()
+            .any(|a| a == "--extra-create-metadata")
+    );
+    assert!(args(c("csi-driver")).iter().any(|a| a == "--events"));
+    assert_eq!(flag(args(c("csi-driver")), "--log-level"), Some("info"));
+    // The node's memory limit: 256 Mi + 16 volumes x (64 Mi journal + 128 Mi buffers).
+    let node_pod = pod("DaemonSet");
+    let node = node_pod
+        .containers
+        .iter()
+        .find(|c| c.name == "enbd-node")
+        .expect("enbd-node");
+    assert_eq!(flag(args(node), "--max-volumes"), Some("16"));
+    assert_eq!(flag(args(node), "--journal-bytes"), Some("67108864"));
+    let limit = node
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("memory"))
+        .map(|q| q.0.clone());
+    assert_eq!(limit.as_deref(), Some("3328Mi"));
+    // No topology: the provisioner runs without the Topology feature gate.
+    assert!(
+        !args(c("csi-provisioner"))
+            .iter()
+            .any(|a| a.contains("Topology")),
+        "volumes are reachable from every node"
     );
 }
 

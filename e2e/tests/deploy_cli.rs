@@ -321,3 +321,47 @@ fn storage_class_parameters_pass_the_controllers_validation() {
     let bogus = HashMap::from([("chanels".to_string(), "4".to_string())]);
     assert!(enbd_proto::params::VolumeParams::from_map(&bogus).is_err());
 }
+
+/// Every argument of `cmd` and its subcommands that has no help text, as `path --flag`.
+fn args_without_help(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+    let path = format!("{path} {}", cmd.get_name()).trim().to_owned();
+    for a in cmd.get_arguments() {
+        let help = a.get_help().or(a.get_long_help());
+        if help.is_none_or(|h| h.to_string().trim().is_empty()) {
+            let name = a
+                .get_long()
+                .map(|l| format!("--{l}"))
+                .unwrap_or_else(|| format!("<{}>", a.get_id()));
+            out.push(format!("{path} {name}"));
+        }
+    }
+    for sub in cmd.get_subcommands() {
+        if sub.get_about().is_none() {
+            out.push(format!(
+                "{path} {} (subcommand without about)",
+                sub.get_name()
+            ));
+        }
+        args_without_help(sub, &path, out);
+    }
+}
+
+#[test]
+fn every_flag_of_every_binary_has_help_text() {
+    use clap::CommandFactory;
+    let mut missing = Vec::new();
+    for mut cmd in [
+        enbd_server::cli::Cli::command(),
+        enbd_node::cli::Cli::command(),
+        csi_driver::cli::Cli::command(),
+    ] {
+        // Materialises the built-in --help/--version so that they are walked too.
+        cmd.build();
+        args_without_help(&cmd, "", &mut missing);
+    }
+    assert!(
+        missing.is_empty(),
+        "flags without help text:\n{}",
+        missing.join("\n")
+    );
+}

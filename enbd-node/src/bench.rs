@@ -46,6 +46,7 @@ pub struct BenchArgs {
     /// Mirror only: a replica silent this long is dropped.
     #[arg(long, default_value = "5s")]
     pub replica_timeout: String,
+    /// Export (volume) name on the server.
     #[arg(long, env = "ENBD_EXPORT", default_value = "demo")]
     pub export: String,
     /// Connections (used only if the server advertises CAN_MULTI_CONN, else 1).
@@ -54,6 +55,7 @@ pub struct BenchArgs {
     /// Requests in flight per channel (total in flight = channels × depth).
     #[arg(long, env = "ENBD_DEPTH", default_value_t = 16)]
     pub depth: u16,
+    /// Access pattern.
     #[arg(long, env = "ENBD_RW", value_enum, default_value_t = Pattern::Randread)]
     pub rw: Pattern,
     /// Request size: bytes, or with a k/m suffix.

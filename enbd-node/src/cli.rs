@@ -9,6 +9,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub use enbd_proto::params::TlsPolicy;
 use thiserror::Error;
 
+/// The client commands' exit codes (README: "Exit codes"; `control::ErrorKind::exit_code`).
+pub const EXIT_CODES: &str = "Exit codes: 0 done; 1 failed; 2 invalid arguments or request; \
+3 not found (volume, device or replica not attached here, or no such export); 4 in use \
+(mounted or held open, or attached with other settings); 5 unavailable, retry later (daemon \
+not running, server not answering, volume being taken over).";
+
 /// Default NBD port when a URL or address gives none.
 pub const NBD_PORT: u16 = 10809;
 
@@ -16,7 +22,8 @@ pub const NBD_PORT: u16 = 10809;
 #[command(
     name = "enbd-node",
     version,
-    about = "ENBD node plugin: client engine, ublk devices, CSI node service"
+    about = "ENBD node plugin: client engine, ublk devices, CSI node service",
+    after_help = EXIT_CODES
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -118,6 +125,7 @@ pub struct DaemonArgs {
     /// CSI endpoint, e.g. unix:///csi/csi.sock; without it only the control socket is served.
     #[arg(long, env = "ENBD_CSI_ENDPOINT")]
     pub csi_endpoint: Option<String>,
+    /// CSI driver name reported by GetPluginInfo (the chart's driverName).
     #[arg(long, env = "ENBD_DRIVER_NAME", default_value = "csi.enbd.io")]
     pub driver_name: String,
     /// Where attachment state survives daemon restarts.
@@ -128,13 +136,16 @@ pub struct DaemonArgs {
     /// Most volumes attached at once (0: no limit).
     #[arg(long, env = "ENBD_MAX_VOLUMES", default_value_t = 0)]
     pub max_volumes: u64,
-    #[arg(long, env = "ENBD_TOPOLOGY_ZONE")]
-    pub topology_zone: Option<String>,
     /// Prometheus metrics (per-volume engine counters).
     #[arg(long, env = "ENBD_METRICS_LISTEN", default_value = "0.0.0.0:9812")]
     pub metrics_listen: SocketAddr,
+    /// Log output format.
     #[arg(long, env = "ENBD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Log verbosity: a level (trace, debug, info, warn, error, off) or directives
+    /// `[TARGET=]LEVEL,...` such as `info,enbd_node::engine=debug`. RUST_LOG, when set, overrides it.
+    #[arg(long, env = "ENBD_LOG_LEVEL", default_value = enbd_proto::cli::DEFAULT_LOG_LEVEL, value_parser = enbd_proto::cli::parse_log_level)]
+    pub log_level: String,
     /// Bytes of unacknowledged request payload each volume's journal may hold.
     #[arg(long, env = "ENBD_JOURNAL_BYTES", default_value_t = 64 << 20)]
     pub journal_bytes: usize,
@@ -168,17 +179,20 @@ pub struct AttachArgs {
     /// Requests in flight per ublk queue.
     #[arg(long, env = "ENBD_QUEUE_DEPTH", default_value_t = 64)]
     pub queue_depth: u16,
-    /// `wait` (hide outages) or `fail-after=<duration>` (EIO once an outage lasts that long).
-    #[arg(long, env = "ENBD_BROWNOUT", default_value = "wait")]
+    /// `wait` (hide outages) or `fail-after=<duration>` (EIO once an outage lasts that long;
+    /// durations as in StorageClass parameters: `500ms`, `30s`, `1m30s`).
+    #[arg(long, env = "ENBD_BROWNOUT", default_value = "wait", value_parser = brownout_arg)]
     pub brownout: String,
+    /// Attach read-only: the device refuses writes.
     #[arg(long, env = "ENBD_READ_ONLY")]
     pub read_only: bool,
     /// Mirrored volume: one replica as ID@HOST:PORT@http://HOST:PORT (its server's id, NBD
     /// address, management address); repeat for each (2 or 3). Replaces --server.
     #[arg(long = "replica", env = "ENBD_REPLICAS", value_delimiter = ',')]
     pub replicas: Vec<String>,
-    /// Mirrored volume: a replica that does not answer within this long is dropped.
-    #[arg(long, env = "ENBD_REPLICA_TIMEOUT", default_value = "5s")]
+    /// Mirrored volume: a replica that does not answer within this long is dropped
+    /// (`5s`, `1m30s`).
+    #[arg(long, env = "ENBD_REPLICA_TIMEOUT", default_value = "5s", value_parser = duration_arg)]
     pub replica_timeout: String,
     /// TLS for this volume: `require` or `off` [default: the daemon's --tls]. The trust
     /// root and client certificate are the daemon's (--tls-ca, --tls-cert, --tls-key).
@@ -266,6 +280,19 @@ pub struct ResizeArgs {
     pub target: String,
     #[command(flatten)]
     pub control: ControlSocketArg,
+}
+
+/// `--brownout`, checked by the StorageClass parameter's parser (kept as text: the daemon
+/// parses it again from the request).
+fn brownout_arg(s: &str) -> Result<String, String> {
+    s.parse::<enbd_proto::params::Brownout>()
+        .map(|b| b.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// A duration flag, in the StorageClass parameters' syntax.
+fn duration_arg(s: &str) -> Result<String, String> {
+    enbd_proto::params::parse_duration(s).map(enbd_proto::params::format_duration)
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -418,6 +445,35 @@ mod tests {
             })
         );
         assert_eq!(a.brownout, "fail-after=2s");
+        // One duration syntax: what a StorageClass takes, attach takes (and canonicalises).
+        let parse = |b: &str| {
+            Cli::try_parse_from(["enbd-node", "attach", "nbd://h/v", "--brownout", b]).map(|c| {
+                match c.command {
+                    Command::Attach(a) => a.brownout,
+                    _ => unreachable!(),
+                }
+            })
+        };
+        assert_eq!(parse("fail-after=1m30s").expect("1m30s"), "fail-after=90s");
+        assert_eq!(parse("wait").expect("wait"), "wait");
+        for bad in [
+            "fail-after=0s",
+            "fail-after=30",
+            "fail-after=1.5s",
+            "sometimes",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(
+            Cli::try_parse_from([
+                "enbd-node",
+                "attach",
+                "nbd://h/v",
+                "--replica-timeout",
+                "2x"
+            ])
+            .is_err()
+        );
         let cli = Cli::try_parse_from(["enbd-node", "attach", "nbd://h/v", "--export", "w"])
             .expect("parse");
         let Command::Attach(a) = cli.command else {
@@ -486,6 +542,26 @@ mod tests {
                 .is_err(),
             "--with is required"
         );
+    }
+
+    #[test]
+    fn help_documents_the_exit_codes() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        for code in ["3 not found", "4 in use", "5 unavailable"] {
+            assert!(help.contains(code), "--help lacks {code:?}");
+        }
+        for kind in [
+            crate::control::ErrorKind::NotFound,
+            crate::control::ErrorKind::InUse,
+            crate::control::ErrorKind::Unavailable,
+        ] {
+            let code = kind.exit_code().to_string();
+            assert!(
+                EXIT_CODES.contains(&format!("; {code} ")),
+                "{kind:?} -> {code}"
+            );
+        }
     }
 
     #[test]

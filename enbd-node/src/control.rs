@@ -163,7 +163,85 @@ pub enum Response {
     Done,
     Error {
         message: String,
+        /// What kind of failure, for the client's exit code (absent from older daemons:
+        /// [`ErrorKind::Failed`]).
+        #[serde(default, skip_serializing_if = "ErrorKind::is_failed")]
+        kind: ErrorKind,
     },
+}
+
+/// Failure classes a client command reports as distinct exit codes (see
+/// [`ErrorKind::exit_code`]); everything without a class of its own is `Failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    #[default]
+    Failed,
+    /// The request itself is malformed or names impossible settings.
+    Invalid,
+    /// The volume, device or replica named is not attached here (or not on its server).
+    NotFound,
+    /// The volume is in use: mounted or open, or attached with other settings.
+    InUse,
+    /// Not now: the daemon or a server cannot be reached, or the volume is busy being
+    /// taken over. Retrying later may succeed.
+    Unavailable,
+}
+
+impl ErrorKind {
+    fn is_failed(&self) -> bool {
+        *self == ErrorKind::Failed
+    }
+
+    /// The process exit code of a client command that failed this way (README: "Exit
+    /// codes"). 2 is also what the argument parser exits with on a usage error.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorKind::Failed => 1,
+            ErrorKind::Invalid => 2,
+            ErrorKind::NotFound => 3,
+            ErrorKind::InUse => 4,
+            ErrorKind::Unavailable => 5,
+        }
+    }
+
+    /// The class of an attachment manager error.
+    pub fn of(e: &AttachError) -> Self {
+        use crate::engine::EngineError;
+        match e {
+            AttachError::Invalid(_) | AttachError::ReadOnlyExport(_) => ErrorKind::Invalid,
+            AttachError::NotAttached(_) => ErrorKind::NotFound,
+            AttachError::Busy { .. } | AttachError::Conflict { .. } => ErrorKind::InUse,
+            AttachError::InProgress(_) => ErrorKind::Unavailable,
+            AttachError::Engine(e) => match e {
+                EngineError::Connect { .. }
+                | EngineError::ConnectTimeout { .. }
+                | EngineError::Handshake { .. } => ErrorKind::Unavailable,
+                EngineError::ExportRefused { .. } => ErrorKind::NotFound,
+                EngineError::Config(_) => ErrorKind::Invalid,
+                EngineError::Tls { .. } | EngineError::IdentityChanged { .. } => ErrorKind::Failed,
+            },
+            _ => ErrorKind::Failed,
+        }
+    }
+}
+
+impl Response {
+    /// An error of no particular class.
+    pub fn error(message: impl Into<String>) -> Self {
+        Response::Error {
+            message: message.into(),
+            kind: ErrorKind::Failed,
+        }
+    }
+
+    /// An error of class `kind`.
+    pub fn error_of(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Response::Error {
+            message: message.into(),
+            kind,
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -367,9 +445,7 @@ async fn serve_one(stream: UnixStream, mgr: &AttachmentManager) -> std::io::Resu
         .await?;
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(req) => handle(req, mgr).await,
-        Err(e) => Response::Error {
-            message: format!("malformed request: {e}"),
-        },
+        Err(e) => Response::error_of(ErrorKind::Invalid, format!("malformed request: {e}")),
     };
     let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
     out.push(b'\n');
@@ -388,9 +464,7 @@ fn resolve(target: &str, mgr: &AttachmentManager) -> Result<String, String> {
 }
 
 pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
-    let err = |e: AttachError| Response::Error {
-        message: e.to_string(),
-    };
+    let err = |e: AttachError| Response::error_of(ErrorKind::of(&e), e.to_string());
     match req {
         Request::Attach {
             volume_id,
@@ -411,27 +485,19 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
                 .transpose()
             {
                 Ok(t) => t,
-                Err(e) => {
-                    return Response::Error {
-                        message: e.to_string(),
-                    };
-                }
+                Err(e) => return Response::error_of(ErrorKind::Invalid, e.to_string()),
             };
             let resync_bytes_per_sec = match bandwidth_arg(resync_bandwidth.as_deref()) {
                 Ok(b) => b,
-                Err(message) => return Response::Error { message },
+                Err(message) => return Response::error_of(ErrorKind::Invalid, message),
             };
             let brownout: BrownoutPolicy = match brownout.parse() {
                 Ok(b) => b,
-                Err(e) => {
-                    return Response::Error {
-                        message: e.to_string(),
-                    };
-                }
+                Err(e) => return Response::error_of(ErrorKind::Invalid, e.to_string()),
             };
             let (replicas, replica_timeout) = match mirror_args(&replicas, replica_timeout) {
                 Ok(m) => m,
-                Err(message) => return Response::Error { message },
+                Err(message) => return Response::error_of(ErrorKind::Invalid, message),
             };
             let req = AttachRequest {
                 volume_id,
@@ -461,7 +527,7 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
                 Ok(()) => Response::Detached { volume_id: id },
                 Err(e) => err(e),
             },
-            Err(message) => Response::Error { message },
+            Err(message) => Response::error_of(ErrorKind::NotFound, message),
         },
         Request::List => Response::List {
             volumes: mgr.list().iter().map(VolumeView::from).collect(),
@@ -471,16 +537,16 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
                 Ok(()) => Response::Done,
                 Err(e) => err(e),
             },
-            Err(message) => Response::Error { message },
+            Err(message) => Response::error_of(ErrorKind::NotFound, message),
         },
         Request::Promote {
             target,
             replica,
             accept_data_loss,
         } => match resolve(&target, mgr) {
-            Ok(id) if !accept_data_loss => Response::Error {
-                message: promote_warning(&id, &replica),
-            },
+            Ok(id) if !accept_data_loss => {
+                Response::error_of(ErrorKind::Invalid, promote_warning(&id, &replica))
+            }
             Ok(id) => match mgr.promote(&id, &replica).await {
                 Ok(generation) => Response::Promoted {
                     volume_id: id,
@@ -489,7 +555,7 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
                 },
                 Err(e) => err(e),
             },
-            Err(message) => Response::Error { message },
+            Err(message) => Response::error_of(ErrorKind::NotFound, message),
         },
         Request::Replace {
             target,
@@ -499,11 +565,11 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
         } => {
             let limit = match bandwidth_arg(resync_bandwidth.as_deref()) {
                 Ok(b) => b,
-                Err(message) => return Response::Error { message },
+                Err(message) => return Response::error_of(ErrorKind::Invalid, message),
             };
             let new = match crate::backing::parse_replica(&with) {
                 Ok(n) => n,
-                Err(message) => return Response::Error { message },
+                Err(message) => return Response::error_of(ErrorKind::Invalid, message),
             };
             let new_id = new.id.clone();
             match resolve(&target, mgr) {
@@ -517,7 +583,7 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
                     },
                     Err(e) => err(e),
                 },
-                Err(message) => Response::Error { message },
+                Err(message) => Response::error_of(ErrorKind::NotFound, message),
             }
         }
         Request::Resize { target } => match resolve(&target, mgr) {
@@ -528,7 +594,7 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
                 },
                 Err(e) => err(e),
             },
-            Err(message) => Response::Error { message },
+            Err(message) => Response::error_of(ErrorKind::NotFound, message),
         },
     }
 }
@@ -569,6 +635,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn errors_are_classed_for_exit_codes() {
+        let busy = AttachError::Busy {
+            volume_id: "v".into(),
+            dev_path: "/dev/ublkb0".into(),
+            users: "mounted on /mnt".into(),
+        };
+        assert_eq!(ErrorKind::of(&busy), ErrorKind::InUse);
+        assert_eq!(
+            ErrorKind::of(&AttachError::NotAttached("v".into())),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            ErrorKind::of(&AttachError::InProgress("v".into())),
+            ErrorKind::Unavailable
+        );
+        let refused = AttachError::Engine(crate::engine::EngineError::Connect {
+            addr: "10.0.0.1:10809".into(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        });
+        assert_eq!(ErrorKind::of(&refused), ErrorKind::Unavailable);
+        let codes: Vec<u8> = [
+            ErrorKind::Failed,
+            ErrorKind::Invalid,
+            ErrorKind::NotFound,
+            ErrorKind::InUse,
+            ErrorKind::Unavailable,
+        ]
+        .iter()
+        .map(|k| k.exit_code())
+        .collect();
+        assert_eq!(codes, [1, 2, 3, 4, 5], "distinct, and as documented");
+    }
+
+    #[test]
     fn requests_have_a_stable_wire_form() {
         let r = Request::Detach {
             target: "/dev/ublkb0".into(),
@@ -576,12 +676,20 @@ mod tests {
         let text = serde_json::to_string(&r).expect("encode");
         assert_eq!(text, r#"{"op":"detach","target":"/dev/ublkb0"}"#);
         assert_eq!(serde_json::from_str::<Request>(&text).expect("decode"), r);
-        let e = Response::Error {
-            message: "x".into(),
-        };
+        let e = Response::error("x");
         assert_eq!(
             serde_json::to_string(&e).expect("encode"),
             r#"{"result":"error","message":"x"}"#
+        );
+        let e = Response::error_of(ErrorKind::InUse, "x");
+        let text = serde_json::to_string(&e).expect("encode");
+        assert_eq!(text, r#"{"result":"error","message":"x","kind":"in_use"}"#);
+        assert_eq!(serde_json::from_str::<Response>(&text).expect("decode"), e);
+        // An older daemon's answer (no kind) still decodes.
+        assert_eq!(
+            serde_json::from_str::<Response>(r#"{"result":"error","message":"x"}"#)
+                .expect("decode"),
+            Response::error("x")
         );
     }
 
@@ -624,10 +732,13 @@ mod tests {
             .await
             .expect("detach");
             match reply {
-                Response::Error { message } => assert!(
-                    message.contains(&format!("{target} is not attached")),
-                    "{message}"
-                ),
+                Response::Error { message, kind } => {
+                    assert!(
+                        message.contains(&format!("{target} is not attached")),
+                        "{message}"
+                    );
+                    assert_eq!(kind, ErrorKind::NotFound, "exit code 3");
+                }
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -638,15 +749,16 @@ mod tests {
             accept_data_loss,
         };
         match call(&sock, &promote(false)).await.expect("promote") {
-            Response::Error { message } => {
+            Response::Error { message, .. } => {
                 assert!(message.contains("is lost for good"), "{message}");
                 assert!(message.contains("--accept-data-loss"), "{message}");
             }
             other => panic!("unexpected {other:?}"),
         }
         match call(&sock, &promote(true)).await.expect("promote") {
-            Response::Error { message } => {
-                assert_eq!(message, "volume ghost is not attached on this node")
+            Response::Error { message, kind } => {
+                assert_eq!(message, "volume ghost is not attached on this node");
+                assert_eq!(kind, ErrorKind::NotFound);
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -667,7 +779,7 @@ mod tests {
             ),
         ] {
             match call(&sock, &req).await.expect("replace") {
-                Response::Error { message } => assert!(message.contains(want), "{message}"),
+                Response::Error { message, .. } => assert!(message.contains(want), "{message}"),
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -691,7 +803,7 @@ mod tests {
             (vec!["a@127.0.0.1:1@http://127.0.0.1:2"], "2 to 3 replicas"),
         ] {
             match call(&sock, &attach(replicas)).await.expect("attach") {
-                Response::Error { message } => assert!(message.contains(want), "{message}"),
+                Response::Error { message, .. } => assert!(message.contains(want), "{message}"),
                 other => panic!("unexpected {other:?}"),
             }
         }

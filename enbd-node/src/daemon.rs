@@ -28,7 +28,6 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
     pub max_volumes: u64,
-    pub topology_zone: Option<String>,
     pub metrics_listen: SocketAddr,
     pub journal_bytes: usize,
     /// TLS for volumes that do not say.

@@ -1,11 +1,12 @@
 //! `enbd-node`: the node daemon and its client commands.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
 use enbd_node::cli::{AttachArgs, Cli, Command, DaemonArgs, LogFormat, PromoteArgs, ReplaceArgs};
-use enbd_node::control::{self, Request, Response, VolumeView};
+use enbd_node::control::{self, ErrorKind, Request, Response, VolumeView};
 use enbd_node::daemon::{self, DaemonConfig, ExtraService};
 
 fn main() -> ExitCode {
@@ -42,14 +43,57 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("enbd-node: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(error_kind(&e).exit_code())
         }
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// A failure the daemon classified (or the client could): its kind picks the exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct Classified {
+    kind: ErrorKind,
+    message: String,
+}
+
+/// The exit code class of a command's error (README: "Exit codes").
+fn error_kind(e: &anyhow::Error) -> ErrorKind {
+    if let Some(c) = e.downcast_ref::<Classified>() {
+        return c.kind;
+    }
+    match e.downcast_ref::<control::ControlError>() {
+        // No daemon to ask: try again once it runs.
+        Some(control::ControlError::Connect { .. }) => return ErrorKind::Unavailable,
+        Some(_) => return ErrorKind::Failed,
+        None => {}
+    }
+    if e.downcast_ref::<enbd_node::cli::CliError>().is_some() {
+        return ErrorKind::Invalid;
+    }
+    ErrorKind::Failed
+}
+
+/// Writes command output to stdout. A reader that went away (`enbd-node list | grep -q x`)
+/// is not an error: the command stops quietly, as other Unix tools do.
+fn emit(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to stdout")),
+    }
+}
+
+macro_rules! say {
+    ($($arg:tt)*) => {
+        emit(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    // RUST_LOG, when set, overrides --log-level (a debugging escape hatch).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     // Colour only on a terminal: logs redirected to files stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
@@ -79,7 +123,6 @@ fn extra_services(cfg: &DaemonConfig) -> anyhow::Result<Vec<ExtraService>> {
             node_id: cfg.node_id.clone(),
             driver_name: cfg.driver_name.clone(),
             max_volumes: cfg.max_volumes,
-            topology_zone: cfg.topology_zone.clone(),
         };
         services.push(Box::new(move |mgr, stop| {
             Box::pin(async move {
@@ -92,7 +135,7 @@ fn extra_services(cfg: &DaemonConfig) -> anyhow::Result<Vec<ExtraService>> {
 }
 
 fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
+    init_logging(args.log_format, &args.log_level);
     let cfg = DaemonConfig {
         node_id: args.node_id.unwrap_or_else(hostname),
         csi_endpoint: args.csi_endpoint,
@@ -100,7 +143,6 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir,
         control_socket: args.control.control_socket,
         max_volumes: args.max_volumes,
-        topology_zone: args.topology_zone,
         metrics_listen: args.metrics_listen,
         journal_bytes: args.journal_bytes,
         tls_default: args.tls,
@@ -134,23 +176,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn call(socket: &std::path::Path, req: Request) -> anyhow::Result<Response> {
     let rt = runtime()?;
     let resp = rt.block_on(control::call(socket, &req))?;
-    if let Response::Error { message } = resp {
-        anyhow::bail!("{message}");
+    if let Response::Error { message, kind } = resp {
+        return Err(Classified { kind, message }.into());
     }
     Ok(resp)
 }
 
 fn client(socket: &std::path::Path, req: Request) -> anyhow::Result<()> {
     match call(socket, req)? {
-        Response::Detached { volume_id } => println!("detached {volume_id}"),
-        Response::Done => println!("ok"),
+        Response::Detached { volume_id } => say!("detached {volume_id}"),
+        Response::Done => say!("ok"),
         Response::Resized {
             volume_id,
             size_bytes,
-        } => println!("{volume_id}: {size_bytes} bytes"),
-        other => println!("{}", serde_json::to_string(&other)?),
+        } => say!(
+            "{volume_id}: {} ({size_bytes} bytes)",
+            enbd_proto::cli::human_bytes(size_bytes)
+        ),
+        other => say!("{}", serde_json::to_string(&other)?),
     }
-    Ok(())
 }
 
 fn attach(args: AttachArgs) -> anyhow::Result<()> {
@@ -178,8 +222,10 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
             device,
             size_bytes,
         } => {
-            println!("attached {volume_id} as {device} ({size_bytes} bytes)");
-            Ok(())
+            say!(
+                "attached {volume_id} as {device} ({}, {size_bytes} bytes)",
+                enbd_proto::cli::human_bytes(size_bytes)
+            )
         }
         other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
     }
@@ -203,8 +249,7 @@ fn promote(args: PromoteArgs) -> anyhow::Result<()> {
                 replica,
                 generation,
             } => {
-                println!("{volume_id}: replica {replica} promoted (generation {generation})");
-                Ok(())
+                say!("{volume_id}: replica {replica} promoted (generation {generation})")
             }
             other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
         };
@@ -223,11 +268,12 @@ fn promote(args: PromoteArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     let cfg = enbd_node::engine::mirror::MirrorConfig::new(args.volume.clone(), replicas);
     let rec = runtime()?.block_on(enbd_node::engine::mirror::promote(&cfg, &args.replica))?;
-    println!(
+    say!(
         "{}: replica {} promoted (generation {})",
-        args.volume, args.replica, rec.generation
-    );
-    Ok(())
+        args.volume,
+        args.replica,
+        rec.generation
+    )
 }
 
 /// Replaces a replica through the daemon that has the volume attached (its mirror makes the
@@ -253,11 +299,13 @@ fn replace(args: ReplaceArgs) -> anyhow::Result<()> {
             &args.replica,
             new.into(),
         ))?;
-        println!(
+        return say!(
             "{}: replica {} replaced by {} (generation {}); the next attach copies it in full",
-            args.volume, args.replica, args.with, done.record.generation
+            args.volume,
+            args.replica,
+            args.with,
+            done.record.generation
         );
-        return Ok(());
     }
     let req = Request::Replace {
         target: args.volume.clone(),
@@ -274,11 +322,10 @@ fn replace(args: ReplaceArgs) -> anyhow::Result<()> {
             created,
         } => {
             let how = if created { "created" } else { "found" };
-            println!(
+            say!(
                 "{volume_id}: replica {replica} replaced by {with} (generation {generation}; \
                  volume {how} there); it is resyncing a full copy: see `enbd-node list`"
-            );
-            Ok(())
+            )
         }
         other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
     }
@@ -289,42 +336,50 @@ fn list(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
         anyhow::bail!("unexpected answer from the daemon");
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&volumes)?);
-        return Ok(());
+        // Machine-readable: sizes stay in bytes.
+        return say!("{}", serde_json::to_string_pretty(&volumes)?);
     }
-    println!(
-        "{:<14} {:<24} {:>12} {:<11} {:<9} {:<16} CHANNELS",
+    emit(&list_table(&volumes))
+}
+
+/// The `list` table; sizes in binary units (`--json` gives bytes).
+fn list_table(volumes: &[VolumeView]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<14} {:<24} {:>10} {:<11} {:<9} {:<16} CHANNELS",
         "DEVICE", "VOLUME", "SIZE", "PHASE", "ENGINE", "BROWNOUT"
     );
-    for v in &volumes {
-        println!(
-            "{:<14} {:<24} {:>12} {:<11} {:<9} {:<16} {}",
+    for v in volumes {
+        let _ = writeln!(
+            out,
+            "{:<14} {:<24} {:>10} {:<11} {:<9} {:<16} {}",
             v.device,
             v.volume_id,
-            v.size_bytes,
+            enbd_proto::cli::human_bytes(v.size_bytes),
             v.phase,
             v.engine,
             v.brownout,
             channels(v)
         );
         for r in &v.replicas {
-            println!("  replica {}", replica_line(r));
+            let _ = writeln!(out, "  replica {}", replica_line(r));
         }
     }
-    Ok(())
+    out
 }
 
-/// `a 10.0.0.1:10809 gen 3 resyncing 12.0/100.0 MiB at 3.1 MiB/s`
+/// `a 10.0.0.1:10809 gen 3 resyncing 12.0 MiB/100.0 MiB at 3.1 MiB/s`
 fn replica_line(r: &control::ReplicaView) -> String {
-    const MIB: f64 = (1u64 << 20) as f64;
-    let mib = |b: u64| b as f64 / MIB;
+    use enbd_proto::cli::human_bytes;
     let mut line = format!("{} {} gen {} {}", r.id, r.address, r.generation, r.state);
     if let (Some(to_copy), Some(copied), Some(rate)) = (r.to_copy, r.copied, r.bytes_per_sec) {
         line.push_str(&format!(
-            " {:.1}/{:.1} MiB at {:.1} MiB/s",
-            mib(copied),
-            mib(to_copy),
-            mib(rate)
+            " {}/{} at {}/s",
+            human_bytes(copied),
+            human_bytes(to_copy),
+            human_bytes(rate)
         ));
     }
     if r.state != "in-sync"

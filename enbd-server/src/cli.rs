@@ -82,8 +82,13 @@ pub struct Cli {
     /// Prometheus metrics listen address [default: 0.0.0.0:9810; 127.0.0.1:9810 with --demo].
     #[arg(long, env = "ENBD_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Log output format.
     #[arg(long, env = "ENBD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Log verbosity: a level (trace, debug, info, warn, error, off) or directives
+    /// `[TARGET=]LEVEL,...` such as `info,enbd_server::session=debug`. RUST_LOG, when set, overrides it.
+    #[arg(long, env = "ENBD_LOG_LEVEL", default_value = enbd_proto::cli::DEFAULT_LOG_LEVEL, value_parser = enbd_proto::cli::parse_log_level)]
+    pub log_level: String,
     /// Serve a 1 GiB volume `demo` from an embedded default data directory on localhost.
     #[arg(long, env = "ENBD_DEMO")]
     pub demo: bool,
@@ -166,6 +171,8 @@ pub struct Config {
     pub max_inflight_bytes: u64,
     pub handshake_timeout: std::time::Duration,
     pub log_format: LogFormat,
+    /// `--log-level` directives (checked by the parser).
+    pub log_level: String,
     pub io_engine: IoEngineKind,
     pub io_threads: usize,
     pub shutdown_grace: std::time::Duration,
@@ -282,6 +289,7 @@ impl Cli {
             max_inflight_bytes: self.max_inflight_bytes,
             handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout_secs),
             log_format: self.log_format,
+            log_level: self.log_level,
             io_engine: self.io_engine,
             io_threads: self.io_threads.clamp(1, 256),
             shutdown_grace: std::time::Duration::from_secs(self.shutdown_grace_secs),

@@ -7,9 +7,10 @@ use clap::Parser;
 use enbd_server::cli::{Cli, LogFormat};
 use tokio_util::sync::CancellationToken;
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, level: &str) {
+    // RUST_LOG, when set, overrides --log-level (a debugging escape hatch).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -44,7 +45,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let demo = cli.demo;
     let cfg = cli.into_config().context("invalid configuration")?;
-    init_tracing(cfg.log_format);
+    init_tracing(cfg.log_format, &cfg.log_level);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("enbd-server")

@@ -14,6 +14,7 @@ pub mod enbd {
     tonic::include_proto!("enbd.v1");
 }
 
+pub mod cli;
 pub mod ids;
 pub mod metrics;
 pub mod params;

@@ -42,10 +42,61 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
-{{/* <repositoryPrefix><name>:<tag> of one ENBD image: call with (dict "ctx" $ "image" .Values.node.image). */}}
+{{/* One ENBD image: <repository>:<tag>, the repository being the component's image.repository or
+<repositoryPrefix><name>. Call with (dict "ctx" $ "image" .Values.node.image). */}}
 {{- define "enbd-csi.image" -}}
 {{- $tag := .image.tag | default .ctx.Values.image.tag | default .ctx.Chart.AppVersion -}}
-{{- printf "%s%s:%s" .ctx.Values.image.repositoryPrefix .image.name $tag -}}
+{{- $repo := .image.repository | default (printf "%s%s" .ctx.Values.image.repositoryPrefix .image.name) -}}
+{{- printf "%s:%s" $repo $tag -}}
+{{- end -}}
+
+{{/* A sidecar's image: its full `image` reference, with `repository` and/or `tag` replacing
+those parts when set (private registry mirrors). Call with the sidecar's values. */}}
+{{- define "enbd-csi.sidecarImage" -}}
+{{- $ref := .image -}}
+{{- $repo := $ref -}}
+{{- $tag := "" -}}
+{{- if regexMatch ":[^/:]+$" $ref -}}
+{{- $tag = regexFind "[^:]+$" $ref -}}
+{{- $repo = trimSuffix (printf ":%s" $tag) $ref -}}
+{{- end -}}
+{{- $repo = .repository | default $repo -}}
+{{- $tag = .tag | default $tag -}}
+{{- if $tag -}}
+{{- printf "%s:%s" $repo $tag -}}
+{{- else -}}
+{{- $repo -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the cluster serves the snapshot API (VolumeSnapshotClass, the snapshotter). */}}
+{{- define "enbd-csi.snapshotApi" -}}
+{{- if .Capabilities.APIVersions.Has "snapshot.storage.k8s.io/v1" -}}true{{- end -}}
+{{- end -}}
+
+{{/* The server pods' PriorityClass: the one named in values, else the chart's own. */}}
+{{- define "enbd-csi.serverPriorityClass" -}}
+{{- if .Values.server.priorityClassName -}}
+{{- .Values.server.priorityClassName -}}
+{{- else if .Values.server.priorityClass.create -}}
+{{- printf "%s-server" (include "enbd-csi.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The node plugin's memory limit: node.resources.limits.memory if set, else
+node.memory.baseMi + maxVolumes x (journalBytes + perVolumeBuffersMi), in Mi. */}}
+{{- define "enbd-csi.nodeResources" -}}
+{{- $n := .Values.node -}}
+{{- $r := deepCopy ($n.resources | default dict) -}}
+{{- $limits := $r.limits | default dict -}}
+{{- if and (not $limits.memory) (gt (int64 ($n.maxVolumes | default 0)) 0) -}}
+{{- $journalMi := div (int64 ($n.journalBytes | default 67108864)) 1048576 -}}
+{{- $perVolume := add $journalMi (int64 $n.memory.perVolumeBuffersMi) -}}
+{{- $mi := add (int64 $n.memory.baseMi) (mul (int64 $n.maxVolumes) $perVolume) -}}
+{{- $_ := set $limits "memory" (printf "%dMi" $mi) -}}
+{{- $_ := set $r "limits" $limits -}}
+{{- end -}}
+{{- toYaml $r -}}
 {{- end -}}
 
 {{/* The port number of a HOST:PORT listen address (IPv6 "[::]:10809" included). */}}

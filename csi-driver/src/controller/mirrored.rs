@@ -11,7 +11,7 @@ use super::source::{Source, source_of};
 use crate::capacity;
 use crate::error::{CsiError, invalid};
 use crate::mgmt;
-use crate::names::NAME_LABEL;
+use crate::names;
 use crate::placement;
 use crate::replicas;
 use crate::servers::LiveServer;
@@ -31,14 +31,13 @@ impl State {
         let range = req.capacity_range.as_ref();
         // As for a single copy: the full CSI name is recorded, so a (hashed) long name that
         // collides with another CSI name is AlreadyExists rather than the other's volume.
-        let mut labels = params.to_context();
-        labels.insert(NAME_LABEL.to_owned(), req.name.clone());
+        let labels = names::volume_labels(params.to_context(), &req.name, &req.parameters);
         let n = params.replicas as usize;
         let (record, holders) = replicas::find(&self.servers, name.as_str()).await?;
         for (server, vol) in &holders {
             let differs = if !capacity::satisfies(vol.size_bytes, range) {
                 Some("a size outside the requested capacity range")
-            } else if vol.labels != labels {
+            } else if names::comparable_labels(&vol.labels) != names::comparable_labels(&labels) {
                 Some("other parameters")
             } else {
                 None

@@ -119,7 +119,7 @@ impl State {
             // Volumes made before parameters were recorded carry none: nothing to compare.
             // The CSI name label is not a parameter (and older volumes lack it).
             let wanted = params.to_context();
-            let mut have = vol.labels.clone();
+            let mut have = names::comparable_labels(&vol.labels);
             have.remove(NAME_LABEL);
             if !have.is_empty() && have != wanted {
                 let mut differ: Vec<&str> = wanted
@@ -151,8 +151,8 @@ impl State {
         // The validated parameters (defaults filled in), so that a repeated CreateVolume
         // with other parameters is told AlreadyExists, as the CSI spec requires; and the CSI
         // name, so that a derived name's owner can be confirmed.
-        let mut labels = params.to_context();
-        labels.insert(NAME_LABEL.to_owned(), req.name.clone());
+        // And the claim's names (--extra-create-metadata), for operators.
+        let labels = names::volume_labels(params.to_context(), &req.name, &req.parameters);
         let create = pb::CreateVolumeRequest {
             name: name.to_string(),
             size_bytes: size,
@@ -275,9 +275,29 @@ impl State {
         let (page, next_token) = paginate(items, req.max_entries, &req.starting_token, |t| {
             VolumeId::parse(t).is_ok()
         })?;
-        let entries = page
-            .into_iter()
-            .map(|(id, v)| list_volumes_response::Entry {
+        let mut entries = Vec::with_capacity(page.len());
+        for (id, v) in page {
+            // A mirror's condition is its replica set's (the health monitor reads it here:
+            // it prefers ListVolumes to ControllerGetVolume); a single copy listed by its
+            // live server is serving.
+            let mirrored = v
+                .labels
+                .get(enbd_proto::params::REPLICAS)
+                .and_then(|r| r.parse::<u16>().ok())
+                .is_some_and(|r| r > 1);
+            let condition = match self.servers.lookup(id.server()) {
+                Lookup::Live(server) if mirrored => {
+                    match replicas::abnormal(&self.servers, &server, id.name().as_str()).await {
+                        Some(message) => VolumeCondition {
+                            abnormal: true,
+                            message,
+                        },
+                        None => normal(id.server()),
+                    }
+                }
+                _ => normal(id.server()),
+            };
+            entries.push(list_volumes_response::Entry {
                 volume: Some(Volume {
                     capacity_bytes: to_i64(v.size_bytes),
                     volume_id: id.to_string(),
@@ -287,10 +307,10 @@ impl State {
                 }),
                 status: Some(list_volumes_response::VolumeStatus {
                     published_node_ids: self.publications.nodes(&id.to_string()),
-                    volume_condition: Some(normal(id.server())),
+                    volume_condition: Some(condition),
                 }),
-            })
-            .collect();
+            });
+        }
         Ok(ListVolumesResponse {
             entries,
             next_token,

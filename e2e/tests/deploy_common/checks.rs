@@ -130,6 +130,7 @@ pub fn check_set(set: &RenderSet, targets: &[ImageTarget]) -> Vec<String> {
     discovery(set, &mut p);
     rbac(set, &mut p);
     monitoring(set, &mut p);
+    defaults(set, &mut p);
     p.into_iter()
         .map(|m| format!("{}: {m}", set.name))
         .collect()
@@ -493,6 +494,7 @@ const SIDECARS: &[&str] = &[
     "csi-attacher",
     "csi-resizer",
     "csi-snapshotter",
+    "csi-external-health-monitor-controller",
     "livenessprobe",
     "csi-node-driver-registrar",
 ];
@@ -1091,6 +1093,30 @@ fn rbac(set: &RenderSet, p: &mut Vec<String>) {
             &["get", "list"],
         ),
     ];
+    let driver_args = containers(spec)
+        .find(|c| image_name(c.image.as_deref().unwrap_or("")) == "enbd-csi-driver")
+        .map(args)
+        .unwrap_or_default();
+    if driver_args.iter().any(|a| a == "--events") {
+        // kube-rs's Recorder writes events.k8s.io/v1 Events; the claims behind a server's
+        // volumes are found through the PVs' volume handles.
+        needs.extend([
+            ("events.k8s.io", "events", &["create", "patch"][..]),
+            ("", "persistentvolumes", &["list", "watch"][..]),
+        ]);
+    }
+    if runs("csi-external-health-monitor-controller") {
+        needs.extend([
+            (
+                "",
+                "events",
+                &["get", "list", "watch", "create", "patch"][..],
+            ),
+            ("", "persistentvolumeclaims", &["get", "list", "watch"][..]),
+            ("", "nodes", &["get", "list", "watch"][..]),
+            ("", "pods", &["get", "list", "watch"][..]),
+        ]);
+    }
     if runs("csi-snapshotter") {
         needs.extend([
             (
@@ -1267,5 +1293,151 @@ fn monitoring(set: &RenderSet, p: &mut Vec<String>) {
                 }
             }
         }
+    }
+/// Memory quantity in bytes (`512Mi`, `2Gi`, `1G`, plain bytes); `None` if unparsable.
+fn quantity_bytes(q: &str) -> Option<u64> {
+    let split = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
+    let (n, unit) = q.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mult: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" => 1000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Defaults that must hold on real clusters: a syscall filter on every unprivileged
+/// container, a --log-level on every ENBD binary, one controller replica (its publish
+/// records are per process), servers with a priority class that exists or is named, the
+/// node plugin's memory limit above what its journals may hold, and the snapshotter only
+/// beside a VolumeSnapshotClass-capable cluster (both or neither).
+fn defaults(set: &RenderSet, p: &mut Vec<String>) {
+    for (w, spec) in set.workloads() {
+        let pod_seccomp = spec
+            .security_context
+            .as_ref()
+            .and_then(|s| s.seccomp_profile.as_ref())
+            .map(|s| s.type_.as_str());
+        for c in containers(spec) {
+            let sc = c.security_context.as_ref();
+            if sc.and_then(|s| s.privileged) == Some(true) {
+                continue;
+            }
+            let own = sc
+                .and_then(|s| s.seccomp_profile.as_ref())
+                .map(|s| s.type_.as_str());
+            if own.or(pod_seccomp) != Some("RuntimeDefault") {
+                p.push(format!(
+                    "{w}/{}: unprivileged container without seccompProfile RuntimeDefault",
+                    c.name
+                ));
+            }
+        }
+        for c in containers(spec) {
+            let image = image_name(c.image.as_deref().unwrap_or(""));
+            if matches!(image, "enbd-server" | "enbd-csi-driver" | "enbd-node")
+                && flag(args(c), "--log-level").is_none()
+            {
+                p.push(format!("{w}/{}: no --log-level", c.name));
+            }
+        }
+    }
+    for o in &set.objects {
+        match o {
+            Object::Deployment(d) => {
+                let replicas = d.spec.replicas.unwrap_or(1);
+                if replicas > 1 {
+                    p.push(format!(
+                        "{}: {replicas} controller replicas; the publish records are per process",
+                        o.name()
+                    ));
+                }
+            }
+            Object::StatefulSet(_) => {
+                let Some((w, spec)) = o.pod_spec() else {
+                    continue;
+                };
+                match spec.priority_class_name.as_deref() {
+                    None | Some("") => {
+                        p.push(format!("{w}: enbd-server pods without a priority class"))
+                    }
+                    Some(name) => {
+                        let created = set
+                            .objects
+                            .iter()
+                            .any(|pc| matches!(pc, Object::PriorityClass(_)) && pc.name() == name);
+                        let system = name.starts_with("system-");
+                        let chart_named = name.ends_with("-server");
+                        if chart_named && !created && !system {
+                            p.push(format!(
+                                "{w}: priority class {name} is neither created nor named in values"
+                            ));
+                        }
+                    }
+                }
+            }
+            Object::PriorityClass(pc) => {
+                if pc.value.unwrap_or(0) > 1_000_000_000 {
+                    p.push(format!(
+                        "{}: value {:?} above the non-system maximum",
+                        o.name(),
+                        pc.value
+                    ));
+                }
+                if pc.global_default == Some(true) {
+                    p.push(format!(
+                        "{}: must not be the cluster's global default",
+                        o.name()
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    // The node plugin's memory limit holds every journal full.
+    for (w, spec) in set.workloads() {
+        let Some(node) =
+            containers(spec).find(|c| image_name(c.image.as_deref().unwrap_or("")) == "enbd-node")
+        else {
+            continue;
+        };
+        let max_volumes: u64 = flag(args(node), "--max-volumes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let journal: u64 = flag(args(node), "--journal-bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64 << 20);
+        let limit = node
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get("memory"))
+            .map(|q| q.0.as_str());
+        match (limit.map(quantity_bytes), max_volumes) {
+            (None, _) => p.push(format!("{w}: enbd-node has no memory limit")),
+            (Some(None), _) => p.push(format!("{w}: enbd-node memory limit {limit:?} unparsable")),
+            (Some(Some(bytes)), n) if n > 0 && bytes < n * journal => p.push(format!(
+                "{w}: enbd-node memory limit {bytes} B is below {n} volumes x {journal} B of journal"
+            )),
+            _ => {}
+        }
+    }
+    // Snapshots: the sidecar and the class come together (both need the snapshot API).
+    let runs_snapshotter = set.workloads().any(|(_, spec)| {
+        containers(spec).any(|c| image_name(c.image.as_deref().unwrap_or("")) == "csi-snapshotter")
+    });
+    let has_class = set
+        .objects
+        .iter()
+        .any(|o| matches!(o, Object::VolumeSnapshotClass(_)));
+    if has_class && !runs_snapshotter {
+        p.push("a VolumeSnapshotClass but no csi-snapshotter to serve it".to_string());
     }
 }

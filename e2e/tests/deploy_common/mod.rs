@@ -17,6 +17,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PodSpec, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
@@ -97,6 +98,7 @@ pub enum Object {
     StatefulSet(StatefulSet),
     Secret(Secret),
     NetworkPolicy(NetworkPolicy),
+    PriorityClass(PriorityClass),
     /// cert-manager Issuer or Certificate.
     CertManager(CertManagerObject),
     /// The Grafana dashboard.
@@ -123,6 +125,7 @@ impl Object {
             Object::StatefulSet(_) => StatefulSet::KIND,
             Object::Secret(_) => Secret::KIND,
             Object::NetworkPolicy(_) => NetworkPolicy::KIND,
+            Object::PriorityClass(_) => PriorityClass::KIND,
             Object::CertManager(o) if o.kind == "Issuer" => "Issuer",
             Object::CertManager(_) => "Certificate",
             Object::ConfigMap(_) => ConfigMap::KIND,
@@ -149,6 +152,7 @@ impl Object {
             Object::StatefulSet(o) => &o.metadata,
             Object::Secret(o) => &o.metadata,
             Object::NetworkPolicy(o) => &o.metadata,
+            Object::PriorityClass(o) => &o.metadata,
             Object::CertManager(o) => &o.metadata,
             Object::ConfigMap(o) => &o.metadata,
             Object::Monitoring(o) => &o.metadata,
@@ -168,6 +172,7 @@ impl Object {
                 | Object::CsiDriver(_)
                 | Object::StorageClass(_)
                 | Object::VolumeSnapshotClass(_)
+                | Object::PriorityClass(_)
         )
     }
 
@@ -271,6 +276,7 @@ pub fn parse_object(v: &Value) -> Result<Object, String> {
         Secret => Secret,
         NetworkPolicy => NetworkPolicy,
         ConfigMap => ConfigMap,
+        PriorityClass => PriorityClass,
     );
     if api_version == "monitoring.coreos.com/v1"
         && matches!(kind, "ServiceMonitor" | "PodMonitor" | "PrometheusRule")
@@ -404,9 +410,20 @@ pub fn helm_path() -> PathBuf {
 
 /// The value sets: "default", "kind" (e2e/kind/values-kind.yaml, what the kind suite
 /// installs) and each e2e/chart/values-<name>.yaml. e2e/chart/check.sh renders the same.
+/// The API version whose presence decides the VolumeSnapshotClass and the snapshotter.
+pub const SNAPSHOT_API: &str = "snapshot.storage.k8s.io/v1";
+
+/// A render without the snapshot API: the default values on a cluster without the
+/// snapshot CRDs (every other set is rendered as for a cluster that has them).
+pub const NO_SNAPSHOT_SET: &str = "default-nosnapshot";
+
+/// Every value set with its values file, rendered with `--api-versions` [`SNAPSHOT_API`]
+/// (a cluster with the snapshot CRDs), plus [`NO_SNAPSHOT_SET`] rendered without it.
+/// e2e/chart/check.sh renders the same list.
 pub fn value_sets() -> Vec<(String, Option<PathBuf>)> {
     let mut sets = vec![
         ("default".to_string(), None),
+        (NO_SNAPSHOT_SET.to_string(), None),
         (
             "kind".to_string(),
             Some(repo_root().join("e2e/kind/values-kind.yaml")),
@@ -448,6 +465,9 @@ fn render_with_helm() -> Vec<(String, String)> {
                 .args(["--namespace", NAMESPACE]);
             if let Some(v) = &values {
                 cmd.arg("-f").arg(v);
+            }
+            if name != NO_SNAPSHOT_SET {
+                cmd.args(["--api-versions", SNAPSHOT_API]);
             }
             let out = cmd
                 .output()

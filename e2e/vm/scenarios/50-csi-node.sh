@@ -16,7 +16,7 @@ csi_cleanup() {
 }
 
 start_server
-enbd-node daemon --node-id vm-node --topology-zone zone-a --csi-endpoint "unix://$CSI_SOCK" \
+enbd-node daemon --node-id vm-node --csi-endpoint "unix://$CSI_SOCK" \
   --state-dir "$STATE_DIR" --metrics-listen 127.0.0.1:9812 >> daemon.log 2>&1 &
 DAEMON_PID=$!
 wait_until 30 daemon_ready
@@ -30,7 +30,7 @@ kver=$(uname -r | awk -F. '{print $1 * 1000 + $2}')
 [ "$kver" -ge 6016 ] && resize_flag=--online-resize
 rc=0
 csi-node-conformance --endpoint "unix://$CSI_SOCK" --mgmt http://127.0.0.1:10810 \
-  --node-id vm-node --zone zone-a --work-dir "$WORK" $resize_flag || rc=$?
+  --node-id vm-node --work-dir "$WORK" $resize_flag || rc=$?
 
 left=$(awk -v w="$WORK" 'index($2, w) == 1' /proc/self/mounts)
 if [ -n "$left" ]; then

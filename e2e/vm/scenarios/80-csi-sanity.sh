@@ -49,7 +49,7 @@ start_server
 csi-driver --endpoint "unix://$CTL_SOCK" --discovery static --servers vm=http://127.0.0.1:10810 \
   --nodes vm-node --metrics-listen 127.0.0.1:9811 >> controller.log 2>&1 &
 CTL_PID=$!
-enbd-node daemon --node-id vm-node --topology-zone zone-a --csi-endpoint "unix://$NODE_SOCK" \
+enbd-node daemon --node-id vm-node --csi-endpoint "unix://$NODE_SOCK" \
   --state-dir "$STATE_DIR" --metrics-listen 127.0.0.1:9812 >> daemon.log 2>&1 &
 DAEMON_PID=$!
 wait_until 30 test -S "$CTL_SOCK"

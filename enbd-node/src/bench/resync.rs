@@ -34,13 +34,16 @@ pub struct ResyncBenchArgs {
     /// ID@HOST:PORT@http://HOST:PORT per replica (2 or 3), as for `attach --replica`.
     #[arg(long = "replica", value_delimiter = ',', required = true)]
     pub replicas: Vec<String>,
+    /// Export (volume) name on the servers.
     #[arg(long, default_value = "demo")]
     pub export: String,
     /// Id of the replica whose server the caller kills (default: the last one).
     #[arg(long)]
     pub drop: Option<String>,
+    /// How the writes made while the replica is away are spread.
     #[arg(long, value_enum, default_value_t = WritePattern::Random)]
     pub pattern: WritePattern,
+    /// Write size: bytes, or with a k/m suffix.
     #[arg(long, default_value = "4k")]
     pub bs: ByteSize,
     /// Bytes of the volume the writes fall in (from offset 0).
@@ -58,6 +61,7 @@ pub struct ResyncBenchArgs {
     /// Writes in flight.
     #[arg(long, default_value_t = 32)]
     pub depth: usize,
+    /// A replica silent this long is dropped (`500ms`, `1s`).
     #[arg(long, default_value = "1s")]
     pub replica_timeout: String,
 }

@@ -6,12 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use enbd_proto::csi::identity_server::Identity;
-use enbd_proto::csi::plugin_capability::{
-    Service, Type as PluginCapType, service::Type as ServiceType,
-};
 use enbd_proto::csi::{
     GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
-    GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
+    GetPluginInfoResponse, ProbeRequest, ProbeResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::warn;
@@ -21,7 +18,6 @@ use super::attacher::Attacher;
 
 pub struct IdentityService<A> {
     driver_name: String,
-    topology: bool,
     attacher: Arc<A>,
 }
 
@@ -29,7 +25,6 @@ impl<A: Attacher> IdentityService<A> {
     pub fn new(config: &NodeConfig, attacher: Arc<A>) -> Self {
         Self {
             driver_name: config.driver_name.clone(),
-            topology: config.topology_zone.is_some(),
             attacher,
         }
     }
@@ -52,18 +47,10 @@ impl<A: Attacher> Identity for IdentityService<A> {
         &self,
         _request: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
-        // The node plugin serves no controller; it only says whether it reports topology.
-        let capabilities = if self.topology {
-            vec![PluginCapability {
-                r#type: Some(PluginCapType::Service(Service {
-                    r#type: ServiceType::VolumeAccessibilityConstraints as i32,
-                })),
-            }]
-        } else {
-            Vec::new()
-        };
+        // The node plugin serves no controller, and volumes are reachable over the network
+        // from every node: no VOLUME_ACCESSIBILITY_CONSTRAINTS (README: "Topology").
         Ok(Response::new(GetPluginCapabilitiesResponse {
-            capabilities,
+            capabilities: Vec::new(),
         }))
     }
 

@@ -29,7 +29,7 @@ use tracing::info;
 
 pub use attacher::{AttachSpec, AttachedDevice, Attacher, AttacherError, VolumeHealth};
 pub use identity::IdentityService;
-pub use node::{NodeService, TOPOLOGY_ZONE_KEY};
+pub use node::NodeService;
 
 /// What the node service reports about this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,8 +40,6 @@ pub struct NodeConfig {
     pub driver_name: String,
     /// Most volumes this node attaches at once; 0 means no limit.
     pub max_volumes: u64,
-    /// Reported under `topology.enbd.io/zone` when set.
-    pub topology_zone: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,6 @@
 //! device layer on every call, so repeated calls are answered from reality: the same
 //! request twice succeeds twice, an incompatible one gets `AlreadyExists`.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,9 +30,6 @@ use super::error::NodeError;
 use super::layout::{self, DevNum, STAGED_DEVICE_FILE, Staged};
 use super::locks::{VolumeGuard, VolumeLocks};
 use super::validate::{self, Access, Capability};
-
-/// Topology key under which the node's zone is reported.
-pub const TOPOLOGY_ZONE_KEY: &str = "topology.enbd.io/zone";
 
 pub struct NodeService<A> {
     inner: Arc<Inner<A>>,
@@ -867,13 +863,11 @@ impl<A: Attacher> Node for NodeService<A> {
         _request: Request<NodeGetInfoRequest>,
     ) -> Result<Response<NodeGetInfoResponse>, Status> {
         let c = &self.inner.config;
-        let accessible_topology = c.topology_zone.as_ref().map(|zone| Topology {
-            segments: HashMap::from([(TOPOLOGY_ZONE_KEY.to_string(), zone.clone())]),
-        });
         Ok(Response::new(NodeGetInfoResponse {
             node_id: c.node_id.clone(),
             max_volumes_per_node: i64::try_from(c.max_volumes).unwrap_or(i64::MAX),
-            accessible_topology,
+            // Reachable from every node: no topology segments (README: "Topology").
+            accessible_topology: None,
         }))
     }
 }

@@ -21,10 +21,11 @@ pub enum BrownoutPolicy {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error(
-        "brownout policy {0:?}: expected `wait` or `fail-after=<duration>` (e.g. 2s, 500ms, 1m)"
+        "brownout policy {0:?}: expected `wait` or `fail-after=<duration>` (e.g. 2s, 500ms, 1m30s)"
     )]
     BadBrownout(String),
-    #[error("duration {0:?}: expected a number followed by ms, s, m or h")]
+    /// The shared parser's message (it names the duration).
+    #[error("{0}")]
     BadDuration(String),
     #[error("no server address given")]
     NoServers,
@@ -42,49 +43,26 @@ pub enum ConfigError {
     BadQueueDepth,
 }
 
-/// Parses `500ms`, `2s`, `1m`, `1h` (a bare number means seconds).
+/// Parses a duration in the one syntax shared with the StorageClass parameters
+/// ([`enbd_proto::params::parse_duration`]): `500ms`, `2s`, `1m`, `1h` or a sum such as
+/// `1m30s`; zero is refused.
 pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
-    let bad = || ConfigError::BadDuration(s.to_owned());
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(bad()),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|_| bad())
+    enbd_proto::params::parse_duration(s.trim()).map_err(ConfigError::BadDuration)
 }
 
 fn format_duration(d: Duration) -> String {
-    if d.subsec_nanos() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
+    enbd_proto::params::format_duration(d)
 }
 
 impl FromStr for BrownoutPolicy {
     type Err = ConfigError;
+    /// The StorageClass parameter's parser, so that `attach --brownout` and a StorageClass
+    /// accept exactly the same values.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let t = s.trim();
-        if t == "wait" {
-            return Ok(Self::Wait);
-        }
-        match t.strip_prefix("fail-after=") {
-            Some(d) => {
-                let d = parse_duration(d).map_err(|_| ConfigError::BadBrownout(s.to_owned()))?;
-                if d.is_zero() {
-                    return Err(ConfigError::BadBrownout(s.to_owned()));
-                }
-                Ok(Self::FailAfter(d))
-            }
-            None => Err(ConfigError::BadBrownout(s.to_owned())),
+        match s.trim().parse::<enbd_proto::params::Brownout>() {
+            Ok(enbd_proto::params::Brownout::Wait) => Ok(Self::Wait),
+            Ok(enbd_proto::params::Brownout::FailAfter(d)) => Ok(Self::FailAfter(d)),
+            Err(_) => Err(ConfigError::BadBrownout(s.to_owned())),
         }
     }
 }
@@ -206,12 +184,20 @@ mod tests {
             BrownoutPolicy::FailAfter(Duration::from_millis(1500)).to_string(),
             "fail-after=1500ms"
         );
+        // The StorageClass syntax: sums of units, as `brownout: fail-after=1m30s` takes.
+        assert_eq!(
+            "fail-after=1m30s".parse::<BrownoutPolicy>(),
+            Ok(BrownoutPolicy::FailAfter(Duration::from_secs(90)))
+        );
+        assert_eq!(parse_duration("1h2m3s"), Ok(Duration::from_secs(3723)));
         for bad in [
             "",
             "fail",
             "fail-after=",
             "fail-after=0s",
             "fail-after=3x",
+            "fail-after=30",
+            "fail-after=1.5s",
             "waitx",
         ] {
             assert!(bad.parse::<BrownoutPolicy>().is_err(), "{bad:?} accepted");
