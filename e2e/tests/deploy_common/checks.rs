@@ -1294,6 +1294,8 @@ fn monitoring(set: &RenderSet, p: &mut Vec<String>) {
             }
         }
     }
+}
+
 /// Memory quantity in bytes (`512Mi`, `2Gi`, `1G`, plain bytes); `None` if unparsable.
 fn quantity_bytes(q: &str) -> Option<u64> {
     let split = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
