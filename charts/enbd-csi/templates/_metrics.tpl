@@ -10,6 +10,6 @@ true
 {{- define "enbd-csi.controllerMetricsPorts" -}}
 metrics
 {{- if .Values.metrics.sidecars.enabled }} m-provisioner m-attacher m-resizer
-{{- if .Values.sidecars.snapshotter.enabled }} m-snapshotter{{ end }}
+{{- if and .Values.sidecars.snapshotter.enabled (include "enbd-csi.snapshotApi" .) }} m-snapshotter{{ end }}
 {{- end }}
 {{- end -}}
