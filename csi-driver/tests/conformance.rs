@@ -1419,6 +1419,71 @@ async fn snapshots_and_restores() {
         .expect("restored volume still there");
 }
 
+/// A server without reflink copies snapshots in the background (paced here to 4 MiB/s, so a
+/// 16 MiB volume takes about four seconds): CreateSnapshot answers not ready, then ready as
+/// the snapshotter polls; a restore from it is refused until then; a clone waits out its copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_not_ready_until_copied_refuses_restores() {
+    let server = EnbdServer::builder()
+        .id("s0")
+        .args(["--copy-rate-bytes=4194304"])
+        .start();
+    let d = Driver::start(&[&server]).await;
+    let v = d.create("pvc-src", 16 * MIB).await;
+    let s1 = d.snapshot("snap-1", &v.volume_id).await;
+    assert!(!s1.ready_to_use, "a 4 s copy is not ready at once");
+    let listed = d
+        .ctl()
+        .list_snapshots(ListSnapshotsRequest {
+            snapshot_id: s1.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!listed.entries[0].snapshot.as_ref().unwrap().ready_to_use);
+
+    let snap_source = VolumeContentSource {
+        r#type: Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: s1.snapshot_id.clone(),
+        })),
+    };
+    let mut restore = create_req("pvc-restore", 16 * MIB);
+    restore.volume_content_source = Some(snap_source);
+    let msg = assert_code(
+        d.ctl().create_volume(restore.clone()).await,
+        Code::FailedPrecondition,
+    );
+    assert!(msg.contains("not ready"), "{msg}");
+
+    // A clone copies the same way; CreateVolume waits for it (it is well under 20 s).
+    let mut clone = create_req("pvc-clone", 16 * MIB);
+    clone.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(SourceType::Volume(VolumeSource {
+            volume_id: v.volume_id.clone(),
+        })),
+    });
+    let c = d.ctl().create_volume(clone).await.unwrap().into_inner();
+    assert!(c.volume.unwrap().content_source.is_some());
+
+    let mut polls = 0;
+    loop {
+        let s = d.snapshot("snap-1", &v.volume_id).await;
+        assert_eq!(s.snapshot_id, s1.snapshot_id);
+        assert_eq!(
+            s.creation_time, s1.creation_time,
+            "the instant does not move"
+        );
+        if s.ready_to_use {
+            break;
+        }
+        polls += 1;
+        assert!(polls < 600, "the snapshot never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    d.ctl().create_volume(restore).await.unwrap();
+}
+
 // ---------------------------------------------------------------- volume condition
 
 #[tokio::test]
@@ -2113,4 +2178,132 @@ async fn mirrored_volume_follows_a_replacement_of_its_gone_home() {
     for s in &servers {
         assert_eq!(exists_on(s, "rep").await, None, "{} still holds it", s.id());
     }
+}
+
+// ---------------------------------------------------------------- node-scoped access
+
+/// ENBD_OPT_ACCESS with `token` on `server`'s NBD port; true if it was acknowledged
+/// (written from the protocol, independent of the codec).
+async fn token_opens(server: &EnbdServer, token: &str) -> bool {
+    use tokio::net::TcpStream;
+    let mut s = TcpStream::connect(server.nbd()).await.expect("connect");
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).await.expect("greeting");
+    let mut out = 3u32.to_be_bytes().to_vec(); // fixed newstyle, no zeroes
+    out.extend(0x4948_4156_454f_5054u64.to_be_bytes());
+    out.extend(0x454e_4244u32.to_be_bytes());
+    out.extend((token.len() as u32).to_be_bytes());
+    out.extend(token.as_bytes());
+    s.write_all(&out).await.expect("send");
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).await.expect("reply");
+    let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    ty == 1
+}
+
+#[tokio::test]
+async fn publish_grants_access_on_every_replica_and_unpublish_revokes_it() {
+    let published = |id: &str| {
+        EnbdServer::builder()
+            .id(id)
+            .args(["--access=published"])
+            .start()
+    };
+    let (a, b, c) = (published("srv-a"), published("srv-b"), published("srv-c"));
+    let mut d = Driver::start(&[&a, &b, &c]).await;
+    let mut req = create_req("guarded", 4 * MIB);
+    req.parameters = params(&[("replicas", "2")]);
+    let vol = d
+        .ctl()
+        .create_volume(req)
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .unwrap();
+    let publish_req = ControllerPublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        node_id: "node-1".into(),
+        volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+        ..Default::default()
+    };
+    let ctx = d
+        .ctl()
+        .controller_publish_volume(publish_req.clone())
+        .await
+        .expect("publish")
+        .into_inner()
+        .publish_context;
+    let token = ctx
+        .get(enbd_proto::params::PUBLISH_ACCESS_TOKEN)
+        .expect("the token is in publish_context")
+        .clone();
+    assert_eq!(token.len(), 64);
+
+    let mut holders = Vec::new();
+    for s in [&a, &b, &c] {
+        if exists_on(s, "guarded").await.is_some() {
+            holders.push(s);
+        }
+    }
+    assert_eq!(holders.len(), 2);
+    for s in &holders {
+        assert!(token_opens(s, &token).await, "{} refused the token", s.id());
+    }
+    let outsider = [&a, &b, &c]
+        .into_iter()
+        .find(|s| !holders.iter().any(|h| h.id() == s.id()))
+        .unwrap();
+    assert!(
+        !token_opens(outsider, &token).await,
+        "a server without the volume"
+    );
+
+    // The attacher's retry and a restarted controller hand out the same token.
+    let again = d
+        .ctl()
+        .controller_publish_volume(publish_req.clone())
+        .await
+        .expect("repeat publish")
+        .into_inner()
+        .publish_context;
+    assert_eq!(
+        again.get(enbd_proto::params::PUBLISH_ACCESS_TOKEN),
+        Some(&token)
+    );
+    drop(d);
+    d = Driver::start(&[&a, &b, &c]).await;
+    let after_restart = d
+        .ctl()
+        .controller_publish_volume(publish_req.clone())
+        .await
+        .expect("publish after a controller restart")
+        .into_inner()
+        .publish_context;
+    assert_eq!(
+        after_restart.get(enbd_proto::params::PUBLISH_ACCESS_TOKEN),
+        Some(&token)
+    );
+
+    // Unpublish revokes on every replica; repeating it succeeds.
+    let unpublish = ControllerUnpublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        node_id: "node-1".into(),
+        ..Default::default()
+    };
+    d.ctl()
+        .controller_unpublish_volume(unpublish.clone())
+        .await
+        .expect("unpublish");
+    for s in &holders {
+        assert!(
+            !token_opens(s, &token).await,
+            "{} still takes the token",
+            s.id()
+        );
+    }
+    d.ctl()
+        .controller_unpublish_volume(unpublish)
+        .await
+        .expect("repeat unpublish");
 }

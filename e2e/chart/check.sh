@@ -6,7 +6,10 @@
 #   4. deploy/manifests is what deploy/render-manifests.sh renders now; the metrics
 #      extras (ServiceMonitor, PodMonitor, PrometheusRule) are rendered only when enabled
 #      and the monitoring.coreos.com/v1 API is served (or metrics.skipApiCheck);
-#   5. the Rust tests e2e/tests/deploy_*.rs: every rendered object and every manifest
+#   5. the real cluster's install (e2e/cluster/values-cluster.yaml) uses only images that
+#      e2e/cluster/images.py builds, never pulled; images.py's offline images agree with
+#      deploy/Dockerfile (entrypoint, user, ports, binaries' paths, node packages);
+#   6. the Rust tests e2e/tests/deploy_*.rs: every rendered object and every manifest
 #      deserialised strictly into its Kubernetes API type, cross-checked against the
 #      binaries' real command lines; management TLS (deploy_tls.rs): flags, mounted
 #      certificate Secrets, NetworkPolicy peers, and Helm's generated certificates used
@@ -25,12 +28,13 @@ if [ ! -x "$HELM" ]; then
 fi
 step() { echo "== check: $*"; }
 
-# Value sets: the defaults, each e2e/chart/values-*.yaml, and what the kind suite installs,
-# each rendered as for a cluster that serves the snapshot API (--api-versions); and
+# Value sets: the defaults, each e2e/chart/values-*.yaml, and what the kind suite and the
+# real-cluster run (e2e/cluster/values-cluster.yaml) install, each rendered as for a
+# cluster that serves the snapshot API (--api-versions); and
 # default-nosnapshot: the defaults on a cluster without the snapshot CRDs. The Rust side
 # (deploy_common::value_sets) lists the same sets.
 SNAPSHOT_API=snapshot.storage.k8s.io/v1
-sets=(default default-nosnapshot kind)
+sets=(default default-nosnapshot kind cluster)
 for f in "$ROOT"/e2e/chart/values-*.yaml; do
   s=$(basename "$f" .yaml); sets+=("${s#values-}")
 done
@@ -38,6 +42,7 @@ values_args() {
   case "$1" in
     default|default-nosnapshot) ;;
     kind) echo "-f $ROOT/e2e/kind/values-kind.yaml" ;;
+    cluster) echo "-f $ROOT/e2e/cluster/values-cluster.yaml" ;;
     *) echo "-f $ROOT/e2e/chart/values-$1.yaml" ;;
   esac
 }
@@ -151,6 +156,25 @@ done
 
 step "deploy/manifests up to date"
 HELM="$HELM" "$ROOT/deploy/render-manifests.sh" --check
+
+step "real-cluster images: built offline, never pulled; parity with deploy/Dockerfile"
+built=$(python3 "$ROOT/e2e/cluster/images.py" refs)
+used=$(sed -nE 's/^ +image: "?([^" ]+)"?$/\1/p' "$OUT/cluster.yaml" | sort -u)
+[ -n "$used" ] || { echo "check: no images in the cluster render" >&2; exit 1; }
+for img in $used; do
+  grep -qxF "$img" <<<"$built" || { echo "check: the cluster install uses $img, which e2e/cluster/images.py does not build" >&2; exit 1; }
+done
+if grep -E '^ +imagePullPolicy:' "$OUT/cluster.yaml" | grep -qv 'Never$'; then
+  echo "check: the cluster install may pull an image (imagePullPolicy other than Never)" >&2; exit 1
+fi
+echo "   cluster: $(wc -w <<<"$used") images, all built by images.py, pullPolicy Never"
+python3 "$ROOT/e2e/cluster/images.py" parity
+diverged=$(mktemp)
+sed 's/^EXPOSE 9811$/EXPOSE 9811 9999/' "$ROOT/deploy/Dockerfile" >"$diverged"
+if python3 "$ROOT/e2e/cluster/images.py" parity --dockerfile "$diverged" 2>/dev/null; then
+  rm -f "$diverged"; echo "check: the parity check accepted a Dockerfile exposing another port" >&2; exit 1
+fi
+rm -f "$diverged"
 
 step "strict validation against the Kubernetes API types and the binaries' CLIs"
 cd "$ROOT"

@@ -354,7 +354,7 @@ fn dockerfile_builds_what_the_images_run() {
 }
 
 #[test]
-fn kind_values_provide_the_classes_the_kind_tests_use() {
+fn kind_and_cluster_values_provide_the_classes_the_kind_tests_use() {
     // The kind tests name their classes in kind_common (a separate test crate): read them
     // from the source so the two cannot drift apart.
     let source = std::fs::read_to_string(repo_root().join("e2e/tests/kind_common/mod.rs"))
@@ -367,17 +367,23 @@ fn kind_values_provide_the_classes_the_kind_tests_use() {
         .collect();
     assert!(used.len() >= 4, "class constants in kind_common: {used:?}");
     let sets = chart_renders();
-    let kind = sets.iter().find(|s| s.name == "kind").expect("kind render");
-    for (constant, class) in used {
-        let snapshot = constant == "SNAPSHOT_CLASS";
-        let found = kind.objects.iter().any(|o| {
-            o.name() == class
-                && match o {
-                    Object::VolumeSnapshotClass(_) => snapshot,
-                    Object::StorageClass(_) => !snapshot,
-                    _ => false,
-                }
-        });
-        assert!(found, "the kind install lacks {constant} = {class}");
+    // The same test binaries run against kind and against e2e/cluster.
+    for install in ["kind", "cluster"] {
+        let set = sets
+            .iter()
+            .find(|s| s.name == install)
+            .unwrap_or_else(|| panic!("{install} render"));
+        for &(constant, class) in &used {
+            let snapshot = constant == "SNAPSHOT_CLASS";
+            let found = set.objects.iter().any(|o| {
+                o.name() == class
+                    && match o {
+                        Object::VolumeSnapshotClass(_) => snapshot,
+                        Object::StorageClass(_) => !snapshot,
+                        _ => false,
+                    }
+            });
+            assert!(found, "the {install} install lacks {constant} = {class}");
+        }
     }
 }

@@ -355,6 +355,8 @@ mod tests {
             ],
             replica_timeout_ms: 2500,
             resync_bytes_per_sec: 0,
+            access_token: None,
+            access_plaintext: false,
         }
     }
 
@@ -410,6 +412,8 @@ mod tests {
         let limited = mirror_config(
             &AttachmentRecord {
                 resync_bytes_per_sec: 1 << 20,
+                access_token: None,
+                access_plaintext: false,
                 ..mirrored_record()
             },
             BrownoutPolicy::Wait,
@@ -434,6 +438,8 @@ mod tests {
         let old = AttachmentRecord {
             replica_timeout_ms: 0,
             resync_bytes_per_sec: 0,
+            access_token: None,
+            access_plaintext: false,
             ..r
         };
         assert_eq!(

@@ -155,6 +155,10 @@ pub struct DaemonArgs {
     pub tls: TlsPolicy,
     #[command(flatten)]
     pub tls_files: TlsClientArgs,
+    /// Send a volume's access token (from ControllerPublishVolume) over a connection without
+    /// TLS. Off: such a volume fails to attach rather than expose its token. A lab only.
+    #[arg(long, env = "ENBD_ACCESS_TOKEN_PLAINTEXT")]
+    pub access_token_plaintext: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -512,6 +512,7 @@ pub async fn handle(req: Request, mgr: &AttachmentManager) -> Response {
                 replica_timeout,
                 tls,
                 resync_bytes_per_sec,
+                access_token: None,
             };
             match mgr.attach(req).await {
                 Ok(a) => Response::Attached {
@@ -699,6 +700,7 @@ mod tests {
         let cfg = crate::attach::ManagerConfig {
             tls_default: crate::attach::TlsPolicy::Off,
             tls: None,
+            access_plaintext: false,
             state_dir: dir.path().join("state"),
             max_volumes: 0,
             journal_bytes: 1 << 20,

@@ -36,6 +36,8 @@ pub struct DaemonConfig {
     pub tls_files: Option<crate::engine::tls::TlsFiles>,
     /// `--tls-ca/--tls-cert/--tls-key`: management calls of mirrored volumes.
     pub mgmt_tls: Option<crate::mgmt_tls::MgmtTlsFiles>,
+    /// `--access-token-plaintext`: volumes without TLS may still send their access token.
+    pub access_plaintext: bool,
 }
 
 /// A service run beside the control socket, sharing the attachment manager; it must return
@@ -66,6 +68,7 @@ pub async fn run_daemon(cfg: DaemonConfig, extra: Vec<ExtraService>) -> anyhow::
                         .context("loading the TLS files")?,
                 )),
             },
+            access_plaintext: cfg.access_plaintext,
         },
         tokio::runtime::Handle::current(),
     )

@@ -146,6 +146,7 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         metrics_listen: args.metrics_listen,
         journal_bytes: args.journal_bytes,
         tls_default: args.tls,
+        access_plaintext: args.access_token_plaintext,
         tls_files: args.tls_files.files()?,
         mgmt_tls: enbd_node::mgmt_tls::MgmtTlsFiles::from_flags(
             args.tls_files.tls_ca.clone(),

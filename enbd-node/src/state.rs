@@ -8,6 +8,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -46,6 +47,35 @@ pub struct AttachmentRecord {
     /// Mirrored volumes: resync copy limit in bytes per second (0: unlimited).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub resync_bytes_per_sec: u64,
+    /// The access token from the volume's `publish_context`, presented to every server
+    /// (kept so a takeover after a restart reopens); absent when the volume has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<Secret>,
+    /// The token may travel without TLS (the daemon's lab setting at attach time).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub access_plaintext: bool,
+}
+
+/// A secret kept in the state file (mode 0600); `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself, for the engine only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// One replica of a mirrored volume.
@@ -231,7 +261,14 @@ impl StateStore {
             source,
         })?;
         {
-            let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+            // 0600: records may carry access tokens.
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io_err(&tmp))?;
             f.write_all(&body).map_err(io_err(&tmp))?;
             f.sync_all().map_err(io_err(&tmp))?;
         }
@@ -263,6 +300,8 @@ mod tests {
             replicas: Vec::new(),
             replica_timeout_ms: 0,
             resync_bytes_per_sec: 0,
+            access_token: None,
+            access_plaintext: false,
         }
     }
 
@@ -282,6 +321,8 @@ mod tests {
             replicas: vec![replica("a"), replica("b")],
             replica_timeout_ms: 2000,
             resync_bytes_per_sec: 4 << 20,
+            access_token: None,
+            access_plaintext: false,
             ..record("m", 1)
         };
         store

@@ -532,6 +532,8 @@ async fn attach_backing_serves_a_mirror_from_its_state_record_and_reopens_it() {
     let rs = replicas(2).await;
     let record = AttachmentRecord {
         tls: false,
+        access_token: None,
+        access_plaintext: false,
         volume_id: "pvc-demo".into(),
         dev_id: 0,
         servers: rs.iter().map(|r| r.config().nbd).collect(),

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub use crate::access::AccessMode;
 use clap::{Parser, ValueEnum};
 use enbd_proto::ids::ServerId;
 
@@ -122,10 +123,19 @@ pub struct Cli {
     /// `--mgmt-tls require`. Reloaded when the file changes.
     #[arg(long, env = "ENBD_MGMT_CLIENT_CA")]
     pub mgmt_client_ca: Option<PathBuf>,
+    /// Who may open a volume over NBD: `open` (anyone who gets through TLS; the default and
+    /// `--demo`) or `published` (only a client presenting the access token of a grant the
+    /// controller made with GrantAccess, and only for that volume; README: "Security").
+    #[arg(long, env = "ENBD_ACCESS", value_enum, default_value_t = AccessMode::Open)]
+    pub access: AccessMode,
     /// Plain-text grpc.health.v1 listener for probes that cannot speak TLS (the kubelet's
     /// `grpc:` probe); only the health service is served there. Off when not given.
     #[arg(long, env = "ENBD_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Bytes per second each background snapshot or clone copy may read, 0 for no limit.
+    /// Copy-before-write copies done for the source's writes are never held back.
+    #[arg(long, env = "ENBD_COPY_RATE_BYTES", default_value_t = 0)]
+    pub copy_rate_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +194,9 @@ pub struct Config {
     /// `--mgmt-tls require`; None: plain-text management API.
     pub mgmt_tls: Option<crate::mgmt::auth::MgmtTls>,
     pub health_listen: Option<SocketAddr>,
+    pub access: AccessMode,
+    /// `--copy-rate-bytes` (0: unlimited).
+    pub copy_rate_bytes: u64,
 }
 
 fn demo_data_dir() -> Result<PathBuf, ConfigError> {
@@ -276,8 +289,10 @@ impl Cli {
             }
         };
         Ok(Config {
+            access: self.access,
             mgmt_tls,
             health_listen: self.health_listen,
+            copy_rate_bytes: self.copy_rate_bytes,
             data_dir,
             listen: self.listen.unwrap_or((host, 10809).into()),
             mgmt_listen: self.mgmt_listen.unwrap_or((host, 10810).into()),

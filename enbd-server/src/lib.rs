@@ -7,6 +7,7 @@
 // Tests may unwrap: a panic is the failure report.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod access;
 pub mod cli;
 pub mod export;
 pub mod metrics;

@@ -9,18 +9,25 @@
 
 use enbd_proto::enbd::volume_service_server::VolumeService;
 use enbd_proto::enbd::{self as pb, content_source::Kind as PbSourceKind};
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
+use crate::access::{AccessError, Grants};
+
 use crate::store::membership::ReplicaError;
-use crate::store::{ContentSource, SnapshotInfo, StoreError, VolumeInfo, VolumeStore};
+use crate::store::{
+    ContentSource, CopyProgress, SnapshotInfo, StoreError, VolumeInfo, VolumeStore,
+};
 
 pub mod auth;
 pub mod replica;
 
-/// Management service state: the store and this server's identity.
+/// Management service state: the store, the access grants and this server's identity.
 #[derive(Clone)]
 pub struct Mgmt {
     store: VolumeStore,
+    grants: Option<Arc<Grants>>,
     server_id: String,
     data_address: String,
 }
@@ -29,9 +36,22 @@ impl Mgmt {
     pub fn new(store: VolumeStore, server_id: String, data_address: String) -> Self {
         Self {
             store,
+            grants: None,
             server_id,
             data_address,
         }
+    }
+
+    /// Serves GrantAccess/RevokeAccess over these grants (without: UNIMPLEMENTED).
+    pub fn with_grants(mut self, grants: Arc<Grants>) -> Self {
+        self.grants = Some(grants);
+        self
+    }
+
+    fn grants(&self) -> Result<Arc<Grants>, Status> {
+        self.grants
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this server keeps no access grants"))
     }
 
     /// Runs a store operation to completion on the blocking pool, even if the caller goes away.
@@ -62,6 +82,9 @@ pub fn status_of(e: &StoreError) -> Status {
             Status::out_of_range(msg)
         }
         StoreError::Busy(_) => Status::aborted(msg),
+        StoreError::NotReady { .. } => Status::failed_precondition(msg),
+        StoreError::CopyFailed { no_space: true, .. } => Status::resource_exhausted(msg),
+        StoreError::CopyFailed { .. } => Status::internal(msg),
         StoreError::Io { source, .. } | StoreError::Replica(ReplicaError::Io { source, .. }) => {
             match source.raw_os_error() {
                 Some(libc::ENOSPC) | Some(libc::EDQUOT) => Status::resource_exhausted(msg),
@@ -77,6 +100,14 @@ pub fn status_of(e: &StoreError) -> Status {
             ReplicaError::Damaged { .. } => Status::data_loss(msg),
             ReplicaError::Io { .. } => Status::internal(msg),
         },
+    }
+}
+
+/// The mapping from access errors to gRPC status codes (never naming a token).
+pub fn access_status(e: &AccessError) -> Status {
+    match e {
+        AccessError::BadToken | AccessError::BadNode => Status::invalid_argument(e.to_string()),
+        AccessError::Io { .. } | AccessError::Random => Status::internal(e.to_string()),
     }
 }
 
@@ -107,6 +138,14 @@ fn volume_to_pb(v: VolumeInfo) -> pb::Volume {
         open_connections: u32::try_from(v.open_connections).unwrap_or(u32::MAX),
         allocated_bytes: v.allocated_bytes,
         labels: v.labels.into_iter().collect(),
+        copy: v.copy.map(progress_to_pb),
+    }
+}
+
+fn progress_to_pb(p: CopyProgress) -> pb::CopyProgress {
+    pb::CopyProgress {
+        total_bytes: p.total_bytes,
+        copied_bytes: p.copied_bytes,
     }
 }
 
@@ -116,8 +155,10 @@ fn snapshot_to_pb(s: SnapshotInfo) -> pb::Snapshot {
         source_volume: s.source_volume,
         size_bytes: s.size_bytes,
         created_at_unix: s.created_at_unix,
+        created_at_nanos: s.created_at_nanos,
         export_name: s.export_name,
-        ready_to_use: true,
+        ready_to_use: s.ready,
+        copy: s.copy.map(progress_to_pb),
     }
 }
 
@@ -168,7 +209,15 @@ impl VolumeService for Mgmt {
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let r = req.into_inner();
+        let name = r.name.clone();
         self.run(move |s| s.delete_volume(&r.name, r.force)).await?;
+        // A volume created again under the same name starts with no grants.
+        if let Some(g) = self.grants.clone() {
+            tokio::task::spawn_blocking(move || g.revoke(&name, None))
+                .await
+                .map_err(|e| Status::internal(format!("grants task failed: {e}")))?
+                .map_err(|e| access_status(&e))?;
+        }
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
@@ -258,6 +307,43 @@ impl VolumeService for Mgmt {
             total_bytes: c.total_bytes,
             available_bytes: c.available_bytes,
             provisioned_bytes: c.provisioned_bytes,
+        }))
+    }
+
+    async fn grant_access(
+        &self,
+        req: Request<pb::GrantAccessRequest>,
+    ) -> Result<Response<pb::GrantAccessResponse>, Status> {
+        let r = req.into_inner();
+        let grants = self.grants()?;
+        let name = r.volume.clone();
+        // Only volumes: a snapshot is never opened by a node.
+        self.run(move |s| s.get_volume(&name)).await?;
+        let token = tokio::task::spawn_blocking(move || {
+            let token = Some(r.token.as_str()).filter(|t| !t.is_empty());
+            grants.grant(&r.volume, &r.node_id, token)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("grants task failed: {e}")))?
+        .map_err(|e| access_status(&e))?;
+        Ok(Response::new(pb::GrantAccessResponse { token }))
+    }
+
+    async fn revoke_access(
+        &self,
+        req: Request<pb::RevokeAccessRequest>,
+    ) -> Result<Response<pb::RevokeAccessResponse>, Status> {
+        let r = req.into_inner();
+        let grants = self.grants()?;
+        let closed = tokio::task::spawn_blocking(move || {
+            let node = Some(r.node_id.as_str()).filter(|n| !n.is_empty());
+            grants.revoke(&r.volume, node)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("grants task failed: {e}")))?
+        .map_err(|e| access_status(&e))?;
+        Ok(Response::new(pb::RevokeAccessResponse {
+            closed_connections: closed,
         }))
     }
 

@@ -43,6 +43,8 @@ pub enum ServerError {
     Mgmt(#[from] tonic::transport::Error),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("access grants: {0}")]
+    Access(#[from] crate::access::AccessError),
 }
 
 /// Addresses actually bound (port 0 resolved), reported once the server is ready.
@@ -100,6 +102,7 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let default_export = cfg.demo_volume.as_ref().map(|(name, _)| name.clone());
     let store = VolumeStore::open_as(&cfg.data_dir, default_export, Some(cfg.server_id.clone()))?;
+    store.set_copy_rate(cfg.copy_rate_bytes);
     if let Some((name, size)) = &cfg.demo_volume {
         match store.create_volume(name, *size, None, Default::default()) {
             Ok((v, created)) => {
@@ -110,6 +113,9 @@ pub async fn run(
             Err(e) => return Err(e.into()),
         }
     }
+    // Kept whatever `--access` says, so that a server switched to `published` later already
+    // holds the grants of the volumes published meanwhile.
+    let grants = Arc::new(crate::access::Grants::open(store.root())?);
     let nbd = bind("NBD", cfg.listen).await?;
     let mgmt = bind("management gRPC", cfg.mgmt_listen).await?;
     let metrics_listener = bind("metrics", cfg.metrics_listen).await?;
@@ -169,12 +175,14 @@ pub async fn run(
         budget: Arc::new(session::budget::GlobalBudget::new(cfg.max_inflight_bytes)),
         handshake_timeout: cfg.handshake_timeout,
         tls: data_tls(&cfg)?,
+        grants: (cfg.access == crate::access::AccessMode::Published).then(|| grants.clone()),
     });
     let mgmt_service = Mgmt::new(
         store.clone(),
         cfg.server_id.as_str().to_owned(),
         bound.data_address.clone(),
-    );
+    )
+    .with_grants(grants);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<VolumeServiceServer<Mgmt>>()
@@ -213,7 +221,7 @@ pub async fn run(
     ));
 
     tracing::info!(
-        nbd = %bound.nbd, mgmt = %bound.mgmt, mgmt_tls = enforce, metrics = %bound.metrics, server_id = %cfg.server_id.as_str(),
+        nbd = %bound.nbd, mgmt = %bound.mgmt, mgmt_tls = enforce, access = ?cfg.access, metrics = %bound.metrics, server_id = %cfg.server_id.as_str(),
         data_dir = %store.root().display(), io_engine = ?cfg.io_engine, "enbd-server ready"
     );
     ready(&bound);

@@ -61,41 +61,38 @@ pub fn seek_hole(file: &File, from: u64) -> io::Result<Option<u64>> {
     seek(file, from, libc::SEEK_HOLE)
 }
 
+/// Starts writeback of `[offset, offset + len)` (`wait`: and waits for it, including
+/// writeback already running there). Not durability (no metadata, no cache flush): a bulk
+/// copy uses it to keep its dirty pages few, so the kernel's dirty throttling does not
+/// fall on other writers.
+pub fn writeback(file: &File, offset: u64, len: u64, wait: bool) -> io::Result<()> {
+    let flags = if wait {
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER
+    } else {
+        libc::SYNC_FILE_RANGE_WRITE
+    };
+    // SAFETY: plain syscall on a valid descriptor; no memory is passed.
+    check(unsafe { libc::sync_file_range(file.as_raw_fd(), off(offset)?, off(len)?, flags) })
+}
+
 /// Durability of the file's data (and the metadata needed to read it back).
 pub fn fdatasync(file: &File) -> io::Result<()> {
     file.sync_data()
 }
 
 /// Makes `dst` share `src`'s blocks (copy-on-write). Fails with EOPNOTSUPP/EXDEV/EINVAL on
-/// filesystems without reflink (ext4, tmpfs); callers fall back to [`copy_sparse`].
+/// filesystems without reflink (ext4, tmpfs); callers fall back to a copy (`store::copy`).
 pub fn reflink(src: &File, dst: &File) -> io::Result<()> {
     const FICLONE: libc::c_ulong = 0x4004_9409;
     // SAFETY: FICLONE takes the source fd as its integer argument and touches no user memory.
     check(unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) })
 }
 
-/// Copies the data extents of `src` (found with SEEK_DATA/SEEK_HOLE) into `dst` at the same
-/// offsets, then sets `dst`'s length to `len`. Holes stay holes. Returns bytes copied.
-pub fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<u64> {
-    dst.set_len(len)?;
-    let mut pos = 0u64;
-    let mut copied = 0u64;
-    while pos < len {
-        let Some(data) = seek_data(src, pos)? else {
-            break;
-        };
-        if data >= len {
-            break;
-        }
-        let hole = seek_hole(src, data)?.unwrap_or(len).min(len);
-        copy_range(src, dst, data, hole - data)?;
-        copied += hole - data;
-        pos = hole;
-    }
-    Ok(copied)
-}
-
-fn copy_range(src: &File, dst: &File, start: u64, mut len: u64) -> io::Result<()> {
+/// Copies `[start, start + len)` of `src` to the same offsets of `dst` (copy_file_range:
+/// in-kernel, and a reflink where the filesystem can).
+pub fn copy_range(src: &File, dst: &File, start: u64, mut len: u64) -> io::Result<()> {
     let mut src_off = off(start)?;
     let mut dst_off = src_off;
     while len > 0 {
@@ -225,40 +222,6 @@ pub fn will_need(file: &File, offset: u64, len: u64) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
-
-    #[test]
-    fn sparse_copy_keeps_holes_and_data() {
-        let dir = tempfile::tempdir().unwrap();
-        let src = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("s"))
-            .unwrap();
-        src.set_len(8 << 20).unwrap();
-        src.write_all_at(&[7u8; 4096], 1 << 20).unwrap();
-        src.write_all_at(&[9u8; 4096], 6 << 20).unwrap();
-        let dst = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("d"))
-            .unwrap();
-        let copied = copy_sparse(&src, &dst, 8 << 20).unwrap();
-        assert!((8192..(8 << 20)).contains(&copied), "copied {copied}");
-        let mut b = [0u8; 4096];
-        dst.read_exact_at(&mut b, 1 << 20).unwrap();
-        assert_eq!(b, [7u8; 4096]);
-        dst.read_exact_at(&mut b, 6 << 20).unwrap();
-        assert_eq!(b, [9u8; 4096]);
-        assert_eq!(
-            seek_data(&dst, 0).unwrap().map(|d| d >= 1 << 20),
-            Some(true)
-        );
-        assert_eq!(dst.metadata().unwrap().len(), 8 << 20);
-    }
 
     #[test]
     fn punch_hole_reads_back_zero() {

@@ -78,6 +78,7 @@ pub fn run_session_on_bytes(
         )),
         handshake_timeout: session::HANDSHAKE_TIMEOUT,
         tls: None,
+        grants: None,
     });
     runtime.block_on(async move {
         let (client, server) = tokio::io::duplex(256 * 1024);

@@ -42,6 +42,9 @@ pub const MIN_RESYNC_BANDWIDTH: u64 = 1 << 20;
 /// Volume context, replicated volumes only: every replica as
 /// `<replica-id>@<nbd HOST:PORT>@<management URL>`, comma separated.
 pub const CTX_REPLICAS: &str = "enbd.io/replicas";
+/// `publish_context` key (ControllerPublishVolume → NodeStageVolume): the access token the
+/// node presents to every replica's server (ENBD_OPT_ACCESS). A secret: never logged.
+pub const PUBLISH_ACCESS_TOKEN: &str = "enbd.io/access-token";
 /// Volume context: NBD data address `HOST:PORT` of the server holding the volume.
 pub const CTX_SERVER: &str = "enbd.io/server";
 /// Volume context: NBD export name of the volume on that server.

@@ -6,11 +6,9 @@ use enbd_proto::enbd as pb;
 use enbd_proto::ids::{ObjectName, VolumeId};
 use enbd_proto::params::{CTX_REPLICAS, VolumeParams};
 
-use super::CREATE_TIMEOUT;
 use super::source::{Source, source_of};
 use crate::capacity;
 use crate::error::{CsiError, invalid};
-use crate::mgmt;
 use crate::names;
 use crate::placement;
 use crate::replicas;
@@ -84,7 +82,6 @@ impl State {
         let home = &placed[0];
         VolumeId::new(home.id.clone(), name.clone()).map_err(|e| invalid(e.to_string()))?;
         tracing::info!(volume = %name, home = %home.id, replicas = n, size, "creating mirrored volume");
-        let mut client = home.client.clone();
         let create = pb::CreateVolumeRequest {
             name: name.to_string(),
             size_bytes: size,
@@ -93,12 +90,9 @@ impl State {
                 .map(|kind| pb::ContentSource { kind: Some(kind) }),
             labels: labels.clone(),
         };
-        let vol = mgmt::call(&home.id, CREATE_TIMEOUT, client.create_volume(create))
-            .await?
-            .volume
-            .ok_or_else(|| {
-                CsiError::Internal(format!("enbd-server {} returned no volume", home.id))
-            })?;
+        // The home's content first (a clone copies there in the background); the other
+        // replicas are made and resynced from it only once it is complete.
+        let vol = super::source::create_on(home, create).await?;
         replicas::complete_set(
             &placed,
             name.as_str(),

@@ -239,7 +239,7 @@ pub(super) fn csi_snapshot(id: &SnapshotId, snap: &pb::Snapshot) -> Snapshot {
         source_volume_id,
         creation_time: Some(prost_types::Timestamp {
             seconds: snap.created_at_unix,
-            nanos: 0,
+            nanos: i32::try_from(snap.created_at_nanos).unwrap_or(0),
         }),
         ready_to_use: snap.ready_to_use,
         group_snapshot_id: String::new(),

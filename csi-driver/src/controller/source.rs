@@ -6,11 +6,55 @@ use enbd_proto::csi::{CapacityRange, VolumeContentSource};
 use enbd_proto::enbd::{self as pb, content_source::Kind as PbSource};
 use enbd_proto::ids::{ObjectName, ServerId, SnapshotId, VolumeId};
 
-use super::required;
+use std::time::{Duration, Instant};
+
+use super::{CREATE_TIMEOUT, required};
 use crate::capacity;
 use crate::error::{CsiError, invalid};
+use crate::mgmt;
 use crate::servers::LiveServer;
 use crate::state::State;
+
+/// How long CreateVolume waits for a clone's or restore's background copy on the server
+/// before answering ABORTED ("operation pending"; the provisioner retries, and the retry
+/// finds the same copy, so a large clone costs a few retries, never a second copy).
+const CONTENT_WAIT: Duration = Duration::from_secs(20);
+
+/// Creates a volume on `server` (idempotently: repeating the call is how progress is
+/// read). Without a source, or once its content is copied, that is the volume; while the
+/// server still copies it, the volume is not usable yet: waits up to [`CONTENT_WAIT`],
+/// then [`CsiError::Aborted`] with the progress.
+pub(super) async fn create_on(
+    server: &LiveServer,
+    create: pb::CreateVolumeRequest,
+) -> Result<pb::Volume, CsiError> {
+    let deadline = Instant::now() + CONTENT_WAIT;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let mut client = server.client.clone();
+        let vol = mgmt::call(
+            &server.id,
+            CREATE_TIMEOUT,
+            client.create_volume(create.clone()),
+        )
+        .await?
+        .volume
+        .ok_or_else(|| {
+            CsiError::Internal(format!("enbd-server {} returned no volume", server.id))
+        })?;
+        let Some(p) = vol.copy else {
+            return Ok(vol);
+        };
+        if Instant::now() >= deadline {
+            return Err(CsiError::Aborted(format!(
+                "volume {} (its content is still being copied on {}: {} of {} bytes)",
+                create.name, server.id, p.copied_bytes, p.total_bytes
+            )));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
 
 /// A requested content source, already resolved to our IDs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +134,16 @@ impl State {
                     .ok_or_else(|| {
                         CsiError::NotFound(format!("source snapshot {sid} not found"))
                     })?;
+                // The spec: ready_to_use "indicates if a snapshot is ready to use as a
+                // `volume_content_source` in a `CreateVolumeRequest`". Until then, refuse.
+                if !snap.ready_to_use {
+                    let (done, total) = snap
+                        .copy
+                        .map_or((0, snap.size_bytes), |p| (p.copied_bytes, p.total_bytes));
+                    return Err(CsiError::FailedPrecondition(format!(
+                        "source snapshot {sid} is not ready to use yet ({done} of {total} bytes copied)"
+                    )));
+                }
                 let size = capacity::for_create(range, snap.size_bytes)?;
                 (
                     Some(server),

@@ -10,7 +10,7 @@ use enbd_proto::ids::{ObjectName, ServerId, VolumeId};
 use enbd_proto::params::{VolumeContext, VolumeParams};
 
 use super::source::{Source, csi_source, parse_source, source_of};
-use super::{CALL_TIMEOUT, CREATE_TIMEOUT, paginate, required, to_i64};
+use super::{CALL_TIMEOUT, paginate, required, to_i64};
 use crate::capability;
 use crate::capacity;
 use crate::error::{CsiError, invalid};
@@ -147,7 +147,6 @@ impl State {
         // Check the ID fits before creating anything.
         VolumeId::new(server.id.clone(), name.clone()).map_err(|e| invalid(e.to_string()))?;
         tracing::info!(volume = %name, server = %server.id, size, "creating volume");
-        let mut client = server.client.clone();
         // The validated parameters (defaults filled in), so that a repeated CreateVolume
         // with other parameters is told AlreadyExists, as the CSI spec requires; and the CSI
         // name, so that a derived name's owner can be confirmed.
@@ -159,12 +158,7 @@ impl State {
             source: pb_source.map(|kind| pb::ContentSource { kind: Some(kind) }),
             labels,
         };
-        let vol = mgmt::call(&server.id, CREATE_TIMEOUT, client.create_volume(create))
-            .await?
-            .volume
-            .ok_or_else(|| {
-                CsiError::Internal(format!("enbd-server {} returned no volume", server.id))
-            })?;
+        let vol = super::source::create_on(&server, create).await?;
         self.volume_response(&server, &name, &vol, params, source.as_ref())
     }
 

@@ -6,6 +6,8 @@
 //! - [`bin`]: where the built workspace binaries are.
 //! - [`unix`]: gRPC channels over unix sockets (the CSI endpoints of our daemons).
 //! - [`lines`]: waiting for another daemon's readiness line on its stdout.
+//! - [`pit`]: writers of sequence-numbered blocks and the point-in-time check of a snapshot
+//!   taken under them (with a minimal blocking NBD client).
 //! - [`prom`]: scraping `/metrics` and parsing the Prometheus text format strictly.
 //!
 //! A missing binary or a server that does not come up fails the test loudly (these helpers
@@ -14,6 +16,7 @@
 
 pub mod bin;
 pub mod lines;
+pub mod pit;
 pub mod prom;
 pub mod server;
 pub mod unix;

@@ -409,7 +409,8 @@ pub fn helm_path() -> PathBuf {
 }
 
 /// The value sets: "default", "kind" (e2e/kind/values-kind.yaml, what the kind suite
-/// installs) and each e2e/chart/values-<name>.yaml. e2e/chart/check.sh renders the same.
+/// installs), "cluster" (e2e/cluster/values-cluster.yaml, what the real-cluster run installs)
+/// and each e2e/chart/values-<name>.yaml. e2e/chart/check.sh renders the same.
 /// The API version whose presence decides the VolumeSnapshotClass and the snapshotter.
 pub const SNAPSHOT_API: &str = "snapshot.storage.k8s.io/v1";
 
@@ -427,6 +428,10 @@ pub fn value_sets() -> Vec<(String, Option<PathBuf>)> {
         (
             "kind".to_string(),
             Some(repo_root().join("e2e/kind/values-kind.yaml")),
+        ),
+        (
+            "cluster".to_string(),
+            Some(repo_root().join("e2e/cluster/values-cluster.yaml")),
         ),
     ];
     let dir = repo_root().join("e2e/chart");

@@ -38,6 +38,7 @@ impl Attacher for AttachmentManager {
             replica_timeout: p.replica_timeout,
             tls: p.tls,
             resync_bytes_per_sec: p.resync_bandwidth,
+            access_token: spec.access_token.clone(),
         };
         AttachmentManager::attach(self, req)
             .await

@@ -25,6 +25,7 @@ use tokio::runtime::Handle;
 
 use crate::backing::{Backing, BackingStatus, EngineTarget, MAX_REPLICAS};
 use crate::device::{self, Device, DeviceError, DeviceGeometry, DeviceOptions, Start};
+use crate::engine::access::AccessCredential;
 use crate::engine::mirror::MirrorError;
 use crate::engine::status::MirrorStatus;
 use crate::engine::tls::ClientTls;
@@ -59,6 +60,8 @@ pub struct AttachRequest {
     pub tls: Option<TlsPolicy>,
     /// Mirrored volumes: resync copy limit in bytes per second (`None`: unlimited).
     pub resync_bytes_per_sec: Option<u64>,
+    /// The access token from `publish_context`, presented to every server.
+    pub access_token: Option<crate::state::Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +152,8 @@ pub struct ManagerConfig {
     pub tls_default: TlsPolicy,
     /// The node's trust root and client certificate (`--tls-ca`, ...), if configured.
     pub tls: Option<Arc<ClientTls>>,
+    /// Access tokens may be sent without TLS (`--access-token-plaintext`, a lab only).
+    pub access_plaintext: bool,
 }
 
 struct Volume {
@@ -185,6 +190,7 @@ struct Inner {
     journal_bytes: usize,
     tls_default: TlsPolicy,
     tls: Option<Arc<ClientTls>>,
+    access_plaintext: bool,
     /// The node's management TLS files (mirrored volumes with `https://` replicas); set once
     /// at start-up by [`AttachmentManager::set_mgmt_tls`].
     mgmt_tls: std::sync::OnceLock<crate::mgmt_tls::MgmtTlsFiles>,
@@ -237,6 +243,11 @@ pub(crate) fn client_config(
         })?;
         cfg.tls = Some(tls.clone());
     }
+    if let Some(token) = &r.access_token {
+        let access = AccessCredential::new(token.expose(), r.access_plaintext)
+            .map_err(|e| AttachError::Invalid(format!("volume {}: {e}", r.volume_id)))?;
+        cfg.access = Some(Arc::new(access));
+    }
     Ok(cfg)
 }
 
@@ -263,6 +274,7 @@ impl AttachmentManager {
                 journal_bytes: cfg.journal_bytes,
                 tls_default: cfg.tls_default,
                 tls: cfg.tls,
+                access_plaintext: cfg.access_plaintext,
                 mgmt_tls: std::sync::OnceLock::new(),
                 ops: tokio::sync::Mutex::new(()),
                 volumes: Mutex::new(HashMap::new()),
@@ -352,6 +364,8 @@ impl AttachmentManager {
             replica_timeout_ms: u64::try_from(req.replica_timeout.as_millis()).unwrap_or(u64::MAX),
             tls: req.tls.unwrap_or(self.inner.tls_default) == TlsPolicy::Require,
             resync_bytes_per_sec: req.resync_bytes_per_sec.unwrap_or(0),
+            access_token: req.access_token.clone(),
+            access_plaintext: self.inner.access_plaintext,
         };
         let client = Backing::connect(
             &record,
@@ -791,6 +805,7 @@ mod tests {
             replicas: Vec::new(),
             replica_timeout: Duration::from_secs(5),
             resync_bytes_per_sec: None,
+            access_token: None,
         }
     }
 
@@ -851,6 +866,7 @@ mod tests {
         let cfg = ManagerConfig {
             tls_default: TlsPolicy::Off,
             tls: None,
+            access_plaintext: false,
             state_dir: dir.into(),
             max_volumes: 0,
             journal_bytes: 1 << 20,
@@ -875,6 +891,8 @@ mod tests {
             replicas: Vec::new(),
             replica_timeout_ms: 0,
             resync_bytes_per_sec: 0,
+            access_token: None,
+            access_plaintext: false,
         }
     }
 
@@ -893,6 +911,30 @@ mod tests {
         // Records written before TLS read as plain text.
         let old = serde_json::to_string(&stored("old", "127.0.0.1:10809", 2)).unwrap();
         assert!(!old.contains("tls"));
+    }
+
+    #[test]
+    fn the_access_token_is_kept_for_a_takeover_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = stored("vol", "127.0.0.1:10809", 1);
+        let token = "ab".repeat(32);
+        r.access_token = Some(crate::state::Secret::new(token.clone()));
+        // The state file keeps it (mode 0600), so a restarted daemon presents it again.
+        let store = StateStore::open(dir.path()).unwrap();
+        store.save(std::slice::from_ref(&r)).unwrap();
+        let back = store.load().unwrap();
+        assert_eq!(back[0].access_token, r.access_token);
+        let meta = std::fs::metadata(dir.path().join("attachments.json")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // Debug output (logs, `enbd-node list` diagnostics) never shows it.
+        assert!(!format!("{r:?}").contains(&token));
+        // The engine gets it; without the lab setting it refuses to send it in plain text
+        // (tests/engine_access.rs).
+        let cfg = client_config(&r, BrownoutPolicy::Wait, 64 << 20, None).unwrap();
+        let access = cfg.access.expect("the engine gets the token");
+        assert!(!access.allow_plaintext);
+        assert!(!format!("{access:?}").contains(&token));
     }
 
     pub(super) fn saved_volumes(dir: &Path) -> Vec<String> {
@@ -977,6 +1019,7 @@ mod tests {
         let cfg = ManagerConfig {
             tls_default: TlsPolicy::Off,
             tls: None,
+            access_plaintext: false,
             state_dir: dir.path().into(),
             max_volumes: 0,
             journal_bytes: 1 << 20,

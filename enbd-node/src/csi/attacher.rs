@@ -23,6 +23,8 @@ pub struct AttachSpec {
     pub context: VolumeContext,
     /// Expose the device read-only (reader-only access modes).
     pub read_only: bool,
+    /// The access token from `publish_context` (a secret: never logged).
+    pub access_token: Option<crate::state::Secret>,
 }
 
 /// A volume attached on this node.

@@ -97,6 +97,7 @@ struct StageRequest {
     staging: PathBuf,
     cap: Capability,
     context: VolumeContext,
+    access_token: Option<crate::state::Secret>,
 }
 
 async fn stage<A: Attacher>(inner: Arc<Inner<A>>, req: StageRequest) -> Result<(), NodeError> {
@@ -129,6 +130,7 @@ async fn stage<A: Attacher>(inner: Arc<Inner<A>>, req: StageRequest) -> Result<(
             volume_id: req.volume_id.clone(),
             context: req.context.clone(),
             read_only,
+            access_token: req.access_token.clone(),
         })
         .await?;
     info!(volume_id = %req.volume_id, device = %dev.dev_path.display(), "attached");
@@ -719,11 +721,17 @@ impl<A: Attacher> Node for NodeService<A> {
         let cap = validate::capability(r.volume_capability.as_ref())?;
         let context = VolumeContext::from_context(&r.volume_context).map_err(NodeError::from)?;
         let guard = self.inner.locks.try_lock(&r.volume_id)?;
+        let access_token = r
+            .publish_context
+            .get(enbd_proto::params::PUBLISH_ACCESS_TOKEN)
+            .filter(|t| !t.is_empty())
+            .map(|t| crate::state::Secret::new(t.clone()));
         let req = StageRequest {
             volume_id,
             staging,
             cap,
             context,
+            access_token,
         };
         self.run(guard, move |inner| stage(inner, req)).await?;
         Ok(Response::new(NodeStageVolumeResponse {}))

@@ -26,6 +26,8 @@ struct FakeAttacher {
     exports: HashSet<String>,
     attached: Mutex<HashMap<VolumeId, AttachedDevice>>,
     calls: Mutex<Vec<String>>,
+    /// The access token each attach carried.
+    tokens: Mutex<Vec<Option<String>>>,
     /// When set, attach waits for one notification (to hold an operation open).
     gate: Option<Arc<Notify>>,
     not_ready: Option<String>,
@@ -38,6 +40,7 @@ impl FakeAttacher {
             exports: HashSet::from(["vol-a".to_string(), "vol-b".to_string()]),
             attached: Mutex::default(),
             calls: Mutex::default(),
+            tokens: Mutex::default(),
             gate: None,
             not_ready: None,
         }
@@ -55,6 +58,10 @@ impl FakeAttacher {
 impl Attacher for FakeAttacher {
     async fn attach(&self, spec: AttachSpec) -> Result<AttachedDevice, AttacherError> {
         self.record(format!("attach {}", spec.volume_id));
+        self.tokens
+            .lock()
+            .expect("tokens")
+            .push(spec.access_token.as_ref().map(|t| t.expose().to_owned()));
         if let Some(gate) = &self.gate {
             gate.notified().await;
         }
@@ -353,6 +360,7 @@ async fn max_volumes_is_resource_exhausted() {
             context: enbd_proto::params::VolumeContext::from_context(&context("vol-b"))
                 .expect("ctx"),
             read_only: false,
+            access_token: None,
         })
         .await
         .expect("attach");
@@ -726,6 +734,7 @@ async fn stats_and_expand_codes() {
             context: enbd_proto::params::VolumeContext::from_context(&context("vol-a"))
                 .expect("ctx"),
             read_only: false,
+            access_token: None,
         })
         .await
         .expect("attach");
@@ -925,4 +934,26 @@ async fn serves_over_a_unix_socket_and_stops_on_cancel() {
         .expect("server stops after cancel")
         .expect("join")
         .expect("serve result");
+}
+
+#[tokio::test]
+async fn stage_hands_the_publish_context_token_to_the_attacher_and_never_echoes_it() {
+    let f = fixture_with(0, |_| {});
+    let token = "cd".repeat(32);
+    let mut req = stage_req(&f, "server-0/vol-a", "vol-a");
+    req.publish_context = HashMap::from([(
+        enbd_proto::params::PUBLISH_ACCESS_TOKEN.to_string(),
+        token.clone(),
+    )]);
+    // Whether the mount that follows works here does not matter: the attach came first.
+    if let Err(s) = f.node.node_stage_volume(Request::new(req)).await {
+        assert!(!s.message().contains(&token), "token leaked into {s:?}");
+    }
+    let mut no_token = stage_req(&f, "server-0/vol-b", "vol-b");
+    no_token.staging_target_path = f.path("staging-b");
+    let _ = f.node.node_stage_volume(Request::new(no_token)).await;
+    assert_eq!(
+        *f.attacher.tokens.lock().expect("tokens"),
+        vec![Some(token), None]
+    );
 }

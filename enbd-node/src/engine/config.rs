@@ -109,6 +109,8 @@ pub struct ClientConfig {
     pub reconnect_max: Duration,
     /// TLS for every connection (NBD_OPT_STARTTLS required); `None`: plain text.
     pub tls: Option<std::sync::Arc<super::tls::ClientTls>>,
+    /// Access token presented to every server (ENBD_OPT_ACCESS); `None`: none is sent.
+    pub access: Option<std::sync::Arc<super::access::AccessCredential>>,
 }
 
 impl ClientConfig {
@@ -126,6 +128,7 @@ impl ClientConfig {
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(2),
             tls: None,
+            access: None,
         }
     }
 

@@ -18,6 +18,7 @@
 //! [`tls`] holds the client's TLS settings; `channel`'s handshake starts TLS when a volume
 //! has them (never falling back to plain text).
 
+pub mod access;
 pub mod brownout;
 pub mod channel;
 pub mod config;
@@ -102,6 +103,7 @@ impl Client {
             &cfg.export,
             cfg.connect_timeout,
             cfg.tls.as_deref(),
+            cfg.access.as_deref(),
         )
         .await?;
         let geometry = first.geometry;
@@ -186,6 +188,7 @@ impl Client {
             &inner.cfg.export,
             inner.cfg.connect_timeout,
             inner.cfg.tls.as_deref(),
+            inner.cfg.access.as_deref(),
         )
         .await?;
         let now = conn.geometry;

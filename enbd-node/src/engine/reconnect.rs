@@ -113,7 +113,7 @@ pub(crate) async fn supervise(
             None => {
                 stats.set_state(ChannelState::Connecting);
                 tokio::select! {
-                    r = channel::open(&inner.server, &inner.cfg.export, inner.cfg.connect_timeout, inner.cfg.tls.as_deref()) => r,
+                    r = channel::open(&inner.server, &inner.cfg.export, inner.cfg.connect_timeout, inner.cfg.tls.as_deref(), inner.cfg.access.as_deref()) => r,
                     _ = inner.cancel.cancelled() => break,
                 }
             }

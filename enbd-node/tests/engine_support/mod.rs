@@ -45,6 +45,11 @@ impl Peer {
         self.addr.to_string()
     }
 
+    /// The enbd-server behind this peer, if it is one (its management API).
+    pub fn enbd(&self) -> Option<&EnbdServer> {
+        self.enbd.as_ref()
+    }
+
     /// SIGTERM and wait for the exit: a graceful shutdown (enbd-server lets in-flight
     /// requests finish, then closes its connections).
     pub fn terminate(mut self) {

@@ -9,13 +9,19 @@
 //! range there (durably) after entering the gate and before touching the file, whenever the
 //! log is active; the gate refuses io_uring's detached entry while it is active, so those
 //! writes take the `write_at` path, which logs.
+//!
+//! Copy-before-write: a backend may carry [`PreWrite`] hooks (a snapshot or clone being
+//! copied in the background). Every write-type op calls them inside the gate before it
+//! touches the file; io_uring's detached entry is refused while any is attached. With none
+//! attached the cost on the write path is one atomic load.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use super::{Backend, ExportError, Extent, WriteIntent};
+use super::{Backend, ExportError, Extent, PreWrite, WriteIntent};
 use crate::sys;
 
 pub struct FileBackend {
@@ -32,6 +38,27 @@ pub struct Gate {
     state: Mutex<GateState>,
     changed: Condvar,
     intent: Option<Arc<dyn WriteIntent>>,
+    copies: Copies,
+}
+
+/// The copy-before-write hooks attached to a backend; `active` is their count, so a write
+/// with none attached reads one atomic and nothing else.
+#[derive(Default)]
+struct Copies {
+    active: AtomicUsize,
+    hooks: Mutex<Vec<Arc<dyn PreWrite>>>,
+}
+
+impl Copies {
+    fn before_write(&self, offset: u64, len: u64) {
+        if self.active.load(Ordering::Acquire) == 0 || len == 0 {
+            return;
+        }
+        let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for h in hooks {
+            h.before_write(offset, len);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -60,7 +87,10 @@ impl Gate {
     /// [`Backend::write_at`], which waits and logs; on `true` it must call [`Gate::leave`].
     pub fn try_enter_detached(&self) -> bool {
         let mut st = self.lock();
-        if st.frozen || self.intent.as_ref().is_some_and(|i| i.active()) {
+        if st.frozen
+            || self.copies.active.load(Ordering::Acquire) != 0
+            || self.intent.as_ref().is_some_and(|i| i.active())
+        {
             return false;
         }
         st.writers += 1;
@@ -110,6 +140,7 @@ impl Drop for WriteToken<'_> {
 }
 
 /// Writes are paused while this lives.
+#[must_use]
 pub struct Frozen<'a> {
     gate: &'a Gate,
 }
@@ -161,6 +192,43 @@ impl FileBackend {
         self.gate.freeze()
     }
 
+    /// Attaches a copy-before-write hook; `_frozen` proves writes are paused, so every write
+    /// that starts later sees it and none is half-applied when it is attached.
+    pub fn attach_pre_write(&self, _frozen: &Frozen<'_>, hook: Arc<dyn PreWrite>) {
+        let mut hooks = self
+            .gate
+            .copies
+            .hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        hooks.push(hook);
+        self.gate
+            .copies
+            .active
+            .store(hooks.len(), Ordering::Release);
+    }
+
+    /// Detaches a hook attached with [`FileBackend::attach_pre_write`] (a no-op if it is not
+    /// attached). Writes already inside the gate may still call it once.
+    pub fn detach_pre_write(&self, hook: &Arc<dyn PreWrite>) {
+        let mut hooks = self
+            .gate
+            .copies
+            .hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        hooks.retain(|h| !Arc::ptr_eq(h, hook));
+        self.gate
+            .copies
+            .active
+            .store(hooks.len(), Ordering::Release);
+    }
+
+    /// How many copy-before-write hooks are attached.
+    pub fn pre_write_hooks(&self) -> usize {
+        self.gate.copies.active.load(Ordering::Acquire)
+    }
+
     /// [`FileBackend::freeze`] with an owned guard.
     pub fn freeze_owned(self: &Arc<Self>) -> FrozenBackend {
         self.gate.freeze_raw();
@@ -176,6 +244,7 @@ impl FileBackend {
             return Err(ExportError::ReadOnly);
         }
         let token = self.gate.enter();
+        self.gate.copies.before_write(offset, len);
         if let Some(intent) = &self.gate.intent
             && len > 0
             && intent.active()

@@ -34,6 +34,18 @@ pub trait WriteIntent: Send + Sync + 'static {
     fn log(&self, offset: u64, len: u64) -> io::Result<()>;
 }
 
+/// Something that must see a range's old content before a write changes it: a snapshot or
+/// clone whose copy runs in the background (`store::copy`, copy-before-write).
+///
+/// Contract: attached only while the backend's writes are paused ([`FileBackend::freeze`]),
+/// so every write that starts after the attach calls it; it may be detached at any time,
+/// once it no longer needs to see writes.
+pub trait PreWrite: Send + Sync + 'static {
+    /// Called inside the write gate before `[offset, offset + len)` changes. It never fails
+    /// the write: a copy that cannot preserve the range fails itself instead.
+    fn before_write(&self, offset: u64, len: u64);
+}
+
 /// Errors a backend operation can end in; the session maps them onto NBD error codes.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {

@@ -387,6 +387,18 @@ mod tests {
         let member = "/enbd.v1.ReplicaService/GetMembership";
         let health = "/grpc.health.v1.Health/Check";
         assert_eq!(authorize(None, health), Decision::Allow);
+        // Granting and revoking NBD access is the control plane's alone.
+        for m in [
+            "/enbd.v1.VolumeService/GrantAccess",
+            "/enbd.v1.VolumeService/RevokeAccess",
+        ] {
+            assert!(matches!(
+                authorize(Some("enbd-node"), m),
+                Decision::Denied(_)
+            ));
+            assert_eq!(authorize(Some("enbd-controller"), m), Decision::Allow);
+            assert_eq!(authorize(Some("enbd-admin"), m), Decision::Allow);
+        }
         assert!(matches!(
             authorize(None, create),
             Decision::Unauthenticated(_)

@@ -47,6 +47,8 @@ pub struct SessionConfig {
     pub handshake_timeout: Duration,
     /// TLS on the data path; `None` with `--tls off`.
     pub tls: Option<DataTls>,
+    /// `--access published`: the grants; `None` with `--access open`.
+    pub grants: Option<Arc<crate::access::Grants>>,
 }
 
 /// `--tls optional|require` with its certificates.
@@ -105,6 +107,8 @@ pub enum SessionError {
     TlsRequired,
     #[error("client sent data after NBD_OPT_STARTTLS before its reply")]
     DataBeforeTls,
+    #[error("client asked for an export it holds no grant for (NBD_OPT_EXPORT_NAME)")]
+    NotPublished,
 }
 
 /// Serves one connection to the end. `stop` asks it to finish: no new requests are read,
@@ -126,8 +130,31 @@ pub async fn serve<S: Transport>(
             _ = stop.cancelled() => return Ok(()),
         }
     };
-    let Some((conn, n)) = negotiated else {
+    let Some((conn, mut n)) = negotiated else {
         return Ok(());
+    };
+    // Revoking the grant stops the session like a shutdown does: nothing new is read, the
+    // requests in flight are answered, the connection closes.
+    let _counted = n.grant.as_ref().map(|g| g.enter());
+    let mut _end_watch = None;
+    let stop = match n.grant.take() {
+        None => stop,
+        Some(g) => {
+            let both = stop.child_token();
+            let watch = both.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = g.revoked.cancelled() => {
+                        tracing::info!(export = %g.volume, "grant revoked: closing the connection");
+                        watch.cancel();
+                    }
+                    _ = watch.cancelled() => {}
+                }
+            });
+            // The watcher ends with the session.
+            _end_watch = Some(both.clone().drop_guard());
+            both
+        }
     };
     let span = tracing::info_span!("export", export = %n.export.name);
     let _enter = span.enter();
@@ -162,8 +189,20 @@ async fn handshake<S: Transport>(
         },
     };
     let max = cfg.max_request_bytes;
-    let step =
-        negotiate::options(&mut stream, buf, provider, max, no_zeroes, phase, &mut left).await?;
+    let access = negotiate::Access {
+        grants: cfg.grants.as_deref(),
+    };
+    let step = negotiate::options(
+        &mut stream,
+        buf,
+        provider,
+        max,
+        no_zeroes,
+        phase,
+        access,
+        &mut left,
+    )
+    .await?;
     let tls = match (step, &cfg.tls) {
         (Step::Done(n), _) => return Ok(n.map(|n| (Conn::Plain(stream), n))),
         (Step::StartTls, Some(tls)) => tls,
@@ -179,6 +218,7 @@ async fn handshake<S: Transport>(
         max,
         no_zeroes,
         TlsPhase::Active,
+        access,
         &mut left,
     )
     .await?;

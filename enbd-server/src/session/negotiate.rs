@@ -16,6 +16,13 @@
 //! NBD_REP_ERR_TLS_REQD before TLS, and EXPORT_NAME (which has no error reply) ends the
 //! connection. Bytes the client sent after STARTTLS but before its ACK end the connection:
 //! they would otherwise be read as if they had come over TLS (plain-text injection).
+//!
+//! Access (`--access published`, [`crate::access`]): a client presents grant tokens with
+//! ENBD_OPT_ACCESS (ACK, or NBD_REP_ERR_POLICY for a token that names no grant). LIST shows
+//! only the volumes its tokens grant; INFO, GO and the meta-context options for any other
+//! export get NBD_REP_ERR_POLICY, and EXPORT_NAME for one ends the connection. Like every
+//! other option state, tokens presented before STARTTLS do not carry over into TLS. With
+//! `--access open` ENBD_OPT_ACCESS is acknowledged without a check.
 
 use bytes::{Buf, BytesMut};
 use enbd_proto::wire::{
@@ -26,6 +33,7 @@ use enbd_proto::wire::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::SessionError;
+use crate::access::{Grants, Held};
 use crate::export::{Export, ExportProvider, OpenError};
 
 /// Largest option payload we buffer (export names are at most 4 KiB; queries add a little).
@@ -46,6 +54,8 @@ pub struct Negotiated {
     pub structured: bool,
     pub base_allocation: bool,
     pub flags: TransmissionFlags,
+    /// The grant the export was opened with (`--access published`).
+    pub grant: Option<Held>,
 }
 
 /// Options that change how transmission will look.
@@ -55,6 +65,53 @@ struct State {
     extended: bool,
     /// Export the meta context was set for, and whether base:allocation was selected.
     meta: Option<(String, bool)>,
+    /// Grants of the tokens presented so far.
+    held: Vec<Held>,
+}
+
+/// Who may open what in this handshake: everything (`None`, `--access open`) or what the
+/// presented tokens grant.
+#[derive(Clone, Copy)]
+pub struct Access<'a> {
+    pub grants: Option<&'a Grants>,
+}
+
+impl Access<'_> {
+    /// Whether `export` (as the client named it; the empty name is the default export) may
+    /// be opened, and the grant it is opened with.
+    fn permits(
+        &self,
+        st: &State,
+        export: &str,
+        provider: &dyn ExportProvider,
+    ) -> Result<Option<Held>, ()> {
+        if self.grants.is_none() {
+            return Ok(None);
+        }
+        let name = if export.is_empty() {
+            provider.default_export().unwrap_or_default()
+        } else {
+            export.to_owned()
+        };
+        match st
+            .held
+            .iter()
+            .find(|h| !name.is_empty() && h.volume == name)
+        {
+            Some(h) => Ok(Some(h.share())),
+            None => Err(()),
+        }
+    }
+}
+
+fn policy(option: OptionCode) -> OptionReply {
+    // The same answer for a volume that exists and one that does not: an unpublished client
+    // learns nothing about what the server holds.
+    OptionReply::error(
+        option,
+        OptionError::Policy,
+        "not published to this client: present an access token for this volume (ENBD_OPT_ACCESS)",
+    )
 }
 
 impl State {
@@ -279,6 +336,7 @@ pub async fn options<S>(
     max_request: u32,
     no_zeroes: bool,
     tls: TlsPhase,
+    access: Access<'_>,
     left: &mut usize,
 ) -> Result<Step, SessionError>
 where
@@ -360,6 +418,9 @@ where
                 let mut replies: Vec<OptionReply> = provider
                     .list()
                     .into_iter()
+                    .filter(|e| {
+                        access.grants.is_none() || st.held.iter().any(|h| h.volume == e.name)
+                    })
                     .map(|e| OptionReply {
                         option,
                         body: OptionReplyBody::Server {
@@ -426,10 +487,18 @@ where
                 send(io, &[OptionReply::ack(option)]).await?;
             }
             OptionRequest::ListMetaContext(req) | OptionRequest::SetMetaContext(req) => {
+                if access.permits(&st, &req.export, provider).is_err() {
+                    send(io, &[policy(option)]).await?;
+                    continue;
+                }
                 let replies = meta_replies(option, &req, &mut st, provider);
                 send(io, &replies).await?;
             }
             OptionRequest::Info(req) | OptionRequest::Go(req) => {
+                let Ok(grant) = access.permits(&st, &req.export, provider) else {
+                    send(io, &[policy(option)]).await?;
+                    continue;
+                };
                 let export = match provider.open(&req.export) {
                     Ok(e) => e,
                     Err(e) => {
@@ -449,11 +518,16 @@ where
                         structured: st.structured,
                         base_allocation,
                         flags,
+                        grant,
                     })));
                 }
             }
             OptionRequest::ExportName(name) => {
-                // No error reply exists for EXPORT_NAME: an unknown export ends the connection.
+                // No error reply exists for EXPORT_NAME: an unknown or unpublished export
+                // ends the connection.
+                let grant = access
+                    .permits(&st, &name, provider)
+                    .map_err(|()| SessionError::NotPublished)?;
                 let export = provider.open(&name).map_err(SessionError::Open)?;
                 let flags = transmission_flags(&export, &st);
                 let mut out = Vec::new();
@@ -471,8 +545,30 @@ where
                     structured: st.structured,
                     base_allocation,
                     flags,
+                    grant,
                 })));
             }
+            OptionRequest::Access(token) => match access.grants {
+                None => send(io, &[OptionReply::ack(option)]).await?,
+                Some(grants) => {
+                    let found = grants.check(&token);
+                    if found.is_empty() {
+                        tracing::info!("access token refused: it names no grant on this server");
+                        send(
+                            io,
+                            &[OptionReply::error(
+                                option,
+                                OptionError::Policy,
+                                "access token not recognised (not published, or revoked)",
+                            )],
+                        )
+                        .await?;
+                    } else {
+                        st.held.extend(found);
+                        send(io, &[OptionReply::ack(option)]).await?;
+                    }
+                }
+            },
             OptionRequest::Unknown { option: raw, .. } => {
                 send(
                     io,

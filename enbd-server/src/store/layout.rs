@@ -175,6 +175,27 @@ impl Layout {
         meta::fsync_dir(stage).map_err(io_err("syncing staging directory"))
     }
 
+    /// Whether files in the data directory can be reflinked (FICLONE between two scratch
+    /// files in `staging/`). Any failure counts as "no": copies then never try.
+    pub(super) fn probe_reflink(&self) -> bool {
+        let dir = self
+            .root
+            .join("staging")
+            .join(format!("reflink-probe-{}", std::process::id()));
+        let r = (|| {
+            fs::create_dir(&dir)?;
+            let a = Self::new_data_file(&dir)?;
+            a.set_len(4096)?;
+            let b = File::options()
+                .write(true)
+                .create_new(true)
+                .open(dir.join("b"))?;
+            crate::sys::reflink(&a, &b)
+        })();
+        let _ = fs::remove_dir_all(&dir);
+        r.is_ok()
+    }
+
     /// Removes a stage that was not committed (best effort: start-up empties staging anyway).
     pub(super) fn abandon(stage: &Path) {
         let _ = fs::remove_dir_all(stage);

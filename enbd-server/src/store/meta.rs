@@ -34,7 +34,11 @@ pub struct VolumeMeta {
 pub struct SnapshotMeta {
     pub format: u32,
     pub source_volume: String,
+    /// The snapshot's instant (taken with the source's writes paused), seconds and
+    /// nanoseconds since the Unix epoch (nanoseconds absent in older metadata).
     pub created_at_unix: i64,
+    #[serde(default)]
+    pub created_at_nanos: u32,
 }
 
 pub const FORMAT: u32 = 1;
@@ -56,6 +60,14 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> io::Result<T> {
 /// Makes a rename or unlink inside `dir` durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Now since the Unix epoch: (seconds, nanoseconds).
+pub fn now_unix_nanos() -> (i64, u32) {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| (d.as_secs() as i64, d.subsec_nanos()))
+        .unwrap_or((0, 0))
 }
 
 pub fn now_unix() -> i64 {

@@ -18,26 +18,38 @@
 //! - Mirror metadata (`membership.json`, `dirty-*.bitmap` beside `data`; see [`membership`])
 //!   belongs to the volume: deleted with it, grown with it, never copied into snapshots or
 //!   clones. Every open volume's writes go through its write intent.
+//! - A snapshot or clone is a point in time with respect to acknowledged writes: taken with
+//!   the source's writes paused and drained for an instant, then either reflinked (instant)
+//!   or copied in the background with copy-before-write ([`copy`]) while the source's writes
+//!   go on. Until its copy has finished it lives in `staging/` only: listed as not ready,
+//!   never served, never a source, gone after a restart.
 
 pub mod bitmap;
+pub mod copy;
 mod layout;
 pub mod membership;
 pub mod meta;
 pub mod name;
 mod registry;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use enbd_proto::ids::ServerId;
 
 use crate::export::file::FrozenBackend;
-use crate::export::{Backend, Export, ExportEntry, ExportProvider, FileBackend, OpenError};
+use crate::export::{
+    Backend, Export, ExportEntry, ExportProvider, FileBackend, OpenError, PreWrite,
+};
 use crate::sys;
+pub use copy::CopyProgress;
+use copy::{CopyJob, CopyState, Target};
 use layout::{Kind, Layout};
 use membership::{Membership, Mirror, Mirrors, ReplicaError, SetRequest};
 pub use meta::ContentSource;
@@ -76,6 +88,21 @@ pub enum StoreError {
     SmallerThanSource { requested: u64, source_size: u64 },
     #[error("another operation on {0:?} is in progress")]
     Busy(String),
+    #[error("{kind} {name:?} is still being copied ({done} of {total} bytes); not usable yet")]
+    NotReady {
+        kind: &'static str,
+        name: String,
+        done: u64,
+        total: u64,
+    },
+    #[error("copying {kind} {name:?} failed: {reason}; it was removed, a retry makes it anew")]
+    CopyFailed {
+        kind: &'static str,
+        name: String,
+        reason: String,
+        /// The data directory's filesystem was full.
+        no_space: bool,
+    },
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
     #[error(transparent)]
@@ -127,6 +154,8 @@ pub struct VolumeInfo {
     pub open_connections: u64,
     pub allocated_bytes: u64,
     pub labels: BTreeMap<String, String>,
+    /// `Some` while a clone is still being copied: not yet a volume anyone can open.
+    pub copy: Option<CopyProgress>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,7 +164,13 @@ pub struct SnapshotInfo {
     pub source_volume: String,
     pub size_bytes: u64,
     pub created_at_unix: i64,
+    /// The instant's nanoseconds (within `created_at_unix`).
+    pub created_at_nanos: u32,
     pub export_name: String,
+    /// Its copy has finished: it can be read and restored from.
+    pub ready: bool,
+    /// `Some` while its copy runs in the background.
+    pub copy: Option<CopyProgress>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,7 +185,17 @@ struct Inner {
     registry: Arc<Registry>,
     default_export: Option<String>,
     mirrors: Mirrors,
+    /// Snapshots and clones whose copy is running (or failed and not yet reported).
+    copies: Mutex<HashMap<(Kind, String), Arc<CopyJob>>>,
+    /// Background copy rate limit, bytes per second (0: none).
+    copy_rate: AtomicU64,
+    /// The data directory's filesystem can reflink (probed at open).
+    reflink: bool,
 }
+
+/// How long a create waits for its copy before answering "not ready yet": long enough that a
+/// small or reflinked copy answers ready at once, short against a client's deadline.
+pub const READY_GRACE: Duration = Duration::from_millis(500);
 
 /// Handle on the store; cheap to clone.
 #[derive(Clone)]
@@ -193,12 +238,25 @@ impl VolumeStore {
     ) -> Result<Self, StoreError> {
         let layout = Layout::open(root)?;
         let volumes = layout.dir_of(Kind::Volume);
+        let reflink = layout.probe_reflink();
+        tracing::info!(
+            reflink,
+            "snapshots and clones: {}",
+            if reflink {
+                "reflink"
+            } else {
+                "background copy with copy-before-write"
+            }
+        );
         let store = Self {
             inner: Arc::new(Inner {
                 layout,
                 registry: Arc::default(),
                 default_export,
                 mirrors: Mirrors::new(volumes, server_id),
+                copies: Mutex::default(),
+                copy_rate: AtomicU64::new(0),
+                reflink,
             }),
         };
         for kind in [Kind::Volume, Kind::Snapshot] {
@@ -216,6 +274,12 @@ impl VolumeStore {
 
     pub fn root(&self) -> &Path {
         self.inner.layout.root()
+    }
+
+    /// Limits background snapshot and clone copies to `bytes_per_sec` each (0: no limit).
+    /// Copy-before-write copies done for a source's writes are never held back.
+    pub fn set_copy_rate(&self, bytes_per_sec: u64) {
+        self.inner.copy_rate.store(bytes_per_sec, Ordering::Relaxed);
     }
 
     fn claim(&self, kind: Kind, name: &VolumeName) -> Result<BusyGuard, StoreError> {
@@ -241,6 +305,7 @@ impl VolumeStore {
             open_connections: self.inner.registry.connections(Kind::Volume, name),
             allocated_bytes: st.blocks() * 512,
             labels: m.labels,
+            copy: None,
         })
     }
 
@@ -252,7 +317,10 @@ impl VolumeStore {
             source_volume: m.source_volume,
             size_bytes: st.len(),
             created_at_unix: m.created_at_unix,
+            created_at_nanos: m.created_at_nanos,
             export_name: format!("{SNAPSHOT_EXPORT_PREFIX}{name}"),
+            ready: true,
+            copy: None,
         })
     }
 
@@ -260,8 +328,19 @@ impl VolumeStore {
         self.volume_info(&parse_name(name)?)
     }
 
+    /// A snapshot, ready or still copying.
     pub fn get_snapshot(&self, name: &str) -> Result<SnapshotInfo, StoreError> {
-        self.snapshot_info(&parse_name(name)?)
+        let name = parse_name(name)?;
+        match self.snapshot_info(&name) {
+            Err(StoreError::NotFound { .. }) => self
+                .job(Kind::Snapshot, &name)
+                .map(|j| copying_snapshot(&j))
+                .ok_or_else(|| StoreError::NotFound {
+                    kind: "snapshot",
+                    name: name.to_string(),
+                }),
+            r => r,
+        }
     }
 
     /// All volumes, sorted by name. Damaged entries are logged and left out.
@@ -275,15 +354,24 @@ impl VolumeStore {
             .collect())
     }
 
-    /// All snapshots, sorted by name.
+    /// All snapshots, ready or still copying, sorted by name.
     pub fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
-        Ok(self
+        let mut all: BTreeMap<String, SnapshotInfo> = self
             .inner
             .layout
             .names(Kind::Snapshot)?
             .iter()
             .filter_map(|n| self.snapshot_info(n).ok())
-            .collect())
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        let jobs: Vec<Arc<CopyJob>> = self.lock_copies().values().cloned().collect();
+        for j in jobs {
+            if j.target.kind() == Kind::Snapshot {
+                all.entry(j.name.to_string())
+                    .or_insert_with(|| copying_snapshot(&j));
+            }
+        }
+        Ok(all.into_values().collect())
     }
 
     pub fn capacity(&self) -> Result<Capacity, StoreError> {
@@ -299,7 +387,12 @@ impl VolumeStore {
 
     /// Creates a volume, or returns the existing one if it has the same size, source and labels
     /// (idempotent retry); anything else under that name is AlreadyExists. `size == 0` with a
-    /// source means "the source's size". Returns the volume and whether this call created it.
+    /// source means "the source's size". A volume with a source is a clone: reflinked where
+    /// the filesystem can, else copied in the background ([`copy`]) without pausing the
+    /// source's writes. While that copy runs the answer carries `copy: Some(progress)`, the
+    /// volume cannot be opened or listed, and a retry reports the progress; a snapshot source
+    /// that is itself still copying is [`StoreError::NotReady`]. Returns the volume and
+    /// whether this call created (or started) it.
     pub fn create_volume(
         &self,
         name: &str,
@@ -336,94 +429,55 @@ impl VolumeStore {
             Err(StoreError::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
-
-        let stage = self.inner.layout.new_stage("create", &name)?;
-        let result = self.build_volume(
-            &stage,
-            &name,
-            requested,
-            source_ref.as_ref(),
-            source.clone(),
-            labels,
-        );
-        if let Err(e) = result {
-            Layout::abandon(&stage);
-            return Err(e);
+        if let Some(job) = self.job(Kind::Volume, &name) {
+            let same = matches!(&job.target, Target::Volume { meta, size }
+                if meta.source == source && meta.labels == labels
+                    && requested.is_none_or(|r| r == *size));
+            if !same {
+                return Err(StoreError::AlreadyExists {
+                    kind: "volume",
+                    name: name.to_string(),
+                });
+            }
+            return self.volume_answer(&job, Duration::ZERO).map(|v| (v, false));
         }
-        self.inner.layout.commit(&stage, Kind::Volume, &name)?;
-        tracing::info!(volume = %name, "volume created");
-        Ok((self.volume_info(&name)?, true))
-    }
 
-    fn build_volume(
-        &self,
-        stage: &Path,
-        name: &VolumeName,
-        requested: Option<u64>,
-        source_ref: Option<&(Kind, VolumeName)>,
-        source: Option<ContentSource>,
-        labels: BTreeMap<String, String>,
-    ) -> Result<(), StoreError> {
-        let data = Layout::new_data_file(stage).map_err(io_err("creating data file"))?;
-        let size = match source_ref {
-            None => {
-                let size = requested.unwrap_or(SIZE_ALIGN);
-                data.set_len(size).map_err(io_err("sizing data file"))?;
-                size
+        let Some((src_kind, src)) = source_ref else {
+            let stage = self.inner.layout.new_stage("create", &name)?;
+            let size = requested.unwrap_or(SIZE_ALIGN);
+            if let Err(e) = build_empty(&stage, size, labels) {
+                Layout::abandon(&stage);
+                return Err(e);
             }
-            Some((kind, src)) => {
-                let copied = self.copy_entry(*kind, src, &data)?;
-                let size = requested.unwrap_or(copied);
-                if size < copied {
-                    return Err(StoreError::SmallerThanSource {
-                        requested: size,
-                        source_size: copied,
-                    });
-                }
-                data.set_len(size).map_err(io_err("sizing data file"))?;
-                size
-            }
+            self.inner.layout.commit(&stage, Kind::Volume, &name)?;
+            tracing::info!(volume = %name, size, "volume created");
+            return Ok((self.volume_info(&name)?, true));
         };
-        data.sync_all().map_err(io_err("syncing data file"))?;
-        let m = VolumeMeta {
-            format: meta::FORMAT,
-            source,
-            created_at_unix: meta::now_unix(),
-            labels,
-        };
-        Layout::seal_stage(stage, &m, "volume")?;
-        tracing::debug!(volume = %name, size, "volume built in staging");
-        Ok(())
-    }
-
-    /// Copies a volume or snapshot's content into `dst` (reflink if the filesystem can,
-    /// else a sparse copy). A volume open over NBD has its writes paused for the copy, so the
-    /// copy is a point in time with respect to acknowledged writes. Returns the source size.
-    fn copy_entry(&self, kind: Kind, src: &VolumeName, dst: &File) -> Result<u64, StoreError> {
-        // Holding a lease keeps every connection (including ones opened meanwhile) on the
-        // backend we freeze.
-        let lease = self.lease_entry(kind, src).map_err(|e| match e {
-            OpenError::NotFound(_) => StoreError::NotFound {
-                kind: kind.label(),
-                name: src.to_string(),
-            },
-            OpenError::Unavailable(n) => StoreError::Busy(n),
-            OpenError::Io { name, source } => StoreError::Io {
-                context: format!("opening {name}"),
-                source,
-            },
-        })?;
-        let _frozen = lease.backend().freeze();
-        let src_file = lease.backend().inner_file();
-        let size = src_file.metadata().map_err(io_err("stat source"))?.len();
-        match sys::reflink(src_file, dst) {
-            Ok(()) => tracing::debug!(source = %src, "reflinked"),
-            Err(e) => {
-                tracing::debug!(source = %src, error = %e, "reflink unavailable, sparse copy");
-                sys::copy_sparse(src_file, dst, size).map_err(io_err(format!("copying {src}")))?;
+        let target = |src_size: u64| {
+            let size = requested.unwrap_or(src_size);
+            if size < src_size {
+                return Err(StoreError::SmallerThanSource {
+                    requested: size,
+                    source_size: src_size,
+                });
             }
+            Ok(Target::Volume {
+                meta: VolumeMeta {
+                    format: meta::FORMAT,
+                    source: source.clone(),
+                    created_at_unix: meta::now_unix(),
+                    labels: labels.clone(),
+                },
+                size,
+            })
+        };
+        match self.start_copy(src_kind, &src, &name, "clone", target)? {
+            Started::Done => {
+                tracing::info!(volume = %name, source = %src, "volume cloned (reflink)");
+                Ok((self.volume_info(&name)?, true))
+            }
+            Started::Copying(job) => self.volume_answer(&job, READY_GRACE).map(|v| (v, true)),
         }
-        Ok(size)
     }
 
     /// Moves an entry out of sight (into staging), durably, then removes it. The registry
@@ -442,10 +496,12 @@ impl VolumeStore {
     }
 
     /// Deletes a volume; a missing volume is success. Open connections block it unless
-    /// `force`, which closes them.
+    /// `force`, which closes them. A clone still being copied is cancelled; a snapshot or
+    /// clone being copied *from* it goes on (it reads the file it holds open).
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<(), StoreError> {
         let name = parse_name(name)?;
         let _busy = self.claim(Kind::Volume, &name)?;
+        self.cancel_copy(Kind::Volume, &name);
         self.inner.mirrors.delete(name.as_str(), || {
             self.remove_entry(Kind::Volume, &name, force)
         })?;
@@ -481,7 +537,12 @@ impl VolumeStore {
         self.volume_info(&name)
     }
 
-    /// Takes a read-only point-in-time copy of a volume; idempotent for the same source.
+    /// Takes a read-only point-in-time copy of a volume; idempotent for the same source. The
+    /// point in time is this call's (writes acknowledged before it are in, later ones are
+    /// not). Reflinked where the filesystem can (ready at once), else copied in the
+    /// background: the answer is then `ready: false` with progress until the copy finished,
+    /// which a retry (or a get) reports. A copy that failed is reported once by the next
+    /// call, then forgotten, so the call after that takes the snapshot anew.
     pub fn create_snapshot(
         &self,
         name: &str,
@@ -503,35 +564,339 @@ impl VolumeStore {
             Err(StoreError::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
+        if let Some(job) = self.job(Kind::Snapshot, &name) {
+            if job.target.source() != ContentSource::Volume(source.to_string()) {
+                return Err(StoreError::AlreadyExists {
+                    kind: "snapshot",
+                    name: name.to_string(),
+                });
+            }
+            return self
+                .snapshot_answer(&job, Duration::ZERO)
+                .map(|s| (s, false));
+        }
         self.volume_info(&source)?;
-        let stage = self.inner.layout.new_stage("snapshot", &name)?;
-        let built = (|| {
-            let data = Layout::new_data_file(&stage).map_err(io_err("creating snapshot file"))?;
-            self.copy_entry(Kind::Volume, &source, &data)?;
-            data.sync_all().map_err(io_err("syncing snapshot file"))?;
-            let m = SnapshotMeta {
+        let target = |_size: u64| {
+            let (created_at_unix, created_at_nanos) = meta::now_unix_nanos();
+            Ok(Target::Snapshot(SnapshotMeta {
                 format: meta::FORMAT,
                 source_volume: source.to_string(),
-                created_at_unix: meta::now_unix(),
-            };
-            Layout::seal_stage(&stage, &m, "snapshot")
-        })();
-        if let Err(e) = built {
-            Layout::abandon(&stage);
-            return Err(e);
+                created_at_unix,
+                created_at_nanos,
+            }))
+        };
+        match self.start_copy(Kind::Volume, &source, &name, "snapshot", target)? {
+            Started::Done => {
+                tracing::info!(snapshot = %name, volume = %source, "snapshot created (reflink)");
+                Ok((self.snapshot_info(&name)?, true))
+            }
+            Started::Copying(job) => self.snapshot_answer(&job, READY_GRACE).map(|s| (s, true)),
         }
-        self.inner.layout.commit(&stage, Kind::Snapshot, &name)?;
-        tracing::info!(snapshot = %name, volume = %source, "snapshot created");
-        Ok((self.snapshot_info(&name)?, true))
     }
 
-    /// Deletes a snapshot; missing is success; refused while NBD clients read it.
+    /// Deletes a snapshot; missing is success; refused while NBD clients read it. One still
+    /// being copied has its copy cancelled (and its staging removed) first.
     pub fn delete_snapshot(&self, name: &str) -> Result<(), StoreError> {
         let name = parse_name(name)?;
         let _busy = self.claim(Kind::Snapshot, &name)?;
+        self.cancel_copy(Kind::Snapshot, &name);
         self.remove_entry(Kind::Snapshot, &name, false)?;
         tracing::info!(snapshot = %name, "snapshot deleted");
         Ok(())
+    }
+
+    fn lock_copies(&self) -> std::sync::MutexGuard<'_, HashMap<(Kind, String), Arc<CopyJob>>> {
+        self.inner.copies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn job(&self, kind: Kind, name: &VolumeName) -> Option<Arc<CopyJob>> {
+        self.lock_copies().get(&(kind, name.to_string())).cloned()
+    }
+
+    /// Forgets `job` if it is still the one registered under its name.
+    fn forget_job(&self, job: &Arc<CopyJob>) {
+        let mut copies = self.lock_copies();
+        let key = (job.target.kind(), job.name.to_string());
+        if copies.get(&key).is_some_and(|j| Arc::ptr_eq(j, job)) {
+            copies.remove(&key);
+        }
+    }
+
+    /// Cancels a copy in flight under `name` and waits for its thread to have let go.
+    fn cancel_copy(&self, kind: Kind, name: &VolumeName) {
+        if let Some(job) = self.job(kind, name) {
+            job.cancel();
+            let state = job.wait(None);
+            self.forget_job(&job);
+            if state != CopyState::Done {
+                Layout::abandon(&job.stage);
+            }
+            tracing::info!(name = %name, kind = kind.label(), ?state, "background copy cancelled");
+        }
+    }
+
+    /// The answer for a snapshot whose copy was started: after up to `grace`, ready, still
+    /// copying, or its failure (reported once).
+    fn snapshot_answer(
+        &self,
+        job: &Arc<CopyJob>,
+        grace: Duration,
+    ) -> Result<SnapshotInfo, StoreError> {
+        match job.wait(Some(grace)) {
+            CopyState::Copying => Ok(copying_snapshot(job)),
+            CopyState::Done => self.snapshot_info(&job.name),
+            state => Err(self.copy_ended(job, state)),
+        }
+    }
+
+    fn volume_answer(&self, job: &Arc<CopyJob>, grace: Duration) -> Result<VolumeInfo, StoreError> {
+        match job.wait(Some(grace)) {
+            CopyState::Copying => Ok(copying_volume(job)),
+            CopyState::Done => self.volume_info(&job.name),
+            state => Err(self.copy_ended(job, state)),
+        }
+    }
+
+    fn copy_ended(&self, job: &Arc<CopyJob>, state: CopyState) -> StoreError {
+        self.forget_job(job);
+        let kind = job.target.kind().label();
+        match state {
+            CopyState::Failed(reason) => StoreError::CopyFailed {
+                kind,
+                name: job.name.to_string(),
+                reason,
+                no_space: job.out_of_space(),
+            },
+            _ => StoreError::NotFound {
+                kind,
+                name: job.name.to_string(),
+            },
+        }
+    }
+
+    /// Starts copying `src` (a volume or a ready snapshot) into the new entry `name`:
+    /// `target(source_size)` says what it becomes. Reflinks if the filesystem can and commits
+    /// at once ([`Started::Done`]); otherwise starts a background copy, with a
+    /// copy-before-write hook on a volume source attached while its writes are paused.
+    fn start_copy(
+        &self,
+        src_kind: Kind,
+        src: &VolumeName,
+        name: &VolumeName,
+        what: &str,
+        target: impl FnOnce(u64) -> Result<Target, StoreError>,
+    ) -> Result<Started, StoreError> {
+        if src_kind == Kind::Snapshot
+            && let Err(StoreError::NotFound { .. }) = self.snapshot_info(src)
+            && let Some(job) = self.job(Kind::Snapshot, src)
+        {
+            let p = job.progress();
+            return Err(StoreError::NotReady {
+                kind: "snapshot",
+                name: src.to_string(),
+                done: p.copied_bytes,
+                total: p.total_bytes,
+            });
+        }
+        let stage = self.inner.layout.new_stage(what, name)?;
+        let r = self.start_copy_in(&stage, src_kind, src, name, target);
+        if r.is_err() {
+            Layout::abandon(&stage);
+        }
+        r
+    }
+
+    fn start_copy_in(
+        &self,
+        stage: &Path,
+        src_kind: Kind,
+        src: &VolumeName,
+        name: &VolumeName,
+        target: impl FnOnce(u64) -> Result<Target, StoreError>,
+    ) -> Result<Started, StoreError> {
+        let dst = Layout::new_data_file(stage).map_err(io_err("creating data file"))?;
+        let rate = self.inner.copy_rate.load(Ordering::Relaxed);
+        if src_kind == Kind::Snapshot {
+            // Snapshots never change: no hook, no pause.
+            self.snapshot_info(src)?;
+            let path = self.inner.layout.data_path(Kind::Snapshot, src);
+            let file = File::open(&path).map_err(io_err(format!("opening snapshot {src}")))?;
+            let size = file.metadata().map_err(io_err("stat source"))?.len();
+            let target = target(size)?;
+            if self.inner.reflink && sys::reflink(&file, &dst).is_ok() {
+                self.commit_now(stage, &dst, &target, name)?;
+                return Ok(Started::Done);
+            }
+            dst.set_len(size).map_err(io_err("sizing data file"))?;
+            let job = Arc::new(CopyJob::new(
+                name.clone(),
+                target,
+                stage.to_owned(),
+                file,
+                dst,
+                size,
+                rate,
+            ));
+            self.spawn_copy(&job, None)?;
+            return Ok(Started::Copying(job));
+        }
+
+        // Holding a lease keeps every connection (including ones opened meanwhile) on the
+        // backend the hook is attached to.
+        let lease = self
+            .inner
+            .registry
+            .lease_internal(Kind::Volume, src, || self.open_backend(Kind::Volume, src))
+            .map_err(|e| open_error(Kind::Volume, src, e))?;
+        let backend = lease.backend().clone();
+        // A reflink first writes back the source's dirty pages: most of that now, before the
+        // pause rather than inside it.
+        // A reflink first writes back the source's dirty pages: most of that now, before the
+        // pause rather than inside it. (A copy needs no writeback.)
+        // Repeated while writes keep dirtying it: each round has less left to write back.
+        let t = std::time::Instant::now();
+        if self.inner.reflink {
+            for _ in 0..4 {
+                let round = std::time::Instant::now();
+                if let Err(e) = sys::fdatasync(backend.inner_file()) {
+                    tracing::debug!(source = %src, error = %e, "fdatasync before snapshot failed");
+                    break;
+                }
+                if round.elapsed() < Duration::from_millis(20) {
+                    break;
+                }
+            }
+        }
+        let synced = t.elapsed();
+        let file = backend
+            .inner_file()
+            .try_clone()
+            .map_err(io_err(format!("opening {src}")))?;
+        let t = std::time::Instant::now();
+        let frozen = backend.freeze();
+        let drained = t.elapsed();
+        let size = file.metadata().map_err(io_err("stat source"))?.len();
+        let target = target(size)?;
+        let paused = |how: &str| {
+            tracing::info!(
+                source = %src,
+                name = %name,
+                how,
+                sync_ms = synced.as_secs_f64() * 1e3,
+                drain_ms = drained.as_secs_f64() * 1e3,
+                paused_ms = t.elapsed().saturating_sub(drained).as_secs_f64() * 1e3,
+                "point in time taken"
+            )
+        };
+        let reflinked = match self.inner.reflink {
+            true => sys::reflink(&file, &dst),
+            false => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        };
+        match reflinked {
+            Ok(()) => {
+                drop(frozen);
+                paused("reflink");
+                self.commit_now(stage, &dst, &target, name)?;
+                Ok(Started::Done)
+            }
+            Err(e) => {
+                tracing::debug!(source = %src, error = %e, "no reflink: copy-before-write");
+                dst.set_len(size).map_err(io_err("sizing data file"))?;
+                let job = Arc::new(CopyJob::new(
+                    name.clone(),
+                    target,
+                    stage.to_owned(),
+                    file,
+                    dst,
+                    size,
+                    rate,
+                ));
+                let hook: Arc<dyn PreWrite> = job.clone();
+                backend.attach_pre_write(&frozen, hook.clone());
+                drop(frozen);
+                paused("copy-before-write");
+                if let Err(e) = self.spawn_copy(&job, Some((backend.clone(), lease))) {
+                    backend.detach_pre_write(&hook);
+                    return Err(e);
+                }
+                Ok(Started::Copying(job))
+            }
+        }
+    }
+
+    fn commit_now(
+        &self,
+        stage: &Path,
+        dst: &File,
+        target: &Target,
+        name: &VolumeName,
+    ) -> Result<(), StoreError> {
+        finalize(stage, dst, target)?;
+        self.inner.layout.commit(stage, target.kind(), name)
+    }
+
+    /// Registers `job` and runs its background copy on a thread of its own.
+    fn spawn_copy(
+        &self,
+        job: &Arc<CopyJob>,
+        source: Option<(Arc<FileBackend>, Lease)>,
+    ) -> Result<(), StoreError> {
+        self.lock_copies()
+            .insert((job.target.kind(), job.name.to_string()), job.clone());
+        let store = self.clone();
+        let j = job.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("copy-{}", job.name))
+            .spawn(move || store.run_copy(j, source));
+        if let Err(e) = spawned {
+            self.forget_job(job);
+            return Err(io_err("starting the copy thread")(e));
+        }
+        tracing::info!(name = %job.name, kind = job.target.kind().label(), bytes = job.size(), "background copy started");
+        Ok(())
+    }
+
+    fn run_copy(&self, job: Arc<CopyJob>, source: Option<(Arc<FileBackend>, Lease)>) {
+        let started = std::time::Instant::now();
+        job.copy_all();
+        // Every region is copied (or the job is over): the source's writes need no hook.
+        if let Some((backend, lease)) = source {
+            let hook: Arc<dyn PreWrite> = job.clone();
+            backend.detach_pre_write(&hook);
+            drop(lease);
+        }
+        if !job.is_cancelled()
+            && job.error().is_none()
+            && let Err(e) = finalize(&job.stage, &job.dst, &job.target)
+        {
+            match &e {
+                StoreError::Io { context, source } => job.fail_io(context.clone(), source),
+                other => job.fail_io("finishing".into(), &io::Error::other(other.to_string())),
+            }
+        }
+        let layout = &self.inner.layout;
+        let state = job.end(|| {
+            layout
+                .commit(&job.stage, job.target.kind(), &job.name)
+                .map_err(|e| e.to_string())
+        });
+        match &state {
+            CopyState::Done => self.forget_job(&job),
+            CopyState::Cancelled => {
+                self.forget_job(&job);
+                Layout::abandon(&job.stage);
+            }
+            // Kept registered, so the next create reports it.
+            _ => Layout::abandon(&job.stage),
+        }
+        tracing::info!(
+            name = %job.name,
+            kind = job.target.kind().label(),
+            ?state,
+            data_bytes = job.data_bytes(),
+            secs = started.elapsed().as_secs_f64(),
+            "background copy ended"
+        );
     }
 
     /// Registers one more user of a volume or snapshot, opening its file if nobody has it open.
@@ -600,6 +965,103 @@ impl VolumeStore {
             closed: lease.closed(),
             lease: Some(Box::new(lease)),
         })
+    }
+}
+
+/// What [`VolumeStore::start_copy`] did.
+enum Started {
+    /// Reflinked and committed.
+    Done,
+    /// Copying in the background.
+    Copying(Arc<CopyJob>),
+}
+
+fn open_error(kind: Kind, name: &VolumeName, e: OpenError) -> StoreError {
+    match e {
+        OpenError::NotFound(_) => StoreError::NotFound {
+            kind: kind.label(),
+            name: name.to_string(),
+        },
+        OpenError::Unavailable(n) => StoreError::Busy(n),
+        OpenError::Io { name, source } => StoreError::Io {
+            context: format!("opening {name}"),
+            source,
+        },
+    }
+}
+
+/// Builds an empty volume of `size` bytes in `stage`.
+fn build_empty(
+    stage: &Path,
+    size: u64,
+    labels: BTreeMap<String, String>,
+) -> Result<(), StoreError> {
+    let data = Layout::new_data_file(stage).map_err(io_err("creating data file"))?;
+    data.set_len(size).map_err(io_err("sizing data file"))?;
+    data.sync_all().map_err(io_err("syncing data file"))?;
+    let m = VolumeMeta {
+        format: meta::FORMAT,
+        source: None,
+        created_at_unix: meta::now_unix(),
+        labels,
+    };
+    Layout::seal_stage(stage, &m, "volume")
+}
+
+/// Makes a copied entry durable in its stage: a clone gets its size, the data is fsynced,
+/// the metadata written. After this only the commit is left.
+fn finalize(stage: &Path, dst: &File, target: &Target) -> Result<(), StoreError> {
+    if let Target::Volume { size, .. } = target {
+        dst.set_len(*size).map_err(io_err("sizing data file"))?;
+    }
+    dst.sync_all().map_err(io_err("syncing data file"))?;
+    match target {
+        Target::Snapshot(m) => Layout::seal_stage(stage, m, "snapshot"),
+        Target::Volume { meta, .. } => Layout::seal_stage(stage, meta, "volume"),
+    }
+}
+
+fn copying_snapshot(job: &CopyJob) -> SnapshotInfo {
+    let (source_volume, created_at_unix, created_at_nanos) = match &job.target {
+        Target::Snapshot(m) => (
+            m.source_volume.clone(),
+            m.created_at_unix,
+            m.created_at_nanos,
+        ),
+        Target::Volume { meta, .. } => (String::new(), meta.created_at_unix, 0),
+    };
+    SnapshotInfo {
+        name: job.name.to_string(),
+        source_volume,
+        size_bytes: job.size(),
+        created_at_unix,
+        created_at_nanos,
+        export_name: format!("{SNAPSHOT_EXPORT_PREFIX}{}", job.name),
+        ready: false,
+        copy: Some(job.progress()),
+    }
+}
+
+fn copying_volume(job: &CopyJob) -> VolumeInfo {
+    let (source, created_at_unix, labels, size_bytes) = match &job.target {
+        Target::Volume { meta, size } => (
+            meta.source.clone(),
+            meta.created_at_unix,
+            meta.labels.clone(),
+            *size,
+        ),
+        Target::Snapshot(m) => (None, m.created_at_unix, BTreeMap::new(), job.size()),
+    };
+    VolumeInfo {
+        name: job.name.to_string(),
+        size_bytes,
+        source,
+        created_at_unix,
+        export_name: job.name.to_string(),
+        open_connections: 0,
+        allocated_bytes: 0,
+        labels,
+        copy: Some(job.progress()),
     }
 }
 
@@ -688,6 +1150,9 @@ impl ExportProvider for VolumeStore {
             });
         }
         for s in self.list_snapshots().unwrap_or_default() {
+            if !s.ready {
+                continue;
+            }
             out.push(ExportEntry {
                 name: s.export_name,
                 description: format!("snapshot {} of {} (read-only)", s.name, s.source_volume),

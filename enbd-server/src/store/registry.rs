@@ -6,6 +6,10 @@
 //! has just replaced it; a close ([`Registry::close`]) holds the open map's lock across the
 //! caller's removal, so a delete never races a new connection. Nothing here touches files
 //! except through the opener the caller passes to [`Registry::lease`].
+//! A background copy holds an internal lease on its source (so every connection, including
+//! ones opened meanwhile, shares the backend its copy-before-write hook is attached to);
+//! internal leases are not connections: they neither show in [`Registry::connections`] nor
+//! keep a delete from proceeding.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +28,15 @@ struct OpenVolume {
     backend: Arc<FileBackend>,
     closed: CancellationToken,
     leases: AtomicU64,
+    internal: AtomicU64,
+}
+
+impl OpenVolume {
+    fn connections(&self) -> u64 {
+        self.leases
+            .load(Ordering::Acquire)
+            .saturating_sub(self.internal.load(Ordering::Acquire))
+    }
 }
 
 #[derive(Default)]
@@ -37,6 +50,7 @@ pub(super) struct Lease {
     registry: Arc<Registry>,
     key: Key,
     vol: Arc<OpenVolume>,
+    internal: bool,
 }
 
 impl Lease {
@@ -54,6 +68,9 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut open = lock(&self.registry.open);
+        if self.internal {
+            self.vol.internal.fetch_sub(1, Ordering::AcqRel);
+        }
         if self.vol.leases.fetch_sub(1, Ordering::AcqRel) == 1 {
             // Only forget the entry if it is still ours (a force delete may have replaced it).
             if open
@@ -103,7 +120,7 @@ impl Registry {
     pub(super) fn connections(&self, kind: Kind, name: &VolumeName) -> u64 {
         lock(&self.open)
             .get(&(kind, name.to_string()))
-            .map_or(0, |v| v.leases.load(Ordering::Acquire))
+            .map_or(0, |v| v.connections())
     }
 
     /// Registers one more user of an entry, calling `open` for its backend if nobody has it
@@ -112,6 +129,27 @@ impl Registry {
         self: &Arc<Self>,
         kind: Kind,
         name: &VolumeName,
+        open_backend: impl FnOnce() -> Result<FileBackend, OpenError>,
+    ) -> Result<Lease, OpenError> {
+        self.lease_as(kind, name, false, open_backend)
+    }
+
+    /// [`Registry::lease`] for the store's own use (a background copy's source), not counted
+    /// as a connection.
+    pub(super) fn lease_internal(
+        self: &Arc<Self>,
+        kind: Kind,
+        name: &VolumeName,
+        open_backend: impl FnOnce() -> Result<FileBackend, OpenError>,
+    ) -> Result<Lease, OpenError> {
+        self.lease_as(kind, name, true, open_backend)
+    }
+
+    fn lease_as(
+        self: &Arc<Self>,
+        kind: Kind,
+        name: &VolumeName,
+        internal: bool,
         open_backend: impl FnOnce() -> Result<FileBackend, OpenError>,
     ) -> Result<Lease, OpenError> {
         let key = (kind, name.to_string());
@@ -123,16 +161,21 @@ impl Registry {
                     backend: Arc::new(open_backend()?),
                     closed: CancellationToken::new(),
                     leases: AtomicU64::new(0),
+                    internal: AtomicU64::new(0),
                 });
                 open.insert(key.clone(), vol.clone());
                 vol
             }
         };
+        if internal {
+            vol.internal.fetch_add(1, Ordering::AcqRel);
+        }
         vol.leases.fetch_add(1, Ordering::AcqRel);
         Ok(Lease {
             registry: self.clone(),
             key,
             vol,
+            internal,
         })
     }
 
@@ -149,7 +192,7 @@ impl Registry {
         let key = (kind, name.to_string());
         let mut open = lock(&self.open);
         if let Some(vol) = open.get(&key) {
-            let connections = vol.leases.load(Ordering::Acquire);
+            let connections = vol.connections();
             if connections > 0 && !force {
                 return Err(StoreError::InUse {
                     name: name.to_string(),

@@ -91,6 +91,13 @@ pub const NBD_OPT_LIST_META_CONTEXT: u32 = 9;
 pub const NBD_OPT_SET_META_CONTEXT: u32 = 10;
 /// Negotiate extended (32-byte) headers.
 pub const NBD_OPT_EXTENDED_HEADERS: u32 = 11;
+/// ENBD extension (not in the NBD protocol document): present a per-attachment access token
+/// before LIST/INFO/GO. The value spells "ENBD" in ASCII, far from the standard range
+/// (1-11 today, growing by one per extension), so no standard option will ever collide.
+/// Data: the token, ASCII (64 lowercase hex digits). Reply: `NBD_REP_ACK` when the token
+/// names a grant on this server, `NBD_REP_ERR_POLICY` otherwise; servers that do not know
+/// it answer `NBD_REP_ERR_UNSUP` as for any unknown option.
+pub const ENBD_OPT_ACCESS: u32 = 0x454e_4244;
 
 // ---- Option reply types (32 bits) ----------------------------------------------------------
 

@@ -145,6 +145,50 @@ pub struct MetaContextRequest {
     pub queries: Vec<String>,
 }
 
+/// Longest access token a peer may send (ours are 64 bytes).
+pub const MAX_ACCESS_TOKEN: usize = 256;
+
+/// The data of `ENBD_OPT_ACCESS`: an opaque secret, printable ASCII, 1 to
+/// [`MAX_ACCESS_TOKEN`] bytes. `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessToken(Vec<u8>);
+
+impl AccessToken {
+    /// Checks a token's form (printable ASCII, 1 to [`MAX_ACCESS_TOKEN`] bytes).
+    pub fn new(token: impl Into<Vec<u8>>) -> Result<Self, WireError> {
+        Self::from_wire(&token.into())
+    }
+
+    fn from_wire(data: &[u8]) -> Result<Self, WireError> {
+        if data.is_empty() || data.len() > MAX_ACCESS_TOKEN {
+            return Err(WireError::BadLength {
+                what: "access token",
+                len: data.len() as u64,
+                reason: "must be 1 to 256 bytes",
+            });
+        }
+        if !data.iter().all(|b| b.is_ascii_graphic()) {
+            return Err(WireError::BadLength {
+                what: "access token",
+                len: data.len() as u64,
+                reason: "must be printable ASCII",
+            });
+        }
+        Ok(Self(data.to_vec()))
+    }
+
+    /// The token's bytes, for hashing or comparing; never for logging.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AccessToken(<{} bytes>)", self.0.len())
+    }
+}
+
 /// A typed option request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OptionRequest {
@@ -168,6 +212,9 @@ pub enum OptionRequest {
     SetMetaContext(MetaContextRequest),
     /// `NBD_OPT_EXTENDED_HEADERS`.
     ExtendedHeaders,
+    /// `ENBD_OPT_ACCESS` (ENBD extension) with its token. `Debug` shows only the length: the
+    /// token is a secret and option requests end up in logs.
+    Access(AccessToken),
     /// An option this codec does not know; a server answers `NBD_REP_ERR_UNSUP`.
     /// `option` must not be one of the known codes (decoding never produces that).
     Unknown {
@@ -192,6 +239,7 @@ impl OptionRequest {
             Self::ListMetaContext(_) => OptionCode::ListMetaContext,
             Self::SetMetaContext(_) => OptionCode::SetMetaContext,
             Self::ExtendedHeaders => OptionCode::ExtendedHeaders,
+            Self::Access(_) => OptionCode::Access,
             Self::Unknown { option, .. } => OptionCode::from_raw(*option),
         }
     }
@@ -214,6 +262,7 @@ impl OptionRequest {
             Self::ListMetaContext(req) | Self::SetMetaContext(req) => {
                 encode_meta_request(req, &mut data)?
             }
+            Self::Access(token) => data.extend_from_slice(token.as_bytes()),
             Self::Unknown { data: raw, .. } => data.extend_from_slice(raw),
         }
         let length = u32::try_from(data.len()).map_err(|_| WireError::TooLong {
@@ -275,6 +324,7 @@ impl OptionRequest {
             OptionCode::Go => Ok(Self::Go(parse_info_request(data)?)),
             OptionCode::ListMetaContext => Ok(Self::ListMetaContext(parse_meta_request(data)?)),
             OptionCode::SetMetaContext => Ok(Self::SetMetaContext(parse_meta_request(data)?)),
+            OptionCode::Access => Ok(Self::Access(AccessToken::from_wire(data)?)),
             OptionCode::Unknown(option) => Ok(Self::Unknown {
                 option,
                 data: data.to_vec(),

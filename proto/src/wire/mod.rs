@@ -73,7 +73,8 @@ pub use consts::{BASE_ALLOCATION, MAX_STRING_LEN, NBD_STATE_HOLE, NBD_STATE_ZERO
 pub use error::WireError;
 pub use flags::{ClientFlags, CommandFlags, HandshakeFlags, ReplyFlags, TransmissionFlags};
 pub use handshake::{
-    ExportInfo, Greeting, InfoRequest, MetaContextRequest, OptionHeader, OptionRequest,
+    AccessToken, ExportInfo, Greeting, InfoRequest, MAX_ACCESS_TOKEN, MetaContextRequest,
+    OptionHeader, OptionRequest,
 };
 pub use option_reply::{BlockSizeInfo, InfoReply, OptionReply, OptionReplyBody};
 pub use transmission::{

@@ -76,6 +76,8 @@ wire_enum! {
         SetMetaContext = NBD_OPT_SET_META_CONTEXT,
         /// `NBD_OPT_EXTENDED_HEADERS`.
         ExtendedHeaders = NBD_OPT_EXTENDED_HEADERS,
+        /// `ENBD_OPT_ACCESS` (ENBD extension): an access token.
+        Access = ENBD_OPT_ACCESS,
     }
 }
 

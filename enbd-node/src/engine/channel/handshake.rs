@@ -9,6 +9,11 @@
 //! that refuses STARTTLS (NBD_REP_ERR_UNSUP, _POLICY or anything else) is an error: the
 //! engine never falls back to plain text. Every reconnect redoes TLS with the files' current
 //! contents.
+//!
+//! Access: with an [`AccessCredential`], ENBD_OPT_ACCESS goes before GO (over TLS; in plain
+//! text only when the credential allows it). NBD_REP_ERR_POLICY is a refusal
+//! ([`EngineError::ExportRefused`]: not published to this node, or revoked); a server that
+//! does not know the option (NBD_REP_ERR_UNSUP) does not check access, and GO goes on.
 
 use std::io;
 use std::time::Duration;
@@ -23,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{Connected, Geometry, Stream};
+use crate::engine::access::AccessCredential;
 use crate::engine::error::EngineError;
 use crate::engine::tls::ClientTls;
 
@@ -37,8 +43,9 @@ pub(crate) async fn open(
     export: &str,
     timeout: Duration,
     tls: Option<&ClientTls>,
+    access: Option<&AccessCredential>,
 ) -> Result<Connected, EngineError> {
-    match tokio::time::timeout(timeout, handshake(addr, export, tls)).await {
+    match tokio::time::timeout(timeout, handshake(addr, export, tls, access)).await {
         Ok(r) => r,
         Err(_) => Err(EngineError::ConnectTimeout {
             addr: addr.to_owned(),
@@ -51,6 +58,7 @@ async fn handshake(
     addr: &str,
     export: &str,
     tls: Option<&ClientTls>,
+    access: Option<&AccessCredential>,
 ) -> Result<Connected, EngineError> {
     let hs_err = |reason: String| EngineError::Handshake {
         addr: addr.to_owned(),
@@ -82,7 +90,16 @@ async fn handshake(
     let mut out = Vec::with_capacity(256);
     client.encode(&mut out);
     let Some(tls) = tls else {
-        let (geometry, structured) = negotiate(&mut stream, &mut buf, out, addr, export).await?;
+        if access.is_some_and(|a| !a.allow_plaintext) {
+            return Err(EngineError::Tls {
+                addr: addr.to_owned(),
+                reason: "refusing to send the volume's access token without TLS (give the \
+                         volume tls=require, or allow a plain-text token for a lab)"
+                    .into(),
+            });
+        }
+        let (geometry, structured) =
+            negotiate(&mut stream, &mut buf, out, addr, export, access).await?;
         return Ok(Connected {
             stream: Stream::Plain(stream),
             geometry,
@@ -128,7 +145,8 @@ async fn handshake(
         .connect(name, stream)
         .await
         .map_err(|e| tls_err(e.to_string()))?;
-    let (geometry, structured) = negotiate(&mut stream, &mut buf, Vec::new(), addr, export).await?;
+    let (geometry, structured) =
+        negotiate(&mut stream, &mut buf, Vec::new(), addr, export, access).await?;
     Ok(Connected {
         stream: Stream::Tls(Box::new(stream)),
         geometry,
@@ -146,14 +164,15 @@ fn server_name(addr: &str) -> Result<ServerName<'static>, String> {
         .map_err(|_| format!("{host:?} is not a valid TLS server name"))
 }
 
-/// The option phase after the client flags (and STARTTLS): structured replies, then GO.
-/// `out` holds bytes still to be sent in front of the first option.
+/// The option phase after the client flags (and STARTTLS): the access token, structured
+/// replies, then GO. `out` holds bytes still to be sent in front of the first option.
 async fn negotiate<S>(
     stream: &mut S,
     buf: &mut BytesMut,
     mut out: Vec<u8>,
     addr: &str,
     export: &str,
+    access: Option<&AccessCredential>,
 ) -> Result<(Geometry, bool), EngineError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -162,6 +181,45 @@ where
         addr: addr.to_owned(),
         reason,
     };
+    if let Some(access) = access {
+        OptionRequest::Access(access.token().clone())
+            .encode(&mut out)
+            .map_err(|e| hs_err(e.to_string()))?;
+        send(stream, &out)
+            .await
+            .map_err(|e| hs_err(e.to_string()))?;
+        out.clear();
+        let reply = read_option_reply(stream, buf)
+            .await
+            .map_err(|e| hs_err(e.to_string()))?;
+        match (reply.option, reply.body) {
+            (OptionCode::Access, OptionReplyBody::Ack) => {}
+            (
+                OptionCode::Access,
+                OptionReplyBody::Error {
+                    error: OptionError::Unsupported,
+                    ..
+                },
+            ) => {
+                tracing::debug!(server = addr, "server does not check access tokens");
+            }
+            (OptionCode::Access, OptionReplyBody::Error { error, message }) => {
+                return Err(EngineError::ExportRefused {
+                    addr: addr.to_owned(),
+                    export: export.to_owned(),
+                    reason: format!(
+                        "access token refused ({error:?}: {message}): the volume is not \
+                         published to this node, or was unpublished"
+                    ),
+                });
+            }
+            (option, body) => {
+                return Err(hs_err(format!(
+                    "unexpected reply to ENBD_OPT_ACCESS: {option:?} {body:?}"
+                )));
+            }
+        }
+    }
     OptionRequest::StructuredReply
         .encode(&mut out)
         .map_err(|e| hs_err(e.to_string()))?;
