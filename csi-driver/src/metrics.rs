@@ -1,26 +1,31 @@
-//! Prometheus metrics in the text exposition format, on their own port.
+//! Prometheus metrics of the controller: CSI RPCs by method and gRPC code (count and
+//! latency), RPCs in flight, operations in progress, and each known server's health and
+//! space as the prober last saw them. Served on `--metrics-listen` by the shared endpoint
+//! (`enbd_proto::metrics`).
 //!
-//! Counters are kept per (RPC, gRPC code); server gauges are computed from the
-//! registry at scrape time so they can never drift from it. The HTTP side is
-//! deliberately tiny: one GET per connection, `/metrics` or 404, bounded
-//! request size and time.
+//! Server gauges are computed from the registry at scrape time so they can never drift
+//! from it. RPC bookkeeping takes a short mutex per call: the controller's calls are few
+//! (provisioning, not IO).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use enbd_proto::metrics::prometheus_client::collector::Collector;
+use enbd_proto::metrics::prometheus_client::encoding::DescriptorEncoder;
+use enbd_proto::metrics::prometheus_client::registry::Registry;
+use enbd_proto::metrics::{self as prom, Histogram, Labels};
 
-use crate::servers::{Health, Servers};
+use crate::ops::Ops;
+use crate::servers::{Health, ServerStatus, Servers};
+
+type Key = (&'static str, &'static str);
 
 #[derive(Default)]
 pub struct Metrics {
-    rpcs: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    rpcs: Mutex<BTreeMap<Key, Arc<Histogram>>>,
+    in_flight: Arc<Mutex<BTreeMap<&'static str, u64>>>,
 }
 
 fn code_name(code: tonic::Code) -> &'static str {
@@ -46,106 +51,131 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
+/// Counts one RPC in flight until dropped (also when tonic drops the handler).
+pub struct InFlight {
+    map: Arc<Mutex<BTreeMap<&'static str, u64>>>,
+    rpc: &'static str,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut m = crate::sync::lock(&self.map, "rpc metrics");
+        if let Some(n) = m.get_mut(self.rpc) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
 impl Metrics {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }
 
-    pub fn record(&self, rpc: &'static str, code: tonic::Code) {
-        let mut rpcs = crate::sync::lock(&self.rpcs, "rpc metrics");
-        *rpcs.entry((rpc, code_name(code))).or_default() += 1;
+    pub fn started(&self, rpc: &'static str) -> InFlight {
+        *crate::sync::lock(&self.in_flight, "rpc metrics")
+            .entry(rpc)
+            .or_default() += 1;
+        InFlight {
+            map: Arc::clone(&self.in_flight),
+            rpc,
+        }
     }
 
-    pub fn render(&self, servers: &Servers) -> String {
-        let mut out = String::new();
-        out.push_str(
-            "# HELP enbd_csi_controller_rpcs_total CSI RPCs handled, by method and gRPC code.\n",
+    pub fn record(&self, rpc: &'static str, code: tonic::Code, took: Duration) {
+        let h = Arc::clone(
+            crate::sync::lock(&self.rpcs, "rpc metrics")
+                .entry((rpc, code_name(code)))
+                .or_insert_with(|| Arc::new(Histogram::latency())),
         );
-        out.push_str("# TYPE enbd_csi_controller_rpcs_total counter\n");
-        let rpcs = crate::sync::lock(&self.rpcs, "rpc metrics").clone();
-        for ((rpc, code), n) in rpcs {
-            let _ = writeln!(
-                out,
-                "enbd_csi_controller_rpcs_total{{method=\"{rpc}\",code=\"{code}\"}} {n}"
-            );
-        }
-        out.push_str("# HELP enbd_csi_controller_server_up Whether an enbd-server answered its last health check.\n");
-        out.push_str("# TYPE enbd_csi_controller_server_up gauge\n");
-        for s in servers.status() {
-            let up = u8::from(matches!(s.health, Health::Live { .. }));
-            let _ = writeln!(
-                out,
-                "enbd_csi_controller_server_up{{server=\"{}\"}} {up}",
-                s.id
-            );
-        }
-        out
+        h.observe(took);
+    }
+
+    pub fn render(&self, servers: &Servers, ops: &Ops) -> String {
+        let mut reg = Registry::default();
+        reg.register_collector(Box::new(Scrape {
+            rpcs: crate::sync::lock(&self.rpcs, "rpc metrics").clone(),
+            in_flight: crate::sync::lock(&self.in_flight, "rpc metrics").clone(),
+            servers: servers.status(),
+            operations: ops.in_progress(),
+        }));
+        prom::render(&reg)
     }
 }
 
-const MAX_REQUEST: usize = 8192;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+struct Scrape {
+    rpcs: BTreeMap<Key, Arc<Histogram>>,
+    in_flight: BTreeMap<&'static str, u64>,
+    servers: Vec<ServerStatus>,
+    operations: usize,
+}
 
-/// Serves `/metrics` on `listener` until cancelled.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    servers: Arc<Servers>,
-    cancel: CancellationToken,
-) {
-    let tasks = TaskTracker::new();
-    loop {
-        let (stream, _) = tokio::select! {
-            () = cancel.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    continue;
-                }
-            },
+impl fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("csi-driver metrics")
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let mc = |(m, c): &Key| -> Labels { vec![("method", (*m).into()), ("code", (*c).into())] };
+        prom::counters(
+            &mut enc,
+            "enbd_csi_controller_rpcs",
+            "CSI RPCs handled, by method and gRPC code.",
+            self.rpcs.iter().map(|(k, h)| (mc(k), h.count())),
+        )?;
+        prom::histograms(
+            &mut enc,
+            "enbd_csi_controller_rpc_duration_seconds",
+            "CSI RPC latency, by method and gRPC code.",
+            self.rpcs.iter().map(|(k, h)| (mc(k), h.as_ref())),
+        )?;
+        prom::gauges(
+            &mut enc,
+            "enbd_csi_controller_rpcs_in_flight",
+            "CSI RPCs being handled now, by method.",
+            self.in_flight
+                .iter()
+                .map(|(m, n)| (vec![("method", (*m).to_owned())], *n)),
+        )?;
+        prom::gauges(
+            &mut enc,
+            "enbd_csi_controller_operations_in_progress",
+            "Volume and snapshot operations running now (one per object at most; they finish \
+             even when their caller gave up).",
+            [(Labels::new(), self.operations as u64)],
+        )?;
+        let sl = |s: &ServerStatus| -> Labels { vec![("server", s.id.to_string())] };
+        prom::gauges(
+            &mut enc,
+            "enbd_csi_controller_server_up",
+            "Whether an enbd-server answered its last health check.",
+            self.servers
+                .iter()
+                .map(|s| (sl(s), u64::from(matches!(s.health, Health::Live { .. })))),
+        )?;
+        let space = |f: fn(&crate::servers::Capacity) -> u64| {
+            self.servers
+                .iter()
+                .filter_map(move |s| s.capacity.as_ref().map(|c| (sl(s), f(c))))
         };
-        let (metrics, servers) = (Arc::clone(&metrics), Arc::clone(&servers));
-        tasks.spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &metrics, &servers)).await;
-        });
+        prom::gauges(
+            &mut enc,
+            "enbd_csi_controller_server_free_bytes",
+            "Bytes available in a server's data directory, as of its last successful probe.",
+            space(|c| c.available_bytes),
+        )?;
+        prom::gauges(
+            &mut enc,
+            "enbd_csi_controller_server_size_bytes",
+            "Size of a server's data directory filesystem, as of its last successful probe.",
+            space(|c| c.total_bytes),
+        )?;
+        prom::gauges(
+            &mut enc,
+            "enbd_csi_controller_server_provisioned_bytes",
+            "Sum of the sizes of a server's volumes, as of its last successful probe.",
+            space(|c| c.provisioned_bytes),
+        )
     }
-    tasks.close();
-    tasks.wait().await;
-}
-
-async fn answer(
-    mut stream: TcpStream,
-    metrics: &Metrics,
-    servers: &Servers,
-) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 || buf.len() + n > MAX_REQUEST {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let request_line = buf.split(|b| *b == b'\r').next().unwrap_or_default();
-    let (status, body) = if request_line.starts_with(b"GET /metrics ") {
-        ("200 OK", metrics.render(servers))
-    } else {
-        ("404 Not Found", "not found\n".to_owned())
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-/// Binds the metrics port; returns the bound address (port 0 resolved).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    Ok((listener, local))
 }

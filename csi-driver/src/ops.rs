@@ -38,6 +38,11 @@ impl Ops {
         Self::default()
     }
 
+    /// Operations running now (their callers may have given up; they still run).
+    pub fn in_progress(&self) -> usize {
+        crate::sync::lock(&self.busy, "operation guards").len()
+    }
+
     /// Claims `key`, or `Aborted` if an operation on it is running.
     pub fn try_begin(&self, key: &str) -> Result<OpGuard, CsiError> {
         let mut busy = crate::sync::lock(&self.busy, "operation guards");

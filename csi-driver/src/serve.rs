@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::controller::ControllerService;
 use crate::identity::IdentityService;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::nodes::Nodes;
 use crate::servers::Servers;
 use crate::state::State;
@@ -145,7 +145,7 @@ pub async fn run(
 
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics_listen {
-        let bound = metrics::bind(addr).await;
+        let bound = enbd_proto::metrics::bind(addr).await;
         let (listener, local) = match bound {
             Ok(b) => b,
             Err(source) => {
@@ -158,10 +158,11 @@ pub async fn run(
         };
         tracing::info!(%local, "metrics listening");
         metrics_addr = Some(local);
-        tasks.spawn(metrics::serve(
+        let scrape = Arc::clone(&state);
+        let render = Arc::new(move || scrape.metrics.render(&scrape.servers, &scrape.ops));
+        tasks.spawn(enbd_proto::metrics::serve(
             listener,
-            metrics,
-            Arc::clone(&servers),
+            render,
             background.clone(),
         ));
     }

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use enbd_proto::enbd::HealthRequest;
 use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
 use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
+use enbd_proto::enbd::{GetCapacityRequest, HealthRequest};
 use enbd_proto::ids::ServerId;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -72,6 +72,16 @@ struct Entry {
     zone: Option<String>,
     client: Option<(MgmtClient, ReplicaClient)>,
     health: Health,
+    /// The data directory's space as of the last successful probe (metrics).
+    capacity: Option<Capacity>,
+}
+
+/// A server's space, as its `GetCapacity` reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub provisioned_bytes: u64,
 }
 
 /// A server that answered its last health check.
@@ -104,6 +114,7 @@ pub struct ServerStatus {
     pub id: ServerId,
     pub mgmt_url: String,
     pub health: Health,
+    pub capacity: Option<Capacity>,
 }
 
 #[derive(Default)]
@@ -189,6 +200,7 @@ impl Servers {
                     zone: t.zone.clone(),
                     client,
                     health,
+                    capacity: None,
                 }
             });
         }
@@ -264,6 +276,7 @@ impl Servers {
                 id,
                 mgmt_url: e.mgmt_url,
                 health: e.health,
+                capacity: e.capacity,
             })
             .collect()
     }
@@ -271,15 +284,22 @@ impl Servers {
     /// Health-checks every server once, concurrently.
     pub async fn probe_all(&self) {
         let checks = self.snapshot().into_iter().map(|(id, e)| async move {
-            let health = match e.client {
-                Some((client, _)) => check(&id, client).await,
-                None => e.health,
+            let (health, capacity) = match e.client {
+                Some((client, _)) => {
+                    let health = check(&id, client.clone()).await;
+                    let capacity = match health {
+                        Health::Live { .. } => capacity(client).await,
+                        _ => None,
+                    };
+                    (health, capacity)
+                }
+                None => (e.health, None),
             };
-            (id, e.mgmt_url, health)
+            (id, e.mgmt_url, health, capacity)
         });
         let results = futures::future::join_all(checks).await;
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        for (id, url, health) in results {
+        for (id, url, health, capacity) in results {
             // The set may have changed while we probed; only update what is still the same.
             if let Some(e) = entries.get_mut(&id).filter(|e| e.mgmt_url == url) {
                 if e.health != health {
@@ -294,6 +314,10 @@ impl Servers {
                     }
                 }
                 e.health = health;
+                // A failed capacity read keeps the last one known (metrics only).
+                if capacity.is_some() {
+                    e.capacity = capacity;
+                }
             }
         }
     }
@@ -330,6 +354,20 @@ impl Servers {
             }
         }
     }
+}
+
+/// The server's space for the metrics; `None` if it does not answer in time.
+async fn capacity(mut client: MgmtClient) -> Option<Capacity> {
+    let r = tokio::time::timeout(HEALTH_TIMEOUT, client.get_capacity(GetCapacityRequest {}))
+        .await
+        .ok()?
+        .ok()?
+        .into_inner();
+    Some(Capacity {
+        total_bytes: r.total_bytes,
+        available_bytes: r.available_bytes,
+        provisioned_bytes: r.provisioned_bytes,
+    })
 }
 
 async fn check(expected: &ServerId, mut client: MgmtClient) -> Health {

@@ -34,21 +34,28 @@ impl State {
         })
     }
 
-    /// Counts the call and turns the outcome into the gRPC reply; errors are
-    /// logged once here with the RPC name (never the request: it may hold secrets).
-    pub fn reply<T>(
+    /// Runs one RPC's work, counts it (in flight while it runs, then its latency by gRPC
+    /// code) and turns the outcome into the gRPC reply; errors are logged once here with
+    /// the RPC name (never the request: it may hold secrets).
+    pub async fn call<T>(
         &self,
         rpc: &'static str,
-        result: Result<T, crate::error::CsiError>,
+        work: impl std::future::Future<Output = Result<T, crate::error::CsiError>>,
     ) -> Result<tonic::Response<T>, tonic::Status> {
+        let started = std::time::Instant::now();
+        let result = {
+            let _in_flight = self.metrics.started(rpc);
+            work.await
+        };
+        let took = started.elapsed();
         match result {
             Ok(v) => {
-                self.metrics.record(rpc, tonic::Code::Ok);
+                self.metrics.record(rpc, tonic::Code::Ok, took);
                 Ok(tonic::Response::new(v))
             }
             Err(e) => {
                 let status = tonic::Status::from(e);
-                self.metrics.record(rpc, status.code());
+                self.metrics.record(rpc, status.code(), took);
                 match status.code() {
                     tonic::Code::Internal | tonic::Code::Unavailable => {
                         tracing::warn!(rpc, code = ?status.code(), message = status.message(), "CSI call failed")

@@ -3,7 +3,9 @@
 #   1. helm lint --strict with the default values and every e2e/chart/values-*.yaml;
 #   2. values that must be refused are refused (schema and template checks);
 #   3. helm template of each value set, saved to e2e/chart/.rendered/<set>.yaml;
-#   4. deploy/manifests is what deploy/render-manifests.sh renders now;
+#   4. deploy/manifests is what deploy/render-manifests.sh renders now; the metrics
+#      extras (ServiceMonitor, PodMonitor, PrometheusRule) are rendered only when enabled
+#      and the monitoring.coreos.com/v1 API is served (or metrics.skipApiCheck);
 #   5. the real cluster's install (e2e/cluster/values-cluster.yaml) uses only images that
 #      e2e/cluster/images.py builds, never pulled; images.py's offline images agree with
 #      deploy/Dockerfile (entrypoint, user, ports, binaries' paths, node packages);
@@ -91,6 +93,36 @@ for s in "${sets[@]}"; do
   "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" $(values_args "$s") $(api_args "$s") >"$OUT/$s.yaml"
   echo "   $s: $(grep -c '^kind:' "$OUT/$s.yaml") objects"
 done
+
+step "metrics: Prometheus Operator objects only when asked for and served"
+kinds() { grep -c "^kind: $1\$" || true; }
+default_sm=$(kinds ServiceMonitor <"$OUT/default.yaml")
+[ "$default_sm" = 0 ] || { echo "check: a ServiceMonitor is rendered by default" >&2; exit 1; }
+no_api=$("$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" \
+  --set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true | kinds 'ServiceMonitor\|PrometheusRule')
+[ "$no_api" = 0 ] || { echo "check: ServiceMonitor/PrometheusRule rendered without the monitoring API" >&2; exit 1; }
+with_api=$("$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" --api-versions monitoring.coreos.com/v1 \
+  --set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true | kinds 'ServiceMonitor\|PrometheusRule')
+[ "$with_api" = 2 ] || { echo "check: ServiceMonitor and PrometheusRule not both rendered with the monitoring API ($with_api)" >&2; exit 1; }
+for k in ServiceMonitor PrometheusRule ConfigMap; do
+  [ "$(kinds $k <"$OUT/monitoring.yaml")" = 1 ] || { echo "check: monitoring set lacks its $k" >&2; exit 1; }
+done
+[ "$(kinds PodMonitor <"$OUT/podmonitor.yaml")" = 1 ] || { echo "check: podmonitor set lacks its PodMonitor" >&2; exit 1; }
+refuse "a ServiceMonitor without the metrics Services" --set metrics.skipApiCheck=true \
+  --set metrics.serviceMonitor.enabled=true --set metrics.services=false
+echo "   ServiceMonitor: off by default, off without the API, on with it (and with skipApiCheck)"
+
+step "promtool check rules on the PrometheusRule's groups"
+PROMTOOL="${PROMTOOL:-$(command -v promtool || true)}"
+if [ -z "$PROMTOOL" ]; then
+  echo "check: promtool not found (Debian package prometheus; e2e/setup-host.sh --test installs it)" >&2
+  exit 2
+fi
+# Outside $OUT: every file there is read as a render set.
+rules=$(mktemp --suffix=.yaml); trap 'rm -f "$rules"' EXIT
+"$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" -f "$ROOT/e2e/chart/values-monitoring.yaml" \
+  --show-only templates/metrics-prometheusrule.yaml | sed -n '/^spec:/,$p' | tail -n +2 | sed 's/^  //' >"$rules"
+"$PROMTOOL" check rules "$rules"
 
 step "snapshot API present / absent; image overrides"
 has() { grep -q -- "$2" "$OUT/$1.yaml" || { echo "check: $1 lacks $2" >&2; exit 1; }; }

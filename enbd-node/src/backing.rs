@@ -10,7 +10,7 @@
 //!   connects: fewer than two replicas or duplicate ids are refused with the reason.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -20,6 +20,7 @@ use crate::engine::mirror::{Mirror, MirrorConfig, ReplicaConfig};
 use crate::engine::status::{MirrorStatus, ReplicaHealth};
 use crate::engine::tls::ClientTls;
 use crate::engine::{BrownoutPolicy, Client, EngineStatus, Geometry, IoError};
+use crate::metrics::VolumeIo;
 use crate::mgmt_tls::MgmtTlsFiles;
 use crate::state::{AttachmentRecord, ReplicaRecord};
 
@@ -180,15 +181,30 @@ impl Backing {
     }
 }
 
-/// Serves a device from the engine.
-pub struct EngineTarget(pub Backing);
+/// Serves a device from the engine, counting each request in the volume's [`VolumeIo`].
+pub struct EngineTarget {
+    backing: Backing,
+    io: Arc<VolumeIo>,
+}
+
+impl EngineTarget {
+    pub fn new(backing: Backing, io: Arc<VolumeIo>) -> Self {
+        EngineTarget { backing, io }
+    }
+}
 
 impl BlockTarget for EngineTarget {
     async fn submit(&self, req: BlockRequest) -> Result<Bytes, i32> {
-        self.0.serve(req).await.map_err(|e| {
+        let (op, bytes) = crate::metrics::op_of(&req);
+        self.io.started();
+        let t = Instant::now();
+        let r = self.backing.serve(req).await.map_err(|e| {
             tracing::warn!(error = %e, "block request failed");
             e.errno()
-        })
+        });
+        self.io
+            .finished(op, bytes, t.elapsed(), r.as_ref().err().copied());
+        r
     }
 }
 

@@ -15,9 +15,11 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 
-use crate::backing::Backing;
+use crate::backing::{Backing, EngineTarget};
+use crate::device::{BlockRequest, BlockTarget};
 use crate::engine::mirror::{Mirror, MirrorConfig, ReplicaConfig};
 use crate::engine::{Client, ClientConfig};
+use crate::metrics::{VolumeIo, VolumeView};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Pattern {
@@ -75,6 +77,11 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long, env = "ENBD_JSON")]
     pub json: bool,
+    /// Serve Prometheus metrics here while the benchmark runs (the volume's series as the
+    /// daemon exports them); IO then goes through the device's target, metrics included, as
+    /// on a real device. Prints `enbd-node bench ready metrics=ADDR` on stdout once listening.
+    #[arg(long, env = "ENBD_BENCH_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub tls: crate::cli::TlsClientArgs,
 }
@@ -198,6 +205,36 @@ pub(crate) fn mirror_config(
     Ok(m)
 }
 
+/// Serves the bench volume's metrics on `addr` until `stop`; returns the device target the
+/// workers submit through.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    export: &str,
+    client: &Backing,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Arc<EngineTarget>> {
+    let (listener, bound) = enbd_proto::metrics::bind(addr)
+        .await
+        .with_context(|| format!("metrics listener on {addr}"))?;
+    let io = VolumeIo::new();
+    let target = Arc::new(EngineTarget::new(client.clone(), io.clone()));
+    let (client, volume) = (client.clone(), export.to_owned());
+    let render = Arc::new(move || {
+        crate::metrics::render(vec![VolumeView {
+            volume: volume.clone(),
+            device: String::new(),
+            attached: true,
+            size_bytes: client.geometry().size,
+            backing: Some(client.status()),
+            io: Some(io.clone()),
+        }])
+    });
+    tokio::spawn(enbd_proto::metrics::serve(listener, render, stop.clone()));
+    // A readiness line (tests wait for it); the report still comes last.
+    println!("enbd-node bench ready metrics={bound}");
+    Ok(target)
+}
+
 /// Runs the benchmark on its own Tokio runtime and prints the report.
 pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -252,16 +289,22 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         Backing::Mirror(_) => usize::from(args.channels),
     };
     let workers = channels * args.depth as usize;
+    let metrics_stop = tokio_util::sync::CancellationToken::new();
+    let target = match args.metrics_listen {
+        None => None,
+        Some(addr) => Some(serve_metrics(addr, &args.export, &client, &metrics_stop).await?),
+    };
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let payload = Bytes::from(vec![0xa5u8; bs as usize]);
     let mut tasks = Vec::with_capacity(workers);
     for w in 0..workers {
-        let (client, measuring, stop, payload) = (
+        let (client, measuring, stop, payload, target) = (
             client.clone(),
             measuring.clone(),
             stop.clone(),
             payload.clone(),
+            target.clone(),
         );
         let rw = args.rw;
         tasks.push(tokio::spawn(async move {
@@ -277,11 +320,33 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                     Pattern::Randrw => (r >> 56) % 10 < 3,
                 };
                 let t = Instant::now();
-                match (&client, write) {
-                    (Backing::Single(c), true) => c.write(offset, payload.clone(), false).await?,
-                    (Backing::Mirror(m), true) => m.write(offset, payload.clone(), false).await?,
-                    (Backing::Single(c), false) => drop(c.read(offset, bs as u32).await?),
-                    (Backing::Mirror(m), false) => drop(m.read(offset, bs as u32).await?),
+                if let Some(target) = &target {
+                    let req = if write {
+                        BlockRequest::Write {
+                            offset,
+                            data: payload.clone(),
+                            fua: false,
+                        }
+                    } else {
+                        BlockRequest::Read {
+                            offset,
+                            len: bs as u32,
+                        }
+                    };
+                    target.submit(req).await.map_err(|errno| {
+                        crate::engine::IoError::EngineFailed(format!("errno {errno}"))
+                    })?;
+                } else {
+                    match (&client, write) {
+                        (Backing::Single(c), true) => {
+                            c.write(offset, payload.clone(), false).await?
+                        }
+                        (Backing::Mirror(m), true) => {
+                            m.write(offset, payload.clone(), false).await?
+                        }
+                        (Backing::Single(c), false) => drop(c.read(offset, bs as u32).await?),
+                        (Backing::Mirror(m), false) => drop(m.read(offset, bs as u32).await?),
+                    }
                 }
                 if measuring.load(Ordering::Relaxed) {
                     lat_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
@@ -307,6 +372,7 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                 .context("IO failed during the benchmark")?,
         );
     }
+    metrics_stop.cancel();
     client.shutdown().await;
     lat.sort_unstable();
     let pct = |p: f64| {

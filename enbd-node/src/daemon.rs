@@ -10,14 +10,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::attach::{AttachmentManager, ManagerConfig, Phase};
+use crate::attach::{AttachmentManager, ManagerConfig};
 use crate::control;
 
 /// The daemon's settings, validated from the command line.
@@ -94,11 +93,15 @@ pub async fn run_daemon(cfg: DaemonConfig, extra: Vec<ExtraService>) -> anyhow::
         services.spawn(async move { control::serve(&path, mgr, stop).await.map_err(Into::into) });
     }
     {
-        let listener = TcpListener::bind(cfg.metrics_listen)
+        let (listener, _) = enbd_proto::metrics::bind(cfg.metrics_listen)
             .await
             .with_context(|| format!("metrics listener on {}", cfg.metrics_listen))?;
         let (mgr, stop) = (mgr.clone(), stop.clone());
-        services.spawn(async move { serve_metrics(listener, mgr, stop).await });
+        let render = Arc::new(move || crate::metrics::render(mgr.metrics_views()));
+        services.spawn(async move {
+            enbd_proto::metrics::serve(listener, render, stop).await;
+            Ok(())
+        });
     }
     for service in extra {
         services.spawn(service(mgr.clone(), stop.clone()));
@@ -124,113 +127,4 @@ pub async fn run_daemon(cfg: DaemonConfig, extra: Vec<ExtraService>) -> anyhow::
         "enbd-node daemon exiting; devices stay for the next daemon"
     );
     result
-}
-
-/// A minimal Prometheus text endpoint: every request gets the current metrics.
-async fn serve_metrics(
-    listener: TcpListener,
-    mgr: AttachmentManager,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    loop {
-        let (mut sock, _) = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => { tracing::warn!(error = %e, "metrics accept failed"); continue; }
-            },
-        };
-        let body = render_metrics(&mgr);
-        tokio::spawn(async move {
-            // Read (and ignore) the request head: every path serves the metrics.
-            let mut buf = [0u8; 1024];
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf)).await;
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
-        });
-    }
-}
-
-fn render_metrics(mgr: &AttachmentManager) -> String {
-    use std::fmt::Write;
-    let vols = mgr.list();
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# TYPE enbd_node_volumes gauge\nenbd_node_volumes {}",
-        vols.len()
-    );
-    let _ = writeln!(out, "# TYPE enbd_node_volume_attached gauge");
-    for v in &vols {
-        let _ = writeln!(
-            out,
-            "enbd_node_volume_attached{{volume=\"{}\",device=\"{}\"}} {}",
-            v.volume_id,
-            v.dev_path.display(),
-            u8::from(v.phase == Phase::Attached)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# TYPE enbd_node_channel_up gauge\n# TYPE enbd_node_channel_completed_total counter\n# TYPE enbd_node_channel_reissued_total counter"
-    );
-    for v in &vols {
-        let Some(e) = &v.engine else { continue };
-        for c in &e.channels {
-            let labels = format!("volume=\"{}\",channel=\"{}\"", v.volume_id, c.index);
-            let up = u8::from(format!("{:?}", c.state) == "Up");
-            let _ = writeln!(out, "enbd_node_channel_up{{{labels}}} {up}");
-            let _ = writeln!(
-                out,
-                "enbd_node_channel_completed_total{{{labels}}} {}",
-                c.completed
-            );
-            let _ = writeln!(
-                out,
-                "enbd_node_channel_reissued_total{{{labels}}} {}",
-                c.reissued
-            );
-        }
-        let _ = writeln!(
-            out,
-            "enbd_node_journal_requests{{volume=\"{}\"}} {}",
-            v.volume_id, e.journal_requests
-        );
-    }
-    render_replicas(&mut out, &vols);
-    out
-}
-
-/// Mirrored volumes: one gauge per replica for being in sync, and the bytes a resync still
-/// has to copy.
-fn render_replicas(out: &mut String, vols: &[crate::attach::AttachmentStatus]) {
-    use crate::engine::status::ReplicaHealth;
-    use std::fmt::Write;
-    let _ = writeln!(
-        out,
-        "# TYPE enbd_node_replica_in_sync gauge\n# TYPE enbd_node_replica_resync_remaining_bytes gauge"
-    );
-    for v in vols {
-        let Some(m) = &v.mirror else { continue };
-        for r in &m.replicas {
-            let labels = format!("volume=\"{}\",replica=\"{}\"", v.volume_id, r.id);
-            let in_sync = u8::from(r.health == ReplicaHealth::InSync);
-            let _ = writeln!(out, "enbd_node_replica_in_sync{{{labels}}} {in_sync}");
-            if let ReplicaHealth::Resyncing {
-                to_copy, copied, ..
-            } = r.health
-            {
-                let left = to_copy.saturating_sub(copied);
-                let _ = writeln!(
-                    out,
-                    "enbd_node_replica_resync_remaining_bytes{{{labels}}} {left}"
-                );
-            }
-        }
-    }
 }

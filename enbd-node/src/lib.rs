@@ -8,6 +8,7 @@ pub mod csi;
 pub mod daemon;
 pub mod device;
 pub mod engine;
+pub mod metrics;
 pub mod mgmt_tls;
 pub mod mount;
 pub mod state;

@@ -567,7 +567,7 @@ async fn attach_backing_serves_a_mirror_from_its_state_record_and_reopens_it() {
         .expect("open mirror");
     let m = mirror_of(&b);
     healthy(&m, 20).await;
-    let target = EngineTarget(b.clone());
+    let target = EngineTarget::new(b.clone(), enbd_node::metrics::VolumeIo::new());
     let write = |offset: u64, seed: u64| BlockRequest::Write {
         offset,
         data: pattern(seed, 256 << 10),

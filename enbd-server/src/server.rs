@@ -166,8 +166,8 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     let gauge_store = store.clone();
     let _ = metrics
-        .dirty_regions
-        .set(Box::new(move || gauge_store.dirty_regions_total()));
+        .store
+        .set(Box::new(move || metrics::store_view(&gauge_store)));
     let session_cfg = Arc::new(SessionConfig {
         max_request_bytes: cfg.max_request_bytes,
         io: io_engine(cfg.io_engine, cfg.io_threads)?,
@@ -213,9 +213,10 @@ pub async fn run(
                 }),
         )
     });
-    let metrics_task = tokio::spawn(metrics::serve(
+    let scrape = metrics.clone();
+    let metrics_task = tokio::spawn(enbd_proto::metrics::serve(
         metrics_listener,
-        metrics.clone(),
+        Arc::new(move || scrape.render()),
         shutdown.clone(),
     ));
 

@@ -1,5 +1,6 @@
 //! Protocols shared by every ENBD CSI binary: the CSI gRPC API, the enbd-server
-//! management API, and the NBD wire codec (pure functions, no IO).
+//! management API, the NBD wire codec (pure functions, no IO), and the Prometheus
+//! exposition every binary serves (`metrics`).
 
 /// The Container Storage Interface, package `csi.v1`, as the CSI spec defines it.
 pub mod csi {
@@ -15,5 +16,6 @@ pub mod enbd {
 
 pub mod cli;
 pub mod ids;
+pub mod metrics;
 pub mod params;
 pub mod wire;

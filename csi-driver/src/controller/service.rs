@@ -37,13 +37,15 @@ impl Controller for ControllerService {
     async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Rpc<CreateVolumeResponse> {
         let s = Arc::clone(&self.state);
         self.state
-            .reply("CreateVolume", s.create_volume(req.into_inner()).await)
+            .call("CreateVolume", s.create_volume(req.into_inner()))
+            .await
     }
 
     async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Rpc<DeleteVolumeResponse> {
         let s = Arc::clone(&self.state);
         self.state
-            .reply("DeleteVolume", s.delete_volume(req.into_inner()).await)
+            .call("DeleteVolume", s.delete_volume(req.into_inner()))
+            .await
     }
 
     async fn controller_publish_volume(
@@ -52,7 +54,8 @@ impl Controller for ControllerService {
     ) -> Rpc<ControllerPublishVolumeResponse> {
         let s = Arc::clone(&self.state);
         self.state
-            .reply("ControllerPublishVolume", s.publish(req.into_inner()).await)
+            .call("ControllerPublishVolume", s.publish(req.into_inner()))
+            .await
     }
 
     async fn controller_unpublish_volume(
@@ -60,34 +63,33 @@ impl Controller for ControllerService {
         req: Request<ControllerUnpublishVolumeRequest>,
     ) -> Rpc<ControllerUnpublishVolumeResponse> {
         let s = Arc::clone(&self.state);
-        self.state.reply(
-            "ControllerUnpublishVolume",
-            s.unpublish(req.into_inner()).await,
-        )
+        self.state
+            .call("ControllerUnpublishVolume", s.unpublish(req.into_inner()))
+            .await
     }
 
     async fn validate_volume_capabilities(
         &self,
         req: Request<ValidateVolumeCapabilitiesRequest>,
     ) -> Rpc<ValidateVolumeCapabilitiesResponse> {
-        self.state.reply(
-            "ValidateVolumeCapabilities",
-            self.state.validate(req.into_inner()).await,
-        )
+        self.state
+            .call(
+                "ValidateVolumeCapabilities",
+                self.state.validate(req.into_inner()),
+            )
+            .await
     }
 
     async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Rpc<ListVolumesResponse> {
-        self.state.reply(
-            "ListVolumes",
-            self.state.list_volumes(req.into_inner()).await,
-        )
+        self.state
+            .call("ListVolumes", self.state.list_volumes(req.into_inner()))
+            .await
     }
 
     async fn get_capacity(&self, req: Request<GetCapacityRequest>) -> Rpc<GetCapacityResponse> {
-        self.state.reply(
-            "GetCapacity",
-            self.state.get_capacity(req.into_inner()).await,
-        )
+        self.state
+            .call("GetCapacity", self.state.get_capacity(req.into_inner()))
+            .await
     }
 
     async fn controller_get_capabilities(
@@ -113,10 +115,12 @@ impl Controller for ControllerService {
         .into_iter()
         .map(rpc_cap)
         .collect();
-        self.state.reply(
-            "ControllerGetCapabilities",
-            Ok(ControllerGetCapabilitiesResponse { capabilities }),
-        )
+        self.state
+            .call(
+                "ControllerGetCapabilities",
+                std::future::ready(Ok(ControllerGetCapabilitiesResponse { capabilities })),
+            )
+            .await
     }
 
     async fn create_snapshot(
@@ -125,7 +129,8 @@ impl Controller for ControllerService {
     ) -> Rpc<CreateSnapshotResponse> {
         let s = Arc::clone(&self.state);
         self.state
-            .reply("CreateSnapshot", s.create_snapshot(req.into_inner()).await)
+            .call("CreateSnapshot", s.create_snapshot(req.into_inner()))
+            .await
     }
 
     async fn delete_snapshot(
@@ -134,24 +139,23 @@ impl Controller for ControllerService {
     ) -> Rpc<DeleteSnapshotResponse> {
         let s = Arc::clone(&self.state);
         self.state
-            .reply("DeleteSnapshot", s.delete_snapshot(req.into_inner()).await)
+            .call("DeleteSnapshot", s.delete_snapshot(req.into_inner()))
+            .await
     }
 
     async fn list_snapshots(
         &self,
         req: Request<ListSnapshotsRequest>,
     ) -> Rpc<ListSnapshotsResponse> {
-        self.state.reply(
-            "ListSnapshots",
-            self.state.list_snapshots(req.into_inner()).await,
-        )
+        self.state
+            .call("ListSnapshots", self.state.list_snapshots(req.into_inner()))
+            .await
     }
 
     async fn get_snapshot(&self, req: Request<GetSnapshotRequest>) -> Rpc<GetSnapshotResponse> {
-        self.state.reply(
-            "GetSnapshot",
-            self.state.get_snapshot(req.into_inner()).await,
-        )
+        self.state
+            .call("GetSnapshot", self.state.get_snapshot(req.into_inner()))
+            .await
     }
 
     async fn controller_expand_volume(
@@ -160,26 +164,31 @@ impl Controller for ControllerService {
     ) -> Rpc<ControllerExpandVolumeResponse> {
         let s = Arc::clone(&self.state);
         self.state
-            .reply("ControllerExpandVolume", s.expand(req.into_inner()).await)
+            .call("ControllerExpandVolume", s.expand(req.into_inner()))
+            .await
     }
 
     async fn controller_get_volume(
         &self,
         req: Request<ControllerGetVolumeRequest>,
     ) -> Rpc<ControllerGetVolumeResponse> {
-        self.state.reply(
-            "ControllerGetVolume",
-            self.state.get_volume_status(req.into_inner()).await,
-        )
+        self.state
+            .call(
+                "ControllerGetVolume",
+                self.state.get_volume_status(req.into_inner()),
+            )
+            .await
     }
 
     async fn controller_modify_volume(
         &self,
         _req: Request<ControllerModifyVolumeRequest>,
     ) -> Rpc<ControllerModifyVolumeResponse> {
-        self.state.reply(
-            "ControllerModifyVolume",
-            Err(CsiError::Unimplemented("ControllerModifyVolume")),
-        )
+        self.state
+            .call(
+                "ControllerModifyVolume",
+                std::future::ready(Err(CsiError::Unimplemented("ControllerModifyVolume"))),
+            )
+            .await
     }
 }

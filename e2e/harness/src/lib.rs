@@ -8,6 +8,7 @@
 //! - [`lines`]: waiting for another daemon's readiness line on its stdout.
 //! - [`pit`]: writers of sequence-numbered blocks and the point-in-time check of a snapshot
 //!   taken under them (with a minimal blocking NBD client).
+//! - [`prom`]: scraping `/metrics` and parsing the Prometheus text format strictly.
 //!
 //! A missing binary or a server that does not come up fails the test loudly (these helpers
 //! panic with the reason); nothing here skips. Test code only: this crate is a
@@ -16,6 +17,7 @@
 pub mod bin;
 pub mod lines;
 pub mod pit;
+pub mod prom;
 pub mod server;
 pub mod unix;
 

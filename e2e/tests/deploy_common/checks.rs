@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use k8s_openapi::api::core::v1::{Container, PodSpec, Probe, Volume};
+use k8s_openapi::api::core::v1::{Container, PodSpec, Probe, Service, Volume};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 
@@ -129,6 +129,7 @@ pub fn check_set(set: &RenderSet, targets: &[ImageTarget]) -> Vec<String> {
     server(set, &mut p);
     discovery(set, &mut p);
     rbac(set, &mut p);
+    monitoring(set, &mut p);
     defaults(set, &mut p);
     p.into_iter()
         .map(|m| format!("{}: {m}", set.name))
@@ -1180,6 +1181,117 @@ fn rbac(set: &RenderSet, p: &mut Vec<String>) {
             p.push(format!(
                 "{w}: service account {sa} is bound to a role but needs none"
             ));
+        }
+    }
+}
+
+/// ServiceMonitor/PodMonitor select this release's Services/pods and scrape ports they
+/// have; PrometheusRule rules each have an alert name and an expression.
+fn monitoring(set: &RenderSet, p: &mut Vec<String>) {
+    let str_map = |v: &Value| -> BTreeMap<String, String> {
+        v.as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for o in &set.objects {
+        let Object::Monitoring(m) = o else { continue };
+        let sel = str_map(&m.spec["selector"]["matchLabels"]);
+        match m.kind.as_str() {
+            "ServiceMonitor" => {
+                let services: Vec<&Service> = set
+                    .objects
+                    .iter()
+                    .filter_map(|x| match x {
+                        Object::Service(s) => Some(s),
+                        _ => None,
+                    })
+                    .filter(|s| {
+                        matches(&sel, s.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
+                    })
+                    .collect();
+                if services.is_empty() {
+                    p.push(format!(
+                        "ServiceMonitor {}: selects no Service ({sel:?})",
+                        o.name()
+                    ));
+                }
+                let ports: Vec<&str> = services
+                    .iter()
+                    .flat_map(|s| s.spec.iter().flat_map(|s| s.ports.iter().flatten()))
+                    .filter_map(|port| port.name.as_deref())
+                    .collect();
+                for e in m.spec["endpoints"].as_array().into_iter().flatten() {
+                    let port = e["port"].as_str().unwrap_or("");
+                    if !ports.contains(&port) {
+                        p.push(format!(
+                            "ServiceMonitor {}: port {port:?} is on no selected Service",
+                            o.name()
+                        ));
+                    }
+                }
+            }
+            "PodMonitor" => {
+                let pods: Vec<&PodSpec> = set
+                    .objects
+                    .iter()
+                    .filter(|w| {
+                        let labels = match w {
+                            Object::Deployment(d) => d.spec.template.metadata.as_ref(),
+                            Object::DaemonSet(d) => d.spec.template.metadata.as_ref(),
+                            Object::StatefulSet(d) => d.spec.template.metadata.as_ref(),
+                            _ => None,
+                        }
+                        .and_then(|m| m.labels.clone())
+                        .unwrap_or_default();
+                        matches(&sel, &labels)
+                    })
+                    .filter_map(|w| w.pod_spec().map(|(_, s)| s))
+                    .collect();
+                if pods.is_empty() {
+                    p.push(format!("PodMonitor {}: selects no pod ({sel:?})", o.name()));
+                }
+                for e in m.spec["podMetricsEndpoints"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    let port = e["port"].as_str().unwrap_or("");
+                    if !pods
+                        .iter()
+                        .any(|s| containers(s).any(|c| port_number(c, port).is_some()))
+                    {
+                        p.push(format!(
+                            "PodMonitor {}: port {port:?} is on no selected pod",
+                            o.name()
+                        ));
+                    }
+                }
+            }
+            _ => {
+                let rules: Vec<&Value> = m.spec["groups"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+                    .collect();
+                if rules.is_empty() {
+                    p.push(format!("PrometheusRule {}: no rules", o.name()));
+                }
+                for r in rules {
+                    if r["alert"].as_str().is_none_or(str::is_empty)
+                        || r["expr"].as_str().is_none_or(str::is_empty)
+                    {
+                        p.push(format!(
+                            "PrometheusRule {}: a rule without alert or expr: {r}",
+                            o.name()
+                        ));
+                    }
+                }
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ use std::process::Command;
 
 use k8s_openapi::Resource;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Namespace, PodSpec, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PodSpec, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::scheduling::v1::PriorityClass;
@@ -62,6 +62,18 @@ pub struct CertManagerObject {
     pub spec: Value,
 }
 
+/// A Prometheus Operator `monitoring.coreos.com/v1` object (ServiceMonitor, PodMonitor,
+/// PrometheusRule): a CRD, so not in k8s-openapi. The envelope is strict; `spec` is
+/// checked in checks.rs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MonitoringObject {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: Value,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeletionPolicy {
     Delete,
@@ -89,6 +101,10 @@ pub enum Object {
     PriorityClass(PriorityClass),
     /// cert-manager Issuer or Certificate.
     CertManager(CertManagerObject),
+    /// The Grafana dashboard.
+    ConfigMap(ConfigMap),
+    /// ServiceMonitor, PodMonitor or PrometheusRule.
+    Monitoring(MonitoringObject),
 }
 
 impl Object {
@@ -112,6 +128,10 @@ impl Object {
             Object::PriorityClass(_) => PriorityClass::KIND,
             Object::CertManager(o) if o.kind == "Issuer" => "Issuer",
             Object::CertManager(_) => "Certificate",
+            Object::ConfigMap(_) => ConfigMap::KIND,
+            Object::Monitoring(o) if o.kind == "ServiceMonitor" => "ServiceMonitor",
+            Object::Monitoring(o) if o.kind == "PodMonitor" => "PodMonitor",
+            Object::Monitoring(_) => "PrometheusRule",
         }
     }
 
@@ -134,6 +154,8 @@ impl Object {
             Object::NetworkPolicy(o) => &o.metadata,
             Object::PriorityClass(o) => &o.metadata,
             Object::CertManager(o) => &o.metadata,
+            Object::ConfigMap(o) => &o.metadata,
+            Object::Monitoring(o) => &o.metadata,
         }
     }
 
@@ -253,8 +275,14 @@ pub fn parse_object(v: &Value) -> Result<Object, String> {
         StatefulSet => StatefulSet,
         Secret => Secret,
         NetworkPolicy => NetworkPolicy,
+        ConfigMap => ConfigMap,
         PriorityClass => PriorityClass,
     );
+    if api_version == "monitoring.coreos.com/v1"
+        && matches!(kind, "ServiceMonitor" | "PodMonitor" | "PrometheusRule")
+    {
+        return strict::<MonitoringObject>(v).map(Object::Monitoring);
+    }
     if api_version == "cert-manager.io/v1" && (kind == "Issuer" || kind == "Certificate") {
         return strict::<CertManagerObject>(v).map(Object::CertManager);
     }

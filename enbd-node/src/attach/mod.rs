@@ -32,6 +32,7 @@ use crate::engine::tls::ClientTls;
 use crate::engine::{
     BrownoutPolicy, ClientConfig, EngineError, EngineStatus, Geometry, MAX_REQUEST_BYTES,
 };
+use crate::metrics::{VolumeIo, VolumeView};
 use crate::state::{AttachmentRecord, ReplicaRecord, StateError, StateStore};
 pub use enbd_proto::params::TlsPolicy;
 
@@ -196,6 +197,9 @@ struct Inner {
     /// Serialises attach/detach/resize: each is seconds of work that must not interleave.
     ops: tokio::sync::Mutex<()>,
     volumes: Mutex<HashMap<String, Volume>>,
+    /// Device-side IO counters per volume (metrics), kept apart from `volumes` so the device
+    /// target holds its own handle and never touches this table on the IO path.
+    io: Mutex<HashMap<String, Arc<VolumeIo>>>,
 }
 
 /// The device's shape from what the server reported in its handshake.
@@ -274,6 +278,7 @@ impl AttachmentManager {
                 mgmt_tls: std::sync::OnceLock::new(),
                 ops: tokio::sync::Mutex::new(()),
                 volumes: Mutex::new(HashMap::new()),
+                io: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -290,6 +295,21 @@ impl AttachmentManager {
     }
 
     /// The volume table (poisoning recovered, see [`crate::sync`]).
+    /// The volume's device-side IO counters, created on first use (attach or takeover).
+    pub(crate) fn io_metrics(&self, volume_id: &str) -> Arc<VolumeIo> {
+        let mut io = crate::sync::lock(&self.inner.io, "volume IO metrics");
+        Arc::clone(io.entry(volume_id.to_owned()).or_default())
+    }
+
+    /// Every volume as the metrics endpoint shows it.
+    pub fn metrics_views(&self) -> Vec<VolumeView> {
+        let list = self.list();
+        let io = crate::sync::lock(&self.inner.io, "volume IO metrics");
+        list.iter()
+            .map(|s| VolumeView::from_status(s, io.get(&s.volume_id).cloned()))
+            .collect()
+    }
+
     fn lock_volumes(&self) -> MutexGuard<'_, HashMap<String, Volume>> {
         crate::sync::lock(&self.inner.volumes, "attachment volume table")
     }
@@ -366,7 +386,10 @@ impl AttachmentManager {
             queue_depth: req.queue_depth,
             geometry: device_geometry(&g, req.read_only),
         };
-        let target = Arc::new(EngineTarget(client.clone()));
+        let target = Arc::new(EngineTarget::new(
+            client.clone(),
+            self.io_metrics(&req.volume_id),
+        ));
         let rt = self.inner.rt.clone();
         let device =
             match blocking(move || Device::start(&opts, Start::New { dev_id: None }, target, rt))
@@ -478,6 +501,7 @@ impl AttachmentManager {
             return Err(e.into());
         }
         self.lock_volumes().remove(volume_id);
+        crate::sync::lock(&self.inner.io, "volume IO metrics").remove(volume_id);
         self.inner.store.save(&self.records())?;
         Ok(())
     }

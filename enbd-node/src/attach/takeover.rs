@@ -180,7 +180,10 @@ impl AttachmentManager {
             queue_depth: r.queue_depth,
             geometry,
         };
-        let target = Arc::new(EngineTarget(client.clone()));
+        let target = Arc::new(EngineTarget::new(
+            client.clone(),
+            self.io_metrics(&r.volume_id),
+        ));
         let rt = self.inner.rt.clone();
         let device = match blocking(move || Device::start(&opts, start, target, rt)).await? {
             Ok(d) => d,

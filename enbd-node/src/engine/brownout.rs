@@ -40,7 +40,13 @@ pub(crate) async fn apply(
 /// Bookkeeping when a channel comes up.
 pub(crate) fn channel_up(inner: &Inner) {
     inner.up.fetch_add(1, Ordering::AcqRel);
-    inner.down_since_ms.store(0, Ordering::Release);
+    let since = inner.down_since_ms.swap(0, Ordering::AcqRel);
+    if since != 0 {
+        let now = inner.epoch.elapsed().as_millis() as u64 + 1;
+        inner
+            .outage_ms
+            .fetch_add(now.saturating_sub(since), Ordering::Relaxed);
+    }
 }
 
 /// Bookkeeping when a channel goes down: the last one starts the outage clock.
@@ -50,6 +56,13 @@ pub(crate) fn channel_down(inner: &Inner) {
         let ms = inner.epoch.elapsed().as_millis() as u64 + 1;
         inner.down_since_ms.store(ms, Ordering::Release);
     }
+}
+
+/// Time with no channel up since the engine started: ended outages plus the current one.
+/// (Before the first connection completes nothing counts: the engine starts connected.)
+pub(crate) fn outage_total(inner: &Inner) -> Duration {
+    let ended = Duration::from_millis(inner.outage_ms.load(Ordering::Relaxed));
+    ended + waiting_for(inner).unwrap_or_default()
 }
 
 /// How long IO has been waiting with no channel up.

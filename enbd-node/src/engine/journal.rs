@@ -188,6 +188,11 @@ impl Journal {
         self.budget.close();
     }
 
+    /// The byte budget: `held_bytes` reaching it means new IO waits for acknowledgements.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity as u64
+    }
+
     pub fn held_bytes(&self) -> u64 {
         (self.capacity - self.budget.available_permits()) as u64
     }

@@ -82,6 +82,8 @@ pub(crate) struct Inner {
     pub up: AtomicUsize,
     /// Milliseconds since `epoch` at which the last channel went down; 0 = some channel up.
     pub down_since_ms: AtomicU64,
+    /// Milliseconds of outages that ended (`brownout::outage_total` adds the current one).
+    pub outage_ms: AtomicU64,
     pub epoch: Instant,
     pub cancel: CancellationToken,
     pub tasks: TaskTracker,
@@ -135,6 +137,7 @@ impl Client {
             slots,
             up: AtomicUsize::new(0),
             down_since_ms: AtomicU64::new(0),
+            outage_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -395,6 +398,8 @@ impl Inner {
             state: status::overall(&channels, self.stopped.load(Ordering::Acquire)),
             journal_requests: self.journal.queued_len() as u64 + in_flight,
             journal_bytes: self.journal.held_bytes(),
+            journal_capacity_bytes: self.journal.capacity_bytes(),
+            outage_total: brownout::outage_total(self),
             waiting_for: brownout::waiting_for(self),
             failure,
             channels,

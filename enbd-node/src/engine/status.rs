@@ -75,6 +75,10 @@ pub struct EngineStatus {
     /// Requests held by the journal (queued or in flight, not yet acknowledged).
     pub journal_requests: u64,
     pub journal_bytes: u64,
+    /// The journal's byte budget (`journal_bytes` at this value: new IO waits).
+    pub journal_capacity_bytes: u64,
+    /// Time spent with no channel up since the engine started, the current outage included.
+    pub outage_total: Duration,
     /// How long IO has been waiting with no channel up, if it is.
     pub waiting_for: Option<Duration>,
     /// Why the engine failed, if it did.

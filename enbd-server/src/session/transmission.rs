@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use enbd_proto::wire::{
@@ -36,6 +36,7 @@ use super::budget::{CONNECTION_BYTES, CONNECTION_REQUESTS, ConnBudget, Ticket};
 use super::io::{Op, OpResult, Output};
 use super::negotiate::{BASE_ALLOCATION_ID, Negotiated};
 use super::{SessionConfig, SessionError};
+use crate::metrics::ExportMetrics;
 
 /// Most extents returned for one BLOCK_STATUS request.
 const MAX_EXTENTS: usize = 2048;
@@ -235,12 +236,16 @@ where
         writer_failed.clone(),
     ));
     let n = Arc::new(n);
+    // Looked up once per connection: requests touch only its atomics.
+    let em = cfg.metrics.export(&n.export.name);
+    let _open = em.open_connection();
 
     let result = read_requests(
         &mut rd,
         &mut buf,
         &n,
         &cfg,
+        &em,
         &tx,
         &budget,
         &stop,
@@ -262,6 +267,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     n: &Arc<Negotiated>,
     cfg: &Arc<SessionConfig>,
+    em: &Arc<ExportMetrics>,
     tx: &mpsc::Sender<Reply>,
     budget: &ConnBudget,
     stop: &CancellationToken,
@@ -315,7 +321,10 @@ async fn read_requests<R: AsyncRead + Unpin>(
         } else {
             None
         };
-        cfg.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        if req.command != Command::Disc {
+            em.request(req.command);
+        }
         if req.command == Command::Disc {
             tracing::debug!("client sent DISC");
             return Ok(());
@@ -340,7 +349,8 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let op = match op {
             Ok(op) => op,
             Err(e) => {
-                cfg.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                em.error(e.0);
+                em.completed(req.command, started.elapsed());
                 tracing::debug!(cookie = req.cookie.0, command = ?req.command, error = %e.1, "request refused");
                 send_reply(
                     tx,
@@ -355,22 +365,17 @@ async fn read_requests<R: AsyncRead + Unpin>(
             }
         };
         match &op {
-            Op::Read { len, .. } => cfg
-                .metrics
-                .read_bytes
-                .fetch_add(*len as u64, Ordering::Relaxed),
-            Op::Write { data, .. } => cfg
-                .metrics
-                .write_bytes
-                .fetch_add(data.len() as u64, Ordering::Relaxed),
-            _ => 0,
-        };
+            Op::Read { len, .. } => em.read(*len as u64),
+            Op::Write { data, .. } => em.written(data.len() as u64),
+            _ => {}
+        }
         let tx = tx.clone();
         let (cookie, command, offset) = (req.cookie, req.command, req.offset);
-        let metrics = cfg.metrics.clone();
+        let em = Arc::clone(em);
         cfg.io.submit(&n.export.backend, op, move |r: OpResult| {
+            em.completed(command, started.elapsed());
             let result = r.map_err(|e| {
-                metrics.errors.fetch_add(1, Ordering::Relaxed);
+                em.error(e.nbd_error());
                 tracing::debug!(cookie = cookie.0, command = ?command, error = %e, "request failed");
                 (e.nbd_error(), e.to_string())
             });
