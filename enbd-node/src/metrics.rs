@@ -436,6 +436,22 @@ impl Collector for Scrape {
             "Bytes resync copied since the mirror was opened.",
             mirrors.iter().map(|(v, m)| (vl(v), m.resync_bytes_copied)),
         )?;
+        prom::gauges(
+            &mut enc,
+            "enbd_node_mirror_activity_regions",
+            "Regions in the activity log (written recently or with writes in flight).",
+            mirrors
+                .iter()
+                .map(|(v, m)| (vl(v), m.activity.active_regions)),
+        )?;
+        prom::gauges(
+            &mut enc,
+            "enbd_node_mirror_activity_unsynced_regions",
+            "Logged regions that may differ between replicas until copied from one in-sync replica.",
+            mirrors
+                .iter()
+                .map(|(v, m)| (vl(v), m.activity.unsynced_regions)),
+        )?;
         let reps: Vec<(Labels, &crate::engine::status::ReplicaStatus)> = mirrors
             .iter()
             .flat_map(|(v, m)| {
@@ -557,6 +573,11 @@ mod tests {
                 ],
                 waiting: None,
                 resync_bytes_copied: 4 << 20,
+                activity: crate::engine::status::ActivityStatus {
+                    active_regions: 3,
+                    unsynced_regions: 1,
+                    ..Default::default()
+                },
             })),
             io: Some(io),
         };
@@ -569,6 +590,11 @@ mod tests {
         );
         assert_eq!(e.sum("enbd_node_mirror_state", &[v]), 1.0);
         assert_eq!(e.value("enbd_node_mirror_generation", &[v]), 7.0);
+        assert_eq!(e.value("enbd_node_mirror_activity_regions", &[v]), 3.0);
+        assert_eq!(
+            e.value("enbd_node_mirror_activity_unsynced_regions", &[v]),
+            1.0
+        );
         let b = [v, ("replica", "b")];
         assert_eq!(
             e.value(
