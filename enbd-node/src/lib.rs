@@ -11,5 +11,6 @@ pub mod engine;
 pub mod metrics;
 pub mod mgmt_tls;
 pub mod mount;
+pub mod secret;
 pub mod state;
 pub mod sync;

@@ -56,27 +56,7 @@ pub struct AttachmentRecord {
     pub access_plaintext: bool,
 }
 
-/// A secret kept in the state file (mode 0600); `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-
-    /// The secret itself, for the engine only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use crate::secret::Secret;
 
 /// One replica of a mirrored volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

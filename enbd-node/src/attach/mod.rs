@@ -61,7 +61,7 @@ pub struct AttachRequest {
     /// Mirrored volumes: resync copy limit in bytes per second (`None`: unlimited).
     pub resync_bytes_per_sec: Option<u64>,
     /// The access token from `publish_context`, presented to every server.
-    pub access_token: Option<crate::state::Secret>,
+    pub access_token: Option<crate::secret::Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -918,7 +918,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut r = stored("vol", "127.0.0.1:10809", 1);
         let token = "ab".repeat(32);
-        r.access_token = Some(crate::state::Secret::new(token.clone()));
+        r.access_token = Some(crate::secret::Secret::new(token.clone()));
         // The state file keeps it (mode 0600), so a restarted daemon presents it again.
         let store = StateStore::open(dir.path()).unwrap();
         store.save(std::slice::from_ref(&r)).unwrap();

@@ -24,7 +24,7 @@ pub struct AttachSpec {
     /// Expose the device read-only (reader-only access modes).
     pub read_only: bool,
     /// The access token from `publish_context` (a secret: never logged).
-    pub access_token: Option<crate::state::Secret>,
+    pub access_token: Option<crate::secret::Secret>,
 }
 
 /// A volume attached on this node.

@@ -97,7 +97,7 @@ struct StageRequest {
     staging: PathBuf,
     cap: Capability,
     context: VolumeContext,
-    access_token: Option<crate::state::Secret>,
+    access_token: Option<crate::secret::Secret>,
 }
 
 async fn stage<A: Attacher>(inner: Arc<Inner<A>>, req: StageRequest) -> Result<(), NodeError> {
@@ -725,7 +725,7 @@ impl<A: Attacher> Node for NodeService<A> {
             .publish_context
             .get(enbd_proto::params::PUBLISH_ACCESS_TOKEN)
             .filter(|t| !t.is_empty())
-            .map(|t| crate::state::Secret::new(t.clone()));
+            .map(|t| crate::secret::Secret::new(t.clone()));
         let req = StageRequest {
             volume_id,
             staging,
