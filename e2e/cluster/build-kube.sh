@@ -42,14 +42,15 @@ log() { echo "build-kube.sh: $*" >&2; }
 # The repositories: owner/name, and what is built from each.
 KUBE_REPO=openshift/microshift
 KUBE_SUBDIR=deps/github.com/openshift/kubernetes
+# The node plugin's sidecars first: without them no pod of the chart's DaemonSet starts.
 SIDECARS=(
+  "kubernetes-csi/node-driver-registrar csi-node-driver-registrar"
+  "kubernetes-csi/livenessprobe livenessprobe"
   "kubernetes-csi/external-provisioner csi-provisioner"
   "kubernetes-csi/external-attacher csi-attacher"
   "kubernetes-csi/external-resizer csi-resizer"
-  "kubernetes-csi/external-snapshotter csi-snapshotter snapshot-controller"
-  "kubernetes-csi/node-driver-registrar csi-node-driver-registrar"
-  "kubernetes-csi/livenessprobe livenessprobe"
   "kubernetes-csi/external-health-monitor csi-external-health-monitor-controller"
+  "kubernetes-csi/external-snapshotter csi-snapshotter snapshot-controller"
 )
 
 snapshot_dir() { echo "$SOURCES/${1/\//+}/repo"; }

@@ -365,7 +365,7 @@ fn list_table(volumes: &[VolumeView]) -> String {
             channels(v)
         );
         if let Some(why) = &v.waiting {
-            println!("  waiting: {why}");
+            let _ = writeln!(out, "  waiting: {why}");
         }
         for r in &v.replicas {
             let _ = writeln!(out, "  replica {}", replica_line(r));
@@ -374,7 +374,7 @@ fn list_table(volumes: &[VolumeView]) -> String {
     out
 }
 
-/// `a 10.0.0.1:10809 gen 3 resyncing 12.0 MiB/100.0 MiB at 3.1 MiB/s`
+/// `a 10.0.0.1:10809 gen 3 resyncing 12.0MiB/100.0MiB at 3.1MiB/s`
 fn replica_line(r: &control::ReplicaView) -> String {
     use enbd_proto::cli::human_bytes;
     let mut line = format!("{} {} gen {} {}", r.id, r.address, r.generation, r.state);
@@ -400,4 +400,70 @@ fn channels(v: &VolumeView) -> String {
         .map(|c| format!("{}:{}", c.index, c.state))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(id: &str, state: &str) -> control::ReplicaView {
+        control::ReplicaView {
+            id: id.into(),
+            address: "10.0.0.1:10809".into(),
+            mgmt: "10.0.0.1:10810".into(),
+            generation: 3,
+            state: state.into(),
+            to_copy: (state == "resyncing").then_some(100 << 20),
+            copied: (state == "resyncing").then_some(12 << 20),
+            bytes_per_sec: (state == "resyncing").then_some(3 << 20),
+            reads: 0,
+            writes: 0,
+            last_error: None,
+        }
+    }
+
+    /// Scripts (the VM scenarios, operators' `awk`) read the table by column: every cell is
+    /// one word, and a volume's `waiting:` and `replica` lines follow its own row.
+    #[test]
+    fn list_table_keeps_one_word_per_column() {
+        let volume = VolumeView {
+            volume_id: "mvol".into(),
+            device: "/dev/ublkb0".into(),
+            size_bytes: 10 << 30,
+            servers: vec![],
+            export: "mvol".into(),
+            read_only: false,
+            brownout: "wait".into(),
+            phase: "attached".into(),
+            engine: "Waiting".into(),
+            channels: vec![],
+            replicas: vec![replica("a", "in-sync"), replica("b", "resyncing")],
+            generation: Some(3),
+            waiting: Some("no in-sync replica reachable: a down".into()),
+            activity_regions: None,
+            activity_unsynced: None,
+        };
+        let table = list_table(&[volume]);
+        let lines: Vec<&str> = table.lines().collect();
+        let row: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            row[..5],
+            ["/dev/ublkb0", "mvol", "10.0GiB", "attached", "Waiting"]
+        );
+        assert_eq!(lines[2], "  waiting: no in-sync replica reachable: a down");
+        let b: Vec<&str> = lines[4].split_whitespace().collect();
+        assert_eq!(
+            b[..7],
+            [
+                "replica",
+                "b",
+                "10.0.0.1:10809",
+                "gen",
+                "3",
+                "resyncing",
+                "12.0MiB/100.0MiB"
+            ]
+        );
+        assert_eq!(lines.len(), 5, "{table}");
+    }
 }

@@ -136,6 +136,10 @@ pub struct Cli {
     /// Copy-before-write copies done for the source's writes are never held back.
     #[arg(long, env = "ENBD_COPY_RATE_BYTES", default_value_t = 0)]
     pub copy_rate_bytes: u64,
+    /// Create --data-dir if missing, give it to UID:GID (mode 0750) and exit: the init step
+    /// for a data directory the server's own user cannot create (a Kubernetes hostPath).
+    #[arg(long, value_name = "UID:GID")]
+    pub prepare_data_dir_for: Option<crate::datadir::Owner>,
 }
 
 #[derive(Debug, thiserror::Error)]

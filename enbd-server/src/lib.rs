@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod cli;
+pub mod datadir;
 pub mod export;
 pub mod metrics;
 pub mod mgmt;

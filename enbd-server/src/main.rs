@@ -43,6 +43,21 @@ fn keep_big_buffers_in_heap() {}
 fn main() -> anyhow::Result<()> {
     keep_big_buffers_in_heap();
     let cli = Cli::parse();
+    if let Some(owner) = cli.prepare_data_dir_for {
+        let dir = cli
+            .data_dir
+            .as_deref()
+            .context("--prepare-data-dir-for needs --data-dir")?;
+        enbd_server::datadir::prepare(dir, owner)
+            .with_context(|| format!("preparing the data directory {}", dir.display()))?;
+        println!(
+            "data directory {} ready for {}:{}",
+            dir.display(),
+            owner.uid,
+            owner.gid
+        );
+        return Ok(());
+    }
     let demo = cli.demo;
     let cfg = cli.into_config().context("invalid configuration")?;
     init_tracing(cfg.log_format, &cfg.log_level);

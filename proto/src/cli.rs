@@ -40,11 +40,12 @@ pub fn parse_log_level(s: &str) -> Result<String, String> {
     Ok(s.trim().to_owned())
 }
 
-/// A byte count for people: `512 B`, `1.5 KiB`, `10.0 GiB` (binary units, one decimal).
+/// A byte count for people: `512B`, `1.5KiB`, `10.0GiB` (binary units, one decimal, no space,
+/// so that a table column stays one word for `awk`, as with `lsblk` and `df -h`).
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     if bytes < 1024 {
-        return format!("{bytes} B");
+        return format!("{bytes}B");
     }
     let mut value = bytes as f64 / 1024.0;
     let mut unit = 0;
@@ -52,7 +53,7 @@ pub fn human_bytes(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    format!("{value:.1} {}", UNITS[unit])
+    format!("{value:.1}{}", UNITS[unit])
 }
 
 #[cfg(test)]
@@ -76,11 +77,11 @@ mod tests {
 
     #[test]
     fn sizes_for_people() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1023), "1023 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(1 << 30), "1.0 GiB");
-        assert_eq!(human_bytes(10 * (1 << 30) + (1 << 29)), "10.5 GiB");
-        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+        assert_eq!(human_bytes(0), "0B");
+        assert_eq!(human_bytes(1023), "1023B");
+        assert_eq!(human_bytes(1536), "1.5KiB");
+        assert_eq!(human_bytes(1 << 30), "1.0GiB");
+        assert_eq!(human_bytes(10 * (1 << 30) + (1 << 29)), "10.5GiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0EiB");
     }
 }

@@ -851,8 +851,10 @@ fn server(set: &RenderSet, p: &mut Vec<String>) {
         let Some(pod) = &spec.template.spec else {
             continue;
         };
-        let Some(c) =
-            containers(pod).find(|c| image_name(c.image.as_deref().unwrap_or("")) == "enbd-server")
+        let Some(c) = pod
+            .containers
+            .iter()
+            .find(|c| image_name(c.image.as_deref().unwrap_or("")) == "enbd-server")
         else {
             continue;
         };
@@ -901,6 +903,48 @@ fn server(set: &RenderSet, p: &mut Vec<String>) {
                 "{w}: --data-dir {data} must be a hostPath or claim template volume, is {other:?}"
             )),
         }
+        if let Some(v) = volume_at(c, data).filter(|v| host_path(pod, v).is_some()) {
+            hostpath_prepared(pod, c, v, data, w, p);
+        }
+    }
+}
+
+/// A hostPath data directory is created by the kubelet as root (fsGroup does not apply to
+/// hostPath): an init container must hand it to the server's user first, or the non-root
+/// server cannot create its volumes (found by the real-cluster suite).
+fn hostpath_prepared(
+    pod: &PodSpec,
+    server: &Container,
+    volume: &str,
+    data: &str,
+    w: &str,
+    p: &mut Vec<String>,
+) {
+    let id = |f: fn(&k8s_openapi::api::core::v1::SecurityContext) -> Option<i64>,
+              g: fn(&k8s_openapi::api::core::v1::PodSecurityContext) -> Option<i64>| {
+        server
+            .security_context
+            .as_ref()
+            .and_then(f)
+            .or_else(|| pod.security_context.as_ref().and_then(g))
+    };
+    let uid = id(|s| s.run_as_user, |s| s.run_as_user);
+    let gid = id(|s| s.run_as_group, |s| s.run_as_group);
+    let (Some(uid), Some(gid)) = (uid, gid) else {
+        p.push(format!("{w}: the server on a hostPath needs runAsUser and runAsGroup"));
+        return;
+    };
+    let want = format!("{uid}:{gid}");
+    let prepared = pod.init_containers.iter().flatten().any(|i| {
+        flag(args(i), "--prepare-data-dir-for") == Some(want.as_str())
+            && flag(args(i), "--data-dir") == Some(data)
+            && volume_at(i, data) == Some(volume)
+    });
+    if !prepared {
+        p.push(format!(
+            "{w}: the hostPath data directory {data} needs an init container running \
+             --prepare-data-dir-for={want} with it mounted"
+        ));
     }
 }
 

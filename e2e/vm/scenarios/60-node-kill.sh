@@ -44,7 +44,8 @@ wait_until 60 sh -c "enbd-node list | grep -q ' attached '"
 kver=$(uname -r | awk -F. '{print $1 * 1000 + $2}')
 if [ "$kver" -ge 6016 ]; then
   wait_until 30 sh -c "[ \$(( \$(cat /sys/block/${dev##*/}/size) * 512 )) = 335544320 ]"
-  enbd-node list | grep -q ' 335544320 ' || fail "enbd-node list still shows the old size"
+  enbd-node list --json > list.json
+  grep -q '"size_bytes": 335544320' list.json || fail "enbd-node list still shows the old size"
   log "export grown while the daemon was down: device $(dev_bytes) bytes after takeover"
 else
   [ "$(dev_bytes)" = 268435456 ] || fail "device size changed to $(dev_bytes) without UPDATE_SIZE"

@@ -11,8 +11,11 @@ is_engine() { [ "$(engine_of "$1")" = "$2" ]; }
 replica_state() { enbd-node list > list.now; awk -v r="$1" '$1 == "replica" && $2 == r {print $6}' list.now; }
 is_replica() { [ "$(replica_state "$1")" = "$2" ]; }
 # resync_copied ID / resync_to_copy ID : MiB copied / to copy in the pass running now.
-resync_copied() { enbd-node list > list.now; awk -v r="$1" '$1 == "replica" && $2 == r && $6 == "resyncing" {split($7, a, "/"); print a[1]}' list.now; }
-resync_to_copy() { enbd-node list > list.now; awk -v r="$1" '$1 == "replica" && $2 == r && $6 == "resyncing" {split($7, a, "/"); print a[2]}' list.now; }
+# The table prints sizes such as `12.0MiB/100.0MiB`; MIB_OF converts one to MiB.
+MIB_OF='function mib(s,  n, u) { n = s; sub(/[A-Za-z]+$/, "", n); u = substr(s, length(n) + 1);
+  return n * (u == "B" ? 1 / 1048576 : u == "KiB" ? 1 / 1024 : u == "MiB" ? 1 : u == "GiB" ? 1024 : 1048576) }'
+resync_copied() { enbd-node list > list.now; awk -v r="$1" "$MIB_OF"'$1 == "replica" && $2 == r && $6 == "resyncing" {split($7, a, "/"); print mib(a[1])}' list.now; }
+resync_to_copy() { enbd-node list > list.now; awk -v r="$1" "$MIB_OF"'$1 == "replica" && $2 == r && $6 == "resyncing" {split($7, a, "/"); print mib(a[2])}' list.now; }
 # copied_at_least ID MIB : the running pass has copied at least MIB MiB.
 copied_at_least() { c=$(resync_copied "$1"); [ -n "$c" ] && awk -v c="$c" -v m="$2" 'BEGIN{exit !(c >= m)}'; }
 
