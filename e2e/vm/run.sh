@@ -5,10 +5,11 @@
 #                      [--skip-build]   (reuse the binaries already built in the target dir)
 #
 # Builds static release binaries, fetches and verifies Debian's kernel package (cached in
-# e2e/vm/.cache), builds a busybox initramfs, boots it, runs e2e/vm/scenarios/NN-*.sh in order
-# in the guest and prints one "SCENARIO <name>: PASS|FAIL (<secs>s)" line each. Exits 0 only
-# if every scenario passed and the guest reported the end of the suite (qemu itself exits 0
-# whatever happens in the guest, so the console is the source of truth).
+# e2e/vm/.cache), makes the suite's certificates, builds a busybox initramfs, boots it, runs
+# e2e/vm/scenarios/NN-*.sh in order in the guest and prints one "SCENARIO <name>: PASS|FAIL
+# (<secs>s)" line each. Exits 0 only if every scenario passed and the guest reported the end
+# of the suite (qemu itself exits 0 whatever happens in the guest, so the console is the
+# source of truth).
 set -euo pipefail
 trap '[[ $- == *e* ]] && echo "run.sh: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 
@@ -23,7 +24,7 @@ while [ $# -gt 0 ]; do
     --timeout) TIMEOUT=${2:?}; shift 2 ;;
     --verbose|-v) VERBOSE=1; shift ;;
     --skip-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -32,7 +33,7 @@ case "$KERNEL" in trixie|sid) ;; *) echo "run.sh: --kernel must be trixie or sid
 # Tools only: installing them is e2e/setup-host.sh's job.
 missing=()
 for t in qemu-system-x86_64 busybox cpio gzip xz curl gpgv dpkg-deb depmod modprobe \
-         mke2fs e2fsck mkfs.xfs xfs_repair fio cargo timeout; do
+         mke2fs e2fsck mkfs.xfs xfs_repair fio cargo timeout openssl; do
   command -v "$t" >/dev/null || missing+=("$t")
 done
 [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
@@ -72,9 +73,12 @@ done
 cp "$("$REPO/e2e/csi-sanity/build.sh" | tail -1)" "$BINDIR/csi-sanity"
 echo "run.sh: guest binaries: $(ls "$BINDIR" | tr '\n' ' ')"
 
-# 3. Initramfs.
+# 3. Certificates (a CA, the server's, the node's and the controller's: the suite runs with
+# TLS and management mTLS on, as the chart deploys), then the initramfs.
+PKI="$CACHE/pki"
+"$VM/lib/mkcerts.sh" "$PKI"
 INITRD="$CACHE/initrd-$KERNEL.cpio.gz"
-"$VM/lib/mkinitrd.sh" "$KDIR" "$BINDIR" "$INITRD"
+"$VM/lib/mkinitrd.sh" "$KDIR" "$BINDIR" "$INITRD" "$PKI"
 t1=$(date +%s)
 echo "run.sh: kernel $(basename "$VMLINUZ") from $(head -1 "$KDIR/packages"), prepared in $((t1 - t0))s"
 

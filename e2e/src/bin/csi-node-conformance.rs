@@ -6,6 +6,12 @@
 //! its management API. Needs root and ublk, so it runs inside the VM suite
 //! (e2e/vm/scenarios/50-csi-node.sh). Prints one `PASS`/`FAIL` line per check and exits
 //! non-zero if any check failed.
+//!
+//! With `--grant-access` it stands in for the controller's publish step against a server with
+//! `--access published`: each volume it creates is granted to the node (`GrantAccess`, which
+//! needs the controller's certificate, `--mgmt-tls-*`) and the token goes to NodeStageVolume in
+//! `publish_context`, as ControllerPublishVolume hands it over; one volume is never granted,
+//! and staging it must be refused.
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -26,9 +32,10 @@ use enbd_proto::csi::volume_usage::Unit;
 use enbd_proto::csi::*;
 use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
 use enbd_proto::enbd::{
-    CreateVolumeRequest, DeleteVolumeRequest, ExpandVolumeRequest, HealthRequest, HealthResponse,
+    CreateVolumeRequest, DeleteVolumeRequest, ExpandVolumeRequest, GrantAccessRequest,
+    HealthRequest, HealthResponse,
 };
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
 const MIB: u64 = 1 << 20;
@@ -59,6 +66,38 @@ struct Cli {
     /// How long to wait for the plugin socket to answer Probe.
     #[arg(long, default_value_t = 60)]
     wait_secs: u64,
+    /// The server runs `--access published`: grant every volume to --node-id and stage it
+    /// with the token, and check that a volume not granted cannot be staged.
+    #[arg(long)]
+    grant_access: bool,
+    /// CA (PEM) of the server's management certificate; with --mgmt-tls-cert and
+    /// --mgmt-tls-key, management calls use mutual TLS (an https:// --mgmt URL).
+    #[arg(long, requires_all = ["mgmt_tls_cert", "mgmt_tls_key"])]
+    mgmt_tls_ca: Option<PathBuf>,
+    /// Management client certificate (PEM; CN enbd-controller: creating volumes and granting
+    /// access are the controller's).
+    #[arg(long, requires = "mgmt_tls_ca")]
+    mgmt_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --mgmt-tls-cert.
+    #[arg(long, requires = "mgmt_tls_ca")]
+    mgmt_tls_key: Option<PathBuf>,
+}
+
+impl Cli {
+    /// The management client's TLS settings, `None` without --mgmt-tls-ca.
+    fn mgmt_tls(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+        let (Some(ca), Some(cert), Some(key)) =
+            (&self.mgmt_tls_ca, &self.mgmt_tls_cert, &self.mgmt_tls_key)
+        else {
+            return Ok(None);
+        };
+        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("read {}", p.display()));
+        Ok(Some(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read(ca)?))
+                .identity(Identity::from_pem(read(cert)?, read(key)?)),
+        ))
+    }
 }
 
 /// Collects check results; every check prints one line.
@@ -124,12 +163,17 @@ async fn wait_ready(endpoint: &str, limit: Duration) -> anyhow::Result<Channel> 
 /// Waits until the server's management API answers Health.
 async fn wait_server(
     url: &str,
+    tls: Option<ClientTlsConfig>,
     limit: Duration,
 ) -> anyhow::Result<(VolumeServiceClient<Channel>, HealthResponse)> {
+    let mut endpoint = Endpoint::from_shared(url.to_string())?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
     let deadline = Instant::now() + limit;
     loop {
         let attempt = async {
-            let mut c = VolumeServiceClient::connect(url.to_string()).await?;
+            let mut c = VolumeServiceClient::new(endpoint.connect().await?);
             let h = c.health(HealthRequest {}).await?.into_inner();
             anyhow::Ok((c, h))
         };
@@ -228,6 +272,8 @@ struct Suite {
     mgmt: VolumeServiceClient<Channel>,
     server_id: String,
     data_address: String,
+    /// Access tokens of the volumes granted to the node (--grant-access), by volume name.
+    tokens: HashMap<String, String>,
     r: Report,
 }
 
@@ -269,6 +315,27 @@ impl Suite {
             })
             .await
             .with_context(|| format!("create volume {name}"))?;
+        if self.cli.grant_access {
+            self.grant(name).await?;
+        }
+        Ok(())
+    }
+
+    /// What ControllerPublishVolume does on the server: a grant of `name` to the node, whose
+    /// token NodeStageVolume gets in `publish_context`.
+    async fn grant(&mut self, name: &str) -> anyhow::Result<()> {
+        let token = self
+            .mgmt
+            .grant_access(GrantAccessRequest {
+                volume: name.into(),
+                node_id: self.cli.node_id.clone(),
+                token: String::new(),
+            })
+            .await
+            .with_context(|| format!("grant {name} to {}", self.cli.node_id))?
+            .into_inner()
+            .token;
+        self.tokens.insert(name.to_string(), token);
         Ok(())
     }
 
@@ -289,6 +356,16 @@ impl Suite {
                 "conformance-secret".to_string(),
                 "do-not-log-me".to_string(),
             )]),
+            publish_context: self
+                .tokens
+                .get(name)
+                .map(|t| {
+                    HashMap::from([(
+                        enbd_proto::params::PUBLISH_ACCESS_TOKEN.to_string(),
+                        t.clone(),
+                    )])
+                })
+                .unwrap_or_default(),
             ..Default::default()
         }
     }
@@ -1348,6 +1425,40 @@ impl Suite {
         }
         Ok(())
     }
+
+    /// A volume that exists but was never granted to this node: the server refuses to open
+    /// it, so staging is NOT_FOUND (the server says the same for a volume that does not
+    /// exist) and leaves nothing mounted.
+    async fn not_published(&mut self) -> anyhow::Result<()> {
+        self.cli.grant_access = false;
+        let created = self.create_volume("fs-unpublished", 32 * MIB).await;
+        self.cli.grant_access = true;
+        created?;
+        let stage = self.stage_req(
+            "fs-unpublished",
+            "stage-unpublished",
+            mount_cap("ext4", Mode::SingleNodeWriter, &[]),
+            self.context("fs-unpublished", &[]),
+        );
+        let res = self.node.node_stage_volume(stage).await;
+        if self
+            .r
+            .code("access/stage of a volume not published", &res, Code::NotFound)
+            && let Err(s) = &res
+        {
+            self.r.check(
+                "access/refusal names the server's refusal",
+                s.message().contains("refused export"),
+                s.message(),
+            );
+        }
+        self.r.check(
+            "access/refused stage mounted nothing",
+            mount_at(Path::new(&self.dir("stage-unpublished"))).is_none(),
+            "staging path is mounted",
+        );
+        Ok(())
+    }
 }
 
 fn nix_statvfs_total(path: &Path) -> u64 {
@@ -1372,7 +1483,8 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&cli.work_dir)
         .with_context(|| format!("create {}", cli.work_dir.display()))?;
     let channel = wait_ready(&cli.endpoint, Duration::from_secs(cli.wait_secs)).await?;
-    let (mgmt, health) = wait_server(&cli.mgmt, Duration::from_secs(cli.wait_secs)).await?;
+    let (mgmt, health) =
+        wait_server(&cli.mgmt, cli.mgmt_tls()?, Duration::from_secs(cli.wait_secs)).await?;
     println!(
         "server {} at {} (mgmt {})",
         health.server_id, health.data_address, cli.mgmt
@@ -1384,6 +1496,7 @@ async fn main() -> anyhow::Result<()> {
         server_id: health.server_id,
         data_address: health.data_address,
         cli,
+        tokens: HashMap::new(),
         r: Report::default(),
     };
     suite.identity().await;
@@ -1401,6 +1514,11 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Err(e) = suite.single_writer().await {
         fatal.push(format!("single writer: {e:#}"));
+    }
+    if suite.cli.grant_access
+        && let Err(e) = suite.not_published().await
+    {
+        fatal.push(format!("not published: {e:#}"));
     }
     for f in &fatal {
         println!("FAIL setup {f}");

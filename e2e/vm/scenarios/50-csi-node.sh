@@ -1,7 +1,9 @@
 # Scenario: the CSI node plugin, end to end on real ublk devices. enbd-node daemon serves
 # CSI on a unix socket; csi-node-conformance drives every Node RPC through it (positive and
 # negative, exact gRPC codes) against volumes it creates on enbd-server, and checks the
-# mounts, files and device flags that result.
+# mounts, files and device flags that result. The server runs `--access published`: the suite
+# grants each volume to the node as ControllerPublishVolume would (with the controller's
+# certificate) and stages it with the token; a volume never granted cannot be staged.
 . /scenarios/lib/common.sh
 
 CSI_SOCK=/run/enbd-csi/csi.sock
@@ -15,9 +17,11 @@ csi_cleanup() {
   done
 }
 
+ACCESS=published
 start_server
+# shellcheck disable=SC2086 # NODE_TLS is a list of flags
 enbd-node daemon --node-id vm-node --csi-endpoint "unix://$CSI_SOCK" \
-  --state-dir "$STATE_DIR" --metrics-listen 127.0.0.1:9812 >> daemon.log 2>&1 &
+  --state-dir "$STATE_DIR" --metrics-listen 127.0.0.1:9812 $NODE_TLS >> daemon.log 2>&1 &
 DAEMON_PID=$!
 wait_until 30 daemon_ready
 wait_until 30 test -S "$CSI_SOCK"
@@ -29,7 +33,8 @@ resize_flag=
 kver=$(uname -r | awk -F. '{print $1 * 1000 + $2}')
 [ "$kver" -ge 6016 ] && resize_flag=--online-resize
 rc=0
-csi-node-conformance --endpoint "unix://$CSI_SOCK" --mgmt http://127.0.0.1:10810 \
+# shellcheck disable=SC2086 # CONTROLLER_TLS is a list of flags
+csi-node-conformance --endpoint "unix://$CSI_SOCK" --mgmt "$MGMT" $CONTROLLER_TLS --grant-access \
   --node-id vm-node --work-dir "$WORK" $resize_flag || rc=$?
 
 left=$(awk -v w="$WORK" 'index($2, w) == 1' /proc/self/mounts)

@@ -1,9 +1,12 @@
 # Scenario: the upstream CSI conformance suite, csi-sanity (kubernetes-csi/csi-test, built by
 # e2e/csi-sanity/build.sh), against both of our CSI plugins at once: csi-driver as the
 # controller (static discovery of the enbd-server in the guest) and enbd-node daemon as the node
-# plugin (real ublk devices, ext4 on them). Every spec must pass or be skipped; a skip is either
-# csi-sanity's own (a capability we do not advertise, printed with its reason) or one listed in
-# SKIPS below, each with the reason it does not apply.
+# plugin (real ublk devices, ext4 on them), as the chart deploys them: NBD over TLS with
+# client certificates, management over mutual TLS, the server at `--access published`, so
+# every ControllerPublishVolume grants the node access (the token reaches NodeStageVolume in
+# publish_context) and every ControllerUnpublishVolume revokes it. Every spec must pass or be
+# skipped; a skip is either csi-sanity's own (a capability we do not advertise, printed with
+# its reason) or one listed in SKIPS below, each with the reason it does not apply.
 . /scenarios/lib/common.sh
 
 CTL_SOCK=/run/enbd-csi/controller.sock
@@ -44,13 +47,16 @@ controller_sees_server() {
   wget -q -O - http://127.0.0.1:9811/metrics | grep -q 'enbd_csi_controller_server_up{server="vm"} 1'
 }
 
+ACCESS=published
 start_server
 # --nodes: the one node that exists here (a publish to any other is NOT_FOUND).
-csi-driver --endpoint "unix://$CTL_SOCK" --discovery static --servers vm=http://127.0.0.1:10810 \
+# shellcheck disable=SC2086 # CONTROLLER_TLS is a list of flags
+csi-driver --endpoint "unix://$CTL_SOCK" --discovery static --servers "vm=$MGMT" $CONTROLLER_TLS \
   --nodes vm-node --metrics-listen 127.0.0.1:9811 >> controller.log 2>&1 &
 CTL_PID=$!
+# shellcheck disable=SC2086 # NODE_TLS is a list of flags
 enbd-node daemon --node-id vm-node --csi-endpoint "unix://$NODE_SOCK" \
-  --state-dir "$STATE_DIR" --metrics-listen 127.0.0.1:9812 >> daemon.log 2>&1 &
+  --state-dir "$STATE_DIR" --metrics-listen 127.0.0.1:9812 $NODE_TLS >> daemon.log 2>&1 &
 DAEMON_PID=$!
 wait_until 30 test -S "$CTL_SOCK"
 wait_until 30 controller_sees_server
@@ -127,4 +133,13 @@ if [ $rc -ne 0 ] || ! echo "$summary" | grep -q 'SUCCESS!'; then
 fi
 passed=$(echo "$summary" | sed -nE 's/.* ([0-9]+) Passed.*/\1/p')
 [ "${passed:-0}" -gt 0 ] || fail "csi-sanity passed no spec"
+# The publish specs went through the server's grants: ControllerPublishVolume granted, and
+# ControllerUnpublishVolume (or the volume's deletion) revoked, every grant.
+granted=$(grep -c 'access granted' server.log || true)
+revoked=$(grep -c 'access revoked' server.log || true)
+log "server: $granted grants made, $revoked revoked"
+[ "$granted" -gt 0 ] || fail "no ControllerPublishVolume reached the server's grants"
+[ "$revoked" -gt 0 ] || fail "no grant was revoked"
+# (The file holds tokens: it is searched, never printed.)
+if grep -q '"vm-node"' "$SRV_DATA/grants.json" 2>/dev/null; then fail "grants for vm-node left behind"; fi
 log "csi-sanity: every applicable spec passed"

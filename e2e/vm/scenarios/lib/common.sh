@@ -3,9 +3,29 @@
 #
 # Layout in the guest: enbd-server serves /tmp/srv on 127.0.0.1:10809; enbd-node daemon keeps
 # its state in /tmp/enbd-state and its control socket at /run/enbd-node/control.sock.
+#
+# Every server and daemon runs as the chart deploys them by default: NBD over TLS with client
+# certificates (`--tls require --tls-client-ca`), management over mutual TLS (`--mgmt-tls
+# require`, roles by certificate CN), the certificates made on the host by
+# e2e/vm/lib/mkcerts.sh. ACCESS is the servers' `--access`: `open` where the scenario attaches
+# with `enbd-node attach` (no controller publishes anything), `published` in the CSI scenarios,
+# which set it before start_server.
 
 SRV_DATA=/tmp/srv
 NBD=127.0.0.1:10809
+MGMT=https://127.0.0.1:10810
+PKI=/etc/enbd/pki
+ACCESS=open
+# enbd-server: NBD TLS required, client certificates from the CA; management mTLS.
+SERVER_TLS="--tls require --tls-cert $PKI/server-cert.pem --tls-key $PKI/server-key.pem
+  --tls-client-ca $PKI/ca-cert.pem --mgmt-tls require --mgmt-client-ca $PKI/ca-cert.pem"
+# enbd-node daemon: TLS for every volume, its client certificate (CN enbd-node) on the data
+# path and for a mirror's management calls.
+NODE_TLS="--tls require --tls-ca $PKI/ca-cert.pem --tls-cert $PKI/node-cert.pem
+  --tls-key $PKI/node-key.pem"
+# csi-driver: the controller's management client certificate (CN enbd-controller).
+CONTROLLER_TLS="--mgmt-tls-ca $PKI/ca-cert.pem --mgmt-tls-cert $PKI/controller-cert.pem
+  --mgmt-tls-key $PKI/controller-key.pem"
 STATE_DIR=/tmp/enbd-state
 SOCK=/run/enbd-node/control.sock
 SERVER_PID=""
@@ -45,9 +65,10 @@ new_volume() {
 
 start_server() {
   mkdir -p "$SRV_DATA"
+  # shellcheck disable=SC2086 # SERVER_TLS is a list of flags
   enbd-server --data-dir "$SRV_DATA" --listen "$NBD" --mgmt-listen 127.0.0.1:10810 \
     --metrics-listen 127.0.0.1:9810 --server-id vm --shutdown-grace-secs 1 \
-    >> server.log 2>&1 &
+    $SERVER_TLS --access "$ACCESS" >> server.log 2>&1 &
   SERVER_PID=$!
   wait_until 30 port_listening 10809
   log "enbd-server up (pid $SERVER_PID)"
@@ -67,7 +88,9 @@ port_closed() { ! port_listening "$1"; }
 daemon_ready() { enbd-node list >/dev/null 2>&1; }
 
 start_daemon() {
-  enbd-node daemon --state-dir "$STATE_DIR" --metrics-listen 127.0.0.1:9812 >> daemon.log 2>&1 &
+  # shellcheck disable=SC2086 # NODE_TLS is a list of flags
+  enbd-node daemon --state-dir "$STATE_DIR" --metrics-listen 127.0.0.1:9812 $NODE_TLS \
+    >> daemon.log 2>&1 &
   DAEMON_PID=$!
   wait_until 30 daemon_ready
   log "enbd-node daemon up (pid $DAEMON_PID)"

@@ -19,14 +19,17 @@ resync_to_copy() { enbd-node list > list.now; awk -v r="$1" "$MIB_OF"'$1 == "rep
 # copied_at_least ID MIB : the running pass has copied at least MIB MiB.
 copied_at_least() { c=$(resync_copied "$1"); [ -n "$c" ] && awk -v c="$c" -v m="$2" 'BEGIN{exit !(c >= m)}'; }
 
-# Second enbd-server (replica vm-b) on 127.0.0.1:10819, data in B_DATA.
+# Second enbd-server (replica vm-b) on 127.0.0.1:10819, data in B_DATA; TLS and access as
+# the first (common.sh). The mirror reaches each replica's management API over mutual TLS
+# with the node's certificate (https:// in --replica).
 B_DATA=/tmp/srv-b
 B_PID=""
 start_b() {
   mkdir -p "$B_DATA"
+  # shellcheck disable=SC2086 # SERVER_TLS is a list of flags
   enbd-server --data-dir "$B_DATA" --listen 127.0.0.1:10819 --mgmt-listen 127.0.0.1:10820 \
     --metrics-listen 127.0.0.1:9820 --server-id vm-b --shutdown-grace-secs 1 \
-    >> server-b.log 2>&1 &
+    $SERVER_TLS --access "$ACCESS" >> server-b.log 2>&1 &
   B_PID=$!
   wait_until 30 port_listening 10819
   log "enbd-server vm-b up (pid $B_PID)"
@@ -42,9 +45,10 @@ C_DATA=/tmp/srv-c
 C_PID=""
 start_c() {
   mkdir -p "$C_DATA"
+  # shellcheck disable=SC2086 # SERVER_TLS is a list of flags
   enbd-server --data-dir "$C_DATA" --listen 127.0.0.1:10829 --mgmt-listen 127.0.0.1:10830 \
     --metrics-listen 127.0.0.1:9830 --server-id vm-c --shutdown-grace-secs 1 \
-    >> server-c.log 2>&1 &
+    $SERVER_TLS --access "$ACCESS" >> server-c.log 2>&1 &
   C_PID=$!
   wait_until 30 port_listening 10829
   log "enbd-server vm-c up (pid $C_PID)"
@@ -63,7 +67,7 @@ mirror_volume3() {
 attach_mirror3() {
   vol_=$1; shift
   wait_until 30 port_listening 10830
-  attach_mirror "$vol_" --replica vm-c@127.0.0.1:10829@http://127.0.0.1:10830 "$@"
+  attach_mirror "$vol_" --replica vm-c@127.0.0.1:10829@https://127.0.0.1:10830 "$@"
 }
 # replicas_equal3 NAME : as replicas_equal, with vm-c's copy too.
 replicas_equal3() {
@@ -87,8 +91,8 @@ attach_mirror() {
   wait_until 30 port_listening 10810
   wait_until 30 port_listening 10820
   out=$(enbd-node attach --export "$vol_" --channels 2 --replica-timeout 5s \
-    --replica vm@127.0.0.1:10809@http://127.0.0.1:10810 \
-    --replica vm-b@127.0.0.1:10819@http://127.0.0.1:10820 "$@") \
+    --replica vm@127.0.0.1:10809@https://127.0.0.1:10810 \
+    --replica vm-b@127.0.0.1:10819@https://127.0.0.1:10820 "$@") \
     || fail "mirrored attach failed: $out"
   echo "$out" >&2
   dev_=$(echo "$out" | sed -n 's/.* as \(\/dev\/ublkb[0-9]*\) .*/\1/p')
