@@ -54,6 +54,8 @@ start_server
 csi-driver --endpoint "unix://$CTL_SOCK" --discovery static --servers "vm=$MGMT" $CONTROLLER_TLS \
   --nodes vm-node --metrics-listen 127.0.0.1:9811 >> controller.log 2>&1 &
 CTL_PID=$!
+# The controller grants access at every publish and hands the node a token, which the node
+# sends only inside TLS (no --access-token-plaintext: the server requires TLS).
 # shellcheck disable=SC2086 # NODE_TLS is a list of flags
 enbd-node daemon --node-id vm-node --csi-endpoint "unix://$NODE_SOCK" \
   --state-dir "$STATE_DIR" --metrics-listen 127.0.0.1:9812 $NODE_TLS >> daemon.log 2>&1 &
