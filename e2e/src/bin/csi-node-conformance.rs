@@ -1441,10 +1441,11 @@ impl Suite {
             self.context("fs-unpublished", &[]),
         );
         let res = self.node.node_stage_volume(stage).await;
-        if self
-            .r
-            .code("access/stage of a volume not published", &res, Code::NotFound)
-            && let Err(s) = &res
+        if self.r.code(
+            "access/stage of a volume not published",
+            &res,
+            Code::NotFound,
+        ) && let Err(s) = &res
         {
             self.r.check(
                 "access/refusal names the server's refusal",
@@ -1483,8 +1484,12 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&cli.work_dir)
         .with_context(|| format!("create {}", cli.work_dir.display()))?;
     let channel = wait_ready(&cli.endpoint, Duration::from_secs(cli.wait_secs)).await?;
-    let (mgmt, health) =
-        wait_server(&cli.mgmt, cli.mgmt_tls()?, Duration::from_secs(cli.wait_secs)).await?;
+    let (mgmt, health) = wait_server(
+        &cli.mgmt,
+        cli.mgmt_tls()?,
+        Duration::from_secs(cli.wait_secs),
+    )
+    .await?;
     println!(
         "server {} at {} (mgmt {})",
         health.server_id, health.data_address, cli.mgmt
