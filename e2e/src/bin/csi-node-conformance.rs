@@ -366,7 +366,6 @@ impl Suite {
                     )])
                 })
                 .unwrap_or_default(),
-            ..Default::default()
         }
     }
 
