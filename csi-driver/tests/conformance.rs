@@ -2590,3 +2590,86 @@ async fn grants_follow_a_replacement_to_the_new_member() {
         assert!(!token_opens(s, &token).await, "{} still takes it", s.id());
     }
 }
+
+// ---------------------------------------------------------------- ListVolumes and mirrors
+
+async fn listed(d: &Driver) -> Vec<list_volumes_response::Entry> {
+    d.ctl()
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .expect("ListVolumes")
+        .into_inner()
+        .entries
+}
+
+/// A mirrored volume is one ListVolumes entry under the id CreateVolume returned (its
+/// replicas on other servers are not volumes of their own), with the replica set's
+/// condition; it stays so while its home is down and another replica lists it.
+#[tokio::test]
+async fn list_volumes_lists_a_mirror_once_under_its_id() {
+    let mut servers = vec![start_server("srv-a"), start_server("srv-b")];
+    let d = Driver::start(&[&servers[0], &servers[1]]).await;
+    let single = d.create("single", MIB).await;
+    let mut req = create_req("mirror", 2 * MIB);
+    req.parameters = params(&[("replicas", "2")]);
+    let mirror = d.ctl().create_volume(req).await.expect("create").into_inner();
+    let mirror = mirror.volume.unwrap();
+    for s in &servers {
+        assert!(exists_on(s, "mirror").await.is_some(), "{} holds a replica", s.id());
+    }
+
+    let entries = listed(&d).await;
+    let mut ids: Vec<String> = entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect();
+    ids.sort();
+    let mut want = vec![single.volume_id.clone(), mirror.volume_id.clone()];
+    want.sort();
+    assert_eq!(ids, want, "one entry per volume, none per replica");
+    let m = entries
+        .iter()
+        .find(|e| e.volume.as_ref().unwrap().volume_id == mirror.volume_id)
+        .unwrap();
+    assert_eq!(m.volume.as_ref().unwrap().capacity_bytes, 2 * MIB);
+    let cond = m.status.as_ref().unwrap().volume_condition.as_ref().unwrap();
+    assert!(!cond.abnormal, "{}", cond.message);
+
+    // The home's server goes away: the other replica lists the volume, still once and
+    // under the same id, and the condition says what is wrong.
+    let home_id = mirror.volume_id.split('/').next().unwrap().to_owned();
+    let home_i = servers.iter().position(|s| s.id() == home_id).unwrap();
+    servers[home_i].kill();
+    let condition = |entries: &[list_volumes_response::Entry]| {
+        entries
+            .iter()
+            .find(|e| e.volume.as_ref().unwrap().volume_id == mirror.volume_id)
+            .and_then(|e| e.status.as_ref()?.volume_condition.clone())
+    };
+    let unreachable = format!("enbd-server {home_id} is unreachable");
+    d.wait_until(
+        || async {
+            condition(&listed(&d).await).is_some_and(|c| c.message.contains(&unreachable))
+        },
+        "the mirror to be listed with its home's server unreachable",
+    )
+    .await;
+    let entries = listed(&d).await;
+    let ids: Vec<&str> = entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.as_str())
+        .collect();
+    let single_on_survivor = single.volume_id.starts_with(servers[1 - home_i].id());
+    assert_eq!(
+        ids.iter().filter(|i| **i == mirror.volume_id).count(),
+        1,
+        "{ids:?}"
+    );
+    assert_eq!(ids.len(), 1 + usize::from(single_on_survivor), "{ids:?}");
+    let cond = condition(&entries).unwrap();
+    assert!(
+        cond.abnormal && cond.message.starts_with("degraded"),
+        "{}",
+        cond.message
+    );
+}
