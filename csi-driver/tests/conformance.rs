@@ -2420,7 +2420,12 @@ async fn a_replica_down_at_publish_is_granted_when_its_server_is_back() {
     .await;
     let mut req = create_req("late", 4 * MIB);
     req.parameters = params(&[("replicas", "2")]);
-    let vol = d.ctl().create_volume(req).await.expect("create").into_inner();
+    let vol = d
+        .ctl()
+        .create_volume(req)
+        .await
+        .expect("create")
+        .into_inner();
     let vol = vol.volume.unwrap();
     assert!(exists_on(&a, "late").await.is_some() && exists_on(&b, "late").await.is_some());
 
@@ -2462,7 +2467,11 @@ async fn a_replica_down_at_publish_is_granted_when_its_server_is_back() {
     )
     .await;
     assert!(token_opens(&a, &token).await);
-    assert_eq!(reconciled(&d, "granted"), 1.0, "one grant made, counted once");
+    assert_eq!(
+        reconciled(&d, "granted"),
+        1.0,
+        "one grant made, counted once"
+    );
     assert_eq!(reconciled(&d, "revoked"), 0.0);
 }
 
@@ -2480,7 +2489,12 @@ async fn grants_follow_a_replacement_to_the_new_member() {
     let d = driver_with(&entries, &["--grant-reconcile-interval", "200ms"]).await;
     let mut req = create_req("moved", 2 * MIB);
     req.parameters = params(&[("replicas", "2")]);
-    let vol = d.ctl().create_volume(req).await.expect("create").into_inner();
+    let vol = d
+        .ctl()
+        .create_volume(req)
+        .await
+        .expect("create")
+        .into_inner();
     let vol = vol.volume.unwrap();
     let home_id = vol.volume_id.split('/').next().unwrap().to_owned();
     let token = d
@@ -2612,10 +2626,19 @@ async fn list_volumes_lists_a_mirror_once_under_its_id() {
     let single = d.create("single", MIB).await;
     let mut req = create_req("mirror", 2 * MIB);
     req.parameters = params(&[("replicas", "2")]);
-    let mirror = d.ctl().create_volume(req).await.expect("create").into_inner();
+    let mirror = d
+        .ctl()
+        .create_volume(req)
+        .await
+        .expect("create")
+        .into_inner();
     let mirror = mirror.volume.unwrap();
     for s in &servers {
-        assert!(exists_on(s, "mirror").await.is_some(), "{} holds a replica", s.id());
+        assert!(
+            exists_on(s, "mirror").await.is_some(),
+            "{} holds a replica",
+            s.id()
+        );
     }
 
     let entries = listed(&d).await;
@@ -2632,7 +2655,13 @@ async fn list_volumes_lists_a_mirror_once_under_its_id() {
         .find(|e| e.volume.as_ref().unwrap().volume_id == mirror.volume_id)
         .unwrap();
     assert_eq!(m.volume.as_ref().unwrap().capacity_bytes, 2 * MIB);
-    let cond = m.status.as_ref().unwrap().volume_condition.as_ref().unwrap();
+    let cond = m
+        .status
+        .as_ref()
+        .unwrap()
+        .volume_condition
+        .as_ref()
+        .unwrap();
     assert!(!cond.abnormal, "{}", cond.message);
 
     // The home's server goes away: the other replica lists the volume, still once and
@@ -2648,9 +2677,7 @@ async fn list_volumes_lists_a_mirror_once_under_its_id() {
     };
     let unreachable = format!("enbd-server {home_id} is unreachable");
     d.wait_until(
-        || async {
-            condition(&listed(&d).await).is_some_and(|c| c.message.contains(&unreachable))
-        },
+        || async { condition(&listed(&d).await).is_some_and(|c| c.message.contains(&unreachable)) },
         "the mirror to be listed with its home's server unreachable",
     )
     .await;

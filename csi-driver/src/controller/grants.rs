@@ -71,8 +71,12 @@ pub async fn run_grant_reconciler(
             pass = state.reconcile_grants() => pass,
         };
         if pass != Pass::default() {
-            tracing::debug!(granted = pass.granted, revoked = pass.revoked,
-                failed = pass.failed, "grant reconciliation pass");
+            tracing::debug!(
+                granted = pass.granted,
+                revoked = pass.revoked,
+                failed = pass.failed,
+                "grant reconciliation pass"
+            );
         }
     }
 }
@@ -108,10 +112,7 @@ impl State {
             }
             let name = id.name().as_str();
             let copies = copies.get(name).map(Vec::as_slice).unwrap_or_default();
-            if let Err(e) = self
-                .reconcile_volume(&id, &nodes, copies, &mut pass)
-                .await
-            {
+            if let Err(e) = self.reconcile_volume(&id, &nodes, copies, &mut pass).await {
                 tracing::debug!(volume_id = %id, error = %e,
                     "grant reconciliation: the volume's membership is unreadable now");
                 pass.count(self, Reconciled::Failed);
@@ -161,13 +162,7 @@ impl State {
         Ok(())
     }
 
-    async fn grant_one(
-        &self,
-        id: &VolumeId,
-        server: &LiveServer,
-        node: &Granted,
-        pass: &mut Pass,
-    ) {
+    async fn grant_one(&self, id: &VolumeId, server: &LiveServer, node: &Granted, pass: &mut Pass) {
         let name = id.name().as_str();
         match grant(server, name, &node.node_id, node.token.as_str()).await {
             Ok(r) if r.changed => {

@@ -124,7 +124,12 @@ mod tests {
 
     use super::*;
 
-    fn copy(server: &str, name: &str, labels: &[(&str, &str)], size: u64) -> (VolumeId, pb::Volume) {
+    fn copy(
+        server: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        size: u64,
+    ) -> (VolumeId, pb::Volume) {
         let id = VolumeId::parse(&format!("{server}/{name}")).unwrap();
         let labels: HashMap<String, String> = labels
             .iter()

@@ -68,10 +68,17 @@ impl State {
         let (content, size, pb_source) = self.resolve_source(source.as_ref(), range).await?;
         // The home: the source's server (it holds the content), else the home a partial
         // set's copies name, else one of its copies.
-        let labeled = holders.iter().find_map(|(_, v)| v.labels.get(names::HOME_LABEL));
+        let labeled = holders
+            .iter()
+            .find_map(|(_, v)| v.labels.get(names::HOME_LABEL));
         let home = content.or_else(|| {
             let mut partial: Vec<_> = holders.iter().map(|(s, _)| s.clone()).collect();
-            partial.sort_by_key(|s| (Some(s.id.as_str()) != labeled.map(String::as_str), s.id.clone()));
+            partial.sort_by_key(|s| {
+                (
+                    Some(s.id.as_str()) != labeled.map(String::as_str),
+                    s.id.clone(),
+                )
+            });
             partial.into_iter().next()
         });
         let mut fixed: Vec<LiveServer> = home.into_iter().collect();
