@@ -549,7 +549,11 @@ fn images(set: &RenderSet, targets: &[ImageTarget], p: &mut Vec<String>) {
         let Some((w, spec)) = o.pod_spec() else {
             continue;
         };
-        let n = containers(spec)
+        // Init steps may use the same image (the server's prepare-data-dir); only the
+        // long-running containers count.
+        let n = spec
+            .containers
+            .iter()
             .filter(|c| image_name(c.image.as_deref().unwrap_or("")) == expect)
             .count();
         if n != 1 {
