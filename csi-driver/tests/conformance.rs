@@ -2409,12 +2409,17 @@ fn reconciled(d: &Driver, action: &str) -> f64 {
 /// token) once the controller sees the server again, without another publish.
 #[tokio::test]
 async fn a_replica_down_at_publish_is_granted_when_its_server_is_back() {
-    let a = published_server("srv-a");
-    let b = published_server("srv-b");
-    let gate = Gate::to(b.mgmt()).await;
+    let servers = [published_server("srv-a"), published_server("srv-b")];
+    let gates = [
+        Gate::to(servers[0].mgmt()).await,
+        Gate::to(servers[1].mgmt()).await,
+    ];
     // A period far beyond the test's deadline: only the server coming back can grant.
     let d = driver_with(
-        &[entry(&a), format!("srv-b={}", gate.url())],
+        &[
+            format!("srv-a={}", gates[0].url()),
+            format!("srv-b={}", gates[1].url()),
+        ],
         &["--grant-reconcile-interval", "1h"],
     )
     .await;
@@ -2427,17 +2432,33 @@ async fn a_replica_down_at_publish_is_granted_when_its_server_is_back() {
         .expect("create")
         .into_inner();
     let vol = vol.volume.unwrap();
-    assert!(exists_on(&a, "late").await.is_some() && exists_on(&b, "late").await.is_some());
+    for s in &servers {
+        assert!(
+            exists_on(s, "late").await.is_some(),
+            "{} holds a replica",
+            s.id()
+        );
+    }
+    // The replica that is not the home goes out of the controller's reach (with the home
+    // down, publishing itself would be Unavailable).
+    let home_id = vol.volume_id.split('/').next().unwrap();
+    let (home, other) = if servers[0].id() == home_id {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    let (home, other, gate) = (&servers[home], &servers[other], &gates[other]);
 
     gate.set_open(false);
+    let unreachable = format!("enbd-server {} is unreachable", other.id());
     d.wait_until(
         || async {
             condition_of(&d, &vol.volume_id)
                 .await
                 .message
-                .contains("enbd-server srv-b is unreachable")
+                .contains(&unreachable)
         },
-        "the controller to see srv-b down",
+        "the controller to see the other replica's server down",
     )
     .await;
     let ctx = d
@@ -2453,20 +2474,23 @@ async fn a_replica_down_at_publish_is_granted_when_its_server_is_back() {
         .into_inner()
         .publish_context;
     let token = ctx[enbd_proto::params::PUBLISH_ACCESS_TOKEN].clone();
-    assert!(token_opens(&a, &token).await, "the live replica is granted");
     assert!(
-        !token_opens(&b, &token).await,
-        "srv-b was unreachable at publish: it has no grant yet"
+        token_opens(home, &token).await,
+        "the live replica is granted"
+    );
+    assert!(
+        !token_opens(other, &token).await,
+        "unreachable at publish: no grant there yet"
     );
     assert_eq!(reconciled(&d, "granted"), 0.0);
 
     gate.set_open(true);
     d.wait_until(
-        || async { token_opens(&b, &token).await },
-        "the grant on srv-b once the controller reaches it again",
+        || async { token_opens(other, &token).await },
+        "the grant on the other replica once the controller reaches its server again",
     )
     .await;
-    assert!(token_opens(&a, &token).await);
+    assert!(token_opens(home, &token).await);
     assert_eq!(
         reconciled(&d, "granted"),
         1.0,
