@@ -261,6 +261,12 @@ pub async fn run(
             metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
             match result {
                 Ok(()) | Err(SessionError::Closed) => tracing::debug!(%peer, "connection closed"),
+                // A TCP probe (the kubelet's readiness check every few seconds) connects
+                // and resets: not worth a line per probe at info.
+                Err(SessionError::Io(e)) if dropped_by_peer(&e) => {
+                    metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, error = %e, "connection dropped by the peer");
+                }
                 Err(e) => {
                     metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(%peer, error = %e, "connection ended");
@@ -291,4 +297,14 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The peer went away mid-conversation (reset, or a closed socket under a write).
+fn dropped_by_peer(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::UnexpectedEof
+    )
 }
