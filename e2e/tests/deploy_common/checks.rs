@@ -935,7 +935,9 @@ fn hostpath_prepared(
     let uid = id(|s| s.run_as_user, |s| s.run_as_user);
     let gid = id(|s| s.run_as_group, |s| s.run_as_group);
     let (Some(uid), Some(gid)) = (uid, gid) else {
-        p.push(format!("{w}: the server on a hostPath needs runAsUser and runAsGroup"));
+        p.push(format!(
+            "{w}: the server on a hostPath needs runAsUser and runAsGroup"
+        ));
         return;
     };
     let want = format!("{uid}:{gid}");
