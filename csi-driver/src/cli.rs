@@ -99,6 +99,13 @@ pub struct Cli {
     /// Private key of --mgmt-tls-cert (PEM).
     #[arg(long, env = "ENBD_MGMT_TLS_KEY")]
     pub mgmt_tls_key: Option<std::path::PathBuf>,
+
+    /// How often the access grants of published volumes are checked against their current
+    /// replica sets (granted where a member lacks one, revoked where a server is no longer a
+    /// member); also whenever a server becomes reachable. `500ms`, `30s`, `1m`, ...
+    #[arg(long, env = "ENBD_GRANT_RECONCILE_INTERVAL", default_value = "30s",
+          value_parser = enbd_proto::params::parse_duration)]
+    pub grant_reconcile_interval: std::time::Duration,
 }
 
 #[cfg(test)]
@@ -124,6 +131,10 @@ mod tests {
             "events need the Kubernetes API: off unless asked for"
         );
         assert_eq!(cli.log_level, "info");
+        assert_eq!(
+            cli.grant_reconcile_interval,
+            std::time::Duration::from_secs(30)
+        );
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub struct Config {
     pub nodes: Option<Vec<String>>,
     /// Management mTLS files; `None`: plain-text management calls.
     pub mgmt_tls: Option<crate::mgmt_tls::MgmtTlsFiles>,
+    /// `--grant-reconcile-interval` (the parser refuses zero).
+    pub grant_reconcile_interval: std::time::Duration,
 }
 
 fn valid_driver_name(name: &str) -> bool {
@@ -208,6 +210,7 @@ impl Config {
             (_, _, None) => return Err(ConfigError::MgmtTls("--mgmt-tls-key")),
         };
         Ok(Config {
+            grant_reconcile_interval: cli.grant_reconcile_interval,
             mgmt_tls,
             socket_path,
             driver_name: cli.driver_name.clone(),
@@ -330,6 +333,12 @@ mod tests {
             config(&["--metrics-listen", "localhost"]),
             Err(ConfigError::MetricsListen(_))
         ));
+        for bad in ["0s", "30", ""] {
+            assert!(
+                Cli::try_parse_from(["csi-driver", "--grant-reconcile-interval", bad]).is_err(),
+                "{bad:?}: a duration longer than zero, with its unit"
+            );
+        }
     }
 
     #[test]

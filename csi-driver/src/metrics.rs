@@ -1,6 +1,7 @@
 //! Prometheus metrics of the controller: CSI RPCs by method and gRPC code (count and
-//! latency), RPCs in flight, operations in progress, and each known server's health and
-//! space as the prober last saw them. Served on `--metrics-listen` by the shared endpoint
+//! latency), RPCs in flight, operations in progress, the grant reconciliation's grants,
+//! revocations and failures, and each known server's health and space as the prober last
+//! saw them. Served on `--metrics-listen` by the shared endpoint
 //! (`enbd_proto::metrics`).
 //!
 //! Server gauges are computed from the registry at scrape time so they can never drift
@@ -9,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +28,26 @@ type Key = (&'static str, &'static str);
 pub struct Metrics {
     rpcs: Mutex<BTreeMap<Key, Arc<Histogram>>>,
     in_flight: Arc<Mutex<BTreeMap<&'static str, u64>>>,
+    reconcile: ReconcileCounts,
+}
+
+/// What the grant reconciliation changed on the servers, and how often it could not.
+#[derive(Default)]
+struct ReconcileCounts {
+    granted: AtomicU64,
+    revoked: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// One outcome of the grant reconciliation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconciled {
+    /// A member's server got a grant it lacked (or had with another token).
+    Granted,
+    /// A server no longer a member lost a grant.
+    Revoked,
+    /// A grant, a revocation or a membership read failed (retried at the next pass).
+    Failed,
 }
 
 fn code_name(code: tonic::Code) -> &'static str {
@@ -90,9 +112,25 @@ impl Metrics {
         h.observe(took);
     }
 
+    pub fn reconciled(&self, what: Reconciled) {
+        let c = &self.reconcile;
+        let counter = match what {
+            Reconciled::Granted => &c.granted,
+            Reconciled::Revoked => &c.revoked,
+            Reconciled::Failed => &c.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn render(&self, servers: &Servers, ops: &Ops) -> String {
         let mut reg = Registry::default();
+        let c = &self.reconcile;
         reg.register_collector(Box::new(Scrape {
+            reconciled: [
+                ("granted", c.granted.load(Ordering::Relaxed)),
+                ("revoked", c.revoked.load(Ordering::Relaxed)),
+            ],
+            reconcile_failures: c.failed.load(Ordering::Relaxed),
             rpcs: crate::sync::lock(&self.rpcs, "rpc metrics").clone(),
             in_flight: crate::sync::lock(&self.in_flight, "rpc metrics").clone(),
             servers: servers.status(),
@@ -103,6 +141,8 @@ impl Metrics {
 }
 
 struct Scrape {
+    reconciled: [(&'static str, u64); 2],
+    reconcile_failures: u64,
     rpcs: BTreeMap<Key, Arc<Histogram>>,
     in_flight: BTreeMap<&'static str, u64>,
     servers: Vec<ServerStatus>,
@@ -144,6 +184,22 @@ impl Collector for Scrape {
             "Volume and snapshot operations running now (one per object at most; they finish \
              even when their caller gave up).",
             [(Labels::new(), self.operations as u64)],
+        )?;
+        prom::counters(
+            &mut enc,
+            "enbd_csi_controller_grant_reconcile_changes",
+            "Access grants the reconciliation made on a replica's server that lacked one \
+             (action=granted) or withdrew from a server no longer a member (action=revoked).",
+            self.reconciled
+                .iter()
+                .map(|(a, n)| (vec![("action", (*a).to_owned())], *n)),
+        )?;
+        prom::counters(
+            &mut enc,
+            "enbd_csi_controller_grant_reconcile_failures",
+            "Grants, revocations and membership reads of the grant reconciliation that failed \
+             (each is retried at the next pass).",
+            [(Labels::new(), self.reconcile_failures)],
         )?;
         let sl = |s: &ServerStatus| -> Labels { vec![("server", s.id.to_string())] };
         prom::gauges(

@@ -26,6 +26,10 @@ use crate::error::CsiError;
 pub const KEEP_LEN: usize = MAX_ID_LEN - 1 - MAX_SERVER_ID_LEN;
 /// Volume label holding the CSI name the volume was created for.
 pub const NAME_LABEL: &str = "enbd.io/csi-name";
+/// Label of every replica of a mirrored volume naming its home: the server in the CSI volume
+/// id. A replacement copies a survivor's labels to the new replica, so every replica keeps
+/// it even after the home itself was replaced; ListVolumes lists the volume once, under it.
+pub const HOME_LABEL: &str = "enbd.io/home-server";
 /// The external-provisioner's `--extra-create-metadata` parameters. CreateVolume stores
 /// them as labels of the volume on its server, so that an operator looking at a server's
 /// volumes (management `ListVolumes`, the volume's metadata file) sees which claim each is.
@@ -55,11 +59,11 @@ pub fn volume_labels(
 
 /// The labels a repeated CreateVolume must match: all but the claim's metadata (a volume
 /// made before the metadata was recorded, or by a provisioner without the flag, is still
-/// the same volume).
+/// the same volume) and the home label (placement's outcome, not the request's).
 pub fn comparable_labels(labels: &HashMap<String, String>) -> HashMap<String, String> {
     labels
         .iter()
-        .filter(|(k, _)| !METADATA_KEYS.contains(&k.as_str()))
+        .filter(|(k, _)| !METADATA_KEYS.contains(&k.as_str()) && k.as_str() != HOME_LABEL)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }

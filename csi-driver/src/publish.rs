@@ -9,6 +9,11 @@
 //! controller already refuses a second attachment of an RWO/RWOP volume. The
 //! enbd-server has no place for this record, and a second copy of the truth
 //! elsewhere could only disagree with the VolumeAttachments.
+//!
+//! Each publication also keeps the access token handed to the node (once the servers
+//! granted it), so that the grant reconciliation ([`crate::controller::run_grant_reconciler`])
+//! can set exactly that token on a replica that missed the publish. It lives in memory only
+//! and never shows in `Debug` output or logs.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -21,6 +26,35 @@ struct Publication {
     node_id: String,
     readonly: bool,
     multi_node: bool,
+    /// The token the node was given; `None` until the servers granted it.
+    token: Option<Token>,
+}
+
+/// A node's access token: compared and handed on, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(token: String) -> Self {
+        Self(token)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+/// One node's publication of a volume whose token the servers granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Granted {
+    pub node_id: String,
+    pub token: Token,
 }
 
 #[derive(Default)]
@@ -65,8 +99,48 @@ impl Publications {
             node_id: node_id.to_owned(),
             readonly,
             multi_node: cap.multi_node(),
+            token: None,
         });
         Ok(())
+    }
+
+    /// Records the token the servers granted `node_id` for `volume_id` (a publication that
+    /// was forgotten meanwhile stays forgotten).
+    pub fn set_token(&self, volume_id: &str, node_id: &str, token: Token) {
+        let mut map = crate::sync::lock(&self.by_volume, "publications");
+        if let Some(p) = map
+            .get_mut(volume_id)
+            .and_then(|l| l.iter_mut().find(|p| p.node_id == node_id))
+        {
+            p.token = Some(token);
+        }
+    }
+
+    /// Every volume id with a granted publication, in id order.
+    pub fn granted_volumes(&self) -> Vec<String> {
+        let map = crate::sync::lock(&self.by_volume, "publications");
+        let mut ids: Vec<String> = map
+            .iter()
+            .filter(|(_, l)| l.iter().any(|p| p.token.is_some()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// The granted publications of `volume_id` (nodes and their tokens).
+    pub fn granted(&self, volume_id: &str) -> Vec<Granted> {
+        let map = crate::sync::lock(&self.by_volume, "publications");
+        map.get(volume_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                Some(Granted {
+                    node_id: p.node_id.clone(),
+                    token: p.token.clone()?,
+                })
+            })
+            .collect()
     }
 
     /// Forgets `node_id`'s publication (all nodes' when `None`). Forgetting
@@ -143,5 +217,27 @@ mod tests {
         ));
         p.unpublish("s/v", None);
         assert!(p.nodes("s/v").is_empty());
+    }
+
+    #[test]
+    fn tokens_are_kept_for_granted_publications_only() {
+        let p = Publications::new();
+        p.publish("s/v", "n1", true, ROX).unwrap();
+        p.publish("s/v", "n2", true, ROX).unwrap();
+        p.publish("s/w", "n1", false, RWO).unwrap();
+        assert!(p.granted_volumes().is_empty(), "no token yet");
+        p.set_token("s/v", "n2", Token::new("t2".into()));
+        p.set_token("s/gone", "n1", Token::new("tx".into()));
+        assert_eq!(p.granted_volumes(), ["s/v"]);
+        assert_eq!(
+            p.granted("s/v"),
+            [Granted {
+                node_id: "n2".into(),
+                token: Token::new("t2".into())
+            }]
+        );
+        assert!(!format!("{:?}", p.granted("s/v")).contains("t2"));
+        p.unpublish("s/v", Some("n2"));
+        assert!(p.granted_volumes().is_empty());
     }
 }

@@ -1,5 +1,5 @@
-//! Runs the controller: discovery, health probing, metrics and the CSI gRPC
-//! services on a unix socket, until the shutdown token fires.
+//! Runs the controller: discovery, health probing, the grant reconciliation, metrics and the
+//! CSI gRPC services on a unix socket, until the shutdown token fires.
 //!
 //! Shutdown order: stop accepting CSI calls and let in-flight ones finish
 //! (tonic's graceful shutdown), wait for operations still running in their own
@@ -126,6 +126,11 @@ pub async fn run(
         }
     });
     tasks.spawn(Arc::clone(&servers).run_prober(targets_rx, background.clone()));
+    tasks.spawn(crate::controller::run_grant_reconciler(
+        Arc::clone(&state),
+        config.grant_reconcile_interval,
+        background.clone(),
+    ));
     if config.events {
         let client = match kube::Client::try_default().await {
             Ok(c) => c,

@@ -124,6 +124,9 @@ pub struct Servers {
     synced: AtomicBool,
     /// Client certificate and server CA for `https://` management URLs.
     tls: Option<MgmtTls>,
+    /// Woken when a probe found some server live that was not (the grant reconciliation
+    /// waits on it: a server that was down missed the grants made meanwhile).
+    became_live: tokio::sync::Notify,
 }
 
 fn lazy_client(
@@ -299,12 +302,14 @@ impl Servers {
         });
         let results = futures::future::join_all(checks).await;
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let mut any_became_live = false;
         for (id, url, health, capacity) in results {
             // The set may have changed while we probed; only update what is still the same.
             if let Some(e) = entries.get_mut(&id).filter(|e| e.mgmt_url == url) {
                 if e.health != health {
                     match &health {
                         Health::Live { data_address } => {
+                            any_became_live |= !matches!(e.health, Health::Live { .. });
                             tracing::info!(server = %id, data_address, "enbd-server is live")
                         }
                         Health::Down { reason } => {
@@ -320,6 +325,17 @@ impl Servers {
                 }
             }
         }
+        drop(entries);
+        if any_became_live {
+            // A stored permit: a waiter that is busy now still runs once more afterwards.
+            self.became_live.notify_one();
+        }
+    }
+
+    /// Returns once a probe found a server live that was not live before (one waiter: the
+    /// grant reconciliation).
+    pub async fn server_became_live(&self) {
+        self.became_live.notified().await;
     }
 
     /// Applies discovery updates and re-probes periodically until cancelled.
@@ -438,5 +454,10 @@ mod tests {
         servers.probe_all().await;
         assert!(matches!(servers.lookup(&a), Lookup::Down(r) if r.contains("health check")));
         assert_eq!(servers.down_ids(), vec![a]);
+        use futures::FutureExt;
+        assert!(
+            servers.server_became_live().now_or_never().is_none(),
+            "no server became live"
+        );
     }
 }

@@ -2307,3 +2307,420 @@ async fn publish_grants_access_on_every_replica_and_unpublish_revokes_it() {
         .await
         .expect("repeat unpublish");
 }
+
+// ---------------------------------------------------------------- grants follow the replicas
+
+/// A TCP forwarder to `target` that the test opens and closes: closed, it cuts every
+/// connection through it and drops new ones, so the controller (dialing through it) sees
+/// the server down while the test still reaches the server directly.
+struct Gate {
+    addr: SocketAddr,
+    open: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    async fn to(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (open, watch) = tokio::sync::watch::channel(true);
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !*watch.borrow() {
+                    continue;
+                }
+                let mut closed = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = closed.wait_for(|open| !open) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, open, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn set_open(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn published_server(id: &str) -> EnbdServer {
+    EnbdServer::builder()
+        .id(id)
+        .args(["--access=published"])
+        .start()
+}
+
+/// The driver over `entries` (`ID=URL`) with extra arguments; waits until Probe is ready.
+async fn driver_with(entries: &[String], extra: &[&str]) -> Driver {
+    let servers = entries.join(",");
+    let mut args = vec![
+        "--discovery",
+        "static",
+        "--servers",
+        &servers,
+        "--nodes",
+        "node-1,node-2,node-3",
+    ];
+    args.extend_from_slice(extra);
+    let d = Driver::spawn(&args, &[]).await;
+    d.wait_until(|| async { d.probe().await }, "Probe ready")
+        .await;
+    d
+}
+
+async fn condition_of(d: &Driver, volume_id: &str) -> VolumeCondition {
+    d.ctl()
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: volume_id.into(),
+        })
+        .await
+        .expect("ControllerGetVolume")
+        .into_inner()
+        .status
+        .unwrap()
+        .volume_condition
+        .unwrap()
+}
+
+fn reconciled(d: &Driver, action: &str) -> f64 {
+    enbd_test_harness::prom::scrape_parsed(d.metrics).value(
+        "enbd_csi_controller_grant_reconcile_changes_total",
+        &[("action", action)],
+    )
+}
+
+/// A replica whose server was unreachable at publish gets the node's grant (the same
+/// token) once the controller sees the server again, without another publish.
+#[tokio::test]
+async fn a_replica_down_at_publish_is_granted_when_its_server_is_back() {
+    let servers = [published_server("srv-a"), published_server("srv-b")];
+    let gates = [
+        Gate::to(servers[0].mgmt()).await,
+        Gate::to(servers[1].mgmt()).await,
+    ];
+    // A period far beyond the test's deadline: only the server coming back can grant.
+    let d = driver_with(
+        &[
+            format!("srv-a={}", gates[0].url()),
+            format!("srv-b={}", gates[1].url()),
+        ],
+        &["--grant-reconcile-interval", "1h"],
+    )
+    .await;
+    let mut req = create_req("late", 4 * MIB);
+    req.parameters = params(&[("replicas", "2")]);
+    let vol = d
+        .ctl()
+        .create_volume(req)
+        .await
+        .expect("create")
+        .into_inner();
+    let vol = vol.volume.unwrap();
+    for s in &servers {
+        assert!(
+            exists_on(s, "late").await.is_some(),
+            "{} holds a replica",
+            s.id()
+        );
+    }
+    // The replica that is not the home goes out of the controller's reach (with the home
+    // down, publishing itself would be Unavailable).
+    let home_id = vol.volume_id.split('/').next().unwrap();
+    let (home, other) = if servers[0].id() == home_id {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    let (home, other, gate) = (&servers[home], &servers[other], &gates[other]);
+
+    gate.set_open(false);
+    let unreachable = format!("enbd-server {} is unreachable", other.id());
+    d.wait_until(
+        || async {
+            condition_of(&d, &vol.volume_id)
+                .await
+                .message
+                .contains(&unreachable)
+        },
+        "the controller to see the other replica's server down",
+    )
+    .await;
+    let ctx = d
+        .ctl()
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            node_id: "node-1".into(),
+            volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+            ..Default::default()
+        })
+        .await
+        .expect("publish with one replica's server down")
+        .into_inner()
+        .publish_context;
+    let token = ctx[enbd_proto::params::PUBLISH_ACCESS_TOKEN].clone();
+    assert!(
+        token_opens(home, &token).await,
+        "the live replica is granted"
+    );
+    assert!(
+        !token_opens(other, &token).await,
+        "unreachable at publish: no grant there yet"
+    );
+    assert_eq!(reconciled(&d, "granted"), 0.0);
+
+    gate.set_open(true);
+    d.wait_until(
+        || async { token_opens(other, &token).await },
+        "the grant on the other replica once the controller reaches its server again",
+    )
+    .await;
+    assert!(token_opens(home, &token).await);
+    assert_eq!(
+        reconciled(&d, "granted"),
+        1.0,
+        "one grant made, counted once"
+    );
+    assert_eq!(reconciled(&d, "revoked"), 0.0);
+}
+
+/// After a replacement (what `enbd-node replace` records), the new member's server gets
+/// the node's grant and the replaced member's server loses it.
+#[tokio::test]
+async fn grants_follow_a_replacement_to_the_new_member() {
+    use enbd_proto::enbd::{Membership, ReplicaMember, ReplicaState, SetMembershipRequest};
+    let servers = [
+        published_server("srv-a"),
+        published_server("srv-b"),
+        published_server("srv-c"),
+    ];
+    let entries: Vec<String> = servers.iter().map(entry).collect();
+    let d = driver_with(&entries, &["--grant-reconcile-interval", "200ms"]).await;
+    let mut req = create_req("moved", 2 * MIB);
+    req.parameters = params(&[("replicas", "2")]);
+    let vol = d
+        .ctl()
+        .create_volume(req)
+        .await
+        .expect("create")
+        .into_inner();
+    let vol = vol.volume.unwrap();
+    let home_id = vol.volume_id.split('/').next().unwrap().to_owned();
+    let token = d
+        .ctl()
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            node_id: "node-1".into(),
+            volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+            ..Default::default()
+        })
+        .await
+        .expect("publish")
+        .into_inner()
+        .publish_context[enbd_proto::params::PUBLISH_ACCESS_TOKEN]
+        .clone();
+    let mut holders = Vec::new();
+    for s in &servers {
+        if exists_on(s, "moved").await.is_some() {
+            holders.push(s);
+        }
+    }
+    let home = *holders.iter().find(|s| s.id() == home_id).unwrap();
+    let old = *holders.iter().find(|s| s.id() != home_id).unwrap();
+    let spare = servers
+        .iter()
+        .find(|s| s.id() != home.id() && s.id() != old.id())
+        .unwrap();
+    assert!(token_opens(old, &token).await);
+    assert!(!token_opens(spare, &token).await);
+
+    // The replacement: the volume on the spare, then generation 2 with the spare OUT in
+    // the old member's place, on the home and the spare (never on the replaced one).
+    let labels = home
+        .mgmt_client()
+        .await
+        .get_volume(enbd_proto::enbd::GetVolumeRequest {
+            name: "moved".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .labels;
+    spare
+        .mgmt_client()
+        .await
+        .create_volume(enbd_proto::enbd::CreateVolumeRequest {
+            name: "moved".into(),
+            size_bytes: 2 * MIB as u64,
+            source: None,
+            labels,
+        })
+        .await
+        .expect("create on the spare");
+    let first = membership_on(home, "moved").await;
+    let record = Membership {
+        generation: 2,
+        members: first
+            .members
+            .iter()
+            .map(|m| {
+                if m.replica_id == old.id() {
+                    ReplicaMember {
+                        replica_id: spare.id().to_owned(),
+                        state: ReplicaState::Out as i32,
+                        ..Default::default()
+                    }
+                } else {
+                    m.clone()
+                }
+            })
+            .collect(),
+        region_bytes: first.region_bytes,
+    };
+    for s in [spare, home] {
+        s.replica_client()
+            .await
+            .set_membership(SetMembershipRequest {
+                volume: "moved".into(),
+                membership: Some(record.clone()),
+                extra_dirty: Vec::new(),
+            })
+            .await
+            .expect("replacement record");
+    }
+
+    d.wait_until(
+        || async { token_opens(spare, &token).await && !token_opens(old, &token).await },
+        "the grant to move from the replaced member to the new one",
+    )
+    .await;
+    assert!(token_opens(home, &token).await, "the home keeps its grant");
+    assert_eq!(reconciled(&d, "granted"), 1.0);
+    assert_eq!(reconciled(&d, "revoked"), 1.0);
+
+    // Unpublishing revokes on the current members.
+    d.ctl()
+        .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            node_id: "node-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("unpublish");
+    for s in [home, spare] {
+        assert!(!token_opens(s, &token).await, "{} still takes it", s.id());
+    }
+}
+
+// ---------------------------------------------------------------- ListVolumes and mirrors
+
+async fn listed(d: &Driver) -> Vec<list_volumes_response::Entry> {
+    d.ctl()
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .expect("ListVolumes")
+        .into_inner()
+        .entries
+}
+
+/// A mirrored volume is one ListVolumes entry under the id CreateVolume returned (its
+/// replicas on other servers are not volumes of their own), with the replica set's
+/// condition; it stays so while its home is down and another replica lists it.
+#[tokio::test]
+async fn list_volumes_lists_a_mirror_once_under_its_id() {
+    let mut servers = vec![start_server("srv-a"), start_server("srv-b")];
+    let d = Driver::start(&[&servers[0], &servers[1]]).await;
+    let single = d.create("single", MIB).await;
+    let mut req = create_req("mirror", 2 * MIB);
+    req.parameters = params(&[("replicas", "2")]);
+    let mirror = d
+        .ctl()
+        .create_volume(req)
+        .await
+        .expect("create")
+        .into_inner();
+    let mirror = mirror.volume.unwrap();
+    for s in &servers {
+        assert!(
+            exists_on(s, "mirror").await.is_some(),
+            "{} holds a replica",
+            s.id()
+        );
+    }
+
+    let entries = listed(&d).await;
+    let mut ids: Vec<String> = entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect();
+    ids.sort();
+    let mut want = vec![single.volume_id.clone(), mirror.volume_id.clone()];
+    want.sort();
+    assert_eq!(ids, want, "one entry per volume, none per replica");
+    let m = entries
+        .iter()
+        .find(|e| e.volume.as_ref().unwrap().volume_id == mirror.volume_id)
+        .unwrap();
+    assert_eq!(m.volume.as_ref().unwrap().capacity_bytes, 2 * MIB);
+    let cond = m
+        .status
+        .as_ref()
+        .unwrap()
+        .volume_condition
+        .as_ref()
+        .unwrap();
+    assert!(!cond.abnormal, "{}", cond.message);
+
+    // The home's server goes away: the other replica lists the volume, still once and
+    // under the same id, and the condition says what is wrong.
+    let home_id = mirror.volume_id.split('/').next().unwrap().to_owned();
+    let home_i = servers.iter().position(|s| s.id() == home_id).unwrap();
+    servers[home_i].kill();
+    let condition = |entries: &[list_volumes_response::Entry]| {
+        entries
+            .iter()
+            .find(|e| e.volume.as_ref().unwrap().volume_id == mirror.volume_id)
+            .and_then(|e| e.status.as_ref()?.volume_condition.clone())
+    };
+    let unreachable = format!("enbd-server {home_id} is unreachable");
+    d.wait_until(
+        || async { condition(&listed(&d).await).is_some_and(|c| c.message.contains(&unreachable)) },
+        "the mirror to be listed with its home's server unreachable",
+    )
+    .await;
+    let entries = listed(&d).await;
+    let ids: Vec<&str> = entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.as_str())
+        .collect();
+    let single_on_survivor = single.volume_id.starts_with(servers[1 - home_i].id());
+    assert_eq!(
+        ids.iter().filter(|i| **i == mirror.volume_id).count(),
+        1,
+        "{ids:?}"
+    );
+    assert_eq!(ids.len(), 1 + usize::from(single_on_survivor), "{ids:?}");
+    let cond = condition(&entries).unwrap();
+    assert!(
+        cond.abnormal && cond.message.starts_with("degraded"),
+        "{}",
+        cond.message
+    );
+}

@@ -409,8 +409,10 @@ def pause_image(work: Path) -> Image:
                         f"-DVERSION=v{PAUSE_TAG}-microshift-{rev}", "-o", f"{binary}.tmp",
                         str(c)], check=True)
         subprocess.run(["strip", f"{binary}.tmp"], check=True)
+        # Older builds go; the one just made (still named .tmp) stays.
         for old in work.glob("pause-*"):
-            old.unlink()
+            if old.name != f"{binary.name}.tmp":
+                old.unlink()
         os.replace(f"{binary}.tmp", binary)
     fs = Rootfs()
     fs.file("pause", src=str(binary), mode=0o755)

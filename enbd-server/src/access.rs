@@ -103,6 +103,23 @@ impl Drop for SessionGuard {
     }
 }
 
+/// What [`Grants::grant`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Granted {
+    pub token: String,
+    /// The grant is new or its token was replaced (false: it already held this token).
+    pub changed: bool,
+}
+
+/// What [`Grants::revoke`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Revoked {
+    /// Grants withdrawn.
+    pub grants: u32,
+    /// Sessions that were open with them (now closing).
+    pub closed: u32,
+}
+
 /// The grants of one server.
 pub struct Grants {
     path: PathBuf,
@@ -240,17 +257,21 @@ impl Grants {
         volume: &str,
         node: &str,
         token: Option<&str>,
-    ) -> Result<String, AccessError> {
+    ) -> Result<Granted, AccessError> {
         check_node(node)?;
         if let Some(t) = token {
             check_token(t)?;
         }
         let mut map = lock(&self.map);
         let existing = map.get(volume).and_then(|n| n.get(node));
+        let unchanged = |g: &Grant| Granted {
+            token: g.token.clone(),
+            changed: false,
+        };
         match (existing, token) {
-            (Some(g), None) => return Ok(g.token.clone()),
+            (Some(g), None) => return Ok(unchanged(g)),
             (Some(g), Some(t)) if same(&g.digest, &digest(t.as_bytes())) => {
-                return Ok(g.token.clone());
+                return Ok(unchanged(g));
             }
             _ => {}
         }
@@ -285,15 +306,18 @@ impl Grants {
         } else {
             tracing::info!(volume, node_id = node, "access granted");
         }
-        Ok(token)
+        Ok(Granted {
+            token,
+            changed: true,
+        })
     }
 
     /// Withdraws `node`'s grant on `volume` (every node's when `None`) and closes the sessions
-    /// opened with it; returns how many there were. Revoking nothing succeeds.
-    pub fn revoke(&self, volume: &str, node: Option<&str>) -> Result<u32, AccessError> {
+    /// opened with it. Revoking nothing succeeds (and says so: no grants withdrawn).
+    pub fn revoke(&self, volume: &str, node: Option<&str>) -> Result<Revoked, AccessError> {
         let mut map = lock(&self.map);
         let Some(nodes) = map.get_mut(volume) else {
-            return Ok(0);
+            return Ok(Revoked::default());
         };
         let removed: Vec<(String, Grant)> = match node {
             Some(n) => nodes
@@ -307,7 +331,7 @@ impl Grants {
             map.remove(volume);
         }
         if removed.is_empty() {
-            return Ok(0);
+            return Ok(Revoked::default());
         }
         if let Err(e) = self.persist(&map) {
             // Still on disk, so still granted: keep serving it rather than lie.
@@ -317,13 +341,14 @@ impl Grants {
             }
             return Err(e);
         }
-        let mut closed = 0;
+        let mut done = Revoked::default();
         for (n, g) in removed {
-            closed += g.sessions.load(Ordering::Acquire);
+            done.grants += 1;
+            done.closed += g.sessions.load(Ordering::Acquire);
             g.revoked.cancel();
             tracing::info!(volume, node_id = %n, "access revoked");
         }
-        Ok(closed)
+        Ok(done)
     }
 
     /// The grants a presented token opens (normally one volume), each with a cancellation
@@ -379,15 +404,21 @@ mod tests {
     fn grants_are_idempotent_durable_and_revocable() {
         let dir = tempfile::tempdir().unwrap();
         let g = Grants::open(dir.path()).unwrap();
-        let t = g.grant("vol", "node-a", None).unwrap();
+        let first = g.grant("vol", "node-a", None).unwrap();
+        assert!(first.changed);
+        let t = first.token;
         assert_eq!(t.len(), TOKEN_HEX_LEN);
+        let unchanged = Granted {
+            token: t.clone(),
+            changed: false,
+        };
         assert_eq!(
             g.grant("vol", "node-a", None).unwrap(),
-            t,
+            unchanged,
             "same token again"
         );
-        assert_eq!(g.grant("vol", "node-a", Some(&t)).unwrap(), t);
-        let other = g.grant("vol", "node-b", None).unwrap();
+        assert_eq!(g.grant("vol", "node-a", Some(&t)).unwrap(), unchanged);
+        let other = g.grant("vol", "node-b", None).unwrap().token;
         assert_ne!(other, t);
         let mode = fs::metadata(dir.path().join(GRANTS_FILE)).unwrap();
         assert_eq!(
@@ -404,17 +435,27 @@ mod tests {
         drop(g);
         let g = Grants::open(dir.path()).unwrap();
         assert_eq!(g.nodes("vol"), vec!["node-a", "node-b"]);
-        assert_eq!(g.grant("vol", "node-a", None).unwrap(), t);
+        assert_eq!(g.grant("vol", "node-a", None).unwrap().token, t);
         let held = g.check(&tok(&t));
         let _session = held[0].enter();
-        assert_eq!(g.revoke("vol", Some("node-a")).unwrap(), 1);
+        assert_eq!(
+            g.revoke("vol", Some("node-a")).unwrap(),
+            Revoked {
+                grants: 1,
+                closed: 1
+            }
+        );
         assert!(held[0].revoked.is_cancelled());
         assert!(g.check(&tok(&t)).is_empty());
-        assert_eq!(g.revoke("vol", Some("node-a")).unwrap(), 0, "idempotent");
+        assert_eq!(
+            g.revoke("vol", Some("node-a")).unwrap(),
+            Revoked::default(),
+            "idempotent"
+        );
         drop(g);
         let g = Grants::open(dir.path()).unwrap();
         assert_eq!(g.nodes("vol"), vec!["node-b"]);
-        assert_eq!(g.revoke("vol", None).unwrap(), 0);
+        assert_eq!(g.revoke("vol", None).unwrap().grants, 1);
         assert!(g.nodes("vol").is_empty());
     }
 
@@ -422,10 +463,16 @@ mod tests {
     fn setting_another_token_replaces_the_grant_and_closes_its_sessions() {
         let dir = tempfile::tempdir().unwrap();
         let g = Grants::open(dir.path()).unwrap();
-        let t = g.grant("vol", "n", None).unwrap();
+        let t = g.grant("vol", "n", None).unwrap().token;
         let held = g.check(&tok(&t));
         let t2 = "ab".repeat(32);
-        assert_eq!(g.grant("vol", "n", Some(&t2)).unwrap(), t2);
+        assert_eq!(
+            g.grant("vol", "n", Some(&t2)).unwrap(),
+            Granted {
+                token: t2.clone(),
+                changed: true
+            }
+        );
         assert!(held[0].revoked.is_cancelled());
         assert!(g.check(&tok(&t)).is_empty());
         assert_eq!(g.check(&tok(&t2)).len(), 1);

@@ -319,14 +319,17 @@ impl VolumeService for Mgmt {
         let name = r.volume.clone();
         // Only volumes: a snapshot is never opened by a node.
         self.run(move |s| s.get_volume(&name)).await?;
-        let token = tokio::task::spawn_blocking(move || {
+        let granted = tokio::task::spawn_blocking(move || {
             let token = Some(r.token.as_str()).filter(|t| !t.is_empty());
             grants.grant(&r.volume, &r.node_id, token)
         })
         .await
         .map_err(|e| Status::internal(format!("grants task failed: {e}")))?
         .map_err(|e| access_status(&e))?;
-        Ok(Response::new(pb::GrantAccessResponse { token }))
+        Ok(Response::new(pb::GrantAccessResponse {
+            token: granted.token,
+            changed: granted.changed,
+        }))
     }
 
     async fn revoke_access(
@@ -335,7 +338,7 @@ impl VolumeService for Mgmt {
     ) -> Result<Response<pb::RevokeAccessResponse>, Status> {
         let r = req.into_inner();
         let grants = self.grants()?;
-        let closed = tokio::task::spawn_blocking(move || {
+        let revoked = tokio::task::spawn_blocking(move || {
             let node = Some(r.node_id.as_str()).filter(|n| !n.is_empty());
             grants.revoke(&r.volume, node)
         })
@@ -343,7 +346,8 @@ impl VolumeService for Mgmt {
         .map_err(|e| Status::internal(format!("grants task failed: {e}")))?
         .map_err(|e| access_status(&e))?;
         Ok(Response::new(pb::RevokeAccessResponse {
-            closed_connections: closed,
+            closed_connections: revoked.closed,
+            revoked_grants: revoked.grants,
         }))
     }
 

@@ -29,7 +29,7 @@ impl State {
         let range = req.capacity_range.as_ref();
         // As for a single copy: the full CSI name is recorded, so a (hashed) long name that
         // collides with another CSI name is AlreadyExists rather than the other's volume.
-        let labels = names::volume_labels(params.to_context(), &req.name, &req.parameters);
+        let mut labels = names::volume_labels(params.to_context(), &req.name, &req.parameters);
         let n = params.replicas as usize;
         let (record, holders) = replicas::find(&self.servers, name.as_str()).await?;
         for (server, vol) in &holders {
@@ -66,10 +66,19 @@ impl State {
         }
 
         let (content, size, pb_source) = self.resolve_source(source.as_ref(), range).await?;
-        // The home: the source's server (it holds the content), else a partial set's copy.
+        // The home: the source's server (it holds the content), else the home a partial
+        // set's copies name, else one of its copies.
+        let labeled = holders
+            .iter()
+            .find_map(|(_, v)| v.labels.get(names::HOME_LABEL));
         let home = content.or_else(|| {
             let mut partial: Vec<_> = holders.iter().map(|(s, _)| s.clone()).collect();
-            partial.sort_by(|a, b| a.id.cmp(&b.id));
+            partial.sort_by_key(|s| {
+                (
+                    Some(s.id.as_str()) != labeled.map(String::as_str),
+                    s.id.clone(),
+                )
+            });
             partial.into_iter().next()
         });
         let mut fixed: Vec<LiveServer> = home.into_iter().collect();
@@ -81,6 +90,7 @@ impl State {
         let placed = placement::place_replicas(&self.servers.live(), size, n, &fixed).await?;
         let home = &placed[0];
         VolumeId::new(home.id.clone(), name.clone()).map_err(|e| invalid(e.to_string()))?;
+        labels.insert(names::HOME_LABEL.to_owned(), home.id.to_string());
         tracing::info!(volume = %name, home = %home.id, replicas = n, size, "creating mirrored volume");
         let create = pb::CreateVolumeRequest {
             name: name.to_string(),

@@ -12,10 +12,14 @@
 //! The operations live by concern: [`volumes`] (create, delete, validate, list,
 //! get), [`mirrored`] (create for `replicas` > 1), [`expand`], [`publication`],
 //! [`snapshots`], [`capacity`]; [`lookup`] finds servers and objects for all of
-//! them and [`source`] resolves content sources.
+//! them, [`listing`] makes ListVolumes' one entry per volume and [`source`] resolves
+//! content sources. [`grants`] is no RPC: the background pass
+//! that keeps the access grants of published volumes on their current replicas.
 
 mod capacity;
 mod expand;
+mod grants;
+mod listing;
 mod lookup;
 mod mirrored;
 mod publication;
@@ -28,6 +32,7 @@ use std::time::Duration;
 
 use crate::error::{CsiError, invalid};
 
+pub use grants::{Pass, run_grant_reconciler};
 pub use service::ControllerService;
 
 /// Creating may copy a whole snapshot or volume on the server.

@@ -7,9 +7,9 @@
 //! Both are idempotent on the servers, so the attacher's retries and a restarted controller
 //! change nothing: the home's existing token is returned and set again on the others.
 //! Publishing skips a replica whose server is down (the volume stays usable on the others;
-//! that replica is granted at the next publish); unpublishing does not: a grant left on a
-//! server that comes back would outlive the publication, so it is `Unavailable` until every
-//! member answered.
+//! the grant reconciliation, [`super::grants`], grants that replica once its server is live
+//! again); unpublishing does not: a grant left on a server that comes back would outlive the
+//! publication, so it is `Unavailable` until every member answered.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,6 +23,7 @@ use super::{CALL_TIMEOUT, required, volume_key};
 use crate::capability;
 use crate::error::{CsiError, invalid};
 use crate::mgmt;
+use crate::publish::Token;
 use crate::replicas;
 use crate::servers::{LiveServer, Lookup};
 use crate::state::State;
@@ -56,36 +57,35 @@ async fn holders(
     Ok((live, down))
 }
 
-async fn grant(
+/// Grants `node_id` access to `volume` on `server` with `token` (empty: the server's existing
+/// token or a new one).
+pub(super) async fn grant(
     server: &LiveServer,
     volume: &str,
     node_id: &str,
     token: &str,
-) -> Result<String, CsiError> {
+) -> Result<pb::GrantAccessResponse, CsiError> {
     let mut client = server.client.clone();
     let req = pb::GrantAccessRequest {
         volume: volume.to_owned(),
         node_id: node_id.to_owned(),
         token: token.to_owned(),
     };
-    Ok(
-        mgmt::call(&server.id, CALL_TIMEOUT, client.grant_access(req))
-            .await?
-            .token,
-    )
+    mgmt::call(&server.id, CALL_TIMEOUT, client.grant_access(req)).await
 }
 
-async fn revoke(server: &LiveServer, volume: &str, node_id: &str) -> Result<u32, CsiError> {
+/// Withdraws `node_id`'s grant on `volume` on `server` (closing its connections).
+pub(super) async fn revoke(
+    server: &LiveServer,
+    volume: &str,
+    node_id: &str,
+) -> Result<pb::RevokeAccessResponse, CsiError> {
     let mut client = server.client.clone();
     let req = pb::RevokeAccessRequest {
         volume: volume.to_owned(),
         node_id: node_id.to_owned(),
     };
-    Ok(
-        mgmt::call(&server.id, CALL_TIMEOUT, client.revoke_access(req))
-            .await?
-            .closed_connections,
-    )
+    mgmt::call(&server.id, CALL_TIMEOUT, client.revoke_access(req)).await
 }
 
 impl State {
@@ -113,11 +113,17 @@ impl State {
                 // The home's token (existing or new) is the one every replica gets.
                 let mut token = String::new();
                 for server in &live {
-                    token = grant(server, name, &req.node_id, &token).await?;
+                    token = grant(server, name, &req.node_id, &token).await?.token;
                 }
+                this.publications.set_token(
+                    &id.to_string(),
+                    &req.node_id,
+                    Token::new(token.clone()),
+                );
                 for id in &down {
                     tracing::warn!(volume = name, server = %id, node_id = req.node_id,
-                        "replica's server is down: not granted now (it is at the next publish)");
+                        "replica's server is down: not granted now (the grant reconciliation \
+                         grants it once the server is live)");
                 }
                 tracing::info!(volume_id = %id, node_id = req.node_id, readonly = req.readonly,
                     servers = live.len(), "volume published");
@@ -166,7 +172,10 @@ impl State {
                         )));
                     }
                     for server in &live {
-                        match revoke(server, name, &req.node_id).await {
+                        match revoke(server, name, &req.node_id)
+                            .await
+                            .map(|r| r.closed_connections)
+                        {
                             Ok(closed) if closed > 0 => {
                                 tracing::info!(volume_id = %id, server = %server.id,
                                 node_id = req.node_id, closed, "access revoked; connections closed")

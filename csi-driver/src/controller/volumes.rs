@@ -10,7 +10,7 @@ use enbd_proto::ids::{ObjectName, ServerId, VolumeId};
 use enbd_proto::params::{VolumeContext, VolumeParams};
 
 use super::source::{Source, csi_source, parse_source, source_of};
-use super::{CALL_TIMEOUT, paginate, required, to_i64};
+use super::{CALL_TIMEOUT, listing, paginate, required, to_i64};
 use crate::capability;
 use crate::capacity;
 use crate::error::{CsiError, invalid};
@@ -260,27 +260,30 @@ impl State {
         if req.max_entries < 0 {
             return Err(invalid("max_entries must not be negative"));
         }
-        let items = self
-            .all_volumes()
-            .await
-            .into_iter()
-            .map(|(id, v)| (id.to_string(), (id, v)))
-            .collect();
+        let servers = &self.servers;
+        let listed = listing::one_per_volume(self.all_volumes().await, |name, copies| {
+            listing::home_from_records(servers, name, copies)
+        })
+        .await;
+        let items = listed.into_iter().map(|l| (l.id.to_string(), l)).collect();
         let (page, next_token) = paginate(items, req.max_entries, &req.starting_token, |t| {
             VolumeId::parse(t).is_ok()
         })?;
         let mut entries = Vec::with_capacity(page.len());
-        for (id, v) in page {
+        for listed in page {
+            let (id, v) = (&listed.id, &listed.volume);
             // A mirror's condition is its replica set's (the health monitor reads it here:
-            // it prefers ListVolumes to ControllerGetVolume); a single copy listed by its
-            // live server is serving.
-            let mirrored = v
-                .labels
-                .get(enbd_proto::params::REPLICAS)
-                .and_then(|r| r.parse::<u16>().ok())
-                .is_some_and(|r| r > 1);
-            let condition = match self.servers.lookup(id.server()) {
-                Lookup::Live(server) if mirrored => {
+            // it prefers ListVolumes to ControllerGetVolume), read from the home when it is
+            // live, else from a replica that listed it; a single copy listed by its live
+            // server is serving.
+            let start = std::iter::once(id.server())
+                .chain(&listed.copies)
+                .find_map(|s| match self.servers.lookup(s) {
+                    Lookup::Live(server) => Some(server),
+                    _ => None,
+                });
+            let condition = match start {
+                Some(server) if listed.mirrored() => {
                     match replicas::abnormal(&self.servers, &server, id.name().as_str()).await {
                         Some(message) => VolumeCondition {
                             abnormal: true,
@@ -296,7 +299,7 @@ impl State {
                     capacity_bytes: to_i64(v.size_bytes),
                     volume_id: id.to_string(),
                     volume_context: HashMap::new(),
-                    content_source: source_of(id.server(), &v).as_ref().map(csi_source),
+                    content_source: source_of(id.server(), v).as_ref().map(csi_source),
                     accessible_topology: Vec::new(),
                 }),
                 status: Some(list_volumes_response::VolumeStatus {

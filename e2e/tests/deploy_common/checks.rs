@@ -440,6 +440,13 @@ fn pod_references(set: &RenderSet, p: &mut Vec<String>) {
                     }
                 }
             }
+            if liveness_via_sidecar(spec, c) && c.startup_probe.is_none() {
+                p.push(format!(
+                    "{w}/{}: its liveness is answered by the livenessprobe sidecar, which may \
+                     start minutes later: it needs a startupProbe",
+                    c.name
+                ));
+            }
             let env: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
             for a in args(c) {
                 let mut rest = a.as_str();
@@ -459,6 +466,25 @@ fn pod_references(set: &RenderSet, p: &mut Vec<String>) {
             }
         }
     }
+}
+
+/// Whether `c`'s livenessProbe goes to the port a livenessprobe sidecar of the same pod
+/// serves (`--health-port`): then its answers depend on a container the kubelet may start
+/// long after `c`.
+fn liveness_via_sidecar(spec: &PodSpec, c: &Container) -> bool {
+    let sidecar_ports: BTreeSet<i32> = containers(spec)
+        .filter(|x| image_name(x.image.as_deref().unwrap_or("")) == "livenessprobe")
+        .filter_map(|x| flag(args(x), "--health-port")?.parse().ok())
+        .collect();
+    let Some(probe) = &c.liveness_probe else {
+        return false;
+    };
+    probe_ports(probe).into_iter().any(|port| match port {
+        IntOrString::Int(n) => sidecar_ports.contains(n),
+        IntOrString::String(name) => containers(spec)
+            .filter_map(|x| port_number(x, name))
+            .any(|n| sidecar_ports.contains(&n)),
+    })
 }
 
 fn probe_ports(probe: &Probe) -> Vec<&IntOrString> {

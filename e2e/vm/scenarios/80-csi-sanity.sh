@@ -49,8 +49,12 @@ start_server
 csi-driver --endpoint "unix://$CTL_SOCK" --discovery static --servers vm=http://127.0.0.1:10810 \
   --nodes vm-node --metrics-listen 127.0.0.1:9811 >> controller.log 2>&1 &
 CTL_PID=$!
+# The controller grants access at every publish and hands the node a token; this server
+# speaks plain text, so the node must be allowed to send it so (the chart does the same
+# when TLS is off).
 enbd-node daemon --node-id vm-node --csi-endpoint "unix://$NODE_SOCK" \
-  --state-dir "$STATE_DIR" --metrics-listen 127.0.0.1:9812 >> daemon.log 2>&1 &
+  --state-dir "$STATE_DIR" --metrics-listen 127.0.0.1:9812 --access-token-plaintext \
+  >> daemon.log 2>&1 &
 DAEMON_PID=$!
 wait_until 30 test -S "$CTL_SOCK"
 wait_until 30 controller_sees_server
