@@ -13,8 +13,9 @@
 #
 # Steps: build-kube.sh (cached Go builds) -> images.sh (static release binaries, images) ->
 # control-plane.sh up --fresh -> node-vm.sh up -> Node Ready -> snapshot CRDs and
-# snapshot-controller -> helm install -> tests inside the netns -> on failure the pods' logs
-# and descriptions in $STATE/logs -> teardown. Exit 0 only when every test passed.
+# snapshot-controller -> helm install -> tests inside the netns (kind_uninstall last, alone)
+# -> on failure the pods' logs and descriptions in $STATE/logs -> teardown. Exit 0 only when
+# every test passed.
 # State and logs: ${ENBD_CLUSTER_STATE:-/var/tmp/enbd-cluster}. Needs root, qemu, cargo,
 # cargo-nextest, helm (e2e/.tools/helm from e2e/setup-host.sh, or HELM=), openssl, iproute2,
 # and the repository snapshots build-kube.sh names.
@@ -29,7 +30,7 @@ NODE_NAME=enbd-vm
 NAMESPACE=enbd-csi
 RELEASE=enbd-csi
 HELM=${HELM:-$ROOT/e2e/.tools/helm}
-KEEP=0 ONLY="" UPSTREAM=0
+KEEP=0 ONLY="" UPSTREAM=0 COLLECTED=0
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -62,8 +63,8 @@ KUBECONFIG_FILE=$STATE/admin.kubeconfig
 in_ns() { ip netns exec "$NETNS" "$@"; }
 kc() { in_ns "$BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 
-collect() {
-  local dir=$LOGS/diagnostics pod
+collect() {  # [DIR under $LOGS]
+  local dir=$LOGS/${1:-diagnostics} pod
   mkdir -p "$dir"
   say "collecting diagnostics in $dir"
   kc get nodes,all,pvc,pv,volumeattachments,csinodes,volumesnapshots,volumesnapshotcontents \
@@ -89,7 +90,10 @@ teardown() {
 cleanup() {
   local rc=$?
   trap - EXIT
-  if [ $rc -ne 0 ] && [ -n "${BIN:-}" ] && [ -e "$KUBECONFIG_FILE" ]; then collect; fi
+  if [ $rc -ne 0 ] && [ -n "${BIN:-}" ] && [ -e "$KUBECONFIG_FILE" ]; then
+    # Diagnostics saved before kind_uninstall removed the driver are kept as they were.
+    if [ "$COLLECTED" = 1 ]; then collect diagnostics-after-uninstall; else collect; fi
+  fi
   if [ $KEEP = 0 ]; then
     say "tearing the cluster down"
     teardown
@@ -145,14 +149,25 @@ in_ns "$HELM" --kubeconfig "$KUBECONFIG_FILE" upgrade --install "$RELEASE" "$ROO
   -f "$HERE/values-cluster.yaml" --wait --timeout 20m
 kc -n "$NAMESPACE" get pods -o wide
 
-# ---- tests -----------------------------------------------------------------------------------
+# ---- tests ----------------------------------------------------------------------------------
+# The helm tests (kind_upgrade, kind_uninstall) drive the release with the same helm, chart and
+# values as the install above. kind_uninstall removes the driver: it runs last and alone, after
+# the upstream suite, and only once the diagnostics of any earlier failure are saved.
+run_tests() {  # FILTER [-a: append to tests.log]
+  in_ns env KUBECONFIG="$KUBECONFIG_FILE" ENBD_E2E_NAMESPACE="$NAMESPACE" ENBD_E2E_RELEASE="$RELEASE" \
+    ENBD_E2E_HELM="$HELM" ENBD_E2E_CHART="$ROOT/charts/enbd-csi" ENBD_E2E_VALUES="$HERE/values-cluster.yaml" \
+    CARGO_NET_OFFLINE=true bash -c "cd '$ROOT' && cargo nextest run -p enbd-e2e --run-ignored only \
+      --test-threads 1 --no-fail-fast -E '$1'" 2>&1 | tee ${2:+"$2"} "$LOGS/tests.log"
+}
+failed=0
 say "the kind tests, inside the netns"
-filter='binary(/^kind_/)'
-[ -z "$ONLY" ] || filter="binary($ONLY)"
+if [ -n "$ONLY" ]; then
+  filter="binary($ONLY)"
+else
+  filter='binary(/^kind_/) and not binary(=kind_uninstall)'
+fi
 # One test at a time: the fault tests delete the server and node-plugin pods.
-in_ns env KUBECONFIG="$KUBECONFIG_FILE" ENBD_E2E_NAMESPACE="$NAMESPACE" ENBD_E2E_RELEASE="$RELEASE" \
-  CARGO_NET_OFFLINE=true bash -c "cd '$ROOT' && cargo nextest run -p enbd-e2e --run-ignored only \
-    --test-threads 1 --no-fail-fast -E '$filter'" 2>&1 | tee "$LOGS/tests.log"
+run_tests "$filter" || failed=1
 
 if [ $UPSTREAM = 1 ]; then
   say "Kubernetes external storage suite (e2e.test) with e2e/kind/test-driver.yaml"
@@ -160,6 +175,13 @@ if [ $UPSTREAM = 1 ]; then
     -storage.testdriver="$ROOT/e2e/kind/test-driver.yaml" \
     -ginkgo.focus='External.Storage.*csi.enbd.io' \
     -ginkgo.skip='\[Disruptive\]|\[Serial\]' \
-    -ginkgo.timeout=3h -report-dir="$LOGS/upstream" 2>&1 | tee "$LOGS/upstream.log"
+    -ginkgo.timeout=3h -report-dir="$LOGS/upstream" 2>&1 | tee "$LOGS/upstream.log" || failed=1
 fi
+
+if [ -z "$ONLY" ]; then
+  if [ $failed = 1 ]; then collect diagnostics; COLLECTED=1; fi
+  say "kind_uninstall (last, alone: helm uninstall of $RELEASE)"
+  run_tests 'binary(=kind_uninstall)' -a || failed=1
+fi
+[ $failed = 0 ] || die "some cluster tests failed (output in $LOGS/tests.log)"
 say "all cluster tests passed"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The kind e2e suite: creates a kind cluster whose nodes see the host's ublk devices, builds
 # and loads the three images, installs the snapshot CRDs + snapshot-controller and the chart,
-# runs the Rust tests e2e/tests/kind_*.rs against it, and deletes the cluster.
+# runs the Rust tests e2e/tests/kind_*.rs against it (kind_uninstall last, alone: it uninstalls
+# the chart), and deletes the cluster.
 #
 #   e2e/kind/run.sh                        everything, cluster deleted at the end
 #   e2e/kind/run.sh --keep                 keep the cluster (kubectl --context kind-enbd-e2e)
@@ -23,7 +24,7 @@ TAG=$(awk '$1 == "tag:" {print $2; exit}' "$HERE/values-kind.yaml")
 SNAPSHOTTER_REF=v8.6.0
 HELM="${HELM:-$ROOT/e2e/.tools/helm}"
 ARTIFACTS="${ARTIFACTS:-$HERE/.artifacts}"
-KEEP=0 REUSE=0 ONLY="" UPSTREAM=""
+KEEP=0 REUSE=0 ONLY="" UPSTREAM="" COLLECTED=0
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -31,7 +32,7 @@ while [ $# -gt 0 ]; do
     --reuse) REUSE=1 KEEP=1 ;;
     --only) ONLY="$2"; shift ;;
     --upstream) UPSTREAM="$2"; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -57,22 +58,26 @@ fi
 KCTX="kind-$CLUSTER"
 kc() { kubectl --context "$KCTX" "$@"; }
 
-collect() {
-  mkdir -p "$ARTIFACTS"
-  say "collecting diagnostics in $ARTIFACTS"
+collect() {  # [DIR: default $ARTIFACTS]
+  local out=${1:-$ARTIFACTS}
+  mkdir -p "$out"
+  say "collecting diagnostics in $out"
   kc get all,pvc,pv,volumeattachments,volumesnapshots,volumesnapshotcontents -A -o wide \
-    >"$ARTIFACTS/objects.txt" 2>&1 || true
-  kc get events -A --sort-by=.lastTimestamp >"$ARTIFACTS/events.txt" 2>&1 || true
+    >"$out/objects.txt" 2>&1 || true
+  kc get events -A --sort-by=.lastTimestamp >"$out/events.txt" 2>&1 || true
   for pod in $(kc -n "$NAMESPACE" get pods -o name 2>/dev/null); do
     kc -n "$NAMESPACE" logs "$pod" --all-containers --prefix --timestamps \
-      >"$ARTIFACTS/$(basename "$pod").log" 2>&1 || true
+      >"$out/$(basename "$pod").log" 2>&1 || true
     kc -n "$NAMESPACE" logs "$pod" --all-containers --prefix --timestamps --previous \
-      >"$ARTIFACTS/$(basename "$pod").previous.log" 2>/dev/null || true
+      >"$out/$(basename "$pod").previous.log" 2>/dev/null || true
   done
 }
 cleanup() {
   rc=$?
-  [ $rc -eq 0 ] || collect
+  # Diagnostics saved before kind_uninstall removed the driver are kept as they were.
+  if [ $rc -ne 0 ]; then
+    if [ "$COLLECTED" = 1 ]; then collect "$ARTIFACTS/after-uninstall"; else collect; fi
+  fi
   if [ $KEEP = 0 ]; then
     say "deleting cluster $CLUSTER"
     kind delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
@@ -122,11 +127,21 @@ export KUBECONFIG
 KUBECONFIG="$(mktemp)"
 kind get kubeconfig --name "$CLUSTER" >"$KUBECONFIG"
 export ENBD_E2E_NAMESPACE="$NAMESPACE" ENBD_E2E_RELEASE=enbd-csi
-filter='binary(/^kind_/)'
-[ -z "$ONLY" ] || filter="binary($ONLY)"
+# The helm tests (kind_upgrade, kind_uninstall) drive the release with the same helm, chart and
+# values as the install above (helm reads KUBECONFIG, whose current context is this cluster).
+export ENBD_E2E_HELM="$HELM" ENBD_E2E_CHART="$ROOT/charts/enbd-csi" ENBD_E2E_VALUES="$HERE/values-kind.yaml"
+run_tests() {
+  (cd "$ROOT" && cargo nextest run -p enbd-e2e --run-ignored only --test-threads 1 \
+    --no-fail-fast -E "$1")
+}
+failed=0
+if [ -n "$ONLY" ]; then
+  filter="binary($ONLY)"
+else
+  filter='binary(/^kind_/) and not binary(=kind_uninstall)'
+fi
 # One test at a time: the fault tests delete the server and node-plugin pods.
-(cd "$ROOT" && cargo nextest run -p enbd-e2e --run-ignored only --test-threads 1 \
-  --no-fail-fast -E "$filter")
+run_tests "$filter" || failed=1
 
 if [ -n "$UPSTREAM" ]; then
   say "running the Kubernetes external storage suite with e2e/kind/test-driver.yaml"
@@ -134,6 +149,15 @@ if [ -n "$UPSTREAM" ]; then
     -storage.testdriver="$HERE/test-driver.yaml" \
     -ginkgo.focus='External.Storage.*csi.enbd.io' \
     -ginkgo.skip='\[Disruptive\]|\[Serial\]' \
-    -ginkgo.timeout=2h -report-dir="$ARTIFACTS/upstream"
+    -ginkgo.timeout=2h -report-dir="$ARTIFACTS/upstream" || failed=1
 fi
+
+# kind_uninstall removes the driver: last and alone, after the diagnostics of any earlier
+# failure are saved (the exit handler's would find no driver pods).
+if [ -z "$ONLY" ]; then
+  if [ $failed = 1 ]; then collect; COLLECTED=1; fi
+  say "running kind_uninstall (last: helm uninstall of enbd-csi)"
+  run_tests 'binary(=kind_uninstall)' || failed=1
+fi
+[ $failed = 0 ] || die "some kind tests failed"
 say "all kind tests passed"

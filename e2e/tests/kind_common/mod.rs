@@ -5,6 +5,9 @@
 //! do the IO and print what they saw, waits on the API (watches, never fixed sleeps), and
 //! asserts on pod phase and logs. Data is always verified by a *second* pod after the first
 //! is gone, so the read comes through a fresh stage/attach rather than a page cache.
+//! The helm tests (`kind_upgrade`, `kind_uninstall`) drive the release itself through the
+//! helm binary, chart and values files the run scripts name in `ENBD_E2E_HELM`,
+//! `ENBD_E2E_CHART` and `ENBD_E2E_VALUES`.
 
 #![allow(dead_code)] // each test binary uses its own subset
 
@@ -13,7 +16,7 @@ use std::fmt::Debug;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    Container, Namespace, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    Container, Namespace, Node, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     PersistentVolumeClaimVolumeSource, Pod, PodSpec, Volume, VolumeDevice, VolumeMount,
     VolumeResourceRequirements,
 };
@@ -31,6 +34,8 @@ pub const FS_CLASS: &str = "enbd";
 pub const XFS_CLASS: &str = "enbd-xfs";
 pub const BLOCK_CLASS: &str = "enbd-block";
 pub const SNAPSHOT_CLASS: &str = "enbd-snapshots";
+/// The chart's `driverName` in every values file the suite installs.
+pub const DRIVER: &str = "csi.enbd.io";
 
 /// Where the chart is installed (run.sh exports these).
 pub fn driver_namespace() -> String {
@@ -310,6 +315,34 @@ impl Ctx {
         panic!("pod {name} never logged {marker:?}; logs:\n{last}");
     }
 
+    /// Starts pod "writer" writing files to `claim` for `secs` seconds (`write_for`) and
+    /// returns its node once IO is in flight.
+    pub async fn start_writer(&self, claim: &str, secs: u32) -> String {
+        self.start_pod("writer", claim, Mode::Filesystem, &write_for(secs), None)
+            .await;
+        self.wait_log("writer", "io-started", Duration::from_secs(180))
+            .await;
+        self.node_of("writer").await
+    }
+
+    /// Waits until "writer" finished with no failed write, removes it, and has a second pod
+    /// verify every file it wrote; `cause` names what happened meanwhile.
+    pub async fn assert_writer_lost_nothing(&self, claim: &str, cause: &str) {
+        let logs = self
+            .wait_succeeded("writer", Duration::from_secs(600))
+            .await;
+        let written: u32 = log_value(&logs, "written").parse().expect("count");
+        self.delete_and_wait(&self.api::<Pod>(), "writer").await;
+        let read = self
+            .run_pod("reader", claim, Mode::Filesystem, &verify_files())
+            .await;
+        assert_eq!(
+            log_value(&read, "verified"),
+            written.to_string(),
+            "{cause} lost data"
+        );
+    }
+
     pub async fn node_of(&self, pod: &str) -> String {
         let p = self.api::<Pod>().get(pod).await.expect("get pod");
         p.spec.and_then(|s| s.node_name).expect("pod is scheduled")
@@ -430,31 +463,129 @@ impl Ctx {
         pods.delete(name, &DeleteParams::default())
             .await
             .expect("delete driver pod");
+        self.wait_driver_pod_replaced(component, &uid, node).await;
+    }
+
+    /// Waits until a Ready pod of `component` (on `node`, if given) other than the one with
+    /// `old_uid` runs, and returns it.
+    pub async fn wait_driver_pod_replaced(
+        &self,
+        component: &str,
+        old_uid: &str,
+        node: Option<&str>,
+    ) -> Pod {
+        let pods = self.driver_pods();
         let selector = format!(
             "app.kubernetes.io/instance={},app.kubernetes.io/component={component}",
             release()
         );
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-        loop {
-            let list = pods
-                .list(&kube::api::ListParams::default().labels(&selector))
-                .await
-                .expect("list driver pods");
-            let replaced = list.items.iter().any(|p| {
-                p.metadata.uid.as_deref() != Some(uid.as_str())
-                    && (node.is_none()
-                        || p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == node)
-                    && is_ready(p)
-            });
-            if replaced {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{component} pod {name} was not replaced within 300 s"
-            );
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        eventually(
+            &format!("a Ready {component} pod replacing {old_uid} (node {node:?})"),
+            Duration::from_secs(300),
+            || async {
+                let list = pods
+                    .list(&kube::api::ListParams::default().labels(&selector))
+                    .await
+                    .map_err(|e| format!("list driver pods: {e}"))?;
+                let states: Vec<String> = list
+                    .items
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} uid {} ready {}",
+                            p.metadata.name.as_deref().unwrap_or("?"),
+                            p.metadata.uid.as_deref().unwrap_or("?"),
+                            is_ready(p)
+                        )
+                    })
+                    .collect();
+                list.items
+                    .into_iter()
+                    .find(|p| {
+                        p.metadata.uid.as_deref() != Some(old_uid)
+                            && (node.is_none()
+                                || p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == node)
+                            && is_ready(p)
+                    })
+                    .ok_or_else(|| states.join("; "))
+            },
+        )
+        .await
+    }
+
+    /// The kernel release the node reports (`status.nodeInfo.kernelVersion`, `uname -r`).
+    pub async fn node_kernel(&self, node: &str) -> String {
+        let n = Api::<Node>::all(self.client.clone())
+            .get(node)
+            .await
+            .expect("get node");
+        n.status
+            .and_then(|s| s.node_info)
+            .map(|i| i.kernel_version)
+            .unwrap_or_else(|| panic!("node {node} reports no nodeInfo"))
+    }
+
+    /// Waits until the claim has a condition of `type_` with status True; returns its message.
+    pub async fn wait_claim_condition(&self, claim: &str, type_: &str) -> String {
+        let type_ = type_.to_string();
+        let wanted = type_.clone();
+        let pvc = wait_for(
+            &self.api::<PersistentVolumeClaim>(),
+            claim,
+            Duration::from_secs(300),
+            move |c: Option<&PersistentVolumeClaim>| claim_condition(c, &wanted).is_some(),
+        )
+        .await;
+        claim_condition(pvc.as_ref(), &type_).unwrap_or_default()
+    }
+
+    /// The PersistentVolume a bound claim uses.
+    pub async fn volume_of(&self, claim: &str) -> String {
+        self.api::<PersistentVolumeClaim>()
+            .get(claim)
+            .await
+            .expect("get claim")
+            .spec
+            .and_then(|s| s.volume_name)
+            .expect("claim is bound")
+    }
+}
+
+fn claim_condition(c: Option<&PersistentVolumeClaim>, type_: &str) -> Option<String> {
+    c?.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == "True")
+        .map(|c| c.message.clone().unwrap_or_default())
+}
+
+/// Major and minor of a kernel release string such as "6.12.48+deb13-cloud-amd64".
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(['.', '-', '+']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Calls `probe` about once a second until it returns `Ok`, for state that has no watch
+/// (lists, logs). `Err` describes the state seen; the last one is in the panic after `timeout`.
+pub async fn eventually<T, Fut>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Fut) -> T
+where
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let last = match probe().await {
+            Ok(v) => return v,
+            Err(state) => state,
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not reached within {timeout:?}; last state: {last}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -536,6 +667,31 @@ pub fn verify_files() -> String {
     )
 }
 
+/// Writes 4 MiB files with fsync for `secs` seconds, logging "io-started" after the first
+/// few so the test knows IO is in flight; any failed write fails the pod (sh -e). Prints
+/// "written N"; `verify_files` checks them all.
+pub fn write_for(secs: u32) -> String {
+    format!(
+        "end=$(( $(date +%s) + {secs} )); i=0; \
+         while [ $(date +%s) -lt $end ] || [ $i -lt 8 ]; do \
+           dd if=/dev/urandom of={DATA}/f.$i bs=1M count=4 conv=fsync 2>/dev/null; \
+           (cd {DATA} && sha256sum f.$i >> sums); i=$((i+1)); \
+           [ $i -ne 4 ] || echo io-started; \
+         done; sync; echo written $i"
+    )
+}
+
+/// Prints "fstype <type>": the filesystem mounted at DATA as the kernel names it
+/// (/proc/mounts), so an ext4 mount cannot pass for xfs.
+pub fn mounted_fstype() -> String {
+    format!("echo fstype $(awk '$2 == \"{DATA}\" {{print $3}}' /proc/mounts | head -n 1)")
+}
+
+/// A shell expression for the size of the filesystem at DATA in KiB, as df reports it.
+pub fn df_kib() -> String {
+    format!("$(df -k {DATA} | tail -n 1 | awk '{{print $2}}')")
+}
+
 /// Writes `mib` MiB of random data at offset 1 MiB of the block device, with its checksum
 /// in the pod log, and prints the device size.
 pub fn write_block(mib: u32) -> String {
@@ -560,4 +716,99 @@ pub fn log_value<'a>(logs: &'a str, key: &str) -> &'a str {
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
         .unwrap_or_else(|| panic!("no {key:?} line in logs:\n{logs}"))
         .trim()
+}
+
+// ---- the release, driven through helm as a user would -------------------------------------
+
+/// The helm binary, chart and values files the release was installed with, from the env
+/// the run scripts export. Missing ones fail the test with a message naming them: a helm
+/// test must never pass without running helm.
+pub struct HelmRelease {
+    helm: String,
+    chart: String,
+    values: Vec<String>,
+    pub release: String,
+    pub namespace: String,
+}
+
+impl HelmRelease {
+    pub fn from_env() -> HelmRelease {
+        let var = |name: &str, what: &str| {
+            std::env::var(name)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{name} is not set: it names {what}; e2e/kind/run.sh and \
+                         e2e/cluster/run.sh export it"
+                    )
+                })
+        };
+        HelmRelease {
+            helm: var("ENBD_E2E_HELM", "the helm binary"),
+            chart: var("ENBD_E2E_CHART", "the chart directory (charts/enbd-csi)"),
+            values: var(
+                "ENBD_E2E_VALUES",
+                "the values files the release was installed with (colon-separated)",
+            )
+            .split(':')
+            .filter(|f| !f.is_empty())
+            .map(str::to_string)
+            .collect(),
+            release: release(),
+            namespace: driver_namespace(),
+        }
+    }
+
+    /// `helm upgrade` of the release with the same chart and values files plus `set_string`
+    /// (`--set-string` arguments), waiting until every workload has rolled.
+    pub async fn upgrade(&self, set_string: &[String]) {
+        let mut args: Vec<String> = vec![
+            "upgrade".into(),
+            self.release.clone(),
+            self.chart.clone(),
+            "--namespace".into(),
+            self.namespace.clone(),
+        ];
+        for file in &self.values {
+            args.extend(["-f".to_string(), file.clone()]);
+        }
+        for set in set_string {
+            args.extend(["--set-string".to_string(), set.clone()]);
+        }
+        args.extend(["--wait".into(), "--timeout".into(), "15m".into()]);
+        self.run(&args).await;
+    }
+
+    /// `helm uninstall` of the release, waiting until helm's own objects are deleted.
+    pub async fn uninstall(&self) {
+        let args: Vec<String> = vec![
+            "uninstall".into(),
+            self.release.clone(),
+            "--namespace".into(),
+            self.namespace.clone(),
+            "--wait".into(),
+            "--timeout".into(),
+            "10m".into(),
+        ];
+        self.run(&args).await;
+    }
+
+    /// Runs helm (KUBECONFIG from the environment, as the tests' client); panics with its
+    /// output unless it exits 0.
+    async fn run(&self, args: &[String]) {
+        let out = tokio::process::Command::new(&self.helm)
+            .args(args)
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("run {}: {e}", self.helm));
+        assert!(
+            out.status.success(),
+            "helm {} failed ({}):\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
