@@ -6,8 +6,8 @@
 //! the node inside the volume's `volume_context` ([`VolumeContext::to_context`])
 //! in canonical form, next to where the data lives (`enbd.io/server`,
 //! `enbd.io/export`), so the node never sees a value the controller did not
-//! accept. Keys under `csi.storage.k8s.io/` belong to Kubernetes (the
-//! provisioner's and kubelet's extras) and are ignored on both paths.
+//! accept. Keys under `csi.storage.k8s.io/` and `storage.kubernetes.io/` belong to
+//! Kubernetes (the provisioner's and kubelet's extras) and are ignored on both paths.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -49,8 +49,16 @@ pub const PUBLISH_ACCESS_TOKEN: &str = "enbd.io/access-token";
 pub const CTX_SERVER: &str = "enbd.io/server";
 /// Volume context: NBD export name of the volume on that server.
 pub const CTX_EXPORT: &str = "enbd.io/export";
-/// Prefix of the keys Kubernetes adds to parameters and contexts.
-pub const KUBERNETES_PREFIX: &str = "csi.storage.k8s.io/";
+/// Prefixes of the keys Kubernetes adds to parameters and contexts: `csi.storage.k8s.io/`
+/// (the provisioner's PVC/PV names, the kubelet's pod info) and `storage.kubernetes.io/`
+/// (the provisioner's `csiProvisionerIdentity`, which it writes into every PV's volume
+/// attributes: the node sees it in NodeStage/NodePublish).
+pub const KUBERNETES_PREFIXES: [&str; 2] = ["csi.storage.k8s.io/", "storage.kubernetes.io/"];
+
+/// Whether `key` is one of Kubernetes' own (ignored by every parameter and context parser).
+pub fn is_kubernetes_key(key: &str) -> bool {
+    KUBERNETES_PREFIXES.iter().any(|p| key.starts_with(p))
+}
 
 pub const DEFAULT_CHANNELS: u16 = 4;
 pub const DEFAULT_QUEUE_DEPTH: u16 = 128;
@@ -384,7 +392,7 @@ impl VolumeParams {
                             .map_err(|why| invalid(RESYNC_BANDWIDTH, value, why))?,
                     );
                 }
-                k if k.starts_with(KUBERNETES_PREFIX) || extra_known.contains(&k) => {}
+                k if is_kubernetes_key(k) || extra_known.contains(&k) => {}
                 k => {
                     unknown.insert(k.to_owned());
                 }
@@ -811,6 +819,11 @@ mod tests {
         );
         // kubelet adds pod information to the context it hands the node.
         map.insert("csi.storage.k8s.io/pod.name".into(), "web-0".into());
+        // What external-provisioner writes into every PV's volume attributes.
+        map.insert(
+            "storage.kubernetes.io/csiProvisionerIdentity".into(),
+            "1764612345678-1234-csi.enbd.io".into(),
+        );
         assert_eq!(VolumeContext::from_context(&map), Ok(ctx.clone()));
 
         let defaults = VolumeContext {

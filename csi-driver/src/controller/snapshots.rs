@@ -27,7 +27,7 @@ impl State {
             .parameters
             .keys()
             .map(String::as_str)
-            .filter(|k| !k.starts_with(enbd_proto::params::KUBERNETES_PREFIX))
+            .filter(|k| !enbd_proto::params::is_kubernetes_key(k))
             .collect();
         if !unknown.is_empty() {
             unknown.sort_unstable();
