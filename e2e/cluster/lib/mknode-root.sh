@@ -75,6 +75,8 @@ rootfs_copy_tool "$(rootfs_tool nft)" /usr/sbin/nft
 # util-linux mount/umount: kubelet's mount options go beyond busybox's.
 rootfs_copy_tool "$(rootfs_tool mount)" /usr/bin/mount
 rootfs_copy_tool "$(rootfs_tool umount)" /usr/bin/umount
+# util-linux losetup: the kubelet puts a loop device on each raw block volume it publishes.
+rootfs_copy_tool "$(rootfs_tool losetup)" /usr/sbin/losetup
 for f in protocols services ethertypes; do [ -f "/etc/$f" ] && cp "/etc/$f" "$ROOT/etc/"; done
 printf 'hosts: files dns\n' > "$ROOT/etc/nsswitch.conf"
 echo enbd-vm > "$ROOT/etc/hostname"

@@ -498,14 +498,16 @@ fn probe_ports(probe: &Probe) -> Vec<&IntOrString> {
     out
 }
 
-/// The containers running an ENBD image, with the binary the image runs.
+/// The long-running containers of an ENBD image, with the binary the image runs. Init steps
+/// that use the same image (the server's prepare-data-dir) run another mode of the binary
+/// and are checked where they matter ([`hostpath_prepared`]).
 pub fn enbd_containers<'a>(
     set: &'a RenderSet,
     targets: &'a [ImageTarget],
 ) -> Vec<(&'a str, &'a PodSpec, &'a Container, &'a ImageTarget)> {
     let mut out = Vec::new();
     for (w, spec) in set.workloads() {
-        for c in containers(spec) {
+        for c in &spec.containers {
             let image = c.image.as_deref().unwrap_or("");
             if let Some(t) = targets.iter().find(|t| t.image == image_name(image)) {
                 out.push((w, spec, c, t));
