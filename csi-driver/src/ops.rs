@@ -6,24 +6,44 @@
 //! handler but the operation still finishes (and a retry meanwhile gets
 //! `Aborted`), so no call leaves half-done state behind. Shutdown waits for
 //! these tasks through the [`TaskTracker`].
+//!
+//! Background work (the controller's grant reconciliation) takes the same guard, but a CSI
+//! call that finds a volume held by it waits for it (it holds a volume for a few management
+//! calls) instead of failing: the sidecars retry an `Aborted`, but tools such as csi-sanity
+//! do not, and a call should not fail because of the controller's own housekeeping (the VM
+//! suite's csi-sanity hit exactly that).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 
 use crate::error::CsiError;
 
+/// How long a CSI call waits for background work holding its volume before `Aborted`.
+const BACKGROUND_WAIT: Duration = Duration::from_secs(15);
+const BACKGROUND_POLL: Duration = Duration::from_millis(20);
+
+/// Who holds a key.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Holder {
+    /// A CSI call: another call on the key is `Aborted` at once.
+    Call,
+    /// The controller's own background work: a CSI call waits for it.
+    Background,
+}
+
 #[derive(Clone, Default)]
 pub struct Ops {
-    busy: Arc<Mutex<HashSet<String>>>,
+    busy: Arc<Mutex<HashMap<String, Holder>>>,
     tasks: TaskTracker,
 }
 
 /// Held while an operation on `key` runs; releases it when dropped.
 pub struct OpGuard {
-    busy: Arc<Mutex<HashSet<String>>>,
+    busy: Arc<Mutex<HashMap<String, Holder>>>,
     key: String,
 }
 
@@ -43,16 +63,44 @@ impl Ops {
         crate::sync::lock(&self.busy, "operation guards").len()
     }
 
-    /// Claims `key`, or `Aborted` if an operation on it is running.
-    pub fn try_begin(&self, key: &str) -> Result<OpGuard, CsiError> {
+    /// Claims `key` for a CSI call, or says who holds it.
+    fn claim(&self, key: &str, holder: Holder) -> Result<OpGuard, Holder> {
         let mut busy = crate::sync::lock(&self.busy, "operation guards");
-        if !busy.insert(key.to_owned()) {
-            return Err(CsiError::Aborted(key.to_owned()));
+        if let Some(held) = busy.get(key) {
+            return Err(*held);
         }
+        busy.insert(key.to_owned(), holder);
         Ok(OpGuard {
             busy: Arc::clone(&self.busy),
             key: key.to_owned(),
         })
+    }
+
+    /// Claims `key`, or `Aborted` if an operation on it is running.
+    pub fn try_begin(&self, key: &str) -> Result<OpGuard, CsiError> {
+        self.claim(key, Holder::Call)
+            .map_err(|_| CsiError::Aborted(key.to_owned()))
+    }
+
+    /// Claims `key` for background work, or `None` while anything holds it. CSI calls that
+    /// arrive meanwhile wait for the guard to drop (up to 15 s).
+    pub fn try_begin_background(&self, key: &str) -> Option<OpGuard> {
+        self.claim(key, Holder::Background).ok()
+    }
+
+    /// Claims `key` for a CSI call: `Aborted` at once if another call holds it; waits
+    /// while background work holds it.
+    async fn begin(&self, key: &str) -> Result<OpGuard, CsiError> {
+        let deadline = tokio::time::Instant::now() + BACKGROUND_WAIT;
+        loop {
+            match self.claim(key, Holder::Call) {
+                Ok(guard) => return Ok(guard),
+                Err(Holder::Background) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(BACKGROUND_POLL).await;
+                }
+                Err(_) => return Err(CsiError::Aborted(key.to_owned())),
+            }
+        }
     }
 
     /// Runs `op` under the guard for `key` in its own tracked task.
@@ -61,7 +109,7 @@ impl Ops {
         T: Send + 'static,
         F: Future<Output = Result<T, CsiError>> + Send + 'static,
     {
-        let guard = self.try_begin(&key)?;
+        let guard = self.begin(&key).await?;
         let task = self.tasks.spawn(async move {
             let _guard = guard;
             op.await
@@ -113,6 +161,30 @@ mod tests {
             ops.run("volume:a".into(), async { Ok(4) }).await.unwrap(),
             4
         );
+    }
+
+    #[tokio::test]
+    async fn a_call_waits_for_background_work_instead_of_aborting() {
+        let ops = Ops::new();
+        let background = ops.try_begin_background("volume:a").expect("free");
+        // Background work never waits: a second claim while it holds the key is refused.
+        assert!(ops.try_begin_background("volume:a").is_none());
+        let call = tokio::spawn({
+            let ops = ops.clone();
+            async move { ops.run("volume:a".into(), async { Ok(7) }).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !call.is_finished(),
+            "the call did not wait for the background work"
+        );
+        drop(background);
+        assert_eq!(call.await.unwrap().unwrap(), 7);
+        // A call holding the key makes background work skip it.
+        let held = ops.try_begin("volume:a").unwrap();
+        assert!(ops.try_begin_background("volume:a").is_none());
+        drop(held);
+        assert!(ops.try_begin_background("volume:a").is_some());
     }
 
     #[tokio::test]

@@ -102,8 +102,8 @@ impl State {
                 continue;
             };
             // Publish and unpublish hold the guard while they change grants: leave the
-            // volume to them this time.
-            let Ok(_guard) = self.ops.try_begin(&volume_key(&volume_id)) else {
+            // volume to them this time (and a call arriving now waits for this pass).
+            let Some(_guard) = self.ops.try_begin_background(&volume_key(&volume_id)) else {
                 continue;
             };
             let nodes = self.publications.granted(&volume_id);
