@@ -84,9 +84,13 @@ ports:
 EOF
   alive "$DNS_PIDFILE" && return 0
   dns=$(dns_binary)
-  in_ns setsid env KUBECONFIG="$STATE/admin.kubeconfig" RUST_LOG=info \
+  # The pid file is written by the process that becomes enbd-dns (exec): setsid forks when
+  # it is a group leader, so $! would name a process that is gone (`down` then left
+  # enbd-dns running in the netns).
+  in_ns setsid sh -c 'echo $$ > "$1"; shift; exec "$@"' sh "$DNS_PIDFILE" \
+    env KUBECONFIG="$STATE/admin.kubeconfig" RUST_LOG=info \
     "$dns" --listen 10.88.0.1:53 --domain cluster.local >> "$LOGS/enbd-dns.log" 2>&1 < /dev/null &
-  echo $! > "$DNS_PIDFILE"
+  for _ in 1 2 3 4 5 6 7 8 9 10; do [ -s "$DNS_PIDFILE" ] && break; sleep 0.2; done
   log "enbd-dns on 10.88.0.1:53 (pid $(cat "$DNS_PIDFILE"), log $LOGS/enbd-dns.log)"
 }
 
