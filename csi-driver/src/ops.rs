@@ -63,7 +63,7 @@ impl Ops {
         crate::sync::lock(&self.busy, "operation guards").len()
     }
 
-    /// Claims `key` for a CSI call, or says who holds it.
+    /// Claims `key` for `holder`, or says who holds it.
     fn claim(&self, key: &str, holder: Holder) -> Result<OpGuard, Holder> {
         let mut busy = crate::sync::lock(&self.busy, "operation guards");
         if let Some(held) = busy.get(key) {

@@ -261,15 +261,15 @@ pub async fn run(
             metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
             match result {
                 Ok(()) | Err(SessionError::Closed) => tracing::debug!(%peer, "connection closed"),
-                // A TCP probe (the kubelet's readiness check every few seconds) connects
-                // and resets: not worth a line per probe at info.
-                Err(SessionError::Io(e)) if dropped_by_peer(&e) => {
-                    metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%peer, error = %e, "connection dropped by the peer");
-                }
                 Err(e) => {
                     metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(%peer, error = %e, "connection ended");
+                    // A TCP probe (the kubelet's readiness check every few seconds)
+                    // connects and resets: not worth a line per probe at info.
+                    if matches!(&e, SessionError::Io(io) if dropped_by_peer(io)) {
+                        tracing::debug!(%peer, error = %e, "connection dropped by the peer");
+                    } else {
+                        tracing::info!(%peer, error = %e, "connection ended");
+                    }
                 }
             }
             drop(permit);
