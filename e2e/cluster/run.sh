@@ -117,8 +117,11 @@ export ENBD_CLUSTER_BIN=$BIN
 say "images: static release binaries and OCI archives (e2e/cluster/images.sh)"
 "$HERE/images.sh" --kube-bin "$BIN" "$STATE/images" >/dev/null
 
+# Built here, outside the netns, into a nextest archive that the netns runs as it is: cargo
+# run inside the netns saw a different environment and recompiled the workspace (5 min).
 say "test binaries (built here: the netns has no network)"
-(cd "$ROOT" && cargo nextest list -p enbd-e2e --run-ignored only -E 'binary(/^kind_/)' >/dev/null)
+TEST_ARCHIVE=$STATE/kind-tests.tar.zst
+(cd "$ROOT" && cargo nextest archive -p enbd-e2e --archive-file "$TEST_ARCHIVE" >/dev/null)
 
 # ---- cluster ---------------------------------------------------------------------------------
 say "control plane (e2e/cluster/control-plane.sh up --fresh)"
@@ -156,8 +159,8 @@ kc -n "$NAMESPACE" get pods -o wide
 run_tests() {  # FILTER [-a: append to tests.log]
   in_ns env KUBECONFIG="$KUBECONFIG_FILE" ENBD_E2E_NAMESPACE="$NAMESPACE" ENBD_E2E_RELEASE="$RELEASE" \
     ENBD_E2E_HELM="$HELM" ENBD_E2E_CHART="$ROOT/charts/enbd-csi" ENBD_E2E_VALUES="$HERE/values-cluster.yaml" \
-    CARGO_NET_OFFLINE=true bash -c "cd '$ROOT' && cargo nextest run -p enbd-e2e --run-ignored only \
-      --test-threads 1 --no-fail-fast -E '$1'" 2>&1 | tee ${2:+"$2"} "$LOGS/tests.log"
+    cargo-nextest nextest run --archive-file "$TEST_ARCHIVE" --workspace-remap "$ROOT" \
+      --run-ignored only --test-threads 1 --no-fail-fast -E "$1" 2>&1 | tee ${2:+"$2"} "$LOGS/tests.log"
 }
 failed=0
 say "the kind tests, inside the netns"
