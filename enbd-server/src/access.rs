@@ -372,6 +372,17 @@ impl Grants {
         out
     }
 
+    /// Whether `token` is granted on `volume`, to any node. Every grant of the volume is
+    /// compared, in constant time each.
+    pub fn opens(&self, token: &AccessToken, volume: &str) -> bool {
+        let d = digest(token.as_bytes());
+        lock(&self.map).get(volume).is_some_and(|nodes| {
+            nodes
+                .values()
+                .fold(false, |hit, g| hit | same(&g.digest, &d))
+        })
+    }
+
     /// Node ids holding a grant on `volume` (for tests and operators; never the tokens).
     pub fn nodes(&self, volume: &str) -> Vec<String> {
         lock(&self.map)

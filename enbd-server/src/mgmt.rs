@@ -22,12 +22,16 @@ use crate::store::{
 
 pub mod auth;
 pub mod replica;
+pub mod scope;
 
 /// Management service state: the store, the access grants and this server's identity.
 #[derive(Clone)]
 pub struct Mgmt {
     store: VolumeStore,
     grants: Option<Arc<Grants>>,
+    /// Node callers need the volume's access token ([`scope`]): `--access published` with
+    /// management TLS (without TLS there are no roles to scope).
+    node_scope: bool,
     server_id: String,
     data_address: String,
 }
@@ -37,6 +41,7 @@ impl Mgmt {
         Self {
             store,
             grants: None,
+            node_scope: false,
             server_id,
             data_address,
         }
@@ -46,6 +51,23 @@ impl Mgmt {
     pub fn with_grants(mut self, grants: Arc<Grants>) -> Self {
         self.grants = Some(grants);
         self
+    }
+
+    /// Scopes node callers to the volumes granted to them (see [`scope`]); needs the grants.
+    pub fn with_node_scope(mut self, on: bool) -> Self {
+        self.node_scope = on;
+        self
+    }
+
+    /// Refuses a node caller without `volume`'s access token when node scoping is on.
+    fn check_node_access<T>(&self, req: &Request<T>, volume: &str) -> Result<(), Status> {
+        match (&self.grants, self.node_scope) {
+            (Some(grants), true) => scope::check_node_access(grants, req, volume),
+            (None, true) => Err(Status::internal(
+                "node scoping is on but no grants are kept",
+            )),
+            (_, false) => Ok(()),
+        }
     }
 
     fn grants(&self) -> Result<Arc<Grants>, Status> {
@@ -238,6 +260,7 @@ impl VolumeService for Mgmt {
         &self,
         req: Request<pb::GetVolumeRequest>,
     ) -> Result<Response<pb::GetVolumeResponse>, Status> {
+        self.check_node_access(&req, &req.get_ref().name)?;
         let r = req.into_inner();
         let v = self.run(move |s| s.get_volume(&r.name)).await?;
         Ok(Response::new(pb::GetVolumeResponse {

@@ -182,7 +182,8 @@ pub async fn run(
         cfg.server_id.as_str().to_owned(),
         bound.data_address.clone(),
     )
-    .with_grants(grants);
+    .with_grants(grants)
+    .with_node_scope(cfg.access == crate::access::AccessMode::Published && cfg.mgmt_tls.is_some());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<VolumeServiceServer<Mgmt>>()

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
 use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
 use enbd_proto::enbd::{
-    CreateVolumeRequest, DeleteVolumeRequest, GetMembershipRequest, GetVolumeRequest,
-    ListVolumesRequest,
+    ACCESS_TOKEN_METADATA, CreateVolumeRequest, DeleteVolumeRequest, GetMembershipRequest,
+    GetVolumeRequest, GrantAccessRequest, ListVolumesRequest, RevokeAccessRequest,
 };
 use enbd_server::ready::{ReadyLine, spawn_until_ready};
 use pki::{Ca, Pair, write};
@@ -38,6 +38,10 @@ impl Drop for Server {
 
 /// Writes the CA and a server certificate into `dir` and starts the server with mgmt TLS.
 fn start(dir: tempfile::TempDir, ca: &Ca) -> Server {
+    start_with(dir, ca, &[])
+}
+
+fn start_with(dir: tempfile::TempDir, ca: &Ca, extra: &[&str]) -> Server {
     let p = dir.path();
     let server = ca.server("enbd-server");
     write(p, "tls.crt", &server.cert);
@@ -57,6 +61,7 @@ fn start(dir: tempfile::TempDir, ca: &Ca) -> Server {
                 "--mgmt-client-ca={}",
                 p.join("client-ca.crt").display()
             ))
+            .args(extra)
             .env("RUST_LOG", "enbd_server=debug")
             .stderr(Stdio::inherit()),
     )
@@ -99,10 +104,24 @@ async fn create(ch: Channel, name: &str) -> Result<(), tonic::Status> {
 }
 
 async fn membership(ch: Channel) -> Result<(), tonic::Status> {
+    membership_of(ch, "demo", None).await
+}
+
+/// GetMembership of `volume`, with `token` in the access-token metadata if given.
+async fn membership_of(
+    ch: Channel,
+    volume: &str,
+    token: Option<&str>,
+) -> Result<(), tonic::Status> {
+    let mut req = tonic::Request::new(GetMembershipRequest {
+        volume: volume.into(),
+    });
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert(ACCESS_TOKEN_METADATA, t.parse().unwrap());
+    }
     ReplicaServiceClient::new(ch)
-        .get_membership(GetMembershipRequest {
-            volume: "demo".into(),
-        })
+        .get_membership(req)
         .await
         .map(|_| ())
 }
@@ -224,6 +243,81 @@ async fn mgmt_refuses_clients_without_the_right_certificate() {
             "{refused} exists: {names:?}"
         );
     }
+}
+
+/// At `--access published` a node certificate alone opens no volume's replica state: the
+/// caller must send the access token granted for the volume it names, as on the data path.
+#[tokio::test]
+async fn node_calls_need_the_token_of_the_volume_at_access_published() {
+    let ca = Ca::new("enbd test CA");
+    let s = start_with(tempfile::tempdir().unwrap(), &ca, &["--access=published"]);
+    let trust = ca.pem();
+    let c = channel(&s, &trust, Some(&ca.client("enbd-controller")))
+        .await
+        .unwrap();
+    create(c.clone(), "other").await.unwrap();
+    let token = VolumeServiceClient::new(c.clone())
+        .grant_access(GrantAccessRequest {
+            volume: "demo".into(),
+            node_id: "node-1".into(),
+            token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let n = channel(&s, &trust, Some(&ca.client("enbd-node")))
+        .await
+        .unwrap();
+
+    membership_of(n.clone(), "demo", Some(&token))
+        .await
+        .unwrap();
+    let mut get = tonic::Request::new(GetVolumeRequest {
+        name: "demo".into(),
+    });
+    get.metadata_mut()
+        .insert(ACCESS_TOKEN_METADATA, token.parse().unwrap());
+    VolumeServiceClient::new(n.clone())
+        .get_volume(get)
+        .await
+        .unwrap();
+
+    let made_up = "0".repeat(64);
+    for (volume, sent) in [
+        ("demo", None),
+        ("demo", Some(made_up.as_str())),
+        ("other", Some(token.as_str())),
+    ] {
+        let e = membership_of(n.clone(), volume, sent).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{volume}: {e:?}");
+        assert!(e.message().contains(volume), "{e:?}");
+        assert!(
+            !e.message().contains(&token),
+            "a refusal never names a token: {e:?}"
+        );
+    }
+    let e = VolumeServiceClient::new(n.clone())
+        .get_volume(GetVolumeRequest {
+            name: "demo".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // The control plane is not scoped.
+    membership_of(c.clone(), "other", None).await.unwrap();
+
+    // Revoked: the same token opens nothing from the next call on.
+    VolumeServiceClient::new(c)
+        .revoke_access(RevokeAccessRequest {
+            volume: "demo".into(),
+            node_id: "node-1".into(),
+        })
+        .await
+        .unwrap();
+    let e = membership_of(n, "demo", Some(&token)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 }
 
 /// Polls `f` (a fresh connection each time) until it succeeds, for at most 20 s.

@@ -12,6 +12,12 @@ pub mod csi {
 pub mod enbd {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("enbd.v1");
+
+    /// gRPC metadata key of a node's access token on management calls. Under `--access
+    /// published` with management TLS, a caller with the `enbd-node` role may call
+    /// `ReplicaService` and `VolumeService/GetVolume` for a volume only with the token the
+    /// controller granted for that volume (the one its NBD connections present).
+    pub const ACCESS_TOKEN_METADATA: &str = "enbd-access-token";
 }
 
 pub mod cli;

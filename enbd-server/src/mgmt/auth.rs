@@ -3,7 +3,8 @@
 //!
 //! Roles: `enbd-controller` and `enbd-admin` may call everything; `enbd-node` (the node
 //! plugin's mirror) may call `enbd.v1.ReplicaService` and the read-only `GetVolume` and
-//! `Health` of `enbd.v1.VolumeService`, nothing that creates, deletes or changes volumes.
+//! `Health` of `enbd.v1.VolumeService`, nothing that creates, deletes or changes volumes;
+//! under `--access published` only for volumes whose access token it sends ([`super::scope`]).
 //! `grpc.health.v1.Health` needs no certificate, so probes and load balancers can use it.
 //! Invariants: with `--mgmt-tls require` no other method runs without a certificate that the
 //! client CA signed (the TLS layer verified it) and whose role allows the method; refusals are

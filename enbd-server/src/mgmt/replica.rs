@@ -1,6 +1,8 @@
 //! `enbd.v1.ReplicaService`: mirror membership and dirty-region bitmaps, kept by the store
 //! ([`crate::store::membership`] states the contract and its limits). Handlers only translate
 //! between protobuf and the store; the work runs through [`Mgmt::run`] like every store call.
+//! Every method names one volume, and a node caller must hold that volume's access token
+//! when node scoping is on ([`super::scope`]).
 
 use enbd_proto::enbd::replica_service_server::ReplicaService;
 use enbd_proto::enbd::{self as pb, ReplicaState};
@@ -67,6 +69,7 @@ impl ReplicaService for Mgmt {
         &self,
         req: Request<pb::GetMembershipRequest>,
     ) -> Result<Response<pb::GetMembershipResponse>, Status> {
+        self.check_node_access(&req, &req.get_ref().volume)?;
         let r = req.into_inner();
         let (m, dirty) = self.run(move |s| s.get_membership(&r.volume)).await?;
         Ok(Response::new(pb::GetMembershipResponse {
@@ -79,6 +82,7 @@ impl ReplicaService for Mgmt {
         &self,
         req: Request<pb::SetMembershipRequest>,
     ) -> Result<Response<pb::SetMembershipResponse>, Status> {
+        self.check_node_access(&req, &req.get_ref().volume)?;
         let r = req.into_inner();
         let membership = membership_from_pb(r.membership.ok_or_else(|| {
             Status::invalid_argument("invalid membership: the membership field is missing")
@@ -107,6 +111,7 @@ impl ReplicaService for Mgmt {
         &self,
         req: Request<pb::GetDirtyRegionsRequest>,
     ) -> Result<Response<pb::GetDirtyRegionsResponse>, Status> {
+        self.check_node_access(&req, &req.get_ref().volume)?;
         let r = req.into_inner();
         let (region_bytes, region_count, bitmap) = self
             .run(move |s| s.dirty_regions(&r.volume, &r.replica_id))
@@ -122,6 +127,7 @@ impl ReplicaService for Mgmt {
         &self,
         req: Request<pb::ClearDirtyRegionsRequest>,
     ) -> Result<Response<pb::ClearDirtyRegionsResponse>, Status> {
+        self.check_node_access(&req, &req.get_ref().volume)?;
         let r = req.into_inner();
         let remaining = self
             .run(move |s| s.clear_dirty_regions(&r.volume, &r.replica_id, &r.regions))
@@ -133,6 +139,7 @@ impl ReplicaService for Mgmt {
         &self,
         req: Request<pb::UpdateActivityRequest>,
     ) -> Result<Response<pb::UpdateActivityResponse>, Status> {
+        self.check_node_access(&req, &req.get_ref().volume)?;
         let r = req.into_inner();
         let active = self
             .run(move |s| s.update_activity(&r.volume, r.region_bytes, &r.mark, &r.clear))
@@ -144,6 +151,7 @@ impl ReplicaService for Mgmt {
         &self,
         req: Request<pb::GetActivityRequest>,
     ) -> Result<Response<pb::GetActivityResponse>, Status> {
+        self.check_node_access(&req, &req.get_ref().volume)?;
         let r = req.into_inner();
         let (region_bytes, region_count, bitmap) = self.run(move |s| s.activity(&r.volume)).await?;
         Ok(Response::new(pb::GetActivityResponse {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use enbd_proto::enbd::ACCESS_TOKEN_METADATA;
 use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
 use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
 use enbd_proto::enbd::{
@@ -16,9 +17,11 @@ use enbd_proto::enbd::{
     SetMembershipRequest, UpdateActivityRequest,
 };
 use futures::future::BoxFuture;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::membership::{Endpoint as MemberEndpoint, MemberState, Record};
+use crate::engine::access::AccessCredential;
 use crate::engine::{Client, ClientConfig, EngineError, EngineStatus, Geometry, IoError};
 
 /// A management call that failed (the replica counts as unreachable for it).
@@ -156,16 +159,22 @@ pub struct GrpcControl {
     volume: String,
     replicas: ReplicaServiceClient<Channel>,
     volumes: VolumeServiceClient<Channel>,
+    /// The volume's access token, sent on every call over TLS (servers at `--access
+    /// published` refuse node callers without it); marked sensitive, so it is never indexed
+    /// by HPACK nor shown by `Debug`.
+    token: Option<MetadataValue<Ascii>>,
 }
 
 impl GrpcControl {
     /// A lazily connected client of the server at `mgmt`: `HOST:PORT` (plain text) or
     /// `https://HOST:PORT` (TLS with `tls`, the node's client certificate).
+    /// `access`: the volume's token, sent only with TLS.
     pub fn new(
         mgmt: &str,
         volume: &str,
         timeout: Duration,
         tls: Option<&ClientTlsConfig>,
+        access: Option<&AccessCredential>,
     ) -> Result<Self, ControlError> {
         let url = match mgmt.strip_prefix("https://") {
             Some(_) => mgmt.to_owned(),
@@ -185,12 +194,34 @@ impl GrpcControl {
                 .tls_config(tls.clone())
                 .map_err(|e| ControlError(format!("management TLS for {mgmt}: {e}")))?;
         }
+        let token = match access {
+            Some(a) if mgmt.starts_with("https://") => {
+                let text = std::str::from_utf8(a.token().as_bytes())
+                    .map_err(|_| ControlError("the access token is not ASCII".to_owned()))?;
+                let mut v = MetadataValue::try_from(text).map_err(|_| {
+                    ControlError("the access token is not valid metadata".to_owned())
+                })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            _ => None,
+        };
         let channel = endpoint.connect_lazy();
         Ok(Self {
             volume: volume.to_owned(),
             replicas: ReplicaServiceClient::new(channel.clone()),
             volumes: VolumeServiceClient::new(channel),
+            token,
         })
+    }
+
+    /// A request carrying the access token, if there is one.
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = &self.token {
+            req.metadata_mut().insert(ACCESS_TOKEN_METADATA, t.clone());
+        }
+        req
     }
 }
 
@@ -291,9 +322,9 @@ impl ReplicaControl for GrpcControl {
             let resp = self
                 .replicas
                 .clone()
-                .get_membership(GetMembershipRequest {
+                .get_membership(self.request(GetMembershipRequest {
                     volume: self.volume.clone(),
-                })
+                }))
                 .await
                 .map_err(status_err)?;
             from_proto(resp.into_inner().membership)
@@ -309,20 +340,22 @@ impl ReplicaControl for GrpcControl {
             let resp = self
                 .replicas
                 .clone()
-                .set_membership(SetMembershipRequest {
-                    volume: self.volume.clone(),
-                    membership: Some(to_proto(&record)),
-                    extra_dirty: extra
-                        .into_iter()
-                        .map(|(id, ranges)| DirtyRanges {
-                            replica_id: id,
-                            ranges: ranges
-                                .into_iter()
-                                .map(|(offset, length)| ByteRange { offset, length })
-                                .collect(),
-                        })
-                        .collect(),
-                })
+                .set_membership(
+                    self.request(SetMembershipRequest {
+                        volume: self.volume.clone(),
+                        membership: Some(to_proto(&record)),
+                        extra_dirty: extra
+                            .into_iter()
+                            .map(|(id, ranges)| DirtyRanges {
+                                replica_id: id,
+                                ranges: ranges
+                                    .into_iter()
+                                    .map(|(offset, length)| ByteRange { offset, length })
+                                    .collect(),
+                            })
+                            .collect(),
+                    }),
+                )
                 .await
                 .map_err(status_err)?;
             from_proto(resp.into_inner().membership)
@@ -337,10 +370,10 @@ impl ReplicaControl for GrpcControl {
             let resp = self
                 .replicas
                 .clone()
-                .get_dirty_regions(GetDirtyRegionsRequest {
+                .get_dirty_regions(self.request(GetDirtyRegionsRequest {
                     volume: self.volume.clone(),
                     replica_id: member.to_owned(),
-                })
+                }))
                 .await
                 .map_err(status_err)?
                 .into_inner();
@@ -357,11 +390,11 @@ impl ReplicaControl for GrpcControl {
             let resp = self
                 .replicas
                 .clone()
-                .clear_dirty_regions(ClearDirtyRegionsRequest {
+                .clear_dirty_regions(self.request(ClearDirtyRegionsRequest {
                     volume: self.volume.clone(),
                     replica_id: member.to_owned(),
                     regions,
-                })
+                }))
                 .await
                 .map_err(status_err)?;
             Ok(resp.into_inner().remaining)
@@ -373,9 +406,9 @@ impl ReplicaControl for GrpcControl {
             let resp = self
                 .volumes
                 .clone()
-                .get_volume(GetVolumeRequest {
+                .get_volume(self.request(GetVolumeRequest {
                     name: self.volume.clone(),
-                })
+                }))
                 .await
                 .map_err(status_err)?;
             let v = resp
@@ -399,12 +432,12 @@ impl ReplicaControl for GrpcControl {
             let resp = self
                 .replicas
                 .clone()
-                .update_activity(UpdateActivityRequest {
+                .update_activity(self.request(UpdateActivityRequest {
                     volume: self.volume.clone(),
                     region_bytes,
                     mark,
                     clear,
-                })
+                }))
                 .await
                 .map_err(status_err)?;
             Ok(resp.into_inner().active)
@@ -416,9 +449,9 @@ impl ReplicaControl for GrpcControl {
             let resp = self
                 .replicas
                 .clone()
-                .get_activity(GetActivityRequest {
+                .get_activity(self.request(GetActivityRequest {
                     volume: self.volume.clone(),
-                })
+                }))
                 .await
                 .map_err(status_err)?
                 .into_inner();

@@ -107,6 +107,18 @@ pub struct MirrorConfig {
 }
 
 impl MirrorConfig {
+    /// The management client of the replica whose server is at `mgmt`, with this volume's
+    /// TLS and access token.
+    pub(crate) fn control(&self, mgmt: &str) -> Result<GrpcControl, ControlError> {
+        GrpcControl::new(
+            mgmt,
+            &self.volume,
+            self.replica_timeout,
+            self.mgmt_tls.as_ref(),
+            self.client.access.as_deref(),
+        )
+    }
+
     pub fn new(volume: impl Into<String>, replicas: Vec<ReplicaConfig>) -> Self {
         let volume = volume.into();
         Self {
@@ -314,13 +326,7 @@ impl Mirror {
         cfg.validate()?;
         let mut backends = Vec::with_capacity(cfg.replicas.len());
         for r in &cfg.replicas {
-            let control = GrpcControl::new(
-                &r.mgmt,
-                &cfg.volume,
-                cfg.replica_timeout,
-                cfg.mgmt_tls.as_ref(),
-            )
-            .map_err(|e| MirrorError::Replica {
+            let control = cfg.control(&r.mgmt).map_err(|e| MirrorError::Replica {
                 id: r.id.clone(),
                 why: e.0,
             })?;
@@ -553,18 +559,10 @@ pub async fn promote(cfg: &MirrorConfig, replica_id: &str) -> Result<Record, Mir
     cfg.validate()?;
     let mut controls = Vec::with_capacity(cfg.replicas.len());
     for r in &cfg.replicas {
-        controls.push(
-            GrpcControl::new(
-                &r.mgmt,
-                &cfg.volume,
-                cfg.replica_timeout,
-                cfg.mgmt_tls.as_ref(),
-            )
-            .map_err(|e| MirrorError::Replica {
-                id: r.id.clone(),
-                why: e.0,
-            })?,
-        );
+        controls.push(cfg.control(&r.mgmt).map_err(|e| MirrorError::Replica {
+            id: r.id.clone(),
+            why: e.0,
+        })?);
     }
     let refs: Vec<&dyn ReplicaControl> =
         controls.iter().map(|c| c as &dyn ReplicaControl).collect();

@@ -169,13 +169,9 @@ impl Mirror {
             })?;
         let t = cfg.replica_timeout.max(Duration::from_secs(5));
         let created = ensure_volume(&cfg.volume, inner.size(), template, &new, t).await?;
-        let control = GrpcControl::new(
-            &new.mgmt,
-            &cfg.volume,
-            cfg.replica_timeout,
-            cfg.mgmt_tls.as_ref(),
-        )
-        .map_err(|e| replica_err(&new.id, e.0))?;
+        let control = cfg
+            .control(&new.mgmt)
+            .map_err(|e| replica_err(&new.id, e.0))?;
         let backend = Backend {
             control: Arc::new(control),
             connector: Arc::new(ClientConnector(cfg.client_config(&new))),
@@ -336,15 +332,7 @@ pub async fn replace_detached(
     let set = follow(cfg).await?;
     let mut controls = Vec::with_capacity(set.len());
     for r in &set {
-        controls.push(
-            GrpcControl::new(
-                &r.mgmt,
-                &cfg.volume,
-                cfg.replica_timeout,
-                cfg.mgmt_tls.as_ref(),
-            )
-            .map_err(|e| replica_err(&r.id, e.0))?,
-        );
+        controls.push(cfg.control(&r.mgmt).map_err(|e| replica_err(&r.id, e.0))?);
     }
     let t = cfg.replica_timeout;
     let records: Vec<Option<Record>> = join_all(
@@ -415,13 +403,9 @@ pub async fn replace_detached(
         .collect();
     next.endpoints = super::endpoints_of(&members);
     // The survivors first (once one in-sync member holds it, it is in force), then `new`.
-    let new_control = GrpcControl::new(
-        &new.mgmt,
-        &cfg.volume,
-        cfg.replica_timeout,
-        cfg.mgmt_tls.as_ref(),
-    )
-    .map_err(|e| replica_err(&new.id, e.0))?;
+    let new_control = cfg
+        .control(&new.mgmt)
+        .map_err(|e| replica_err(&new.id, e.0))?;
     let mut failed = Vec::new();
     for (r, c) in set.iter().zip(&controls) {
         if matches!(
@@ -502,13 +486,7 @@ pub async fn follow(cfg: &MirrorConfig) -> Result<Vec<ReplicaConfig>, MirrorErro
     let mut best = 0u64;
     for _ in 0..FOLLOW_ROUNDS {
         let asks = set.iter().map(|r| async move {
-            let c = GrpcControl::new(
-                &r.mgmt,
-                &cfg.volume,
-                cfg.replica_timeout,
-                cfg.mgmt_tls.as_ref(),
-            )
-            .ok()?;
+            let c = cfg.control(&r.mgmt).ok()?;
             tokio::time::timeout(cfg.replica_timeout, c.get_membership())
                 .await
                 .ok()?
