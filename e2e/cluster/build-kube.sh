@@ -7,7 +7,8 @@
 #
 # usage: e2e/cluster/build-kube.sh [--force] [--upstream]
 #   --force     rebuild every binary even when cached
-#   --upstream  also build Kubernetes' e2e.test (the external storage suite)
+#   --upstream  also build Kubernetes' e2e.test (the external storage suite) and the
+#               agnhost binary of its test image
 # The last stdout line is the bin dir; everything else goes to stderr.
 #
 # Sources: git dirs (no work tree) under ${ENBD_SOURCES:-/work/.mirror}, one per repository,
@@ -196,6 +197,11 @@ rm -rf "$BIN/crds"
 mv "$BIN/crds.part" "$BIN/crds"
 
 if [ $UPSTREAM = 1 ]; then
+  # agnhost, the binary of the suite's agnhost test image (images.sh --upstream packs it):
+  # built as its image's Makefile does, with main.Version from its VERSION file, which
+  # images.py checks against the tag the suite asks for.
+  build agnhost "$kube" ./test/images/agnhost "$kube_commit" \
+    "-s -w -X main.Version=$(cat "$kube/test/images/agnhost/VERSION")" ""
   # Kubernetes' e2e suite (test/e2e), whose storage/external tests run against any CSI
   # driver described by a test-driver.yaml.
   build e2e.test "$kube" ./test/e2e "$kube_commit" "$KUBE_LDFLAGS" "$KUBE_TAGS" test -c

@@ -1,8 +1,16 @@
 #!/usr/bin/env python3
 """OCI image archives for the real-cluster harness, built without Docker or a registry.
 
-    images.py build  --out DIR --release DIR --kube-bin DIR   # archives + DIR/images.txt
+    images.py build  --out DIR --release DIR --kube-bin DIR [--upstream]  # archives + images.txt
     images.py parity [--archives DIR]                          # against deploy/Dockerfile
+    images.py refs [--kube-bin DIR] [--upstream]               # the refs `build` writes
+    images.py upstream-refs                                    # "<ref> <file>" of --upstream's
+    images.py extract ARCHIVE PATH DEST                        # one file out of an archive
+
+--upstream adds the test images of Kubernetes' e2e storage suite (e2e.test), under the refs the
+suite asks for (read from the Kubernetes tree's test/utils/image/manifest.go): busybox, agnhost
+(build-kube.sh --upstream builds its binary), and two stand-ins, glibc-dns-testing and nginx,
+that hold only what the storage tests run in them (see upstream_images()).
 
 Each archive is an OCI image layout in a tar (oci-layout, index.json, blobs/sha256/...) that
 `ctr images import` reads; index.json names the image with io.containerd.image.name. Layers are
@@ -51,6 +59,20 @@ PAUSE_TAG = "3.10.2"  # Kubernetes v1.36 build/pause/Makefile TAG and kubeadm's 
 PAUSE_REF = f"registry.k8s.io/pause:{PAUSE_TAG}"  # containerd's sandbox image on the node
 BUSYBOX_REF = "docker.io/library/busybox:1.36"  # kind_common's "busybox:1.36", normalised
 K8S_TREE = "deps/github.com/openshift/kubernetes"
+# The e2e suite's images the external storage tests use on Linux (manifest.go's ImageIDs), and
+# the archive each becomes. BusyBox: the default test image (pods of most tests); Agnhost:
+# subpath tests' containers and the host-exec pods (nsenter into the node); GlibcDnsTesting:
+# multivolume's concurrent-access tests; Nginx: volumes' "should allow exec of files".
+UPSTREAM_FILES = {
+    "BusyBox": "e2e-busybox.tar",
+    "Agnhost": "e2e-agnhost.tar",
+    "GlibcDnsTesting": "e2e-glibc-dns-testing.tar",
+    "Nginx": "e2e-nginx.tar",
+}
+# The glibc-dns-testing stand-in: what multivolume runs in it (sh; test; GNU dd with
+# iflag=direct and oflag=nocache, which busybox's dd lacks; blockdev --getss; base64,
+# sha256sum, head, cat, sleep; grep -F), from the host's Debian like the node image.
+GLIBC_PACKAGES = ["dash", "coreutils", "grep", "util-linux"]
 
 
 class ImageError(Exception):
@@ -338,30 +360,30 @@ def os_release() -> dict[str, str]:
     return {k: v.strip('"') for k, v in re.findall(r"^(\w+)=(.*)$", text, re.M)}
 
 
-def node_host_paths(cache: Path) -> list[str]:
-    """The host paths the node image copies: the packages' files (docs and manuals left out)
-    and their libraries. Cached until any package on the host changes (dpkg's list)."""
+def host_paths(cache: Path, name: str, packages: list[str]) -> list[str]:
+    """The host paths an image copies: the packages' files (docs and manuals left out) and
+    their libraries. Cached per image `name` until any package on the host changes (dpkg's
+    list)."""
     installed = subprocess.run(["dpkg-query", "-W"], capture_output=True, text=True,
                                check=True).stdout
-    key = hashlib.sha256((installed + repr(NODE_PACKAGES)).encode()).hexdigest()[:16]
-    f = cache / f"node-paths-{key}.json"
+    key = hashlib.sha256((installed + repr(packages)).encode()).hexdigest()[:16]
+    f = cache / f"{name}-paths-{key}.json"
     if f.exists():
         return json.loads(f.read_text())
-    paths = [CA_BUNDLE]
-    for pkg in NODE_PACKAGES:
+    paths = [CA_BUNDLE] if "ca-certificates" in packages else []
+    for pkg in packages:
         if pkg != "ca-certificates":  # its generated bundle is all the image needs of it
             paths += host_package_files(pkg)
     paths += shared_libraries(sorted({os.path.realpath(p) for p in paths if os.path.isfile(p)}))
-    for old in cache.glob("node-paths-*.json"):
+    for old in cache.glob(f"{name}-paths-*.json"):
         old.unlink()
     f.write_text(json.dumps(paths))
     return paths
 
 
-def node_base(cache: Path) -> Rootfs:
-    """deploy/Dockerfile's node stage is debian-slim plus apt packages; here: the host's copies
-    of those packages' files (bookworm, like the Dockerfile's DEBIAN_RELEASE), every dynamic
-    executable's libraries and loader, Debian's merged-/usr links, and root's passwd entry."""
+def debian_base(cache: Path, name: str, packages: list[str]) -> Rootfs:
+    """The host's copies of Debian packages' files, every dynamic executable's libraries and
+    loader, Debian's merged-/usr links, root's passwd entry, /tmp and /root."""
     fs = Rootfs()
     for top in ("bin", "sbin", "lib", "lib64"):
         if os.path.islink(f"/{top}"):
@@ -370,9 +392,16 @@ def node_base(cache: Path) -> Rootfs:
     fs.file("etc/group", data=b"root:x:0:\n")
     fs.dir("tmp", 0o1777)
     fs.dir("root", 0o700)
-    for p in node_host_paths(cache):
+    for p in host_paths(cache, name, packages):
         fs.host(p)
     return fs
+
+
+def node_base(cache: Path) -> Rootfs:
+    """deploy/Dockerfile's node stage is debian-slim plus apt packages; here: the host's copies
+    of those packages' files (bookworm, like the Dockerfile's DEBIAN_RELEASE) with their
+    libraries (debian_base)."""
+    return debian_base(cache, "node", NODE_PACKAGES)
 
 
 def sidecar_image(name: str, ref: str, kube_bin: Path) -> Image:
@@ -386,18 +415,31 @@ def sidecar_image(name: str, ref: str, kube_bin: Path) -> Image:
                  image_config([f"/{name}"], env=[PATH_ENV, SSL_ENV]))
 
 
+def k8s_mirror() -> Path:
+    return Path(os.environ.get("ENBD_K8S_MIRROR", "/work/.mirror/openshift+microshift/repo"))
+
+
+def k8s_tree_file(rel: str) -> bytes:
+    """A file of the Kubernetes tree (K8S_TREE in the microshift snapshot build-kube.sh builds
+    from), at the snapshot's HEAD."""
+    mirror = k8s_mirror()
+    try:
+        return subprocess.run(["git", "-C", str(mirror), "show", f"HEAD:{K8S_TREE}/{rel}"],
+                              capture_output=True, check=True).stdout
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        raise ImageError(f"{rel} not readable from {mirror} (fetch openshift/microshift): {e}")
+
+
+def k8s_tree_rev() -> str:
+    return subprocess.run(["git", "-C", str(k8s_mirror()), "rev-parse", "--short=12", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
 def pause_image(work: Path) -> Image:
     """The pause binary from the Kubernetes tree's build/pause/linux/pause.c, built the way its
     Makefile does (gcc -Os -Wall -Werror -static), run as 65535 like the upstream image."""
-    mirror = Path(os.environ.get("ENBD_K8S_MIRROR", "/work/.mirror/openshift+microshift/repo"))
-    try:
-        source = subprocess.run(["git", "-C", str(mirror), "show",
-                                 f"HEAD:{K8S_TREE}/build/pause/linux/pause.c"],
-                                capture_output=True, check=True).stdout
-        rev = subprocess.run(["git", "-C", str(mirror), "rev-parse", "--short=12", "HEAD"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
-        raise ImageError(f"pause.c not readable from {mirror} (fetch openshift/microshift): {e}")
+    source = k8s_tree_file("build/pause/linux/pause.c")
+    rev = k8s_tree_rev()
     gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True,
                          check=True).stdout.splitlines()[0]
     key = hashlib.sha256(source + gcc.encode() + rev.encode()).hexdigest()[:16]
@@ -420,9 +462,9 @@ def pause_image(work: Path) -> Image:
                  image_config(["/pause"], user="65535:65535"))
 
 
-def busybox_image() -> Image:
-    """busybox:1.36 for the test pods (kind_common's default): Debian's busybox-static with a
-    link per applet in /bin, as the upstream image lays them out."""
+def busybox_rootfs(users: bytes = b"", groups: bytes = b"") -> Rootfs:
+    """Debian's busybox-static with a link per applet in /bin, as the upstream busybox image
+    lays them out; `users`/`groups`: more passwd/group lines."""
     bb = shutil.which("busybox") or ""
     real = os.path.realpath(bb) if bb else ""
     if not real or elf_dynamic(real):
@@ -435,13 +477,111 @@ def busybox_image() -> Image:
         if a != "busybox" and "/" not in a:
             fs.symlink(f"bin/{a}", "busybox")
     fs.file("etc/passwd", data=b"root:x:0:0:root:/root:/bin/sh\n"
-            b"nobody:x:65534:65534:nobody:/home:/bin/false\n")
-    fs.file("etc/group", data=b"root:x:0:\nnobody:x:65534:\n")
+            b"nobody:x:65534:65534:nobody:/home:/bin/false\n" + users)
+    fs.file("etc/group", data=b"root:x:0:\nnobody:x:65534:\n" + groups)
     fs.dir("tmp", 0o1777)
     fs.dir("root", 0o700)
-    return Image(BUSYBOX_REF, "busybox.tar", [fs],
-                 image_config([], cmd=["sh"], env=["PATH=/usr/local/sbin:/usr/local/bin:"
-                                                   "/usr/sbin:/usr/bin:/sbin:/bin"]))
+    return fs
+
+
+def busybox_image(ref: str = BUSYBOX_REF, file: str = "busybox.tar") -> Image:
+    """busybox for the test pods (kind_common's busybox:1.36 by default): busybox_rootfs, the
+    upstream image's config (no entrypoint, `sh`)."""
+    return Image(ref, file, [busybox_rootfs()], image_config([], cmd=["sh"]))
+
+
+# ---- the e2e storage suite's images (--upstream) -------------------------------------------
+
+def upstream_refs() -> dict[str, str]:
+    """ImageID -> ref for UPSTREAM_FILES, as the Kubernetes tree's test/utils/image/manifest.go
+    makes them: Config{list.<Registry>, name, version} with the default registries
+    (initRegistry). The suite remaps them only with KUBE_TEST_REPO_LIST or KUBE_TEST_REPO."""
+    for var in ("KUBE_TEST_REPO_LIST", "KUBE_TEST_REPO"):
+        if os.environ.get(var):
+            raise ImageError(f"{var} is set: the suite would ask for other refs than these")
+    text = k8s_tree_file("test/utils/image/manifest.go").decode()
+    block = re.search(r"initRegistry = RegistryList\{(.*?)\n\t\}", text, re.S)
+    if block is None:
+        raise ImageError("manifest.go: no initRegistry = RegistryList{...}")
+    registries = dict(re.findall(r"(\w+Registry):\s*\"([^\"]+)\"", block.group(1)))
+    configs = {i: (reg, name, ver) for i, reg, name, ver in re.findall(
+        r'configs\[(\w+)\] = Config\{list\.(\w+), "([^"]+)", "([^"]+)"\}', text)}
+    refs = {}
+    for image_id in UPSTREAM_FILES:
+        if image_id not in configs or configs[image_id][0] not in registries:
+            raise ImageError(f"manifest.go: no configs[{image_id}] with a known registry")
+        reg, name, ver = configs[image_id]
+        refs[image_id] = f"{registries[reg]}/{name}:{ver}"
+    return refs
+
+
+def agnhost_image(ref: str, kube_bin: Path) -> Image:
+    """Upstream's agnhost image (test/images/agnhost/Dockerfile) without its Alpine packages:
+    /agnhost (build-kube.sh --upstream builds it from the tree, static) as the entrypoint with
+    `pause` as the default argument, /agnhost-2 linked to it, /uploads, porter's localhost
+    certificate and key at /, the ports it exposes, user-defined-in-image (1000) in
+    group-defined-in-image (50000), and busybox for the shell, nsenter and the commands the
+    tests exec in it. Left out: bash, curl, dig, iperf, CoreDNS and the fake registry's
+    /var/registry (network tests and image-pull tests, not the storage suite)."""
+    src = kube_bin / "agnhost"
+    if not src.is_file():
+        raise ImageError(f"{src} is missing (e2e/cluster/build-kube.sh --upstream builds it)")
+    if elf_dynamic(str(src)):
+        raise ImageError(f"{src} is dynamically linked; the image has no libraries for it")
+    tag = ref.rsplit(":", 1)[1]
+    # "app version <main.Version>" (its cobra root command is named app).
+    version = subprocess.run([str(src), "--version"], capture_output=True, text=True).stdout
+    if version.split()[1:] != ["version", tag]:
+        raise ImageError(f"{src} --version says {version.strip()!r}; the suite asks for {ref}")
+    base = busybox_rootfs(
+        users=b"user-defined-in-image:x:1000:1000::/home/user-defined-in-image:/bin/sh\n",
+        groups=b"user-defined-in-image:x:1000:\n"
+               b"group-defined-in-image:x:50000:user-defined-in-image\n")
+    base.dir("home/user-defined-in-image")
+    app = Rootfs()
+    app.file("agnhost", src=str(src), mode=0o755)
+    app.symlink("agnhost-2", "agnhost")
+    app.dir("uploads")
+    for f in ("localhost.crt", "localhost.key"):
+        app.file(f, data=k8s_tree_file(f"test/images/agnhost/porter/{f}"))
+    return Image(ref, UPSTREAM_FILES["Agnhost"], [base, app],
+                 image_config(["/agnhost"], cmd=["pause"], ports=[80, 8080, 8081, 9376, 5000]))
+
+
+def glibc_image(ref: str, cache: Path) -> Image:
+    """A stand-in for glibc-dns-testing (upstream: debian:bookworm-slim + dnsutils + CoreDNS,
+    for glibc's resolver in DNS tests): the host's Debian (bookworm) GLIBC_PACKAGES with glibc,
+    /bin/sh being dash as in Debian. No DNS tools: the storage suite only runs shell commands
+    in it."""
+    if not os.path.realpath("/bin/sh").endswith("/dash"):
+        raise ImageError("/bin/sh on this host is not dash (the stand-in copies it)")
+    fs = debian_base(cache, "glibc-dns-testing", GLIBC_PACKAGES)
+    fs.host("/bin/sh")
+    labels = {"io.enbd.debian-release": os_release().get("VERSION_CODENAME", ""),
+              "io.enbd.host-packages": " ".join(f"{p}={host_package_version(p)}"
+                                                for p in GLIBC_PACKAGES),
+              "io.enbd.stand-in": "glibc-dns-testing: Debian sh, coreutils, grep, util-linux; "
+                                  "no DNS tools"}
+    return Image(ref, UPSTREAM_FILES["GlibcDnsTesting"], [fs],
+                 image_config([], cmd=["sh"], labels=labels))
+
+
+def nginx_image(ref: str) -> Image:
+    """A stand-in for the nginx test image: the one storage test using it (volumes' "should
+    allow exec of files on the volume") replaces its command with `/bin/sh -ec` writing and
+    running a script on the volume, so busybox_rootfs serves; run without a command it says
+    what it is and fails rather than pretend to serve HTTP."""
+    cmd = ["sh", "-c", "echo 'nginx stand-in (e2e/cluster/images.py): no nginx here' >&2; exit 1"]
+    return Image(ref, UPSTREAM_FILES["Nginx"], [busybox_rootfs()],
+                 image_config([], cmd=cmd, labels={"io.enbd.stand-in": "nginx: busybox only"}))
+
+
+def upstream_images(kube_bin: Path, cache: Path) -> list[Image]:
+    refs = upstream_refs()
+    return [busybox_image(refs["BusyBox"], UPSTREAM_FILES["BusyBox"]),
+            agnhost_image(refs["Agnhost"], kube_bin),
+            glibc_image(refs["GlibcDnsTesting"], cache),
+            nginx_image(refs["Nginx"])]
 
 
 # ---- writing -----------------------------------------------------------------------------
@@ -577,6 +717,8 @@ def build(args: argparse.Namespace) -> int:
         refs = chart_sidecar_refs(Path(args.kube_bin))
         images += [sidecar_image(n, refs[n], Path(args.kube_bin)) for n in SIDECARS]
         images += [pause_image(out / ".cache"), busybox_image()]
+        if args.upstream:
+            images += upstream_images(Path(args.kube_bin), out / ".cache")
         hashes: dict[str, str] = {}
         lines = []
         for img in images:
@@ -727,7 +869,41 @@ def refs(args: argparse.Namespace) -> int:
     """The refs `build` writes, without building (snapshot-controller's only with --kube-bin)."""
     kube_bin = Path(args.kube_bin) if args.kube_bin else None
     names = [f"enbd.local/{n}:e2e" for n in PROJECT] + list(chart_sidecar_refs(kube_bin).values())
-    print("\n".join(names + [PAUSE_REF, BUSYBOX_REF]))
+    names += [PAUSE_REF, BUSYBOX_REF]
+    if args.upstream:
+        names += upstream_refs().values()
+    print("\n".join(names))
+    return 0
+
+
+def upstream_refs_cmd(args: argparse.Namespace) -> int:
+    """The "<ref> <file>" lines `build --upstream` adds to images.txt."""
+    refs = upstream_refs()
+    print("\n".join(f"{refs[i]} {f}" for i, f in UPSTREAM_FILES.items()))
+    return 0
+
+
+def extract(args: argparse.Namespace) -> int:
+    """Writes the file at PATH in an archive's image (the last layer holding it) to DEST."""
+    want = args.path.strip("/")
+    with tarfile.open(args.archive) as tar:
+        def blob(d: str) -> bytes:
+            f = tar.extractfile(f"blobs/sha256/{d.split(':')[1]}")
+            assert f is not None
+            return f.read()
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+        manifest = json.loads(blob(index["manifests"][0]["digest"]))
+        data = None
+        for layer in manifest["layers"]:
+            with tarfile.open(fileobj=io.BytesIO(blob(layer["digest"])), mode="r:gz") as lt:
+                for m in lt.getmembers():
+                    if m.name.strip("/") == want:
+                        f = lt.extractfile(m) if m.isfile() else None
+                        data = (f.read(), m.mode) if f is not None else None
+    if data is None:
+        raise ImageError(f"{args.archive}: no regular file /{want}")
+    Path(args.dest).write_bytes(data[0])
+    os.chmod(args.dest, data[1] & 0o777)
     return 0
 
 
@@ -737,15 +913,25 @@ def main() -> int:
     b = sub.add_parser("build")
     b.add_argument("--out", required=True)
     b.add_argument("--release", required=True, help="dir with the static release binaries")
-    b.add_argument("--kube-bin", required=True, help="build-kube.sh's bin dir (sidecars)")
+    b.add_argument("--kube-bin", required=True,
+                   help="build-kube.sh's bin dir (sidecars; agnhost with --upstream)")
+    b.add_argument("--upstream", action="store_true",
+                   help="also the e2e storage suite's test images")
     r = sub.add_parser("refs")
     r.add_argument("--kube-bin")
+    r.add_argument("--upstream", action="store_true")
+    sub.add_parser("upstream-refs")
+    x = sub.add_parser("extract")
+    x.add_argument("archive")
+    x.add_argument("path")
+    x.add_argument("dest")
     p = sub.add_parser("parity")
     p.add_argument("--archives", help="check the built archives in this dir, not the spec")
     p.add_argument("--dockerfile", default=str(DOCKERFILE))
     args = ap.parse_args()
     try:
-        return {"build": build, "refs": refs, "parity": parity}[args.cmd](args)
+        return {"build": build, "refs": refs, "parity": parity, "upstream-refs": upstream_refs_cmd,
+                "extract": extract}[args.cmd](args)
     except (ImageError, subprocess.CalledProcessError, OSError) as e:
         print(f"images: {e}", file=sys.stderr)
         return 1

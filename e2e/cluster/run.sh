@@ -116,7 +116,8 @@ BIN=$("$HERE/build-kube.sh" "${build_args[@]}" | tail -n 1)
 export ENBD_CLUSTER_BIN=$BIN
 
 say "images: static release binaries and OCI archives (e2e/cluster/images.sh)"
-"$HERE/images.sh" --kube-bin "$BIN" "$STATE/images" >/dev/null
+# build_args is (--upstream) exactly when the upstream suite runs: its test images then too.
+"$HERE/images.sh" --kube-bin "$BIN" "${build_args[@]}" "$STATE/images" >/dev/null
 
 # Built here, outside the netns, into a nextest archive that the netns runs as it is: cargo
 # run inside the netns saw a different environment and recompiled the workspace (5 min).
