@@ -4,7 +4,9 @@
 //! recovery), then serve the control socket, the metrics endpoint and any extra services
 //! (the CSI node service plugs in here). Stop (SIGTERM/SIGINT): the services end, the devices
 //! stay: the process exits with its devices QUIESCED so the next daemon takes them over and
-//! no IO fails in between. Only `detach` removes a device.
+//! no IO fails in between — nothing that serves a device is dropped on the way out, so a
+//! request in flight is never answered with an error; the kernel holds it for the next
+//! daemon. Only `detach` removes a device.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -126,5 +128,8 @@ pub async fn run_daemon(cfg: DaemonConfig, extra: Vec<ExtraService>) -> anyhow::
         devices_kept = kept,
         "enbd-node daemon exiting; devices stay for the next daemon"
     );
+    // Kept alive until the process ends (see main's run_daemon): dropping the manager would
+    // drop the devices' engines while IO is in flight.
+    std::mem::forget(mgr);
     result
 }

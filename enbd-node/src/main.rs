@@ -162,8 +162,13 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the Tokio runtime")?;
     let result = rt.block_on(daemon::run_daemon(cfg, extra));
-    // Devices keep running until the process is gone; do not wait for their threads.
-    rt.shutdown_background();
+    // The devices' IO paths run on this runtime until the process is gone. Shutting it down
+    // (even in the background) would drop every queue's job channel first, and the ublk queue
+    // threads would answer each request still in flight with EIO: a graceful stop (SIGTERM, a
+    // DaemonSet rollout by `helm upgrade`) failed the application's writes. Left running, the
+    // runtime ends with the process: the requests in flight stay uncommitted and the kernel
+    // holds them for the next daemon's takeover (user recovery), exactly as after a SIGKILL.
+    std::mem::forget(rt);
     result
 }
 

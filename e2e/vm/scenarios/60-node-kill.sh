@@ -1,5 +1,7 @@
 # Scenario 5: enbd-node killed with SIGKILL and restarted while a filesystem is mounted and
-# being written: 0 IO errors in the writer, every checksum verifies, fsck is clean.
+# being written: 0 IO errors in the writer, every checksum verifies, fsck is clean. Then the
+# same under a graceful stop (SIGTERM, what a DaemonSet rollout sends): the stopping daemon
+# must not answer the requests in flight with an error on its way out.
 . /scenarios/lib/common.sh
 . /scenarios/lib/writers.sh
 
@@ -30,6 +32,19 @@ e2fsck -fn "$dev" > fsck.out 2>&1 || { cat fsck.out; fail "e2fsck found errors";
 mount "$dev" /mnt/busy
 verify_files src /mnt/busy
 log "200 files verified, fsck clean, 0 writer errors"
+
+make_sources term 200 64
+start_files_writer term /mnt/busy/term 40; WRITER=$WRITER_PID
+wait_until 120 test -e term.mark
+kill -TERM "$DAEMON_PID"
+wait "$DAEMON_PID" 2>/dev/null || true
+log "daemon stopped with SIGTERM while the writer runs"
+files_writer_done term && fail "the writer finished before the daemon stopped"
+start_daemon
+wait_until 60 sh -c "enbd-node list | grep -q ' attached '"
+wait_files_writer term "$WRITER"
+verify_files term /mnt/busy/term
+log "SIGTERM under IO: 200 more files verified, 0 writer errors"
 umount /mnt/busy
 
 # Expanded on its server while no daemon runs: the next daemon grows the device after taking

@@ -147,7 +147,8 @@ async fn handle(desc: IoDesc, buf: &mut [u8], link: &QueueLink, size: u64) -> i3
     let done = (desc.nr_sectors as i32).saturating_mul(512);
     let (reply, answer) = oneshot::channel();
     if link.jobs.try_send(Job { req, reply }).is_err() {
-        // Only when the runtime side is gone (daemon shutting down).
+        // Only when the runtime side is gone: a failure, not a shutdown (the daemon keeps its
+        // runtime running until the process ends, so a stop never lands here).
         return -libc::EIO;
     }
     match answer.await {

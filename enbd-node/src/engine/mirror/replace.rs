@@ -23,7 +23,7 @@ use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
 use enbd_proto::enbd::{CreateVolumeRequest, GetVolumeRequest};
 use futures::future::join_all;
 
-use super::backend::{ClientConnector, GrpcControl, ReplicaControl};
+use super::backend::{ClientConnector, ReplicaControl};
 use super::membership::{self, Record};
 use super::{Backend, Inner, Mirror, MirrorConfig, MirrorError, Replica, ReplicaConfig, lock};
 
