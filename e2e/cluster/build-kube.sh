@@ -7,8 +7,8 @@
 #
 # usage: e2e/cluster/build-kube.sh [--force] [--upstream]
 #   --force     rebuild every binary even when cached
-#   --upstream  also build Kubernetes' e2e.test (the external storage suite) and the
-#               agnhost binary of its test image
+#   --upstream  also build Kubernetes' e2e.test (the external storage suite), the ginkgo
+#               CLI that runs it in parallel, and the agnhost binary of its test image
 # The last stdout line is the bin dir; everything else goes to stderr.
 #
 # Sources: git dirs (no work tree) under ${ENBD_SOURCES:-/work/.mirror}, one per repository,
@@ -205,6 +205,8 @@ if [ $UPSTREAM = 1 ]; then
   # Kubernetes' e2e suite (test/e2e), whose storage/external tests run against any CSI
   # driver described by a test-driver.yaml.
   build e2e.test "$kube" ./test/e2e "$kube_commit" "$KUBE_LDFLAGS" "$KUBE_TAGS" test -c
+  # The ginkgo CLI of the version the suite vendors, to run its specs in parallel processes.
+  build ginkgo "$kube" ./vendor/github.com/onsi/ginkgo/v2/ginkgo "$kube_commit" "-s -w" ""
 fi
 
 log "bin dir ready in $(( $(date +%s) - t_all ))s (Kubernetes $KUBE_GIT_VERSION, go$GO_VERSION)"

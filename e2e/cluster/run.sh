@@ -8,7 +8,9 @@
 #   e2e/cluster/run.sh                      everything; the cluster is torn down at the end
 #   e2e/cluster/run.sh --keep               keep it running afterwards (see the last lines)
 #   e2e/cluster/run.sh --only kind_faults   run one test binary
-#   e2e/cluster/run.sh --only upstream      only the upstream suite (implies --upstream)
+#   e2e/cluster/run.sh --only upstream      only the upstream suite (implies --upstream);
+#                                           ENBD_UPSTREAM_TIMEOUT bounds it (ginkgo, default 3h),
+#                                           ENBD_UPSTREAM_PROCS parallel processes (default 3)
 #   e2e/cluster/run.sh --upstream           also build and run Kubernetes' external storage
 #                                           suite (e2e.test) with e2e/kind/test-driver.yaml
 #
@@ -38,7 +40,7 @@ while [ $# -gt 0 ]; do
     --keep) KEEP=1 ;;
     --only) ONLY="$2"; shift; [ "$ONLY" != upstream ] || UPSTREAM=1 ;;
     --upstream) UPSTREAM=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -175,12 +177,14 @@ fi
 [ "$ONLY" = upstream ] || run_tests "$filter" || failed=1
 
 if [ $UPSTREAM = 1 ]; then
-  say "Kubernetes external storage suite (e2e.test) with e2e/kind/test-driver.yaml"
-  in_ns "$BIN/e2e.test" -kubeconfig "$KUBECONFIG_FILE" \
-    -storage.testdriver="$ROOT/e2e/kind/test-driver.yaml" \
-    -ginkgo.focus='External.Storage.*csi.enbd.io' \
-    -ginkgo.skip='\[Disruptive\]|\[Serial\]' \
-    -ginkgo.timeout=3h -report-dir="$LOGS/upstream" 2>&1 | tee "$LOGS/upstream.log" || failed=1
+  # The ginkgo CLI runs the non-serial specs in parallel processes (most of a spec's time is
+  # waiting for pods under TCG); the JUnit report in $LOGS/upstream has the counts.
+  say "Kubernetes external storage suite (e2e.test, ${ENBD_UPSTREAM_PROCS:-3} ginkgo processes) with e2e/kind/test-driver.yaml"
+  in_ns "$BIN/ginkgo" --procs="${ENBD_UPSTREAM_PROCS:-3}" --no-color \
+    --focus='External.Storage.*csi.enbd.io' --skip='\[Disruptive\]|\[Serial\]' \
+    --timeout="${ENBD_UPSTREAM_TIMEOUT:-3h}" "$BIN/e2e.test" -- \
+    -kubeconfig="$KUBECONFIG_FILE" -storage.testdriver="$ROOT/e2e/kind/test-driver.yaml" \
+    -report-dir="$LOGS/upstream" 2>&1 | tee "$LOGS/upstream.log" || failed=1
 fi
 
 if [ -z "$ONLY" ]; then
