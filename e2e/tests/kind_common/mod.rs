@@ -284,10 +284,23 @@ impl Ctx {
         logs
     }
 
-    /// Runs a pod to completion and removes it; returns its logs.
+    /// Runs a pod to completion (within 5 min) and removes it; returns its logs.
     pub async fn run_pod(&self, name: &str, claim: &str, mode: Mode, script: &str) -> String {
+        self.run_pod_within(name, claim, mode, script, Duration::from_secs(300))
+            .await
+    }
+
+    /// [`Ctx::run_pod`] with its own time limit.
+    pub async fn run_pod_within(
+        &self,
+        name: &str,
+        claim: &str,
+        mode: Mode,
+        script: &str,
+        limit: Duration,
+    ) -> String {
         self.start_pod(name, claim, mode, script, None).await;
-        let logs = self.wait_succeeded(name, Duration::from_secs(300)).await;
+        let logs = self.wait_succeeded(name, limit).await;
         self.delete_and_wait(&self.api::<Pod>(), name).await;
         logs
     }
@@ -333,8 +346,16 @@ impl Ctx {
             .await;
         let written: u32 = log_value(&logs, "written").parse().expect("count");
         self.delete_and_wait(&self.api::<Pod>(), "writer").await;
+        // Checksumming everything a long writer wrote (up to a GiB) is slow on an emulated
+        // node: seen at over 5 min under TCG. The time is not the point; the checksums are.
         let read = self
-            .run_pod("reader", claim, Mode::Filesystem, &verify_files())
+            .run_pod_within(
+                "reader",
+                claim,
+                Mode::Filesystem,
+                &verify_files(),
+                Duration::from_secs(1200),
+            )
             .await;
         assert_eq!(
             log_value(&read, "verified"),
