@@ -688,13 +688,17 @@ pub fn verify_files() -> String {
     )
 }
 
+/// The most files [`write_for`] writes: 1.5 GiB of 4 MiB files.
+pub const WRITE_FOR_MAX_FILES: u32 = 384;
+
 /// Writes 4 MiB files with fsync for `secs` seconds, logging "io-started" after the first
 /// few so the test knows IO is in flight; any failed write fails the pod (sh -e). Prints
-/// "written N"; `verify_files` checks them all.
+/// "written N"; `verify_files` checks them all. At most [`WRITE_FOR_MAX_FILES`] files, so a
+/// fast node does not fill the tests' 2 GiB claims (240 s once wrote 1.8 GB there).
 pub fn write_for(secs: u32) -> String {
     format!(
         "end=$(( $(date +%s) + {secs} )); i=0; \
-         while [ $(date +%s) -lt $end ] || [ $i -lt 8 ]; do \
+         while {{ [ $(date +%s) -lt $end ] && [ $i -lt {WRITE_FOR_MAX_FILES} ]; }} || [ $i -lt 8 ]; do \
            dd if=/dev/urandom of={DATA}/f.$i bs=1M count=4 conv=fsync 2>/dev/null; \
            (cd {DATA} && sha256sum f.$i >> sums); i=$((i+1)); \
            [ $i -ne 4 ] || echo io-started; \
