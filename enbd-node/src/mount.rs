@@ -52,6 +52,16 @@ pub enum MountError {
     BadOption(String),
     #[error("{path} holds {found}; refusing to format it")]
     ForeignContent { path: PathBuf, found: String },
+    #[error(
+        "{path} has {size} bytes, too small for {fs} (mkfs.{fs} needs at least {min} bytes): \
+         use a larger claim or ext4"
+    )]
+    TooSmall {
+        path: PathBuf,
+        fs: &'static str,
+        size: u64,
+        min: u64,
+    },
     #[error("{path} is busy: {source}")]
     Busy {
         path: PathBuf,
@@ -96,6 +106,15 @@ fn read_at(file: &mut File, path: &Path, offset: u64, len: usize) -> Result<Vec<
     Ok(buf)
 }
 
+/// The smallest device `fs`'s mkfs accepts, where it has a floor worth checking first:
+/// xfsprogs (5.19 and later) refuses filesystems under 300 MB.
+fn min_bytes(fs: FsType) -> Option<u64> {
+    match fs {
+        FsType::Xfs => Some(300_000_000),
+        FsType::Ext4 => None,
+    }
+}
+
 /// Creates `fs` on `dev` with the caller's extra mkfs arguments. Refuses unless the
 /// device probes blank, so existing data is never overwritten.
 pub fn format(dev: &Path, fs: FsType, mkfs_options: &[String]) -> Result<(), MountError> {
@@ -117,6 +136,20 @@ pub fn format(dev: &Path, fs: FsType, mkfs_options: &[String]) -> Result<(), Mou
             return Err(MountError::ForeignContent {
                 path: dev.to_path_buf(),
                 found: "unrecognised non-zero data".into(),
+            });
+        }
+    }
+    // mkfs.xfs refuses a device under 300 MB with a usage text only; say so plainly instead.
+    if let Some(min) = min_bytes(fs) {
+        let size = File::open(dev)
+            .and_then(|mut f| f.seek(SeekFrom::End(0)))
+            .map_err(io_err("size", dev))?;
+        if size < min {
+            return Err(MountError::TooSmall {
+                path: dev.to_path_buf(),
+                fs: fs.as_str(),
+                size,
+                min,
             });
         }
     }
@@ -450,6 +483,32 @@ mod tests {
             matches!(err, MountError::ForeignContent { ref found, .. } if found == "xfs"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_device_too_small_for_xfs_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("small");
+        File::create(&path)
+            .expect("create")
+            .set_len(1 << 20)
+            .expect("set_len");
+        let err = format(&path, FsType::Xfs, &[]).expect_err("1 MiB must be refused for xfs");
+        assert!(
+            matches!(
+                err,
+                MountError::TooSmall {
+                    size: 1048576,
+                    min: 300_000_000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("too small for xfs"), "{err}");
+        // Nothing was written: the device still probes blank, and ext4 takes it.
+        assert_eq!(probe_device(&path).expect("probe"), Content::Blank);
+        format(&path, FsType::Ext4, &[]).expect("ext4 on 1 MiB");
     }
 
     /// Real mkfs on a sparse file: the tools are installed on every machine that builds this.

@@ -71,9 +71,9 @@ impl NodeError {
                 MountError::BadOption(_) | MountError::NulInPath(_) => Code::InvalidArgument,
                 // The device holds data we will not overwrite, or is still in use: the
                 // operator must act before a retry can succeed.
-                MountError::ForeignContent { .. } | MountError::Busy { .. } => {
-                    Code::FailedPrecondition
-                }
+                MountError::ForeignContent { .. }
+                | MountError::Busy { .. }
+                | MountError::TooSmall { .. } => Code::FailedPrecondition,
                 MountError::ToolMissing { .. } => Code::FailedPrecondition,
                 MountError::Io { .. }
                 | MountError::ToolFailed { .. }
