@@ -834,15 +834,20 @@ def parity(args: argparse.Namespace) -> int:
     return 0
 
 
+def archive_image(tar: tarfile.TarFile):
+    """The manifest of an OCI archive written by write_archive, and a reader of its blobs."""
+    def blob(d: str) -> bytes:
+        f = tar.extractfile(f"blobs/sha256/{d.split(':')[1]}")
+        assert f is not None
+        return f.read()
+    index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+    return json.loads(blob(index["manifests"][0]["digest"])), blob
+
+
 def archive_facts(path: Path) -> dict:
     """Config and file tree of an OCI archive written by write_archive."""
     with tarfile.open(path) as tar:
-        def blob(d: str) -> bytes:
-            f = tar.extractfile(f"blobs/sha256/{d.split(':')[1]}")
-            assert f is not None
-            return f.read()
-        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
-        manifest = json.loads(blob(index["manifests"][0]["digest"]))
+        manifest, blob = archive_image(tar)
         config = json.loads(blob(manifest["config"]["digest"]))
         fs = Rootfs()
         for layer in manifest["layers"]:
@@ -887,12 +892,7 @@ def extract(args: argparse.Namespace) -> int:
     """Writes the file at PATH in an archive's image (the last layer holding it) to DEST."""
     want = args.path.strip("/")
     with tarfile.open(args.archive) as tar:
-        def blob(d: str) -> bytes:
-            f = tar.extractfile(f"blobs/sha256/{d.split(':')[1]}")
-            assert f is not None
-            return f.read()
-        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
-        manifest = json.loads(blob(index["manifests"][0]["digest"]))
+        manifest, blob = archive_image(tar)
         data = None
         for layer in manifest["layers"]:
             with tarfile.open(fileobj=io.BytesIO(blob(layer["digest"])), mode="r:gz") as lt:

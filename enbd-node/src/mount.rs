@@ -88,12 +88,17 @@ fn c_path(path: &Path) -> Result<CString, MountError> {
 
 /// Reads the head and tail of `dev` and classifies its content.
 pub fn probe_device(dev: &Path) -> Result<Content, MountError> {
+    probe_with_size(dev).map(|(content, _)| content)
+}
+
+/// [`probe_device`] and the device's size in bytes, from one open.
+fn probe_with_size(dev: &Path) -> Result<(Content, u64), MountError> {
     let mut file = File::open(dev).map_err(io_err("open", dev))?;
     let size = file.seek(SeekFrom::End(0)).map_err(io_err("seek", dev))?;
     let head = read_at(&mut file, dev, 0, probe::HEAD_BYTES)?;
     let tail_start = size.saturating_sub(probe::TAIL_BYTES as u64);
     let tail = read_at(&mut file, dev, tail_start, probe::TAIL_BYTES)?;
-    Ok(probe::classify(&head, &tail))
+    Ok((probe::classify(&head, &tail), size))
 }
 
 fn read_at(file: &mut File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, MountError> {
@@ -118,7 +123,8 @@ fn min_bytes(fs: FsType) -> Option<u64> {
 /// Creates `fs` on `dev` with the caller's extra mkfs arguments. Refuses unless the
 /// device probes blank, so existing data is never overwritten.
 pub fn format(dev: &Path, fs: FsType, mkfs_options: &[String]) -> Result<(), MountError> {
-    match probe_device(dev)? {
+    let (content, size) = probe_with_size(dev)?;
+    match content {
         Content::Blank => {}
         Content::Filesystem(found) => {
             return Err(MountError::ForeignContent {
@@ -140,18 +146,13 @@ pub fn format(dev: &Path, fs: FsType, mkfs_options: &[String]) -> Result<(), Mou
         }
     }
     // mkfs.xfs refuses a device under 300 MB with a usage text only; say so plainly instead.
-    if let Some(min) = min_bytes(fs) {
-        let size = File::open(dev)
-            .and_then(|mut f| f.seek(SeekFrom::End(0)))
-            .map_err(io_err("size", dev))?;
-        if size < min {
-            return Err(MountError::TooSmall {
-                path: dev.to_path_buf(),
-                fs: fs.as_str(),
-                size,
-                min,
-            });
-        }
+    if let Some(min) = min_bytes(fs).filter(|&min| size < min) {
+        return Err(MountError::TooSmall {
+            path: dev.to_path_buf(),
+            fs: fs.as_str(),
+            size,
+            min,
+        });
     }
     let (tool, fixed): (&'static str, &[&str]) = match fs {
         // -F: mke2fs would otherwise ask before using a whole disk; the probe above is the guard.
@@ -485,14 +486,20 @@ mod tests {
         );
     }
 
+    /// A sparse file of `size` bytes standing in for a blank device.
+    fn sparse_file(dir: &Path, name: &str, size: u64) -> PathBuf {
+        let path = dir.join(name);
+        File::create(&path)
+            .expect("create")
+            .set_len(size)
+            .expect("set_len");
+        path
+    }
+
     #[test]
     fn a_device_too_small_for_xfs_is_refused_with_the_reason() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("small");
-        File::create(&path)
-            .expect("create")
-            .set_len(1 << 20)
-            .expect("set_len");
+        let path = sparse_file(dir.path(), "small", 1 << 20);
         let err = format(&path, FsType::Xfs, &[]).expect_err("1 MiB must be refused for xfs");
         assert!(
             matches!(
@@ -516,11 +523,7 @@ mod tests {
     fn format_blank_file_then_probe_finds_filesystem() {
         let dir = tempfile::tempdir().expect("tempdir");
         for (fs, size) in [(FsType::Ext4, 32u64 << 20), (FsType::Xfs, 320 << 20)] {
-            let path = dir.path().join(fs.as_str());
-            File::create(&path)
-                .expect("create")
-                .set_len(size)
-                .expect("set_len");
+            let path = sparse_file(dir.path(), fs.as_str(), size);
             format(&path, fs, &[]).expect("mkfs");
             assert_eq!(probe_device(&path).expect("probe"), Content::Filesystem(fs));
             let again = format(&path, fs, &[]).expect_err("second format must refuse");
@@ -531,11 +534,7 @@ mod tests {
     #[test]
     fn mkfs_options_reach_the_tool() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("img");
-        File::create(&path)
-            .expect("create")
-            .set_len(32 << 20)
-            .expect("set_len");
+        let path = sparse_file(dir.path(), "img", 32 << 20);
         let err =
             format(&path, FsType::Ext4, &["--no-such-option".into()]).expect_err("bad option");
         assert!(
