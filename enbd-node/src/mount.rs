@@ -9,6 +9,7 @@
 //! remount undoes the bind); every function here is blocking — async callers run them on
 //! a blocking thread.
 
+pub mod loopdev;
 pub mod mountinfo;
 pub mod options;
 pub mod probe;

@@ -240,6 +240,15 @@ fn is_ro(m: &Mount) -> bool {
     m.options.split(',').any(|o| o == "ro")
 }
 
+/// The device number of the block device node at `path`, if it is one.
+fn block_device_number(path: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    meta.file_type()
+        .is_block_device()
+        .then(|| (libc::major(meta.rdev()), libc::minor(meta.rdev())))
+}
+
 /// Reads `len` bytes at `offset` of a file or device.
 fn read_at(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let mut f = std::fs::File::open(path)?;
@@ -1199,20 +1208,58 @@ impl Suite {
         );
         let res = self.node.node_publish_volume(rw_req.clone()).await;
         self.r.ok("block/publish again (idempotent)", &res);
+        // Kubernetes publishes one volume read-write to one pod and read-only to another
+        // on the same node: both work, each with its own access.
+        let ro_req = self.publish_req("blk", "stage-blk", "pub-blk/ro", cap.clone(), true);
+        let res = self.node.node_publish_volume(ro_req.clone()).await;
+        self.r.ok("block/read-only publish beside a rw one", &res);
+        let ro_target = PathBuf::from(self.dir("pub-blk/ro"));
+        let w = OpenOptions::new()
+            .write(true)
+            .open(&ro_target)
+            .and_then(|mut f| f.write_all(b"x"));
+        self.r.check(
+            "block/read-only target beside a rw one refuses writes",
+            w.is_err(),
+            "write succeeded",
+        );
+        // New data at another offset, written after the read-only publish, so the read
+        // below cannot be satisfied by anything read before it.
+        let fresh: Vec<u8> = pattern.iter().rev().copied().collect();
+        let w = OpenOptions::new()
+            .write(true)
+            .open(&rw_target)
+            .and_then(|mut f| {
+                f.seek(SeekFrom::Start(8 * MIB))?;
+                f.write_all(&fresh)?;
+                f.sync_all()
+            });
+        self.r.check(
+            "block/rw target beside a read-only one still writes",
+            w.is_ok(),
+            format!("{w:?}"),
+        );
+        let data = read_at(&ro_target, 8 * MIB, fresh.len());
+        self.r.check(
+            "block/read-only target beside a rw one reads the rw target's data",
+            data.as_ref().ok() == Some(&fresh),
+            "mismatch or IO error",
+        );
+        let res = self.node.node_publish_volume(ro_req).await;
+        self.r
+            .ok("block/read-only publish again (idempotent)", &res);
+        let ro_loop = block_device_number(&ro_target);
         let res = self
             .node
-            .node_publish_volume(self.publish_req(
-                "blk",
-                "stage-blk",
-                "pub-blk/ro",
-                cap.clone(),
-                true,
-            ))
+            .node_unpublish_volume(self.unpublish_req("blk", "pub-blk/ro"))
             .await;
-        self.r.code(
-            "block/read-only publish beside a rw one",
-            &res,
-            Code::FailedPrecondition,
+        self.r.ok("block/unpublish read-only beside a rw one", &res);
+        self.r.check(
+            "block/unpublish detached the read-only target's loop device",
+            ro_loop.is_some_and(|(major, minor)| {
+                !Path::new(&format!("/sys/dev/block/{major}:{minor}/loop")).exists()
+            }),
+            format!("{ro_loop:?}"),
         );
 
         let stats = self
@@ -1280,7 +1327,6 @@ impl Suite {
             ))
             .await;
         self.r.ok("block/publish read-only", &res);
-        let ro_target = PathBuf::from(self.dir("pub-blk/ro"));
         let w = OpenOptions::new()
             .write(true)
             .open(&ro_target)

@@ -16,7 +16,7 @@ trap 'rm -rf "$ROOT"' EXIT
 
 rootfs_base
 mkdir -p "$ROOT/scenarios"
-rootfs_modules "$KDIR" ublk_drv nbd ext4 xfs
+rootfs_modules "$KDIR" ublk_drv nbd loop ext4 xfs
 rootfs_static_bins "$BINDIR"
 rootfs_fs_tools
 rootfs_copy_tool "$(rootfs_tool fio)" /bin/fio

@@ -61,8 +61,10 @@ pub fn device_number(dev_path: &Path) -> Result<DevNum, NodeError> {
 }
 
 /// Mount points where the device node `dev_path` (number `dev`) is bind-mounted — raw
-/// block publishes and the staged device file — excluding `except`. Only mounts whose
-/// root is that node's name are stat-ed, so unrelated (possibly hung) mounts are not touched.
+/// block publishes, the staged device file, and the read-only loop devices over it that
+/// read-only raw publishes get ([`mount::loopdev`]) — excluding `except`. Only mounts whose
+/// root is that node's name (or a loop's) are stat-ed, so unrelated (possibly hung) mounts
+/// are not touched.
 pub fn device_node_binds(
     table: &MountTable,
     dev_path: &Path,
@@ -72,13 +74,28 @@ pub fn device_node_binds(
     let Some(name) = dev_path.file_name() else {
         return Vec::new();
     };
+    let candidate = |e: &MountEntry| {
+        e.root
+            .file_name()
+            .is_some_and(|root| root == name || root.to_string_lossy().starts_with("loop"))
+    };
     table
         .entries()
         .iter()
-        .filter(|e| e.mount_point != except && e.root.file_name() == Some(name))
-        .filter(|e| matches!(mount::block_device_number(&e.mount_point), Ok(Some(n)) if n == dev))
+        .filter(|e| e.mount_point != except && candidate(e))
+        .filter(|e| publishes_device(&e.mount_point, dev))
         .cloned()
         .collect()
+}
+
+/// Whether the block device node at `path` is device `dev` itself, or a loop device that
+/// reads from it (a read-only raw block publish).
+pub fn publishes_device(path: &Path, dev: DevNum) -> bool {
+    match mount::block_device_number(path) {
+        Ok(Some(n)) if n == dev => true,
+        Ok(Some(n)) => matches!(mount::loopdev::backing_of(n), Ok(Some(b)) if b == dev),
+        _ => false,
+    }
 }
 
 /// Mounts, other than the staging mount itself, of the filesystem on `dev`.

@@ -448,9 +448,7 @@ fn publish_blocking(dev: &AttachedDevice, req: &PublishRequest) -> Result<(), No
     if let Some(entry) = table.at(&target) {
         let same = match req.cap.access {
             Access::Mount { .. } => (entry.major, entry.minor) == dev_num,
-            Access::Block => {
-                matches!(mount::block_device_number(&target), Ok(Some(n)) if n == dev_num)
-            }
+            Access::Block => layout::publishes_device(&target, dev_num),
         };
         if !same {
             return Err(NodeError::AlreadyExists(format!(
@@ -491,48 +489,48 @@ fn publish_blocking(dev: &AttachedDevice, req: &PublishRequest) -> Result<(), No
             layout::ensure_dir(&req.target)?;
             mount::bind_mount(&source, &req.target, flags)?;
         }
-        Access::Block => {
-            check_block_read_only(&table, dev, dev_num, &source, req)?;
-            layout::ensure_file(&req.target)?;
-            let flags = if req.read_only { libc::MS_RDONLY } else { 0 };
-            mount::bind_mount(&source, &req.target, flags)?;
-            if req.read_only
-                && let Err(e) = mount::set_device_read_only(&dev.dev_path, true)
-            {
-                let _ = layout::unmount_and_remove(&req.target);
-                return Err(e.into());
-            }
-        }
+        Access::Block => publish_block(dev, &source, req)?,
     }
     Ok(())
 }
 
-/// A read-only bind mount does not stop writes through a device node, so a read-only raw
-/// block publish marks the whole device read-only. That is only sound if every publish of
-/// the device on this node agrees; a mix is refused.
-fn check_block_read_only(
-    table: &MountTable,
+/// A raw block publish bind-mounts the staged device node onto the target. A read-only
+/// one gets a read-only loop device over the volume's device instead: a read-only bind
+/// mount does not stop writes through a device node, and the device-wide read-only flag
+/// would also stop the read-write publishes of other pods on this node, which Kubernetes
+/// makes side by side with read-only ones.
+fn publish_block(
     dev: &AttachedDevice,
-    dev_num: DevNum,
     staged_file: &Path,
     req: &PublishRequest,
 ) -> Result<(), NodeError> {
-    let others = layout::device_node_binds(table, &dev.dev_path, dev_num, staged_file);
-    let conflicting = others.iter().find(|e| e.is_read_only() != req.read_only);
-    if let Some(other) = conflicting {
-        return Err(NodeError::FailedPrecondition(format!(
-            "volume {} is published at {} with readonly={}; raw block publishes on one node must agree",
-            req.volume_id,
-            other.mount_point.display(),
-            other.is_read_only()
-        )));
-    }
-    if !req.read_only && !dev.read_only && mount::device_read_only(&dev.dev_path)? {
-        // Left over from read-only publishes that are all gone (e.g. a crash between
-        // unmount and clear): nothing relies on it any more.
+    if !dev.read_only && mount::device_read_only(&dev.dev_path)? {
+        // Left over from an earlier daemon that marked the whole device read-only for
+        // its read-only publishes: nothing relies on it any more.
         mount::set_device_read_only(&dev.dev_path, false)?;
     }
+    layout::ensure_file(&req.target)?;
+    // A volume attached read-only is read-only everywhere already.
+    let read_only_loop = req.read_only && !dev.read_only;
+    let source = if read_only_loop {
+        mount::loopdev::attach_read_only(&dev.dev_path, &loop_label(&req.volume_id))?
+    } else {
+        staged_file.to_path_buf()
+    };
+    let flags = if req.read_only { libc::MS_RDONLY } else { 0 };
+    if let Err(e) = mount::bind_mount(&source, &req.target, flags) {
+        if read_only_loop && let Ok(Some(n)) = mount::block_device_number(&source) {
+            let _ = mount::loopdev::detach(n);
+        }
+        return Err(e.into());
+    }
     Ok(())
+}
+
+/// The name a read-only raw publish's loop device carries: `losetup -l` shows whose it is,
+/// and an unpublish with the volume no longer attached still recognises it.
+fn loop_label(volume_id: &VolumeId) -> String {
+    format!("enbd:{volume_id}")
 }
 
 async fn unpublish<A: Attacher>(
@@ -543,13 +541,25 @@ async fn unpublish<A: Attacher>(
     let dev = inner.attacher.get(&volume_id);
     let id = volume_id.clone();
     blocking(move || {
-        if let Some(dev) = &dev {
-            let dev_num = layout::device_number(&dev.dev_path)?;
-            let table = MountTable::read()?;
-            let resolved = layout::resolve(&target);
-            if let Some(entry) = table.at(&resolved) {
+        let resolved = layout::resolve(&target);
+        let dev_num = match &dev {
+            Some(dev) => Some(layout::device_number(&dev.dev_path)?),
+            None => None,
+        };
+        let table = MountTable::read()?;
+        let mut read_only_loop = None;
+        if table.at(&resolved).is_some() {
+            let published = mount::block_device_number(&resolved).ok().flatten();
+            if let Some(n) = published
+                && let Ok(Some(status)) = mount::loopdev::status(n)
+                && (Some(status.backing) == dev_num || status.label == loop_label(&id))
+            {
+                read_only_loop = Some(n);
+            }
+            if let (Some(entry), Some(dev_num)) = (table.at(&resolved), dev_num) {
                 let ours = (entry.major, entry.minor) == dev_num
-                    || matches!(mount::block_device_number(&resolved), Ok(Some(n)) if n == dev_num);
+                    || published == Some(dev_num)
+                    || read_only_loop.is_some();
                 if !ours {
                     return Err(NodeError::FailedPrecondition(format!(
                         "{} holds another device, not volume {id}",
@@ -559,17 +569,21 @@ async fn unpublish<A: Attacher>(
             }
         }
         layout::unmount_and_remove(&target)?;
-        // The device's read-only flag belongs to the read-only raw publishes; the last one
-        // gone, the flag goes too (unless the volume itself is attached read-only).
-        if let Some(dev) = &dev
+        if let Some(n) = read_only_loop {
+            mount::loopdev::detach(n)?;
+        }
+        // An earlier daemon marked the whole device read-only for its read-only raw
+        // publishes; the last of those gone, the flag goes too (unless the volume itself is
+        // attached read-only).
+        if let (Some(dev), Some(dev_num)) = (&dev, dev_num)
             && !dev.read_only
             && mount::device_read_only(&dev.dev_path)?
         {
-            let dev_num = layout::device_number(&dev.dev_path)?;
+            let name = dev.dev_path.file_name();
             let table = MountTable::read()?;
             let ro_left = layout::device_node_binds(&table, &dev.dev_path, dev_num, Path::new(""))
                 .iter()
-                .any(|e| e.is_read_only());
+                .any(|e| e.is_read_only() && e.root.file_name() == name);
             if !ro_left {
                 mount::set_device_read_only(&dev.dev_path, false)?;
             }
