@@ -429,7 +429,8 @@ pub fn containing_device(path: &Path) -> Result<(u32, u32), MountError> {
     Ok(split_dev(meta.dev()))
 }
 
-/// Splits a Linux `dev_t` into major and minor (the glibc encoding).
+/// Splits a Linux `dev_t` into major and minor (the glibc encoding; within 32 bits it is
+/// also the kernel's `new_encode_dev`/`huge_encode_dev`, which loop status reports).
 fn split_dev(dev: u64) -> (u32, u32) {
     let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & 0xffff_f000);
     let minor = (dev & 0xff) | ((dev >> 12) & 0xffff_ff00);

@@ -249,6 +249,14 @@ fn block_device_number(path: &Path) -> Option<(u32, u32)> {
         .then(|| (libc::major(meta.rdev()), libc::minor(meta.rdev())))
 }
 
+/// Writes `data` at `offset` of a file or device and waits until it is stable.
+fn write_synced_at(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    let mut f = OpenOptions::new().write(true).open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
 /// Reads `len` bytes at `offset` of a file or device.
 fn read_at(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let mut f = std::fs::File::open(path)?;
@@ -1192,14 +1200,7 @@ impl Suite {
         let res = self.node.node_publish_volume(rw_req.clone()).await;
         self.r.ok("block/publish rw", &res);
         let pattern: Vec<u8> = (0..MIB as usize).map(|i| (i % 251) as u8).collect();
-        let io = OpenOptions::new()
-            .write(true)
-            .open(&rw_target)
-            .and_then(|mut f| {
-                f.seek(SeekFrom::Start(4 * MIB))?;
-                f.write_all(&pattern)?;
-                f.sync_all()
-            })
+        let io = write_synced_at(&rw_target, 4 * MIB, &pattern)
             .and_then(|_| read_at(&rw_target, 4 * MIB, pattern.len()));
         self.r.check(
             "block/write and read through target",
@@ -1226,14 +1227,7 @@ impl Suite {
         // New data at another offset, written after the read-only publish, so the read
         // below cannot be satisfied by anything read before it.
         let fresh: Vec<u8> = pattern.iter().rev().copied().collect();
-        let w = OpenOptions::new()
-            .write(true)
-            .open(&rw_target)
-            .and_then(|mut f| {
-                f.seek(SeekFrom::Start(8 * MIB))?;
-                f.write_all(&fresh)?;
-                f.sync_all()
-            });
+        let w = write_synced_at(&rw_target, 8 * MIB, &fresh);
         self.r.check(
             "block/rw target beside a read-only one still writes",
             w.is_ok(),

@@ -548,7 +548,7 @@ async fn unpublish<A: Attacher>(
         };
         let table = MountTable::read()?;
         let mut read_only_loop = None;
-        if table.at(&resolved).is_some() {
+        if let Some(entry) = table.at(&resolved) {
             let published = mount::block_device_number(&resolved).ok().flatten();
             if let Some(n) = published
                 && let Ok(Some(status)) = mount::loopdev::status(n)
@@ -556,7 +556,7 @@ async fn unpublish<A: Attacher>(
             {
                 read_only_loop = Some(n);
             }
-            if let (Some(entry), Some(dev_num)) = (table.at(&resolved), dev_num) {
+            if let Some(dev_num) = dev_num {
                 let ours = (entry.major, entry.minor) == dev_num
                     || published == Some(dev_num)
                     || read_only_loop.is_some();

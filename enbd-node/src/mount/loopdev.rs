@@ -16,7 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::{MountError, io_err};
+use super::{MountError, io_err, split_dev};
 
 /// The loop driver's block major (Documentation/admin-guide/devices.txt).
 pub const LOOP_MAJOR: u32 = 7;
@@ -240,7 +240,7 @@ pub fn status(dev: (u32, u32)) -> Result<Option<LoopStatus>, MountError> {
     let name = &info.lo_file_name;
     let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     Ok(Some(LoopStatus {
-        backing: decode_dev(info.lo_rdevice),
+        backing: split_dev(info.lo_rdevice),
         label: String::from_utf8_lossy(&name[..len]).into_owned(),
     }))
 }
@@ -264,19 +264,13 @@ pub fn detach(dev: (u32, u32)) -> Result<(), MountError> {
     Err(ioctl_err("LOOP_CLR_FD", &node))
 }
 
-/// The kernel's `huge_encode_dev` format (new_encode_dev) back to (major, minor).
-fn decode_dev(encoded: u64) -> (u32, u32) {
-    let major = ((encoded >> 8) & 0xfff) as u32;
-    let minor = ((encoded & 0xff) | ((encoded >> 12) & 0xfff_ff00)) as u32;
-    (major, minor)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::os::unix::fs::MetadataExt;
 
+    /// LOOP_GET_STATUS64 reports the backing device in the kernel's encoding, which
+    /// split_dev (written for glibc's dev_t) must read the same way.
     #[test]
     fn device_numbers_decode_as_the_kernel_encodes_them() {
         // new_encode_dev: minor low byte, major, then the minor's high bits.
@@ -284,7 +278,7 @@ mod tests {
             |major: u64, minor: u64| (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12);
         for (major, minor) in [(7, 0), (259, 3), (7, 1023), (254, 1 << 19)] {
             assert_eq!(
-                decode_dev(encode(major, minor)),
+                split_dev(encode(major, minor)),
                 (major as u32, minor as u32)
             );
         }
@@ -347,8 +341,7 @@ mod tests {
     }
 
     fn dev_of(node: &Path) -> (u32, u32) {
-        let rdev = std::fs::metadata(node).unwrap().rdev();
-        (libc::major(rdev), libc::minor(rdev))
+        super::super::block_device_number(node).unwrap().unwrap()
     }
 
     /// A writable loop over `image`, with the same ioctls (this test's stand-in device).
