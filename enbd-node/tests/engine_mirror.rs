@@ -501,8 +501,15 @@ async fn only_in_sync_replica_gone_waits_until_promoted() {
     // The operator gives up on srv-0 and accepts the loss of `new`.
     let rec = promote(&c, "srv-1").await.expect("promote");
     assert!(rec.generation > 2);
+    // From here on the test is about data, not timing: the 2 s brownout bound above could
+    // fail a read while srv-1's channels still connect on a loaded machine, so reads wait
+    // (bounded by the timeout below, which names the step that hung).
+    c.brownout = BrownoutPolicy::Wait;
     let m = Mirror::open(c).await.expect("open after promote");
-    assert_eq!(m.read(0, old.len() as u32).await.expect("read"), old);
+    let first = tokio::time::timeout(Duration::from_secs(60), m.read(0, old.len() as u32))
+        .await
+        .expect("the read after promote hung for 60 s");
+    assert_eq!(first.expect("read after promote"), old);
     // srv-0 returns: it is OUT now (whole volume dirty, resynced from srv-1 in the
     // background) and never read.
     rs[0].restore();
