@@ -13,6 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use enbd_proto::enbd::ReplicaState;
 use enbd_proto::ids::VolumeId;
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume};
 use kube::api::ListParams;
@@ -21,7 +22,7 @@ use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
 use crate::replicas::{self, MirrorHealth};
-use crate::servers::{Lookup, Servers};
+use crate::servers::{LiveServer, Lookup, Servers};
 
 /// How often every PV is observed.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(30);
@@ -122,21 +123,24 @@ impl Tracker {
 }
 
 /// What the registry and the volume's servers say of volume `id`; `None` when the
-/// controller cannot tell (discovery not complete, or the server is not one it knows).
+/// controller cannot tell yet (discovery not complete).
 pub async fn observe(servers: &Servers, id: &VolumeId) -> Option<Observed> {
     if !servers.is_synced() {
         return None;
     }
     let name = id.name().as_str();
     let server = match servers.lookup(id.server()) {
-        Lookup::Unknown => return None,
         Lookup::Live(s) => s,
-        Lookup::Down(reason) => {
-            // A mirror answers through any in-sync replica: then it is degraded, not gone.
-            let what = format!("volume {id}");
-            match replicas::acting_home(servers, id.server(), name, &what).await {
-                Ok(Some(s)) => s,
-                _ => {
+        // Down, or gone from discovery altogether (its pod deleted or scaled away): a
+        // single copy is unreachable, a mirror is served by its other replicas.
+        home => {
+            let reason = match home {
+                Lookup::Down(reason) => reason,
+                _ => "not among the discovered enbd-servers".to_owned(),
+            };
+            match replica_answering_for(servers, id).await {
+                Some(s) => s,
+                None => {
                     return Some(Observed::Unreachable {
                         server: id.server().to_string(),
                         reason,
@@ -149,6 +153,30 @@ pub async fn observe(servers: &Servers, id: &VolumeId) -> Option<Observed> {
         Ok(h) => Observed::from_health(&h),
         Err(detail) => Observed::Degraded { detail },
     })
+}
+
+/// A live server holding a replica of a mirrored volume whose home is not live: the one a
+/// replacement moved the volume to, else the live holder of the newest membership record
+/// (preferring an in-sync member). Its record names the home as unreachable, so the volume
+/// is reported degraded (or waiting, if no in-sync replica is live), never healthy. `None`
+/// for a single copy, or when no replica's server is live.
+async fn replica_answering_for(servers: &Servers, id: &VolumeId) -> Option<LiveServer> {
+    let name = id.name().as_str();
+    let what = format!("volume {id}");
+    if let Ok(Some(s)) = replicas::acting_home(servers, id.server(), name, &what).await {
+        return Some(s);
+    }
+    let (record, holders) = replicas::find(servers, name).await.ok()?;
+    let record = record.filter(|r| r.generation > 0)?;
+    let in_sync = |s: &LiveServer| {
+        record
+            .members
+            .iter()
+            .any(|m| m.replica_id == s.id.as_str() && m.state == ReplicaState::InSync as i32)
+    };
+    let mut live: Vec<LiveServer> = holders.into_iter().map(|(s, _)| s).collect();
+    live.sort_by_key(|s| !in_sync(s));
+    live.into_iter().next()
 }
 
 fn pv_reference(pv: &PersistentVolume) -> ObjectReference {

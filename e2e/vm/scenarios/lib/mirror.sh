@@ -139,3 +139,15 @@ wait_resynced() {
   done
   log "$1 Healthy again; resync of $2 seen with ${RESYNC_SEEN:-?} MiB to copy"
 }
+
+# node_metric NAME LABEL=VALUE... : the value of the node daemon's sample NAME carrying those
+# labels (in any order), scraped from its /metrics now; empty when there is none.
+node_metric() {
+  name_=$1; shift
+  wget -q -O - http://127.0.0.1:9812/metrics > metrics.now || fail "cannot scrape the node's metrics"
+  awk -v n="$name_" -v want="$*" '
+    BEGIN { k = split(want, w, " ") }
+    { split($1, p, "{"); if (p[1] != n) next
+      for (i = 1; i <= k; i++) { split(w[i], kv, "="); if (index($1, kv[1] "=\"" kv[2] "\"") == 0) next }
+      print $2; exit }' metrics.now
+}

@@ -1,5 +1,3 @@
-# NOT RUN YET: written at the end of a session with no time left to boot it. The guest runs
-# only /scenarios/NN-*.sh, so this one waits here; move it next to 92 once it has passed.
 # Scenario 9.3: three replicas (vm, vm-b, vm-c), ext4 mounted, two checksummed writers (files
 # copied with fsync and checked by sha256; fio random writes with crc32c verify).
 # 1. vm-b SIGKILLed mid-write: 0 writer errors, Degraded, vm-b not in sync.
@@ -63,8 +61,28 @@ start_c
 wait_resynced tvol vm-b 300
 [ -z "$RESYNC_SEEN" ] || awk -v t="$RESYNC_SEEN" 'BEGIN{exit !(t < 128)}' \
   || fail "a resync copied the whole volume ($RESYNC_SEEN MiB), not the dirty regions"
+# The node's metrics for this real device: every replica in sync, the resync counted, and
+# reads after the resync (page cache dropped) served by all three replicas.
+for r in vm vm-b vm-c; do
+  [ "$(node_metric enbd_node_replica_state volume=tvol replica=$r state=in_sync)" = 1 ] \
+    || fail "metrics: replica $r not in_sync: $(grep enbd_node_replica_state metrics.now)"
+done
+copied=$(node_metric enbd_node_mirror_resync_copied_bytes_total volume=tvol)
+awk -v c="${copied:-0}" 'BEGIN{exit !(c > 0)}' || fail "metrics: no resync bytes counted ($copied)"
+writes=$(node_metric enbd_node_volume_requests_total volume=tvol op=write)
+awk -v c="${writes:-0}" 'BEGIN{exit !(c > 0)}' || fail "metrics: no device writes counted ($writes)"
+for r in vm vm-b vm-c; do eval "reads_before_$(echo $r | tr - _)=$(node_metric enbd_node_replica_reads_total volume=tvol replica=$r)"; done
+sync; echo 3 > /proc/sys/vm/drop_caches
 verify_files p1 /mnt/tvol/p1
 verify_files p2 /mnt/tvol/p2
+for r in vm vm-b vm-c; do
+  v=reads_before_$(echo $r | tr - _); eval "before=\${$v:-0}"
+  after=$(node_metric enbd_node_replica_reads_total volume=tvol replica=$r)
+  awk -v a="${after:-0}" -v b="$before" 'BEGIN{exit !(a > b)}' \
+    || fail "reads after the resync never reached $r ($before -> $after): not balanced"
+  log "replica $r served $(awk -v a="${after:-0}" -v b="$before" 'BEGIN{print a - b}') reads after the resync"
+done
+log "metrics: three replicas in_sync, $copied resync bytes, $writes device writes"
 umount /mnt/tvol; MOUNTS=""
 e2fsck -fn "$dev" > fsck.out 2>&1 || { cat fsck.out; fail "e2fsck found errors"; }
 replicas_equal3 tvol

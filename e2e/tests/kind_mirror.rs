@@ -1,0 +1,223 @@
+//! A mirrored claim on a kind cluster (run by e2e/kind/run.sh and e2e/cluster/run.sh;
+//! `#[ignore]` elsewhere): a class with `replicas: "2"` on two enbd-servers, one of them
+//! taken away while a pod writes and brought back.
+//!
+//! The install has one server: the test scales the server StatefulSet to two for its claim
+//! and back to one at the end, so the other tests keep their single server. What it checks
+//! is what users and operators see: the writer gets no error while a replica is gone, the
+//! controller records `VolumeDegraded` and later `VolumeRecovered` Events on the claim
+//! (`kubectl describe pvc`), a second pod reads every file back while the replica is still
+//! away, and a third after the resync (its reads balanced over both replicas).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
+
+mod kind_common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+use kind_common::*;
+
+/// The release's server StatefulSet.
+async fn server_statefulset(client: &Client) -> String {
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &driver_namespace());
+    let selector = format!(
+        "app.kubernetes.io/instance={},app.kubernetes.io/component=enbd-server",
+        release()
+    );
+    let list = sets
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("list server StatefulSets");
+    assert_eq!(list.items.len(), 1, "one server StatefulSet in the release");
+    list.items[0].metadata.name.clone().expect("named")
+}
+
+/// Scales the server StatefulSet to `replicas` and waits until exactly that many of its pods
+/// are Ready (ordinals 0..replicas; a removed one is gone, not just terminating).
+async fn scale_servers(client: &Client, set: &str, replicas: i32) {
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &driver_namespace());
+    sets.patch(
+        set,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": replicas}})),
+    )
+    .await
+    .expect("scale the server StatefulSet");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &driver_namespace());
+    let wanted: Vec<String> = (0..replicas).map(|i| format!("{set}-{i}")).collect();
+    eventually(
+        &format!("{set} at {replicas} Ready pods"),
+        Duration::from_secs(600),
+        || async {
+            let list = pods
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| format!("list pods: {e}"))?;
+            let mut ready = Vec::new();
+            let mut others = Vec::new();
+            for p in &list.items {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                if !name.starts_with(&format!("{set}-")) {
+                    continue;
+                }
+                if wanted.contains(&name) && is_ready(p) {
+                    ready.push(name);
+                } else {
+                    others.push(name);
+                }
+            }
+            if ready.len() == wanted.len() && others.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("ready {ready:?}, not ready or leaving {others:?}"))
+            }
+        },
+    )
+    .await;
+}
+
+/// The chart's ext4 class with two replicas and a 5 s replica timeout; labelled as the
+/// test's, not the release's.
+async fn create_mirror_class(ctx: &Ctx) -> String {
+    let classes: Api<StorageClass> = Api::all(ctx.client.clone());
+    let chart = classes.get(FS_CLASS).await.expect("the chart's enbd class");
+    let name = format!("enbd-mirror-{}", ctx.ns);
+    let mut parameters = chart.parameters.unwrap_or_default();
+    parameters.insert("replicas".into(), "2".into());
+    parameters.insert("replicaTimeout".into(), "5s".into());
+    let class = StorageClass {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some(BTreeMap::from([(
+                "enbd.io/e2e".to_string(),
+                "mirror".to_string(),
+            )])),
+            ..Default::default()
+        },
+        provisioner: chart.provisioner,
+        parameters: Some(parameters),
+        mount_options: chart.mount_options,
+        allow_volume_expansion: chart.allow_volume_expansion,
+        volume_binding_mode: chart.volume_binding_mode,
+        reclaim_policy: Some("Delete".into()),
+        allowed_topologies: None,
+    };
+    classes
+        .create(&PostParams::default(), &class)
+        .await
+        .expect("create the mirror class");
+    name
+}
+
+/// Waits for an events.k8s.io Event with `reason` about claim `claim` in the test's
+/// namespace; returns its note. Every Event about the claim seen so far is in the panic.
+async fn wait_claim_event(ctx: &Ctx, claim: &str, reason: &str, timeout: Duration) -> String {
+    let events: Api<Event> = ctx.api();
+    eventually(
+        &format!("Event {reason} on claim {claim}"),
+        timeout,
+        || async {
+            let list = events
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| format!("list events: {e}"))?;
+            let about: Vec<&Event> = list
+                .items
+                .iter()
+                .filter(|e| {
+                    e.regarding.as_ref().is_some_and(|r| {
+                        r.kind.as_deref() == Some("PersistentVolumeClaim")
+                            && r.name.as_deref() == Some(claim)
+                    })
+                })
+                .collect();
+            about
+                .iter()
+                .find(|e| e.reason.as_deref() == Some(reason))
+                .map(|e| e.note.clone().unwrap_or_default())
+                .ok_or_else(|| {
+                    about
+                        .iter()
+                        .map(|e| {
+                            format!(
+                                "{} {} ({}): {}",
+                                e.type_.as_deref().unwrap_or("?"),
+                                e.reason.as_deref().unwrap_or("?"),
+                                e.reporting_controller.as_deref().unwrap_or("?"),
+                                e.note.as_deref().unwrap_or("")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+#[ignore = "needs the kind cluster: e2e/kind/run.sh"]
+async fn mirrored_claim_keeps_writing_without_a_replica_and_resyncs_it() {
+    let ctx = Ctx::new("mirror").await;
+    let set = server_statefulset(&ctx.client).await;
+    scale_servers(&ctx.client, &set, 2).await;
+    let class = create_mirror_class(&ctx).await;
+    // The controller places the two replicas once it has seen the second server; until
+    // then CreateVolume is ResourceExhausted and the provisioner retries.
+    ctx.create_claim("data", &class, "2Gi", Mode::Filesystem)
+        .await;
+
+    // One replica's server goes away (scaled down: its pod is stopped and not replaced)
+    // while the writer runs.
+    ctx.start_writer("data", 120).await;
+    scale_servers(&ctx.client, &set, 1).await;
+    let degraded = wait_claim_event(&ctx, "data", "VolumeDegraded", Duration::from_secs(300)).await;
+    println!("VolumeDegraded: {degraded}");
+    assert!(
+        degraded.contains(&format!("{set}-1")),
+        "the Degraded event names the missing replica's server: {degraded}"
+    );
+    ctx.assert_writer_lost_nothing("data", "a replica's server going away")
+        .await;
+
+    // It comes back: the mirror copies what it missed; then every file reads back with the
+    // reads balanced over both replicas.
+    scale_servers(&ctx.client, &set, 2).await;
+    let recovered =
+        wait_claim_event(&ctx, "data", "VolumeRecovered", Duration::from_secs(1200)).await;
+    println!("VolumeRecovered: {recovered}");
+    let read = ctx
+        .run_pod_within(
+            "after-resync",
+            "data",
+            Mode::Filesystem,
+            &format!("{}; echo files $(wc -l < {DATA}/sums)", verify_files()),
+            Duration::from_secs(1200),
+        )
+        .await;
+    assert_eq!(
+        log_value(&read, "verified"),
+        log_value(&read, "files"),
+        "files lost or corrupt after the resync"
+    );
+
+    // Claims go first, while both servers can delete their copies; then back to the
+    // install's single server, and the class goes with the test.
+    let client = ctx.client.clone();
+    ctx.finish().await;
+    scale_servers(&client, &set, 1).await;
+    Api::<StorageClass>::all(client)
+        .delete(&class, &DeleteParams::default())
+        .await
+        .expect("delete the mirror class");
+}
