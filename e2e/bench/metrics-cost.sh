@@ -71,7 +71,9 @@ cells = {}
 for line in open(results):
     variant, rw, out = line.rstrip("\n").split("\t")
     user, sys_ = map(float, open(out + ".time").read().split()[-2:])
-    rep = json.loads(open(out + ".json").read())
+    # With --metrics-listen the bench prints its readiness line first.
+    text = open(out + ".json").read()
+    rep = json.loads(text[text.index("{"):])
     ios = max(rep["ops"], 1) * window
     cells.setdefault((rw, variant), []).append((rep["iops"], (user + sys_) / ios * 1e6))
 print()
