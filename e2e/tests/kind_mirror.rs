@@ -7,7 +7,8 @@
 //! is what users and operators see: the writer gets no error while a replica is gone, the
 //! controller records `VolumeDegraded` and later `VolumeRecovered` Events on the claim
 //! (`kubectl describe pvc`), a second pod reads every file back while the replica is still
-//! away, and a third after the resync (its reads balanced over both replicas).
+//! away, and, after the resync (done while a third pod holds the claim), a fourth reads
+//! them again (its reads balanced over both replicas).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
 
@@ -190,12 +191,25 @@ async fn mirrored_claim_keeps_writing_without_a_replica_and_resyncs_it() {
     ctx.assert_writer_lost_nothing("data", "a replica's server going away")
         .await;
 
-    // It comes back: the mirror copies what it missed; then every file reads back with the
-    // reads balanced over both replicas.
+    // It comes back: the mirror copies what it missed. The mirror lives in the node that
+    // has the volume attached, so a pod holds the claim meanwhile (a detached volume stays
+    // degraded until its next attach). Then a fresh pod reads every file back, its reads
+    // balanced over both replicas.
     scale_servers(&ctx.client, &set, 2).await;
+    ctx.start_pod(
+        "holder",
+        "data",
+        Mode::Filesystem,
+        "echo holding; sleep 3600",
+        None,
+    )
+    .await;
+    ctx.wait_log("holder", "holding", Duration::from_secs(300))
+        .await;
     let recovered =
         wait_claim_event(&ctx, "data", "VolumeRecovered", Duration::from_secs(1200)).await;
     println!("VolumeRecovered: {recovered}");
+    ctx.delete_and_wait(&ctx.api::<Pod>(), "holder").await;
     let read = ctx
         .run_pod_within(
             "after-resync",
