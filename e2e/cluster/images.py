@@ -293,7 +293,6 @@ SIDECARS = {
     "csi-external-health-monitor-controller": ("sidecars", "healthMonitor"),
     "livenessprobe": ("sidecars", "livenessProbe"),
     "csi-node-driver-registrar": ("sidecars", "nodeDriverRegistrar"),
-    "csi-external-health-monitor-controller": ("sidecars", "healthMonitor"),
     "snapshot-controller": None,
 }
 
