@@ -108,6 +108,10 @@ cleanup() {
   exit $rc
 }
 trap cleanup EXIT
+# A signal ends the run with its own status, so cleanup reports it (it reported the last
+# command's, 0, after a SIGTERM).
+trap 'exit 143' TERM
+trap 'exit 130' INT
 
 # ---- builds ----------------------------------------------------------------------------------
 say "Kubernetes, etcd and the CSI sidecars (e2e/cluster/build-kube.sh, cached)"
