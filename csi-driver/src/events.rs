@@ -155,18 +155,14 @@ pub async fn observe(servers: &Servers, id: &VolumeId) -> Option<Observed> {
     })
 }
 
-/// A live server holding a replica of a mirrored volume whose home is not live: the one a
-/// replacement moved the volume to, else the live holder of the newest membership record
-/// (preferring an in-sync member). Its record names the home as unreachable, so the volume
-/// is reported degraded (or waiting, if no in-sync replica is live), never healthy. `None`
-/// for a single copy, or when no replica's server is live.
+/// A live server holding a replica of a mirrored volume whose home is not live: the live
+/// holder of the newest membership record, an in-sync member first (after a replacement
+/// moved the volume off its home, that is the member `replicas::acting_home` would pick). The
+/// record names the home as unreachable, so the volume is reported degraded (or waiting, if
+/// no in-sync replica is live), never healthy. `None` for a single copy, or when no replica's
+/// server is live.
 async fn replica_answering_for(servers: &Servers, id: &VolumeId) -> Option<LiveServer> {
-    let name = id.name().as_str();
-    let what = format!("volume {id}");
-    if let Ok(Some(s)) = replicas::acting_home(servers, id.server(), name, &what).await {
-        return Some(s);
-    }
-    let (record, holders) = replicas::find(servers, name).await.ok()?;
+    let (record, holders) = replicas::find(servers, id.name().as_str()).await.ok()?;
     let record = record.filter(|r| r.generation > 0)?;
     let in_sync = |s: &LiveServer| {
         record
@@ -175,6 +171,7 @@ async fn replica_answering_for(servers: &Servers, id: &VolumeId) -> Option<LiveS
             .any(|m| m.replica_id == s.id.as_str() && m.state == ReplicaState::InSync as i32)
     };
     let mut live: Vec<LiveServer> = holders.into_iter().map(|(s, _)| s).collect();
+    // Stable: among in-sync members (then the others) the holders keep their order.
     live.sort_by_key(|s| !in_sync(s));
     live.into_iter().next()
 }

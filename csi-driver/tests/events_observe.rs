@@ -64,6 +64,17 @@ fn volume_id(server: &str, name: &str) -> VolumeId {
     VolumeId::parse(&format!("{server}/{name}")).unwrap()
 }
 
+/// A mirror observed with its home server missing: degraded, naming that server.
+fn assert_degraded_naming_home(seen: Option<Observed>, case: &str) {
+    match seen {
+        Some(Observed::Degraded { detail }) => assert!(
+            detail.contains("srv-home"),
+            "names the missing replica: {detail}"
+        ),
+        other => panic!("a mirror with {case}: {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn a_mirror_whose_home_is_gone_is_degraded_and_a_single_copy_unreachable() {
     let mut home = EnbdServer::builder().id("srv-home").start();
@@ -85,15 +96,7 @@ async fn a_mirror_whose_home_is_gone_is_degraded_and_a_single_copy_unreachable()
     // The home's server dies: discovery still lists it, probes say down.
     home.kill();
     reg.probe_all().await;
-    match observe(&reg, &mirrored).await {
-        Some(Observed::Degraded { detail }) => {
-            assert!(
-                detail.contains("srv-home"),
-                "names the missing replica: {detail}"
-            )
-        }
-        other => panic!("a mirror with its home down: {other:?}"),
-    }
+    assert_degraded_naming_home(observe(&reg, &mirrored).await, "its home down");
     match observe(&reg, &single).await {
         Some(Observed::Unreachable { server, .. }) => assert_eq!(server, "srv-home"),
         other => panic!("a single copy with its server down: {other:?}"),
@@ -102,15 +105,7 @@ async fn a_mirror_whose_home_is_gone_is_degraded_and_a_single_copy_unreachable()
     // Its pod goes away (scaled down): discovery no longer lists it at all.
     reg.set_targets(&targets(&[&other]));
     reg.probe_all().await;
-    match observe(&reg, &mirrored).await {
-        Some(Observed::Degraded { detail }) => {
-            assert!(
-                detail.contains("srv-home"),
-                "names the missing replica: {detail}"
-            )
-        }
-        other => panic!("a mirror with its home undiscovered: {other:?}"),
-    }
+    assert_degraded_naming_home(observe(&reg, &mirrored).await, "its home undiscovered");
     match observe(&reg, &single).await {
         Some(Observed::Unreachable { server, reason }) => {
             assert_eq!(server, "srv-home");

@@ -22,7 +22,7 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 ENBD_SERVER_BIN=${ENBD_SERVER_BIN:-$TARGET/release/enbd-server}
 ENBD_NODE_BIN=${ENBD_NODE_BIN:-$TARGET/release/enbd-node}
 
-for tool in nbdinfo python3 /usr/bin/time bc; do
+for tool in nbdinfo python3 /usr/bin/time; do
   command -v "$tool" >/dev/null || { echo "missing $tool (run e2e/setup-host.sh)" >&2; exit 1; }
 done
 if [[ ! -x $ENBD_SERVER_BIN || ! -x $ENBD_NODE_BIN ]]; then

@@ -14,15 +14,13 @@
 
 mod kind_common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::storage::v1::StorageClass;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 
@@ -87,39 +85,6 @@ async fn scale_servers(client: &Client, set: &str, replicas: i32) {
     .await;
 }
 
-/// The chart's ext4 class with two replicas and a 5 s replica timeout; labelled as the
-/// test's, not the release's.
-async fn create_mirror_class(ctx: &Ctx) -> String {
-    let classes: Api<StorageClass> = Api::all(ctx.client.clone());
-    let chart = classes.get(FS_CLASS).await.expect("the chart's enbd class");
-    let name = format!("enbd-mirror-{}", ctx.ns);
-    let mut parameters = chart.parameters.unwrap_or_default();
-    parameters.insert("replicas".into(), "2".into());
-    parameters.insert("replicaTimeout".into(), "5s".into());
-    let class = StorageClass {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            labels: Some(BTreeMap::from([(
-                "enbd.io/e2e".to_string(),
-                "mirror".to_string(),
-            )])),
-            ..Default::default()
-        },
-        provisioner: chart.provisioner,
-        parameters: Some(parameters),
-        mount_options: chart.mount_options,
-        allow_volume_expansion: chart.allow_volume_expansion,
-        volume_binding_mode: chart.volume_binding_mode,
-        reclaim_policy: Some("Delete".into()),
-        allowed_topologies: None,
-    };
-    classes
-        .create(&PostParams::default(), &class)
-        .await
-        .expect("create the mirror class");
-    name
-}
-
 /// Waits for an events.k8s.io Event with `reason` about claim `claim` in the test's
 /// namespace; returns its note. Every Event about the claim seen so far is in the panic.
 async fn wait_claim_event(ctx: &Ctx, claim: &str, reason: &str, timeout: Duration) -> String {
@@ -172,7 +137,15 @@ async fn mirrored_claim_keeps_writing_without_a_replica_and_resyncs_it() {
     let ctx = Ctx::new("mirror").await;
     let set = server_statefulset(&ctx.client).await;
     scale_servers(&ctx.client, &set, 2).await;
-    let class = create_mirror_class(&ctx).await;
+    // The chart's ext4 class with two replicas and a 5 s replica timeout.
+    let class = ctx
+        .create_class_like_chart(
+            "mirror",
+            "mirror",
+            &[("replicas", "2"), ("replicaTimeout", "5s")],
+            "Delete",
+        )
+        .await;
     // The controller places the two replicas once it has seen the second server; until
     // then CreateVolume is ResourceExhausted and the provisioner retries.
     ctx.create_claim("data", &class, "2Gi", Mode::Filesystem)

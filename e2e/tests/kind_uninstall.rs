@@ -16,7 +16,7 @@
 
 mod kind_common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{
@@ -33,10 +33,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, StorageClass, VolumeAttachment};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams,
-};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams};
 use kube::{Api, Client};
 
 use kind_common::*;
@@ -162,43 +159,15 @@ fn sidecar_lease_suffix() -> String {
         .collect()
 }
 
-/// A StorageClass like the chart's `enbd` (provisioner, parameters, mount options, binding)
-/// but with reclaimPolicy Retain: none of the suite's values files has one. It carries the
-/// test's label, not the release's, so it is not an object of the release.
-async fn create_retain_class(ctx: &Ctx) -> String {
-    let classes: Api<StorageClass> = Api::all(ctx.client.clone());
-    let chart = classes.get(FS_CLASS).await.expect("the chart's enbd class");
-    let name = format!("enbd-retain-{}", ctx.ns);
-    let class = StorageClass {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            labels: Some(BTreeMap::from([(
-                "enbd.io/e2e".to_string(),
-                "uninstall".to_string(),
-            )])),
-            ..Default::default()
-        },
-        provisioner: chart.provisioner,
-        parameters: chart.parameters,
-        mount_options: chart.mount_options,
-        allow_volume_expansion: chart.allow_volume_expansion,
-        volume_binding_mode: chart.volume_binding_mode,
-        reclaim_policy: Some("Retain".into()),
-        allowed_topologies: None,
-    };
-    classes
-        .create(&PostParams::default(), &class)
-        .await
-        .expect("create the Retain class");
-    name
-}
-
 #[tokio::test]
 #[ignore = "needs the kind cluster: e2e/kind/run.sh (run last: it uninstalls the driver)"]
 async fn helm_uninstall_leaves_only_what_the_reclaim_policy_keeps() {
     let helm = HelmRelease::from_env();
     let ctx = Ctx::new("uninstall").await;
-    let retain_class = create_retain_class(&ctx).await;
+    // None of the suite's values files has a Retain class.
+    let retain_class = ctx
+        .create_class_like_chart("retain", "uninstall", &[], "Retain")
+        .await;
 
     ctx.create_claim("kept", &retain_class, "1Gi", Mode::Filesystem)
         .await;

@@ -20,6 +20,7 @@ use k8s_openapi::api::core::v1::{
     PersistentVolumeClaimVolumeSource, Pod, PodSpec, Volume, VolumeDevice, VolumeMount,
     VolumeResourceRequirements,
 };
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{
@@ -558,6 +559,48 @@ impl Ctx {
         )
         .await;
         claim_condition(pvc.as_ref(), &type_).unwrap_or_default()
+    }
+
+    /// Creates StorageClass `enbd-<kind>-<namespace>`: the chart's `enbd` class (provisioner,
+    /// parameters, mount options, expansion, binding) with `extra` parameters added and
+    /// `reclaim_policy`. It carries the label `enbd.io/e2e=<label>`, not the release's, so it
+    /// is no object of the release. Returns its name.
+    pub async fn create_class_like_chart(
+        &self,
+        kind: &str,
+        label: &str,
+        extra: &[(&str, &str)],
+        reclaim_policy: &str,
+    ) -> String {
+        let classes: Api<StorageClass> = Api::all(self.client.clone());
+        let chart = classes.get(FS_CLASS).await.expect("the chart's enbd class");
+        let name = format!("enbd-{kind}-{}", self.ns);
+        let mut parameters = chart.parameters.unwrap_or_default();
+        for (k, v) in extra {
+            parameters.insert((*k).to_string(), (*v).to_string());
+        }
+        let class = StorageClass {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(BTreeMap::from([(
+                    "enbd.io/e2e".to_string(),
+                    label.to_string(),
+                )])),
+                ..Default::default()
+            },
+            provisioner: chart.provisioner,
+            parameters: Some(parameters),
+            mount_options: chart.mount_options,
+            allow_volume_expansion: chart.allow_volume_expansion,
+            volume_binding_mode: chart.volume_binding_mode,
+            reclaim_policy: Some(reclaim_policy.into()),
+            allowed_topologies: None,
+        };
+        classes
+            .create(&PostParams::default(), &class)
+            .await
+            .unwrap_or_else(|e| panic!("create StorageClass {name}: {e}"));
+        name
     }
 
     /// The PersistentVolume a bound claim uses.

@@ -71,16 +71,17 @@ copied=$(node_metric enbd_node_mirror_resync_copied_bytes_total volume=tvol)
 awk -v c="${copied:-0}" 'BEGIN{exit !(c > 0)}' || fail "metrics: no resync bytes counted ($copied)"
 writes=$(node_metric enbd_node_volume_requests_total volume=tvol op=write)
 awk -v c="${writes:-0}" 'BEGIN{exit !(c > 0)}' || fail "metrics: no device writes counted ($writes)"
-for r in vm vm-b vm-c; do eval "reads_before_$(echo $r | tr - _)=$(node_metric enbd_node_replica_reads_total volume=tvol replica=$r)"; done
+reads_of() { node_metric enbd_node_replica_reads_total volume=tvol replica="$1"; }
+for r in vm vm-b vm-c; do echo "$r $(reads_of $r)"; done > reads.before
 sync; echo 3 > /proc/sys/vm/drop_caches
 verify_files p1 /mnt/tvol/p1
 verify_files p2 /mnt/tvol/p2
 for r in vm vm-b vm-c; do
-  v=reads_before_$(echo $r | tr - _); eval "before=\${$v:-0}"
-  after=$(node_metric enbd_node_replica_reads_total volume=tvol replica=$r)
-  awk -v a="${after:-0}" -v b="$before" 'BEGIN{exit !(a > b)}' \
-    || fail "reads after the resync never reached $r ($before -> $after): not balanced"
-  log "replica $r served $(awk -v a="${after:-0}" -v b="$before" 'BEGIN{print a - b}') reads after the resync"
+  before=$(awk -v r="$r" '$1 == r {print $2}' reads.before)
+  served=$(awk -v a="$(reads_of $r)" -v b="${before:-0}" 'BEGIN{print a - b}')
+  awk -v n="$served" 'BEGIN{exit !(n > 0)}' \
+    || fail "reads after the resync never reached $r (${before:-0} before, $served more): not balanced"
+  log "replica $r served $served reads after the resync"
 done
 log "metrics: three replicas in_sync, $copied resync bytes, $writes device writes"
 umount /mnt/tvol; MOUNTS=""
