@@ -3,7 +3,7 @@
 //! e2e suite validates the chart's arguments with [`Cli::try_parse_from`].
 //! Parsing only checks syntax; [`crate::config::Config::from_cli`] checks meaning.
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// How the controller finds enbd-servers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -25,7 +25,12 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "csi-driver", version, about)]
 pub struct Cli {
-    /// CSI endpoint the sidecars dial (`unix:///path` or a plain path).
+    /// Without a subcommand: run the controller.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// CSI endpoint the sidecars dial (`unix:///path` or a plain path); the operator
+    /// subcommands dial the running controller there.
     #[arg(long, env = "ENBD_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     pub endpoint: String,
 
@@ -108,8 +113,33 @@ pub struct Cli {
     pub grant_reconcile_interval: std::time::Duration,
 }
 
+/// Operator actions, sent to the controller running on `--endpoint` (run them inside its
+/// pod: `kubectl exec deploy/<release>-controller -c csi-driver -- csi-driver …`).
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// The controller's half of replacing a mirrored volume's replica: creates the volume
+    /// on a new enbd-server (same name, size and labels) and grants it to the node the
+    /// volume is attached to. Prints the `--with` argument for the node's
+    /// `enbd-node replace`, which then makes the swap and the full copy.
+    PrepareReplacement(PrepareReplacementArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PrepareReplacementArgs {
+    /// The CSI volume id (the PV's `spec.csi.volumeHandle`, `SERVER/NAME`).
+    #[arg(long)]
+    pub volume_id: String,
+    /// The replica being replaced: its enbd-server id.
+    #[arg(long)]
+    pub replica: String,
+    /// The enbd-server to put the new replica on (default: chosen like a new volume's
+    /// replicas: a live non-member with room, in a zone no surviving member uses if any).
+    #[arg(long)]
+    pub target: Option<String>,
+}
+
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -134,6 +164,40 @@ mod tests {
         assert_eq!(
             cli.grant_reconcile_interval,
             std::time::Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn prepare_replacement_takes_its_arguments_and_the_endpoint() {
+        let cli = Cli::try_parse_from([
+            "csi-driver",
+            "--endpoint",
+            "unix:///tmp/c.sock",
+            "prepare-replacement",
+            "--volume-id",
+            "srv-a/pvc-1",
+            "--replica",
+            "srv-b",
+        ])
+        .unwrap();
+        assert_eq!(cli.endpoint, "unix:///tmp/c.sock");
+        let Some(Command::PrepareReplacement(a)) = cli.command else {
+            panic!("no subcommand parsed: {:?}", cli.command);
+        };
+        assert_eq!(
+            (a.volume_id.as_str(), a.replica.as_str()),
+            ("srv-a/pvc-1", "srv-b")
+        );
+        assert_eq!(a.target, None);
+        assert!(
+            Cli::try_parse_from(["csi-driver", "prepare-replacement", "--replica", "b"]).is_err(),
+            "--volume-id is required"
+        );
+        assert!(
+            Cli::try_parse_from(["csi-driver"])
+                .unwrap()
+                .command
+                .is_none()
         );
     }
 

@@ -96,7 +96,8 @@ fn valid_driver_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.'))
 }
 
-fn parse_socket_path(endpoint: &str) -> Result<PathBuf, ConfigError> {
+/// The socket path of an `--endpoint` (`unix:///path` or `/path`).
+pub fn parse_socket_path(endpoint: &str) -> Result<PathBuf, ConfigError> {
     let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
     if !path.starts_with('/') || endpoint.contains("://") && !endpoint.starts_with("unix://") {
         return Err(ConfigError::Endpoint(endpoint.to_owned()));

@@ -4,11 +4,13 @@
 //! [`discovery`] (which enbd-servers exist) → [`servers`] (health, clients) →
 //! [`mgmt`] (one management call under a deadline) →
 //! [`placement`], [`capacity`], [`capability`], [`publish`], [`ops`], [`names`],
-//! [`nodes`] (policy) →
+//! [`nodes`], [`pending`] (policy) →
 //! [`identity`], [`controller`] (the CSI services; [`error`] is their one
 //! mapping to gRPC codes), [`events`] (Kubernetes Events on state changes) →
-//! [`serve`] (unix socket, shutdown) → `main.rs`.
+//! [`serve`] (unix socket, shutdown) → `main.rs`; [`admin_client`] is the operator
+//! subcommands' client of a running controller.
 
+pub mod admin_client;
 pub mod capability;
 pub mod capacity;
 pub mod cli;
@@ -24,6 +26,7 @@ pub mod mgmt_tls;
 pub mod names;
 pub mod nodes;
 pub mod ops;
+pub mod pending;
 pub mod placement;
 pub mod publish;
 pub mod replicas;

@@ -1,10 +1,11 @@
-//! `csi-driver` binary: parse flags, set up logging, run until SIGTERM/SIGINT.
+//! `csi-driver` binary: parse flags, set up logging, run until SIGTERM/SIGINT; or, with an
+//! operator subcommand, make that one call to the running controller.
 
 use std::io::Write;
 
 use anyhow::Context;
 use clap::Parser;
-use csi_driver::cli::{Cli, LogFormat};
+use csi_driver::cli::{Cli, Command, LogFormat};
 use csi_driver::config::Config;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +29,12 @@ fn init_logging(format: LogFormat, level: &str) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::PrepareReplacement(args)) = &cli.command {
+        let socket = csi_driver::config::parse_socket_path(&cli.endpoint)?;
+        let done = csi_driver::admin_client::prepare_replacement(socket, args).await?;
+        print!("{}", csi_driver::admin_client::describe(args, &done));
+        return Ok(());
+    }
     init_logging(cli.log_format, &cli.log_level);
     let config = Config::from_cli(&cli).context("invalid command line")?;
 

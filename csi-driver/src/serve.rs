@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use enbd_proto::csi::controller_server::ControllerServer;
 use enbd_proto::csi::identity_server::IdentityServer;
+use enbd_proto::enbd::controller_admin_service_server::ControllerAdminServiceServer;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::controller::ControllerService;
+use crate::controller::{AdminService, ControllerService};
 use crate::identity::IdentityService;
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
@@ -191,6 +192,9 @@ pub async fn run(
         .add_service(ControllerServer::new(ControllerService::new(Arc::clone(
             &state,
         ))))
+        .add_service(ControllerAdminServiceServer::new(AdminService::new(
+            Arc::clone(&state),
+        )))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.cancelled())
         .await;
 

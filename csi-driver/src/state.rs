@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
 use crate::ops::Ops;
+use crate::pending::PendingReplacements;
 use crate::publish::Publications;
 use crate::servers::Servers;
 
@@ -13,6 +14,8 @@ pub struct State {
     pub servers: Arc<Servers>,
     pub ops: Ops,
     pub publications: Publications,
+    /// Replacement replicas prepared for a node's mirror, not recorded yet.
+    pub replacements: PendingReplacements,
     pub nodes: Nodes,
     pub metrics: Arc<Metrics>,
 }
@@ -29,6 +32,7 @@ impl State {
             servers,
             ops: Ops::new(),
             publications: Publications::new(),
+            replacements: PendingReplacements::default(),
             nodes,
             metrics,
         })

@@ -2629,6 +2629,246 @@ async fn grants_follow_a_replacement_to_the_new_member() {
     }
 }
 
+async fn labels_on(server: &EnbdServer, name: &str) -> HashMap<String, String> {
+    server
+        .mgmt_client()
+        .await
+        .get_volume(enbd_proto::enbd::GetVolumeRequest { name: name.into() })
+        .await
+        .expect("GetVolume")
+        .into_inner()
+        .volume
+        .expect("volume")
+        .labels
+}
+
+/// `csi-driver prepare-replacement`, the CLI a person runs in the controller's pod, against
+/// the running driver at `d`: its exit status, stdout and stderr.
+async fn prepare_cli(d: &Driver, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_csi-driver"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", d.socket.display()))
+        .arg("prepare-replacement")
+        .args(args)
+        .output()
+        .await
+        .expect("run csi-driver prepare-replacement");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The controller's half of a replacement: refused with the exact code while it cannot be
+/// made; then the new copy is created on the one server outside the set with the volume's
+/// size and labels, the published node's token opens it, the grant reconciliation leaves
+/// that grant alone although the server is no member yet, a retry changes nothing, and once
+/// the node's record names the new member the replaced one loses the grant.
+#[tokio::test]
+async fn a_prepared_replacement_is_created_granted_and_held_until_recorded() {
+    use enbd_proto::enbd::controller_admin_service_client::ControllerAdminServiceClient;
+    use enbd_proto::enbd::{
+        Membership, PrepareReplacementRequest, ReplicaMember, ReplicaState, SetMembershipRequest,
+    };
+    let servers = [
+        published_server("srv-a"),
+        published_server("srv-b"),
+        published_server("srv-c"),
+    ];
+    let entries: Vec<String> = servers.iter().map(entry).collect();
+    let d = driver_with(&entries, &["--grant-reconcile-interval", "200ms"]).await;
+    let admin = || ControllerAdminServiceClient::new(d.channel.clone());
+    let prepare = |volume_id: &str, replica: &str, target: &str| PrepareReplacementRequest {
+        volume_id: volume_id.into(),
+        replica: replica.into(),
+        target: target.into(),
+    };
+    let mut req = create_req("swap", 2 * MIB);
+    req.parameters = params(&[("replicas", "2")]);
+    let vol = d
+        .ctl()
+        .create_volume(req)
+        .await
+        .expect("create")
+        .into_inner();
+    let vol = vol.volume.unwrap();
+    let home_id = vol.volume_id.split('/').next().unwrap().to_owned();
+    let mut holders = Vec::new();
+    for s in &servers {
+        if exists_on(s, "swap").await.is_some() {
+            holders.push(s);
+        }
+    }
+    let home = *holders.iter().find(|s| s.id() == home_id).unwrap();
+    let old = *holders.iter().find(|s| s.id() != home_id).unwrap();
+    let spare = servers
+        .iter()
+        .find(|s| s.id() != home.id() && s.id() != old.id())
+        .unwrap();
+
+    // Not attached anywhere: the CLI fails, saying why.
+    let (ok, _, err) =
+        prepare_cli(&d, &["--volume-id", &vol.volume_id, "--replica", old.id()]).await;
+    assert!(
+        !ok && err.contains("FailedPrecondition") && err.contains("published to no node"),
+        "{err}"
+    );
+    assert!(
+        exists_on(spare, "swap").await.is_none(),
+        "created before refusing"
+    );
+
+    let token = d
+        .ctl()
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            node_id: "node-1".into(),
+            volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+            ..Default::default()
+        })
+        .await
+        .expect("publish")
+        .into_inner()
+        .publish_context[enbd_proto::params::PUBLISH_ACCESS_TOKEN]
+        .clone();
+
+    let refused = [
+        (prepare("not an id", old.id(), ""), Code::InvalidArgument),
+        (prepare(&vol.volume_id, "", ""), Code::InvalidArgument),
+        (
+            prepare(&format!("{home_id}/nope"), old.id(), ""),
+            Code::NotFound,
+        ),
+        (
+            prepare(&vol.volume_id, spare.id(), ""),
+            Code::FailedPrecondition,
+        ),
+        (
+            prepare(&vol.volume_id, old.id(), home.id()),
+            Code::FailedPrecondition,
+        ),
+        (prepare(&vol.volume_id, old.id(), "srv-z"), Code::NotFound),
+    ];
+    for (r, code) in refused {
+        let shown = format!("{r:?}");
+        let got = admin().prepare_replacement(r).await.expect_err(&shown);
+        assert_eq!(got.code(), code, "{shown}: {}", got.message());
+    }
+    assert!(
+        exists_on(spare, "swap").await.is_none(),
+        "a refusal created something"
+    );
+
+    // The CLI makes it: the new copy on the spare, granted with the node's token.
+    let (ok, out, err) =
+        prepare_cli(&d, &["--volume-id", &vol.volume_id, "--replica", old.id()]).await;
+    assert!(ok, "prepare-replacement failed: {err}");
+    let spec = out.lines().last().unwrap_or_default().to_owned();
+    assert_eq!(
+        spec,
+        format!("{}@{}@{}", spare.id(), spare.nbd(), spare.mgmt_url()),
+        "{out}"
+    );
+    assert!(
+        out.contains("volume created there") && out.contains("node-1"),
+        "{out}"
+    );
+    assert_eq!(exists_on(spare, "swap").await, Some(2 * MIB as u64));
+    assert_eq!(
+        labels_on(spare, "swap").await,
+        labels_on(home, "swap").await,
+        "the labels are copied"
+    );
+    assert!(
+        token_opens(spare, &token).await,
+        "the node's token opens the new copy"
+    );
+
+    // Held: several reconciliation passes later the grant is still there.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        token_opens(spare, &token).await,
+        "the reconciliation revoked a prepared grant"
+    );
+    assert_eq!(reconciled(&d, "revoked"), 0.0);
+
+    // A retry finds it (nothing created twice); no other server is left, so a volume whose
+    // set uses all three has nowhere to go.
+    let again = admin()
+        .prepare_replacement(prepare(&vol.volume_id, old.id(), ""))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(
+        (again.server_id.as_str(), again.created),
+        (spare.id(), false)
+    );
+    let mut wide = create_req("wide", MIB);
+    wide.parameters = params(&[("replicas", "3")]);
+    let wide = d
+        .ctl()
+        .create_volume(wide)
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .unwrap();
+    d.ctl()
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: wide.volume_id.clone(),
+            node_id: "node-1".into(),
+            volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+            ..Default::default()
+        })
+        .await
+        .expect("publish wide");
+    let none = admin()
+        .prepare_replacement(prepare(&wide.volume_id, old.id(), ""))
+        .await
+        .expect_err("placed a fourth replica on three servers");
+    assert_eq!(none.code(), Code::ResourceExhausted, "{}", none.message());
+
+    // The node's mirror records the swap (generation 2, the spare OUT in the old one's
+    // place, written on the home and the spare): the replaced member loses the grant.
+    let first = membership_on(home, "swap").await;
+    let record = Membership {
+        generation: 2,
+        members: first
+            .members
+            .iter()
+            .map(|m| {
+                if m.replica_id == old.id() {
+                    ReplicaMember {
+                        replica_id: spare.id().to_owned(),
+                        state: ReplicaState::Out as i32,
+                        ..Default::default()
+                    }
+                } else {
+                    m.clone()
+                }
+            })
+            .collect(),
+        region_bytes: first.region_bytes,
+    };
+    for s in [spare, home] {
+        s.replica_client()
+            .await
+            .set_membership(SetMembershipRequest {
+                volume: "swap".into(),
+                membership: Some(record.clone()),
+                extra_dirty: Vec::new(),
+            })
+            .await
+            .expect("replacement record");
+    }
+    d.wait_until(
+        || async { token_opens(spare, &token).await && !token_opens(old, &token).await },
+        "the replaced member to lose the grant while the new one keeps it",
+    )
+    .await;
+}
+
 // ---------------------------------------------------------------- ListVolumes and mirrors
 
 async fn listed(d: &Driver) -> Vec<list_volumes_response::Entry> {

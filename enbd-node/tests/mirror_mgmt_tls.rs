@@ -52,13 +52,23 @@ fn start(dir: &std::path::Path, id: &str, ca: &Ca) -> Server {
 }
 
 fn start_with(dir: &std::path::Path, id: &str, ca: &Ca, extra: &[&str]) -> Server {
+    spawn(dir, id, ca, true, extra)
+}
+
+/// A server with no volume at all (no `--demo`).
+fn start_empty(dir: &std::path::Path, id: &str, ca: &Ca, extra: &[&str]) -> Server {
+    spawn(dir, id, ca, false, extra)
+}
+
+fn spawn(dir: &std::path::Path, id: &str, ca: &Ca, demo: bool, extra: &[&str]) -> Server {
     let pair = ca.server(id);
     let cert = write(dir, &format!("{id}.crt"), &pair.cert);
     let key = write(dir, &format!("{id}.key"), &pair.key);
     let client_ca = write(dir, "ca.crt", &ca.pem());
     let (child, ready) = spawn_until_ready(
         Command::new(enbd_server_bin())
-            .args(["--demo", "--listen=127.0.0.1:0"])
+            .args(demo.then_some("--demo"))
+            .arg("--listen=127.0.0.1:0")
             .arg(format!("--server-id={id}"))
             .args(["--mgmt-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"])
             .arg(format!("--data-dir={}", dir.join(id).display()))
@@ -145,9 +155,11 @@ async fn a_node_certificate_is_enough_for_the_mirror_and_required() {
     m.shutdown().await;
 }
 
-/// Grants `volume` to `node` on `server` as the controller does; returns the token.
-async fn grant(server: &Server, ca: &Ca, volume: &str, node: &str, token: &str) -> String {
-    use enbd_proto::enbd::GrantAccessRequest;
+/// The management client of `server` with the controller's certificate.
+async fn as_controller(
+    server: &Server,
+    ca: &Ca,
+) -> enbd_proto::enbd::volume_service_client::VolumeServiceClient<tonic::transport::Channel> {
     use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let controller = ca.client("enbd-controller");
@@ -163,6 +175,13 @@ async fn grant(server: &Server, ca: &Ca, volume: &str, node: &str, token: &str) 
         .await
         .unwrap();
     VolumeServiceClient::new(ch)
+}
+
+/// Grants `volume` to `node` on `server` as the controller does; returns the token.
+async fn grant(server: &Server, ca: &Ca, volume: &str, node: &str, token: &str) -> String {
+    use enbd_proto::enbd::GrantAccessRequest;
+    as_controller(server, ca)
+        .await
         .grant_access(GrantAccessRequest {
             volume: volume.into(),
             node_id: node.into(),
@@ -224,5 +243,122 @@ async fn at_access_published_the_mirror_sends_the_volume_token_to_the_management
     assert_eq!(m.read(4096, 4096).await.unwrap(), data);
     let s = m.status();
     assert_eq!(s.state, MirrorState::Healthy, "{s:?}");
+    m.shutdown().await;
+}
+
+/// Replacing a replica under the chart's management settings (mutual TLS, `--access
+/// published`): the node's role may not create the new replica's volume, so `replace` refuses
+/// with the way forward and changes nothing; once the controller created it and granted the
+/// node (what `csi-driver prepare-replacement` does), the same call swaps it in and the
+/// resync gives it a full copy, checked in the new server's data file.
+#[tokio::test]
+async fn under_management_tls_the_node_replaces_onto_a_volume_the_controller_prepared() {
+    use enbd_node::engine::access::AccessCredential;
+    use enbd_proto::enbd::{CreateVolumeRequest, GetVolumeRequest};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("enbd test CA");
+    let a = start_with(dir.path(), "srv-a", &ca, &["--access=published"]);
+    let b = start_with(dir.path(), "srv-b", &ca, &["--access=published"]);
+    let c = start_empty(dir.path(), "srv-c", &ca, &["--access=published"]);
+    let node = ca.client("enbd-node");
+    let files = MgmtTlsFiles {
+        ca: write(dir.path(), "trust.crt", &ca.pem()),
+        cert: write(dir.path(), "node.crt", &node.cert),
+        key: write(dir.path(), "node.key", &node.key),
+    };
+    let token = grant(&a, &ca, "demo", "node-1", "").await;
+    grant(&b, &ca, "demo", "node-1", &token).await;
+    let mut cfg = config(&[("srv-a", &a), ("srv-b", &b)]);
+    cfg.mgmt_tls = Some(files.load().unwrap());
+    cfg.client.access = Some(Arc::new(AccessCredential::new(&token, true).unwrap()));
+    let m = Mirror::open(cfg).await.expect("mirror");
+    let data = Bytes::from(
+        (0..64 * 1024u32)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<_>>(),
+    );
+    for at in [0u64, 1 << 20, 3 << 20] {
+        m.write(at, data.clone(), true).await.unwrap();
+    }
+    let new_replica = ReplicaConfig {
+        id: "srv-c".into(),
+        nbd: c.1.nbd.to_string(),
+        mgmt: format!("https://localhost:{}", c.1.mgmt.port()),
+    };
+    let volume_on_c = || async {
+        as_controller(&c, &ca)
+            .await
+            .get_volume(GetVolumeRequest {
+                name: "demo".into(),
+            })
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().volume)
+    };
+
+    // Unprepared: refused with the controller command to run, nothing created or changed.
+    let err = m
+        .replace("srv-b", new_replica.clone())
+        .await
+        .expect_err("the node created a volume under management TLS");
+    assert!(
+        err.to_string().contains("csi-driver prepare-replacement"),
+        "{err}"
+    );
+    assert!(
+        volume_on_c().await.is_none(),
+        "something was created on srv-c"
+    );
+    let ids: Vec<String> = m.replica_configs().into_iter().map(|r| r.id).collect();
+    assert_eq!(ids, ["srv-a", "srv-b"]);
+
+    // The controller's half: the volume with an in-sync member's size and labels, and the
+    // node's grant with its token.
+    let template = as_controller(&a, &ca)
+        .await
+        .get_volume(GetVolumeRequest {
+            name: "demo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    as_controller(&c, &ca)
+        .await
+        .create_volume(CreateVolumeRequest {
+            name: "demo".into(),
+            size_bytes: template.size_bytes,
+            source: None,
+            labels: template.labels.clone(),
+        })
+        .await
+        .expect("create as the controller");
+    grant(&c, &ca, "demo", "node-1", &token).await;
+
+    let done = m.replace("srv-b", new_replica).await.expect("replace");
+    assert!(
+        !done.created,
+        "the prepared volume is used, not created again"
+    );
+    assert!(done.record.state_of("srv-b").is_none(), "{:?}", done.record);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while m.status().state != MirrorState::Healthy {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no full copy to srv-c: {:#?}",
+            m.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    m.flush().await.unwrap();
+    let file =
+        |id: &str| std::fs::read(dir.path().join(id).join("volumes/demo/data")).expect("data file");
+    let (on_a, on_c) = (file("srv-a"), file("srv-c"));
+    assert_eq!(on_a.len(), on_c.len());
+    assert!(on_a == on_c, "srv-c's copy differs from srv-a's");
+    assert_eq!(&on_c[3 << 20..(3 << 20) + data.len()], &data[..]);
     m.shutdown().await;
 }

@@ -13,6 +13,8 @@
 //! - it works under each volume's operation guard (a volume being published or unpublished is
 //!   left to that operation, and the next pass looks again), and only on publications the
 //!   controller granted itself (their tokens are in [`crate::publish::Publications`]);
+//! - a replacement the controller prepared ([`super::replacement`]) counts as a member
+//!   until a record names it or its hold expires ([`crate::pending`]);
 //! - it is idempotent: the servers say whether a call changed anything, and only a change is
 //!   logged and counted ([`Reconciled`]).
 
@@ -144,7 +146,18 @@ impl State {
                 .filter_map(|m| ServerId::parse(&m.replica_id).ok())
                 .collect()
         };
-        for member in &members {
+        // A replacement prepared for the node's mirror is granted like a member until a
+        // record names it (then it is one) or its hold expires.
+        let volume_id = id.to_string();
+        let mut keep = members.clone();
+        for held in self.replacements.held(&volume_id) {
+            if members.contains(&held) {
+                self.replacements.release(&volume_id, &held);
+            } else {
+                keep.insert(held);
+            }
+        }
+        for member in &keep {
             // A member whose server is down is granted when it is live again.
             if let Lookup::Live(server) = self.servers.lookup(member) {
                 for node in nodes {
@@ -152,7 +165,7 @@ impl State {
                 }
             }
         }
-        for holder in copies.iter().filter(|s| !members.contains(s)) {
+        for holder in copies.iter().filter(|s| !keep.contains(s)) {
             if let Lookup::Live(server) = self.servers.lookup(holder) {
                 for node in nodes {
                     self.revoke_one(id, &server, &node.node_id, pass).await;

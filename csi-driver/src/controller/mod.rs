@@ -15,7 +15,10 @@
 //! them, [`listing`] makes ListVolumes' one entry per volume and [`source`] resolves
 //! content sources. [`grants`] is no RPC: the background pass
 //! that keeps the access grants of published volumes on their current replicas.
+//! [`admin`] serves the operator actions beside the CSI services: [`replacement`]
+//! (the controller's half of replacing a mirrored volume's replica).
 
+mod admin;
 mod capacity;
 mod expand;
 mod grants;
@@ -23,6 +26,7 @@ mod listing;
 mod lookup;
 mod mirrored;
 mod publication;
+mod replacement;
 mod service;
 mod snapshots;
 mod source;
@@ -32,6 +36,7 @@ use std::time::Duration;
 
 use crate::error::{CsiError, invalid};
 
+pub use admin::AdminService;
 pub use grants::{Pass, run_grant_reconciler};
 pub use service::ControllerService;
 

@@ -12,9 +12,9 @@ use enbd_proto::enbd::ACCESS_TOKEN_METADATA;
 use enbd_proto::enbd::replica_service_client::ReplicaServiceClient;
 use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
 use enbd_proto::enbd::{
-    ByteRange, ClearDirtyRegionsRequest, DirtyRanges, GetActivityRequest, GetDirtyRegionsRequest,
-    GetMembershipRequest, GetVolumeRequest, Membership, ReplicaMember, ReplicaState,
-    SetMembershipRequest, UpdateActivityRequest,
+    ByteRange, ClearDirtyRegionsRequest, CreateVolumeRequest, DirtyRanges, GetActivityRequest,
+    GetDirtyRegionsRequest, GetMembershipRequest, GetVolumeRequest, Membership, ReplicaMember,
+    ReplicaState, SetMembershipRequest, UpdateActivityRequest, Volume,
 };
 use futures::future::BoxFuture;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -215,6 +215,41 @@ impl GrpcControl {
         })
     }
 
+    /// The volume on this server (`None`: it has none), with everything GetVolume says.
+    pub async fn find_volume(&self) -> Result<Option<Volume>, tonic::Status> {
+        let got = self
+            .volumes
+            .clone()
+            .get_volume(self.request(GetVolumeRequest {
+                name: self.volume.clone(),
+            }))
+            .await;
+        match got {
+            Ok(resp) => Ok(resp.into_inner().volume),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(s),
+        }
+    }
+
+    /// Creates the volume on this server, empty, with `size` bytes and `labels` (a role
+    /// that may not create volumes gets PERMISSION_DENIED: see `Mirror::replace`).
+    pub async fn create_volume(
+        &self,
+        size: u64,
+        labels: std::collections::HashMap<String, String>,
+    ) -> Result<(), tonic::Status> {
+        self.volumes
+            .clone()
+            .create_volume(self.request(CreateVolumeRequest {
+                name: self.volume.clone(),
+                size_bytes: size,
+                source: None,
+                labels,
+            }))
+            .await
+            .map(drop)
+    }
+
     /// A request carrying the access token, if there is one.
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
@@ -245,9 +280,16 @@ pub(crate) fn to_proto(r: &Record) -> Membership {
                         MemberState::Resyncing => ReplicaState::Resyncing,
                     } as i32,
                     data_address: ep.map(|e| e.nbd.clone()).unwrap_or_default(),
+                    // An https:// address keeps its scheme; a bare one is plain text.
                     mgmt_url: ep
                         .filter(|e| !e.mgmt.is_empty())
-                        .map(|e| format!("http://{}", e.mgmt))
+                        .map(|e| {
+                            if e.mgmt.starts_with("https://") {
+                                e.mgmt.clone()
+                            } else {
+                                format!("http://{}", e.mgmt)
+                            }
+                        })
                         .unwrap_or_default(),
                 }
             })

@@ -19,8 +19,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use enbd_proto::enbd::volume_service_client::VolumeServiceClient;
-use enbd_proto::enbd::{CreateVolumeRequest, GetVolumeRequest};
 use futures::future::join_all;
 
 use super::backend::{ClientConnector, ReplicaControl};
@@ -46,76 +44,79 @@ fn replica_err(id: &str, why: impl ToString) -> MirrorError {
     }
 }
 
-async fn volumes_client(
-    mgmt: &str,
-    timeout: Duration,
-) -> Result<VolumeServiceClient<tonic::transport::Channel>, String> {
-    let ep = tonic::transport::Endpoint::from_shared(format!("http://{mgmt}"))
-        .map_err(|e| format!("management address {mgmt:?}: {e}"))?
-        .connect_timeout(timeout)
-        .timeout(timeout);
-    let ch = ep.connect().await.map_err(|e| format!("connect: {e}"))?;
-    Ok(VolumeServiceClient::new(ch))
-}
-
 /// Creates `volume` on the server at `new.mgmt` with `size` bytes and the labels the
 /// volume has on `template` (an in-sync member), or finds it there already with that size
-/// (a retried replacement). Returns whether it was created now.
+/// (a retried replacement, or one the controller prepared). Returns whether it was created
+/// now. Management calls go the way the mirror's own do ([`MirrorConfig::control`]: TLS and
+/// the volume's access token when the address is https).
+///
+/// Under management TLS the node's role may not create volumes (only the controller may):
+/// then the controller prepares the new replica first (`csi-driver prepare-replacement`,
+/// which creates it and grants this node access), and this finds it.
 pub async fn ensure_volume(
-    volume: &str,
+    cfg: &MirrorConfig,
     size: u64,
     template: &ReplicaConfig,
     new: &ReplicaConfig,
-    timeout: Duration,
 ) -> Result<bool, MirrorError> {
-    let mut src = volumes_client(&template.mgmt, timeout)
-        .await
-        .map_err(|e| replica_err(&template.id, e))?;
-    let labels = src
-        .get_volume(GetVolumeRequest {
-            name: volume.to_owned(),
-        })
+    // One-off operator calls: no shorter than 5 s even with a tight replica timeout.
+    let mut cfg = cfg.clone();
+    cfg.replica_timeout = cfg.replica_timeout.max(Duration::from_secs(5));
+    let volume = cfg.volume.as_str();
+    let control = |r: &ReplicaConfig| cfg.control(&r.mgmt).map_err(|e| replica_err(&r.id, e.0));
+    let dst = control(new)?;
+    match dst.find_volume().await {
+        Ok(Some(v)) if v.size_bytes == size => return Ok(false),
+        Ok(Some(v)) => {
+            return Err(replica_err(
+                &new.id,
+                format!(
+                    "volume {volume} already exists there with {} bytes, not the mirror's {size}: \
+                     delete it or choose another server",
+                    v.size_bytes
+                ),
+            ));
+        }
+        Ok(None) => {}
+        Err(s) if s.code() == tonic::Code::PermissionDenied => {
+            return Err(replica_err(
+                &new.id,
+                format!(
+                    "GetVolume: {} (this node holds no grant for {volume} there: prepare the \
+                 replacement in the controller first — csi-driver prepare-replacement \
+                 --volume-id <id> --replica <old> --target {} — then run this again)",
+                    s.message(),
+                    new.id
+                ),
+            ));
+        }
+        Err(s) => return Err(replica_err(&new.id, format!("GetVolume: {}", s.message()))),
+    }
+    let labels = control(template)?
+        .find_volume()
         .await
         .map_err(|s| replica_err(&template.id, format!("GetVolume: {}", s.message())))?
-        .into_inner()
-        .volume
         .map(|v| v.labels)
         .unwrap_or_default();
-    let mut dst = volumes_client(&new.mgmt, timeout)
-        .await
-        .map_err(|e| replica_err(&new.id, e))?;
-    let existing = dst
-        .get_volume(GetVolumeRequest {
-            name: volume.to_owned(),
-        })
-        .await;
-    match existing {
-        Ok(v) => {
-            let have = v.into_inner().volume.map_or(0, |v| v.size_bytes);
-            if have != size {
-                return Err(replica_err(
-                    &new.id,
-                    format!(
-                        "volume {volume} already exists there with {have} bytes, not the mirror's {size}: \
-                         delete it or choose another server"
-                    ),
-                ));
-            }
-            Ok(false)
-        }
-        Err(s) if s.code() == tonic::Code::NotFound => {
-            dst.create_volume(CreateVolumeRequest {
-                name: volume.to_owned(),
-                size_bytes: size,
-                source: None,
-                labels,
-            })
-            .await
-            .map_err(|s| replica_err(&new.id, format!("CreateVolume: {}", s.message())))?;
+    match dst.create_volume(size, labels).await {
+        Ok(()) => {
             tracing::info!(volume, replica = %new.id, size, "replacement replica's volume created");
             Ok(true)
         }
-        Err(s) => Err(replica_err(&new.id, format!("GetVolume: {}", s.message()))),
+        Err(s) if s.code() == tonic::Code::PermissionDenied => Err(replica_err(
+            &new.id,
+            format!(
+                "CreateVolume: {} (under management TLS only the controller creates volumes: \
+                 prepare the replacement there first — csi-driver prepare-replacement \
+                 --volume-id <id> --replica <old> --target {} — then run this again)",
+                s.message(),
+                new.id
+            ),
+        )),
+        Err(s) => Err(replica_err(
+            &new.id,
+            format!("CreateVolume: {}", s.message()),
+        )),
     }
 }
 
@@ -167,8 +168,7 @@ impl Mirror {
                     rec.generation
                 ),
             })?;
-        let t = cfg.replica_timeout.max(Duration::from_secs(5));
-        let created = ensure_volume(&cfg.volume, inner.size(), template, &new, t).await?;
+        let created = ensure_volume(&cfg, inner.size(), template, &new).await?;
         let control = cfg
             .control(&new.mgmt)
             .map_err(|e| replica_err(&new.id, e.0))?;
@@ -387,8 +387,7 @@ pub async fn replace_detached(
             ))
         })?
     };
-    let timeout = t.max(Duration::from_secs(5));
-    let created = ensure_volume(&cfg.volume, facts.size, &template, &new, timeout).await?;
+    let created = ensure_volume(cfg, facts.size, &template, &new).await?;
     let mut next = if done_already {
         newest
     } else {
