@@ -16,120 +16,12 @@ mod kind_common;
 
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
-use kube::{Api, Client};
-use serde_json::json;
+use kube::Api;
+use kube::api::DeleteParams;
 
 use kind_common::*;
-
-/// The release's server StatefulSet.
-async fn server_statefulset(client: &Client) -> String {
-    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &driver_namespace());
-    let selector = format!(
-        "app.kubernetes.io/instance={},app.kubernetes.io/component=enbd-server",
-        release()
-    );
-    let list = sets
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .expect("list server StatefulSets");
-    assert_eq!(list.items.len(), 1, "one server StatefulSet in the release");
-    list.items[0].metadata.name.clone().expect("named")
-}
-
-/// Scales the server StatefulSet to `replicas` and waits until exactly that many of its pods
-/// are Ready (ordinals 0..replicas; a removed one is gone, not just terminating).
-async fn scale_servers(client: &Client, set: &str, replicas: i32) {
-    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &driver_namespace());
-    sets.patch(
-        set,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"replicas": replicas}})),
-    )
-    .await
-    .expect("scale the server StatefulSet");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &driver_namespace());
-    let wanted: Vec<String> = (0..replicas).map(|i| format!("{set}-{i}")).collect();
-    eventually(
-        &format!("{set} at {replicas} Ready pods"),
-        Duration::from_secs(600),
-        || async {
-            let list = pods
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| format!("list pods: {e}"))?;
-            let mut ready = Vec::new();
-            let mut others = Vec::new();
-            for p in &list.items {
-                let name = p.metadata.name.clone().unwrap_or_default();
-                if !name.starts_with(&format!("{set}-")) {
-                    continue;
-                }
-                if wanted.contains(&name) && is_ready(p) {
-                    ready.push(name);
-                } else {
-                    others.push(name);
-                }
-            }
-            if ready.len() == wanted.len() && others.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("ready {ready:?}, not ready or leaving {others:?}"))
-            }
-        },
-    )
-    .await;
-}
-
-/// Waits for an events.k8s.io Event with `reason` about claim `claim` in the test's
-/// namespace; returns its note. Every Event about the claim seen so far is in the panic.
-async fn wait_claim_event(ctx: &Ctx, claim: &str, reason: &str, timeout: Duration) -> String {
-    let events: Api<Event> = ctx.api();
-    eventually(
-        &format!("Event {reason} on claim {claim}"),
-        timeout,
-        || async {
-            let list = events
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| format!("list events: {e}"))?;
-            let about: Vec<&Event> = list
-                .items
-                .iter()
-                .filter(|e| {
-                    e.regarding.as_ref().is_some_and(|r| {
-                        r.kind.as_deref() == Some("PersistentVolumeClaim")
-                            && r.name.as_deref() == Some(claim)
-                    })
-                })
-                .collect();
-            about
-                .iter()
-                .find(|e| e.reason.as_deref() == Some(reason))
-                .map(|e| e.note.clone().unwrap_or_default())
-                .ok_or_else(|| {
-                    about
-                        .iter()
-                        .map(|e| {
-                            format!(
-                                "{} {} ({}): {}",
-                                e.type_.as_deref().unwrap_or("?"),
-                                e.reason.as_deref().unwrap_or("?"),
-                                e.reporting_controller.as_deref().unwrap_or("?"),
-                                e.note.as_deref().unwrap_or("")
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                })
-        },
-    )
-    .await
-}
 
 #[tokio::test]
 #[ignore = "needs the kind cluster: e2e/kind/run.sh"]

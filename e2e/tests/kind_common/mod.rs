@@ -477,6 +477,41 @@ impl Ctx {
             .unwrap_or_else(|| panic!("no running {component} pod (node {node:?})"))
     }
 
+    /// Runs `command` in `container` of the driver's pod `pod` (as `kubectl exec` does) and
+    /// returns whether it exited 0, with its stdout and stderr.
+    pub async fn exec_driver(
+        &self,
+        pod: &str,
+        container: &str,
+        command: &[&str],
+    ) -> (bool, String, String) {
+        use tokio::io::AsyncReadExt;
+        let params = kube::api::AttachParams::default()
+            .container(container)
+            .stdin(false)
+            .stdout(true)
+            .stderr(true);
+        let mut run = self
+            .driver_pods()
+            .exec(pod, command.iter().copied(), &params)
+            .await
+            .unwrap_or_else(|e| panic!("exec {command:?} in {pod}/{container}: {e}"));
+        let (mut out, mut err) = (String::new(), String::new());
+        let mut stdout = run.stdout().expect("stdout");
+        let mut stderr = run.stderr().expect("stderr");
+        let status = run.take_status().expect("status");
+        let (o, e) = tokio::join!(
+            stdout.read_to_string(&mut out),
+            stderr.read_to_string(&mut err)
+        );
+        o.expect("read stdout");
+        e.expect("read stderr");
+        let status = status.await;
+        let _ = run.join().await;
+        let ok = status.as_ref().and_then(|s| s.status.as_deref()) == Some("Success");
+        (ok, out, err)
+    }
+
     /// Deletes a driver pod and waits until its replacement of the same workload is Ready.
     pub async fn kill_driver_pod(&self, component: &str, name: &str, node: Option<&str>) {
         let pods = self.driver_pods();
@@ -880,4 +915,113 @@ impl HelmRelease {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+// ---------------------------------------------------------------- mirrors (kind_mirror, kind_replace)
+
+/// The release's server StatefulSet.
+pub async fn server_statefulset(client: &Client) -> String {
+    let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(client.clone(), &driver_namespace());
+    let selector = format!(
+        "app.kubernetes.io/instance={},app.kubernetes.io/component=enbd-server",
+        release()
+    );
+    let list = sets
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await
+        .expect("list server StatefulSets");
+    assert_eq!(list.items.len(), 1, "one server StatefulSet in the release");
+    list.items[0].metadata.name.clone().expect("named")
+}
+
+/// Scales the server StatefulSet to `replicas` and waits until exactly that many of its pods
+/// are Ready (ordinals 0..replicas; a removed one is gone, not just terminating).
+pub async fn scale_servers(client: &Client, set: &str, replicas: i32) {
+    let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(client.clone(), &driver_namespace());
+    sets.patch(
+        set,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": replicas}})),
+    )
+    .await
+    .expect("scale the server StatefulSet");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &driver_namespace());
+    let wanted: Vec<String> = (0..replicas).map(|i| format!("{set}-{i}")).collect();
+    eventually(
+        &format!("{set} at {replicas} Ready pods"),
+        Duration::from_secs(600),
+        || async {
+            let list = pods
+                .list(&kube::api::ListParams::default())
+                .await
+                .map_err(|e| format!("list pods: {e}"))?;
+            let mut ready = Vec::new();
+            let mut others = Vec::new();
+            for p in &list.items {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                if !name.starts_with(&format!("{set}-")) {
+                    continue;
+                }
+                if wanted.contains(&name) && is_ready(p) {
+                    ready.push(name);
+                } else {
+                    others.push(name);
+                }
+            }
+            if ready.len() == wanted.len() && others.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("ready {ready:?}, not ready or leaving {others:?}"))
+            }
+        },
+    )
+    .await;
+}
+
+/// Waits for an events.k8s.io Event with `reason` about claim `claim` in the test's
+/// namespace; returns its note. Every Event about the claim seen so far is in the panic.
+pub async fn wait_claim_event(ctx: &Ctx, claim: &str, reason: &str, timeout: Duration) -> String {
+    let events: Api<k8s_openapi::api::events::v1::Event> = ctx.api();
+    eventually(
+        &format!("Event {reason} on claim {claim}"),
+        timeout,
+        || async {
+            let list = events
+                .list(&kube::api::ListParams::default())
+                .await
+                .map_err(|e| format!("list events: {e}"))?;
+            let about: Vec<&k8s_openapi::api::events::v1::Event> = list
+                .items
+                .iter()
+                .filter(|e| {
+                    e.regarding.as_ref().is_some_and(|r| {
+                        r.kind.as_deref() == Some("PersistentVolumeClaim")
+                            && r.name.as_deref() == Some(claim)
+                    })
+                })
+                .collect();
+            about
+                .iter()
+                .find(|e| e.reason.as_deref() == Some(reason))
+                .map(|e| e.note.clone().unwrap_or_default())
+                .ok_or_else(|| {
+                    about
+                        .iter()
+                        .map(|e| {
+                            format!(
+                                "{} {} ({}): {}",
+                                e.type_.as_deref().unwrap_or("?"),
+                                e.reason.as_deref().unwrap_or("?"),
+                                e.reporting_controller.as_deref().unwrap_or("?"),
+                                e.note.as_deref().unwrap_or("")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+        },
+    )
+    .await
 }
