@@ -28,6 +28,20 @@ impl Checked {
     }
 }
 
+/// The smallest volume every filesystem these capabilities mount can be made on (`default`:
+/// the StorageClass's `fsType`, used where a capability names none), and that filesystem;
+/// `None` when no mounted filesystem has a floor (ext4, raw block).
+pub fn fs_floor(caps: &[VolumeCapability], default: FsType) -> Option<(FsType, u64)> {
+    caps.iter()
+        .filter_map(|c| match &c.access_type {
+            Some(AccessType::Mount(m)) if m.fs_type.is_empty() => Some(default),
+            Some(AccessType::Mount(m)) => m.fs_type.parse::<FsType>().ok(),
+            _ => None,
+        })
+        .filter_map(|fs| fs.min_device_bytes().map(|min| (fs, min)))
+        .max_by_key(|&(_, min)| min)
+}
+
 /// Checks one capability; the error says what is unsupported.
 pub fn check(cap: &VolumeCapability) -> Result<Checked, String> {
     let block = match &cap.access_type {

@@ -68,6 +68,25 @@ pub fn for_create(range: Option<&CapacityRange>, minimum: u64) -> Result<u64, Cs
     within_limit(round_up(wanted)?, limit, what)
 }
 
+/// `size` raised to `floor` (the filesystem's smallest device, [`crate::capability::fs_floor`])
+/// in whole blocks, never above the range's limit: a claim smaller than its filesystem can
+/// be made on gets a volume it can be formatted on (CSI lets capacity exceed required_bytes).
+pub fn with_floor(
+    size: u64,
+    floor: Option<(enbd_proto::params::FsType, u64)>,
+    range: Option<&CapacityRange>,
+) -> Result<u64, CsiError> {
+    let Some((fs, min)) = floor.filter(|&(_, min)| size < min) else {
+        return Ok(size);
+    };
+    let (_, limit) = bounds(range)?;
+    within_limit(
+        round_up(min)?,
+        limit,
+        &format!("an {fs} filesystem (its mkfs needs at least {min} bytes)"),
+    )
+}
+
 /// The size to grow to. The spec makes the range REQUIRED here.
 pub fn for_expand(range: Option<&CapacityRange>) -> Result<u64, CsiError> {
     let Some(r) = range else {
@@ -173,5 +192,31 @@ mod tests {
         assert!(satisfies(8192, None));
         assert!(!satisfies(8192, r(8193, 0).as_ref()));
         assert!(!satisfies(8192, r(0, 4096).as_ref()));
+    }
+
+    #[test]
+    fn a_volume_is_raised_to_its_filesystems_floor_within_the_limit() {
+        use enbd_proto::params::FsType;
+        let xfs = Some((FsType::Xfs, 300_000_000));
+        // 300 MB in whole 4 KiB blocks.
+        assert_eq!(
+            with_floor(1 << 20, xfs, r(1 << 20, 0).as_ref()).unwrap(),
+            300_003_328
+        );
+        assert_eq!(
+            with_floor(1 << 30, xfs, None).unwrap(),
+            1 << 30,
+            "above it: unchanged"
+        );
+        assert_eq!(
+            with_floor(1 << 20, None, None).unwrap(),
+            1 << 20,
+            "no floor"
+        );
+        let err = with_floor(1 << 20, xfs, r(1 << 20, 100 << 20).as_ref()).unwrap_err();
+        assert!(
+            matches!(err, CsiError::OutOfRange(ref m) if m.contains("xfs") && m.contains("300000000")),
+            "{err:?}"
+        );
     }
 }

@@ -334,7 +334,10 @@ async fn create_volume_positive_and_idempotent() {
         .volume
         .unwrap();
     assert_eq!(v.volume_id, "s0/pvc-a");
-    assert_eq!(v.capacity_bytes, 8192, "rounded up to whole 4 KiB blocks");
+    assert_eq!(
+        v.capacity_bytes, 300_003_328,
+        "an xfs class: raised to mkfs.xfs's 300 MB floor, in whole 4 KiB blocks"
+    );
     assert!(v.accessible_topology.is_empty());
     let ctx =
         enbd_proto::params::VolumeContext::from_context(&v.volume_context).expect("context parses");
@@ -2640,6 +2643,62 @@ async fn labels_on(server: &EnbdServer, name: &str) -> HashMap<String, String> {
         .volume
         .expect("volume")
         .labels
+}
+
+/// A claim smaller than its filesystem can be made on (xfs: 300 MB, mkfs.xfs refuses less)
+/// gets a volume of that floor, named by the capability or by the class's `fsType`; ext4 and
+/// raw block keep the size asked for; a limit below the floor is OutOfRange, nothing created.
+#[tokio::test]
+async fn an_xfs_volume_is_created_at_least_as_large_as_mkfs_xfs_needs() {
+    let server = start_server("srv-a");
+    let d = Driver::start(&[&server]).await;
+    let xfs_cap = VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: "xfs".into(),
+            ..Default::default()
+        })),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    };
+    let floor = 300_000_000u64.next_multiple_of(4096) as i64;
+    let mut by_cap = create_req("small-xfs", MIB);
+    by_cap.volume_capabilities = vec![xfs_cap.clone()];
+    let mut by_class = create_req("small-xfs-class", MIB);
+    by_class.parameters = params(&[("fsType", "xfs")]);
+    for req in [by_cap, by_class] {
+        let name = req.name.clone();
+        let vol = d.ctl().create_volume(req).await.expect(&name).into_inner();
+        assert_eq!(vol.volume.unwrap().capacity_bytes, floor, "{name}");
+        assert_eq!(
+            exists_on(&server, &name).await,
+            Some(floor as u64),
+            "{name}"
+        );
+    }
+    let ext4 = d.create("small-ext4", MIB).await;
+    assert_eq!(ext4.capacity_bytes, MIB);
+    let mut block = create_req("small-block", MIB);
+    block.volume_capabilities = vec![block_cap(Mode::SingleNodeWriter)];
+    block.parameters = params(&[("fsType", "xfs")]);
+    let block = d
+        .ctl()
+        .create_volume(block)
+        .await
+        .expect("block")
+        .into_inner();
+    assert_eq!(
+        block.volume.unwrap().capacity_bytes,
+        MIB,
+        "raw block formats nothing"
+    );
+
+    let mut capped = create_req("capped-xfs", MIB);
+    capped.volume_capabilities = vec![xfs_cap];
+    capped.capacity_range = range(MIB, 100 * MIB);
+    let msg = assert_code(d.ctl().create_volume(capped).await, Code::OutOfRange);
+    assert!(msg.contains("xfs") && msg.contains("300000000"), "{msg}");
+    assert!(exists_on(&server, "capped-xfs").await.is_none());
 }
 
 /// `csi-driver prepare-replacement`, the CLI a person runs in the controller's pod, against

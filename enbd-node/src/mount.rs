@@ -112,15 +112,6 @@ fn read_at(file: &mut File, path: &Path, offset: u64, len: usize) -> Result<Vec<
     Ok(buf)
 }
 
-/// The smallest device `fs`'s mkfs accepts, where it has a floor worth checking first:
-/// xfsprogs (5.19 and later) refuses filesystems under 300 MB.
-fn min_bytes(fs: FsType) -> Option<u64> {
-    match fs {
-        FsType::Xfs => Some(300_000_000),
-        FsType::Ext4 => None,
-    }
-}
-
 /// Creates `fs` on `dev` with the caller's extra mkfs arguments. Refuses unless the
 /// device probes blank, so existing data is never overwritten.
 pub fn format(dev: &Path, fs: FsType, mkfs_options: &[String]) -> Result<(), MountError> {
@@ -147,7 +138,7 @@ pub fn format(dev: &Path, fs: FsType, mkfs_options: &[String]) -> Result<(), Mou
         }
     }
     // mkfs.xfs refuses a device under 300 MB with a usage text only; say so plainly instead.
-    if let Some(min) = min_bytes(fs).filter(|&min| size < min) {
+    if let Some(min) = fs.min_device_bytes().filter(|&min| size < min) {
         return Err(MountError::TooSmall {
             path: dev.to_path_buf(),
             fs: fs.as_str(),

@@ -109,6 +109,16 @@ impl FsType {
             FsType::Xfs => "xfs",
         }
     }
+
+    /// The smallest device this filesystem's mkfs accepts, where it has a floor worth
+    /// checking first: xfsprogs (5.19 and later) refuses filesystems under 300 MB. The node
+    /// refuses to format below it; the controller creates volumes of at least this size.
+    pub fn min_device_bytes(self) -> Option<u64> {
+        match self {
+            FsType::Xfs => Some(300_000_000),
+            FsType::Ext4 => None,
+        }
+    }
 }
 
 impl fmt::Display for FsType {

@@ -7,6 +7,7 @@ use enbd_proto::ids::{ObjectName, VolumeId};
 use enbd_proto::params::{CTX_REPLICAS, VolumeParams};
 
 use super::source::{Source, source_of};
+use crate::capability;
 use crate::capacity;
 use crate::error::{CsiError, invalid};
 use crate::names;
@@ -65,7 +66,13 @@ impl State {
             return self.replicated_response(&members, &name, vol, params, source.as_ref());
         }
 
-        let (content, size, pb_source) = self.resolve_source(source.as_ref(), range).await?;
+        let (content, size, pb_source) = self
+            .resolve_source(
+                source.as_ref(),
+                range,
+                capability::fs_floor(&req.volume_capabilities, params.fs_type),
+            )
+            .await?;
         // The home: the source's server (it holds the content), else the home a partial
         // set's copies name, else one of its copies.
         let labeled = holders

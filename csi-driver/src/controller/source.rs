@@ -5,6 +5,7 @@ use enbd_proto::csi::volume_content_source::{self, SnapshotSource, VolumeSource}
 use enbd_proto::csi::{CapacityRange, VolumeContentSource};
 use enbd_proto::enbd::{self as pb, content_source::Kind as PbSource};
 use enbd_proto::ids::{ObjectName, ServerId, SnapshotId, VolumeId};
+use enbd_proto::params::FsType;
 
 use std::time::{Duration, Instant};
 
@@ -115,8 +116,19 @@ pub(super) fn csi_source(src: &Source) -> VolumeContentSource {
 
 impl State {
     /// For a volume made from `source`: the live server holding the source, the new volume's
-    /// size, and the source as the server names it. Without a source: no holder.
+    /// size (at least `floor`, its filesystem's smallest device), and the source as the
+    /// server names it. Without a source: no holder.
     pub(super) async fn resolve_source(
+        &self,
+        source: Option<&Source>,
+        range: Option<&CapacityRange>,
+        floor: Option<(FsType, u64)>,
+    ) -> Result<(Option<LiveServer>, u64, Option<PbSource>), CsiError> {
+        let (holder, size, source) = self.resolve_source_sized(source, range).await?;
+        Ok((holder, capacity::with_floor(size, floor, range)?, source))
+    }
+
+    async fn resolve_source_sized(
         &self,
         source: Option<&Source>,
         range: Option<&CapacityRange>,

@@ -139,7 +139,13 @@ impl State {
             return self.volume_response(&server, &name, &vol, params, source.as_ref());
         }
 
-        let (holder, size, pb_source) = self.resolve_source(source.as_ref(), range).await?;
+        let (holder, size, pb_source) = self
+            .resolve_source(
+                source.as_ref(),
+                range,
+                capability::fs_floor(&req.volume_capabilities, params.fs_type),
+            )
+            .await?;
         let server = match holder {
             Some(server) => server,
             None => placement::place(&self.servers.live(), size).await?,
