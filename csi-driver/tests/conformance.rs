@@ -2506,7 +2506,6 @@ async fn a_replica_down_at_publish_is_granted_when_its_server_is_back() {
 /// the node's grant and the replaced member's server loses it.
 #[tokio::test]
 async fn grants_follow_a_replacement_to_the_new_member() {
-    use enbd_proto::enbd::{Membership, ReplicaMember, ReplicaState, SetMembershipRequest};
     let servers = [
         published_server("srv-a"),
         published_server("srv-b"),
@@ -2577,7 +2576,36 @@ async fn grants_follow_a_replacement_to_the_new_member() {
         })
         .await
         .expect("create on the spare");
-    let first = membership_on(home, "moved").await;
+    record_replacement(home, old, spare, "moved").await;
+
+    d.wait_until(
+        || async { token_opens(spare, &token).await && !token_opens(old, &token).await },
+        "the grant to move from the replaced member to the new one",
+    )
+    .await;
+    assert!(token_opens(home, &token).await, "the home keeps its grant");
+    assert_eq!(reconciled(&d, "granted"), 1.0);
+    assert_eq!(reconciled(&d, "revoked"), 1.0);
+
+    // Unpublishing revokes on the current members.
+    d.ctl()
+        .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            node_id: "node-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("unpublish");
+    for s in [home, spare] {
+        assert!(!token_opens(s, &token).await, "{} still takes it", s.id());
+    }
+}
+
+/// What `enbd-node replace` records: generation 2 with `spare` OUT in `old`'s place, written
+/// on the home and the spare (never on the replaced member).
+async fn record_replacement(home: &EnbdServer, old: &EnbdServer, spare: &EnbdServer, name: &str) {
+    use enbd_proto::enbd::{Membership, ReplicaMember, ReplicaState, SetMembershipRequest};
+    let first = membership_on(home, name).await;
     let record = Membership {
         generation: 2,
         members: first
@@ -2601,34 +2629,12 @@ async fn grants_follow_a_replacement_to_the_new_member() {
         s.replica_client()
             .await
             .set_membership(SetMembershipRequest {
-                volume: "moved".into(),
+                volume: name.into(),
                 membership: Some(record.clone()),
                 extra_dirty: Vec::new(),
             })
             .await
             .expect("replacement record");
-    }
-
-    d.wait_until(
-        || async { token_opens(spare, &token).await && !token_opens(old, &token).await },
-        "the grant to move from the replaced member to the new one",
-    )
-    .await;
-    assert!(token_opens(home, &token).await, "the home keeps its grant");
-    assert_eq!(reconciled(&d, "granted"), 1.0);
-    assert_eq!(reconciled(&d, "revoked"), 1.0);
-
-    // Unpublishing revokes on the current members.
-    d.ctl()
-        .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-            volume_id: vol.volume_id.clone(),
-            node_id: "node-1".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("unpublish");
-    for s in [home, spare] {
-        assert!(!token_opens(s, &token).await, "{} still takes it", s.id());
     }
 }
 
@@ -2726,10 +2732,8 @@ async fn prepare_cli(d: &Driver, args: &[&str]) -> (bool, String, String) {
 /// the node's record names the new member the replaced one loses the grant.
 #[tokio::test]
 async fn a_prepared_replacement_is_created_granted_and_held_until_recorded() {
+    use enbd_proto::enbd::PrepareReplacementRequest;
     use enbd_proto::enbd::controller_admin_service_client::ControllerAdminServiceClient;
-    use enbd_proto::enbd::{
-        Membership, PrepareReplacementRequest, ReplicaMember, ReplicaState, SetMembershipRequest,
-    };
     let servers = [
         published_server("srv-a"),
         published_server("srv-b"),
@@ -2890,37 +2894,7 @@ async fn a_prepared_replacement_is_created_granted_and_held_until_recorded() {
 
     // The node's mirror records the swap (generation 2, the spare OUT in the old one's
     // place, written on the home and the spare): the replaced member loses the grant.
-    let first = membership_on(home, "swap").await;
-    let record = Membership {
-        generation: 2,
-        members: first
-            .members
-            .iter()
-            .map(|m| {
-                if m.replica_id == old.id() {
-                    ReplicaMember {
-                        replica_id: spare.id().to_owned(),
-                        state: ReplicaState::Out as i32,
-                        ..Default::default()
-                    }
-                } else {
-                    m.clone()
-                }
-            })
-            .collect(),
-        region_bytes: first.region_bytes,
-    };
-    for s in [spare, home] {
-        s.replica_client()
-            .await
-            .set_membership(SetMembershipRequest {
-                volume: "swap".into(),
-                membership: Some(record.clone()),
-                extra_dirty: Vec::new(),
-            })
-            .await
-            .expect("replacement record");
-    }
+    record_replacement(home, old, spare, "swap").await;
     d.wait_until(
         || async { token_opens(spare, &token).await && !token_opens(old, &token).await },
         "the replaced member to lose the grant while the new one keeps it",

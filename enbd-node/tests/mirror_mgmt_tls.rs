@@ -84,6 +84,16 @@ fn spawn(dir: &std::path::Path, id: &str, ca: &Ca, demo: bool, extra: &[&str]) -
     Server(child, ready)
 }
 
+/// The node's management TLS files: the CA it trusts, and a certificate of the node role.
+fn node_files(dir: &std::path::Path, ca: &Ca) -> MgmtTlsFiles {
+    let node = ca.client("enbd-node");
+    MgmtTlsFiles {
+        ca: write(dir, "trust.crt", &ca.pem()),
+        cert: write(dir, "node.crt", &node.cert),
+        key: write(dir, "node.key", &node.key),
+    }
+}
+
 fn config(servers: &[(&str, &Server)]) -> MirrorConfig {
     let replicas = servers
         .iter()
@@ -106,12 +116,7 @@ async fn a_node_certificate_is_enough_for_the_mirror_and_required() {
     let ca = Ca::new("enbd test CA");
     let a = start(dir.path(), "srv-a", &ca);
     let b = start(dir.path(), "srv-b", &ca);
-    let node = ca.client("enbd-node");
-    let files = MgmtTlsFiles {
-        ca: write(dir.path(), "trust.crt", &ca.pem()),
-        cert: write(dir.path(), "node.crt", &node.cert),
-        key: write(dir.path(), "node.key", &node.key),
-    };
+    let files = node_files(dir.path(), &ca);
 
     // Without the node's TLS files: an https management address is refused up front.
     let err = Mirror::open(config(&[("srv-a", &a), ("srv-b", &b)]))
@@ -202,12 +207,7 @@ async fn at_access_published_the_mirror_sends_the_volume_token_to_the_management
     let ca = Ca::new("enbd test CA");
     let a = start_with(dir.path(), "srv-a", &ca, &["--access=published"]);
     let b = start_with(dir.path(), "srv-b", &ca, &["--access=published"]);
-    let node = ca.client("enbd-node");
-    let files = MgmtTlsFiles {
-        ca: write(dir.path(), "trust.crt", &ca.pem()),
-        cert: write(dir.path(), "node.crt", &node.cert),
-        key: write(dir.path(), "node.key", &node.key),
-    };
+    let files = node_files(dir.path(), &ca);
     let token = grant(&a, &ca, "demo", "node-1", "").await;
     grant(&b, &ca, "demo", "node-1", &token).await;
     // The data path runs without TLS in this test, so the token may go in plain text there;
@@ -262,12 +262,7 @@ async fn under_management_tls_the_node_replaces_onto_a_volume_the_controller_pre
     let a = start_with(dir.path(), "srv-a", &ca, &["--access=published"]);
     let b = start_with(dir.path(), "srv-b", &ca, &["--access=published"]);
     let c = start_empty(dir.path(), "srv-c", &ca, &["--access=published"]);
-    let node = ca.client("enbd-node");
-    let files = MgmtTlsFiles {
-        ca: write(dir.path(), "trust.crt", &ca.pem()),
-        cert: write(dir.path(), "node.crt", &node.cert),
-        key: write(dir.path(), "node.key", &node.key),
-    };
+    let files = node_files(dir.path(), &ca);
     let token = grant(&a, &ca, "demo", "node-1", "").await;
     grant(&b, &ca, "demo", "node-1", &token).await;
     let mut cfg = config(&[("srv-a", &a), ("srv-b", &b)]);
