@@ -12,7 +12,9 @@
 #                                           ENBD_UPSTREAM_TIMEOUT bounds it (ginkgo, default 3h),
 #                                           ENBD_UPSTREAM_PROCS parallel processes (default 3)
 #   e2e/cluster/run.sh --upstream           also build and run Kubernetes' external storage
-#                                           suite (e2e.test) with e2e/kind/test-driver.yaml
+#                                           suite (e2e.test) with e2e/kind/test-driver.yaml;
+#                                           its results join e2e/cluster/upstream-results.tsv
+#                                           (upstream-ledger.py: the newest result per spec)
 #
 # Steps: build-kube.sh (cached Go builds) -> images.sh (static release binaries, images) ->
 # control-plane.sh up --fresh -> node-vm.sh up -> Node Ready -> snapshot CRDs and
@@ -191,6 +193,10 @@ if [ $UPSTREAM = 1 ]; then
     --timeout="${ENBD_UPSTREAM_TIMEOUT:-3h}" "$BIN/e2e.test" -- \
     -kubeconfig="$KUBECONFIG_FILE" -storage.testdriver="$ROOT/e2e/kind/test-driver.yaml" \
     -report-dir="$LOGS/upstream" 2>&1 | tee "$LOGS/upstream.log" || failed=1
+  # Each bounded run covers part of the selection: its results join the ledger in the tree
+  # (commit it), which keeps every spec's newest result.
+  python3 "$HERE/upstream-ledger.py" "$LOGS/upstream" "$HERE/upstream-results.tsv" \
+    "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" || failed=1
 fi
 
 if [ -z "$ONLY" ]; then
