@@ -6,8 +6,9 @@
 //! `<set>-1` is retired by the two documented commands, each through `kubectl exec`:
 //! `csi-driver prepare-replacement` in the controller's pod (it creates the new copy on the
 //! third server and grants it to the node), then `enbd-node replace` in the node plugin's
-//! pod (the swap and the full copy). The writer gets no error, the node lists `<set>-0` and
-//! `<set>-2` in sync, and a second pod reads every file back.
+//! pod (the swap and the full copy, while a third pod keeps the claim attached). The writer
+//! gets no error, the node lists `<set>-0` and `<set>-2` in sync, and a second pod reads
+//! every file back.
 //!
 //! The install has one server: the test scales the StatefulSet to two, then three, and back
 //! to one at the end (after its claim is deleted), so the other tests keep their single
@@ -19,7 +20,7 @@ mod kind_common;
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::PersistentVolume;
+use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::Api;
 use kube::api::DeleteParams;
@@ -119,6 +120,20 @@ async fn a_mirrored_claims_replica_is_replaced_by_the_operator_commands() {
     println!("enbd-node replace: {out}{err}");
     assert!(ok, "enbd-node replace failed: {out}{err}");
 
+    // The full copy runs in the node's mirror, so only while the claim is attached: a pod
+    // holds it beside the writer, whose 90 s end before a 2 GiB copy does under TCG (the
+    // first run here saw the copy stop with the writer's unstage).
+    ctx.start_pod(
+        "holder",
+        "data",
+        Mode::Filesystem,
+        "echo holding; sleep 3600",
+        None,
+    )
+    .await;
+    ctx.wait_log("holder", "holding", Duration::from_secs(300))
+        .await;
+
     // The full copy to the new member, while the writer goes on.
     let states = eventually(
         &format!("{volume_id}: {set}-0 and {new} in sync"),
@@ -147,6 +162,7 @@ async fn a_mirrored_claims_replica_is_replaced_by_the_operator_commands() {
     )
     .await;
     println!("after the replacement: {states:?}");
+    ctx.delete_and_wait(&ctx.api::<Pod>(), "holder").await;
     ctx.assert_writer_lost_nothing("data", "replacing a replica")
         .await;
 
