@@ -2902,6 +2902,84 @@ async fn a_prepared_replacement_is_created_granted_and_held_until_recorded() {
     .await;
 }
 
+/// A copy prepared for a replacement that the node never swapped in is the controller's own
+/// making: deleting the volume deletes it too, not only the members' copies.
+#[tokio::test]
+async fn a_prepared_replacement_never_recorded_goes_with_the_volume() {
+    use enbd_proto::enbd::PrepareReplacementRequest;
+    use enbd_proto::enbd::controller_admin_service_client::ControllerAdminServiceClient;
+    let servers = [
+        published_server("srv-a"),
+        published_server("srv-b"),
+        published_server("srv-c"),
+    ];
+    let entries: Vec<String> = servers.iter().map(entry).collect();
+    let d = driver_with(&entries, &[]).await;
+    let mut req = create_req("left", MIB);
+    req.parameters = params(&[("replicas", "2")]);
+    let vol = d
+        .ctl()
+        .create_volume(req)
+        .await
+        .expect("create")
+        .into_inner();
+    let vol = vol.volume.unwrap();
+    let home_id = vol.volume_id.split('/').next().unwrap().to_owned();
+    let publish = ControllerPublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        node_id: "node-1".into(),
+        volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+        ..Default::default()
+    };
+    d.ctl()
+        .controller_publish_volume(publish)
+        .await
+        .expect("publish");
+    let mut old = None;
+    for s in &servers {
+        if s.id() != home_id && exists_on(s, "left").await.is_some() {
+            old = Some(s.id().to_owned());
+        }
+    }
+    let prepared = ControllerAdminServiceClient::new(d.channel.clone())
+        .prepare_replacement(PrepareReplacementRequest {
+            volume_id: vol.volume_id.clone(),
+            replica: old.expect("a second replica"),
+            target: String::new(),
+        })
+        .await
+        .expect("prepare")
+        .into_inner();
+    let spare = servers
+        .iter()
+        .find(|s| s.id() == prepared.server_id)
+        .unwrap();
+    assert_eq!(exists_on(spare, "left").await, Some(MIB as u64));
+
+    d.ctl()
+        .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            node_id: "node-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("unpublish");
+    d.ctl()
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    for s in &servers {
+        assert!(
+            exists_on(s, "left").await.is_none(),
+            "{} still holds a copy",
+            s.id()
+        );
+    }
+}
+
 // ---------------------------------------------------------------- ListVolumes and mirrors
 
 async fn listed(d: &Driver) -> Vec<list_volumes_response::Entry> {

@@ -173,6 +173,33 @@ impl State {
         })
     }
 
+    /// Deletes the copies prepared for `id` that no record took (the volume is being deleted):
+    /// a prepared replacement is the controller's own making, so it goes with the volume. A
+    /// held server that is not live keeps its copy (logged; the hold lapses).
+    pub(super) async fn delete_prepared(&self, id: &VolumeId) -> Result<(), CsiError> {
+        let volume_id = id.to_string();
+        for held in self.replacements.held(&volume_id) {
+            let Lookup::Live(server) = self.servers.lookup(&held) else {
+                tracing::warn!(volume_id, server = %held,
+                    "a prepared replacement's server is unavailable: its copy stays there");
+                continue;
+            };
+            let mut client = server.client.clone();
+            let req = pb::DeleteVolumeRequest {
+                name: id.name().to_string(),
+                force: false,
+            };
+            match mgmt::call(&server.id, CALL_TIMEOUT, client.delete_volume(req)).await {
+                Ok(_) => tracing::info!(volume_id, server = %held,
+                    "prepared replacement never recorded: its copy deleted with the volume"),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+            self.replacements.release(&volume_id, &held);
+        }
+        Ok(())
+    }
+
     /// The server an operator named, if it may take the replica.
     fn named_target(
         &self,

@@ -200,6 +200,9 @@ impl State {
                         nodes.join(", ")
                     )));
                 }
+                // Before the members: a record may name a held server by now, and then the
+                // members' delete below finds its copy gone, which is success.
+                this.delete_prepared(&id).await?;
                 match replicas::membership(&server, id.name().as_str()).await {
                     Ok(record) if record.generation > 0 => {
                         replicas::delete_all(&this.servers, &server, id.name().as_str()).await?;
