@@ -61,11 +61,12 @@ pub fn describe(args: &PrepareReplacementArgs, r: &PrepareReplacementResponse) -
     };
     format!(
         "{}: replacement for replica {} prepared on {} ({made}; granted to {}).\n\
-         Now, on that node: enbd-node replace --volume <name> --replica {} --with {}\n{}\n",
+         Now, in the node plugin's pod on that node: enbd-node replace --volume {} --replica {} --with {}\n{}\n",
         args.volume_id,
         args.replica,
         r.server_id,
         r.granted_nodes.join(", "),
+        args.volume_id,
         args.replica,
         r.replica_spec,
         r.replica_spec
