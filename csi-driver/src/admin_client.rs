@@ -72,3 +72,31 @@ pub fn describe(args: &PrepareReplacementArgs, r: &PrepareReplacementResponse) -
         r.replica_spec
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_line_is_the_node_commands_with_argument() {
+        let args = PrepareReplacementArgs {
+            volume_id: "s-0/pvc-1".into(),
+            replica: "s-1".into(),
+            target: None,
+        };
+        let r = PrepareReplacementResponse {
+            server_id: "s-2".into(),
+            replica_spec: "s-2@10.0.0.3:10809@https://10.0.0.3:10810".into(),
+            created: true,
+            granted_nodes: vec!["node-a".into()],
+            ..Default::default()
+        };
+        let text = describe(&args, &r);
+        assert_eq!(text.lines().last(), Some(r.replica_spec.as_str()));
+        assert!(
+            text.contains("enbd-node replace --volume s-0/pvc-1 --replica s-1 --with s-2@"),
+            "{text}"
+        );
+        assert!(text.contains("volume created there; granted to node-a"), "{text}");
+    }
+}
