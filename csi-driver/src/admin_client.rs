@@ -97,6 +97,9 @@ mod tests {
             text.contains("enbd-node replace --volume s-0/pvc-1 --replica s-1 --with s-2@"),
             "{text}"
         );
-        assert!(text.contains("volume created there; granted to node-a"), "{text}");
+        assert!(
+            text.contains("volume created there; granted to node-a"),
+            "{text}"
+        );
     }
 }
