@@ -2523,31 +2523,8 @@ async fn grants_follow_a_replacement_to_the_new_member() {
         .into_inner();
     let vol = vol.volume.unwrap();
     let home_id = vol.volume_id.split('/').next().unwrap().to_owned();
-    let token = d
-        .ctl()
-        .controller_publish_volume(ControllerPublishVolumeRequest {
-            volume_id: vol.volume_id.clone(),
-            node_id: "node-1".into(),
-            volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
-            ..Default::default()
-        })
-        .await
-        .expect("publish")
-        .into_inner()
-        .publish_context[enbd_proto::params::PUBLISH_ACCESS_TOKEN]
-        .clone();
-    let mut holders = Vec::new();
-    for s in &servers {
-        if exists_on(s, "moved").await.is_some() {
-            holders.push(s);
-        }
-    }
-    let home = *holders.iter().find(|s| s.id() == home_id).unwrap();
-    let old = *holders.iter().find(|s| s.id() != home_id).unwrap();
-    let spare = servers
-        .iter()
-        .find(|s| s.id() != home.id() && s.id() != old.id())
-        .unwrap();
+    let token = publish_to_node_1(&d, &vol.volume_id).await;
+    let (home, old, spare) = replica_roles(&servers, "moved", &home_id).await;
     assert!(token_opens(old, &token).await);
     assert!(!token_opens(spare, &token).await);
 
@@ -2599,6 +2576,44 @@ async fn grants_follow_a_replacement_to_the_new_member() {
     for s in [home, spare] {
         assert!(!token_opens(s, &token).await, "{} still takes it", s.id());
     }
+}
+
+/// Publishes the volume to node-1 (mount, single writer); the access token it was given.
+async fn publish_to_node_1(d: &Driver, volume_id: &str) -> String {
+    d.ctl()
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: volume_id.into(),
+            node_id: "node-1".into(),
+            volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+            ..Default::default()
+        })
+        .await
+        .expect("publish")
+        .into_inner()
+        .publish_context[enbd_proto::params::PUBLISH_ACCESS_TOKEN]
+        .clone()
+}
+
+/// Of three servers and a two-replica volume `name` whose home is `home_id`: the home, the
+/// other replica's server, and the one holding no copy.
+async fn replica_roles<'a>(
+    servers: &'a [EnbdServer],
+    name: &str,
+    home_id: &str,
+) -> (&'a EnbdServer, &'a EnbdServer, &'a EnbdServer) {
+    let mut holders = Vec::new();
+    for s in servers {
+        if exists_on(s, name).await.is_some() {
+            holders.push(s);
+        }
+    }
+    let home = *holders.iter().find(|s| s.id() == home_id).unwrap();
+    let old = *holders.iter().find(|s| s.id() != home_id).unwrap();
+    let spare = servers
+        .iter()
+        .find(|s| s.id() != home.id() && s.id() != old.id())
+        .unwrap();
+    (home, old, spare)
 }
 
 /// What `enbd-node replace` records: generation 2 with `spare` OUT in `old`'s place, written
@@ -2757,18 +2772,7 @@ async fn a_prepared_replacement_is_created_granted_and_held_until_recorded() {
         .into_inner();
     let vol = vol.volume.unwrap();
     let home_id = vol.volume_id.split('/').next().unwrap().to_owned();
-    let mut holders = Vec::new();
-    for s in &servers {
-        if exists_on(s, "swap").await.is_some() {
-            holders.push(s);
-        }
-    }
-    let home = *holders.iter().find(|s| s.id() == home_id).unwrap();
-    let old = *holders.iter().find(|s| s.id() != home_id).unwrap();
-    let spare = servers
-        .iter()
-        .find(|s| s.id() != home.id() && s.id() != old.id())
-        .unwrap();
+    let (home, old, spare) = replica_roles(&servers, "swap", &home_id).await;
 
     // Not attached anywhere: the CLI fails, saying why.
     let (ok, _, err) =
@@ -2782,19 +2786,7 @@ async fn a_prepared_replacement_is_created_granted_and_held_until_recorded() {
         "created before refusing"
     );
 
-    let token = d
-        .ctl()
-        .controller_publish_volume(ControllerPublishVolumeRequest {
-            volume_id: vol.volume_id.clone(),
-            node_id: "node-1".into(),
-            volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
-            ..Default::default()
-        })
-        .await
-        .expect("publish")
-        .into_inner()
-        .publish_context[enbd_proto::params::PUBLISH_ACCESS_TOKEN]
-        .clone();
+    let token = publish_to_node_1(&d, &vol.volume_id).await;
 
     let refused = [
         (prepare("not an id", old.id(), ""), Code::InvalidArgument),
@@ -2877,15 +2869,7 @@ async fn a_prepared_replacement_is_created_granted_and_held_until_recorded() {
         .into_inner()
         .volume
         .unwrap();
-    d.ctl()
-        .controller_publish_volume(ControllerPublishVolumeRequest {
-            volume_id: wide.volume_id.clone(),
-            node_id: "node-1".into(),
-            volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
-            ..Default::default()
-        })
-        .await
-        .expect("publish wide");
+    publish_to_node_1(&d, &wide.volume_id).await;
     let none = admin()
         .prepare_replacement(prepare(&wide.volume_id, old.id(), ""))
         .await
@@ -2925,26 +2909,12 @@ async fn a_prepared_replacement_never_recorded_goes_with_the_volume() {
         .into_inner();
     let vol = vol.volume.unwrap();
     let home_id = vol.volume_id.split('/').next().unwrap().to_owned();
-    let publish = ControllerPublishVolumeRequest {
-        volume_id: vol.volume_id.clone(),
-        node_id: "node-1".into(),
-        volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
-        ..Default::default()
-    };
-    d.ctl()
-        .controller_publish_volume(publish)
-        .await
-        .expect("publish");
-    let mut old = None;
-    for s in &servers {
-        if s.id() != home_id && exists_on(s, "left").await.is_some() {
-            old = Some(s.id().to_owned());
-        }
-    }
+    publish_to_node_1(&d, &vol.volume_id).await;
+    let (_, old, _) = replica_roles(&servers, "left", &home_id).await;
     let prepared = ControllerAdminServiceClient::new(d.channel.clone())
         .prepare_replacement(PrepareReplacementRequest {
             volume_id: vol.volume_id.clone(),
-            replica: old.expect("a second replica"),
+            replica: old.id().to_owned(),
             target: String::new(),
         })
         .await
