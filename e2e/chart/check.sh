@@ -85,6 +85,11 @@ refuse "a log level with spaces" --set 'node.logLevel=info debug'
 refuse "extraArgs that are not a list" --set server.extraArgs=--x
 refuse "a PriorityClass value above the non-system maximum" --set server.priorityClass.value=2000000000
 refuse "the removed node.topologyZone" --set node.topologyZone=zone-a
+refuse "a leader-election duration that is not a Go duration" --set sidecars.leaderElection.leaseDuration=1min
+refuse "a renew deadline not below the lease duration" --set sidecars.leaderElection.renewDeadline=15s
+refuse "a renew deadline not below the lease duration (other units)" --set sidecars.leaderElection.leaseDuration=1m \
+  --set sidecars.leaderElection.renewDeadline=2m
+refuse "a retry period not below the renew deadline" --set sidecars.leaderElection.retryPeriod=10s
 
 step "helm template -> e2e/chart/.rendered/"
 rm -rf "$OUT"; mkdir -p "$OUT"
@@ -142,6 +147,19 @@ for want in "image: mirror.example/sig-storage/csi-provisioner:v6.3.0" \
   "image: registry.k8s.io/sig-storage/csi-attacher:v4.99.0" "image: mirror.example/enbd/node:1.2.3" \
   "image: ghcr.io/enbd-csi/enbd-server:"; do
   grep -qF "$want" <<<"$mirror" || { echo "check: image override: no '$want'" >&2; exit 1; }
+done
+
+step "leader election: every leader-elected sidecar gets the timings"
+for s in default cluster; do
+  elected=$(grep -c -- '- --leader-election$' "$OUT/$s.yaml" || true)
+  le=$(sed -n '/^  leaderElection:/,/retryPeriod/p' "$( [ $s = cluster ] && echo "$ROOT/e2e/cluster/values-cluster.yaml" || echo "$CHART/values.yaml")")
+  for flag in leaseDuration:lease-duration renewDeadline:renew-deadline retryPeriod:retry-period; do
+    value=$(sed -n "s/^ *${flag%%:*}: *//p" <<<"$le")
+    timed=$(grep -c -- "- --leader-election-${flag#*:}=$value\$" "$OUT/$s.yaml" || true)
+    [ "$elected" -ge 5 ] && [ "$timed" = "$elected" ] \
+      || { echo "check: $s: $elected leader-elected sidecars, $timed with --leader-election-${flag#*:}=$value" >&2; exit 1; }
+  done
+  echo "   $s: $elected sidecars, $(tr -s ' \n' ' ' <<<"$le")"
 done
 
 step "NOTES.txt renders for every value set (helm install --dry-run=client)"

@@ -15,6 +15,11 @@
 #                                           suite (e2e.test) with e2e/kind/test-driver.yaml;
 #                                           its results join e2e/cluster/upstream-results.tsv
 #                                           (upstream-ledger.py: the newest result per spec)
+#   e2e/cluster/run.sh --only upstream --remaining
+#                                           only the selected specs the ledger has no final
+#                                           result for (none, failed, interrupted), found by a
+#                                           dry run; ENBD_UPSTREAM_RERUN=REGEX adds specs to run
+#                                           again (e.g. after a capability changed)
 #
 # Steps: build-kube.sh (cached Go builds) -> images.sh (static release binaries, images) ->
 # control-plane.sh up --fresh -> node-vm.sh up -> Node Ready -> snapshot CRDs and
@@ -35,18 +40,21 @@ NODE_NAME=enbd-vm
 NAMESPACE=enbd-csi
 RELEASE=enbd-csi
 HELM=${HELM:-$ROOT/e2e/.tools/helm}
-KEEP=0 ONLY="" UPSTREAM=0 COLLECTED=0
+KEEP=0 ONLY="" UPSTREAM=0 REMAINING=0 COLLECTED=0
 
 while [ $# -gt 0 ]; do
   case "$1" in
     --keep) KEEP=1 ;;
     --only) ONLY="$2"; shift; [ "$ONLY" != upstream ] || UPSTREAM=1 ;;
     --upstream) UPSTREAM=1 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    --remaining) REMAINING=1 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
 done
+
+[ $REMAINING = 0 ] || [ $UPSTREAM = 1 ] || { echo "run.sh: --remaining needs --upstream or --only upstream" >&2; exit 2; }
 
 START=$(date +%s)
 say() { echo "== cluster-e2e $(date -u +%H:%M:%S) (+$(( $(date +%s) - START ))s): $*"; }
@@ -127,6 +135,33 @@ say "images: static release binaries and OCI archives (e2e/cluster/images.sh)"
 # build_args is (--upstream) exactly when the upstream suite runs: its test images then too.
 "$HERE/images.sh" --kube-bin "$BIN" "${build_args[@]}" "$STATE/images" >/dev/null
 
+# The upstream suite's selection. With --remaining, a dry run (no cluster needed: ginkgo only
+# walks the spec tree) lists the selected specs, the ledger says which have no final result,
+# and one exact --focus per such spec replaces the driver's focus; a second dry run checks the
+# focus picks exactly those.
+UPSTREAM_FOCUS=(--focus='External.Storage.*csi.enbd.io')
+UPSTREAM_SKIP='\[Disruptive\]|\[Serial\]'
+LEDGER=$HERE/upstream-results.tsv
+dry_run() {  # REPORT_DIR FOCUS_ARGS...
+  local dir=$1; shift
+  rm -rf "$dir"
+  "$BIN/ginkgo" --dry-run --procs=1 --no-color "$@" --skip="$UPSTREAM_SKIP" "$BIN/e2e.test" -- \
+    -storage.testdriver="$ROOT/e2e/kind/test-driver.yaml" -report-dir="$dir" >"$dir.log" 2>&1 \
+    || die "dry run of the upstream suite failed (log: $dir.log)"
+}
+if [ $UPSTREAM = 1 ] && [ $REMAINING = 1 ]; then
+  say "upstream suite: the specs the ledger has no final result for (dry run)"
+  dry_run "$LOGS/upstream-selection" "${UPSTREAM_FOCUS[@]}"
+  mapfile -t remaining < <(python3 "$HERE/upstream-ledger.py" remaining "$LOGS/upstream-selection" "$LEDGER" \
+    ${ENBD_UPSTREAM_RERUN:+--rerun "$ENBD_UPSTREAM_RERUN"})
+  [ ${#remaining[@]} -gt 0 ] || die "the ledger has a final result for every selected spec: nothing to run"
+  UPSTREAM_FOCUS=()
+  for regex in "${remaining[@]}"; do UPSTREAM_FOCUS+=(--focus="$regex"); done
+  dry_run "$LOGS/upstream-focus" "${UPSTREAM_FOCUS[@]}"
+  picked=$(python3 "$HERE/upstream-ledger.py" count "$LOGS/upstream-focus")
+  [ "$picked" = ${#remaining[@]} ] || die "the focus picked $picked specs, not the ${#remaining[@]} meant"
+fi
+
 # Built here, outside the netns, into a nextest archive that the netns runs as it is: cargo
 # run inside the netns saw a different environment and recompiled the workspace (5 min).
 say "test binaries (built here: the netns has no network)"
@@ -189,13 +224,13 @@ if [ $UPSTREAM = 1 ]; then
   # waiting for pods under TCG); the JUnit report in $LOGS/upstream has the counts.
   say "Kubernetes external storage suite (e2e.test, ${ENBD_UPSTREAM_PROCS:-3} ginkgo processes) with e2e/kind/test-driver.yaml"
   in_ns "$BIN/ginkgo" --procs="${ENBD_UPSTREAM_PROCS:-3}" --no-color \
-    --focus='External.Storage.*csi.enbd.io' --skip='\[Disruptive\]|\[Serial\]' \
+    "${UPSTREAM_FOCUS[@]}" --skip="$UPSTREAM_SKIP" \
     --timeout="${ENBD_UPSTREAM_TIMEOUT:-3h}" "$BIN/e2e.test" -- \
     -kubeconfig="$KUBECONFIG_FILE" -storage.testdriver="$ROOT/e2e/kind/test-driver.yaml" \
     -report-dir="$LOGS/upstream" 2>&1 | tee "$LOGS/upstream.log" || failed=1
   # Each bounded run covers part of the selection: its results join the ledger in the tree
   # (commit it), which keeps every spec's newest result.
-  python3 "$HERE/upstream-ledger.py" "$LOGS/upstream" "$HERE/upstream-results.tsv" \
+  python3 "$HERE/upstream-ledger.py" merge "$LOGS/upstream" "$LEDGER" \
     "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" || failed=1
 fi
 

@@ -8,7 +8,16 @@ by the suite itself, into a ledger (tab-separated: spec, state, commit, date), a
 result replacing an older one; specs the run did not reach keep what the ledger had. It
 prints this run's counts and the ledger's.
 
-usage: e2e/cluster/upstream-ledger.py REPORT_DIR LEDGER COMMIT
+A run need not start from nothing: `remaining` reads a dry run of the selection (ginkgo
+--dry-run reports every spec the focus selects without running it) and prints a ginkgo focus
+regex for each selected spec the ledger has no final result for (none yet, failed, or
+interrupted), plus those matching --rerun (specs to run again after a change, e.g. a
+capability in test-driver.yaml). `count` prints how many specs a report selected, which
+checks those regexes pick exactly the specs meant.
+
+usage: e2e/cluster/upstream-ledger.py merge REPORT_DIR LEDGER COMMIT
+       e2e/cluster/upstream-ledger.py remaining DRY_RUN_REPORT_DIR LEDGER [--rerun REGEX]
+       e2e/cluster/upstream-ledger.py count DRY_RUN_REPORT_DIR
   REPORT_DIR  the suite's -report-dir (junit*.xml in it)
   LEDGER      e2e/cluster/upstream-results.tsv (created if missing)
   COMMIT      the commit the run tested (recorded per spec)
@@ -17,6 +26,7 @@ usage: e2e/cluster/upstream-ledger.py REPORT_DIR LEDGER COMMIT
 import datetime
 import glob
 import os
+import re
 import sys
 import xml.etree.ElementTree as ET
 
@@ -45,8 +55,8 @@ def spec_state(case):
     return "passed"
 
 
-def read_reports(report_dir):
-    out = {}
+def report_cases(report_dir):
+    """Every testcase of this driver in the report(s): (name with whitespace folded, case)."""
     files = sorted(glob.glob(os.path.join(report_dir, "**", "junit*.xml"), recursive=True))
     if not files:
         sys.exit(f"upstream-ledger.py: no junit*.xml under {report_dir}")
@@ -54,12 +64,31 @@ def read_reports(report_dir):
         for case in ET.parse(path).getroot().iter("testcase"):
             name = " ".join((case.get("name") or "").split())
             # Only this driver's specs; the report also lists every spec the focus left out.
-            if "csi.enbd.io" not in name:
-                continue
-            state = spec_state(case)
-            if state is not None:
-                out[name] = state
+            if "csi.enbd.io" in name:
+                yield name, case
+
+
+def read_reports(report_dir):
+    out = {}
+    for name, case in report_cases(report_dir):
+        state = spec_state(case)
+        if state is not None:
+            out[name] = state
     return out
+
+
+def selected(report_dir):
+    """The specs a dry run selected: ginkgo reports them passed, and those the focus left out
+    skipped without a reason (spec_state's None)."""
+    return sorted({name for name, case in report_cases(report_dir) if spec_state(case) == "passed"})
+
+
+def focus_regex(name):
+    """A ginkgo --focus regex (Go RE2) matching exactly this spec. Ginkgo matches the focus
+    against the containers' and the spec's texts joined by spaces: the JUnit name without its
+    leading "[It] ". Python's re.escape is not used: it escapes spaces, which RE2 refuses."""
+    text = name[len("[It] "):] if name.startswith("[It] ") else name
+    return "^" + re.sub(r"([\\.+*?()|\[\]{}^$])", r"\\\1", text) + "$"
 
 
 def read_ledger(path):
@@ -79,10 +108,24 @@ def counts(states):
     return ", ".join(f"{s} {sum(1 for x in states if x == s)}" for s in STATES)
 
 
-def main():
-    if len(sys.argv) != 4:
-        sys.exit(__doc__)
-    report_dir, ledger_path, commit = sys.argv[1:]
+def remaining(report_dir, ledger_path, rerun):
+    ledger = read_ledger(ledger_path)
+    specs = selected(report_dir)
+    if not specs:
+        sys.exit(f"upstream-ledger.py: the dry run under {report_dir} selected no spec of this driver")
+    final = ("passed", "skipped")
+    todo = [s for s in specs if ledger.get(s, ("none",))[0] not in final or (rerun and re.search(rerun, s))]
+    by_state = {}
+    for s in todo:
+        state = ledger.get(s, ("no result",))[0]
+        by_state[state] = by_state.get(state, 0) + 1
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(by_state.items()))
+    print(f"upstream-ledger.py: {len(todo)} of {len(specs)} selected specs to run ({summary})", file=sys.stderr)
+    for s in todo:
+        print(focus_regex(s))
+
+
+def merge(report_dir, ledger_path, commit):
     run = read_reports(report_dir)
     ledger = read_ledger(ledger_path)
     today = datetime.date.today().isoformat()
@@ -99,6 +142,18 @@ def main():
     for spec, state in sorted(run.items()):
         if state == "failed":
             print(f"FAILED: {spec}")
+
+
+def main():
+    args = sys.argv[1:]
+    if len(args) == 4 and args[0] == "merge":
+        merge(*args[1:])
+    elif len(args) in (3, 5) and args[0] == "remaining" and (len(args) == 3 or args[3] == "--rerun"):
+        remaining(args[1], args[2], args[4] if len(args) == 5 else None)
+    elif len(args) == 2 and args[0] == "count":
+        print(len(selected(args[1])))
+    else:
+        sys.exit(__doc__)
 
 
 if __name__ == "__main__":

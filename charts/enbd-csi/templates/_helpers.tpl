@@ -141,3 +141,27 @@ node.memory.baseMi + maxVolumes x (journalBytes + perVolumeBuffersMi), in Mi. */
 {{- $ns := .Release.Namespace -}}
 {{- list (printf "*.%s.%s.svc" $svc $ns) (printf "*.%s.%s.svc.%s" $svc $ns .Values.clusterDomain) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.clusterDomain) | toJson -}}
 {{- end -}}
+
+{{/* Seconds in a duration of the schema's form (digits and one unit: h, m or s). */}}
+{{- define "enbd-csi.seconds" -}}
+{{- $n := regexReplaceAll "[hms]$" . "" | int -}}
+{{- if hasSuffix "h" . }}{{ mul $n 3600 }}{{ else if hasSuffix "m" . }}{{ mul $n 60 }}{{ else }}{{ $n }}{{ end -}}
+{{- end }}
+
+{{/* The leader-election flags every leader-elected sidecar of the controller takes. The
+     sidecars refuse a renew deadline that is not below the lease duration only when they
+     start, in a crash loop; the install refuses it here instead. */}}
+{{- define "enbd-csi.leaderElectionArgs" -}}
+{{- $le := .Values.sidecars.leaderElection -}}
+{{- if ge (include "enbd-csi.seconds" $le.renewDeadline | int) (include "enbd-csi.seconds" $le.leaseDuration | int) -}}
+{{- fail (printf "sidecars.leaderElection.renewDeadline (%s) must be below leaseDuration (%s)" $le.renewDeadline $le.leaseDuration) -}}
+{{- end -}}
+{{- if ge (include "enbd-csi.seconds" $le.retryPeriod | int) (include "enbd-csi.seconds" $le.renewDeadline | int) -}}
+{{- fail (printf "sidecars.leaderElection.retryPeriod (%s) must be below renewDeadline (%s)" $le.retryPeriod $le.renewDeadline) -}}
+{{- end -}}
+- --leader-election
+- --leader-election-namespace={{ .Release.Namespace }}
+- --leader-election-lease-duration={{ $le.leaseDuration }}
+- --leader-election-renew-deadline={{ $le.renewDeadline }}
+- --leader-election-retry-period={{ $le.retryPeriod }}
+{{- end }}
