@@ -19,6 +19,8 @@
 # last line of e2e/cluster/build-kube.sh, --images to $STATE/images (e2e/cluster/images.sh).
 # Logs: $STATE/logs/vm-console.log (the guest's console), node-daemons.log (containerd,
 # kubelet, kube-proxy), enbd-dns.log.
+# ENBD_NODE_KERNEL: the Debian suite whose cloud kernel the node boots (default trixie, 6.12;
+# sid's has ublk UPDATE_SIZE, so kind_volumes' online expansion grows the mounted filesystem).
 set -euo pipefail
 
 CLUSTER=$(cd "$(dirname "$0")" && pwd)
@@ -160,7 +162,7 @@ cmd_up() {
   local t0 kdir vmlinuz initrd
   t0=$(date +%s)
 
-  kdir=$("$REPO/e2e/vm/lib/fetch-kernel.sh" trixie cloud-amd64 "$REPO/e2e/vm/.cache" | tail -1)
+  kdir=$("$REPO/e2e/vm/lib/fetch-kernel.sh" "${ENBD_NODE_KERNEL:-trixie}" cloud-amd64 "$REPO/e2e/vm/.cache" | tail -1)
   vmlinuz=$( (ls "$kdir"/boot/vmlinuz-* 2>/dev/null || true) | head -1)
   [ -f "$vmlinuz" ] || die "no vmlinuz in $kdir"
   initrd="$STATE/node-initrd.cpio.gz"
