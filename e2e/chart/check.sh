@@ -90,6 +90,7 @@ refuse "a renew deadline not below the lease duration" --set sidecars.leaderElec
 refuse "a renew deadline not below the lease duration (other units)" --set sidecars.leaderElection.leaseDuration=1m \
   --set sidecars.leaderElection.renewDeadline=2m
 refuse "a retry period not below the renew deadline" --set sidecars.leaderElection.retryPeriod=10s
+refuse "a registrar timeout that is not a duration" --set sidecars.nodeDriverRegistrar.timeout=10
 
 step "helm template -> e2e/chart/.rendered/"
 rm -rf "$OUT"; mkdir -p "$OUT"
@@ -161,6 +162,8 @@ for s in default cluster; do
   done
   echo "   $s: $elected sidecars, $(tr -s ' \n' ' ' <<<"$le")"
 done
+grep -A8 -- '- name: node-driver-registrar$' "$OUT/default.yaml" | grep -q -- '- --timeout=10s$' \
+  || { echo "check: the node-driver-registrar lacks --timeout=10s" >&2; exit 1; }
 
 step "NOTES.txt renders for every value set (helm install --dry-run=client)"
 for s in "${sets[@]}"; do

@@ -183,6 +183,19 @@ done
 kc wait --for=condition=Ready "node/$NODE_NAME" --timeout=600s
 kc get nodes -o wide
 
+# test-driver.yaml says onlineExpansion: false because trixie's 6.12 lacks ublk UPDATE_SIZE.
+# On a node kernel that has it (6.16+, ENBD_NODE_KERNEL=sid) the suite gets a copy that says
+# true, so its online expansion specs run instead of skipping.
+TEST_DRIVER=$ROOT/e2e/kind/test-driver.yaml
+node_kernel=$(kc get node "$NODE_NAME" -o jsonpath='{.status.nodeInfo.kernelVersion}')
+IFS=. read -r kmajor kminor _ <<<"$node_kernel"
+if [ "${kmajor:-0}" -gt 6 ] || { [ "${kmajor:-0}" = 6 ] && [ "${kminor%%[!0-9]*}" -ge 16 ]; }; then
+  TEST_DRIVER=$STATE/test-driver.yaml
+  sed 's/^\(    onlineExpansion:\) false$/\1 true/' "$ROOT/e2e/kind/test-driver.yaml" >"$TEST_DRIVER"
+  grep -q '^    onlineExpansion: true$' "$TEST_DRIVER" || die "could not turn onlineExpansion on in $TEST_DRIVER"
+  say "node kernel $node_kernel has ublk UPDATE_SIZE: the upstream suite runs with onlineExpansion: true"
+fi
+
 # ---- snapshot CRDs and controller (external-snapshotter's, from the same build) --------------
 say "snapshot CRDs and snapshot-controller"
 for crd in "$BIN"/crds/*.storage.k8s.io_*.yaml; do kc apply --server-side -f "$crd"; done
@@ -222,11 +235,11 @@ fi
 if [ $UPSTREAM = 1 ]; then
   # The ginkgo CLI runs the non-serial specs in parallel processes (most of a spec's time is
   # waiting for pods under TCG); the JUnit report in $LOGS/upstream has the counts.
-  say "Kubernetes external storage suite (e2e.test, ${ENBD_UPSTREAM_PROCS:-3} ginkgo processes) with e2e/kind/test-driver.yaml"
+  say "Kubernetes external storage suite (e2e.test, ${ENBD_UPSTREAM_PROCS:-3} ginkgo processes) with $TEST_DRIVER"
   in_ns "$BIN/ginkgo" --procs="${ENBD_UPSTREAM_PROCS:-3}" --no-color \
     "${UPSTREAM_FOCUS[@]}" --skip="$UPSTREAM_SKIP" \
     --timeout="${ENBD_UPSTREAM_TIMEOUT:-3h}" "$BIN/e2e.test" -- \
-    -kubeconfig="$KUBECONFIG_FILE" -storage.testdriver="$ROOT/e2e/kind/test-driver.yaml" \
+    -kubeconfig="$KUBECONFIG_FILE" -storage.testdriver="$TEST_DRIVER" \
     -report-dir="$LOGS/upstream" 2>&1 | tee "$LOGS/upstream.log" || failed=1
   # Each bounded run covers part of the selection: its results join the ledger in the tree
   # (commit it), which keeps every spec's newest result.
