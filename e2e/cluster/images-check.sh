@@ -114,7 +114,7 @@ expect "$N" 'resize2fs 1\.' resize2fs -P /dev/null
 expect "$N" 'xfs_growfs version' xfs_growfs -V
 expect "$N" 'from util-linux' mount --version
 expect "$(ref busybox.tar)" '^uid=0\(root\)' sh -c 'id && sha256sum /bin/busybox && ls /bin | wc -l'
-for f in csi-provisioner csi-attacher csi-resizer csi-snapshotter livenessprobe \
+for f in csi-provisioner csi-attacher csi-resizer csi-snapshotter csi-external-health-monitor-controller livenessprobe \
          csi-node-driver-registrar snapshot-controller; do
   expect "$(ref "$f.tar")" 'Usage|usage' "/$f" --help
 done

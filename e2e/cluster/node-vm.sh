@@ -150,7 +150,8 @@ boot_node() {
   PANICKED=0
 
   kdir=$("$REPO/e2e/vm/lib/fetch-kernel.sh" "${ENBD_NODE_KERNEL:-trixie}" cloud-amd64 "$REPO/e2e/vm/.cache" | tail -1)
-  vmlinuz=$( (ls "$kdir"/boot/vmlinuz-* 2>/dev/null || true) | head -1)
+  # trixie's package has boot/vmlinuz-*, sid's (7.x) usr/lib/modules/*/vmlinuz.
+  vmlinuz=$( (ls "$kdir"/boot/vmlinuz-* "$kdir"/usr/lib/modules/*/vmlinuz 2>/dev/null || true) | head -1)
   [ -f "$vmlinuz" ] || die "no vmlinuz in $kdir"
   initrd="$STATE/node-initrd.cpio.gz"
   "$CLUSTER/lib/mknode-root.sh" "$kdir" "$STATE/node-root.d" "$initrd"
