@@ -167,6 +167,16 @@ impl FaultProxy {
             .count()
     }
 
+    /// Refuses new connections and kills every live one, then waits until all have ended
+    /// (false if some are still live at `timeout`). `kill_all` only tells each connection's
+    /// task, which acts when it next looks: until it has, bytes sent next can still get
+    /// through, so a test that cuts a server off and then writes must wait here.
+    pub async fn cut_off(&self, how: Kill, timeout: Duration) -> bool {
+        self.refuse(true);
+        self.kill_all(how);
+        self.wait_connections(0, timeout).await
+    }
+
     /// Stops forwarding in both directions on every connection (new ones too).
     pub fn stall(&self) {
         self.shared.mode.send_modify(|m| m.stalled = true);

@@ -50,11 +50,16 @@ impl Replica {
         }
     }
 
-    /// Cuts the replica off: every connection reset, new ones refused (data and management).
-    fn cut(&self) {
+    /// Cuts the replica off: every connection reset and ended, new ones refused (data and
+    /// management). CI once saw a write sent right after a cut that did not wait reach the
+    /// "stale" copy.
+    async fn cut(&self) {
         for p in [&self.nbd, &self.mgmt] {
-            p.refuse(true);
-            p.kill_all(Kill::Reset);
+            assert!(
+                p.cut_off(Kill::Reset, Duration::from_secs(10)).await,
+                "{}: connections still live 10 s after the cut",
+                self.id
+            );
         }
     }
 
@@ -235,7 +240,7 @@ async fn dropped_replica_is_older_and_never_read() {
     let m = Mirror::open(c).await.expect("open");
     let old = pattern(2, 64 << 10);
     m.write(0, old.clone(), true).await.expect("write");
-    rs[1].cut();
+    rs[1].cut().await;
     let new = pattern(3, 64 << 10);
     m.write(0, new.clone(), true)
         .await
@@ -278,7 +283,7 @@ async fn dense_writes(m: &Mirror, base: u64, span: u64, seed: u64) -> u64 {
 async fn resync_copies_only_dirty_regions() {
     let rs = replicas(2).await;
     let m = Mirror::open(mirror_config(&rs)).await.expect("open");
-    rs[1].cut();
+    rs[1].cut().await;
     // Dense: 8 MiB of 4 KiB writes in random order, covering their regions (the first one
     // finds srv-1 gone and drops it).
     let written = dense_writes(&m, 100 * MIB, 8 * MIB, 10).await;
@@ -298,7 +303,7 @@ async fn resync_copies_only_dirty_regions() {
     assert_identical(&rs);
 
     // Scattered: 32 random 4 KiB writes over the whole volume.
-    rs[1].cut();
+    rs[1].cut().await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(12);
     let size = m.geometry().size;
     let mut written = 0;
@@ -334,7 +339,7 @@ async fn resync_resumes_after_the_mirror_is_reopened() {
     c.resync_bytes_per_sec = Some(4 * MIB);
     c.resync_batch = 2;
     let m = Mirror::open(c.clone()).await.expect("open");
-    rs[1].cut();
+    rs[1].cut().await;
     let mut written = 0;
     for k in 0..32u64 {
         m.write(k * MIB, pattern(200 + k, MIB as usize), false)
@@ -391,7 +396,7 @@ async fn resync_survives_a_server_restart() {
     c.resync_bytes_per_sec = Some(4 * MIB);
     c.resync_batch = 2;
     let m = Mirror::open(c).await.expect("open");
-    rs[1].cut();
+    rs[1].cut().await;
     for k in 0..24u64 {
         m.write(k * MIB, pattern(300 + k, MIB as usize), false)
             .await
@@ -437,10 +442,10 @@ async fn three_replicas_lose_two_in_turn() {
     let b = pattern(21, 128 << 10);
     let d = pattern(22, 128 << 10);
     m.write(0, a.clone(), false).await.expect("write");
-    rs[0].cut();
+    rs[0].cut().await;
     m.write(MIB, b.clone(), false).await.expect("write");
     degraded_with_out(&m, 0).await;
-    rs[1].cut();
+    rs[1].cut().await;
     m.write(2 * MIB, d.clone(), true).await.expect("write");
     degraded_with_out(&m, 1).await;
     for (off, want) in [(0, &a), (MIB, &b), (2 * MIB, &d)] {
@@ -468,13 +473,13 @@ async fn only_in_sync_replica_gone_waits_until_promoted() {
     let old = pattern(30, 64 << 10);
     let new = pattern(31, 64 << 10);
     m.write(0, old.clone(), true).await.expect("write");
-    rs[1].cut();
+    rs[1].cut().await;
     m.write(0, new.clone(), true).await.expect("write");
     degraded_with_out(&m, 1).await;
     m.shutdown().await;
     drop(m);
     // The node restarts while the only in-sync replica is away; the stale one is back.
-    rs[0].cut();
+    rs[0].cut().await;
     rs[1].restore();
     c.brownout = BrownoutPolicy::FailAfter(Duration::from_secs(2));
     c.probe_interval = Duration::from_millis(100);
@@ -593,7 +598,7 @@ async fn attach_backing_serves_a_mirror_from_its_state_record_and_reopens_it() {
         .expect("read");
     assert_eq!(back, pattern(1, 256 << 10));
 
-    rs[1].cut();
+    rs[1].cut().await;
     for i in 0..8u64 {
         target
             .submit(write(MIB * (4 + i), 10 + i))

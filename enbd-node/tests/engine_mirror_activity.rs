@@ -52,10 +52,13 @@ impl Replica {
         }
     }
 
-    fn cut(&self) {
+    /// Every connection reset and ended, new ones refused (see `FaultProxy::cut_off`).
+    async fn cut(&self) {
         for p in [&self.nbd, &self.mgmt] {
-            p.refuse(true);
-            p.kill_all(Kill::Reset);
+            assert!(
+                p.cut_off(Kill::Reset, Duration::from_secs(10)).await,
+                "connections still live 10 s after the cut"
+            );
         }
     }
 
@@ -282,7 +285,7 @@ async fn losing_the_last_in_sync_replica_under_io_says_waiting() {
     let rs = replicas(2).await;
     let m = Mirror::open(mirror_config(&rs)).await.expect("open");
     m.write(0, pattern(3, 4096), true).await.expect("write");
-    rs[1].cut();
+    rs[1].cut().await;
     m.write(0, pattern(4, 4096), true)
         .await
         .expect("write acknowledged with srv-1 gone");
@@ -292,7 +295,7 @@ async fn losing_the_last_in_sync_replica_under_io_says_waiting() {
     })
     .await;
     // The last in-sync replica goes while a write is in flight: IO waits, and says why.
-    rs[0].cut();
+    rs[0].cut().await;
     let w = {
         let m = m.clone();
         tokio::spawn(async move { m.write(MIB, pattern(5, 4096), true).await })
