@@ -153,7 +153,11 @@ done
 step "leader election: every leader-elected sidecar gets the timings"
 for s in default cluster; do
   elected=$(grep -c -- '- --leader-election$' "$OUT/$s.yaml" || true)
-  le=$(sed -n '/^  leaderElection:/,/retryPeriod/p' "$( [ $s = cluster ] && echo "$ROOT/e2e/cluster/values-cluster.yaml" || echo "$CHART/values.yaml")")
+  case $s in
+    cluster) values=$ROOT/e2e/cluster/values-cluster.yaml ;;
+    *) values=$CHART/values.yaml ;;
+  esac
+  le=$(sed -n '/^  leaderElection:/,/retryPeriod/p' "$values")
   for flag in leaseDuration:lease-duration renewDeadline:renew-deadline retryPeriod:retry-period; do
     value=$(sed -n "s/^ *${flag%%:*}: *//p" <<<"$le")
     timed=$(grep -c -- "- --leader-election-${flag#*:}=$value\$" "$OUT/$s.yaml" || true)

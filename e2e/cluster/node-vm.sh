@@ -227,7 +227,6 @@ cmd_up() {
   # kmem_cache_alloc, seen twice in the kubelet's first minutes: an emulation flake, as the
   # VM suite sees at boot). panic=-1 with -no-reboot ends qemu then; one more boot on a
   # fresh disk follows, the first console kept.
-  PANICKED=0
   boot_node
   if [ $PANICKED = 1 ]; then
     cp "$LOGS/vm-console.log" "$LOGS/vm-console.panic.log"

@@ -23,6 +23,7 @@ usage: e2e/cluster/upstream-ledger.py merge REPORT_DIR LEDGER COMMIT
   COMMIT      the commit the run tested (recorded per spec)
 """
 
+import collections
 import datetime
 import glob
 import os
@@ -115,13 +116,12 @@ def remaining(report_dir, ledger_path, rerun):
     specs = selected(report_dir)
     if not specs:
         sys.exit(f"upstream-ledger.py: the dry run under {report_dir} selected no spec of this driver")
+    def state(spec):
+        return ledger[spec][0] if spec in ledger else "no result"
+
     final = ("passed", "skipped")
-    todo = [s for s in specs if ledger.get(s, ("none",))[0] not in final or (rerun and re.search(rerun, s))]
-    by_state = {}
-    for s in todo:
-        state = ledger.get(s, ("no result",))[0]
-        by_state[state] = by_state.get(state, 0) + 1
-    summary = ", ".join(f"{k} {v}" for k, v in sorted(by_state.items()))
+    todo = [s for s in specs if state(s) not in final or (rerun and re.search(rerun, s))]
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(collections.Counter(map(state, todo)).items()))
     print(f"upstream-ledger.py: {len(todo)} of {len(specs)} selected specs to run ({summary})", file=sys.stderr)
     for s in todo:
         print(focus_regex(s))
