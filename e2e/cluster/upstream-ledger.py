@@ -15,14 +15,10 @@ interrupted), plus those matching --rerun (specs to run again after a change, e.
 capability in test-driver.yaml). `count` prints how many specs a report selected, which
 checks those regexes pick exactly the specs meant.
 
-usage: e2e/cluster/upstream-ledger.py merge REPORT_DIR LEDGER COMMIT
-       e2e/cluster/upstream-ledger.py remaining DRY_RUN_REPORT_DIR LEDGER [--rerun REGEX]
-       e2e/cluster/upstream-ledger.py count DRY_RUN_REPORT_DIR
-  REPORT_DIR  the suite's -report-dir (junit*.xml in it)
-  LEDGER      e2e/cluster/upstream-results.tsv (created if missing)
-  COMMIT      the commit the run tested (recorded per spec)
+usage: e2e/cluster/upstream-ledger.py {merge,remaining,count} --help
 """
 
+import argparse
 import collections
 import datetime
 import glob
@@ -147,15 +143,26 @@ def merge(report_dir, ledger_path, commit):
 
 
 def main():
-    args = sys.argv[1:]
-    if len(args) == 4 and args[0] == "merge":
-        merge(*args[1:])
-    elif len(args) in (3, 5) and args[0] == "remaining" and (len(args) == 3 or args[3] == "--rerun"):
-        remaining(args[1], args[2], args[4] if len(args) == 5 else None)
-    elif len(args) == 2 and args[0] == "count":
-        print(len(selected(args[1])))
+    parser = argparse.ArgumentParser(
+        prog="upstream-ledger.py", description="The upstream storage suite's results, kept across runs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge", help="merge a run's JUnit report(s) into the ledger")
+    m.add_argument("report_dir", help="the suite's -report-dir (junit*.xml in it)")
+    m.add_argument("ledger", help="e2e/cluster/upstream-results.tsv (created if missing)")
+    m.add_argument("commit", help="the commit the run tested (recorded per spec)")
+    r = sub.add_parser("remaining", help="a focus regex per selected spec with no final result")
+    r.add_argument("report_dir", help="a ginkgo --dry-run's -report-dir")
+    r.add_argument("ledger")
+    r.add_argument("--rerun", metavar="REGEX", help="also the specs this matches")
+    c = sub.add_parser("count", help="how many specs of this driver a dry run selected")
+    c.add_argument("report_dir")
+    args = parser.parse_args()
+    if args.command == "merge":
+        merge(args.report_dir, args.ledger, args.commit)
+    elif args.command == "remaining":
+        remaining(args.report_dir, args.ledger, args.rerun)
     else:
-        sys.exit(__doc__)
+        print(len(selected(args.report_dir)))
 
 
 if __name__ == "__main__":

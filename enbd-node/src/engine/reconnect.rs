@@ -132,8 +132,10 @@ pub(crate) async fn supervise(
                     signal_first();
                     break;
                 }
+                // A grown export is the first half of an online resize (the controller grew it,
+                // the node's resize follows), so it is news, not a fault.
                 if conn.geometry.size > known.size {
-                    tracing::warn!(
+                    tracing::info!(
                         server = %inner.server, channel = idx, old = known.size,
                         new = conn.geometry.size, "export grew; the device keeps its size until resized"
                     );
