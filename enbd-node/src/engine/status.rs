@@ -234,7 +234,8 @@ pub struct MirrorStatus {
     pub replicas: Vec<ReplicaStatus>,
     /// Why IO waits, when it does.
     pub waiting: Option<String>,
-    /// Bytes resync has copied since this mirror was opened.
+    /// Bytes resync has copied since this mirror was opened (regions that read as zeros
+    /// count too: they reach the target as WRITE_ZEROES).
     pub resync_bytes_copied: u64,
     /// The activity log (regions that may have writes in flight).
     pub activity: ActivityStatus,

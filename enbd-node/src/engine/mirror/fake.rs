@@ -26,6 +26,9 @@ pub struct State {
     pub written: bool,
     /// Reads fail (as a dead server's would) once this many were served.
     pub fail_reads_after: Option<u64>,
+    /// Bytes received as WRITE payload, and as WRITE_ZEROES ranges.
+    pub data_bytes_in: u64,
+    pub zeroes_bytes_in: u64,
 }
 
 #[derive(Clone)]
@@ -50,6 +53,8 @@ impl FakeServer {
                 up: true,
                 written: false,
                 fail_reads_after: None,
+                data_bytes_in: 0,
+                zeroes_bytes_in: 0,
             })),
             reads: Arc::new(AtomicU64::new(0)),
         }
@@ -254,7 +259,11 @@ impl ReplicaData for FakeServer {
         })
     }
     fn write(&self, offset: u64, data: Bytes, _fua: bool) -> BoxFuture<'_, Result<(), IoError>> {
-        Box::pin(async move { self.mutate(offset, Some(&data), data.len() as u64) })
+        Box::pin(async move {
+            self.mutate(offset, Some(&data), data.len() as u64)?;
+            self.lock().data_bytes_in += data.len() as u64;
+            Ok(())
+        })
     }
     fn flush(&self) -> BoxFuture<'_, Result<(), IoError>> {
         Box::pin(async move { if self.lock().up { Ok(()) } else { Err(down()) } })
@@ -268,7 +277,11 @@ impl ReplicaData for FakeServer {
         len: u32,
         _no_hole: bool,
     ) -> BoxFuture<'_, Result<(), IoError>> {
-        Box::pin(async move { self.mutate(offset, None, u64::from(len)) })
+        Box::pin(async move {
+            self.mutate(offset, None, u64::from(len))?;
+            self.lock().zeroes_bytes_in += u64::from(len);
+            Ok(())
+        })
     }
     fn geometry(&self) -> Geometry {
         let size = self.lock().data.len() as u64;

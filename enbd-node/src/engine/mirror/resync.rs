@@ -173,7 +173,15 @@ pub(crate) async fn run(inner: &Arc<Inner>, i: usize) -> Result<(), String> {
                     .await
                     .map_err(|e| format!("reading region {reg} from the in-sync replicas: {e}"))?;
                 let target = r.data().ok_or("the target's data path is gone")?;
-                if let Err(e) = target.write(offset, data, false).await {
+                // A region that reads as zeros (most of a full copy's: space never written)
+                // goes as one WRITE_ZEROES, which the target turns into a hole instead of
+                // receiving and storing the bytes. Same result, under the same lock.
+                let sent = if is_zeros(&data) {
+                    target.write_zeroes(offset, len as u32, false).await
+                } else {
+                    target.write(offset, data, false).await
+                };
+                if let Err(e) = sent {
                     drop(guard);
                     inner.drop_replicas(vec![i]).await?;
                     return Err(format!("writing region {reg} to the target: {e}"));
@@ -203,4 +211,10 @@ pub(crate) async fn run(inner: &Arc<Inner>, i: usize) -> Result<(), String> {
             }
         }
     }
+}
+
+/// All bytes zero. Compares eight at a time: a full copy checks every region it reads.
+fn is_zeros(data: &[u8]) -> bool {
+    let (words, rest) = data.as_chunks::<8>();
+    words.iter().all(|w| u64::from_ne_bytes(*w) == 0) && rest.iter().all(|&b| b == 0)
 }

@@ -270,6 +270,46 @@ async fn stale_in_sync_member_is_recorded_out_with_everything_dirty() {
 }
 
 #[tokio::test]
+async fn a_full_copy_sends_unwritten_regions_as_write_zeroes() {
+    let s = servers(2);
+    let c = cfg(2);
+    let m = open(&c, &s).await;
+    // Data in two regions; the rest of the volume never written.
+    m.write(3 * RB as u64, pattern(1, RB as usize), false)
+        .await
+        .expect("write");
+    m.write(9 * RB as u64 + 4096, pattern(2, 4096), false)
+        .await
+        .expect("write");
+    drop(m);
+    // r1 holds stale bytes everywhere, and r0 a generation r1 never saw (everything dirty).
+    {
+        let mut st = s[1].lock();
+        st.data.fill(0xa5);
+        st.data_bytes_in = 0;
+    }
+    s[0].lock().record.generation += 1;
+    let m = open(&c, &s).await;
+    wait_for("the full copy to finish", || {
+        m.status().state == MirrorState::Healthy
+    })
+    .await;
+    assert_eq!(
+        s[0].lock().data,
+        s[1].lock().data,
+        "the stale bytes are gone"
+    );
+    assert_eq!(m.status().resync_bytes_copied, SIZE as u64);
+    let st = s[1].lock();
+    assert_eq!(
+        st.data_bytes_in,
+        2 * RB as u64,
+        "only the two written regions as data"
+    );
+    assert_eq!(st.zeroes_bytes_in, SIZE as u64 - 2 * RB as u64);
+}
+
+#[tokio::test]
 async fn three_replicas_lose_two_in_turn() {
     let s = servers(3);
     let m = open(&cfg(3), &s).await;
