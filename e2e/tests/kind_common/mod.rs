@@ -16,7 +16,7 @@ use std::fmt::Debug;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    Container, Namespace, Node, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    Container, Namespace, Node, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     PersistentVolumeClaimVolumeSource, Pod, PodSpec, Volume, VolumeDevice, VolumeMount,
     VolumeResourceRequirements,
 };
@@ -118,6 +118,47 @@ impl Ctx {
             .delete(&self.ns, &DeleteParams::default())
             .await
             .expect("delete test namespace");
+    }
+
+    /// [`Ctx::finish`], then waits until the claims' volumes (reclaim policy Delete) are
+    /// deleted too: detached (the VolumeAttachment gone) and DeleteVolume done. A claim is
+    /// gone before its volume is; a test that scales servers away next needs the volume gone
+    /// first, or its detach waits for ever on a member server that no longer answers (the
+    /// controller cannot revoke the node's grant there), and so does every later test that
+    /// checks for leftovers.
+    pub async fn finish_and_wait_for_volumes(self) {
+        let pvcs: Api<PersistentVolumeClaim> = self.api();
+        let bound: Vec<String> = pvcs
+            .list(&Default::default())
+            .await
+            .expect("list claims")
+            .items
+            .into_iter()
+            .filter_map(|c| c.spec?.volume_name)
+            .collect();
+        let volumes: Api<PersistentVolume> = Api::all(self.client.clone());
+        self.finish().await;
+        for name in bound {
+            let deleted = volumes
+                .get_opt(&name)
+                .await
+                .expect("get volume")
+                .is_none_or(|pv| {
+                    pv.spec
+                        .and_then(|s| s.persistent_volume_reclaim_policy)
+                        .as_deref()
+                        != Some("Delete")
+                });
+            if !deleted {
+                wait_for(
+                    &volumes,
+                    &name,
+                    Duration::from_secs(600),
+                    |pv: Option<&PersistentVolume>| pv.is_none(),
+                )
+                .await;
+            }
+        }
     }
 
     /// Deletes and waits until the object is gone.
