@@ -90,8 +90,8 @@ async fn mirrored_claim_keeps_writing_without_a_replica_and_resyncs_it() {
         "files lost or corrupt after the resync"
     );
 
-    // Claims and their volumes go first, while both servers can delete their copies; then back to the
-    // install's single server, and the class goes with the test.
+    // Claims and their volumes go first, while both servers can delete their copies; then
+    // back to the install's single server, and the class goes with the test.
     let client = ctx.client.clone();
     ctx.finish_and_wait_for_volumes().await;
     scale_servers(&client, &set, 1).await;

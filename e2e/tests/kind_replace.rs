@@ -11,8 +11,8 @@
 //! every file back.
 //!
 //! The install has one server: the test scales the StatefulSet to two, then three, and back
-//! to one at the end (after its claim and volume are deleted), so the other tests keep their single
-//! server. The retired copy stays on `<set>-1`'s data directory, as the README says.
+//! to one at the end (after its claim and volume are deleted), so the other tests keep their
+//! single server. The retired copy stays on `<set>-1`'s data directory, as the README says.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a failed expectation is the report
 
@@ -167,8 +167,8 @@ async fn a_mirrored_claims_replica_is_replaced_by_the_operator_commands() {
     ctx.assert_writer_lost_nothing("data", "replacing a replica")
         .await;
 
-    // Claims and their volumes go first, while the members' servers can delete their copies; then back to
-    // the install's single server.
+    // Claims and their volumes go first, while the members' servers can delete their
+    // copies; then back to the install's single server.
     let client = ctx.client.clone();
     ctx.finish_and_wait_for_volumes().await;
     scale_servers(&client, &set, 1).await;

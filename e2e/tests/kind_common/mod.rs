@@ -138,26 +138,22 @@ impl Ctx {
             .collect();
         let volumes: Api<PersistentVolume> = Api::all(self.client.clone());
         self.finish().await;
+        // Done when the volume is gone, or kept by its reclaim policy (nothing to wait for).
         for name in bound {
-            let deleted = volumes
-                .get_opt(&name)
-                .await
-                .expect("get volume")
-                .is_none_or(|pv| {
-                    pv.spec
-                        .and_then(|s| s.persistent_volume_reclaim_policy)
-                        .as_deref()
-                        != Some("Delete")
-                });
-            if !deleted {
-                wait_for(
-                    &volumes,
-                    &name,
-                    Duration::from_secs(600),
-                    |pv: Option<&PersistentVolume>| pv.is_none(),
-                )
-                .await;
-            }
+            wait_for(
+                &volumes,
+                &name,
+                Duration::from_secs(600),
+                |pv: Option<&PersistentVolume>| {
+                    pv.is_none_or(|pv| {
+                        pv.spec
+                            .as_ref()
+                            .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+                            != Some("Delete")
+                    })
+                },
+            )
+            .await;
         }
     }
 
