@@ -13,7 +13,7 @@
 #      deserialised strictly into its Kubernetes API type, cross-checked against the
 #      binaries' real command lines; management TLS (deploy_tls.rs): flags, mounted
 #      certificate Secrets, NetworkPolicy peers, and Helm's generated certificates used
-#      against a real enbd-server (needs target/debug/enbd-server: cargo build -p enbd-server).
+#      against a real enbd-server (target/debug/enbd-server, which the script builds first).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 HELM="${HELM:-$ROOT/e2e/.tools/helm}"
@@ -203,4 +203,6 @@ rm -f "$diverged"
 
 step "strict validation against the Kubernetes API types and the binaries' CLIs"
 cd "$ROOT"
+# deploy_tls starts the real server: built here so `make test-chart` works on its own too.
+cargo build -q -p enbd-server
 ENBD_CHART_RENDERED="$OUT" cargo nextest run -p enbd-e2e --no-fail-fast -E 'binary(/^deploy_/)'
